@@ -1,0 +1,181 @@
+"""Command line: argument parsing only; every decision lives in the layers below.
+
+A `LeantrainError` (bad input) is printed as one line and exits with status 2; `--debug`
+shows its traceback too. Any other exception keeps its traceback: it is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import CHECKPOINT_NAME
+from .config import TrainConfig, load_config, merge, read_yaml
+from .data import load_data
+from .errors import LeantrainError
+from .imports import import_object
+from .measure.report import format_summary
+from .recipes import RECIPES, get_recipe
+from .recipes.models import default_model
+from .trainer import CONFIG_NAME, fit
+
+log = logging.getLogger("leantrain")
+
+EXAMPLES = """examples:
+  leantrain train                                   # digits-cnn with this machine's default plan
+  leantrain train --target-acc 0.97                 # stop at 97%% validation accuracy
+  leantrain train --config run.yaml --set optim.lr=0.05 --set plan.precision=fp32
+  leantrain train --model mypkg.nets:build --data mypkg.data:load --out runs/mine
+  leantrain train --data features.csv --set data.label_column=target
+  leantrain train --resume runs/mine                # continue a killed run
+"""
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="digits-cnn", choices=sorted(RECIPES),
+                   help="named setup to start from (default: digits-cnn)")
+    p.add_argument("--config", metavar="FILE", help="YAML config; keys as in `config.yaml` of a run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable, e.g. --set optim.lr=0.05")
+    p.add_argument("--model", metavar="MOD:FN",
+                   help="your model: a function returning an nn.Module, e.g. mypkg.nets:build")
+    p.add_argument("--data", metavar="SOURCE",
+                   help="digits | a .npz (x, y) | a .csv (label column) | an image folder "
+                        "(class subfolders) | MOD:FN returning (train_dataset, val_dataset)")
+    p.add_argument("--target-acc", type=float, metavar="X",
+                   help="stop as soon as validation accuracy reaches X (e.g. 0.97)")
+    p.add_argument("--epochs", type=int, metavar="N", help="number of epochs")
+    p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="mixed precision mode (default: auto = bf16 where native)")
+    p.add_argument("--compile", action="store_true", help="use torch.compile (opt-in)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<timestamp>)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from its last checkpoint (its own config)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leantrain", description="Faster, smaller, cheaper PyTorch training, measured.")
+    parser.add_argument("--version", action="version", version=f"leantrain {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train", help="train a model with this machine's fastest safe plan",
+        description="Train a model (default: recipe digits-cnn) and print a summary table.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_args(train)
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks and debug logs")
+    return parser
+
+
+def _shortcut_overrides(args: argparse.Namespace) -> dict:
+    """The convenience flags, as config values (they win over --config and --set)."""
+    values: dict = {}
+    pairs = [
+        ("model", None, args.model), ("data", "source", args.data),
+        ("train", "target_acc", args.target_acc), ("train", "epochs", args.epochs),
+        ("plan", "device", args.device), ("plan", "precision", args.precision),
+        ("plan", "compile", True if args.compile else None),
+    ]
+    for section, key, value in pairs:
+        if value is None:
+            continue
+        if key is None:
+            values[section] = value
+        else:
+            values.setdefault(section, {})[key] = value
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.resume:
+        given = [flag for flag, value in [("--config", args.config), ("--set", args.overrides),
+                                          ("--model", args.model), ("--data", args.data),
+                                          ("--out", args.out)] if value]
+        if given:
+            raise LeantrainError(f"--resume continues with the run's own config; drop {given}")
+        return load_config(Path(args.resume) / CONFIG_NAME)
+    recipe = get_recipe(args.recipe)
+    base = merge({"recipe": recipe.name}, recipe.config)
+    if args.config:
+        base = merge(base, read_yaml(args.config))
+    cfg = load_config(None, args.overrides, base)
+    return load_config(None, (), merge(cfg.to_dict(), _shortcut_overrides(args)))
+
+
+def build_model(cfg: TrainConfig, bundle) -> nn.Module:
+    """The user's model if named, the recipe's on the recipe's data, else a default for the data."""
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every run and resume
+    recipe = get_recipe(cfg.recipe)
+    if cfg.model:
+        model = import_object(cfg.model, "--model")()
+        if not isinstance(model, nn.Module):
+            raise LeantrainError(f"--model {cfg.model!r} returned {type(model).__name__}, "
+                                 "not an nn.Module")
+        return model
+    if cfg.data.source == recipe.config.get("data", {}).get("source"):
+        return recipe.build_model(bundle.num_classes)
+    sample = bundle.train[0][0]
+    if bundle.num_classes is None:
+        raise LeantrainError("with --data MOD:FN, also pass --model MOD:FN (the number of "
+                             "classes cannot be known from the datasets alone)")
+    log.info("no --model given: using a default model for samples of shape %s",
+             tuple(sample.shape))
+    return default_model(torch.as_tensor(sample), bundle.num_classes)
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    if args.resume:
+        folder = Path(args.resume)
+        if not (folder / CHECKPOINT_NAME).is_file():
+            raise LeantrainError(f"--resume {folder}: no {CHECKPOINT_NAME} in that folder")
+        return folder
+    folder = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if (folder / CHECKPOINT_NAME).exists():
+        raise LeantrainError(f"{folder} already holds a run; continue it with --resume {folder} "
+                             "or choose another --out")
+    return folder
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = _out_dir(args)
+    cfg = config_from_args(args)
+    bundle = load_data(cfg.data)
+    log.info("data: %s", bundle.description)
+    model = build_model(cfg, bundle)
+    summary = fit(model, bundle.train, bundle.val, cfg, out, resume=bool(args.resume),
+                  progress_bar=not args.no_progress)
+    print(format_summary(summary))
+    print(f"\nrun folder: {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"train": cmd_train}[args.command](args)
+    except LeantrainError as exc:
+        if args.debug:
+            raise
+        print(f"leantrain: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leantrain: interrupted; a run with a checkpoint continues with --resume DIR",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

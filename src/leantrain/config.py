@@ -1,0 +1,256 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides and validation.
+
+Every key is declared once here, with its type and default. Loading rejects an unknown key or
+a value of the wrong type with a message that names the key, the value and what is allowed,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import LeantrainError
+
+Auto = Literal["auto"]
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is batched."""
+
+    source: str = "digits"  # digits | a path (.npz, .csv, image folder) | "pkg.module:fn"
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    val_fraction: float = 0.2  # used when the source has no split of its own
+    label_column: str = "label"  # CSV sources
+    image_size: int | None = None  # image folders: resize to this square size
+    num_workers: int = 0  # DataLoader path only; the in-memory loader needs none
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["constant", "step", "cosine", "onecycle"] = "onecycle"
+    warmup_fraction: float = 0.25  # share of all steps spent warming up linearly
+    step_size: int = 0  # step schedule: decay every N optimizer steps (0: every epoch)
+    gamma: float = 0.1  # step schedule: decay factor
+
+
+@dataclass
+class TrainLoopConfig:
+    epochs: int = 8
+    target_acc: float | None = None  # stop as soon as validation accuracy reaches this
+    seed: int = 0
+    clip_norm: float | None = None
+    init: Literal["default", "kaiming", "xavier", "orthogonal", "dirac"] = "default"
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: end of each epoch only
+    log_every: int = 10  # optimizer steps between logged training metrics
+    eval_every_epochs: int = 1
+
+
+@dataclass
+class PlanConfig:
+    """Which runtime techniques to use. "auto" lets leantrain decide for this machine."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Auto | bool = "auto"
+    compile: bool = False
+    cudnn_benchmark: Auto | bool = "auto"
+    tf32: Auto | bool = "auto"
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "digits-cnn"
+    model: str | None = None  # "pkg.module:fn" returning an nn.Module
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
+    """Return (ok, value) for `value` checked against type `tp` (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        # exact type too: YAML's `true` must not match a literal 1, nor 1 match True
+        return any(type(value) is type(a) and value == a for a in typing.get_args(tp)), value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, coerced = _coerce(arg, value)
+            if ok:
+                return True, coerced
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    raise TypeError(f"config type {tp!r} is not supported by the validator")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise LeantrainError(
+            f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}"
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise LeantrainError(
+                f"unknown config key '{prefix}{key}'; allowed keys here: {', '.join(fields)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+            continue
+        ok, coerced = _coerce(tp, value)
+        if not ok:
+            raise LeantrainError(
+                f"config key '{prefix}{key}' has value {value!r} ({type(value).__name__}); "
+                f"allowed: {_describe(tp)}"
+            )
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "train.epochs": cfg.train.epochs,
+        "train.log_every": cfg.train.log_every,
+        "train.eval_every_epochs": cfg.train.eval_every_epochs,
+        "plan.grad_accum": cfg.plan.grad_accum,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise LeantrainError(f"config key '{key}' must be > 0, got {value!r}")
+    checks = [
+        ("data.val_fraction", cfg.data.val_fraction, 0 < cfg.data.val_fraction < 1, "in (0, 1)"),
+        ("train.checkpoint_every", cfg.train.checkpoint_every, cfg.train.checkpoint_every >= 0,
+         ">= 0"),
+        ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0"),
+        ("schedule.warmup_fraction", cfg.schedule.warmup_fraction,
+         0 <= cfg.schedule.warmup_fraction < 1, "in [0, 1)"),
+    ]
+    if cfg.train.target_acc is not None:
+        checks.append(("train.target_acc", cfg.train.target_acc,
+                       0 < cfg.train.target_acc <= 1, "in (0, 1]"))
+    if cfg.train.clip_norm is not None:
+        checks.append(("train.clip_norm", cfg.train.clip_norm, cfg.train.clip_norm > 0, "> 0"))
+    for key, value, ok, allowed in checks:
+        if not ok:
+            raise LeantrainError(f"config key '{key}' must be {allowed}, got {value!r}")
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build a validated TrainConfig from plain (e.g. YAML-loaded) values."""
+    cfg = _build(TrainConfig, values or {}, "")
+    _check_ranges(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- sources of values
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LeantrainError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise LeantrainError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise LeantrainError(f"config file {path} must hold a mapping at the top level")
+    return values
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `extra` into a copy of `base` (extra wins)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn 'optim.lr=0.1' into {'optim': {'lr': 0.1}}; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise LeantrainError(f"override {text!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise LeantrainError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults < `base` (e.g. a recipe's settings) < YAML file < dotted overrides."""
+    values = dict(base or {})
+    if path is not None:
+        values = merge(values, read_yaml(path))
+    for text in overrides:
+        values = merge(values, parse_override(text))
+    return config_from_dict(values)

@@ -1,0 +1,8 @@
+"""Data sources and loaders."""
+
+from .loaders import DataLoaderBatches, InMemoryBatches, make_loader, tensors_of
+from .sources import DataBundle, load_data
+
+__all__ = [
+    "DataBundle", "DataLoaderBatches", "InMemoryBatches", "load_data", "make_loader", "tensors_of",
+]

@@ -1,0 +1,1 @@
+"""Measurement: memory, timing and reporting helpers."""

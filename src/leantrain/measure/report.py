@@ -1,0 +1,49 @@
+"""Human-readable tables for run summaries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def table(rows: list[tuple[str, str]], title: str | None = None) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [title, "-" * len(title)] if title else []
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run table: results first, then each technique with applied / not applied."""
+    target = summary.get("target_acc")
+    rows = [
+        ("validation accuracy", _fmt(summary["val_accuracy"], ".2%")),
+        ("validation loss", _fmt(summary["val_loss"], ".4f")),
+        ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
+        ("wall time (loop)", _fmt(summary["train_seconds"], ".2f", " s")),
+        ("samples/s (steps)", _fmt(summary["samples_per_second"], ",.0f")),
+        (f"peak memory ({summary['peak_memory_kind']})", human_bytes(summary["peak_memory_bytes"])),
+        ("train loader", summary["train_loader"]),
+    ]
+    if summary.get("compile_seconds") is not None:
+        rows.append(("compile time", f"{summary['compile_seconds']:.1f} s (not in samples/s)"))
+    if target is not None:
+        reached = summary.get("time_to_target_seconds")
+        rows.append((f"time to {target:.1%}", _fmt(reached, ".2f", " s") if reached is not None
+                     else "not reached"))
+    rows.append(("techniques", ""))
+    rows += [(f"  {name}", outcome) for name, outcome in summary["plan"]["outcomes"].items()]
+    return table(rows, "leantrain run summary")

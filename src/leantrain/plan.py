@@ -1,0 +1,104 @@
+"""Resolve a PlanConfig ("auto" here and there) into concrete choices for this machine and model.
+
+Every technique ends up in the outcome list as applied, or not applied with the reason, so the
+run summary tells the user exactly what was changed and why (no silent magic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import PlanConfig
+from .env import select_device
+from .errors import LeantrainError
+from .techniques import backend_flags, compile, memory_format, optimizer, precision
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    applied: bool
+    detail: str
+
+    def describe(self) -> str:
+        return f"applied: {self.detail}" if self.applied else f"not applied: {self.detail}"
+
+
+@dataclass
+class ResolvedPlan:
+    device: torch.device
+    precision: str
+    channels_last: bool
+    compile: bool
+    cudnn_benchmark: bool
+    tf32: bool
+    optimizer_impl: str
+    grad_accum: int
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "compile": self.compile,
+            "cudnn_benchmark": self.cudnn_benchmark,
+            "tf32": self.tf32,
+            "optimizer_impl": self.optimizer_impl,
+            "grad_accum": self.grad_accum,
+            "outcomes": {o.name: o.describe() for o in self.outcomes},
+        }
+
+
+def _choose(name: str, setting, auto_value: bool, check: tuple[bool, str]) -> tuple[bool, Outcome]:
+    """Resolve an on/off technique: explicit True must be supported, 'auto' follows support."""
+    ok, reason = check
+    if setting is True and not ok:
+        raise LeantrainError(f"plan.{name}: cannot be applied here: {reason}")
+    on = ok and auto_value if setting == "auto" else bool(setting)
+    if on:
+        return True, Outcome(name, True, reason)
+    return False, Outcome(name, False, "switched off in the plan" if ok else reason)
+
+
+def resolve_plan(cfg: PlanConfig, model: nn.Module) -> ResolvedPlan:
+    choice = select_device(cfg.device)
+    device = choice.device
+    outcomes = [Outcome("device", True, f"{device} ({choice.reason})")]
+
+    prec = cfg.precision
+    if prec == "auto":
+        bf16_ok, why = precision.supported(device, "bf16")
+        prec = "bf16" if bf16_ok else "fp32"
+        outcomes.append(Outcome("precision", bf16_ok, f"bf16 autocast ({why})" if bf16_ok
+                                else f"fp32 kept: {why}"))
+    else:
+        ok, why = precision.supported(device, prec)
+        if not ok:
+            raise LeantrainError(f"plan.precision {prec!r}: cannot be applied here: {why}")
+        outcomes.append(Outcome("precision", prec != "fp32", f"{prec} ({why})" if prec != "fp32"
+                                else "fp32 requested"))
+
+    cl, out = _choose("channels_last", cfg.channels_last, True,
+                      memory_format.supported(device, model))
+    outcomes.append(out)
+    comp, out = _choose("compile", cfg.compile, False, compile.supported(device))
+    outcomes.append(out)
+    bench, out = _choose("cudnn_benchmark", cfg.cudnn_benchmark, True,
+                         backend_flags.supported(device, "cudnn_benchmark"))
+    outcomes.append(out)
+    tf32, out = _choose("tf32", cfg.tf32, True, backend_flags.supported(device, "tf32"))
+    outcomes.append(out)
+
+    impl = optimizer.default_impl(device) if cfg.optimizer_impl == "auto" else cfg.optimizer_impl
+    ok, why = optimizer.supported(device, impl)
+    if not ok:
+        raise LeantrainError(f"plan.optimizer_impl {impl!r}: cannot be applied here: {why}")
+    outcomes.append(Outcome("optimizer_impl", impl != "for-loop", f"{impl} ({why})"))
+    outcomes.append(Outcome("grad_accum", cfg.grad_accum > 1,
+                            f"{cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1
+                            else "one batch per step"))
+    return ResolvedPlan(device, prec, cl, comp, bench, tf32, impl, cfg.grad_accum, outcomes)

@@ -1,0 +1,27 @@
+"""Runtime techniques: one module each, with NAME, LOSSLESS, supported(...) and apply functions.
+
+The registry below is what `plan` resolves and what a benchmark iterates: adding a technique
+is adding a module and one line here.
+"""
+
+from . import (
+    accumulation,
+    backend_flags,
+    clipping,
+    compile,
+    init,
+    memory_format,
+    optimizer,
+    precision,
+    schedules,
+)
+
+REGISTRY = {
+    module.NAME: module
+    for module in (
+        precision, memory_format, compile, backend_flags, optimizer, accumulation, clipping,
+        init, schedules,
+    )
+}
+
+__all__ = ["REGISTRY"]

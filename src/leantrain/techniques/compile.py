@@ -1,0 +1,33 @@
+"""torch.compile: trace the model into graphs and generate fused kernels (Inductor).
+
+Fusing elementwise ops into their producers cuts memory traffic and Python overhead, which
+pays off for models with many small ops and on GPUs. The first steps compile (tens of seconds,
+more on few cores), so it only pays for runs long enough to amortise that; leantrain reports the
+compile time apart from step time. Lossless up to float reassociation. Opt-in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..env import compiler_available
+
+NAME = "compile"
+LOSSLESS = True
+
+
+def supported(device: torch.device) -> tuple[bool, str]:
+    if device.type == "mps":
+        return False, "torch.compile on MPS is experimental in this torch"
+    return compiler_available()
+
+
+def apply_compile(model: nn.Module, mode: str | None = None) -> nn.Module:
+    """Return a compiled wrapper; the original module keeps the (shared) parameters."""
+    return torch.compile(model, mode=mode)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a torch.compile wrapper, so state_dict keys stay plain."""
+    return getattr(model, "_orig_mod", model)

@@ -1,0 +1,37 @@
+"""channels_last: store 4-D activations and conv weights as NHWC instead of NCHW.
+
+oneDNN (CPU) and cuDNN (tensor cores) have their fastest convolution kernels for NHWC, so a
+conv net avoids layout conversions inside every conv. Lossless (same math, different memory
+order; results agree to float rounding). Does nothing useful for models without 2-D convs, and
+can hurt where a model reshapes activations in ways that force copies back to NCHW.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NAME = "channels_last"
+LOSSLESS = True
+
+
+def has_conv2d(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def supported(device: torch.device, model: nn.Module) -> tuple[bool, str]:
+    if not has_conv2d(model):
+        return False, "the model has no 2-D convolutions; NHWC cannot help it"
+    return True, "model has 2-D convolutions"
+
+
+def apply_channels_last(model: nn.Module) -> nn.Module:
+    """Convert the model's 4-D parameters and buffers to channels_last, in place."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def to_channels_last(batch: torch.Tensor) -> torch.Tensor:
+    """Convert a 4-D input batch; other ranks pass through unchanged."""
+    if batch.dim() == 4:
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch

@@ -1,0 +1,46 @@
+"""Mixed precision: bf16 autocast (CPU and GPU) or fp16 autocast with a GradScaler (GPU).
+
+Matmuls and convolutions run in 16 bits with fp32 master weights, which roughly halves memory
+traffic and, on hardware with native 16-bit units (tensor cores, AVX-512 BF16 / AMX), speeds
+them up. Lossy: the numbers change, so the accuracy of a run must be checked. Hurts on CPUs
+without native bf16, where bf16 is emulated; fp16 needs loss scaling to avoid gradient
+underflow, which is why it is offered on GPUs only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..env import bf16_supported
+
+NAME = "precision"
+LOSSLESS = False
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def supported(device: torch.device, precision: str) -> tuple[bool, str]:
+    if precision == "fp32":
+        return True, "full precision"
+    if precision == "bf16":
+        return bf16_supported(device)
+    if precision == "fp16":
+        if device.type == "cuda":
+            return True, "fp16 autocast with dynamic loss scaling"
+        return False, f"fp16 with loss scaling is GPU-only; on {device.type} use bf16"
+    return False, f"unknown precision {precision!r}; allowed: fp32, bf16, fp16"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The context to run forward passes (and the loss) in."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 on CUDA; None where no loss scaling is needed."""
+    if precision == "fp16" and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None

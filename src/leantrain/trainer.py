@@ -1,0 +1,384 @@
+"""The training loop: a thin composition of the techniques, with checkpoints, logs and a summary.
+
+`fit` is deliberately plain: resolve the plan, apply each technique to ordinary objects, and run
+forward / backward / step. Metrics are accumulated on the device and read back only every
+`log_every` steps and at epoch ends, so the hot path never waits on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_save,
+    atomic_write_text,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+)
+from .config import TrainConfig
+from .data.loaders import make_loader, tensors_of
+from .errors import LeantrainError
+from .measure.memory import peak_bytes, reset_peak
+from .plan import ResolvedPlan, resolve_plan
+from .run_logs import RunLog, truncate_after
+from .techniques import accumulation, clipping, precision
+from .techniques.backend_flags import backend_flags
+from .techniques.compile import apply_compile
+from .techniques.init import init_weights
+from .techniques.memory_format import apply_channels_last, to_channels_last
+from .techniques.optimizer import build_optimizer
+from .techniques.schedules import build_scheduler
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"
+SUMMARY_NAME = "summary.json"
+MODEL_NAME = "model.pt"
+
+
+@dataclass
+class _Progress:
+    """Everything besides weights and optimizer state that a resume must restore."""
+
+    epoch: int = 0
+    batch: int = 0  # next micro-batch of `epoch` to run
+    step: int = 0  # optimizer steps taken
+    samples: int = 0
+    step_seconds: float = 0.0  # time inside training steps (compile warm-up excluded)
+    train_seconds: float = 0.0  # wall time of the loop: steps, evaluation, checkpoints
+    compile_seconds: float = 0.0
+    time_to_target: float | None = None
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    finished: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _prepare_batch(x: torch.Tensor, y: torch.Tensor, plan: ResolvedPlan):
+    x = x.to(plan.device, non_blocking=True)
+    y = y.to(plan.device, non_blocking=True)
+    return (to_channels_last(x) if plan.channels_last else x), y
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, plan: ResolvedPlan) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over the loader, with one host sync at the end."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=plan.device)
+    correct = torch.zeros((), device=plan.device, dtype=torch.long)
+    count = 0
+    for x, y in loader.batches():
+        x, y = _prepare_batch(x, y, plan)
+        with precision.autocast(plan.device, plan.precision):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        count += len(y)
+    model.train(was_training)
+    return correct.item() / count, loss_sum.item() / count
+
+
+def check_model_fits_data(model: nn.Module, train_data: Dataset, loader, plan: ResolvedPlan
+                          ) -> int:
+    """Run one batch before anything is written, so bad shapes or labels fail fast and clean.
+
+    Returns the number of classes (the model's output width).
+    """
+    x, y = next(iter(loader.batches()))
+    x, y = _prepare_batch(x, y, plan)
+    was_training = model.training
+    model.eval()  # eval + no_grad: BatchNorm statistics and weights stay untouched
+    try:
+        with torch.no_grad(), precision.autocast(plan.device, plan.precision):
+            out = model(x)
+    except Exception as exc:
+        raise LeantrainError(
+            f"the model cannot run on the data: input batch of shape {tuple(x.shape)} "
+            f"failed with {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if out.dim() != 2 or out.shape[0] != x.shape[0]:
+        raise LeantrainError(
+            f"the model must return class scores of shape (batch, classes); for an input of "
+            f"shape {tuple(x.shape)} it returned {tuple(out.shape)}"
+        )
+    num_classes = out.shape[1]
+    tensors = tensors_of(train_data)
+    labels = tensors[1] if tensors is not None else y
+    if labels.is_floating_point() or labels.dim() != 1:
+        raise LeantrainError(f"labels must be a 1-D integer tensor, got {labels.dtype} "
+                             f"of shape {tuple(labels.shape)}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise LeantrainError(
+            f"labels out of range: found {low}..{high}, but the model outputs {num_classes} "
+            f"classes (labels must be in 0..{num_classes - 1})"
+        )
+    return num_classes
+
+
+class Trainer:
+    """One training run; `fit()` below is the function most callers want."""
+
+    def __init__(self, model: nn.Module, train_data: Dataset, val_data: Dataset,
+                 cfg: TrainConfig, out_dir: Path | None, progress_bar: bool = True):
+        self.cfg, self.out_dir, self.progress_bar = cfg, out_dir, progress_bar
+        self.plan = resolve_plan(cfg.plan, model)
+        self.model = model.to(self.plan.device)
+        seed = cfg.train.seed
+        self.train_loader = make_loader(train_data, cfg.data.batch_size, True, seed,
+                                        self.plan.device, cfg.data.num_workers)
+        self.val_loader = make_loader(val_data, cfg.data.eval_batch_size, False, seed,
+                                      self.plan.device, cfg.data.num_workers)
+        self.num_classes = check_model_fits_data(model, train_data, self.train_loader, self.plan)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / self.plan.grad_accum)
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.progress = _Progress()
+        self.log_file: RunLog | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _build(self) -> None:
+        cfg, plan = self.cfg, self.plan
+        if plan.channels_last:
+            apply_channels_last(self.model)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, plan.optimizer_impl)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps,
+                                         self.steps_per_epoch)
+        self.scaler = precision.make_grad_scaler(plan.device, plan.precision)
+        # evaluation uses the eager module: compiling a second (eval) graph would not pay off
+        self.step_model = apply_compile(self.model) if plan.compile else self.model
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": capture_rng(),
+            "progress": self.progress.to_dict(),
+            "epoch_sums": [t.cpu() for t in self.epoch_sums],
+        }
+
+    def _save_checkpoint(self) -> None:
+        if self.out_dir is not None:
+            atomic_save(self._state(), self.out_dir / CHECKPOINT_NAME)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        self.progress = _Progress(**state["progress"])
+        self.epoch_sums = [t.to(self.plan.device) for t in state["epoch_sums"]]
+
+    def _new_epoch_sums(self) -> list[torch.Tensor]:
+        device = self.plan.device
+        return [torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long),
+                torch.zeros((), device=device, dtype=torch.long)]  # loss sum, correct, count
+
+    # ------------------------------------------------------------------ the loop
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, micro: int, last: bool) -> bool:
+        """Forward and backward one micro-batch; step the optimizer at a boundary."""
+        plan, accum = self.plan, self.plan.grad_accum
+        x, y = _prepare_batch(x, y, plan)
+        with precision.autocast(plan.device, plan.precision):
+            out = self.step_model(x)
+            loss = F.cross_entropy(out, y)
+        scaled = accumulation.scale_loss(loss, accum)
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        loss_sum, correct, count = self.epoch_sums
+        loss_sum += loss.detach().float() * len(y)
+        correct += (out.detach().argmax(1) == y).sum()
+        count += len(y)
+        if not accumulation.is_step_boundary(micro, accum, last):
+            return False
+        if self.cfg.train.clip_norm is not None:
+            clipping.clip_gradients(self.model, self.optimizer, self.cfg.train.clip_norm,
+                                    self.scaler)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return True
+
+    def _log_train(self, bar) -> None:
+        loss_sum, correct, count = (t.item() for t in self.epoch_sums)  # the only sync: here
+        p = self.progress
+        lr = self.optimizer.param_groups[0]["lr"]
+        if count:
+            self.log_file.log("train", p.step, epoch=p.epoch, loss=loss_sum / count,
+                              accuracy=correct / count, lr=lr)
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", lr=f"{lr:.3g}")
+
+    def _run_epoch(self, epoch: int) -> None:
+        p, cfg = self.progress, self.cfg
+        n_batches = len(self.train_loader)
+        bar = tqdm(total=n_batches, initial=p.batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                   disable=None if self.progress_bar else True, leave=False, unit="batch")
+        tick = time.perf_counter()
+        for micro, (x, y) in enumerate(self.train_loader.batches(epoch, p.batch), start=p.batch):
+            stepped = self._train_step(x, y, micro, last=micro == n_batches - 1)
+            p.batch, p.samples = micro + 1, p.samples + len(y)
+            bar.update(1)
+            if not stepped:
+                continue
+            p.step += 1
+            if self.first_step_pending:  # the first step after (re)start carries compilation
+                self.first_step_pending = False
+                if self.plan.compile:
+                    p.compile_seconds += time.perf_counter() - tick
+                    tick = time.perf_counter()
+            if p.step % cfg.train.log_every == 0:
+                self._log_train(bar)
+            if cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0:
+                p.step_seconds += time.perf_counter() - tick
+                self._save_checkpoint()
+                tick = time.perf_counter()
+        if self.plan.device.type == "cuda":
+            torch.cuda.synchronize(self.plan.device)
+        p.step_seconds += time.perf_counter() - tick
+        bar.close()
+
+    def _end_epoch(self, epoch: int) -> bool:
+        """Evaluate, log, checkpoint; True when the run should stop (target reached)."""
+        p, cfg = self.progress, self.cfg
+        loss_sum, correct, count = (t.item() for t in self.epoch_sums)
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1),
+                  "train_accuracy": correct / max(count, 1)}
+        stop = False
+        if (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch + 1 == cfg.train.epochs:
+            p.val_accuracy, p.val_loss = evaluate(self.model, self.val_loader, self.plan)
+            record.update(val_accuracy=p.val_accuracy, val_loss=p.val_loss)
+            target = cfg.train.target_acc
+            if target is not None and p.val_accuracy >= target and p.time_to_target is None:
+                p.time_to_target = p.train_seconds + (time.perf_counter() - self.loop_start)
+                stop = True
+        self.log_file.log("epoch", p.step, **record)
+        log.info("epoch %d: %s", epoch + 1,
+                 ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+        p.epoch, p.batch = epoch + 1, 0
+        self.epoch_sums = self._new_epoch_sums()
+        return stop
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        cfg, plan = self.cfg, self.plan
+        out = self.out_dir
+        self._build()
+        self.epoch_sums = self._new_epoch_sums()
+        if resume:
+            self._restore(load_checkpoint(out / CHECKPOINT_NAME, plan.device))
+            truncate_after(out, self.progress.step)
+            if self.progress.finished:
+                raise LeantrainError(f"the run in {out} has already finished; nothing to resume")
+            log.info("resuming at epoch %d, batch %d (step %d)", self.progress.epoch + 1,
+                     self.progress.batch, self.progress.step)
+        else:
+            init_weights(self.model, cfg.train.init)
+            torch.manual_seed(cfg.train.seed)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / CONFIG_NAME, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.log_file = RunLog(out) if out is not None else _NullLog()
+        reset_peak(plan.device)
+        self.first_step_pending = True
+        self.model.train()
+        flags = backend_flags(plan.cudnn_benchmark, plan.tf32) if plan.device.type == "cuda" \
+            else nullcontext()
+        try:
+            with flags:
+                self._loop()
+        finally:
+            self.log_file.close()
+        return self._finish()
+
+    def _loop(self) -> None:
+        p = self.progress
+        self.loop_start = time.perf_counter()
+        for epoch in range(p.epoch, self.cfg.train.epochs):
+            self._run_epoch(epoch)
+            stop = self._end_epoch(epoch)
+            p.train_seconds += time.perf_counter() - self.loop_start
+            self.loop_start = time.perf_counter()
+            if stop or epoch + 1 == self.cfg.train.epochs:
+                p.finished = True
+            self._save_checkpoint()
+            if stop:
+                break
+
+    def _finish(self) -> dict[str, Any]:
+        p, plan = self.progress, self.plan
+        peak, peak_kind = peak_bytes(plan.device)
+        summary = {
+            "val_accuracy": p.val_accuracy,
+            "val_loss": p.val_loss,
+            "epochs": p.epoch,
+            "steps": p.step,
+            "train_seconds": p.train_seconds,
+            "step_seconds": p.step_seconds,
+            "compile_seconds": p.compile_seconds if plan.compile else None,
+            "samples_per_second": p.samples / p.step_seconds if p.step_seconds else None,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind,
+            "target_acc": self.cfg.train.target_acc,
+            "time_to_target_seconds": p.time_to_target,
+            "train_loader": self.train_loader.kind,
+            "num_classes": self.num_classes,
+            "parameters": sum(t.numel() for t in self.model.parameters()),
+            "plan": plan.to_dict(),
+        }
+        if self.out_dir is not None:
+            plain = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            atomic_save(plain, self.out_dir / MODEL_NAME)
+            atomic_write_text(self.out_dir / SUMMARY_NAME, json.dumps(summary, indent=2))
+        return summary
+
+
+class _NullLog:
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConfig | None = None,
+        out_dir: str | Path | None = None, resume: bool = False, progress_bar: bool = True
+        ) -> dict[str, Any]:
+    """Train `model` with the plan in `cfg`; returns the run summary.
+
+    With `out_dir`, the run folder gets config.yaml, checkpoint.pt, metrics.jsonl, tensorboard/,
+    model.pt (plain state_dict) and summary.json; `resume=True` continues from its checkpoint.
+    """
+    cfg = cfg or TrainConfig()
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is None:
+        raise LeantrainError("resume needs the run folder (out_dir) that holds the checkpoint")
+    trainer = Trainer(model, train_data, val_data, cfg, out, progress_bar)
+    return trainer.run(resume=resume)

@@ -1,0 +1,38 @@
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_seeded():
+    torch.manual_seed(0)
+    logging.getLogger("leantrain").setLevel(logging.WARNING)
+
+
+def blobs(n: int = 256, features: int = 8, classes: int = 3, seed: int = 0):
+    """Separable Gaussian blobs: a tabular task an MLP learns in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, features, generator=g) * 3
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centers[y] + torch.randn(n, features, generator=g)
+    return x, y
+
+
+@pytest.fixture
+def tabular():
+    x, y = blobs()
+    return TensorDataset(x[:200], y[:200]), TensorDataset(x[200:], y[200:])
+
+
+def mlp(features: int = 8, classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, classes))
+
+
+def tiny_cnn(classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))

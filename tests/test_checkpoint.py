@@ -1,0 +1,56 @@
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from leantrain.checkpoint import atomic_save, capture_rng, load_checkpoint, restore_rng
+from leantrain.errors import LeantrainError
+
+
+def test_atomic_save_roundtrip_weights_only(tmp_path):
+    path = tmp_path / "ck.pt"
+    atomic_save({"w": torch.arange(3), "step": 7}, path)
+    state = load_checkpoint(path)
+    assert state["step"] == 7 and torch.equal(state["w"], torch.arange(3))
+    assert os.listdir(tmp_path) == ["ck.pt"]
+
+
+def test_failed_save_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "ck.pt"
+    atomic_save({"step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"bad": Unpicklable()}, path)
+    assert load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["ck.pt"]
+
+
+def test_loading_refuses_arbitrary_pickles(tmp_path):
+    path = tmp_path / "evil.pt"
+    with path.open("wb") as handle:
+        pickle.dump(random.Random(), handle)  # an object weights_only must not build
+    with pytest.raises(LeantrainError, match="cannot be loaded weights-only"):
+        load_checkpoint(path)
+    with pytest.raises(LeantrainError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_rng_state_survives_a_weights_only_roundtrip(tmp_path):
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    atomic_save({"rng": capture_rng()}, tmp_path / "r.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    restore_rng(load_checkpoint(tmp_path / "r.pt")["rng"])
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
