@@ -111,8 +111,8 @@ def test_csv_data_gets_a_default_model(tmp_path):
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
-    args = ["train", "--no-progress", "--set", "train.epochs=3", "--set", "train.checkpoint_every=4",
-            "--set", "train.log_every=1"]
+    args = ["train", "--no-progress", "--set", "train.epochs=3",
+            "--set", "train.checkpoint_every=4", "--set", "train.log_every=1"]
     full = run_cli(*args, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
 

@@ -85,7 +85,8 @@ def test_image_folder_decodes_per_item(tmp_path):
     for label in ("cat", "dog"):
         (tmp_path / label).mkdir()
         for i in range(5):
-            Image.fromarray(np.full((6, 6), 40 * i, dtype=np.uint8)).save(tmp_path / label / f"{i}.png")
+            pixels = np.full((6, 6), 40 * i, dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / label / f"{i}.png")
     bundle = load_data(DataConfig(source=str(tmp_path), val_fraction=0.2))
     assert bundle.num_classes == 2 and len(bundle.train) == 8 and len(bundle.val) == 2
     x, y = bundle.train[0]

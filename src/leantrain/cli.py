@@ -41,7 +41,8 @@ EXAMPLES = """examples:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="digits-cnn", choices=sorted(RECIPES),
                    help="named setup to start from (default: digits-cnn)")
-    p.add_argument("--config", metavar="FILE", help="YAML config; keys as in `config.yaml` of a run")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML config; keys as in `config.yaml` of a run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, repeatable, e.g. --set optim.lr=0.05")
     p.add_argument("--model", metavar="MOD:FN",
