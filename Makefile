@@ -1,0 +1,32 @@
+# Two entry points that work from a fresh clone: `make train` and `make test`.
+# Both create .venv and install torch first (override with TORCH_SPEC, e.g. for a CUDA build),
+# so pyproject's torch range is already met and pip never pulls a different build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: train test lint bench clean
+
+$(BIN)/leantrain: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+train: $(BIN)/leantrain
+	$(BIN)/leantrain train
+
+lint: $(BIN)/leantrain
+	$(BIN)/ruff check src tests benchmarks
+
+# the whole suite, slow tests included (plain `pytest` skips those); exit 5 = no tests collected
+test: lint
+	$(BIN)/python -m pytest -m "" -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+bench: $(BIN)/leantrain
+	$(BIN)/python benchmarks/train_vs_plain.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

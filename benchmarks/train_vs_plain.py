@@ -1,0 +1,101 @@
+"""Time-to-97% validation accuracy: the seed documents' plain loop vs `leantrain train`.
+
+Both train the same model (the digits-cnn recipe's SmallCNN) on the same data (digits, 32×32,
+fixed 80/20 split), and both are timed from the start of the training loop to the first
+evaluation at or above the target, evaluation included; process start-up and data loading are
+excluded from both (the leantrain command's whole wall time is recorded too). Repeats
+alternate the two so that machine noise hits both alike; the ratio is of medians.
+
+    python benchmarks/train_vs_plain.py [--repeats 5] [--target 0.97]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from leantrain.config import DataConfig
+from leantrain.data import load_data
+from leantrain.recipes.models import SmallCNN
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def plain_loop(seed: int, target: float, max_epochs: int = 40) -> dict:
+    """The loop of the seed documents: DataLoader over a TensorDataset, fp32, NCHW, SGD."""
+    bundle = load_data(DataConfig())
+    torch.manual_seed(seed)
+    model = SmallCNN(1, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loader = DataLoader(bundle.train, batch_size=64, shuffle=True)
+    xv, yv = bundle.val.tensors
+    start = time.perf_counter()
+    for epoch in range(1, max_epochs + 1):
+        model.train()
+        for data, labels in loader:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(data), labels)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            acc = (model(xv).argmax(1) == yv).float().mean().item()
+        if acc >= target:
+            return {"seconds": time.perf_counter() - start, "epochs": epoch, "val_accuracy": acc}
+    return {"seconds": None, "epochs": max_epochs, "val_accuracy": acc}
+
+
+def leantrain_run(seed: int, target: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "leantrain", "train", "--target-acc", str(target),
+                        "--set", f"train.seed={seed}", "--out", str(out), "--no-progress"],
+                       check=True, capture_output=True)
+        command_seconds = time.perf_counter() - start
+        summary = json.loads((out / "summary.json").read_text())
+    return {"seconds": summary["time_to_target_seconds"], "epochs": summary["epochs"],
+            "val_accuracy": summary["val_accuracy"], "command_seconds": command_seconds,
+            "plan": summary["plan"]["outcomes"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--target", type=float, default=0.97)
+    args = parser.parse_args()
+    runs = {"plain": [], "leantrain": []}
+    for seed in range(args.repeats):
+        runs["plain"].append(plain_loop(seed, args.target))
+        runs["leantrain"].append(leantrain_run(seed, args.target))
+        print(f"repeat {seed}: plain {runs['plain'][-1]['seconds']:.2f} s, "
+              f"leantrain {runs['leantrain'][-1]['seconds']:.2f} s", flush=True)
+    medians = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    result = {
+        "target_accuracy": args.target,
+        "repeats": args.repeats,
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "median_seconds": medians,
+        "speedup": medians["plain"] / medians["leantrain"],
+        "runs": runs,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "train_vs_plain.json").write_text(json.dumps(result, indent=2))
+    print(f"median time to {args.target:.0%}: plain {medians['plain']:.2f} s, leantrain "
+          f"{medians['leantrain']:.2f} s -> {result['speedup']:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
