@@ -78,6 +78,12 @@ def _prepare_batch(x: torch.Tensor, y: torch.Tensor, plan: ResolvedPlan):
     return (to_channels_last(x) if plan.channels_last else x), y
 
 
+def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor,
+                       *extras: torch.Tensor) -> torch.Tensor:
+    """The default training loss. A custom loss gets the same arguments (e.g. distillation)."""
+    return F.cross_entropy(outputs, targets)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, plan: ResolvedPlan) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) over the loader, with one host sync at the end."""
@@ -86,7 +92,7 @@ def evaluate(model: nn.Module, loader, plan: ResolvedPlan) -> tuple[float, float
     loss_sum = torch.zeros((), device=plan.device)
     correct = torch.zeros((), device=plan.device, dtype=torch.long)
     count = 0
-    for x, y in loader.batches():
+    for x, y, *_ in loader.batches():
         x, y = _prepare_batch(x, y, plan)
         with precision.autocast(plan.device, plan.precision):
             out = model(x)
@@ -103,7 +109,7 @@ def check_model_fits_data(model: nn.Module, train_data: Dataset, loader, plan: R
 
     Returns the number of classes (the model's output width).
     """
-    x, y = next(iter(loader.batches()))
+    x, y, *_ = next(iter(loader.batches()))
     x, y = _prepare_batch(x, y, plan)
     was_training = model.training
     model.eval()  # eval + no_grad: BatchNorm statistics and weights stay untouched
@@ -141,8 +147,10 @@ class Trainer:
     """One training run; `fit()` below is the function most callers want."""
 
     def __init__(self, model: nn.Module, train_data: Dataset, val_data: Dataset,
-                 cfg: TrainConfig, out_dir: Path | None, progress_bar: bool = True):
+                 cfg: TrainConfig, out_dir: Path | None, progress_bar: bool = True,
+                 loss_fn=cross_entropy_loss):
         self.cfg, self.out_dir, self.progress_bar = cfg, out_dir, progress_bar
+        self.loss_fn = loss_fn
         self.plan = resolve_plan(cfg.plan, model)
         self.model = model.to(self.plan.device)
         seed = cfg.train.seed
@@ -201,13 +209,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor, micro: int, last: bool) -> bool:
+    def _train_step(self, batch: tuple[torch.Tensor, ...], micro: int, last: bool) -> bool:
         """Forward and backward one micro-batch; step the optimizer at a boundary."""
         plan, accum = self.plan, self.plan.grad_accum
-        x, y = _prepare_batch(x, y, plan)
+        x, y = _prepare_batch(batch[0], batch[1], plan)
+        extras = [t.to(plan.device, non_blocking=True) for t in batch[2:]]
         with precision.autocast(plan.device, plan.precision):
             out = self.step_model(x)
-            loss = F.cross_entropy(out, y)
+            loss = self.loss_fn(out, y, x, *extras)
         scaled = accumulation.scale_loss(loss, accum)
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         loss_sum, correct, count = self.epoch_sums
@@ -243,9 +252,9 @@ class Trainer:
         bar = tqdm(total=n_batches, initial=p.batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=None if self.progress_bar else True, leave=False, unit="batch")
         tick = time.perf_counter()
-        for micro, (x, y) in enumerate(self.train_loader.batches(epoch, p.batch), start=p.batch):
-            stepped = self._train_step(x, y, micro, last=micro == n_batches - 1)
-            p.batch, p.samples = micro + 1, p.samples + len(y)
+        for micro, batch in enumerate(self.train_loader.batches(epoch, p.batch), start=p.batch):
+            stepped = self._train_step(batch, micro, last=micro == n_batches - 1)
+            p.batch, p.samples = micro + 1, p.samples + len(batch[1])
             bar.update(1)
             if not stepped:
                 continue
@@ -369,8 +378,8 @@ class _NullLog:
 
 
 def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConfig | None = None,
-        out_dir: str | Path | None = None, resume: bool = False, progress_bar: bool = True
-        ) -> dict[str, Any]:
+        out_dir: str | Path | None = None, resume: bool = False, progress_bar: bool = True,
+        loss_fn=cross_entropy_loss) -> dict[str, Any]:
     """Train `model` with the plan in `cfg`; returns the run summary.
 
     With `out_dir`, the run folder gets config.yaml, checkpoint.pt, metrics.jsonl, tensorboard/,
@@ -380,5 +389,5 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise LeantrainError("resume needs the run folder (out_dir) that holds the checkpoint")
-    trainer = Trainer(model, train_data, val_data, cfg, out, progress_bar)
+    trainer = Trainer(model, train_data, val_data, cfg, out, progress_bar, loss_fn)
     return trainer.run(resume=resume)

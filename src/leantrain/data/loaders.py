@@ -15,18 +15,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 DEVICE_RESIDENT_FRACTION = 0.25  # move data to the GPU once if it takes < 25% of free memory
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]  # (inputs, labels, *extras)
 
 
-def tensors_of(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(inputs, labels) if the dataset is a view of two whole tensors, else None."""
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
-        return dataset.tensors[0], dataset.tensors[1]
+def tensors_of(dataset: Dataset) -> tuple[torch.Tensor, ...] | None:
+    """(inputs, labels, *extras) if the dataset is a view of whole tensors, else None.
+
+    Extras are further per-sample tensors (e.g. cached teacher logits) batched alongside.
+    """
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return tuple(dataset.tensors)
     if isinstance(dataset, Subset):
         inner = tensors_of(dataset.dataset)
         if inner is not None:
             index = torch.as_tensor(dataset.indices, dtype=torch.long)
-            return inner[0][index], inner[1][index]
+            return tuple(t[index] for t in inner)
     return None
 
 
@@ -41,24 +44,25 @@ class InMemoryBatches:
 
     kind = "in-memory batched"
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
+    def __init__(self, *tensors: torch.Tensor, batch_size: int, shuffle: bool,
                  seed: int = 0, device: torch.device | None = None):
         if device is not None and device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
-            if x.nbytes + y.nbytes < DEVICE_RESIDENT_FRACTION * free:
-                x, y = x.to(device), y.to(device)
+            if sum(t.nbytes for t in tensors) < DEVICE_RESIDENT_FRACTION * free:
+                tensors = tuple(t.to(device) for t in tensors)
                 self.kind = "in-memory batched, resident on the GPU"
-        self.x, self.y = x, y
+        self.tensors = tensors
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
 
     def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size)
+        return math.ceil(len(self.tensors[0]) / self.batch_size)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
-        order = epoch_order(len(self.x), self.seed, epoch, self.shuffle).to(self.x.device)
-        for i in range(start * self.batch_size, len(order), self.batch_size):
+        n = len(self.tensors[0])
+        order = epoch_order(n, self.seed, epoch, self.shuffle).to(self.tensors[0].device)
+        for i in range(start * self.batch_size, n, self.batch_size):
             index = order[i:i + self.batch_size]
-            yield self.x[index], self.y[index]
+            yield tuple(t[index] for t in self.tensors)
 
 
 class _EpochSampler(Sampler[int]):
@@ -102,6 +106,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     """The fastest loader that fits the dataset: batched indexing when it is tensor-backed."""
     tensors = tensors_of(dataset)
     if tensors is not None:
-        return InMemoryBatches(*tensors, batch_size, shuffle, seed, device)
+        return InMemoryBatches(*tensors, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                               device=device)
     pin = device is not None and device.type == "cuda"
     return DataLoaderBatches(dataset, batch_size, shuffle, seed, num_workers, pin)
