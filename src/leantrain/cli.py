@@ -17,8 +17,10 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import CHECKPOINT_NAME
+from .compress.distill import check_kd_args
 from .config import TrainConfig, load_config, merge, read_yaml
 from .data import load_data
+from .distillation import format_report, load_teacher, run_distillation
 from .errors import LeantrainError
 from .imports import import_object
 from .measure.report import format_summary
@@ -74,8 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model (default: recipe digits-cnn) and print a summary table.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_args(train)
-    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show tracebacks and debug logs")
+    distill = sub.add_parser(
+        "distill", help="train a small student from a trained teacher (knowledge distillation)",
+        description="Train the student alone and with KD from the teacher; report accuracy, "
+                    "parameters and CPU latency of all three.",
+        epilog="example:\n  leantrain train --out runs/teacher\n  leantrain distill --teacher "
+               "runs/teacher/model.pt --student-model leantrain.recipes.models:digits_student",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_args(distill)
+    distill.add_argument("--teacher", required=True, metavar="CKPT",
+                         help="teacher weights: a model.pt state_dict or its run folder")
+    distill.add_argument("--teacher-model", metavar="MOD:FN",
+                         help="teacher architecture (default: the recipe's model)")
+    distill.add_argument("--student-model", required=True, metavar="MOD:FN",
+                         help="student architecture, e.g. leantrain.recipes.models:digits_student")
+    distill.add_argument("--temperature", type=float, default=4.0, help="T (default 4)")
+    distill.add_argument("--alpha", type=float, default=0.9,
+                         help="weight of the soft (KD) term, in [0, 1] (default 0.9)")
+    distill.add_argument("--no-cache", action="store_true",
+                         help="run the teacher live every step instead of caching its logits")
+    for sub_parser in (train, distill):
+        sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                help="show tracebacks and debug logs")
     return parser
 
 
@@ -161,12 +183,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_from(spec: str, what: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = import_object(spec, what)()
+    if not isinstance(model, nn.Module):
+        raise LeantrainError(f"{what} {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    if args.resume:
+        raise LeantrainError("distill does not support --resume yet; start it again")
+    check_kd_args(args.temperature, args.alpha)
+    cfg = config_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("distill-%Y%m%d-%H%M%S")
+    bundle = load_data(cfg.data)
+    teacher = _build_from(args.teacher_model, "--teacher-model", cfg.train.seed) \
+        if args.teacher_model else build_model(cfg, bundle)
+    teacher = load_teacher(teacher, args.teacher)
+    _build_from(args.student_model, "--student-model", cfg.train.seed)  # fail fast, write nothing
+    report = run_distillation(
+        teacher, lambda: _build_from(args.student_model, "--student-model", cfg.train.seed),
+        bundle, cfg, out, args.temperature, args.alpha, cache=not args.no_cache,
+        progress_bar=not args.no_progress)
+    print(format_report(report))
+    print(f"\nreport: {out / 'report.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"train": cmd_train}[args.command](args)
+        return {"train": cmd_train, "distill": cmd_distill}[args.command](args)
     except LeantrainError as exc:
         if args.debug:
             raise

@@ -27,6 +27,11 @@ class SmallCNN(nn.Sequential):
         )
 
 
+def digits_student() -> nn.Module:
+    """A student for digits-cnn: the same shape at a quarter of the width (15x fewer params)."""
+    return SmallCNN(1, 10, width=8)
+
+
 class MLP(nn.Sequential):
     def __init__(self, in_features: int, num_classes: int, hidden: int = 256, depth: int = 2):
         layers: list[nn.Module] = []

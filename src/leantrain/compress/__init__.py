@@ -1,0 +1,1 @@
+"""Model compression: distillation (separable convs, pruning and quantization to come)."""
