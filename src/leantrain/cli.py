@@ -138,14 +138,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def build_model(cfg: TrainConfig, bundle) -> nn.Module:
     """The user's model if named, the recipe's on the recipe's data, else a default for the data."""
+    if cfg.model:
+        return _build_from(cfg.model, "--model", cfg.train.seed)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every run and resume
     recipe = get_recipe(cfg.recipe)
-    if cfg.model:
-        model = import_object(cfg.model, "--model")()
-        if not isinstance(model, nn.Module):
-            raise LeantrainError(f"--model {cfg.model!r} returned {type(model).__name__}, "
-                                 "not an nn.Module")
-        return model
     if cfg.data.source == recipe.config.get("data", {}).get("source"):
         return recipe.build_model(bundle.num_classes)
     sample = bundle.train[0][0]
@@ -184,6 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _build_from(spec: str, what: str, seed: int) -> nn.Module:
+    """Call the user's MOD:FN after seeding: every run and resume starts from the same weights."""
     torch.manual_seed(seed)
     model = import_object(spec, what)()
     if not isinstance(model, nn.Module):
