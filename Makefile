@@ -27,6 +27,7 @@ test: lint
 
 bench: $(BIN)/leantrain
 	$(BIN)/python benchmarks/train_vs_plain.py
+	$(BIN)/python benchmarks/bench_digits.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

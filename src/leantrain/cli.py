@@ -16,9 +16,22 @@ import torch
 from torch import nn
 
 from . import __version__
+from .bench import find_batch_size, find_lr, run_bench
+from .bench.report import (
+    BENCH_JSON,
+    BENCH_PNG,
+    PLAN_YAML,
+    format_batch_sizes,
+    format_bench,
+    format_lr,
+    write_batch_sizes,
+    write_bench,
+    write_lr,
+)
+from .bench.search import LOSSY_TOL
 from .checkpoint import CHECKPOINT_NAME
 from .compress.distill import check_kd_args
-from .config import TrainConfig, load_config, merge, read_yaml
+from .config import TrainConfig, load_config, merge, read_plan_file, read_yaml
 from .data import load_data
 from .distillation import format_report, load_teacher, run_distillation
 from .errors import LeantrainError
@@ -40,7 +53,8 @@ EXAMPLES = """examples:
 """
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    """What to train on: shared by every command that builds a model and data."""
     p.add_argument("--recipe", default="digits-cnn", choices=sorted(RECIPES),
                    help="named setup to start from (default: digits-cnn)")
     p.add_argument("--config", metavar="FILE",
@@ -52,17 +66,47 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="SOURCE",
                    help="digits | a .npz (x, y) | a .csv (label column) | an image folder "
                         "(class subfolders) | MOD:FN returning (train_dataset, val_dataset)")
-    p.add_argument("--target-acc", type=float, metavar="X",
-                   help="stop as soon as validation accuracy reaches X (e.g. 0.97)")
     p.add_argument("--epochs", type=int, metavar="N", help="number of epochs")
     p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_plan_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", metavar="FILE",
+                   help="a plan file written by `leantrain bench` (or a finder's --apply)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    _add_source_args(p)
+    _add_plan_arg(p)
+    p.add_argument("--target-acc", type=float, metavar="X",
+                   help="stop as soon as validation accuracy reaches X (e.g. 0.97)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="mixed precision mode (default: auto = bf16 where native)")
     p.add_argument("--compile", action="store_true", help="use torch.compile (opt-in)")
-    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<timestamp>)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its last checkpoint (its own config)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    _add_source_args(p)
+    p.add_argument("--budget-s", type=float, default=180.0, metavar="S",
+                   help="cap on the whole bench in seconds (default 180)")
+    p.add_argument("--apply", metavar="FILE",
+                   help="also write the winning plan to FILE (use it: train --plan FILE)")
+    p.add_argument("--loss-tol", type=float, default=LOSSY_TOL, metavar="X",
+                   help=f"relative loss divergence allowed for lossy techniques over the "
+                        f"checked steps (default {LOSSY_TOL})")
+    p.add_argument("--keep-batch-size", action="store_true",
+                   help="do not run the batch-size finder; keep data.batch_size")
+
+
+def _add_finder_args(p: argparse.ArgumentParser, what: str) -> None:
+    _add_source_args(p)
+    _add_plan_arg(p)
+    p.add_argument("--apply", metavar="FILE",
+                   help=f"write the suggested {what} into the plan file FILE (created or updated)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +139,35 @@ def build_parser() -> argparse.ArgumentParser:
                          help="weight of the soft (KD) term, in [0, 1] (default 0.9)")
     distill.add_argument("--no-cache", action="store_true",
                          help="run the teacher live every step instead of caching its logits")
-    for sub_parser in (train, distill):
+    bench = sub.add_parser(
+        "bench", help="measure every technique on your model and pick the fastest safe plan",
+        description="Time the baseline (plain fp32 eager loop, per-sample DataLoader), each "
+                    "technique alone and combinations, check their losses against the "
+                    "baseline, then tune the batch size under the winner. Writes bench.json, "
+                    "bench.png, plan.yaml and baseline.yaml to --out.",
+        epilog="example:\n  leantrain bench --budget-s 180 --out runs/bench\n"
+               "  leantrain train --plan runs/bench/plan.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_bench_args(bench)
+    find_bs = sub.add_parser(
+        "find-batch-size", help="the fastest batch size that fits, from sizes it really ran",
+        description="Double the batch size until it no longer fits (out of memory or over the "
+                    "memory limit less a 10%% margin), bisect, time every size, and recommend "
+                    "the fastest; the learning rate is scaled by a stated rule.")
+    _add_finder_args(find_bs, "batch size and learning rate")
+    find_bs.add_argument("--memory-limit-gib", type=float, metavar="G",
+                         help="memory the process may use (default: what the device or "
+                              "machine has)")
+    find_bs.add_argument("--max-size", type=int, metavar="N", help="largest size to try")
+    find_lr_cmd = sub.add_parser(
+        "find-lr", help="learning-rate range test with a suggested LR and its curve (PNG)",
+        description="Raise the LR exponentially from --lr-min to --lr-max, stop early when the "
+                    "loss diverges, suggest an LR and save the curve.")
+    _add_finder_args(find_lr_cmd, "learning rate")
+    find_lr_cmd.add_argument("--lr-min", type=float, default=1e-5)
+    find_lr_cmd.add_argument("--lr-max", type=float, default=10.0)
+    find_lr_cmd.add_argument("--steps", type=int, default=100, help="sweep length (default 100)")
+    for sub_parser in (train, distill, bench, find_bs, find_lr_cmd):
         sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                 help="show tracebacks and debug logs")
     return parser
@@ -104,11 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _shortcut_overrides(args: argparse.Namespace) -> dict:
     """The convenience flags, as config values (they win over --config and --set)."""
     values: dict = {}
+    flag = vars(args).get
     pairs = [
-        ("model", None, args.model), ("data", "source", args.data),
-        ("train", "target_acc", args.target_acc), ("train", "epochs", args.epochs),
-        ("plan", "device", args.device), ("plan", "precision", args.precision),
-        ("plan", "compile", True if args.compile else None),
+        ("model", None, flag("model")), ("data", "source", flag("data")),
+        ("train", "target_acc", flag("target_acc")), ("train", "epochs", flag("epochs")),
+        ("plan", "device", flag("device")), ("plan", "precision", flag("precision")),
+        ("plan", "compile", True if flag("compile") else None),
     ]
     for section, key, value in pairs:
         if value is None:
@@ -121,10 +194,11 @@ def _shortcut_overrides(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    if args.resume:
+    """recipe < --config < --plan < --set < shortcut flags; --resume: the run's own config."""
+    if vars(args).get("resume"):
         given = [flag for flag, value in [("--config", args.config), ("--set", args.overrides),
                                           ("--model", args.model), ("--data", args.data),
-                                          ("--out", args.out)] if value]
+                                          ("--plan", args.plan), ("--out", args.out)] if value]
         if given:
             raise LeantrainError(f"--resume continues with the run's own config; drop {given}")
         return load_config(Path(args.resume) / CONFIG_NAME)
@@ -132,6 +206,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     base = merge({"recipe": recipe.name}, recipe.config)
     if args.config:
         base = merge(base, read_yaml(args.config))
+    if vars(args).get("plan"):
+        base = merge(base, read_plan_file(args.plan))
     cfg = load_config(None, args.overrides, base)
     return load_config(None, (), merge(cfg.to_dict(), _shortcut_overrides(args)))
 
@@ -208,12 +284,66 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_inputs(args: argparse.Namespace, prefix: str):
+    cfg = config_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
+    bundle = load_data(cfg.data)
+    log.info("data: %s", bundle.description)
+    build_model(cfg, bundle)  # fail fast on a bad model, before any trial
+    return cfg, out, bundle, lambda: build_model(cfg, bundle)
+
+
+def _plan_overrides(cfg: TrainConfig) -> dict:
+    """The finders run under the config's own plan (e.g. from --plan)."""
+    values = cfg.to_dict()
+    return {"plan": values["plan"], "data": {k: values["data"][k] for k in ("loader",
+                                                                           "num_workers")}}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg, out, bundle, builder = _bench_inputs(args, "bench")
+    result = run_bench(builder, bundle, cfg, args.budget_s, args.loss_tol,
+                       tune_batch_size=not args.keep_batch_size)
+    apply_to = Path(args.apply) if args.apply else None
+    write_bench(result, out, apply_to)
+    print(format_bench(result))
+    print(f"\nresults: {out / BENCH_JSON}, {out / BENCH_PNG}\nwinning plan: {out / PLAN_YAML}"
+          + (f" and {apply_to}" if apply_to else "")
+          + f"\ntrain with it: leantrain train --plan {apply_to or out / PLAN_YAML}")
+    return 0
+
+
+def cmd_find_batch_size(args: argparse.Namespace) -> int:
+    cfg, out, bundle, builder = _bench_inputs(args, "batch-size")
+    limit = int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None
+    sizes = find_batch_size(builder, bundle, cfg, _plan_overrides(cfg), memory_limit=limit,
+                            max_size=args.max_size)
+    write_batch_sizes(sizes, out, Path(args.apply) if args.apply else None)
+    print(format_batch_sizes(sizes))
+    print(f"\nresults: {out / 'batch_size.json'}")
+    return 0
+
+
+def cmd_find_lr(args: argparse.Namespace) -> int:
+    cfg, out, bundle, builder = _bench_inputs(args, "lr")
+    result = find_lr(builder, bundle, cfg, _plan_overrides(cfg), args.lr_min, args.lr_max,
+                     args.steps)
+    write_lr(result, out, Path(args.apply) if args.apply else None)
+    print(format_lr(result))
+    print(f"\nresults: {out / 'lr_finder.json'}, curve: {out / 'lr_finder.png'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "distill": cmd_distill, "bench": cmd_bench,
+            "find-batch-size": cmd_find_batch_size, "find-lr": cmd_find_lr}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"train": cmd_train, "distill": cmd_distill}[args.command](args)
+        return COMMANDS[args.command](args)
     except LeantrainError as exc:
         if args.debug:
             raise

@@ -32,6 +32,8 @@ class DataConfig:
     label_column: str = "label"  # CSV sources
     image_size: int | None = None  # image folders: resize to this square size
     num_workers: int = 0  # DataLoader path only; the in-memory loader needs none
+    # auto: batched indexing for tensor-backed datasets, a DataLoader otherwise
+    loader: Literal["auto", "in-memory", "dataloader"] = "auto"
 
 
 @dataclass
@@ -210,6 +212,32 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise LeantrainError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(values, dict):
         raise LeantrainError(f"config file {path} must hold a mapping at the top level")
+    return values
+
+
+# A plan file (written by `leantrain bench`, read by `train --plan`) may set how to run, never
+# what to train: the plan section, and the batching and learning-rate keys the finders tune.
+PLAN_FILE_KEYS = {
+    "plan": tuple(f.name for f in dataclasses.fields(PlanConfig)),
+    "data": ("loader", "num_workers", "batch_size"),
+    "optim": ("lr",),
+}
+
+
+def read_plan_file(path: str | Path) -> dict[str, Any]:
+    """A plan file's values, after checking that it only holds keys a plan may set."""
+    values = read_yaml(path)
+    for section, node in values.items():
+        if section not in PLAN_FILE_KEYS:
+            raise LeantrainError(f"plan file {path}: section '{section}' is not allowed in a "
+                                 f"plan; allowed sections: {', '.join(PLAN_FILE_KEYS)}")
+        if not isinstance(node, dict):
+            raise LeantrainError(f"plan file {path}: section '{section}' must be a mapping")
+        for key in node:
+            if key not in PLAN_FILE_KEYS[section]:
+                raise LeantrainError(
+                    f"plan file {path}: key '{section}.{key}' is not allowed in a plan; allowed "
+                    f"in '{section}': {', '.join(PLAN_FILE_KEYS[section])}")
     return values
 
 

@@ -7,10 +7,12 @@ forward / backward / step. Metrics are accumulated on the device and read back o
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,10 +156,11 @@ class Trainer:
         self.plan = resolve_plan(cfg.plan, model)
         self.model = model.to(self.plan.device)
         seed = cfg.train.seed
-        self.train_loader = make_loader(train_data, cfg.data.batch_size, True, seed,
-                                        self.plan.device, cfg.data.num_workers)
-        self.val_loader = make_loader(val_data, cfg.data.eval_batch_size, False, seed,
-                                      self.plan.device, cfg.data.num_workers)
+        data = cfg.data
+        self.train_loader = make_loader(train_data, data.batch_size, True, seed,
+                                        self.plan.device, data.num_workers, data.loader)
+        self.val_loader = make_loader(val_data, data.eval_batch_size, False, seed,
+                                      self.plan.device, data.num_workers, data.loader)
         self.num_classes = check_model_fits_data(model, train_data, self.train_loader, self.plan)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.plan.grad_accum)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
@@ -168,6 +171,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, plan = self.cfg, self.plan
+        self.epoch_sums = self._new_epoch_sums()
         if plan.channels_last:
             apply_channels_last(self.model)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, plan.optimizer_impl)
@@ -209,8 +213,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _train_step(self, batch: tuple[torch.Tensor, ...], micro: int, last: bool) -> bool:
-        """Forward and backward one micro-batch; step the optimizer at a boundary."""
+    def _train_step(self, batch: tuple[torch.Tensor, ...], micro: int, last: bool
+                    ) -> tuple[bool, torch.Tensor]:
+        """Forward and backward one micro-batch; step the optimizer at a boundary.
+
+        Returns (stepped, the micro-batch's loss as a device tensor).
+        """
         plan, accum = self.plan, self.plan.grad_accum
         x, y = _prepare_batch(batch[0], batch[1], plan)
         extras = [t.to(plan.device, non_blocking=True) for t in batch[2:]]
@@ -224,7 +232,7 @@ class Trainer:
         correct += (out.detach().argmax(1) == y).sum()
         count += len(y)
         if not accumulation.is_step_boundary(micro, accum, last):
-            return False
+            return False, loss
         if self.cfg.train.clip_norm is not None:
             clipping.clip_gradients(self.model, self.optimizer, self.cfg.train.clip_norm,
                                     self.scaler)
@@ -235,7 +243,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return True
+        return True, loss
 
     def _log_train(self, bar) -> None:
         loss_sum, correct, count = (t.item() for t in self.epoch_sums)  # the only sync: here
@@ -253,7 +261,7 @@ class Trainer:
                    disable=None if self.progress_bar else True, leave=False, unit="batch")
         tick = time.perf_counter()
         for micro, batch in enumerate(self.train_loader.batches(epoch, p.batch), start=p.batch):
-            stepped = self._train_step(batch, micro, last=micro == n_batches - 1)
+            stepped, _ = self._train_step(batch, micro, last=micro == n_batches - 1)
             p.batch, p.samples = micro + 1, p.samples + len(batch[1])
             bar.update(1)
             if not stepped:
@@ -300,7 +308,6 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         out = self.out_dir
         self._build()
-        self.epoch_sums = self._new_epoch_sums()
         if resume:
             self._restore(load_checkpoint(out / CHECKPOINT_NAME, plan.device))
             truncate_after(out, self.progress.step)
@@ -309,8 +316,7 @@ class Trainer:
             log.info("resuming at epoch %d, batch %d (step %d)", self.progress.epoch + 1,
                      self.progress.batch, self.progress.step)
         else:
-            init_weights(self.model, cfg.train.init)
-            torch.manual_seed(cfg.train.seed)
+            self._start_fresh()
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / CONFIG_NAME, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -318,14 +324,49 @@ class Trainer:
         reset_peak(plan.device)
         self.first_step_pending = True
         self.model.train()
-        flags = backend_flags(plan.cudnn_benchmark, plan.tf32) if plan.device.type == "cuda" \
-            else nullcontext()
         try:
-            with flags:
+            with self._backend_flags():
                 self._loop()
         finally:
             self.log_file.close()
         return self._finish()
+
+    def _start_fresh(self) -> None:
+        init_weights(self.model, self.cfg.train.init)
+        torch.manual_seed(self.cfg.train.seed)
+
+    def _backend_flags(self):
+        plan = self.plan
+        if plan.device.type != "cuda":
+            return nullcontext()
+        return backend_flags(plan.cudnn_benchmark, plan.tf32)
+
+    def steps(self, lr_at: Callable[[int], float] | None = None
+              ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Train from the initial weights and yield (samples, loss) after every optimizer step.
+
+        This is exactly the step `run` takes, without evaluation, checkpoints or logs, for as
+        long as the caller iterates (epochs follow one another): short measured trials (bench,
+        the finders) use it so they time what training will really run. The loss is a device
+        tensor (no host sync). `lr_at(step)` replaces the schedule by absolute learning rates.
+        Close the generator when done: that restores the backend flags.
+        """
+        self._build()
+        self._start_fresh()
+        if lr_at is not None:
+            base = self.cfg.optim.lr
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda step: lr_at(step) / base)
+        self.model.train()
+        samples, n_batches = 0, len(self.train_loader)
+        with self._backend_flags():
+            for epoch in itertools.count():
+                for micro, batch in enumerate(self.train_loader.batches(epoch)):
+                    stepped, loss = self._train_step(batch, micro, last=micro == n_batches - 1)
+                    samples += len(batch[1])
+                    if stepped:
+                        yield samples, loss
+                        samples = 0
 
     def _loop(self) -> None:
         p = self.progress

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
+from ..errors import LeantrainError
+
 DEVICE_RESIDENT_FRACTION = 0.25  # move data to the GPU once if it takes < 25% of free memory
 Batch = tuple[torch.Tensor, ...]  # (inputs, labels, *extras)
 
@@ -101,11 +103,15 @@ class DataLoaderBatches:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
-                device: torch.device | None = None, num_workers: int = 0
+                device: torch.device | None = None, num_workers: int = 0, kind: str = "auto"
                 ) -> InMemoryBatches | DataLoaderBatches:
-    """The fastest loader that fits the dataset: batched indexing when it is tensor-backed."""
+    """The loader `kind` names; "auto" is batched indexing when the dataset is tensor-backed."""
     tensors = tensors_of(dataset)
-    if tensors is not None:
+    if kind == "in-memory" and tensors is None:
+        raise LeantrainError(
+            f"data.loader 'in-memory' needs a tensor-backed dataset (TensorDataset or a Subset "
+            f"of one); this one is {type(dataset).__name__}: use 'auto' or 'dataloader'")
+    if tensors is not None and kind != "dataloader":
         return InMemoryBatches(*tensors, batch_size=batch_size, shuffle=shuffle, seed=seed,
                                device=device)
     pin = device is not None and device.type == "cuda"

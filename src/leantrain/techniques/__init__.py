@@ -10,6 +10,7 @@ from . import (
     clipping,
     compile,
     init,
+    loader,
     memory_format,
     optimizer,
     precision,
@@ -19,8 +20,8 @@ from . import (
 REGISTRY = {
     module.NAME: module
     for module in (
-        precision, memory_format, compile, backend_flags, optimizer, accumulation, clipping,
-        init, schedules,
+        loader, precision, memory_format, compile, backend_flags, optimizer, accumulation,
+        clipping, init, schedules,
     )
 }
 

@@ -13,6 +13,8 @@ import torch
 
 NAME = "grad_accum"
 LOSSLESS = True
+VARIANTS = ()
+BENCH_NOTE = "buys memory, not speed (k passes per step); not a speed-up to rank"
 
 
 def supported(device: torch.device) -> tuple[bool, str]:

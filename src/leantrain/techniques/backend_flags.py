@@ -15,9 +15,14 @@ from collections.abc import Iterator
 import torch
 
 from ..env import tf32_capable
+from .variant import Variant
 
 NAME = "backend_flags"
 LOSSLESS = False  # TF32 changes fp32 results; benchmark alone is lossless up to algorithm choice
+VARIANTS = (
+    Variant("cudnn_benchmark", {"plan": {"cudnn_benchmark": True}}),
+    Variant("tf32", {"plan": {"tf32": True}}, lossless=False),
+)
 
 
 def supported(device: torch.device, flag: str) -> tuple[bool, str]:

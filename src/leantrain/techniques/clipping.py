@@ -13,6 +13,8 @@ from torch import nn
 
 NAME = "clip_norm"
 LOSSLESS = False
+VARIANTS = ()
+BENCH_NOTE = "a stability aid that costs a reduction per step; not a speed-up to rank"
 
 
 def supported(device: torch.device) -> tuple[bool, str]:

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from ..env import compiler_available
+from .variant import Variant
 
 NAME = "compile"
 LOSSLESS = True
+VARIANTS = (Variant("compile", {"plan": {"compile": True}}),)
 
 
 def supported(device: torch.device) -> tuple[bool, str]:

@@ -17,6 +17,8 @@ from ..errors import LeantrainError
 
 NAME = "init"
 LOSSLESS = False
+VARIANTS = ()
+BENCH_NOTE = "changes the starting weights (what is learned), not the step speed"
 SCHEMES = ("default", "kaiming", "xavier", "orthogonal", "dirac")
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .variant import Variant
+
 NAME = "channels_last"
 LOSSLESS = True
+VARIANTS = (Variant("channels_last", {"plan": {"channels_last": True}}),)
 
 
 def has_conv2d(model: nn.Module) -> bool:

@@ -14,9 +14,14 @@ import torch
 
 from ..config import OptimConfig
 from ..errors import LeantrainError
+from .variant import Variant
 
 NAME = "optimizer_impl"
 LOSSLESS = True
+VARIANTS = (
+    Variant("foreach optimizer", {"plan": {"optimizer_impl": "foreach"}}),
+    Variant("fused optimizer", {"plan": {"optimizer_impl": "fused"}}),
+)
 IMPLS = ("fused", "foreach", "for-loop")
 
 

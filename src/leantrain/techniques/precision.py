@@ -14,9 +14,14 @@ import contextlib
 import torch
 
 from ..env import bf16_supported
+from .variant import Variant
 
 NAME = "precision"
 LOSSLESS = False
+VARIANTS = (
+    Variant("bf16", {"plan": {"precision": "bf16"}}, lossless=False),
+    Variant("fp16", {"plan": {"precision": "fp16"}}, lossless=False),
+)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -16,6 +16,8 @@ from ..config import ScheduleConfig
 
 NAME = "schedule"
 LOSSLESS = False
+VARIANTS = ()
+BENCH_NOTE = "changes the learning-rate path (what is learned), not the step speed"
 ONECYCLE_START = 1 / 25
 ONECYCLE_END = 1e-4
 

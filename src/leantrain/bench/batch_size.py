@@ -1,0 +1,216 @@
+"""Batch-size finder: the fastest batch that fits, from sizes it actually trained with.
+
+Every size considered is run for real (forward, backward and optimizer step, several steps,
+through the trainer's own step) and timed; a size that runs out of memory, or whose peak goes
+past the memory limit less a safety margin, does not fit. The search doubles from the current
+size until a size does not fit, then bisects the gap. The recommendation is the fastest size
+that fits; sizes within `NEAR` of the best count as equally fast and the smallest of them wins,
+since a bigger batch changes the optimisation more. Never a size it did not run.
+
+When the batch changes, the learning rate follows a stated rule: linear scaling for SGD
+(Goyal et al., 2017), square-root scaling for Adam and AdamW.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..data import DataBundle
+from ..env import select_device
+from ..errors import LeantrainError
+from ..techniques.variant import Variant
+from .trials import TrialResult, TrialSettings, interleave, merge_rounds, run_trial
+
+log = logging.getLogger(__name__)
+
+NEAR = 0.05  # sizes within 5% of the best samples/s are treated as equally fast
+MARGIN = 0.10  # a size fits when its peak stays under (1 - MARGIN) x the memory limit
+MIN_STEPS_PER_EPOCH = 4  # sizes are capped so that an epoch still has this many steps
+BISECTIONS = 3
+COMPARED = 3  # the largest sizes that fit are timed against the smallest in rounds
+ROUNDS = 5
+
+
+@dataclass
+class BatchSizeResult:
+    start: int
+    tried: list[dict[str, Any]]  # per size: batch_size, fits, samples_per_second, peak, reason
+    largest_fit: int
+    recommended: int
+    recommended_rule: str
+    lr: float
+    new_lr: float
+    lr_rule: str
+    memory_limit_bytes: int | None
+    memory_kind: str
+    cap: int
+    speed_vs_start: dict[int, float] = field(default_factory=dict)  # paired, median of rounds
+    notes: list[str] = field(default_factory=list)
+    trials: dict[int, TrialResult] = field(default_factory=dict, repr=False)  # the comparison
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["trials"]  # `tried` and `speed_vs_start` hold their figures
+        return out
+
+
+def scale_lr(lr: float, optimizer: str, old_batch: int, new_batch: int) -> tuple[float, str]:
+    ratio = new_batch / old_batch
+    if optimizer == "sgd":
+        return lr * ratio, f"linear scaling for SGD: lr x {new_batch}/{old_batch}"
+    return lr * math.sqrt(ratio), f"square-root scaling for {optimizer}: lr x sqrt({new_batch}/" \
+                                  f"{old_batch})"
+
+
+def available_memory(device_type: str) -> tuple[int | None, str]:
+    """What the process may grow to: device memory on CUDA, current RSS + MemAvailable on CPU."""
+    if device_type == "cuda":
+        return torch.cuda.mem_get_info()[1], "CUDA device memory (total)"
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        avail = int(info["MemAvailable"].split()[0]) * 1024
+        rss = next(int(line.split()[1]) * 1024 for line in
+                   Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS"))
+        return rss + avail, "process RSS now + the machine's available RAM"
+    except (OSError, KeyError, StopIteration, ValueError):
+        return None, "unknown (no /proc): only out-of-memory errors limit the size"
+
+
+def _is_memory_failure(trial: TrialResult) -> bool:
+    text = trial.reason.lower()
+    return trial.status == "too big" or "out of memory" in text or "can't allocate" in text
+
+
+def _round(size: int) -> int:
+    return size if size < 16 else size // 8 * 8
+
+
+def find_batch_size(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
+                    overrides: dict[str, Any], memory_limit: int | None = None,
+                    seconds_per_size: float = 1.5, max_size: int | None = None,
+                    on_trial: Callable[[TrialResult], None] | None = None,
+                    time_left: Callable[[], float] | None = None) -> BatchSizeResult:
+    """Search batch sizes under the plan `overrides` (e.g. the bench's winner).
+
+    `memory_limit` in bytes (default: what the device or machine has); `time_left()` lets a
+    caller with a budget stop the search early: the answer then comes from the sizes tried.
+    """
+    start = cfg.data.batch_size
+    device_type = overrides.get("plan", {}).get("device") or select_device(cfg.plan.device) \
+        .device.type
+    limit, kind = (memory_limit, "given limit") if memory_limit else available_memory(device_type)
+    cap = max(len(bundle.train) // MIN_STEPS_PER_EPOCH, 1)
+    cap_reason = f"a quarter of the training set, so an epoch has at least " \
+                 f"{MIN_STEPS_PER_EPOCH} steps"
+    if max_size and max_size < cap:
+        cap, cap_reason = max_size, "the largest size asked for"
+    results: dict[int, TrialResult] = {}
+    notes: list[str] = []
+
+    def fits(size: int) -> bool:
+        if size not in results:
+            variant = Variant(f"batch {size}", {"data": {"batch_size": size}})
+            trial = run_trial(f"batch {size}", [variant], overrides, build_model, bundle, cfg,
+                              TrialSettings(seconds=seconds_per_size, check_steps=1))
+            if trial.measured and limit and trial.peak_memory_bytes > (1 - MARGIN) * limit:
+                trial.status = "too big"
+                trial.reason = (f"peak {trial.peak_memory_bytes / 2**20:.0f} MiB is over "
+                                f"{1 - MARGIN:.0%} of the limit ({limit / 2**20:.0f} MiB)")
+            results[size] = trial
+            log.info("batch %d: %s", size, f"{trial.samples_per_second:,.0f} samples/s"
+                     if trial.measured else f"does not fit ({trial.status}: {trial.reason})")
+            if on_trial:
+                on_trial(trial)
+        return results[size].measured
+
+    def out_of_time() -> bool:
+        return time_left is not None and time_left() < 2 * seconds_per_size + 1
+
+    size = min(start, cap)
+    while not fits(size):  # the starting size itself may not fit: halve until one does
+        if not _is_memory_failure(results[size]):
+            raise LeantrainError(f"batch {size} cannot run: {results[size].reason}")
+        if size == 1:
+            raise LeantrainError(f"not even batch size 1 fits: {results[1].reason}")
+        size = max(size // 2, 1)
+    low, high = size, None
+    while high is None and low < cap and not out_of_time():
+        nxt = min(low * 2, cap)
+        if fits(nxt):
+            low = nxt
+        else:
+            high = nxt
+    for _ in range(BISECTIONS):
+        if high is None or high - low <= max(8, low // 8) or out_of_time():
+            break
+        mid = _round((low + high) // 2)
+        if mid <= low:
+            break
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    if low >= cap:
+        notes.append(f"capped at {cap} ({cap_reason}); larger sizes were not tried")
+    fitting = sorted(size for size, t in results.items() if t.measured)
+    contenders = sorted({fitting[0]} | set(fitting[-COMPARED:]))
+    compared = _compare_sizes(contenders, build_model, bundle, cfg, overrides, seconds_per_size,
+                              out_of_time)
+    if out_of_time():
+        notes.append("the time budget ended the search; the answer comes from the sizes tried")
+    return _recommend(start, fitting[0], results, compared, limit, kind, cap, cfg, notes)
+
+
+def _compare_sizes(sizes: list[int], build_model, bundle: DataBundle, cfg: TrainConfig,
+                   overrides: dict[str, Any], seconds: float, out_of_time: Callable[[], bool]
+                   ) -> dict[int, list[TrialResult]]:
+    """Time the contenders in interleaved rounds (machine speed drifts between trials)."""
+    def measure(label: str, r: int) -> TrialResult | None:
+        if out_of_time():
+            return None
+        size = int(label)
+        variant = Variant(f"batch {size}", {"data": {"batch_size": size}})
+        return run_trial(f"batch {size}", [variant], overrides, build_model, bundle, cfg,
+                         TrialSettings(seconds=seconds, check_steps=1))
+
+    rounds = interleave([str(s) for s in sizes], ROUNDS, measure)
+    return {int(label): measured for label, measured in rounds.items() if measured}
+
+
+def _recommend(start: int, reference: int, results: dict[int, TrialResult],
+               compared: dict[int, list[TrialResult]], limit: int | None, kind: str, cap: int,
+               cfg: TrainConfig, notes: list[str]) -> BatchSizeResult:
+    """The smallest size within NEAR of the fastest, by paired ratios to `reference`."""
+    ref_rounds = compared.get(reference, [])
+    speed: dict[int, float] = {}
+    for size, measured in compared.items():
+        ratios = [m.samples_per_second / b.samples_per_second
+                  for m, b in zip(measured, ref_rounds, strict=False) if m.measured and b.measured]
+        if ratios:
+            speed[size] = statistics.median(ratios)
+    if not speed:  # no comparison round ran (budget): fall back on the search's own timings
+        speed = {size: t.samples_per_second for size, t in results.items() if t.measured}
+        notes.append("no comparison rounds ran: ranked on single search timings")
+    best = max(speed.values())
+    recommended = min(size for size, v in speed.items() if v >= (1 - NEAR) * best)
+    new_lr, lr_rule = scale_lr(cfg.optim.lr, cfg.optim.name, start, recommended)
+    if recommended == start:
+        new_lr, lr_rule = cfg.optim.lr, "batch size unchanged: learning rate unchanged"
+    tried = [{"batch_size": size, "fits": t.measured, "samples_per_second": t.samples_per_second,
+              "peak_memory_bytes": t.peak_memory_bytes, "status": t.status, "reason": t.reason}
+             for size, t in sorted(results.items())]
+    return BatchSizeResult(
+        start=start, tried=tried, largest_fit=max(s for s, t in results.items() if t.measured),
+        recommended=recommended,
+        recommended_rule=f"the smallest size within {NEAR:.0%} of the fastest (samples/s "
+                         f"relative to batch {reference}, median of interleaved rounds)",
+        lr=cfg.optim.lr, new_lr=new_lr, lr_rule=lr_rule, memory_limit_bytes=limit,
+        memory_kind=kind, cap=cap, speed_vs_start=speed, notes=notes,
+        trials={size: merge_rounds(m) for size, m in compared.items()})

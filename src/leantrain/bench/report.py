@@ -1,0 +1,161 @@
+"""What the bench and the finders leave behind: tables, JSON with every raw figure, PNGs, plans."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..checkpoint import atomic_write_text
+from ..config import PLAN_FILE_KEYS, merge, read_plan_file
+from ..measure.plots import bar_panels, curve
+from ..measure.report import human_bytes
+from .batch_size import BatchSizeResult
+from .lr_finder import LRFinderResult
+from .search import BenchResult
+from .trials import TrialResult
+
+BENCH_JSON, BENCH_PNG, PLAN_YAML, BASELINE_YAML = ("bench.json", "bench.png", "plan.yaml",
+                                                   "baseline.yaml")
+
+
+def _check_text(t: TrialResult, result: BenchResult) -> str:
+    if t.check == "reference":
+        return "reference"
+    if t.check == "not comparable":
+        return "not comparable (other batches)"
+    if t.divergence is None:
+        return "n/a"
+    tol = result.lossless_tol if t.lossless else result.loss_tol
+    word = "ok" if t.check == "ok" else "FLAGGED"
+    return f"{word} ({t.divergence:.1e} {'<=' if t.check == 'ok' else '>'} {tol:g})"
+
+
+def ranked(result: BenchResult) -> list[TrialResult]:
+    """Measured trials, fastest projected run first; flagged and model-changing ones last."""
+    measured = [t for t in result.trials if t.measured]
+    return sorted(measured, key=lambda t: (t.check == "flagged" or not t.plannable,
+                                           t.projected_seconds))
+
+
+def format_bench(result: BenchResult) -> str:
+    rows = [("#", "trial", "samples/s", "speed-up", "projected run", "peak memory", "loss check")]
+    for i, t in enumerate(ranked(result), start=1):
+        mark = " *" if t.name == result.winner else ""
+        rows.append((str(i), t.name + mark, f"{t.samples_per_second:,.0f}", f"{t.speedup:.2f}x",
+                     f"{t.projected_seconds:.1f} s" + (
+                         f" (compile {t.compile_seconds:.0f} s)" if t.compile_seconds else ""),
+                     human_bytes(t.peak_memory_bytes), _check_text(t, result)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"leantrain bench on {result.device}: {len(result.trials)} trials in "
+             f"{result.elapsed_s:.0f} s (budget {result.budget_s:.0f} s); projected run = "
+             f"{result.run_samples:,} samples at the measured rate, plus compilation"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+              for r in rows]
+    others = [t for t in result.trials if not t.measured]
+    if others:
+        lines.append("\nnot measured:")
+        lines += [f"  {t.name}: {t.status}: {t.reason}" for t in others]
+    if result.not_benchmarked:
+        lines.append("\nnot benchmarked (not speed techniques):")
+        lines += [f"  {name}: {why}" for name, why in result.not_benchmarked.items()]
+    winner = result.trial(result.winner)
+    lines.append(f"\nwinner (*): {winner.name}: {winner.speedup:.2f}x the baseline's samples/s, "
+                 f"peak memory {human_bytes(winner.peak_memory_bytes)} "
+                 f"({winner.peak_memory_kind})")
+    if not winner.comparable:
+        lines.append("  its batch size differs from yours, so its learning rate was scaled (see "
+                     "the trial name) and its loss cannot be compared step by step: check its "
+                     "accuracy with `leantrain train --plan` (or pass --keep-batch-size)")
+    return "\n".join(lines)
+
+
+def plan_values(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The part of a trial's overrides that a plan file holds."""
+    out: dict[str, Any] = {}
+    for section, keys in PLAN_FILE_KEYS.items():
+        node = overrides.get(section, {})
+        picked = {k: v for k, v in node.items() if k in keys}
+        if picked:
+            out[section] = picked
+    return out
+
+
+def write_plan(path: Path, values: dict[str, Any], header: list[str]) -> None:
+    """Write (or update: existing keys are kept unless `values` sets them) a plan file."""
+    if path.is_file():
+        values = merge(read_plan_file(path), values)
+    text = "".join(f"# {line}\n" for line in header)
+    atomic_write_text(path, text + yaml.safe_dump(values, sort_keys=False))
+
+
+def _stamp(what: str) -> str:
+    return f"written by `leantrain {what}` on {datetime.date.today().isoformat()}"
+
+
+def write_bench(result: BenchResult, out_dir: Path, apply_to: Path | None = None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / BENCH_JSON, json.dumps(result.to_dict(), indent=2))
+    order = ranked(result)
+    winner = result.trial(result.winner)
+    bar_panels(
+        [t.name for t in order],
+        [("speed-up vs baseline (samples/s)", [t.speedup for t in order]),
+         (f"peak memory, MiB ({order[0].peak_memory_kind})",
+          [t.peak_memory_bytes / 2**20 for t in order])],
+        out_dir / BENCH_PNG, f"leantrain bench on {result.device}: winner {winner.name}",
+        highlight=order.index(winner))
+    header = [_stamp("bench"), f"winner: {winner.name}",
+              f"measured: {winner.speedup:.2f}x the baseline's samples/s on {result.device}"]
+    write_plan(out_dir / PLAN_YAML, plan_values(winner.overrides), header)
+    write_plan(out_dir / BASELINE_YAML, plan_values(result.baseline.overrides),
+               [_stamp("bench"), "the baseline: plain fp32 eager loop, per-sample DataLoader"])
+    if apply_to is not None:
+        write_plan(apply_to, plan_values(winner.overrides), header)
+
+
+def format_batch_sizes(sizes: BatchSizeResult) -> str:
+    lines = ["batch size  samples/s   peak memory   fits"]
+    for t in sizes.tried:
+        rate = f"{t['samples_per_second']:,.0f}" if t["samples_per_second"] else "-"
+        fits = "yes" if t["fits"] else f"no: {t['reason']}"
+        lines.append(f"{t['batch_size']:>10}  {rate:>9}   {human_bytes(t['peak_memory_bytes']):>11}"
+                     f"   {fits}")
+    lines.append(f"\nlargest that fits: {sizes.largest_fit}; memory limit: "
+                 f"{human_bytes(sizes.memory_limit_bytes)} ({sizes.memory_kind})")
+    lines.append(f"recommended: {sizes.recommended} ({sizes.recommended_rule})")
+    lines.append(f"learning rate: {sizes.lr:g} -> {sizes.new_lr:.4g} ({sizes.lr_rule})")
+    lines += [f"note: {n}" for n in sizes.notes]
+    return "\n".join(lines)
+
+
+def write_batch_sizes(sizes: BatchSizeResult, out_dir: Path, apply_to: Path | None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "batch_size.json", json.dumps(sizes.to_dict(), indent=2))
+    if apply_to is not None:
+        write_plan(apply_to, {"data": {"batch_size": sizes.recommended},
+                              "optim": {"lr": sizes.new_lr}},
+                   [_stamp("find-batch-size"), sizes.recommended_rule, sizes.lr_rule])
+
+
+def format_lr(result: LRFinderResult) -> str:
+    return "\n".join([
+        f"swept lr {result.lrs[0]:.2g} .. {result.lrs[-1]:.2g} over {len(result.lrs)} steps "
+        f"({result.stop_reason})",
+        f"suggested lr: {result.suggestion:.3g} (rule: {result.rule})",
+        f"alternative: {result.min_loss_lr:.3g} (the lr of the lowest loss, divided by 10)",
+    ])
+
+
+def write_lr(result: LRFinderResult, out_dir: Path, apply_to: Path | None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "lr_finder.json", json.dumps(result.to_dict(), indent=2))
+    curve(result.lrs, [("loss", result.losses), ("smoothed", result.smoothed)],
+          out_dir / "lr_finder.png", "LR range test", "learning rate", "training loss",
+          log_x=True, mark_x=result.suggestion, mark_label=f"suggested {result.suggestion:.3g}")
+    if apply_to is not None:
+        write_plan(apply_to, {"optim": {"lr": result.suggestion}},
+                   [_stamp("find-lr"), result.rule])

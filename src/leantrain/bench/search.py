@@ -1,0 +1,321 @@
+"""The bench: baseline, every technique alone, then a greedy search over combinations.
+
+Speed-ups do not multiply (Amdahl), so every combination that could be recommended is itself
+measured. Trials are ranked by the projected time of the configured run (samples to train at
+the measured rate, plus compilation), which is what the user pays for: a compiler that speeds up
+steps by 20% but takes 40 s to compile loses on a 10-second run and wins on a 10-hour one.
+
+Numerical check: every trial trains the same batches from the same initial weights as the
+baseline, so its first losses can be compared step by step. Lossless techniques must agree
+within float-reordering noise; lossy ones within a tolerance the user sets. A trial past its
+tolerance is flagged and cannot win.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..config import TrainConfig, merge
+from ..data import DataBundle
+from ..env import select_device
+from ..errors import LeantrainError
+from ..techniques import REGISTRY
+from ..techniques.variant import Variant
+from .batch_size import BatchSizeResult, find_batch_size
+from .trials import TrialResult, TrialSettings, interleave, merge_rounds, run_trial, skipped
+
+log = logging.getLogger(__name__)
+
+COMPILE_PRIOR_S = 40.0  # compile cost assumed before one is measured (small models: 20-60 s)
+MIN_GAIN = 0.02  # a combination must beat the current best by this much to be kept (noise)
+LOSSLESS_TOL = 1e-3  # relative loss difference allowed for float reordering over ten steps
+LOSSY_TOL = 0.05
+ROUNDS = 5  # each trial is measured in this many interleaved rounds
+# The bench moves the batch by one doubling at most: the LR scaling rule is an approximation
+# that holds near the batch the user tuned, and a bigger batch means fewer optimizer steps in
+# the same epochs (on digits, 4x with a 4x LR misses 97% in 8 epochs; 2x reaches it).
+# `leantrain find-batch-size` explores the whole range and reports it.
+BATCH_GROWTH = 2
+
+
+@dataclass
+class BenchResult:
+    device: str
+    budget_s: float
+    elapsed_s: float
+    run_samples: int  # samples in the configured run: the basis of the projected times
+    loss_tol: float
+    lossless_tol: float
+    trials: list[TrialResult]
+    winner: str
+    not_benchmarked: dict[str, str] = field(default_factory=dict)
+    batch_size: dict[str, Any] | None = None  # the batch-size finder's sizes, when it ran
+
+    @property
+    def baseline(self) -> TrialResult:
+        return self.trials[0]
+
+    def trial(self, name: str) -> TrialResult:
+        return next(t for t in self.trials if t.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["trials"] = [t.to_dict() for t in self.trials]
+        return out
+
+
+def baseline_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """A plain fp32 eager loop with a per-sample DataLoader: what a hand-written loop does."""
+    device = cfg.plan.device
+    if device == "auto":
+        device = select_device("auto").device.type  # a named GPU index is chosen per run
+    return {
+        "plan": {"device": device, "precision": "fp32", "channels_last": False,
+                 "compile": False, "cudnn_benchmark": False, "tf32": False,
+                 "optimizer_impl": "for-loop"},
+        "data": {"loader": "dataloader", "num_workers": 0},
+    }
+
+
+def technique_variants() -> tuple[list[Variant], dict[str, str]]:
+    """Every variant in the registry (compiling ones last: they are the expensive trials)."""
+    variants, notes = [], {}
+    for module in REGISTRY.values():
+        if module.VARIANTS:
+            variants.extend(module.VARIANTS)
+        else:
+            notes[module.NAME] = module.BENCH_NOTE
+    variants.sort(key=_compiles)
+    return variants, notes
+
+
+def _compiles(variants: Variant | list[Variant]) -> bool:
+    items = variants if isinstance(variants, list) else [variants]
+    return any(v.overrides.get("plan", {}).get("compile") is True for v in items)
+
+
+def _label(variants: list[Variant]) -> str:
+    return " + ".join(v.name for v in variants) or "baseline"
+
+
+class _Bench:
+    """The state of one bench run: clock, budget, and trials so far."""
+
+    def __init__(self, build_model: Callable[[], nn.Module], bundle: DataBundle,
+                 cfg: TrainConfig, budget_s: float, loss_tol: float):
+        self.build_model, self.bundle, self.cfg = build_model, bundle, cfg
+        self.budget_s, self.loss_tol = budget_s, loss_tol
+        self.base = baseline_overrides(cfg)
+        self.start = time.perf_counter()
+        self.trials: list[TrialResult] = []
+        self.round_seconds: list[float] = []  # wall time of each measured (non-compile) round
+        self.compile_seconds: list[float] = []
+        n_train = len(bundle.train)
+        self.run_samples = n_train * cfg.train.epochs
+        # under compile, stop before the epoch's short last batch: its new shape recompiles
+        full_batches = n_train // cfg.data.batch_size // cfg.plan.grad_accum
+        self.compile_max_steps = max(full_batches, 1)
+        self.round_s = min(max(budget_s / 120, 0.3), 1.5)  # timed part of one round of a trial
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def _estimate(self, variants: list[Variant]) -> float:
+        estimate = max(self.round_seconds[-5:], default=1.5 * self.round_s + 1.0)
+        if _compiles(variants):
+            estimate += max(self.compile_seconds, default=COMPILE_PRIOR_S)
+        return estimate
+
+    def _round(self, variants: list[Variant], required: bool) -> TrialResult | None:
+        """One round of one trial, or None when the budget cannot pay for it."""
+        if not required and self._estimate(variants) > self.left():
+            return None
+        settings = TrialSettings(
+            seconds=self.round_s,
+            max_steps=self.compile_max_steps if _compiles(variants) else None)
+        result = run_trial(_label(variants), variants, self.base, self.build_model, self.bundle,
+                           self.cfg, settings)
+        if result.compile_seconds is not None:
+            self.compile_seconds.append(result.compile_seconds)
+        elif result.measured:
+            self.round_seconds.append(result.seconds)
+        return result
+
+    def measure(self, groups: list[list[Variant]], reference: TrialResult | None = None
+                ) -> list[TrialResult]:
+        """Measure plans in interleaved rounds; speed-ups are ratios within each round.
+
+        The first group is the reference of the others (re-measured every round); its own
+        speed-up is taken from `reference` (None: it is the baseline, 1.0 by definition).
+        A compiling plan gets one round only: each round would compile again.
+        """
+        by_label = {_label(g): g for g in groups}
+
+        def one_round(label: str, r: int) -> TrialResult | None:
+            variants = by_label[label]
+            if r > 0 and _compiles(variants):
+                return None
+            return self._round(variants, required=reference is None and not variants and r == 0)
+
+        rounds = interleave(list(by_label), ROUNDS, one_round)
+        ref_label = _label(groups[0])
+        ref_rounds = rounds[ref_label]
+        results = []
+        for label, measured in rounds.items():
+            if not measured:
+                left = max(self.left(), 0.0)
+                result = skipped(label, by_label[label], f"budget: {left:.0f} s left, one "
+                                 f"round needs ~{self._estimate(by_label[label]):.0f} s")
+            else:
+                result = merge_rounds(measured)
+                ratios = [m.samples_per_second / b.samples_per_second
+                          for m, b in zip(measured, ref_rounds, strict=False)
+                          if m.measured and b.measured]
+                if result.measured and ratios:
+                    base_speedup = reference.speedup if reference is not None else 1.0
+                    result.speedup = base_speedup * statistics.median(ratios)
+            if label == ref_label and reference is not None:
+                continue  # a re-measurement of a trial already recorded
+            self.record(result)
+            results.append(result)
+        return results
+
+    def record(self, result: TrialResult) -> None:
+        self._compare(result)
+        self.trials.append(result)
+        self._report_progress(result)
+
+    def _compare(self, trial: TrialResult) -> None:
+        if not trial.measured:
+            return
+        base = self.trials[0] if self.trials else trial
+        if trial is base:
+            trial.speedup = 1.0
+        # drift-corrected: the baseline's rate times the paired speed-up
+        trial.projected_seconds = self.run_samples / (base.samples_per_second * trial.speedup) \
+            + (trial.compile_seconds or 0.0)
+        if trial is base:
+            trial.check, trial.divergence = "reference", 0.0
+            return
+        if not trial.comparable:
+            trial.check = "not comparable"
+            return
+        n = min(len(trial.losses), len(base.losses))
+        if n == 0:
+            return
+        trial.divergence = max(abs(a - b) / max(abs(b), 1e-6)
+                               for a, b in zip(trial.losses[:n], base.losses[:n], strict=True))
+        tol = LOSSLESS_TOL if trial.lossless else self.loss_tol
+        trial.check = "ok" if trial.divergence <= tol else "flagged"
+
+    def _report_progress(self, t: TrialResult) -> None:
+        if t.measured:
+            what = (f"{t.samples_per_second:,.0f} samples/s ({t.speedup:.2f}x over "
+                    f"{len(t.round_rates)} rounds), loss check {t.check}")
+        else:
+            what = f"{t.status}: {t.reason}"
+        log.info("%s: %s | %.0f s elapsed, at most %.0f s left", t.name, what, self.elapsed(),
+                 max(self.left(), 0.0))
+
+
+def _eligible(trial: TrialResult) -> bool:
+    return trial.measured and trial.check in ("reference", "ok", "not comparable") \
+        and trial.plannable
+
+
+def run_bench(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
+              budget_s: float, loss_tol: float = LOSSY_TOL, tune_batch_size: bool = True
+              ) -> BenchResult:
+    """Measure the baseline, each technique alone, then combinations; pick the winner.
+
+    With `tune_batch_size`, the batch-size finder then runs under the winning plan; a faster
+    size (with its learning rate scaled by the stated rule) becomes the winner.
+    `build_model()` must return the same initial weights on every call (seed inside it).
+    """
+    if budget_s <= 0:
+        raise LeantrainError(f"--budget-s must be > 0, got {budget_s}")
+    if loss_tol <= 0:
+        raise LeantrainError(f"--loss-tol must be > 0, got {loss_tol}")
+    bench = _Bench(build_model, bundle, cfg, budget_s, loss_tol)
+    variants, notes = technique_variants()
+    first = bench.measure([[]] + [[v] for v in variants])
+    baseline = first[0]
+    if not baseline.measured:
+        raise LeantrainError(f"the baseline trial could not run: {baseline.reason}")
+    _greedy_combinations(bench, variants, {t.name: t for t in first[1:]})
+    winner = min((t for t in bench.trials if _eligible(t)), key=lambda t: t.projected_seconds,
+                 default=baseline)
+    sizes = None
+    if tune_batch_size:
+        sizes, batch_trial = _tune_batch_size(bench, winner)
+        if batch_trial is not None and _eligible(batch_trial):
+            winner = batch_trial
+    log.info("winner: %s", winner.name)
+    return BenchResult(bench.base["plan"]["device"], budget_s, bench.elapsed(), bench.run_samples,
+                       loss_tol, LOSSLESS_TOL, bench.trials, winner.name, notes,
+                       sizes.to_dict() if sizes else None)
+
+
+def _tune_batch_size(bench: _Bench, winner: TrialResult
+                     ) -> tuple[BatchSizeResult | None, TrialResult | None]:
+    """Run the finder under the winner's plan; a faster size becomes one more measured trial."""
+    reserve = 1.0  # seconds kept for writing the results
+    if bench.left() < 8 * bench.round_s:
+        log.info("batch-size finder skipped: not enough budget left")
+        return None, None
+    sizes = find_batch_size(
+        bench.build_model, bench.bundle, bench.cfg, winner.overrides,
+        seconds_per_size=bench.round_s, max_size=BATCH_GROWTH * bench.cfg.data.batch_size,
+        time_left=lambda: bench.budget_s - bench.elapsed() - reserve)
+    ratio = sizes.speed_vs_start
+    start = bench.cfg.data.batch_size
+    if sizes.recommended == start or start not in ratio or sizes.recommended not in sizes.trials \
+            or ratio[sizes.recommended] < (1 + MIN_GAIN) * ratio[start]:
+        return sizes, None
+    change = Variant(f"batch {sizes.recommended} (lr {sizes.new_lr:.3g}, {sizes.lr_rule})",
+                     {"data": {"batch_size": sizes.recommended}, "optim": {"lr": sizes.new_lr}},
+                     lossless=False)
+    trial = sizes.trials[sizes.recommended]
+    trial.name = f"{winner.name} + batch {sizes.recommended}"
+    trial.variants = winner.variants + [change.name]
+    trial.overrides = merge(winner.overrides, change.overrides)
+    trial.lossless, trial.comparable = False, False
+    trial.speedup = winner.speedup * ratio[sizes.recommended] / ratio[start]
+    bench.record(trial)
+    return sizes, trial
+
+
+def _greedy_combinations(bench: _Bench, variants: list[Variant],
+                         singles: dict[str, TrialResult]) -> None:
+    """Start from the best single; try adding each next-best single, keep it if it helps.
+
+    Each candidate is measured in rounds against the current best, so the decision rests on
+    paired ratios, not on two measurements taken at different times.
+    """
+    by_name = {v.name: v for v in variants}
+    base = bench.trials[0]
+    ranked = sorted((t for t in singles.values() if _eligible(t)
+                     and t.projected_seconds < base.projected_seconds),
+                    key=lambda t: t.projected_seconds)
+    if not ranked:
+        return
+    current, chosen = ranked[0], [by_name[ranked[0].name]]
+    for single in ranked[1:]:
+        candidate = by_name[single.name]
+        taken = set().union(*(v.keys() for v in chosen))
+        if candidate.keys() & taken:
+            continue  # e.g. fused vs foreach: the better of the two is already in
+        trial = bench.measure([chosen, chosen + [candidate]], reference=current)[0]
+        if _eligible(trial) and trial.projected_seconds < current.projected_seconds * (
+                1 - MIN_GAIN):
+            current, chosen = trial, chosen + [candidate]

@@ -1,0 +1,200 @@
+"""One timed trial: train a fresh copy of the model for a few seconds under one plan.
+
+A trial runs the trainer's real step (`Trainer.steps`), data loading included, so what it
+times is what `train` will run. Throughput is the median over windows of steps; on a GPU the
+device is synchronised only at window edges, so the host can run ahead as it does in training.
+The first step is timed apart (it carries compilation and lazy set-up). The losses of the first
+steps are kept for the numerical check against the baseline.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig, config_from_dict, merge
+from ..data import DataBundle
+from ..errors import LeantrainError
+from ..measure.memory import peak_bytes, reset_peak
+from ..techniques.variant import Variant
+from ..trainer import Trainer
+
+WARMUP_STEPS = 2  # after the first step: caches, allocator and autotuners settle
+MIN_WINDOWS = 3
+
+
+@dataclass
+class TrialResult:
+    name: str
+    variants: list[str]
+    overrides: dict[str, Any]
+    lossless: bool
+    status: str  # ok | unsupported | failed | skipped
+    reason: str = ""
+    samples_per_second: float | None = None
+    window_rates: list[float] = field(default_factory=list)
+    round_rates: list[float] = field(default_factory=list)  # median samples/s of each round
+    steps: int = 0
+    first_step_seconds: float | None = None
+    compile_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    peak_memory_kind: str | None = None
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the whole trial
+    # filled in by the search: comparison with the baseline and the projection
+    speedup: float | None = None
+    projected_seconds: float | None = None
+    divergence: float | None = None
+    check: str = "n/a"  # reference | ok | flagged | n/a
+    plannable: bool = True  # False when a variant changes the model (not a config value)
+    comparable: bool = True  # False when the batches differ (batch size): no step-wise check
+
+    @property
+    def measured(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    seconds: float  # timed part of a trial, after the first and warm-up steps
+    check_steps: int = 10  # losses kept for the numerical check
+    max_steps: int | None = None  # e.g. stop before a batch of a new shape under compile
+
+
+def plan_overrides(base: dict[str, Any], variants: list[Variant]) -> dict[str, Any]:
+    """The config fragment of a trial: the baseline plan with each variant's values on top."""
+    values = base
+    for variant in variants:
+        values = merge(values, variant.overrides)
+    return values
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_steps(steps, device: torch.device, settings: TrialSettings, result: TrialResult,
+                 loss_tensors: list[torch.Tensor]) -> None:
+    """Run the first step, the warm-up, then windows of steps until the time is used."""
+    limit = settings.max_steps or float("inf")
+
+    def step() -> int:
+        samples, loss = next(steps)
+        result.steps += 1
+        if len(loss_tensors) < settings.check_steps:
+            loss_tensors.append(loss.detach().float())
+        return samples
+
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    result.first_step_seconds = time.perf_counter() - start
+    while result.steps < min(1 + WARMUP_STEPS, limit):
+        step()
+    _sync(device)
+    window_s = settings.seconds / (MIN_WINDOWS + 2)
+    timed_start = time.perf_counter()
+    while result.steps < limit:
+        t0, samples = time.perf_counter(), 0
+        while time.perf_counter() - t0 < window_s and result.steps < limit:
+            samples += step()
+        _sync(device)
+        result.window_rates.append(samples / (time.perf_counter() - t0))
+        used = time.perf_counter() - timed_start
+        enough = len(result.window_rates) >= MIN_WINDOWS and result.steps >= settings.check_steps
+        if (enough and used >= settings.seconds) or used >= 2 * settings.seconds:
+            break
+    while len(loss_tensors) < settings.check_steps and result.steps < limit:
+        step()  # a very slow model: finish the steps the numerical check compares
+
+
+def run_trial(name: str, variants: list[Variant], base: dict[str, Any],
+              build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
+              settings: TrialSettings) -> TrialResult:
+    """Measure one plan: the baseline `base` with `variants` switched on."""
+    overrides = plan_overrides(base, variants)
+    result = TrialResult(name, [v.name for v in variants], overrides,
+                         lossless=all(v.lossless for v in variants), status="ok",
+                         plannable=all(v.wrap_model is None for v in variants))
+    start = time.perf_counter()
+    try:
+        trial_cfg = config_from_dict(merge(cfg.to_dict(), overrides))
+        model = build_model()
+        for variant in variants:
+            if variant.wrap_model is not None:
+                model = variant.wrap_model(model)
+        trainer = Trainer(model, bundle.train, bundle.val, trial_cfg, None, progress_bar=False)
+    except LeantrainError as exc:
+        result.status, result.reason = "unsupported", str(exc)
+        return result
+    device = trainer.plan.device
+    reset_peak(device)
+    steps, loss_tensors = trainer.steps(), []
+    try:
+        _timed_steps(steps, device, settings, result, loss_tensors)
+        result.losses = [float(t) for t in loss_tensors]
+    except Exception as exc:  # OOM, a kernel missing for a dtype, a compiler error: listed
+        result.status = "failed"
+        result.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return result
+    finally:
+        steps.close()
+        result.seconds = time.perf_counter() - start
+    result.samples_per_second = statistics.median(result.window_rates)
+    if trainer.plan.compile:
+        step_s = trainer.cfg.data.batch_size * trainer.plan.grad_accum / result.samples_per_second
+        result.compile_seconds = max(result.first_step_seconds - step_s, 0.0)
+    result.peak_memory_bytes, result.peak_memory_kind = peak_bytes(device)
+    return result
+
+
+def skipped(name: str, variants: list[Variant], reason: str) -> TrialResult:
+    return TrialResult(name, [v.name for v in variants], {}, all(v.lossless for v in variants),
+                       "skipped", reason)
+
+
+def merge_rounds(rounds: list[TrialResult]) -> TrialResult:
+    """One result from a trial measured in several rounds (the first round is the cold one)."""
+    first = rounds[0]
+    bad = next((r for r in rounds if not r.measured), None)
+    if bad is not None:
+        return bad
+    merged = TrialResult(**{**first.__dict__, "window_rates": [], "losses": list(first.losses)})
+    merged.round_rates = [r.samples_per_second for r in rounds]
+    merged.samples_per_second = statistics.median(merged.round_rates)
+    merged.window_rates = [w for r in rounds for w in r.window_rates]
+    merged.steps = sum(r.steps for r in rounds)
+    merged.seconds = sum(r.seconds for r in rounds)
+    merged.peak_memory_bytes = max(r.peak_memory_bytes for r in rounds)
+    return merged
+
+
+def interleave(names: list[str], rounds: int, measure: Callable[[str, int], TrialResult | None]
+               ) -> dict[str, list[TrialResult]]:
+    """Measure each name once per round, reversing the order every other round.
+
+    Machine speed drifts (other tenants, clocks) over seconds; interleaving puts every trial
+    next to every other one in time, and reversing cancels a steady drift. `measure(name,
+    round)` may return None to stop measuring that name (unsupported, failed, or out of budget).
+    """
+    results: dict[str, list[TrialResult]] = {name: [] for name in names}
+    active = list(names)
+    for r in range(rounds):
+        for name in (active if r % 2 == 0 else list(reversed(active))):
+            result = measure(name, r)
+            if result is None:
+                continue
+            results[name].append(result)
+        active = [n for n in active if results[n] and results[n][-1].measured
+                  and len(results[n]) == r + 1]
+    return results

@@ -1,0 +1,293 @@
+"""`leantrain bench` and the finders: trials, numerical check, budget, plans, batch size, LR."""
+
+import json
+import math
+import time
+import types
+
+import pytest
+import torch
+import yaml
+from conftest import blobs, mlp
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from leantrain.bench import find_batch_size, find_lr, run_bench
+from leantrain.bench.lr_finder import suggest
+from leantrain.bench.report import write_bench
+from leantrain.bench.search import baseline_overrides
+from leantrain.bench.trials import interleave
+from leantrain.cli import main
+from leantrain.config import TrainConfig, load_config
+from leantrain.data.sources import DataBundle
+from leantrain.errors import LeantrainError
+from leantrain.techniques import REGISTRY
+from leantrain.techniques.variant import Variant
+
+
+def tabular_bundle(n: int = 400) -> DataBundle:
+    x, y = blobs(n)
+    split = int(0.8 * n)
+    return DataBundle(TensorDataset(x[:split], y[:split]), TensorDataset(x[split:], y[split:]),
+                      3, "blobs")
+
+
+def small_cfg(**values) -> TrainConfig:
+    base = {"data": {"batch_size": 16}, "optim": {"lr": 0.05}, "train": {"epochs": 2}}
+    return load_config(None, [], {**base, **values})
+
+
+# ---------------------------------------------------------------- the numerical check, budget
+
+
+class _Scramble(nn.Module):
+    """Wraps a model and triples its outputs: a 'technique' that changes the numbers a lot."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return 3 * self.inner(x)
+
+
+def _fake_technique(lossless: bool):
+    variant = Variant("scramble", lossless=lossless, wrap_model=_Scramble)
+    return types.SimpleNamespace(NAME="scramble", LOSSLESS=lossless, VARIANTS=(variant,))
+
+
+@pytest.mark.parametrize("claims_lossless", [False, True])
+def test_numerical_check_flags_a_lossy_fake_technique(monkeypatch, claims_lossless):
+    monkeypatch.setitem(REGISTRY, "scramble", _fake_technique(claims_lossless))
+    result = run_bench(mlp, tabular_bundle(), small_cfg(), budget_s=6, tune_batch_size=False)
+    fake = result.trial("scramble")
+    assert fake.status == "ok" and fake.check == "flagged"
+    assert fake.divergence > (result.lossless_tol if claims_lossless else result.loss_tol)
+    assert result.winner != "scramble" and "scramble" not in result.winner
+    honest = [t for t in result.trials if t.measured and t.check not in ("reference", "flagged")]
+    assert honest and all(t.check == "ok" for t in honest)  # lossless ones agree with baseline
+
+
+def test_budget_is_respected_within_ten_percent():
+    budget = 8.0
+    start = time.perf_counter()
+    result = run_bench(mlp, tabular_bundle(), small_cfg(), budget_s=budget)
+    took = time.perf_counter() - start
+    assert took <= 1.1 * budget, took
+    assert result.elapsed_s <= 1.1 * budget
+    compile_trial = result.trial("compile")
+    assert compile_trial.status == "skipped" and "budget" in compile_trial.reason
+
+
+def test_every_technique_is_listed_with_a_status_or_a_reason():
+    result = run_bench(mlp, tabular_bundle(), small_cfg(), budget_s=5, tune_batch_size=False)
+    names = {t.name for t in result.trials}
+    for module in REGISTRY.values():
+        if module.VARIANTS:
+            assert {v.name for v in module.VARIANTS} <= names, module.NAME
+        else:
+            assert module.NAME in result.not_benchmarked
+    unsupported = result.trial("channels_last")
+    assert unsupported.status == "unsupported" and "no 2-D convolutions" in unsupported.reason
+    assert result.baseline.overrides["data"]["loader"] == "dataloader"
+    assert result.baseline.overrides["plan"]["precision"] == "fp32"
+
+
+def test_baseline_is_a_plain_fp32_eager_loop():
+    plan = baseline_overrides(TrainConfig())["plan"]
+    assert plan == {"device": "cpu", "precision": "fp32", "channels_last": False,
+                    "compile": False, "cudnn_benchmark": False, "tf32": False,
+                    "optimizer_impl": "for-loop"}
+
+
+def test_interleave_reverses_order_and_drops_what_stops():
+    calls = []
+
+    def measure(name, r):
+        calls.append((name, r))
+        if name == "b" and r == 1:
+            return None  # e.g. out of budget
+        return types.SimpleNamespace(measured=True)
+
+    results = interleave(["a", "b", "c"], 3, measure)
+    assert calls == [("a", 0), ("b", 0), ("c", 0), ("c", 1), ("b", 1), ("a", 1),
+                     ("a", 2), ("c", 2)]
+    assert [len(results[n]) for n in "abc"] == [3, 1, 3]
+
+
+def test_bench_outputs_and_the_plan_train_uses(tmp_path):
+    result = run_bench(mlp, tabular_bundle(), small_cfg(), budget_s=6)
+    write_bench(result, tmp_path, apply_to=tmp_path / "applied.yaml")
+    raw = json.loads((tmp_path / "bench.json").read_text())
+    assert raw["winner"] == result.winner and len(raw["trials"]) == len(result.trials)
+    assert all(t["round_rates"] for t in raw["trials"] if t["status"] == "ok")
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    plan = yaml.safe_load((tmp_path / "applied.yaml").read_text())
+    assert plan == yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    assert set(plan) <= {"plan", "data", "optim"} and plan["plan"]["device"] == "cpu"
+
+
+# ---------------------------------------------------------------- two more model families
+
+
+USER_MODULE = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+def tabular():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 8, generator=g) * 3
+    y = torch.randint(0, 3, (480,), generator=g)
+    x = centers[y] + torch.randn(480, 8, generator=g)
+    return TensorDataset(x[:400], y[:400]), TensorDataset(x[400:], y[400:])
+
+def mlp():
+    return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 16, (480, 12), generator=g)
+    y = (x == 1).sum(1).clamp(max=3)  # how often token 1 occurs: needs the whole sequence
+    return TensorDataset(x[:400], y[:400]), TensorDataset(x[400:], y[400:])
+
+class TinyEncoder(nn.Module):
+    def __init__(self, vocab=16, width=32, length=12, classes=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.zeros(length, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x) + self.position).mean(1))
+
+def transformer():
+    return TinyEncoder()
+'''
+
+
+@pytest.fixture
+def families(tmp_path, monkeypatch):
+    (tmp_path / "families.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, data", [("families:mlp", "families:tabular"),
+                                         ("families:transformer", "families:tokens")])
+def test_bench_then_train_with_its_plan_on_other_families(families, capsys, model, data):
+    out = families / "bench"
+    args = ["--model", model, "--data", data, "--set", "data.batch_size=32"]
+    assert main(["bench", *args, "--budget-s", "12", "--out", str(out), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "baseline" in table and "winner (*)" in table and "not measured" in table
+    plan = yaml.safe_load((out / "plan.yaml").read_text())
+    assert plan["plan"]["device"] == "cpu"
+    run = families / "run"
+    assert main(["train", *args, "--plan", str(out / "plan.yaml"), "--epochs", "2",
+                 "--out", str(run), "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["plan"]["precision"] == plan["plan"]["precision"]
+    assert summary["train_loader"].startswith(
+        "DataLoader" if plan["data"]["loader"] == "dataloader" else "in-memory")
+
+
+def test_plan_file_may_only_set_how_to_run(tmp_path, capsys):
+    bad = tmp_path / "plan.yaml"
+    bad.write_text("plan:\n  precision: fp32\ntrain:\n  epochs: 1\n")
+    assert main(["train", "--plan", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "section 'train' is not allowed in a plan" in err and "plan, data, optim" in err
+    bad.write_text("data:\n  source: other\n")
+    assert main(["train", "--plan", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "key 'data.source' is not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- batch-size finder
+
+
+class _RunsOutAbove(nn.Module):
+    """An MLP that raises CUDA's out-of-memory error for batches above `limit`."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.ran = limit, set()
+        self.net = mlp()
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"simulated: CUDA out of memory at batch {x.shape[0]}")
+        if self.training and torch.is_grad_enabled():
+            self.ran.add(x.shape[0])
+        return self.net(x)
+
+
+def test_batch_size_finder_never_returns_a_size_it_did_not_run():
+    models = []
+
+    def build():
+        models.append(_RunsOutAbove(limit=37))
+        return models[-1]
+
+    cfg = small_cfg(data={"batch_size": 8})
+    sizes = find_batch_size(build, tabular_bundle(800), cfg, baseline_overrides(cfg),
+                            seconds_per_size=0.2)
+    trained = set().union(*(m.ran for m in models))
+    assert sizes.recommended in trained and sizes.largest_fit in trained
+    assert sizes.largest_fit <= 37 and sizes.recommended <= 37
+    tried = {t["batch_size"]: t for t in sizes.tried}
+    assert tried[sizes.recommended]["fits"] and tried[sizes.largest_fit]["fits"]
+    assert any(not t["fits"] and "out of memory" in t["reason"] for t in tried.values())
+    assert sizes.largest_fit >= 32  # bisection got close to the real limit
+    expected_lr = 0.05 * sizes.recommended / 8
+    assert math.isclose(sizes.new_lr, expected_lr) and "linear scaling" in sizes.lr_rule \
+        or sizes.recommended == 8
+
+
+def test_batch_size_finder_respects_a_memory_limit():
+    cfg = small_cfg()
+    with pytest.raises(LeantrainError, match="not even batch size 1 fits"):
+        find_batch_size(mlp, tabular_bundle(), cfg, baseline_overrides(cfg), memory_limit=1,
+                        seconds_per_size=0.1)
+
+
+def test_lr_scaling_rules():
+    from leantrain.bench.batch_size import scale_lr
+    assert scale_lr(0.1, "sgd", 64, 256)[0] == pytest.approx(0.4)
+    assert scale_lr(1e-3, "adamw", 64, 256)[0] == pytest.approx(2e-3)
+
+
+# ---------------------------------------------------------------- LR finder
+
+
+def test_lr_suggestion_is_the_steepest_descent_before_the_minimum():
+    lrs = [10 ** (-4 + i * 0.25) for i in range(17)]
+    losses = [2.0, 2.0, 1.99, 1.95, 1.8, 1.2, 0.9, 0.8, 0.75, 0.74, 0.9, 3.0, 9.0, 20, 50, 80, 99]
+    assert suggest(lrs, losses) == pytest.approx(lrs[5])
+
+
+def test_lr_finder_stops_on_divergence_and_suggests_inside_the_sweep():
+    result = find_lr(mlp, tabular_bundle(), small_cfg(), lr_min=1e-4, lr_max=1e4, steps=80)
+    assert result.stopped_early and "diverged" in result.stop_reason or "finite" in \
+        result.stop_reason
+    assert len(result.lrs) < 80
+    assert result.lrs[0] <= result.suggestion <= result.lrs[-1]
+    assert result.suggestion in result.lrs
+
+
+def test_find_lr_cli_saves_the_curve_and_applies_it(tmp_path, capsys):
+    out, plan = tmp_path / "lr", tmp_path / "plan.yaml"
+    plan.write_text("plan:\n  precision: fp32\n")
+    assert main(["find-lr", "--set", "data.batch_size=256", "--steps", "30", "--out", str(out),
+                 "--apply", str(plan), "--plan", str(plan)]) == 0
+    raw = json.loads((out / "lr_finder.json").read_text())
+    assert raw["lrs"][0] <= raw["suggestion"] <= raw["lrs"][-1]
+    assert (out / "lr_finder.png").stat().st_size > 10_000
+    written = yaml.safe_load(plan.read_text())
+    assert written["optim"]["lr"] == pytest.approx(raw["suggestion"])
+    assert written["plan"]["precision"] == "fp32"  # an existing plan is updated, not replaced
+    assert "suggested lr" in capsys.readouterr().out
