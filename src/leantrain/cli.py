@@ -293,13 +293,6 @@ def _bench_inputs(args: argparse.Namespace, prefix: str):
     return cfg, out, bundle, lambda: build_model(cfg, bundle)
 
 
-def _plan_overrides(cfg: TrainConfig) -> dict:
-    """The finders run under the config's own plan (e.g. from --plan)."""
-    values = cfg.to_dict()
-    return {"plan": values["plan"], "data": {k: values["data"][k] for k in ("loader",
-                                                                           "num_workers")}}
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg, out, bundle, builder = _bench_inputs(args, "bench")
     result = run_bench(builder, bundle, cfg, args.budget_s, args.loss_tol,
@@ -316,8 +309,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_find_batch_size(args: argparse.Namespace) -> int:
     cfg, out, bundle, builder = _bench_inputs(args, "batch-size")
     limit = int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None
-    sizes = find_batch_size(builder, bundle, cfg, _plan_overrides(cfg), memory_limit=limit,
-                            max_size=args.max_size)
+    sizes = find_batch_size(builder, bundle, cfg, memory_limit=limit, max_size=args.max_size)
     write_batch_sizes(sizes, out, Path(args.apply) if args.apply else None)
     print(format_batch_sizes(sizes))
     print(f"\nresults: {out / 'batch_size.json'}")
@@ -326,8 +318,8 @@ def cmd_find_batch_size(args: argparse.Namespace) -> int:
 
 def cmd_find_lr(args: argparse.Namespace) -> int:
     cfg, out, bundle, builder = _bench_inputs(args, "lr")
-    result = find_lr(builder, bundle, cfg, _plan_overrides(cfg), args.lr_min, args.lr_max,
-                     args.steps)
+    result = find_lr(builder, bundle, cfg, lr_min=args.lr_min, lr_max=args.lr_max,
+                     steps=args.steps)
     write_lr(result, out, Path(args.apply) if args.apply else None)
     print(format_lr(result))
     print(f"\nresults: {out / 'lr_finder.json'}, curve: {out / 'lr_finder.png'}")

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,8 +26,16 @@ from ..config import TrainConfig
 from ..data import DataBundle
 from ..env import select_device
 from ..errors import LeantrainError
+from ..measure.memory import available_ram_bytes, current_rss_bytes
 from ..techniques.variant import Variant
-from .trials import TrialResult, TrialSettings, interleave, merge_rounds, run_trial
+from .trials import (
+    TrialResult,
+    TrialSettings,
+    interleave,
+    merge_rounds,
+    paired_speedup,
+    run_trial,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +82,10 @@ def available_memory(device_type: str) -> tuple[int | None, str]:
     """What the process may grow to: device memory on CUDA, current RSS + MemAvailable on CPU."""
     if device_type == "cuda":
         return torch.cuda.mem_get_info()[1], "CUDA device memory (total)"
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        avail = int(info["MemAvailable"].split()[0]) * 1024
-        rss = next(int(line.split()[1]) * 1024 for line in
-                   Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS"))
-        return rss + avail, "process RSS now + the machine's available RAM"
-    except (OSError, KeyError, StopIteration, ValueError):
+    rss, avail = current_rss_bytes(), available_ram_bytes()
+    if rss is None or avail is None:
         return None, "unknown (no /proc): only out-of-memory errors limit the size"
+    return rss + avail, "process RSS now + the machine's available RAM"
 
 
 def _is_memory_failure(trial: TrialResult) -> bool:
@@ -91,21 +93,28 @@ def _is_memory_failure(trial: TrialResult) -> bool:
     return trial.status == "too big" or "out of memory" in text or "can't allocate" in text
 
 
+def _run_size(size: int, build_model: Callable[[], nn.Module], bundle: DataBundle,
+              cfg: TrainConfig, overrides: dict[str, Any], seconds: float) -> TrialResult:
+    """Train `size`-sample batches for real under the plan `overrides`, and time them."""
+    variant = Variant(f"batch {size}", {"data": {"batch_size": size}})
+    return run_trial(variant.name, [variant], overrides, build_model, bundle, cfg,
+                     TrialSettings(seconds=seconds, check_steps=1))
+
+
 def _round(size: int) -> int:
     return size if size < 16 else size // 8 * 8
 
 
 def find_batch_size(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
-                    overrides: dict[str, Any], memory_limit: int | None = None,
+                    overrides: dict[str, Any] | None = None, memory_limit: int | None = None,
                     seconds_per_size: float = 1.5, max_size: int | None = None,
-                    on_trial: Callable[[TrialResult], None] | None = None,
                     time_left: Callable[[], float] | None = None) -> BatchSizeResult:
-    """Search batch sizes under the plan `overrides` (e.g. the bench's winner).
+    """Search batch sizes under the config's plan, with `overrides` on top (the bench's winner).
 
     `memory_limit` in bytes (default: what the device or machine has); `time_left()` lets a
     caller with a budget stop the search early: the answer then comes from the sizes tried.
     """
-    start = cfg.data.batch_size
+    start, overrides = cfg.data.batch_size, overrides or {}
     device_type = overrides.get("plan", {}).get("device") or select_device(cfg.plan.device) \
         .device.type
     limit, kind = (memory_limit, "given limit") if memory_limit else available_memory(device_type)
@@ -119,9 +128,7 @@ def find_batch_size(build_model: Callable[[], nn.Module], bundle: DataBundle, cf
 
     def fits(size: int) -> bool:
         if size not in results:
-            variant = Variant(f"batch {size}", {"data": {"batch_size": size}})
-            trial = run_trial(f"batch {size}", [variant], overrides, build_model, bundle, cfg,
-                              TrialSettings(seconds=seconds_per_size, check_steps=1))
+            trial = _run_size(size, build_model, bundle, cfg, overrides, seconds_per_size)
             if trial.measured and limit and trial.peak_memory_bytes > (1 - MARGIN) * limit:
                 trial.status = "too big"
                 trial.reason = (f"peak {trial.peak_memory_bytes / 2**20:.0f} MiB is over "
@@ -129,8 +136,6 @@ def find_batch_size(build_model: Callable[[], nn.Module], bundle: DataBundle, cf
             results[size] = trial
             log.info("batch %d: %s", size, f"{trial.samples_per_second:,.0f} samples/s"
                      if trial.measured else f"does not fit ({trial.status}: {trial.reason})")
-            if on_trial:
-                on_trial(trial)
         return results[size].measured
 
     def out_of_time() -> bool:
@@ -175,10 +180,7 @@ def _compare_sizes(sizes: list[int], build_model, bundle: DataBundle, cfg: Train
     def measure(label: str, r: int) -> TrialResult | None:
         if out_of_time():
             return None
-        size = int(label)
-        variant = Variant(f"batch {size}", {"data": {"batch_size": size}})
-        return run_trial(f"batch {size}", [variant], overrides, build_model, bundle, cfg,
-                         TrialSettings(seconds=seconds, check_steps=1))
+        return _run_size(int(label), build_model, bundle, cfg, overrides, seconds)
 
     rounds = interleave([str(s) for s in sizes], ROUNDS, measure)
     return {int(label): measured for label, measured in rounds.items() if measured}
@@ -191,10 +193,9 @@ def _recommend(start: int, reference: int, results: dict[int, TrialResult],
     ref_rounds = compared.get(reference, [])
     speed: dict[int, float] = {}
     for size, measured in compared.items():
-        ratios = [m.samples_per_second / b.samples_per_second
-                  for m, b in zip(measured, ref_rounds, strict=False) if m.measured and b.measured]
-        if ratios:
-            speed[size] = statistics.median(ratios)
+        ratio = paired_speedup(measured, ref_rounds)
+        if ratio is not None:
+            speed[size] = ratio
     if not speed:  # no comparison round ran (budget): fall back on the search's own timings
         speed = {size: t.samples_per_second for size, t in results.items() if t.measured}
         notes.append("no comparison rounds ran: ranked on single search timings")

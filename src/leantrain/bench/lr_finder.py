@@ -43,14 +43,6 @@ class LRFinderResult:
         return asdict(self)
 
 
-def _smooth(losses: list[float]) -> list[float]:
-    out, avg = [], 0.0
-    for i, loss in enumerate(losses):
-        avg = SMOOTHING * avg + (1 - SMOOTHING) * loss
-        out.append(avg / (1 - SMOOTHING ** (i + 1)))
-    return out
-
-
 def suggest(lrs: list[float], smoothed: list[float]) -> float:
     """The LR of steepest descent before the minimum (an LR of the sweep itself)."""
     lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
@@ -75,30 +67,27 @@ def find_lr(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Train
     def lr_at(step: int) -> float:
         return lr_min * (lr_max / lr_min) ** (step / (steps - 1))
 
-    lrs, losses, stop_reason = [], [], "reached lr_max"
-    best, avg = math.inf, 0.0
+    lrs, losses, smoothed, stop_reason = [], [], [], "reached lr_max"
+    avg = 0.0
     generator = trainer.steps(lr_at=lr_at)
     try:
         for step, (_, loss) in zip(range(steps), generator, strict=False):
+            value = float(loss.detach())  # a host sync per step: fine for a short sweep
+            avg = SMOOTHING * avg + (1 - SMOOTHING) * value  # EMA, bias-corrected below
+            if not math.isfinite(value) or not math.isfinite(avg):
+                stop_reason = f"loss not finite at lr {lr_at(step):.3g}"
+                break  # kept out of the curve: a non-finite point has no place on it
             lrs.append(lr_at(step))
-            losses.append(float(loss.detach()))  # a host sync per step: fine for a short sweep
-            avg = SMOOTHING * avg + (1 - SMOOTHING) * losses[-1]
-            smoothed = avg / (1 - SMOOTHING ** (step + 1))
-            if not math.isfinite(smoothed):
-                stop_reason = f"loss not finite at lr {lrs[-1]:.3g}"
-                break
-            best = min(best, smoothed)
-            if smoothed > DIVERGE * best:
+            losses.append(value)
+            smoothed.append(avg / (1 - SMOOTHING ** (step + 1)))
+            if smoothed[-1] > DIVERGE * min(smoothed):
                 stop_reason = f"loss diverged ({DIVERGE:g}x its best) at lr {lrs[-1]:.3g}"
                 break
     finally:
         generator.close()
-    finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
-    lrs, losses = [lrs[i] for i in finite], [losses[i] for i in finite]
     if len(losses) < 3:
         raise LeantrainError(f"the LR sweep diverged within {len(losses)} steps from "
                              f"lr_min={lr_min:g}; lower --lr-min")
-    smoothed = _smooth(losses)
     lowest = min(range(len(smoothed)), key=smoothed.__getitem__)
     return LRFinderResult(lrs, losses, smoothed, suggest(lrs, smoothed), RULE,
                           lrs[lowest] / 10, stop_reason != "reached lr_max", stop_reason,

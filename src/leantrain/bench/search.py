@@ -14,7 +14,6 @@ tolerance is flagged and cannot win.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,15 @@ from ..errors import LeantrainError
 from ..techniques import REGISTRY
 from ..techniques.variant import Variant
 from .batch_size import BatchSizeResult, find_batch_size
-from .trials import TrialResult, TrialSettings, interleave, merge_rounds, run_trial, skipped
+from .trials import (
+    TrialResult,
+    TrialSettings,
+    interleave,
+    merge_rounds,
+    paired_speedup,
+    run_trial,
+    skipped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +99,12 @@ def technique_variants() -> tuple[list[Variant], dict[str, str]]:
             variants.extend(module.VARIANTS)
         else:
             notes[module.NAME] = module.BENCH_NOTE
-    variants.sort(key=_compiles)
+    variants.sort(key=lambda v: _compiles([v]))
     return variants, notes
 
 
-def _compiles(variants: Variant | list[Variant]) -> bool:
-    items = variants if isinstance(variants, list) else [variants]
-    return any(v.overrides.get("plan", {}).get("compile") is True for v in items)
+def _compiles(variants: list[Variant]) -> bool:
+    return any(v.overrides.get("plan", {}).get("compile") is True for v in variants)
 
 
 def _label(variants: list[Variant]) -> str:
@@ -178,12 +184,10 @@ class _Bench:
                                  f"round needs ~{self._estimate(by_label[label]):.0f} s")
             else:
                 result = merge_rounds(measured)
-                ratios = [m.samples_per_second / b.samples_per_second
-                          for m, b in zip(measured, ref_rounds, strict=False)
-                          if m.measured and b.measured]
-                if result.measured and ratios:
+                ratio = paired_speedup(measured, ref_rounds)
+                if result.measured and ratio is not None:
                     base_speedup = reference.speedup if reference is not None else 1.0
-                    result.speedup = base_speedup * statistics.median(ratios)
+                    result.speedup = base_speedup * ratio
             if label == ref_label and reference is not None:
                 continue  # a re-measurement of a trial already recorded
             self.record(result)

@@ -179,6 +179,13 @@ def merge_rounds(rounds: list[TrialResult]) -> TrialResult:
     return merged
 
 
+def paired_speedup(measured: list[TrialResult], reference: list[TrialResult]) -> float | None:
+    """Median over rounds of this trial's rate over the reference's rate in the same round."""
+    ratios = [m.samples_per_second / r.samples_per_second
+              for m, r in zip(measured, reference, strict=False) if m.measured and r.measured]
+    return statistics.median(ratios) if ratios else None
+
+
 def interleave(names: list[str], rounds: int, measure: Callable[[str, int], TrialResult | None]
                ) -> dict[str, list[TrialResult]]:
     """Measure each name once per round, reversing the order every other round.

@@ -15,6 +15,7 @@ import torch
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
+_MEMINFO = Path("/proc/meminfo")
 
 
 def _reset_rss_peak() -> bool:
@@ -25,14 +26,28 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def _rss_peak_since_reset() -> int | None:
+def _proc_kib(path: Path, key: str) -> int | None:
+    """A "Key:   123 kB" field of a /proc file, in bytes; None where there is no /proc."""
     try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in path.read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _rss_peak_since_reset() -> int | None:
+    return _proc_kib(_STATUS, "VmHWM")
+
+
+def current_rss_bytes() -> int | None:
+    return _proc_kib(_STATUS, "VmRSS")
+
+
+def available_ram_bytes() -> int | None:
+    """What the machine can still give without swapping (Linux's MemAvailable)."""
+    return _proc_kib(_MEMINFO, "MemAvailable")
 
 
 _resettable = False
