@@ -47,7 +47,7 @@ LOSSY_TOL = 0.05
 ROUNDS = 5  # each trial is measured in this many interleaved rounds
 # The bench moves the batch by one doubling at most: the LR scaling rule is an approximation
 # that holds near the batch the user tuned, and a bigger batch means fewer optimizer steps in
-# the same epochs (on digits, 4x with a 4x LR misses 97% in 8 epochs; 2x reaches it).
+# the same epochs, which can leave a fixed-epoch run short of its accuracy.
 # `leantrain find-batch-size` explores the whole range and reports it.
 BATCH_GROWTH = 2
 
