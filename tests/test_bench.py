@@ -293,3 +293,18 @@ def test_find_lr_cli_saves_the_curve_and_applies_it(tmp_path, capsys):
     assert written["optim"]["lr"] == pytest.approx(raw["suggestion"])
     assert written["plan"]["precision"] == "fp32"  # an existing plan is updated, not replaced
     assert "suggested lr" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["bench", "--budget-s", "0"], "--budget-s must be > 0, got 0.0"),
+    (["bench", "--loss-tol", "-1"], "--loss-tol must be > 0, got -1.0"),
+    (["find-lr", "--lr-min", "1", "--lr-max", "0.1"],
+     "the LR sweep needs 0 < lr_min < lr_max, got 1.0, 0.1"),
+    (["find-lr", "--steps", "2"], "the LR sweep needs at least 5 steps, got 2"),
+])
+def test_bad_bench_arguments_fail_clearly_and_write_nothing(tmp_path, capsys, args, fragment):
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("leantrain: error:") and fragment in err[-1], err
+    assert not out.exists()
