@@ -31,7 +31,12 @@ class DataConfig:
     val_fraction: float = 0.2  # used when the source has no split of its own
     label_column: str = "label"  # CSV sources
     image_size: int | None = None  # image folders: resize to this square size
-    num_workers: int = 0  # DataLoader path only; the in-memory loader needs none
+    # DataLoader path only (the in-memory loader needs none). "auto": chosen by a short
+    # measurement of the training step before the run, and reported
+    num_workers: Auto | int = "auto"
+    pin_memory: Auto | bool = "auto"  # auto: on when training on CUDA
+    prefetch_factor: Auto | int = "auto"  # batches each worker keeps ready
+    persistent_workers: Auto | bool = "auto"  # auto: on with workers and more than one epoch
     # auto: batched indexing for tensor-backed datasets, a DataLoader otherwise
     loader: Literal["auto", "in-memory", "dataloader"] = "auto"
 
@@ -63,6 +68,7 @@ class TrainLoopConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: end of each epoch only
     log_every: int = 10  # optimizer steps between logged training metrics
     eval_every_epochs: int = 1
+    monitor_interval_s: float = 1.0  # CPU/GPU utilization sampling period; 0 turns it off
 
 
 @dataclass
@@ -178,10 +184,17 @@ def _check_ranges(cfg: TrainConfig) -> None:
         ("data.val_fraction", cfg.data.val_fraction, 0 < cfg.data.val_fraction < 1, "in (0, 1)"),
         ("train.checkpoint_every", cfg.train.checkpoint_every, cfg.train.checkpoint_every >= 0,
          ">= 0"),
-        ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0"),
+        ("train.monitor_interval_s", cfg.train.monitor_interval_s,
+         cfg.train.monitor_interval_s >= 0, ">= 0"),
         ("schedule.warmup_fraction", cfg.schedule.warmup_fraction,
          0 <= cfg.schedule.warmup_fraction < 1, "in [0, 1)"),
     ]
+    if cfg.data.num_workers != "auto":
+        checks.append(("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0,
+                       ">= 0 or auto"))
+    if cfg.data.prefetch_factor != "auto":
+        checks.append(("data.prefetch_factor", cfg.data.prefetch_factor,
+                       cfg.data.prefetch_factor >= 1, ">= 1 or auto"))
     if cfg.train.target_acc is not None:
         checks.append(("train.target_acc", cfg.train.target_acc,
                        0 < cfg.train.target_acc <= 1, "in (0, 1]"))
@@ -219,7 +232,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 # what to train: the plan section, and the batching and learning-rate keys the finders tune.
 PLAN_FILE_KEYS = {
     "plan": tuple(f.name for f in dataclasses.fields(PlanConfig)),
-    "data": ("loader", "num_workers", "batch_size"),
+    "data": ("loader", "num_workers", "pin_memory", "prefetch_factor", "persistent_workers",
+             "batch_size"),
     "optim": ("lr",),
 }
 

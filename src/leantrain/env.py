@@ -11,6 +11,7 @@ import platform
 import shutil
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 from .errors import LeantrainError
@@ -103,3 +104,136 @@ def compiler_available() -> tuple[bool, str]:
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "g++", "clang", "c++")):
         return False, "no C++ compiler on PATH; Inductor needs one"
     return True, "Inductor backend available"
+
+
+# ---------------------------------------------------------------- CPU facts
+
+_CPUINFO = "/proc/cpuinfo"
+_MAX_FREQ = "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq"
+SIMD_FLAGS = ("sse4_2", "avx", "fma", "avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+              "amx_bf16", "amx_int8")
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        with open(_CPUINFO) as f:
+            for line in f:
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux); empty where /proc/cpuinfo is not there."""
+    return set((_cpuinfo_field("flags") or "").split())
+
+
+def cpu_simd() -> list[str]:
+    """The SIMD features that matter for torch's CPU kernels, as this CPU reports them."""
+    flags = cpu_flags()
+    return [f for f in SIMD_FLAGS if f in flags]
+
+
+def cpu_clock_ghz() -> tuple[float | None, str]:
+    """(GHz, where it came from): the rated maximum if the kernel exposes it, else the current."""
+    try:
+        with open(_MAX_FREQ) as f:
+            return int(f.read()) / 1e6, "cpufreq maximum"
+    except (OSError, ValueError):
+        pass
+    mhz = _cpuinfo_field("cpu MHz")
+    return (float(mhz) / 1000, "current clock from /proc/cpuinfo") if mhz else (None, "unknown")
+
+
+def compute_cores() -> int:
+    """Cores torch computes on: its thread count, but hyper-threads share one core's FMA units."""
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), physical))
+
+
+# ---------------------------------------------------------------- what `doctor` reports
+
+
+def gpu_facts() -> list[dict]:
+    """Each visible GPU: name, memory, compute capability, and NVML's current utilization."""
+    if not torch.cuda.is_available():
+        return []
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver library: utilization stays unknown, the rest is torch's
+        pynvml = None
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        fact = {"index": i, "name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                "compute_capability": f"{props.major}.{props.minor}",
+                "free_gib": round(torch.cuda.mem_get_info(i)[0] / 2**30, 1),
+                "utilization_percent": None}
+        uuid = getattr(props, "uuid", None)
+        if pynvml is not None and uuid is not None:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+            fact["utilization_percent"] = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        gpus.append(fact)
+    return gpus
+
+
+def distributed_backends() -> dict[str, bool]:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return {"torch.distributed": False}
+    return {"gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available(),
+            "mpi": dist.is_mpi_available()}
+
+
+def compile_works() -> tuple[bool, str]:
+    """Compile and run a tiny function for real: a C++ compiler on PATH is not proof enough."""
+    ok, why = compiler_available()
+    if not ok:
+        return False, why
+    import time
+
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    try:
+        fn = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+        x = torch.randn(16)
+        if not torch.allclose(fn(x), torch.sin(x) * 2 + 1):
+            return False, "compiled code gave a different result"
+    except Exception as exc:  # any backend failure is the answer, not a crash
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return True, f"compiled and ran a test function in {time.perf_counter() - start:.1f} s"
+
+
+def machine_facts(check_compile: bool = True) -> dict:
+    """Everything `leantrain doctor` says about this machine, as plain data."""
+    cpu = torch.device("cpu")
+    cuda = torch.device("cuda", 0) if torch.cuda.is_available() else None
+    ghz, clock_source = cpu_clock_ghz()
+    facts = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "gpus": gpu_facts(),
+        "gpu_note": "" if cuda else "no GPU: torch sees no CUDA device on this machine",
+        "bf16": {"cpu": bf16_supported(cpu)[1]} | ({"cuda": bf16_supported(cuda)[1]} if cuda
+                                                    else {}),
+        "tf32": tf32_capable(cuda) if cuda else False,
+        "mps": mps_available(),
+        "cpu": {"model": cpu_model(), "logical_cores": os.cpu_count(),
+                "physical_cores": psutil.cpu_count(logical=False),
+                "torch_threads": torch.get_num_threads(), "simd": cpu_simd(),
+                "clock_ghz": ghz, "clock_source": clock_source},
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "distributed": distributed_backends(),
+    }
+    facts["compile"] = compile_works() if check_compile else (None, "not checked")
+    return facts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,22 @@ class RunLog:
         self.path = out_dir / METRICS_NAME
         self.handle = self.path.open("a")
         self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        self.lock = threading.Lock()  # the resource monitor logs from its own thread
 
     def log(self, kind: str, step: int, **values: Any) -> None:
-        self.handle.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
-        self.handle.flush()
-        for name, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"{kind}/{name}", value, step)
+        with self.lock:
+            if self.handle.closed:
+                return
+            self.handle.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+            self.handle.flush()
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{kind}/{name}", value, step)
 
     def close(self) -> None:
-        self.handle.close()
-        self.writer.close()
+        with self.lock:
+            self.handle.close()
+            self.writer.close()
 
 
 def truncate_after(out_dir: Path, step: int) -> None:

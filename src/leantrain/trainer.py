@@ -7,13 +7,14 @@ forward / backward / step. Metrics are accumulated on the device and read back o
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,20 @@ from .checkpoint import (
     restore_rng,
 )
 from .config import TrainConfig
-from .data.loaders import make_loader, tensors_of
+from .data.loaders import (
+    LoaderOptions,
+    compute_threads,
+    data_wait_advice,
+    make_loader,
+    tensors_of,
+)
+from .data.tuning import auto_fields, fixed_options, tune_loader
 from .errors import LeantrainError
+from .measure.flops import count_flops, device_peak, mfu
 from .measure.memory import peak_bytes, reset_peak
+from .measure.monitor import ResourceMonitor
+from .measure.probe import untouched
+from .measure.timing import DATA_WAIT_WARNING, StepTimer
 from .plan import ResolvedPlan, resolve_plan
 from .run_logs import RunLog, truncate_after
 from .techniques import accumulation, clipping, precision
@@ -150,24 +162,70 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train_data: Dataset, val_data: Dataset,
                  cfg: TrainConfig, out_dir: Path | None, progress_bar: bool = True,
-                 loss_fn=cross_entropy_loss):
+                 loss_fn=cross_entropy_loss, measure_loader: bool = True):
+        """`measure_loader=False` resolves "auto" loader settings to defaults without measuring
+        (short trials that measure something else pass it)."""
         self.cfg, self.out_dir, self.progress_bar = cfg, out_dir, progress_bar
         self.loss_fn = loss_fn
         self.plan = resolve_plan(cfg.plan, model)
         self.model = model.to(self.plan.device)
-        seed = cfg.train.seed
-        data = cfg.data
-        self.train_loader = make_loader(train_data, data.batch_size, True, seed,
-                                        self.plan.device, data.num_workers, data.loader)
-        self.val_loader = make_loader(val_data, data.eval_batch_size, False, seed,
-                                      self.plan.device, data.num_workers, data.loader)
+        self.timer = StepTimer(self.plan.device)
+        data, on_cuda = cfg.data, self.plan.device.type == "cuda"
+        values = dataclasses.asdict(data)
+        options = fixed_options(values, on_cuda, cfg.train.epochs)
+        self.train_loader = self._loader(train_data, data.batch_size, True, options)
         self.num_classes = check_model_fits_data(model, train_data, self.train_loader, self.plan)
+        self.loader_tuning = None
+        auto = auto_fields(values)
+        if measure_loader and auto and self.train_loader.kind.startswith("DataLoader"):
+            with untouched(self.model):
+                self.loader_tuning = tune_loader(train_data, data.batch_size, self._probe_step,
+                                                 options, auto, on_cuda, cfg.train.epochs,
+                                                 cfg.train.seed)
+            log.info("data loader: %s", self.loader_tuning.describe())
+            options = self.loader_tuning.choice
+            self.train_loader = self._loader(train_data, data.batch_size, True, options)
+        self.loader_options = options
+        self.val_loader = self._loader(val_data, data.eval_batch_size, False,
+                                       dataclasses.replace(options, persistent_workers=False))
+        self.tensor_backed = tensors_of(train_data) is not None
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.plan.grad_accum)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.progress = _Progress()
         self.log_file: RunLog | None = None
+        self.monitor: ResourceMonitor | None = None
 
     # ------------------------------------------------------------------ set-up
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, options: LoaderOptions):
+        return make_loader(dataset, batch_size, shuffle, self.cfg.train.seed, self.plan.device,
+                           options, self.cfg.data.loader)
+
+    def _to_device(self, batch: tuple[torch.Tensor, ...]):
+        x, y = _prepare_batch(batch[0], batch[1], self.plan)
+        return x, y, [t.to(self.plan.device, non_blocking=True) for t in batch[2:]]
+
+    def _forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      extras: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with precision.autocast(self.plan.device, self.plan.precision):
+            out = model(x)
+            return out, self.loss_fn(out, y, x, *extras)
+
+    def _probe_step(self, batch: tuple[torch.Tensor, ...]) -> None:
+        """Forward and backward without a step: what measuring the loader and FLOPs runs."""
+        x, y, extras = self._to_device(batch)
+        self._forward_loss(self.model, x, y, extras)[1].backward()
+
+    def count_flops(self) -> float | None:
+        """Training FLOPs per sample, counted on one batch; None if the counter fails."""
+        batch = next(iter(self.train_loader.batches()))
+        try:
+            with untouched(self.model):
+                flops = count_flops(lambda: self._probe_step(batch))
+        except Exception as exc:  # a model the counter cannot trace still trains
+            log.warning("FLOPs not counted (%s: %s); no MFU for this run", type(exc).__name__, exc)
+            return None
+        return flops / len(batch[1]) if flops else None
 
     def _build(self) -> None:
         cfg, plan = self.cfg, self.plan
@@ -219,19 +277,21 @@ class Trainer:
 
         Returns (stepped, the micro-batch's loss as a device tensor).
         """
-        plan, accum = self.plan, self.plan.grad_accum
-        x, y = _prepare_batch(batch[0], batch[1], plan)
-        extras = [t.to(plan.device, non_blocking=True) for t in batch[2:]]
-        with precision.autocast(plan.device, plan.precision):
-            out = self.step_model(x)
-            loss = self.loss_fn(out, y, x, *extras)
-        scaled = accumulation.scale_loss(loss, accum)
-        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        accum, timer = self.plan.grad_accum, self.timer
+        timer.mark("data")
+        x, y, extras = self._to_device(batch)
+        timer.mark("copy")
+        out, loss = self._forward_loss(self.step_model, x, y, extras)
         loss_sum, correct, count = self.epoch_sums
         loss_sum += loss.detach().float() * len(y)
         correct += (out.detach().argmax(1) == y).sum()
         count += len(y)
+        timer.mark("forward")
+        scaled = accumulation.scale_loss(loss, accum)
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        timer.mark("backward")
         if not accumulation.is_step_boundary(micro, accum, last):
+            timer.mark("optimizer")
             return False, loss
         if self.cfg.train.clip_norm is not None:
             clipping.clip_gradients(self.model, self.optimizer, self.cfg.train.clip_norm,
@@ -243,6 +303,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        timer.mark("optimizer")
         return True, loss
 
     def _log_train(self, bar) -> None:
@@ -260,6 +321,7 @@ class Trainer:
         bar = tqdm(total=n_batches, initial=p.batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=None if self.progress_bar else True, leave=False, unit="batch")
         tick = time.perf_counter()
+        self.timer.restart()
         for micro, batch in enumerate(self.train_loader.batches(epoch, p.batch), start=p.batch):
             stepped, _ = self._train_step(batch, micro, last=micro == n_batches - 1)
             p.batch, p.samples = micro + 1, p.samples + len(batch[1])
@@ -269,15 +331,20 @@ class Trainer:
             p.step += 1
             if self.first_step_pending:  # the first step after (re)start carries compilation
                 self.first_step_pending = False
+                self.timer = StepTimer(self.plan.device)  # and one-off warm-ups: not a step
+                self.timer.restart()
                 if self.plan.compile:
                     p.compile_seconds += time.perf_counter() - tick
                     tick = time.perf_counter()
             if p.step % cfg.train.log_every == 0:
                 self._log_train(bar)
+                self.timer.collect()
+                self.timer.restart()
             if cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0:
                 p.step_seconds += time.perf_counter() - tick
                 self._save_checkpoint()
                 tick = time.perf_counter()
+                self.timer.restart()
         if self.plan.device.type == "cuda":
             torch.cuda.synchronize(self.plan.device)
         p.step_seconds += time.perf_counter() - tick
@@ -297,6 +364,8 @@ class Trainer:
             if target is not None and p.val_accuracy >= target and p.time_to_target is None:
                 p.time_to_target = p.train_seconds + (time.perf_counter() - self.loop_start)
                 stop = True
+        if epoch == 0:
+            self._data_wait()  # warn after the first epoch, not only at the end of a long run
         self.log_file.log("epoch", p.step, **record)
         log.info("epoch %d: %s", epoch + 1,
                  ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
@@ -307,6 +376,7 @@ class Trainer:
     def run(self, resume: bool = False) -> dict[str, Any]:
         cfg, plan = self.cfg, self.plan
         out = self.out_dir
+        self.flops_per_sample = self.count_flops()  # before seeding: it draws no numbers after
         self._build()
         if resume:
             self._restore(load_checkpoint(out / CHECKPOINT_NAME, plan.device))
@@ -323,23 +393,42 @@ class Trainer:
         self.log_file = RunLog(out) if out is not None else _NullLog()
         reset_peak(plan.device)
         self.first_step_pending = True
+        self.timer = StepTimer(plan.device)
+        self.data_wait_warned = False
+        self.monitor = self._start_monitor()
         self.model.train()
         try:
-            with self._backend_flags():
+            with self._run_settings():
                 self._loop()
         finally:
+            if self.monitor:
+                self.monitor.stop()
             self.log_file.close()
         return self._finish()
+
+    def _start_monitor(self) -> ResourceMonitor | None:
+        interval = self.cfg.train.monitor_interval_s
+        if not interval:
+            return None
+        monitor = ResourceMonitor(
+            interval, self.plan.device,
+            sink=lambda sample: self.log_file.log("monitor", self.progress.step, **sample))
+        if monitor.gpu.error and self.plan.device.type == "cuda":
+            log.info("GPU monitoring off: %s", monitor.gpu.error)
+        return monitor.start()
 
     def _start_fresh(self) -> None:
         init_weights(self.model, self.cfg.train.init)
         torch.manual_seed(self.cfg.train.seed)
 
-    def _backend_flags(self):
+    @contextmanager
+    def _run_settings(self):
+        """Process-wide settings the run needs, restored afterwards: backend flags, threads."""
         plan = self.plan
-        if plan.device.type != "cuda":
-            return nullcontext()
-        return backend_flags(plan.cudnn_benchmark, plan.tf32)
+        flags = backend_flags(plan.cudnn_benchmark, plan.tf32) if plan.device.type == "cuda" \
+            else nullcontext()
+        with flags, compute_threads(self.loader_options):
+            yield
 
     def steps(self, lr_at: Callable[[int], float] | None = None
               ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -349,17 +438,18 @@ class Trainer:
         long as the caller iterates (epochs follow one another): short measured trials (bench,
         the finders) use it so they time what training will really run. The loss is a device
         tensor (no host sync). `lr_at(step)` replaces the schedule by absolute learning rates.
-        Close the generator when done: that restores the backend flags.
+        Close the generator when done: that restores the backend flags and thread count.
         """
         self._build()
         self._start_fresh()
+        self.timer = StepTimer(self.plan.device)
         if lr_at is not None:
             base = self.cfg.optim.lr
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, lambda step: lr_at(step) / base)
         self.model.train()
         samples, n_batches = 0, len(self.train_loader)
-        with self._backend_flags():
+        with self._run_settings():
             for epoch in itertools.count():
                 for micro, batch in enumerate(self.train_loader.batches(epoch)):
                     stepped, loss = self._train_step(batch, micro, last=micro == n_batches - 1)
@@ -382,9 +472,41 @@ class Trainer:
             if stop:
                 break
 
+    def _data_wait(self) -> dict[str, Any] | None:
+        """The step-time breakdown so far; warns (once) when data wait passes the threshold."""
+        self.timer.collect()
+        breakdown = self.timer.breakdown()
+        if breakdown is None:
+            return None
+        share = breakdown["fractions"]["data"]
+        if share > DATA_WAIT_WARNING:
+            breakdown["advice"] = data_wait_advice(self.train_loader, self.plan.device,
+                                                   self.tensor_backed)
+            if not self.data_wait_warned:
+                self.data_wait_warned = True
+                log.warning("waiting for data takes %.0f%% of each step (over %.0f%%); try: %s",
+                            100 * share, 100 * DATA_WAIT_WARNING, breakdown["advice"])
+        return breakdown
+
+    def utilization(self, samples_per_second: float | None) -> dict[str, Any]:
+        """Training FLOPs per sample, achieved FLOP/s and MFU against the device's peak."""
+        plan, fps = self.plan, self.flops_per_sample
+        peak, why_none = device_peak(plan.device, plan.precision, plan.tf32)
+        achieved = fps * samples_per_second if fps and samples_per_second else None
+        return {
+            "flops_per_sample": fps,
+            "achieved_flops_per_second": achieved,
+            "peak_flops_per_second": peak.flops_per_second if peak else None,
+            "peak_source": peak.label if peak else why_none,
+            "mfu": mfu(fps, samples_per_second, peak.flops_per_second)
+            if achieved and peak else None,
+        }
+
     def _finish(self) -> dict[str, Any]:
         p, plan = self.progress, self.plan
         peak, peak_kind = peak_bytes(plan.device)
+        self.timer.finish()
+        samples_per_second = p.samples / p.step_seconds if p.step_seconds else None
         summary = {
             "val_accuracy": p.val_accuracy,
             "val_loss": p.val_loss,
@@ -393,12 +515,16 @@ class Trainer:
             "train_seconds": p.train_seconds,
             "step_seconds": p.step_seconds,
             "compile_seconds": p.compile_seconds if plan.compile else None,
-            "samples_per_second": p.samples / p.step_seconds if p.step_seconds else None,
+            "samples_per_second": samples_per_second,
+            "step_breakdown": self._data_wait(),
+            **self.utilization(samples_per_second),
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
             "target_acc": self.cfg.train.target_acc,
             "time_to_target_seconds": p.time_to_target,
             "train_loader": self.train_loader.kind,
+            "loader_tuning": self.loader_tuning.to_dict() if self.loader_tuning else None,
+            "monitor": self.monitor.summary() if self.monitor else None,
             "num_classes": self.num_classes,
             "parameters": sum(t.numel() for t in self.model.parameters()),
             "plan": plan.to_dict(),

@@ -62,7 +62,8 @@ def find_lr(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Train
     if steps < 5:
         raise LeantrainError(f"the LR sweep needs at least 5 steps, got {steps}")
     run_cfg = config_from_dict(merge(cfg.to_dict(), overrides or {}))
-    trainer = Trainer(build_model(), bundle.train, bundle.val, run_cfg, None, progress_bar=False)
+    trainer = Trainer(build_model(), bundle.train, bundle.val, run_cfg, None, progress_bar=False,
+                      measure_loader=False)
 
     def lr_at(step: int) -> float:
         return lr_min * (lr_max / lr_min) ** (step / (steps - 1))

@@ -133,7 +133,8 @@ def run_trial(name: str, variants: list[Variant], base: dict[str, Any],
         for variant in variants:
             if variant.wrap_model is not None:
                 model = variant.wrap_model(model)
-        trainer = Trainer(model, bundle.train, bundle.val, trial_cfg, None, progress_bar=False)
+        trainer = Trainer(model, bundle.train, bundle.val, trial_cfg, None, progress_bar=False,
+                          measure_loader=False)
     except LeantrainError as exc:
         result.status, result.reason = "unsupported", str(exc)
         return result

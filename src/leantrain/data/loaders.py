@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
@@ -79,32 +81,134 @@ class _EpochSampler(Sampler[int]):
         return self.n - self.skip
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a DataLoader feeds the trainer (see `data.tuning` for choosing them by measurement)."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    prefetch_factor: int | None = None  # None: DataLoader's default (2 with workers)
+    persistent_workers: bool = False
+    # torch's intra-op threads in the training process while this loader feeds it (None:
+    # unchanged). On a CPU-bound machine, workers and compute threads compete for the same
+    # cores; fewer compute threads can be faster than oversubscribed ones.
+    compute_threads: int | None = None
+
+    def describe(self) -> str:
+        text = f"workers={self.num_workers}, pin_memory={self.pin_memory}"
+        if self.num_workers:
+            text += (f", prefetch_factor={self.prefetch_factor or 2}, "
+                     f"persistent_workers={self.persistent_workers}")
+        if self.compute_threads:
+            text += f", compute_threads={self.compute_threads}"
+        return text
+
+
+@contextmanager
+def compute_threads(options: LoaderOptions | None) -> Iterator[None]:
+    """Run with the options' torch thread count, restored afterwards."""
+    wanted = options.compute_threads if options else None
+    before = torch.get_num_threads()
+    if wanted:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class DataLoaderBatches:
-    """A DataLoader over any map-style Dataset, with the same resumable order."""
+    """A DataLoader over any map-style Dataset, with the same resumable order.
+
+    On CUDA its batches go through a `DevicePrefetcher`, so copying batch k+1 to the GPU
+    overlaps computing batch k.
+    """
 
     kind = "DataLoader"
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
-                 num_workers: int = 0, pin_memory: bool = False):
+                 options: LoaderOptions | None = None, device: torch.device | None = None):
+        options = options or LoaderOptions()
         self.sampler = _EpochSampler(len(dataset), shuffle, seed)
-        self.batch_size = batch_size
+        self.batch_size, self.options, self.device = batch_size, options, device
+        workers = options.num_workers
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-            pin_memory=pin_memory, persistent_workers=False,
+            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+            pin_memory=options.pin_memory,
+            persistent_workers=options.persistent_workers and workers > 0,
+            prefetch_factor=options.prefetch_factor if workers else None,
         )
-        self.kind = f"DataLoader (workers={num_workers}, pin_memory={pin_memory})"
+        self.kind = f"DataLoader ({options.describe()})"
+        self.prefetch = device is not None and device.type == "cuda"
+        if self.prefetch:
+            self.kind += ", device prefetch"
 
     def __len__(self) -> int:
         return math.ceil(len(self.loader.dataset) / self.batch_size)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         self.sampler.epoch, self.sampler.skip = epoch, start * self.batch_size
-        yield from self.loader
+        if self.prefetch:
+            yield from DevicePrefetcher(iter(self.loader), self.device)
+        else:
+            yield from self.loader
+
+
+class DevicePrefetcher:
+    """Copies the next batch to the GPU on a side stream while the current one computes.
+
+    The copies are non-blocking, which overlaps them with compute only from pinned host
+    memory (hence pin_memory on CUDA). The compute stream waits for the copy stream before
+    it uses a batch, and `record_stream` stops the allocator from reusing a batch's memory
+    while the compute stream may still read it.
+    """
+
+    def __init__(self, batches: Iterator[Batch], device: torch.device):
+        self.batches, self.device = batches, device
+        self.stream = torch.cuda.Stream(device)
+
+    def _copy(self, batch: Batch | None) -> Batch | None:
+        if batch is None:
+            return None
+        with torch.cuda.stream(self.stream):
+            return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        compute = torch.cuda.current_stream(self.device)
+        ahead = self._copy(next(self.batches, None))
+        while ahead is not None:
+            compute.wait_stream(self.stream)
+            for t in ahead:
+                t.record_stream(compute)
+            current, ahead = ahead, self._copy(next(self.batches, None))
+            yield current
+
+
+def data_wait_advice(loader: InMemoryBatches | DataLoaderBatches, device: torch.device,
+                     tensor_backed: bool) -> str:
+    """The concrete fixes for a run that spends too long waiting for data."""
+    if isinstance(loader, InMemoryBatches):
+        if device.type == "cuda" and "resident" not in loader.kind:
+            return ("free GPU memory so the data can stay on the GPU (it is copied every "
+                    "step now), or a larger batch")
+        return ("the in-memory loader is already one indexing per batch: the wait is per-step "
+                "overhead, which a larger data.batch_size amortizes")
+    options = loader.options
+    fixes = []
+    if tensor_backed:
+        fixes.append("data.loader=in-memory (batches by indexing, no per-sample collate)")
+    fixes.append(f"more workers (data.num_workers={options.num_workers} now; data.num_workers="
+                 "auto measures the best count)")
+    if device.type == "cuda" and not options.pin_memory:
+        fixes.append("data.pin_memory=true, so copies to the GPU can overlap compute")
+    if options.num_workers:
+        fixes.append(f"a larger data.prefetch_factor (now {options.prefetch_factor or 2})")
+    return "; ".join(fixes)
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
-                device: torch.device | None = None, num_workers: int = 0, kind: str = "auto"
-                ) -> InMemoryBatches | DataLoaderBatches:
+                device: torch.device | None = None, options: LoaderOptions | None = None,
+                kind: str = "auto") -> InMemoryBatches | DataLoaderBatches:
     """The loader `kind` names; "auto" is batched indexing when the dataset is tensor-backed."""
     tensors = tensors_of(dataset)
     if kind == "in-memory" and tensors is None:
@@ -114,5 +218,4 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     if tensors is not None and kind != "dataloader":
         return InMemoryBatches(*tensors, batch_size=batch_size, shuffle=shuffle, seed=seed,
                                device=device)
-    pin = device is not None and device.type == "cuda"
-    return DataLoaderBatches(dataset, batch_size, shuffle, seed, num_workers, pin)
+    return DataLoaderBatches(dataset, batch_size, shuffle, seed, options, device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .timing import format_breakdown
+
 
 def human_bytes(n: float | None) -> str:
     if n is None:
@@ -26,6 +28,39 @@ def _fmt(value: Any, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _visibility_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where the time went, how much of the device was used, what the machine was doing."""
+    rows = []
+    breakdown = summary.get("step_breakdown")
+    if breakdown:
+        rows.append(("step time", format_breakdown(breakdown)))
+        if "advice" in breakdown:
+            rows.append(("  data wait > 20%, try", breakdown["advice"]))
+    if summary.get("mfu") is not None:
+        estimate = " (peak is an estimate)" if summary["peak_source"].startswith("estimate") \
+            else ""
+        rows.append(("MFU", f"{summary['mfu']:.1%} of {summary['peak_flops_per_second'] / 1e12:.2f}"
+                            f" TFLOP/s{estimate}; achieved "
+                            f"{summary['achieved_flops_per_second'] / 1e9:,.1f} GFLOP/s"))
+    elif summary.get("peak_source"):
+        rows.append(("MFU", f"n/a: {summary['peak_source']}"))
+    tuning = summary.get("loader_tuning")
+    if tuning:
+        rows.append(("loader (measured)", f"{tuning['choice']} in {tuning['seconds']:.1f} s"))
+    monitor = summary.get("monitor")
+    if monitor and monitor.get("samples"):
+        cpu, rss = monitor["cpu_percent"], monitor["rss_bytes"]
+        rows.append(("CPU use (all cores)", f"mean {cpu['mean']:.0f}%, max {cpu['max']:.0f}%; "
+                                            f"RSS max {human_bytes(rss['max'])}"))
+        if "gpu_util_percent" in monitor:
+            gpu = monitor["gpu_util_percent"]
+            rows.append(("GPU use", f"mean {gpu['mean']:.0f}%, max {gpu['max']:.0f}%; power max "
+                                    f"{monitor['gpu_power_watts']['max']:.0f} W"))
+        else:
+            rows.append(("GPU use", monitor["gpu"]))
+    return rows
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run table: results first, then each technique with applied / not applied."""
     target = summary.get("target_acc")
@@ -38,6 +73,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         (f"peak memory ({summary['peak_memory_kind']})", human_bytes(summary["peak_memory_bytes"])),
         ("train loader", summary["train_loader"]),
     ]
+    rows += _visibility_rows(summary)
     if summary.get("compile_seconds") is not None:
         rows.append(("compile time", f"{summary['compile_seconds']:.1f} s (not in samples/s)"))
     if target is not None:

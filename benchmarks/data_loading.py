@@ -1,0 +1,129 @@
+"""Data loading with per-item work: `DataLoader(num_workers=0)` vs the measured (tuned) loader.
+
+The dataset is digits (32×32) with a per-item augmentation written in torch: a random affine
+warp (rotation, scale, shift) through `affine_grid`/`grid_sample`, a 5×5 blur, contrast and
+brightness jitter and pixel noise, about 0.8 ms of single-threaded work per image. Both arms
+train the digits-cnn recipe's model with leantrain's default plan for the same epochs; the only
+difference is `data.num_workers=0` against `data.num_workers=auto` (the loader settings are
+chosen by a short measurement at the start of the run, which is timed and reported apart).
+Repeats alternate the two arms; figures are medians. Samples/s and the data-wait share come
+from each run's own summary (the step-time breakdown).
+
+    python benchmarks/data_loading.py [--repeats 3] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from leantrain import fit, load_config
+from leantrain.config import DataConfig
+from leantrain.data import load_data
+from leantrain.env import cpu_model
+from leantrain.measure.plots import bar_panels
+from leantrain.recipes.models import SmallCNN
+
+RESULTS = Path(__file__).parent / "results"
+_BLUR = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+BLUR = (_BLUR[:, None] * _BLUR[None, :] / _BLUR.sum() ** 2)[None, None]
+
+
+def augment(image: torch.Tensor) -> torch.Tensor:
+    """A random affine warp, blur, contrast/brightness jitter and noise on one (C, H, W) image."""
+    angle = (torch.rand(()) * 30 - 15) * math.pi / 180
+    scale = 0.9 + 0.2 * torch.rand(())
+    shift = (torch.rand(2) - 0.5) * 0.25
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[0]]),
+                         torch.stack([sin, cos, shift[1]])]).unsqueeze(0)
+    grid = F.affine_grid(theta, (1, *image.shape), align_corners=False)
+    out = F.grid_sample(image.unsqueeze(0), grid, align_corners=False, padding_mode="border")
+    out = F.conv2d(F.pad(out, (2, 2, 2, 2), mode="reflect"), BLUR)
+    mean = out.mean()
+    out = (out - mean) * (0.8 + 0.4 * torch.rand(())) + mean + 0.1 * torch.randn(())
+    return (out + 0.05 * torch.randn_like(out))[0]
+
+
+class AugmentedDigits(Dataset):
+    """Digits images augmented on every access: per-item work no batched indexing can skip."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return augment(self.images[i]), self.labels[i]
+
+
+def run(arm: str, epochs: int, train: Dataset, val: Dataset) -> dict:
+    workers = "0" if arm == "workers=0" else "auto"
+    cfg = load_config(None, [f"train.epochs={epochs}", f"data.num_workers={workers}",
+                             "train.monitor_interval_s=0.5"])
+    torch.manual_seed(0)
+    summary = fit(SmallCNN(1, 10), train, val, cfg, None, progress_bar=False)
+    breakdown = summary["step_breakdown"]
+    return {
+        "samples_per_second": summary["samples_per_second"],
+        "data_wait_fraction": breakdown["fractions"]["data"],
+        "breakdown": breakdown["fractions"],
+        "val_accuracy": summary["val_accuracy"],
+        "train_loader": summary["train_loader"],
+        "tuning": summary["loader_tuning"],
+        "cpu_percent_mean": summary["monitor"]["cpu_percent"]["mean"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    bundle = load_data(DataConfig())
+    train = AugmentedDigits(*bundle.train.tensors)
+    arms = ["workers=0", "tuned"]
+    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for r in range(args.repeats):
+        for arm in arms if r % 2 == 0 else arms[::-1]:
+            runs[arm].append(run(arm, args.epochs, train, bundle.val))
+            last = runs[arm][-1]
+            print(f"repeat {r} {arm}: {last['samples_per_second']:,.0f} samples/s, data wait "
+                  f"{last['data_wait_fraction']:.0%} ({last['train_loader']})", flush=True)
+    median = {arm: {key: statistics.median(x[key] for x in runs[arm])
+                    for key in ("samples_per_second", "data_wait_fraction", "cpu_percent_mean")}
+              for arm in arms}
+    result = {
+        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "epochs": args.epochs, "repeats": args.repeats,
+        "median": median,
+        "speedup": (median["tuned"]["samples_per_second"]
+                    / median["workers=0"]["samples_per_second"]),
+        "runs": runs,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "data_loading.json").write_text(json.dumps(result, indent=2))
+    panels = [("samples/s (median)", [median[a]["samples_per_second"] for a in arms]),
+              ("data wait, share of step", [median[a]["data_wait_fraction"] for a in arms])]
+    bar_panels(arms, panels,
+               RESULTS / "data_loading.png",
+               "digits + per-item augmentation: DataLoader(num_workers=0) vs measured loader",
+               highlight=1, reference=None)
+    print(f"median: workers=0 {median['workers=0']['samples_per_second']:,.0f} samples/s "
+          f"(data wait {median['workers=0']['data_wait_fraction']:.0%}), tuned "
+          f"{median['tuned']['samples_per_second']:,.0f} samples/s (data wait "
+          f"{median['tuned']['data_wait_fraction']:.0%}) -> {result['speedup']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

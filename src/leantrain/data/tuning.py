@@ -1,0 +1,178 @@
+"""Choose DataLoader settings by measuring the training step, not by a rule of thumb.
+
+Whether workers help depends on how much per-item work the dataset does against how much
+the model computes, and on how many cores both compete for; only a measurement knows. Each
+candidate feeds real batches to `consume` (the caller's forward and backward, without an
+optimizer step) for a short window; rounds are interleaved, the order reversed every other
+round, so machine drift hits every candidate alike. The fastest median wins; among those
+within `NEAR` of it, the one with the fewest workers (each costs memory and a core).
+
+Workers are tried in powers of two up to the usable CPUs. On a CPU run each worker count is
+also tried with fewer torch compute threads (the cores left over): workers and compute
+threads oversubscribing the same cores can lose more than the workers gain. Then, for the
+best, a deeper prefetch queue and (on CUDA) pinned memory on or off. `persistent_workers`
+keeps the workers between epochs; the start-up time it saves per epoch is measured and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .loaders import Batch, DataLoaderBatches, LoaderOptions, compute_threads
+
+log = logging.getLogger(__name__)
+
+NEAR = 0.05
+WINDOW_S = 1.0  # timed seconds per candidate per round
+ROUNDS = 2
+
+
+@dataclass
+class Measured:
+    options: LoaderOptions
+    samples_per_second: list[float] = field(default_factory=list)
+    data_wait: list[float] = field(default_factory=list)  # share of the window spent in next()
+    startup_s: list[float] = field(default_factory=list)  # time to the first batch
+
+    def median(self, name: str) -> float:
+        return statistics.median(getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"options": self.options.describe(),
+                "samples_per_second": self.median("samples_per_second"),
+                "data_wait_fraction": self.median("data_wait"),
+                "startup_seconds": self.median("startup_s")}
+
+
+@dataclass
+class LoaderTuning:
+    choice: LoaderOptions
+    measured: list[Measured]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"choice": self.choice.describe(), "seconds": self.seconds,
+                "measured": [m.to_dict() for m in self.measured]}
+
+    def describe(self) -> str:
+        rows = ", ".join(f"[{m.options.describe()}] {m.median('samples_per_second'):,.0f}/s"
+                         for m in self.measured)
+        return f"chose {self.choice.describe()} after {self.seconds:.1f} s of measuring: {rows}"
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_counts(cpus: int) -> list[int]:
+    counts, n = [0], 1
+    while n <= cpus:
+        counts.append(n)
+        n *= 2
+    return counts
+
+
+def _measure(dataset: Dataset, batch_size: int, seed: int, options: LoaderOptions,
+             consume: Callable[[Batch], None], window_s: float, into: Measured) -> None:
+    loader = DataLoaderBatches(dataset, batch_size, shuffle=True, seed=seed, options=options)
+    batches = iter(loader.loader)  # host batches: the trainer's copy is inside consume
+    start = time.perf_counter()
+    first = next(batches, None)
+    if first is None:
+        return
+    into.startup_s.append(time.perf_counter() - start)
+    with compute_threads(options):
+        consume(first)  # the first batch also warms the model up; it is not timed
+        samples, waiting, begin = 0, 0.0, time.perf_counter()
+        while time.perf_counter() - begin < window_s:
+            ask = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:  # an epoch shorter than the window: start another
+                batches = iter(loader.loader)
+                continue
+            waiting += time.perf_counter() - ask
+            consume(batch)
+            samples += len(batch[1])
+        elapsed = time.perf_counter() - begin
+    into.samples_per_second.append(samples / elapsed)
+    into.data_wait.append(waiting / elapsed)
+    del batches  # shuts the workers down before the next candidate starts its own
+
+
+def _rounds(dataset, batch_size, seed, candidates: list[LoaderOptions], consume,
+            window_s: float, rounds: int) -> list[Measured]:
+    measured = [Measured(c) for c in candidates]
+    for r in range(rounds):
+        order = measured if r % 2 == 0 else measured[::-1]
+        for m in order:
+            _measure(dataset, batch_size, seed, m.options, consume, window_s, m)
+    return [m for m in measured if m.samples_per_second]
+
+
+def _pick(measured: list[Measured]) -> Measured:
+    best = max(m.median("samples_per_second") for m in measured)
+    near = [m for m in measured if m.median("samples_per_second") >= (1 - NEAR) * best]
+    return min(near, key=lambda m: (m.options.num_workers, m.options.prefetch_factor or 2,
+                                    m.options.compute_threads is not None))
+
+
+def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], None],
+                base: LoaderOptions, auto: set[str], on_cuda: bool, epochs: int, seed: int = 0,
+                window_s: float = WINDOW_S, rounds: int = ROUNDS) -> LoaderTuning:
+    """Measure the settings named in `auto` (LoaderOptions field names); keep `base` for others."""
+    began = time.perf_counter()
+    if "pin_memory" in auto:
+        base = replace(base, pin_memory=on_cuda)
+    cpus = usable_cpus()
+    counts = worker_counts(cpus) if "num_workers" in auto else [base.num_workers]
+    stage1 = []
+    for n in counts:
+        stage1.append(replace(base, num_workers=n))
+        fewer = max(1, cpus - n)
+        if n and not on_cuda and "num_workers" in auto and fewer < torch.get_num_threads():
+            # workers and compute share the cores: also try leaving them the workers' cores
+            stage1.append(replace(base, num_workers=n, compute_threads=fewer))
+    measured = _rounds(dataset, batch_size, seed, stage1, consume, window_s, rounds)
+    best = _pick(measured)
+    variants = []
+    if best.options.num_workers and "prefetch_factor" in auto:
+        variants.append(replace(best.options, prefetch_factor=4))
+    if on_cuda and "pin_memory" in auto:
+        variants.append(replace(best.options, pin_memory=not best.options.pin_memory))
+    if variants:
+        measured += _rounds(dataset, batch_size, seed, [best.options, *variants], consume,
+                            window_s, rounds)[1:]
+        best = _pick(measured)
+    choice = best.options
+    if "persistent_workers" in auto:
+        choice = replace(choice, persistent_workers=choice.num_workers > 0 and epochs > 1)
+    return LoaderTuning(choice, measured, time.perf_counter() - began)
+
+
+def auto_fields(values: dict[str, Any]) -> set[str]:
+    """Which of the loader settings in a config section are "auto"."""
+    return {k for k in ("num_workers", "pin_memory", "prefetch_factor", "persistent_workers")
+            if values.get(k) == "auto"}
+
+
+def fixed_options(values: dict[str, Any], on_cuda: bool, epochs: int) -> LoaderOptions:
+    """LoaderOptions from config values, "auto" replaced by the unmeasured defaults."""
+    workers = values["num_workers"] if values["num_workers"] != "auto" else 0
+    pin = values["pin_memory"] if values["pin_memory"] != "auto" else on_cuda
+    prefetch = values["prefetch_factor"] if values["prefetch_factor"] != "auto" else None
+    persistent = values["persistent_workers"] if values["persistent_workers"] != "auto" \
+        else workers > 0 and epochs > 1
+    return LoaderOptions(workers, pin, prefetch, persistent)
+

@@ -1,0 +1,75 @@
+"""DataLoader settings chosen by measurement, and the device prefetcher."""
+
+import pytest
+import torch
+from conftest import mlp
+from test_measure import SlowItems
+
+from leantrain import fit, load_config
+from leantrain.data.loaders import DevicePrefetcher, LoaderOptions
+from leantrain.data.tuning import (
+    auto_fields,
+    fixed_options,
+    tune_loader,
+    usable_cpus,
+    worker_counts,
+)
+
+ALL_AUTO = {"num_workers", "pin_memory", "prefetch_factor", "persistent_workers"}
+
+
+def test_worker_counts_are_zero_then_powers_of_two_up_to_the_cpus():
+    assert worker_counts(1) == [0, 1]
+    assert worker_counts(6) == [0, 1, 2, 4]
+
+
+def test_tuning_measures_every_candidate_and_returns_one_it_ran():
+    consumed = []
+    tuning = tune_loader(SlowItems(64, delay=0.002), 8,
+                         lambda batch: consumed.append(len(batch[1])),
+                         LoaderOptions(), ALL_AUTO, on_cuda=False, epochs=3,
+                         window_s=0.15, rounds=1)
+    tried = [m.options for m in tuning.measured]
+    assert {o.num_workers for o in tried} == set(worker_counts(usable_cpus()))
+    assert tuning.choice.num_workers in {o.num_workers for o in tried}
+    assert all(m.samples_per_second[0] > 0 and 0 <= m.data_wait[0] <= 1 for m in tuning.measured)
+    assert tuning.choice.persistent_workers == (tuning.choice.num_workers > 0)
+    assert not tuning.choice.pin_memory  # nothing to pin for on a CPU run
+    assert sum(consumed) > 0 and "chose workers=" in tuning.describe()
+
+
+def test_fixed_values_are_kept_and_only_auto_ones_are_measured():
+    values = {"num_workers": 1, "pin_memory": False, "prefetch_factor": "auto",
+              "persistent_workers": "auto"}
+    assert auto_fields(values) == {"prefetch_factor", "persistent_workers"}
+    base = fixed_options(values, on_cuda=False, epochs=2)
+    assert base == LoaderOptions(1, False, None, True)
+    tuning = tune_loader(SlowItems(32, delay=0.001), 8, lambda batch: None, base,
+                         auto_fields(values), on_cuda=False, epochs=2, window_s=0.1, rounds=1)
+    assert {m.options.num_workers for m in tuning.measured} == {1}
+    assert {m.options.prefetch_factor for m in tuning.measured} == {None, 4}
+
+
+def test_a_run_with_per_item_work_tunes_its_loader_and_reports_the_choice(tmp_path):
+    cfg = load_config(None, ["plan.device=cpu", "data.batch_size=16", "train.epochs=1",
+                             "optim.lr=0.05"])
+    summary = fit(mlp(classes=2), SlowItems(64, delay=0.001), SlowItems(16), cfg,
+                  tmp_path / "run", progress_bar=False)
+    tuning = summary["loader_tuning"]
+    assert tuning["choice"] in summary["train_loader"]
+    assert len(tuning["measured"]) >= 2
+
+
+def test_tensor_backed_data_needs_no_tuning(tabular):
+    cfg = load_config(None, ["plan.device=cpu", "train.epochs=1"])
+    summary = fit(mlp(), *tabular, cfg, None, progress_bar=False)
+    assert summary["loader_tuning"] is None and summary["train_loader"] == "in-memory batched"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device prefetcher needs CUDA")
+def test_device_prefetcher_yields_the_same_batches_on_the_gpu():
+    batches = [(torch.randn(4, 3).pin_memory(), torch.arange(4).pin_memory()) for _ in range(5)]
+    out = list(DevicePrefetcher(iter(batches), torch.device("cuda")))
+    assert len(out) == 5
+    for (x, y), (gx, gy) in zip(batches, out, strict=True):
+        assert gx.is_cuda and torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)

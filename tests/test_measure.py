@@ -1,0 +1,219 @@
+"""Visibility: step-time breakdown, resource monitor, FLOPs and MFU, measurement probes."""
+
+import json
+import logging
+import threading
+import time
+
+import pytest
+import torch
+from conftest import mlp
+from torch import nn
+from torch.utils.data import Dataset
+
+from leantrain import fit, load_config
+from leantrain.measure.flops import (
+    count_flops,
+    cpu_flops_per_cycle,
+    device_peak,
+    gpu_peak,
+    mfu,
+)
+from leantrain.measure.monitor import ResourceMonitor
+from leantrain.measure.probe import untouched
+from leantrain.measure.timing import PHASES, StepTimer
+
+
+def _cfg(*overrides):
+    return load_config(None, ["plan.device=cpu", "data.batch_size=32", "train.epochs=2",
+                              "optim.lr=0.05", *overrides])
+
+
+# ------------------------------------------------------------------ step-time breakdown
+
+
+def test_step_timer_phases_add_up_to_the_wall_time_and_match_known_durations():
+    timer = StepTimer(torch.device("cpu"))
+    sleeps = {"data": 0.02, "copy": 0.0, "forward": 0.03, "backward": 0.01, "optimizer": 0.0}
+    start = time.perf_counter()
+    timer.restart()
+    for _ in range(3):
+        for phase in PHASES:
+            time.sleep(sleeps[phase])
+            timer.mark(phase)
+    wall = time.perf_counter() - start
+    timer.finish()
+    b = timer.breakdown()
+    assert b["steps"] == 3
+    assert sum(b["fractions"].values()) == pytest.approx(1.0, abs=1e-9)
+    assert sum(b["seconds"].values()) == pytest.approx(wall, rel=0.05)
+    for phase, seconds in sleeps.items():
+        assert b["seconds"][phase] >= 3 * seconds  # sleep never returns early
+    assert b["seconds"]["forward"] > b["seconds"]["data"] > b["seconds"]["backward"]
+
+
+def test_step_timer_rejects_phases_out_of_order():
+    timer = StepTimer(torch.device("cpu"))
+    timer.mark("data")
+    with pytest.raises(RuntimeError, match="'forward' marked where 'copy' was due"):
+        timer.mark("forward")
+
+
+def test_every_run_reports_a_breakdown_whose_fractions_sum_to_one(tabular, tmp_path):
+    summary = fit(mlp(), *tabular, _cfg(), tmp_path / "run", progress_bar=False)
+    b = summary["step_breakdown"]
+    assert set(b["fractions"]) == set(PHASES)
+    assert sum(b["fractions"].values()) == pytest.approx(1.0, abs=0.05)
+    assert all(v >= 0 for v in b["seconds"].values())
+    assert b["seconds"]["forward"] > 0 and b["seconds"]["backward"] > 0
+    assert b["steps"] == summary["steps"] - 1  # the first step (warm-up) is left out
+    assert sum(b["seconds"].values()) <= summary["step_seconds"]
+
+
+class SlowItems(Dataset):
+    """Per-item work the main process must wait for: a sleep per sample."""
+
+    def __init__(self, n: int = 64, delay: float = 0.004):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = (self.x[:, 0] > 0).long()
+        self.delay = delay
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        return self.x[i], self.y[i]
+
+
+def test_a_run_waiting_on_data_warns_and_names_the_fix(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="leantrain")
+    summary = fit(mlp(classes=2), SlowItems(), SlowItems(16),
+                  _cfg("data.num_workers=0", "train.epochs=1"), tmp_path / "run",
+                  progress_bar=False)
+    b = summary["step_breakdown"]
+    assert b["fractions"]["data"] > 0.5
+    assert "data.num_workers=0 now" in b["advice"]
+    warnings = [r.getMessage() for r in caplog.records if "waiting for data" in r.getMessage()]
+    assert len(warnings) == 1 and "data.num_workers" in warnings[0]
+
+
+# ------------------------------------------------------------------ resource monitor
+
+
+def test_monitor_thread_starts_samples_and_stops_cleanly():
+    monitor = ResourceMonitor(interval_s=0.05, device=torch.device("cpu"))
+    before = threading.active_count()
+    with monitor:
+        assert monitor.running
+        x = torch.randn(300, 300)
+        end = time.perf_counter() + 0.4
+        while time.perf_counter() < end:
+            x @ x
+    assert not monitor.running and threading.active_count() == before
+    assert len(monitor.samples) >= 3
+    summary = monitor.summary()
+    assert summary["rss_bytes"]["max"] > 0
+    assert 0 <= summary["cpu_percent"]["mean"] <= 100
+    assert len(summary["cpu_percent_per_core_mean"]) == len(monitor.samples[0]
+                                                            ["cpu_percent_per_core"])
+    assert "no GPU" in summary["gpu"] or torch.cuda.is_available()
+
+
+def test_monitor_rejects_a_non_positive_interval():
+    with pytest.raises(ValueError, match="interval must be > 0"):
+        ResourceMonitor(interval_s=0)
+
+
+def test_a_run_logs_monitor_samples_and_summarizes_them(tabular, tmp_path):
+    summary = fit(mlp(), *tabular, _cfg("train.monitor_interval_s=0.02", "train.epochs=4"),
+                  tmp_path / "run", progress_bar=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    samples = [r for r in records if r["kind"] == "monitor"]
+    assert samples and all("cpu_percent_per_core" in r and r["rss_bytes"] > 0 for r in samples)
+    assert summary["monitor"]["samples"] == len(samples)
+    off = fit(mlp(), *tabular, _cfg("train.monitor_interval_s=0"), None, progress_bar=False)
+    assert off["monitor"] is None
+
+
+# ------------------------------------------------------------------ FLOPs and MFU
+
+
+def test_training_flops_of_an_mlp_match_the_analytic_count():
+    b, i, h, o = 16, 8, 32, 3
+    model = nn.Sequential(nn.Linear(i, h), nn.ReLU(), nn.Linear(h, o))
+    x, y = torch.randn(b, i), torch.randint(0, o, (b,))
+
+    def step():
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    forward = 2 * b * (i * h + h * o)
+    # backward: the last layer needs grad input and grad weight, the first (its input needs
+    # no gradient) only grad weight
+    backward = 2 * (2 * b * h * o) + 2 * b * i * h
+    assert count_flops(step) == forward + backward
+
+
+def test_forward_flops_of_a_conv_match_the_analytic_count():
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    x = torch.randn(2, 4, 10, 10)
+    with torch.no_grad():
+        flops = count_flops(lambda: conv(x))
+    assert flops == 2 * 2 * 6 * 10 * 10 * 4 * 3 * 3
+
+
+def test_a_run_reports_flops_per_sample_and_mfu(tabular):
+    summary = fit(mlp(), *tabular, _cfg(), None, progress_bar=False)
+    i, h, o = 8, 32, 3
+    assert summary["flops_per_sample"] == pytest.approx(2 * (i * h + h * o) + 4 * h * o + 2 * i * h)
+    assert summary["achieved_flops_per_second"] == pytest.approx(
+        summary["flops_per_sample"] * summary["samples_per_second"])
+    assert summary["peak_source"].startswith("estimate")
+    assert 0 < summary["mfu"] < 1
+
+
+def test_mfu_arithmetic():
+    # 1 GFLOP per sample at 250 samples/s is 250 GFLOP/s: a quarter of a 1 TFLOP/s peak
+    assert mfu(1e9, 250, 1e12) == pytest.approx(0.25)
+    h100 = gpu_peak("NVIDIA H100 80GB HBM3", "bf16", tf32=False)
+    assert h100.flops_per_second == 989e12 and not h100.estimate
+    assert mfu(6 * 100e6 * 2048, 400, h100.flops_per_second) == pytest.approx(
+        6 * 100e6 * 2048 * 400 / 989e12)
+
+
+def test_gpu_peak_table_matches_names_most_specific_first():
+    assert gpu_peak("NVIDIA H100 PCIe", "bf16", False).flops_per_second == 756e12
+    assert gpu_peak("NVIDIA H200", "fp16", False).flops_per_second == 989e12
+    assert gpu_peak("NVIDIA A100-SXM4-80GB", "fp32", tf32=True).flops_per_second == 156e12
+    assert gpu_peak("NVIDIA L40S", "bf16", False).label.startswith("L40S")
+    assert gpu_peak("NVIDIA L4", "bf16", False).label.startswith("L4 ")
+    assert gpu_peak("Some Future GPU", "bf16", False) is None
+
+
+def test_cpu_peak_is_labelled_an_estimate_and_follows_the_simd_width():
+    assert cpu_flops_per_cycle({"avx2", "fma"}, "fp32")[0] == 32
+    assert cpu_flops_per_cycle({"avx512f"}, "fp32")[0] == 64
+    assert cpu_flops_per_cycle({"avx512f", "avx512_bf16"}, "bf16")[0] == 128
+    peak, why = device_peak(torch.device("cpu"), "fp32")
+    assert peak is not None and peak.estimate and peak.label.startswith("estimate"), why
+
+
+# ------------------------------------------------------------------ probes
+
+
+def test_untouched_restores_batchnorm_statistics_gradients_mode_and_rng():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(3)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(3)
+    with untouched(model):
+        model.train()
+        model(torch.randn(8, 4)).sum().backward()
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert torch.equal(torch.rand(1), expected_draw)
