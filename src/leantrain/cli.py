@@ -7,6 +7,7 @@ shows its traceback too. Any other exception keeps its traceback: it is a bug.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -29,11 +30,12 @@ from .bench.report import (
     write_lr,
 )
 from .bench.search import LOSSY_TOL
-from .checkpoint import CHECKPOINT_NAME
+from .checkpoint import CHECKPOINT_NAME, atomic_write_text
 from .compress.distill import check_kd_args
 from .config import TrainConfig, load_config, merge, read_plan_file, read_yaml
 from .data import load_data
 from .distillation import format_report, load_teacher, run_distillation
+from .doctor import format_doctor, run_doctor
 from .errors import LeantrainError
 from .imports import import_object
 from .measure.report import format_summary
@@ -167,7 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     find_lr_cmd.add_argument("--lr-min", type=float, default=1e-5)
     find_lr_cmd.add_argument("--lr-max", type=float, default=10.0)
     find_lr_cmd.add_argument("--steps", type=int, default=100, help="sweep length (default 100)")
-    for sub_parser in (train, distill, bench, find_bs, find_lr_cmd):
+    doctor = sub.add_parser(
+        "doctor", help="what this machine has, where your step time goes, what to try",
+        description="Report this machine (versions, GPUs, bf16/TF32, CPU and SIMD, whether "
+                    "torch.compile works, distributed backends), then train the model a few "
+                    "steps: samples/s, step-time breakdown, MFU, the top operators and a Chrome "
+                    "trace, and ranked recommendations marked measured or unmeasured.",
+        epilog="examples:\n  leantrain doctor\n  leantrain doctor --model mypkg.nets:build "
+               "--data mypkg.data:load --out runs/doctor",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_source_args(doctor)
+    _add_plan_arg(doctor)
+    doctor.add_argument("--steps", type=int, default=20, metavar="N",
+                        help="timed steps, and as many profiled ones (default 20)")
+    doctor.add_argument("--no-profile", action="store_true", help="skip the profiler and trace")
+    doctor.add_argument("--no-compile-check", action="store_true",
+                        help="do not compile a test function to check torch.compile")
+    for sub_parser in (train, distill, bench, find_bs, find_lr_cmd, doctor):
         sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                 help="show tracebacks and debug logs")
     return parser
@@ -326,7 +344,20 @@ def cmd_find_lr(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "distill": cmd_distill, "bench": cmd_bench,
+def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise LeantrainError(f"--steps must be >= 1, got {args.steps}")
+    cfg, out, bundle, builder = _bench_inputs(args, "doctor")
+    report = run_doctor(builder, bundle, cfg, out, steps=args.steps,
+                        profile=not args.no_profile, check_compile=not args.no_compile_check)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "doctor.json", json.dumps(report, indent=2, default=str))
+    print(format_doctor(report))
+    print(f"\nreport: {out / 'doctor.json'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "doctor": cmd_doctor, "distill": cmd_distill, "bench": cmd_bench,
             "find-batch-size": cmd_find_batch_size, "find-lr": cmd_find_lr}
 
 

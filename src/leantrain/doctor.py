@@ -1,0 +1,172 @@
+"""`leantrain doctor`: what this machine has, where a model's step time goes, what to try.
+
+It states the machine's facts (versions, GPUs, precision support, CPU and SIMD, whether
+`torch.compile` really works here, distributed backends), then trains the given model for a
+few steps: unprofiled steps give samples/s, the step-time breakdown and MFU; profiled steps
+give the top operators and a Chrome trace. Recommendations are ranked: those backed by a
+measurement of this run first (largest share of step time first), then those that are only
+likely to help, marked unmeasured, with the command that would measure them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import TrainConfig
+from .data import DataBundle
+from .data.loaders import data_wait_advice
+from .env import bf16_supported, compiler_available, machine_facts
+from .measure.profile import profile_steps
+from .measure.timing import DATA_WAIT_WARNING, StepTimer
+from .trainer import Trainer
+
+WARMUP_STEPS = 3
+OPTIMIZER_SHARE = 0.15  # an optimizer phase above this share of the step is worth fusing
+LOW_MFU = 0.10
+
+
+@dataclass
+class Recommendation:
+    advice: str
+    evidence: str
+    measured: bool
+    share: float = 0.0  # of step time, for measured ones: the ranking key
+
+    def describe(self) -> str:
+        return f"[{'measured' if self.measured else 'unmeasured'}] {self.advice} ({self.evidence})"
+
+
+def _timed_steps(trainer: Trainer, steps, n: int) -> dict[str, Any]:
+    """Samples/s and the step-time breakdown over `n` steps after the warm-up ones."""
+    for _ in range(WARMUP_STEPS):
+        next(steps)
+    trainer.timer = StepTimer(trainer.plan.device)
+    samples, start = 0, time.perf_counter()
+    for _ in range(n):
+        batch_samples, loss = next(steps)
+        samples += batch_samples
+    loss.item()  # wait for the device before reading the clock
+    elapsed = time.perf_counter() - start
+    trainer.timer.finish()
+    return {"samples_per_second": samples / elapsed, "steps": n,
+            "step_breakdown": trainer.timer.breakdown()}
+
+
+def recommend(trainer: Trainer, measured: dict[str, Any], facts: dict[str, Any]
+              ) -> list[Recommendation]:
+    plan, model = trainer.plan, trainer.model
+    recs: list[Recommendation] = []
+    shares = (measured.get("step_breakdown") or {}).get("fractions", {})
+    data = shares.get("data", 0.0)
+    if data > DATA_WAIT_WARNING:
+        advice = data_wait_advice(trainer.train_loader, plan.device, trainer.tensor_backed)
+        recs.append(Recommendation(f"feed the model faster: {advice}",
+                                   f"data wait is {data:.0%} of the step", True, data))
+    opt = shares.get("optimizer", 0.0)
+    if opt > OPTIMIZER_SHARE and plan.optimizer_impl != "fused":
+        recs.append(Recommendation(
+            "a fused or foreach optimizer (plan.optimizer_impl=fused or foreach)",
+            f"the optimizer step is {opt:.0%} of the step with {plan.optimizer_impl}", True, opt))
+    if plan.device.type == "cpu" and facts["gpus"]:
+        recs.append(Recommendation("train on the GPU (plan.device=cuda)",
+                                   f"{len(facts['gpus'])} GPU(s) here, the plan uses the CPU",
+                                   False))
+    if plan.precision == "fp32" and bf16_supported(plan.device)[0]:
+        recs.append(Recommendation("bf16 autocast (plan.precision=bf16)",
+                                   bf16_supported(plan.device)[1], False))
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if has_conv and not plan.channels_last:
+        recs.append(Recommendation("channels_last memory format (plan.channels_last=true)",
+                                   "the model has 2-D convolutions", False))
+    compile_ok = facts["compile"][0] if facts["compile"][0] is not None \
+        else compiler_available()[0]
+    if not plan.compile and compile_ok:
+        recs.append(Recommendation("torch.compile (plan.compile=true)",
+                                   f"it works here: {facts['compile'][1]}", False))
+    mfu = measured.get("mfu")
+    if mfu is not None and mfu < LOW_MFU:
+        recs.append(Recommendation(
+            "a larger batch, if it fits (leantrain find-batch-size measures it)",
+            f"MFU is {mfu:.1%}: the device is mostly idle or waiting on small kernels", False))
+    recs.sort(key=lambda r: (not r.measured, -r.share))
+    return recs
+
+
+def run_doctor(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
+               out: Path, steps: int = 20, profile: bool = True,
+               check_compile: bool = True) -> dict[str, Any]:
+    facts = machine_facts(check_compile)
+    trainer = Trainer(build_model(), bundle.train, bundle.val, cfg, None, progress_bar=False,
+                      measure_loader=False)
+    trainer.flops_per_sample = trainer.count_flops()
+    stepper = trainer.steps()
+    try:
+        measured = _timed_steps(trainer, stepper, steps)
+        measured.update(trainer.utilization(measured["samples_per_second"]))
+        top_ops = None
+        if profile:
+            top_ops = profile_steps(lambda: next(stepper), steps, out / "trace.json",
+                                    trainer.plan.device.type == "cuda")
+    finally:
+        stepper.close()
+    recs = recommend(trainer, measured, facts)
+    return {
+        "facts": facts,
+        "plan": trainer.plan.to_dict(),
+        "train_loader": trainer.train_loader.kind,
+        "measured": measured,
+        "top_operators": top_ops,
+        "trace": str(out / "trace.json") if profile else None,
+        "recommendations": [asdict(r) | {"text": r.describe()} for r in recs],
+    }
+
+
+def _fmt_gpu(gpu: dict) -> str:
+    util = gpu["utilization_percent"]
+    return (f"{gpu['name']}: {gpu['memory_gib']} GiB ({gpu['free_gib']} free), compute "
+            f"capability {gpu['compute_capability']}, utilization "
+            f"{'unknown' if util is None else f'{util}%'}")
+
+
+_COMPILE_STATE = {True: "works", False: "unavailable", None: "not checked"}
+
+
+def format_doctor(report: dict[str, Any]) -> str:
+    f = report["facts"]
+    cpu = f["cpu"]
+    lines = ["machine", "-------",
+             f"torch {f['torch']}, CUDA {f['cuda'] or 'none'}, cuDNN {f['cudnn'] or 'none'}"]
+    lines += [f"GPU {g['index']}: {_fmt_gpu(g)}" for g in f["gpus"]] or [f["gpu_note"]]
+    lines += [f"CPU: {cpu['model']}, {cpu['physical_cores']} cores / {cpu['logical_cores']} "
+              f"threads (torch uses {cpu['torch_threads']}), SIMD {' '.join(cpu['simd'])}",
+              f"RAM: {f['ram_gib']} GiB",
+              "bf16: " + "; ".join(f"{k}: {v}" for k, v in f["bf16"].items()),
+              f"TF32: {'yes' if f['tf32'] else 'no (needs an Ampere or newer GPU)'}",
+              f"torch.compile: {_COMPILE_STATE[f['compile'][0]]} ({f['compile'][1]})",
+              "distributed: " + ", ".join(f"{k} {'yes' if v else 'no'}"
+                                          for k, v in f["distributed"].items())]
+    m = report["measured"]
+    lines += ["", "this model, this plan", "---------------------",
+              f"loader: {report['train_loader']}",
+              f"samples/s: {m['samples_per_second']:,.0f} over {m['steps']} unprofiled steps"]
+    if m.get("step_breakdown"):
+        lines.append("step time: " + " · ".join(
+            f"{k} {v:.0%}" for k, v in m["step_breakdown"]["fractions"].items()))
+    if m.get("mfu") is not None:
+        lines.append(f"MFU: {m['mfu']:.1%} ({m['peak_source']})")
+    if report["top_operators"]:
+        lines += ["", "top operators (profiled steps, self time)"]
+        lines += [f"  {op['share']:6.1%}  {op['self_ms']:9.2f} ms  {op['calls']:6d}x  {op['name']}"
+                  for op in report["top_operators"]]
+        lines.append(f"trace: {report['trace']} (open in https://ui.perfetto.dev)")
+    lines += ["", "recommendations (measured first)"]
+    lines += [f"  {i}. {r['text']}" for i, r in enumerate(report["recommendations"], 1)] or \
+        ["  none: nothing stands out"]
+    lines.append("  `leantrain bench` measures every technique on this model")
+    return "\n".join(lines)
