@@ -28,6 +28,7 @@ test: lint
 bench: $(BIN)/leantrain
 	$(BIN)/python benchmarks/train_vs_plain.py
 	$(BIN)/python benchmarks/bench_digits.py
+	$(BIN)/python benchmarks/data_loading.py --epochs 80 --repeats 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

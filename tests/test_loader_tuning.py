@@ -13,6 +13,7 @@ from leantrain.data.tuning import (
     tune_loader,
     usable_cpus,
     worker_counts,
+    worth_measuring,
 )
 
 ALL_AUTO = {"num_workers", "pin_memory", "prefetch_factor", "persistent_workers"}
@@ -50,14 +51,37 @@ def test_fixed_values_are_kept_and_only_auto_ones_are_measured():
     assert {m.options.prefetch_factor for m in tuning.measured} == {None, 4}
 
 
-def test_a_run_with_per_item_work_tunes_its_loader_and_reports_the_choice(tmp_path):
+def test_nothing_is_measured_when_the_settings_leave_one_candidate():
+    base = LoaderOptions(num_workers=0)
+    assert not worth_measuring({"pin_memory", "prefetch_factor"}, base, on_cuda=False)
+    assert worth_measuring({"pin_memory"}, base, on_cuda=True)
+    assert worth_measuring({"prefetch_factor"}, LoaderOptions(num_workers=2), on_cuda=False)
+    assert worth_measuring({"num_workers"}, base, on_cuda=False)
+
+
+def _short_run():
     cfg = load_config(None, ["plan.device=cpu", "data.batch_size=16", "train.epochs=1",
                              "optim.lr=0.05"])
-    summary = fit(mlp(classes=2), SlowItems(64, delay=0.001), SlowItems(16), cfg,
-                  tmp_path / "run", progress_bar=False)
+    return fit(mlp(classes=2), SlowItems(64, delay=0.001), SlowItems(16), cfg, None,
+               progress_bar=False)
+
+
+def test_a_run_too_short_to_pay_for_measuring_keeps_the_defaults_and_says_why():
+    tuning = _short_run()["loader_tuning"]
+    assert tuning["measured"] == [] and "too short" in tuning["note"]
+    assert tuning["choice"].startswith("workers=0")
+
+
+def test_a_run_with_per_item_work_tunes_its_loader_and_reports_the_choice(monkeypatch):
+    from leantrain.data import tuning as tuning_module
+
+    # pretend measuring is free, so this short run is measured (in tiny windows)
+    monkeypatch.setattr(tuning_module, "MIN_WINDOW_S", 0.0)
+    monkeypatch.setattr(tuning_module, "BUDGET_SHARE", 1.0)
+    summary = _short_run()
     tuning = summary["loader_tuning"]
     assert tuning["choice"] in summary["train_loader"]
-    assert len(tuning["measured"]) >= 2
+    assert len(tuning["measured"]) >= 2 and tuning["note"].startswith("projected run")
 
 
 def test_tensor_backed_data_needs_no_tuning(tabular):

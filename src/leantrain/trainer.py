@@ -42,7 +42,7 @@ from .data.loaders import (
     make_loader,
     tensors_of,
 )
-from .data.tuning import auto_fields, fixed_options, tune_loader
+from .data.tuning import auto_fields, fixed_options, tune_loader, worth_measuring
 from .errors import LeantrainError
 from .measure.flops import count_flops, device_peak, mfu
 from .measure.memory import peak_bytes, reset_peak
@@ -169,6 +169,8 @@ class Trainer:
         self.loss_fn = loss_fn
         self.plan = resolve_plan(cfg.plan, model)
         self.model = model.to(self.plan.device)
+        if self.plan.channels_last:  # before any measuring, so it measures the run's layout
+            apply_channels_last(self.model)
         self.timer = StepTimer(self.plan.device)
         data, on_cuda = cfg.data, self.plan.device.type == "cuda"
         values = dataclasses.asdict(data)
@@ -177,9 +179,10 @@ class Trainer:
         self.num_classes = check_model_fits_data(model, train_data, self.train_loader, self.plan)
         self.loader_tuning = None
         auto = auto_fields(values)
-        if measure_loader and auto and self.train_loader.kind.startswith("DataLoader"):
+        if (measure_loader and self.train_loader.kind.startswith("DataLoader")
+                and worth_measuring(auto, options, on_cuda)):
             with untouched(self.model):
-                self.loader_tuning = tune_loader(train_data, data.batch_size, self._probe_step,
+                self.loader_tuning = tune_loader(train_data, data.batch_size, self.probe_step,
                                                  options, auto, on_cuda, cfg.train.epochs,
                                                  cfg.train.seed)
             log.info("data loader: %s", self.loader_tuning.describe())
@@ -211,7 +214,7 @@ class Trainer:
             out = model(x)
             return out, self.loss_fn(out, y, x, *extras)
 
-    def _probe_step(self, batch: tuple[torch.Tensor, ...]) -> None:
+    def probe_step(self, batch: tuple[torch.Tensor, ...]) -> None:
         """Forward and backward without a step: what measuring the loader and FLOPs runs."""
         x, y, extras = self._to_device(batch)
         self._forward_loss(self.model, x, y, extras)[1].backward()
@@ -221,7 +224,7 @@ class Trainer:
         batch = next(iter(self.train_loader.batches()))
         try:
             with untouched(self.model):
-                flops = count_flops(lambda: self._probe_step(batch))
+                flops = count_flops(lambda: self.probe_step(batch))
         except Exception as exc:  # a model the counter cannot trace still trains
             log.warning("FLOPs not counted (%s: %s); no MFU for this run", type(exc).__name__, exc)
             return None

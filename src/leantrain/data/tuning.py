@@ -4,8 +4,11 @@ Whether workers help depends on how much per-item work the dataset does against 
 the model computes, and on how many cores both compete for; only a measurement knows. Each
 candidate feeds real batches to `consume` (the caller's forward and backward, without an
 optimizer step) for a short window; rounds are interleaved, the order reversed every other
-round, so machine drift hits every candidate alike. The fastest median wins; among those
-within `NEAR` of it, the one with the fewest workers (each costs memory and a core).
+round, so machine drift hits every candidate alike. The windows are sized so that measuring
+costs about 5% of the projected run (0.3 to 2 s each); a run too short to pay for that is not
+measured at all, and keeps the defaults with a note saying so. The fastest median wins;
+among those within `NEAR` of it, the one with the fewest workers (each costs memory and a
+core).
 
 Workers are tried in powers of two up to the usable CPUs. On a CPU run each worker count is
 also tried with fewer torch compute threads (the cores left over): workers and compute
@@ -32,8 +35,9 @@ from .loaders import Batch, DataLoaderBatches, LoaderOptions, compute_threads
 log = logging.getLogger(__name__)
 
 NEAR = 0.05
-WINDOW_S = 1.0  # timed seconds per candidate per round
 ROUNDS = 2
+BUDGET_SHARE = 0.05  # measuring may cost this share of the run it tunes ...
+MIN_WINDOW_S, MAX_WINDOW_S = 0.3, 2.0  # ... within these timed seconds per candidate and round
 
 
 @dataclass
@@ -58,12 +62,17 @@ class LoaderTuning:
     choice: LoaderOptions
     measured: list[Measured]
     seconds: float
+    window_s: float
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"choice": self.choice.describe(), "seconds": self.seconds,
+                "window_s": self.window_s, "note": self.note,
                 "measured": [m.to_dict() for m in self.measured]}
 
     def describe(self) -> str:
+        if not self.measured:
+            return f"kept {self.choice.describe()}: {self.note}"
         rows = ", ".join(f"[{m.options.describe()}] {m.median('samples_per_second'):,.0f}/s"
                          for m in self.measured)
         return f"chose {self.choice.describe()} after {self.seconds:.1f} s of measuring: {rows}"
@@ -96,7 +105,7 @@ def _measure(dataset: Dataset, batch_size: int, seed: int, options: LoaderOption
     with compute_threads(options):
         consume(first)  # the first batch also warms the model up; it is not timed
         samples, waiting, begin = 0, 0.0, time.perf_counter()
-        while time.perf_counter() - begin < window_s:
+        while not samples or time.perf_counter() - begin < window_s:  # one batch at least
             ask = time.perf_counter()
             batch = next(batches, None)
             if batch is None:  # an epoch shorter than the window: start another
@@ -128,10 +137,34 @@ def _pick(measured: list[Measured]) -> Measured:
                                     m.options.compute_threads is not None))
 
 
+def window_for(dataset: Dataset, batch_size: int, seed: int, base: LoaderOptions,
+               consume: Callable[[Batch], None], epochs: int, windows: int
+               ) -> tuple[float | None, str]:
+    """(seconds per window, why) so that all `windows` cost about BUDGET_SHARE of the run.
+
+    The run's length is projected from a first look at the base settings. None: the run is
+    too short to pay for even the shortest windows, so nothing more is measured.
+    """
+    look = Measured(base)
+    _measure(dataset, batch_size, seed, base, consume, MIN_WINDOW_S, look)
+    if not look.samples_per_second:
+        return None, "the dataset yielded no batch"
+    run_s = epochs * len(dataset) / look.samples_per_second[0]
+    window = BUDGET_SHARE * run_s / windows
+    if window < MIN_WINDOW_S:
+        return None, (f"not measured: the run is projected at {run_s:.0f} s, too short to pay "
+                      f"for {windows} windows of {MIN_WINDOW_S} s; set data.num_workers to "
+                      f"choose yourself")
+    return min(MAX_WINDOW_S, window), f"projected run {run_s:.0f} s"
+
+
 def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], None],
                 base: LoaderOptions, auto: set[str], on_cuda: bool, epochs: int, seed: int = 0,
-                window_s: float = WINDOW_S, rounds: int = ROUNDS) -> LoaderTuning:
-    """Measure the settings named in `auto` (LoaderOptions field names); keep `base` for others."""
+                window_s: float | None = None, rounds: int = ROUNDS) -> LoaderTuning:
+    """Measure the settings named in `auto` (LoaderOptions field names); keep `base` for others.
+
+    `window_s` None: sized from the projected run (see `window_for`).
+    """
     began = time.perf_counter()
     if "pin_memory" in auto:
         base = replace(base, pin_memory=on_cuda)
@@ -144,6 +177,12 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
         if n and not on_cuda and "num_workers" in auto and fewer < torch.get_num_threads():
             # workers and compute share the cores: also try leaving them the workers' cores
             stage1.append(replace(base, num_workers=n, compute_threads=fewer))
+    note = "windows given by the caller"
+    if window_s is None:
+        window_s, note = window_for(dataset, batch_size, seed, base, consume, epochs,
+                                    (len(stage1) + 2) * rounds)
+        if window_s is None:
+            return LoaderTuning(base, [], time.perf_counter() - began, 0.0, note)
     measured = _rounds(dataset, batch_size, seed, stage1, consume, window_s, rounds)
     best = _pick(measured)
     variants = []
@@ -158,13 +197,19 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
     choice = best.options
     if "persistent_workers" in auto:
         choice = replace(choice, persistent_workers=choice.num_workers > 0 and epochs > 1)
-    return LoaderTuning(choice, measured, time.perf_counter() - began)
+    return LoaderTuning(choice, measured, time.perf_counter() - began, window_s, note)
 
 
 def auto_fields(values: dict[str, Any]) -> set[str]:
     """Which of the loader settings in a config section are "auto"."""
     return {k for k in ("num_workers", "pin_memory", "prefetch_factor", "persistent_workers")
             if values.get(k) == "auto"}
+
+
+def worth_measuring(auto: set[str], base: LoaderOptions, on_cuda: bool) -> bool:
+    """Whether the "auto" settings leave more than one candidate to measure."""
+    return ("num_workers" in auto or (base.num_workers > 0 and "prefetch_factor" in auto)
+            or (on_cuda and "pin_memory" in auto))
 
 
 def fixed_options(values: dict[str, Any], on_cuda: bool, epochs: int) -> LoaderOptions:

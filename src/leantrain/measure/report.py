@@ -45,8 +45,10 @@ def _visibility_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     elif summary.get("peak_source"):
         rows.append(("MFU", f"n/a: {summary['peak_source']}"))
     tuning = summary.get("loader_tuning")
-    if tuning:
+    if tuning and tuning["measured"]:
         rows.append(("loader (measured)", f"{tuning['choice']} in {tuning['seconds']:.1f} s"))
+    elif tuning:
+        rows.append(("loader", tuning["note"]))
     monitor = summary.get("monitor")
     if monitor and monitor.get("samples"):
         cpu, rss = monitor["cpu_percent"], monitor["rss_bytes"]
