@@ -29,6 +29,7 @@ bench: $(BIN)/leantrain
 	$(BIN)/python benchmarks/train_vs_plain.py
 	$(BIN)/python benchmarks/bench_digits.py
 	$(BIN)/python benchmarks/data_loading.py --epochs 80 --repeats 2
+	$(BIN)/python benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -35,9 +35,11 @@ from .compress.distill import check_kd_args
 from .config import TrainConfig, load_config, merge, read_plan_file, read_yaml
 from .data import load_data
 from .distillation import format_report, load_teacher, run_distillation
+from .distributed import DistContext, teardown
 from .doctor import format_doctor, run_doctor
 from .errors import LeantrainError
 from .imports import import_object
+from .launch import launch
 from .measure.report import format_summary
 from .recipes import RECIPES, get_recipe
 from .recipes.models import default_model
@@ -185,7 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--no-profile", action="store_true", help="skip the profiler and trace")
     doctor.add_argument("--no-compile-check", action="store_true",
                         help="do not compile a test function to check torch.compile")
-    for sub_parser in (train, distill, bench, find_bs, find_lr_cmd, doctor):
+    launch_cmd = sub.add_parser(
+        "launch", help="run `train` on several processes (torchrun: DDP or FSDP2)",
+        description="Start N processes per node with torchrun, each running the leantrain "
+                    "command after `--`. The plan picks DDP (default) or FSDP2 "
+                    "(--set plan.distributed=fsdp). If any rank fails, the job stops and "
+                    "exits non-zero, naming the rank.",
+        epilog="examples:\n  leantrain launch --nproc 2 -- train --epochs 3\n"
+               "  # two nodes, run on each with its --node-rank:\n"
+               "  leantrain launch --nproc 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 "
+               "--master-port 29500 -- train --out runs/big",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    launch_cmd.add_argument("--nproc", type=int, required=True, metavar="N",
+                            help="processes per node (one per GPU on GPU machines)")
+    launch_cmd.add_argument("--nnodes", type=int, default=1, metavar="M")
+    launch_cmd.add_argument("--node-rank", type=int, default=0, metavar="R")
+    launch_cmd.add_argument("--master-addr", metavar="A", help="address of node 0")
+    launch_cmd.add_argument("--master-port", type=int, metavar="P")
+    launch_cmd.add_argument("launched", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                            help="-- then the leantrain command to run, e.g. -- train --epochs 3")
+    for sub_parser in (train, distill, bench, find_bs, find_lr_cmd, doctor, launch_cmd):
         sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                 help="show tracebacks and debug logs")
     return parser
@@ -268,8 +289,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = build_model(cfg, bundle)
     summary = fit(model, bundle.train, bundle.val, cfg, out, resume=bool(args.resume),
                   progress_bar=not args.no_progress)
-    print(format_summary(summary))
-    print(f"\nrun folder: {out}")
+    if DistContext.from_env().is_main:
+        print(format_summary(summary))
+        print(f"\nrun folder: {out}")
     return 0
 
 
@@ -357,8 +379,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "doctor": cmd_doctor, "distill": cmd_distill, "bench": cmd_bench,
-            "find-batch-size": cmd_find_batch_size, "find-lr": cmd_find_lr}
+def cmd_launch(args: argparse.Namespace) -> int:
+    command = args.launched[1:] if args.launched[:1] == ["--"] else args.launched
+    return launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port,
+                  command)
+
+
+COMMANDS = {"train": cmd_train, "distill": cmd_distill, "bench": cmd_bench,
+            "find-batch-size": cmd_find_batch_size, "find-lr": cmd_find_lr, "doctor": cmd_doctor,
+            "launch": cmd_launch}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         print("leantrain: interrupted; a run with a checkpoint continues with --resume DIR",
               file=sys.stderr)
         return 130
+    finally:
+        teardown(DistContext.from_env())
 
 
 if __name__ == "__main__":

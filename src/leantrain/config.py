@@ -69,6 +69,7 @@ class TrainLoopConfig:
     log_every: int = 10  # optimizer steps between logged training metrics
     eval_every_epochs: int = 1
     monitor_interval_s: float = 1.0  # CPU/GPU utilization sampling period; 0 turns it off
+    dist_timeout_s: float = 60.0  # bound on any collective: a dead peer fails the job, no hang
 
 
 @dataclass
@@ -83,6 +84,9 @@ class PlanConfig:
     tf32: Auto | bool = "auto"
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
     grad_accum: int = 1
+    # under `leantrain launch`: auto = DDP; fsdp = FSDP2 (fully_shard) for models that do not
+    # fit one device
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
 
 @dataclass
@@ -173,6 +177,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         "data.eval_batch_size": cfg.data.eval_batch_size,
         "train.epochs": cfg.train.epochs,
         "train.log_every": cfg.train.log_every,
+        "train.dist_timeout_s": cfg.train.dist_timeout_s,
         "train.eval_every_epochs": cfg.train.eval_every_epochs,
         "plan.grad_accum": cfg.plan.grad_accum,
         "optim.lr": cfg.optim.lr,

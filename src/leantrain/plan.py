@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .config import PlanConfig
+from .distributed import DistContext, rank_device, resolve_strategy
 from .env import select_device
 from .errors import LeantrainError
 from .techniques import backend_flags, compile, memory_format, optimizer, precision
@@ -38,6 +39,7 @@ class ResolvedPlan:
     optimizer_impl: str
     grad_accum: int
     outcomes: list[Outcome] = field(default_factory=list)
+    distributed: str | None = None  # "ddp" | "fsdp" under `leantrain launch`, else None
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +51,7 @@ class ResolvedPlan:
             "tf32": self.tf32,
             "optimizer_impl": self.optimizer_impl,
             "grad_accum": self.grad_accum,
+            "distributed": self.distributed,
             "outcomes": {o.name: o.describe() for o in self.outcomes},
         }
 
@@ -65,9 +68,12 @@ def _choose(name: str, setting, auto_value: bool, check: tuple[bool, str]) -> tu
 
 
 def resolve_plan(cfg: PlanConfig, model: nn.Module) -> ResolvedPlan:
+    ctx = DistContext.from_env()
     choice = select_device(cfg.device)
-    device = choice.device
-    outcomes = [Outcome("device", True, f"{device} ({choice.reason})")]
+    device = rank_device(ctx, choice.device)
+    reason = f"one GPU per local rank ({ctx.local_rank})" if device != choice.device \
+        else choice.reason
+    outcomes = [Outcome("device", True, f"{device} ({reason})")]
 
     prec = cfg.precision
     if prec == "auto":
@@ -101,4 +107,9 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module) -> ResolvedPlan:
     outcomes.append(Outcome("grad_accum", cfg.grad_accum > 1,
                             f"{cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1
                             else "one batch per step"))
-    return ResolvedPlan(device, prec, cl, comp, bench, tf32, impl, cfg.grad_accum, outcomes)
+    strategy = resolve_strategy(cfg.distributed, ctx)
+    outcomes.append(Outcome("distributed", strategy is not None,
+                            f"{strategy} over {ctx.world_size} process(es), rank {ctx.rank}"
+                            if strategy else "one process (start several with leantrain launch)"))
+    return ResolvedPlan(device, prec, cl, comp, bench, tf32, impl, cfg.grad_accum, outcomes,
+                        strategy)

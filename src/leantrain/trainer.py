@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import (
     CHECKPOINT_NAME,
     atomic_save,
@@ -43,6 +44,7 @@ from .data.loaders import (
     tensors_of,
 )
 from .data.tuning import auto_fields, fixed_options, tune_loader, worth_measuring
+from .distributed import DistContext
 from .errors import LeantrainError
 from .measure.flops import count_flops, device_peak, mfu
 from .measure.memory import peak_bytes, reset_peak
@@ -168,6 +170,8 @@ class Trainer:
         self.cfg, self.out_dir, self.progress_bar = cfg, out_dir, progress_bar
         self.loss_fn = loss_fn
         self.plan = resolve_plan(cfg.plan, model)
+        self.dist = DistContext.from_env()
+        distributed.setup(self.dist, self.plan.device, cfg.train.dist_timeout_s)
         self.model = model.to(self.plan.device)
         if self.plan.channels_last:  # before any measuring, so it measures the run's layout
             apply_channels_last(self.model)
@@ -177,9 +181,15 @@ class Trainer:
         options = fixed_options(values, on_cuda, cfg.train.epochs)
         self.train_loader = self._loader(train_data, data.batch_size, True, options)
         self.num_classes = check_model_fits_data(model, train_data, self.train_loader, self.plan)
+        if len(self.train_loader) == 0:
+            raise LeantrainError(
+                f"{len(train_data)} training samples make no full batch of "
+                f"{data.batch_size} x {self.dist.world_size} processes; lower data.batch_size")
         self.loader_tuning = None
         auto = auto_fields(values)
-        if (measure_loader and self.train_loader.kind.startswith("DataLoader")
+        # ranks measuring apart could choose apart: under launch, "auto" keeps the defaults
+        if (measure_loader and not self.dist.active
+                and self.train_loader.kind.startswith("DataLoader")
                 and worth_measuring(auto, options, on_cuda)):
             with untouched(self.model):
                 self.loader_tuning = tune_loader(train_data, data.batch_size, self.probe_step,
@@ -192,6 +202,9 @@ class Trainer:
         self.val_loader = self._loader(val_data, data.eval_batch_size, False,
                                        dataclasses.replace(options, persistent_workers=False))
         self.tensor_backed = tensors_of(train_data) is not None
+        if self.plan.distributed == "fsdp":  # sharded parameters are initialised whole, first
+            init_weights(self.model, cfg.train.init)
+        self.wrapped = distributed.wrap(self.model, self.plan.distributed, self.plan.device)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.plan.grad_accum)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.progress = _Progress()
@@ -201,8 +214,10 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, options: LoaderOptions):
+        """Training batches are sharded across ranks; every rank evaluates the whole val set."""
+        shard = (self.dist.rank, self.dist.world_size) if shuffle else (0, 1)
         return make_loader(dataset, batch_size, shuffle, self.cfg.train.seed, self.plan.device,
-                           options, self.cfg.data.loader)
+                           options, self.cfg.data.loader, shard)
 
     def _to_device(self, batch: tuple[torch.Tensor, ...]):
         x, y = _prepare_batch(batch[0], batch[1], self.plan)
@@ -233,39 +248,55 @@ class Trainer:
     def _build(self) -> None:
         cfg, plan = self.cfg, self.plan
         self.epoch_sums = self._new_epoch_sums()
-        if plan.channels_last:
-            apply_channels_last(self.model)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, plan.optimizer_impl)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps,
                                          self.steps_per_epoch)
         self.scaler = precision.make_grad_scaler(plan.device, plan.precision)
         # evaluation uses the eager module: compiling a second (eval) graph would not pay off
-        self.step_model = apply_compile(self.model) if plan.compile else self.model
+        self.step_model = apply_compile(self.wrapped) if plan.compile else self.wrapped
 
     def _state(self) -> dict[str, Any]:
+        """Full (unsharded) state; RNG and partial epoch sums per rank. Every rank calls it."""
+        model_state, optimizer_state = distributed.full_state(self.model, self.optimizer,
+                                                              self.plan.distributed)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": capture_rng(),
+            "rng": distributed.gather_objects(capture_rng(), self.dist),
             "progress": self.progress.to_dict(),
-            "epoch_sums": [t.cpu() for t in self.epoch_sums],
+            "epoch_sums": distributed.gather_objects([t.cpu() for t in self.epoch_sums],
+                                                     self.dist),
         }
 
     def _save_checkpoint(self) -> None:
         if self.out_dir is not None:
-            atomic_save(self._state(), self.out_dir / CHECKPOINT_NAME)
+            state = self._state()
+            if self.dist.is_main:
+                atomic_save(state, self.out_dir / CHECKPOINT_NAME)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        ranks = len(state["rng"]) if isinstance(state["rng"], list) else 1
+        if ranks != self.dist.world_size:
+            raise LeantrainError(f"the checkpoint was written by {ranks} process(es); resume it "
+                                 f"with as many (now {self.dist.world_size})")
+        distributed.load_full_state(self.model, self.optimizer, self.plan.distributed,
+                                    state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
+        rank = self.dist.rank
+        restore_rng(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         self.progress = _Progress(**state["progress"])
-        self.epoch_sums = [t.to(self.plan.device) for t in state["epoch_sums"]]
+        sums = state["epoch_sums"]
+        sums = sums[rank] if isinstance(sums[0], list) else sums
+        self.epoch_sums = [t.to(self.plan.device) for t in sums]
+
+    def _epoch_totals(self) -> tuple[float, int, int]:
+        """(loss sum, correct, count) of the epoch so far, summed over ranks."""
+        loss_sum, correct, count = distributed.all_reduce_sum(self.epoch_sums, self.dist)
+        return loss_sum.item(), int(correct.item()), int(count.item())
 
     def _new_epoch_sums(self) -> list[torch.Tensor]:
         device = self.plan.device
@@ -291,9 +322,11 @@ class Trainer:
         count += len(y)
         timer.mark("forward")
         scaled = accumulation.scale_loss(loss, accum)
-        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        boundary = accumulation.is_step_boundary(micro, accum, last)
+        with distributed.gradient_sync(self.wrapped, self.plan.distributed, boundary):
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         timer.mark("backward")
-        if not accumulation.is_step_boundary(micro, accum, last):
+        if not boundary:
             timer.mark("optimizer")
             return False, loss
         if self.cfg.train.clip_norm is not None:
@@ -310,7 +343,7 @@ class Trainer:
         return True, loss
 
     def _log_train(self, bar) -> None:
-        loss_sum, correct, count = (t.item() for t in self.epoch_sums)  # the only sync: here
+        loss_sum, correct, count = self._epoch_totals()  # the only sync: here
         p = self.progress
         lr = self.optimizer.param_groups[0]["lr"]
         if count:
@@ -322,7 +355,8 @@ class Trainer:
         p, cfg = self.progress, self.cfg
         n_batches = len(self.train_loader)
         bar = tqdm(total=n_batches, initial=p.batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=None if self.progress_bar else True, leave=False, unit="batch")
+                   disable=None if self.progress_bar and self.dist.is_main else True,
+                   leave=False, unit="batch")
         tick = time.perf_counter()
         self.timer.restart()
         for micro, batch in enumerate(self.train_loader.batches(epoch, p.batch), start=p.batch):
@@ -356,7 +390,7 @@ class Trainer:
     def _end_epoch(self, epoch: int) -> bool:
         """Evaluate, log, checkpoint; True when the run should stop (target reached)."""
         p, cfg = self.progress, self.cfg
-        loss_sum, correct, count = (t.item() for t in self.epoch_sums)
+        loss_sum, correct, count = self._epoch_totals()
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1),
                   "train_accuracy": correct / max(count, 1)}
         stop = False
@@ -390,15 +424,16 @@ class Trainer:
                      self.progress.batch, self.progress.step)
         else:
             self._start_fresh()
-        if out is not None:
+        writes = out is not None and self.dist.is_main  # files and logs: rank 0 only
+        if writes:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / CONFIG_NAME, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self.log_file = RunLog(out) if out is not None else _NullLog()
+        self.log_file = RunLog(out) if writes else _NullLog()
         reset_peak(plan.device)
         self.first_step_pending = True
         self.timer = StepTimer(plan.device)
         self.data_wait_warned = False
-        self.monitor = self._start_monitor()
+        self.monitor = self._start_monitor() if self.dist.is_main else None
         self.model.train()
         try:
             with self._run_settings():
@@ -421,8 +456,9 @@ class Trainer:
         return monitor.start()
 
     def _start_fresh(self) -> None:
-        init_weights(self.model, self.cfg.train.init)
-        torch.manual_seed(self.cfg.train.seed)
+        if self.plan.distributed != "fsdp":  # FSDP2 models were initialised before sharding
+            init_weights(self.model, self.cfg.train.init)
+        torch.manual_seed(self.cfg.train.seed + self.dist.rank)  # dropout differs per rank
 
     @contextmanager
     def _run_settings(self):
@@ -518,7 +554,10 @@ class Trainer:
             "train_seconds": p.train_seconds,
             "step_seconds": p.step_seconds,
             "compile_seconds": p.compile_seconds if plan.compile else None,
-            "samples_per_second": samples_per_second,
+            "samples_per_second": samples_per_second,  # per process
+            "world_size": self.dist.world_size,
+            "global_samples_per_second": samples_per_second * self.dist.world_size
+            if samples_per_second else None,
             "step_breakdown": self._data_wait(),
             **self.utilization(samples_per_second),
             "peak_memory_bytes": peak,
@@ -533,9 +572,11 @@ class Trainer:
             "plan": plan.to_dict(),
         }
         if self.out_dir is not None:
-            plain = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-            atomic_save(plain, self.out_dir / MODEL_NAME)
-            atomic_write_text(self.out_dir / SUMMARY_NAME, json.dumps(summary, indent=2))
+            state, _ = distributed.full_state(self.model, self.optimizer, plan.distributed)
+            if self.dist.is_main:
+                plain = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+                atomic_save(plain, self.out_dir / MODEL_NAME)
+                atomic_write_text(self.out_dir / SUMMARY_NAME, json.dumps(summary, indent=2))
         return summary
 
 

@@ -43,42 +43,74 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+Shard = tuple[int, int]  # (rank, world size)
+
+
+def batch_spans(n: int, batch_size: int, shard: Shard, start: int = 0) -> Iterator[slice]:
+    """Positions in the epoch order of this rank's batches, from batch `start` on.
+
+    With W ranks, global batch i is positions [i·B·W, (i+1)·B·W) and rank r takes the r-th
+    B of them: the ranks together see exactly what one process with batch B·W would. The
+    last global batch is dropped when incomplete (every rank must take the same number of
+    steps, or the gradient all-reduce would wait forever); one process keeps its last batch.
+    """
+    rank, world = shard
+    step = batch_size * world
+    stop = n if world == 1 else n - n % step
+    for i in range(start * step, stop, step):
+        lo = i + rank * batch_size
+        yield slice(lo, min(lo + batch_size, n))
+
+
+def batch_count(n: int, batch_size: int, shard: Shard) -> int:
+    world = shard[1]
+    return math.ceil(n / batch_size) if world == 1 else n // (batch_size * world)
+
+
 class InMemoryBatches:
     """Batches by indexing whole tensors (optionally resident on the training device)."""
 
     kind = "in-memory batched"
 
     def __init__(self, *tensors: torch.Tensor, batch_size: int, shuffle: bool,
-                 seed: int = 0, device: torch.device | None = None):
+                 seed: int = 0, device: torch.device | None = None, shard: Shard = (0, 1)):
         if device is not None and device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
             if sum(t.nbytes for t in tensors) < DEVICE_RESIDENT_FRACTION * free:
                 tensors = tuple(t.to(device) for t in tensors)
                 self.kind = "in-memory batched, resident on the GPU"
-        self.tensors = tensors
+        self.tensors, self.shard = tensors, shard
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
 
     def __len__(self) -> int:
-        return math.ceil(len(self.tensors[0]) / self.batch_size)
+        return batch_count(len(self.tensors[0]), self.batch_size, self.shard)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         n = len(self.tensors[0])
         order = epoch_order(n, self.seed, epoch, self.shuffle).to(self.tensors[0].device)
-        for i in range(start * self.batch_size, n, self.batch_size):
-            index = order[i:i + self.batch_size]
+        for span in batch_spans(n, self.batch_size, self.shard, start):
+            index = order[span]
             yield tuple(t[index] for t in self.tensors)
 
 
 class _EpochSampler(Sampler[int]):
-    def __init__(self, n: int, shuffle: bool, seed: int):
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.epoch, self.skip = 0, 0
+    """This rank's samples of an epoch, from batch `skip_batches` on, in batch order."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, shard: Shard):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.shard = shard
+        self.epoch, self.skip_batches = 0, 0
+
+    def _indices(self) -> list[int]:
+        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
+        spans = batch_spans(self.n, self.batch_size, self.shard, self.skip_batches)
+        return [i for span in spans for i in order[span].tolist()]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(epoch_order(self.n, self.seed, self.epoch, self.shuffle)[self.skip:].tolist())
+        return iter(self._indices())
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return len(self._indices())
 
 
 @dataclass(frozen=True)
@@ -127,9 +159,11 @@ class DataLoaderBatches:
     kind = "DataLoader"
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
-                 options: LoaderOptions | None = None, device: torch.device | None = None):
+                 options: LoaderOptions | None = None, device: torch.device | None = None,
+                 shard: Shard = (0, 1)):
         options = options or LoaderOptions()
-        self.sampler = _EpochSampler(len(dataset), shuffle, seed)
+        self.shard = shard
+        self.sampler = _EpochSampler(len(dataset), batch_size, shuffle, seed, shard)
         self.batch_size, self.options, self.device = batch_size, options, device
         workers = options.num_workers
         self.loader = DataLoader(
@@ -144,10 +178,10 @@ class DataLoaderBatches:
             self.kind += ", device prefetch"
 
     def __len__(self) -> int:
-        return math.ceil(len(self.loader.dataset) / self.batch_size)
+        return batch_count(len(self.loader.dataset), self.batch_size, self.shard)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
-        self.sampler.epoch, self.sampler.skip = epoch, start * self.batch_size
+        self.sampler.epoch, self.sampler.skip_batches = epoch, start
         if self.prefetch:
             yield from DevicePrefetcher(iter(self.loader), self.device)
         else:
@@ -208,7 +242,7 @@ def data_wait_advice(loader: InMemoryBatches | DataLoaderBatches, device: torch.
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
                 device: torch.device | None = None, options: LoaderOptions | None = None,
-                kind: str = "auto") -> InMemoryBatches | DataLoaderBatches:
+                kind: str = "auto", shard: Shard = (0, 1)) -> InMemoryBatches | DataLoaderBatches:
     """The loader `kind` names; "auto" is batched indexing when the dataset is tensor-backed."""
     tensors = tensors_of(dataset)
     if kind == "in-memory" and tensors is None:
@@ -217,5 +251,5 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
             f"of one); this one is {type(dataset).__name__}: use 'auto' or 'dataloader'")
     if tensors is not None and kind != "dataloader":
         return InMemoryBatches(*tensors, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                               device=device)
-    return DataLoaderBatches(dataset, batch_size, shuffle, seed, options, device)
+                               device=device, shard=shard)
+    return DataLoaderBatches(dataset, batch_size, shuffle, seed, options, device, shard)

@@ -1,0 +1,192 @@
+"""Data parallel (DDP) and sharded (FSDP2) training on torch.distributed.
+
+A process started by torchrun (or `leantrain launch`, which wraps it) finds RANK, LOCAL_RANK
+and WORLD_SIZE in its environment; `DistContext.from_env` reads them and `setup` joins the
+process group: NCCL on GPUs (one GPU per local rank), gloo on CPU. A plain process gets a
+context of world size 1, and every function here is then a no-op, so the trainer has one code
+path.
+
+Checkpoints hold full (unsharded) state either way, written by rank 0 and read by every rank:
+a DDP checkpoint and an FSDP2 checkpoint both load into a single-process run, and back.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import LeantrainError
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    launched: bool = False  # started by torchrun (any world size, 1 included)
+
+    @property
+    def active(self) -> bool:
+        return self.launched
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_env() -> DistContext:
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+        except ValueError as exc:
+            raise LeantrainError(f"torch.distributed environment is malformed: {exc}") from exc
+        return DistContext(rank, local, world, "WORLD_SIZE" in os.environ)
+
+
+def rank_device(ctx: DistContext, device: torch.device) -> torch.device:
+    """One GPU per local rank under torchrun; other devices unchanged."""
+    if ctx.active and device.type == "cuda":
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def setup(ctx: DistContext, device: torch.device, timeout_s: float) -> None:
+    """Join the process group (once) on this rank's device.
+
+    `timeout_s` bounds every collective: a rank whose peer died fails after it, never hangs.
+    """
+    if not ctx.active:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+
+
+def resolve_strategy(requested: str, ctx: DistContext) -> str | None:
+    """None outside torchrun; "auto" is DDP (FSDP2 is for models that do not fit a device)."""
+    if not ctx.active:
+        if requested != "auto":
+            raise LeantrainError(f"plan.distributed {requested!r} needs processes started by "
+                                 "`leantrain launch --nproc N -- train ...` (torchrun)")
+        return None
+    return "ddp" if requested == "auto" else requested
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The units FSDP2 shards one by one: the entries of containers, or the top children."""
+    blocks = []
+    for child in model.children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential)) or (
+                hasattr(child, "layers") and isinstance(child.layers, nn.ModuleList)):
+            inner = child.layers if hasattr(child, "layers") else child
+            blocks += [m for m in inner if any(True for _ in m.parameters())]
+        elif any(True for _ in child.parameters()):
+            blocks.append(child)
+    return blocks
+
+
+def wrap(model: nn.Module, strategy: str | None, device: torch.device) -> nn.Module:
+    """The module the training step calls: DDP around the model, or the model FSDP2-sharded.
+
+    FSDP2 shards in place (parameters become DTensors), so build the optimizer afterwards.
+    """
+    if strategy is None:
+        return model
+    if strategy == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def gradient_sync(step_model: nn.Module, strategy: str | None, sync: bool):
+    """A context for one micro-batch's backward: no gradient all-reduce unless `sync`.
+
+    Gradient accumulation only needs the reduced gradient at the optimizer step.
+    """
+    if strategy == "ddp" and not sync:
+        return step_model.no_sync()
+    if strategy == "fsdp":
+        step_model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def all_reduce_sum(tensors: list[torch.Tensor], ctx: DistContext) -> list[torch.Tensor]:
+    """Sums across ranks (copies; the inputs keep their per-rank values)."""
+    if not ctx.active:
+        return tensors
+    out = []
+    for t in tensors:
+        t = t.clone()
+        dist.all_reduce(t)
+        out.append(t)
+    return out
+
+
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    if not ctx.active:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str | None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Unsharded model and optimizer state (a collective under FSDP2: call it on every rank)."""
+    if strategy != "fsdp":
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str | None,
+                    model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+    if strategy != "fsdp":
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
+def teardown(ctx: DistContext) -> None:
+    if ctx.active and dist.is_initialized():
+        dist.destroy_process_group()

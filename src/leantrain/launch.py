@@ -1,0 +1,77 @@
+"""`leantrain launch`: start a training job on several processes with torchrun.
+
+This is torch.distributed.run (torchrun) itself, called in-process with leantrain's defaults:
+no restarts (a failure is reported, not retried), and its failure report turned into one line
+that names the rank that failed and why. When any rank dies, torchrun's agent stops the
+others, so the job ends within seconds rather than hanging in a collective; a rank that is
+alive but stuck fails at `train.dist_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import LeantrainError
+
+log = logging.getLogger(__name__)
+
+LAUNCHABLE = ("train",)
+
+
+def torchrun_args(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
+                  master_port: int | None, command: list[str]) -> list[str]:
+    """torchrun's command line for running `leantrain <command>` on every rank."""
+    if nproc < 1 or nnodes < 1:
+        raise LeantrainError(f"--nproc and --nnodes must be >= 1, got {nproc} and {nnodes}")
+    if not 0 <= node_rank < nnodes:
+        raise LeantrainError(f"--node-rank must be in 0..{nnodes - 1}, got {node_rank}")
+    if not command or command[0] not in LAUNCHABLE:
+        raise LeantrainError(f"launch runs one of: {', '.join(LAUNCHABLE)}; e.g. leantrain "
+                             f"launch --nproc 2 -- train --epochs 3 (got {command or 'nothing'})")
+    args = [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", "--max-restarts=0",
+            "--monitor-interval=0.5"]
+    if nnodes == 1 and master_addr is None:
+        args.append("--standalone")  # a free local port, no address to give
+    else:
+        if master_addr is None or master_port is None:
+            raise LeantrainError("several nodes need --master-addr and --master-port (the "
+                                 "address of node 0, reachable from every node)")
+        args += [f"--node-rank={node_rank}", f"--master-addr={master_addr}",
+                 f"--master-port={master_port}"]
+    return [*args, "-m", "leantrain.cli", *command]
+
+
+def _why(failure) -> str:
+    message = (failure.message or "").strip().splitlines()
+    return message[-1] if message else "no error message"
+
+
+def describe_failure(exc) -> str:
+    """The rank that failed first and why, then the ranks stopped because of it.
+
+    `exc` is torchrun's ChildFailedError. Once a rank fails, the agent stops the others
+    (SIGTERM), so they are reported as failures too; the earliest one is the cause.
+    """
+    first_rank, first = exc.get_first_failure()
+    lines = [f"rank {first_rank} (local rank {first.local_rank}, pid {first.pid}) failed "
+             f"first, with exit code {first.exitcode}: {_why(first)}"]
+    others = [f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(exc.failures.items())
+              if rank != first_rank]
+    if others:
+        lines.append(f"stopped after it: {', '.join(others)}")
+    lines.append("each rank's own output is above")
+    return "\n".join(lines)
+
+
+def launch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
+           master_port: int | None, command: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(torchrun_args(nproc, nnodes, node_rank, master_addr, master_port,
+                                    command))
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        raise LeantrainError(f"the job failed:\n{describe_failure(exc)}") from exc
+    return 0

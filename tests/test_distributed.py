@@ -1,0 +1,184 @@
+"""Scale-out: sharded batches, `leantrain launch` (torchrun) with DDP and FSDP2 on CPU/gloo."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from conftest import blobs
+from test_bench import USER_MODULE as BENCH_MODULE
+
+from leantrain.cli import main
+from leantrain.data.loaders import batch_count, batch_spans
+from leantrain.launch import torchrun_args
+
+LEANTRAIN = [sys.executable, "-m", "leantrain"]
+
+# the bench tests' user module (an MLP, a transformer encoder, their data), plus more tokens:
+# FSDP's resume test must be able to kill a run in its second epoch
+USER_MODULE = BENCH_MODULE + '''
+def tokens_large():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 16, (2400, 12), generator=g)
+    y = (x == 1).sum(1).clamp(max=3)
+    return TensorDataset(x[:2000], y[:2000]), TensorDataset(x[2000:], y[2000:])
+'''
+
+
+# ------------------------------------------------------------------ sharding (fast)
+
+
+def test_ranks_together_see_exactly_one_process_batches_of_b_times_w():
+    n, b, w = 50, 4, 2
+    one = [list(range(50))[s] for s in batch_spans(n, b * w, (0, 1))]
+    ranks = [[list(range(50))[s] for s in batch_spans(n, b, (r, w))] for r in range(w)]
+    assert batch_count(n, b, (0, w)) == 6 == len(ranks[0]) == len(ranks[1])  # 50 // 8
+    for i in range(6):
+        assert ranks[0][i] + ranks[1][i] == one[i]
+    assert len(one) == 7 and len(one[-1]) == 2  # one process keeps its last, short batch
+
+
+def test_batch_spans_resume_mid_epoch():
+    spans = list(batch_spans(40, 4, (1, 2), start=3))
+    assert spans[0] == slice(28, 32) and len(spans) == 2
+
+
+def test_launch_arguments_and_their_errors():
+    args = torchrun_args(2, 1, 0, None, None, ["train", "--epochs", "1"])
+    assert "--standalone" in args and "--max-restarts=0" in args
+    assert args[-4:] == ["leantrain.cli", "train", "--epochs", "1"]
+    multi = torchrun_args(4, 2, 1, "10.0.0.1", 29500, ["train"])
+    assert "--node-rank=1" in multi and "--master-addr=10.0.0.1" in multi
+    assert "--standalone" not in multi
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["launch", "--nproc", "2", "--", "bench"], "launch runs one of: train"),
+    (["launch", "--nproc", "0", "--", "train"], "--nproc and --nnodes must be >= 1"),
+    (["launch", "--nproc", "2", "--nnodes", "2", "--", "train"], "--master-addr"),
+    (["launch", "--nproc", "2", "--nnodes", "2", "--node-rank", "2", "--", "train"],
+     "--node-rank must be in 0..1"),
+])
+def test_launch_rejects_bad_input_with_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_distributed_plan_outside_launch_is_a_clear_error(capsys, tmp_path):
+    assert main(["train", "--set", "plan.distributed=fsdp", "--out", str(tmp_path / "r")]) == 2
+    assert "needs processes started by `leantrain launch" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ real processes (slow)
+
+
+@pytest.fixture
+def blobs_file(tmp_path):
+    x, y = blobs(n=512)
+    path = tmp_path / "blobs.npz"
+    np.savez(path, x=x.numpy(), y=y.numpy())
+    return path
+
+
+@pytest.fixture
+def user_env(tmp_path):
+    (tmp_path / "fam.py").write_text(USER_MODULE)
+    return dict(os.environ, PYTHONPATH=str(tmp_path))
+
+
+def _train_losses(run: Path) -> list[float]:
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(blobs_file, tmp_path):
+    common = ["--data", str(blobs_file), "--epochs", "1", "--no-progress", "--precision",
+              "fp32", "--set", "train.log_every=1", "--set", "train.monitor_interval_s=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([*LEANTRAIN, "train", *common, "--set", "data.batch_size=32",
+                    "--out", str(one)], check=True, capture_output=True)
+    subprocess.run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common,
+                    "--set", "data.batch_size=16", "--out", str(two)],
+                   check=True, capture_output=True)
+    a, b = _train_losses(one)[:5], _train_losses(two)[:5]
+    assert len(a) == len(b) == 5
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["plan"]["distributed"] == "ddp"
+
+
+def _fsdp_args(out: Path) -> list[str]:
+    return [*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--model", "fam:transformer",
+            "--data", "fam:tokens_large", "--epochs", "2", "--no-progress", "--precision", "fp32",
+            "--set", "plan.distributed=fsdp", "--set", "data.batch_size=16",
+            "--set", "optim.name=adamw", "--set", "optim.lr=0.003", "--out", str(out)]
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the launcher and its workers (torchrun starts each in its own session)."""
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_a_transformer_and_resumes_its_checkpoint(user_env, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_fsdp_args(whole), env=user_env, check=True, capture_output=True)
+    reference = json.loads((whole / "summary.json").read_text())
+    assert reference["plan"]["distributed"] == "fsdp"
+    losses = _train_losses(whole)
+    assert losses[-1] < 0.5 * losses[0]  # it learns
+    proc = subprocess.Popen(_fsdp_args(killed), env=user_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoint = killed / "checkpoint.pt"  # written at the end of the first epoch
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    _kill_tree(proc.pid)
+    proc.wait()
+    assert not (killed / "summary.json").exists()  # killed in the second epoch
+    subprocess.run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--resume",
+                    str(killed), "--no-progress"], env=user_env, check=True, capture_output=True)
+    resumed = json.loads((killed / "summary.json").read_text())
+    assert resumed["steps"] == reference["steps"]
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
+    # the checkpoint holds full tensors: the final weights load into one plain model
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import fam
+
+        fam.transformer().load_state_dict(torch.load(killed / "model.pt", weights_only=True))
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_killing_one_rank_ends_the_job_within_60_s_naming_the_rank(blobs_file, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--data",
+                             str(blobs_file), "--epochs", "1000", "--no-progress",
+                             "--set", "data.batch_size=8", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    victim = next(w for w in workers if w.environ().get("LOCAL_RANK") == "1")
+    killed_at = time.monotonic()
+    victim.kill()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - killed_at < 60
+    assert proc.returncode != 0
+    assert "rank 1 (local rank 1" in err and "failed first" in err and "SIGKILL" in err
