@@ -99,15 +99,17 @@ def _train_losses(run: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(blobs_file, tmp_path):
+@pytest.mark.parametrize("batch, accum", [(16, 1), (8, 2)])  # accum: no_sync micro-batches
+def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(blobs_file, tmp_path,
+                                                                        batch, accum):
     common = ["--data", str(blobs_file), "--epochs", "1", "--no-progress", "--precision",
               "fp32", "--set", "train.log_every=1", "--set", "train.monitor_interval_s=0"]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([*LEANTRAIN, "train", *common, "--set", "data.batch_size=32",
                     "--out", str(one)], check=True, capture_output=True)
     subprocess.run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common,
-                    "--set", "data.batch_size=16", "--out", str(two)],
-                   check=True, capture_output=True)
+                    "--set", f"data.batch_size={batch}", "--set", f"plan.grad_accum={accum}",
+                    "--out", str(two)], check=True, capture_output=True)
     a, b = _train_losses(one)[:5], _train_losses(two)[:5]
     assert len(a) == len(b) == 5
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5

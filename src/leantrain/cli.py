@@ -392,7 +392,9 @@ COMMANDS = {"train": cmd_train, "distill": cmd_distill, "bench": cmd_bench,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+    main_rank = DistContext.from_env().is_main  # under launch, only rank 0 reports progress
+    logging.basicConfig(level=logging.DEBUG if args.debug else
+                        logging.INFO if main_rank else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
