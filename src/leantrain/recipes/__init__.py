@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from ..compress.separable import to_separable
 from ..errors import LeantrainError
 from .models import SmallCNN
 
@@ -27,6 +28,14 @@ RECIPES = {
             "digits-cnn",
             "SmallCNN on scikit-learn's digits (32×32), SGD+nesterov, one-cycle, 8 epochs",
             lambda num_classes: SmallCNN(1, num_classes),
+            {"data": {"source": "digits"}},
+        ),
+        Recipe(
+            "digits-separable",
+            "digits-cnn with its 3×3 convs (past the first) depthwise-separable, MobileNet "
+            "style (BatchNorm + ReLU between depthwise and pointwise)",
+            lambda num_classes: to_separable(SmallCNN(1, num_classes), norm=True,
+                                             activation=True)[0],
             {"data": {"source": "digits"}},
         ),
     ]
