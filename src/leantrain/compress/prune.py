@@ -1,0 +1,222 @@
+"""Pruning: unstructured masks (no speed-up) and structured channel removal (a smaller model).
+
+Unstructured magnitude pruning (torch.nn.utils.prune) zeroes the smallest weights. Dense
+kernels still multiply the zeros, so it saves no time and, while masked, stores each weight
+twice (`weight_orig` and `weight_mask`); `finalize` folds the masks back into plain weights.
+It is here for sparsity studies and as the first half of a sparse-kernel pipeline.
+
+Structured pruning removes whole channels, with Torch-Pruning's dependency graph keeping
+coupled layers consistent (a conv's output channels, the BatchNorm after it, the next
+layer's input channels). The result is an ordinary, smaller dense model: fewer multiply-adds
+and lower latency on any hardware. Its state_dict no longer fits the original class at the
+original width; `save_pruned` / `load_pruned` store and restore the pruned shapes,
+weights-only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from ..checkpoint import atomic_save, load_checkpoint
+from ..errors import LeantrainError
+
+SCHEDULES = ("one-shot", "iterative", "gradual")
+IMPORTANCES = ("magnitude", "taylor")
+PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0 < ratio < 1:
+        raise LeantrainError(f"pruning ratio must be in (0, 1), got {ratio}")
+
+
+def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+
+
+def output_layer(model: nn.Module) -> nn.Module:
+    """The last Conv2d/Linear: it produces the classes, so its outputs are never pruned."""
+    layers = prunable(model)
+    if not layers:
+        raise LeantrainError("nothing to prune: the model has no Conv2d or Linear layer")
+    return layers[-1][1]
+
+
+# ------------------------------------------------------------------ unstructured
+
+
+def schedule_amounts(amount: float, schedule: str, steps: int) -> list[float]:
+    """Cumulative sparsity after each step.
+
+    one-shot: all at once. iterative: the same fraction of what is left at every step.
+    gradual: Zhu & Gupta's cubic ramp, s_t = s·(1 − (1 − t/n)³), fast early, slow late.
+    """
+    check_ratio(amount)
+    if schedule not in SCHEDULES:
+        raise LeantrainError(f"schedule {schedule!r}: allowed {', '.join(SCHEDULES)}")
+    if schedule == "one-shot":
+        return [amount]
+    if steps < 1:
+        raise LeantrainError(f"schedule steps must be >= 1, got {steps}")
+    if schedule == "iterative":
+        keep = (1 - amount) ** (1 / steps)
+        return [1 - keep ** (t + 1) for t in range(steps)]
+    return [amount * (1 - (1 - (t + 1) / steps) ** 3) for t in range(steps)]
+
+
+def prune_unstructured(model: nn.Module, amount: float, scope: str = "layer",
+                       schedule: str = "one-shot", steps: int = 3,
+                       finetune: Callable[[nn.Module, int], Any] | None = None) -> list[float]:
+    """Mask the smallest-magnitude weights of every Conv2d/Linear (`scope` "layer": the same
+    fraction in each; "global": one threshold across all), following `schedule`, calling
+    `finetune(model, step)` after every step. Returns the cumulative sparsity per step.
+    Leaves the masks on (call `finalize` to make the weights plain)."""
+    targets = [(m, "weight") for _, m in prunable(model)]
+    if not targets:
+        raise LeantrainError("nothing to prune: the model has no Conv2d or Linear layer")
+    if scope not in ("layer", "global"):
+        raise LeantrainError(f"scope {scope!r}: allowed layer, global")
+    done = 0.0
+    for step, target in enumerate(schedule_amounts(amount, schedule, steps)):
+        fraction = (target - done) / (1 - done)  # torch prunes a fraction of what is left
+        if scope == "global":
+            torch_prune.global_unstructured(targets, torch_prune.L1Unstructured,
+                                            amount=fraction)
+        else:
+            for module, name in targets:
+                torch_prune.l1_unstructured(module, name, amount=fraction)
+        done = target
+        if finetune is not None:
+            finetune(model, step)
+    return schedule_amounts(amount, schedule, steps)
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Fold every pruning mask into its weight: no `_orig`/`_mask` entries remain."""
+    for _, module in prunable(model):
+        if torch_prune.is_pruned(module):
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, torch_prune.BasePruningMethod):
+                    torch_prune.remove(module, hook._tensor_name)
+    return model
+
+
+def sparsity(model: nn.Module) -> float:
+    """Share of exactly-zero weights over all Conv2d/Linear weights."""
+    weights = [m.weight for _, m in prunable(model)]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+# ------------------------------------------------------------------ structured
+
+
+def _importance(name: str):
+    import torch_pruning as tp
+
+    if name == "magnitude":
+        return tp.importance.MagnitudeImportance(p=2)
+    if name == "taylor":
+        return tp.importance.TaylorImportance()
+    raise LeantrainError(f"importance {name!r}: allowed {', '.join(IMPORTANCES)}")
+
+
+def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
+                   importance: str = "magnitude", steps: int = 1,
+                   finetune: Callable[[nn.Module, int], Any] | None = None,
+                   gradient_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+                   | None = None) -> nn.Module:
+    """Remove `ratio` of the channels of every prunable layer except the output layer, in
+    `steps` equal steps, calling `finetune(model, step)` after each.
+
+    Taylor importance scores channels by |weight × gradient|: `gradient_batches()` yields the
+    (inputs, labels) whose cross-entropy gradient it uses at each step.
+    """
+    import torch_pruning as tp
+
+    check_ratio(ratio)
+    if steps < 1:
+        raise LeantrainError(f"pruning steps must be >= 1, got {steps}")
+    keep = output_layer(model)
+    if len(prunable(model)) < 2:
+        raise LeantrainError("nothing to prune: the only Conv2d/Linear layer is the output "
+                             "layer, whose outputs are the classes")
+    if importance == "taylor" and gradient_batches is None:
+        raise LeantrainError("taylor importance needs batches to take gradients on")
+    pruner = tp.pruner.MetaPruner(model, example_inputs, importance=_importance(importance),
+                                  pruning_ratio=ratio, iterative_steps=steps,
+                                  ignored_layers=[keep])
+    for step in range(steps):
+        if importance == "taylor":
+            model.zero_grad()
+            for x, y in gradient_batches():
+                nn.functional.cross_entropy(model(x), y).backward()
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        if finetune is not None:
+            finetune(model, step)
+    return model
+
+
+def channel_counts(model: nn.Module) -> dict[str, int]:
+    """Output channels (Conv2d) or features (Linear) per prunable layer."""
+    return {n: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            for n, m in prunable(model)}
+
+
+# ------------------------------------------------------------------ saving a pruned model
+
+
+def save_pruned(model: nn.Module, path: str | Path) -> None:
+    """A plain state_dict (tensors only: loadable weights-only) whose shapes are the pruned ones."""
+    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def _resize(module: nn.Module, name: str, shape: torch.Size) -> None:
+    current = getattr(module, name)
+    fresh = torch.empty(shape, dtype=current.dtype, device=current.device)
+    if isinstance(current, nn.Parameter):
+        setattr(module, name, nn.Parameter(fresh, requires_grad=current.requires_grad))
+    else:
+        module._buffers[name] = fresh
+
+
+def _fix_attributes(module: nn.Module) -> None:
+    """Make a resized layer's size attributes agree with its new weight."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Conv2d) and weight is not None:
+        depthwise = module.groups == module.in_channels and module.groups > 1
+        module.out_channels = weight.shape[0]
+        module.in_channels = weight.shape[0] if depthwise else weight.shape[1] * module.groups
+        if depthwise:
+            module.groups = weight.shape[0]
+    elif isinstance(module, nn.Linear) and weight is not None:
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = module.running_mean.shape[0]
+
+
+def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
+    """Shrink a freshly built (unpruned) model to the saved shapes, then load the weights."""
+    state = load_checkpoint(path)
+    modules = dict(model.named_modules())
+    for key, tensor in state.items():
+        owner, _, name = key.rpartition(".")
+        module = modules.get(owner)
+        if module is None or not hasattr(module, name):
+            raise LeantrainError(f"{path}: entry {key!r} has no place in this model; was it "
+                                 "pruned from another architecture?")
+        if getattr(module, name) is not None and getattr(module, name).shape != tensor.shape:
+            _resize(module, name, tensor.shape)
+    for module in model.modules():
+        _fix_attributes(module)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise LeantrainError(f"{path} does not fit this model: {exc}") from exc
+    return model
