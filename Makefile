@@ -30,6 +30,7 @@ bench: $(BIN)/leantrain
 	$(BIN)/python benchmarks/bench_digits.py
 	$(BIN)/python benchmarks/data_loading.py --epochs 80 --repeats 2
 	$(BIN)/python benchmarks/distributed.py
+	$(BIN)/python benchmarks/compress_digits.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -44,7 +44,8 @@ def load_teacher(model: nn.Module, checkpoint: str | Path) -> nn.Module:
 def _describe(model: nn.Module, accuracy: float, sample: torch.Tensor) -> dict[str, Any]:
     return {"val_accuracy": accuracy,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "cpu_latency_batch64_ms": 1e3 * latency_seconds(model, sample, 64)}
+            "cpu_latency_batch64_ms": 1e3 * latency_seconds(model, sample, 64,
+                                                            channels_last=True)}
 
 
 def run_distillation(teacher: nn.Module, build_student: Callable[[], nn.Module],

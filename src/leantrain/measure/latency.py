@@ -11,10 +11,17 @@ from torch import nn
 
 @torch.inference_mode()
 def latency_seconds(model: nn.Module, sample: torch.Tensor, batch_size: int,
-                    repeats: int = 30, warmup: int = 5) -> float:
-    """Median over `repeats` timed forward passes on CPU, after `warmup` untimed ones."""
-    model = model.eval().cpu()
+                    repeats: int = 30, warmup: int = 5, channels_last: bool = False) -> float:
+    """Median over `repeats` timed forward passes on CPU, after `warmup` untimed ones.
+
+    `channels_last` puts the model and the batch in NHWC (the memory format conv models run
+    fastest in on CPU); otherwise both are NCHW, so comparisons never mix formats.
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.eval().cpu().to(memory_format=fmt)
     batch = sample.unsqueeze(0).expand(batch_size, *sample.shape).contiguous()
+    if batch.dim() == 4:
+        batch = batch.contiguous(memory_format=fmt)
     for _ in range(warmup):
         model(batch)
     times = []
