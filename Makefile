@@ -31,6 +31,7 @@ bench: $(BIN)/leantrain
 	$(BIN)/python benchmarks/data_loading.py --epochs 80 --repeats 2
 	$(BIN)/python benchmarks/distributed.py
 	$(BIN)/python benchmarks/compress_digits.py
+	$(BIN)/python benchmarks/quantize_mlp.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

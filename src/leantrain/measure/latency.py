@@ -18,7 +18,11 @@ def latency_seconds(model: nn.Module, sample: torch.Tensor, batch_size: int,
     fastest in on CPU); otherwise both are NCHW, so comparisons never mix formats.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.eval().cpu().to(memory_format=fmt)
+    model = model.eval()
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model.cpu()  # (a no-op .cpu() would still re-wrap tensor subclasses, e.g. torchao's)
+    if any(p.dim() == 4 for p in model.parameters()):  # only conv weights have a layout
+        model.to(memory_format=fmt)
     batch = sample.unsqueeze(0).expand(batch_size, *sample.shape).contiguous()
     if batch.dim() == 4:
         batch = batch.contiguous(memory_format=fmt)

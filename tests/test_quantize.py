@@ -1,0 +1,54 @@
+"""int8 quantization of Linear layers with torchao: size, accuracy of outputs, errors."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from leantrain.compress.quantize import METHODS, output_error, quantize_linear, state_bytes
+from leantrain.errors import LeantrainError
+from leantrain.measure.latency import latency_seconds
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                         nn.Linear(512, 10)).eval()
+
+
+@pytest.mark.parametrize("method, tolerance", [("int8-dynamic", 0.05),
+                                               ("int8-weight-only", 0.02)])
+def test_int8_linear_weights_are_4x_smaller_and_outputs_stay_close(method, tolerance):
+    base = _mlp()
+    quantized = quantize_linear(copy.deepcopy(base), method)
+    assert state_bytes(base) / state_bytes(quantized) >= 3.5
+    x = torch.randn(32, 256)
+    error = output_error(base, quantized, x)
+    assert error["max_rel_error"] < tolerance
+    assert latency_seconds(quantized, x[0], 8, repeats=3, warmup=1) > 0
+    buffer = io.BytesIO()
+    torch.save(quantized.state_dict(), buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)  # a quantized checkpoint is still weights-only
+
+
+def test_a_conv_only_model_gets_a_clear_error_naming_the_pt2e_path():
+    with pytest.raises(LeantrainError, match="pt2e flow with the x86 Inductor quantizer"):
+        quantize_linear(nn.Sequential(nn.Conv2d(1, 4, 3)), "int8-dynamic")
+
+
+def test_an_unknown_method_lists_the_allowed_ones():
+    with pytest.raises(LeantrainError, match=", ".join(METHODS)):
+        quantize_linear(_mlp(), "int4")
+
+
+@pytest.mark.slow
+def test_compiled_int8_dynamic_matches_eager():
+    quantized = quantize_linear(_mlp(), "int8-dynamic")
+    x = torch.randn(16, 256)
+    with torch.inference_mode():
+        eager = quantized(x)
+        compiled = torch.compile(quantized)(x)
+    assert torch.allclose(eager, compiled, rtol=0.02, atol=0.02)
