@@ -93,6 +93,12 @@ def user_env(tmp_path):
     return dict(os.environ, PYTHONPATH=str(tmp_path))
 
 
+def _run(cmd: list[str], **kwargs) -> None:
+    """Run a command; on failure, show its stderr (each rank's output) in the test report."""
+    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def _train_losses(run: Path) -> list[float]:
     records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
     return [r["loss"] for r in records if r["kind"] == "train"]
@@ -105,11 +111,10 @@ def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(blobs_fil
     common = ["--data", str(blobs_file), "--epochs", "1", "--no-progress", "--precision",
               "fp32", "--set", "train.log_every=1", "--set", "train.monitor_interval_s=0"]
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([*LEANTRAIN, "train", *common, "--set", "data.batch_size=32",
-                    "--out", str(one)], check=True, capture_output=True)
-    subprocess.run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common,
-                    "--set", f"data.batch_size={batch}", "--set", f"plan.grad_accum={accum}",
-                    "--out", str(two)], check=True, capture_output=True)
+    _run([*LEANTRAIN, "train", *common, "--set", "data.batch_size=32", "--out", str(one)])
+    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common,
+          "--set", f"data.batch_size={batch}", "--set", f"plan.grad_accum={accum}",
+          "--out", str(two)])
     a, b = _train_losses(one)[:5], _train_losses(two)[:5]
     assert len(a) == len(b) == 5
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
@@ -134,7 +139,7 @@ def _kill_tree(pid: int) -> None:
 @pytest.mark.slow
 def test_fsdp2_trains_a_transformer_and_resumes_its_checkpoint(user_env, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_fsdp_args(whole), env=user_env, check=True, capture_output=True)
+    _run(_fsdp_args(whole), env=user_env)
     reference = json.loads((whole / "summary.json").read_text())
     assert reference["plan"]["distributed"] == "fsdp"
     losses = _train_losses(whole)
@@ -149,8 +154,8 @@ def test_fsdp2_trains_a_transformer_and_resumes_its_checkpoint(user_env, tmp_pat
     _kill_tree(proc.pid)
     proc.wait()
     assert not (killed / "summary.json").exists()  # killed in the second epoch
-    subprocess.run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--resume",
-                    str(killed), "--no-progress"], env=user_env, check=True, capture_output=True)
+    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--resume", str(killed),
+          "--no-progress"], env=user_env)
     resumed = json.loads((killed / "summary.json").read_text())
     assert resumed["steps"] == reference["steps"]
     assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)

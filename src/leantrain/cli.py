@@ -32,6 +32,13 @@ from .bench.report import (
 from .bench.search import LOSSY_TOL
 from .checkpoint import CHECKPOINT_NAME, atomic_write_text
 from .compress.distill import check_kd_args
+from .compression import (
+    PRUNE_METHODS,
+    CompressArgs,
+    format_compression,
+    load_trained,
+    run_compression,
+)
 from .config import TrainConfig, load_config, merge, read_plan_file, read_yaml
 from .data import load_data
 from .distillation import format_report, load_teacher, run_distillation
@@ -206,7 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     launch_cmd.add_argument("--master-port", type=int, metavar="P")
     launch_cmd.add_argument("launched", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                             help="-- then the leantrain command to run, e.g. -- train --epochs 3")
-    for sub_parser in (train, distill, bench, find_bs, find_lr_cmd, doctor, launch_cmd):
+    compress = sub.add_parser(
+        "compress", help="separable convs, pruning, int8: a smaller model and a before/after "
+                         "report",
+        description="Load trained weights, apply the steps asked for (fine-tuning with the "
+                    "trainer where a step needs it) and report parameters, multiply-adds, file "
+                    "size, CPU latency (batch 1 and 64) and accuracy after each stage.",
+        epilog="example:\n  leantrain train --out runs/base\n  leantrain compress --checkpoint "
+               "runs/base/model.pt --prune 0.5 --out runs/small",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_source_args(compress)
+    compress.add_argument("--checkpoint", required=True, metavar="MODEL_PT",
+                          help="trained weights: a model.pt state_dict or its run folder")
+    compress.add_argument("--separable", action="store_true",
+                          help="convert eligible 3x3 convs to depthwise-separable, retrain")
+    compress.add_argument("--prune", type=float, metavar="RATIO",
+                          help="share of channels (structured) or weights (unstructured)")
+    compress.add_argument("--prune-method", default="structured", choices=PRUNE_METHODS)
+    compress.add_argument("--quantize", choices=["int8"], help="torchao int8 on Linear layers")
+    compress.add_argument("--finetune-epochs", type=int, default=4, metavar="N")
+    compress.add_argument("--finetune-lr", type=float, default=0.05, metavar="LR")
+    for sub_parser in (train, distill, bench, find_bs, find_lr_cmd, doctor, launch_cmd,
+                       compress):
         sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                 help="show tracebacks and debug logs")
     return parser
@@ -385,9 +413,25 @@ def cmd_launch(args: argparse.Namespace) -> int:
                   command)
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    options = CompressArgs(args.separable, args.prune, args.prune_method, args.quantize,
+                           args.finetune_epochs, args.finetune_lr)
+    options.check()
+    cfg = config_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("compress-%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        raise LeantrainError(f"{out} is not empty; choose another --out")
+    bundle = load_data(cfg.data)
+    model = load_trained(build_model(cfg, bundle), args.checkpoint)
+    report = run_compression(model, bundle, cfg, options, out, progress_bar=not args.no_progress)
+    print(format_compression(report))
+    print(f"\nreport: {out / 'report.json'}, {out / 'report.png'}; model: {out / 'model.pt'}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "distill": cmd_distill, "bench": cmd_bench,
             "find-batch-size": cmd_find_batch_size, "find-lr": cmd_find_lr, "doctor": cmd_doctor,
-            "launch": cmd_launch}
+            "launch": cmd_launch, "compress": cmd_compress}
 
 
 def main(argv: list[str] | None = None) -> int:

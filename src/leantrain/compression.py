@@ -1,0 +1,173 @@
+"""`leantrain compress`: apply separable conversion, pruning and int8 quantization to a
+trained model, fine-tuning with the trainer where a step needs it, and report each stage.
+
+Every stage is measured the same way: parameters, multiply-adds (FLOP counter / 2, one
+sample), state_dict size on disk, CPU latency at batch 1 and 64 (fp32, one memory format for
+all stages), and validation accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from .compress.prune import check_ratio, finalize, prune_channels, prune_unstructured
+from .compress.quantize import quantize_linear
+from .compress.separable import to_separable
+from .config import PlanConfig, TrainConfig, config_from_dict, merge
+from .data import DataBundle, make_loader
+from .errors import LeantrainError
+from .measure.flops import count_flops
+from .measure.latency import latency_seconds
+from .measure.plots import bar_panels
+from .measure.report import human_bytes, table
+from .plan import resolve_plan
+from .trainer import MODEL_NAME, evaluate, fit
+
+PRUNE_METHODS = ("structured", "unstructured")
+
+
+@dataclass(frozen=True)
+class CompressArgs:
+    separable: bool = False
+    prune: float | None = None
+    prune_method: str = "structured"
+    quantize: str | None = None
+    finetune_epochs: int = 4
+    finetune_lr: float = 0.05
+
+    def check(self) -> None:
+        """Reject bad input before anything is loaded, trained or written."""
+        if not (self.separable or self.prune is not None or self.quantize):
+            raise LeantrainError("nothing to do: give --separable, --prune RATIO and/or "
+                                 "--quantize int8")
+        if self.prune is not None:
+            check_ratio(self.prune)
+        if self.prune_method not in PRUNE_METHODS:
+            raise LeantrainError(f"--prune-method {self.prune_method!r}: allowed "
+                                 f"{', '.join(PRUNE_METHODS)}")
+        if self.quantize not in (None, "int8"):
+            raise LeantrainError(f"--quantize {self.quantize!r}: allowed int8")
+        if self.finetune_epochs < 1:
+            raise LeantrainError(f"--finetune-epochs must be >= 1, got {self.finetune_epochs}")
+
+
+def load_trained(model: nn.Module, checkpoint: str | Path) -> nn.Module:
+    """Weights from a model.pt (or a run folder holding one); a mismatch is a clear error."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / MODEL_NAME
+    state = load_checkpoint(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise LeantrainError(f"checkpoint {path} does not match the model: "
+                             f"{' '.join(first[:3])[:400]}") from exc
+    return model
+
+
+def _state_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def measure_stage(name: str, model: nn.Module, bundle: DataBundle, note: str = ""
+                  ) -> dict[str, Any]:
+    model = model.eval()
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model.cpu()
+    sample = torch.as_tensor(bundle.val[0][0])
+    conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    plan = resolve_plan(PlanConfig(device="cpu", precision="fp32", channels_last=conv), model)
+    with torch.no_grad():
+        macs = count_flops(lambda: model(sample.unsqueeze(0))) // 2
+    accuracy, _ = evaluate(model, make_loader(bundle.val, 256, False), plan)
+    return {
+        "stage": name, "note": note,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "macs": macs, "file_bytes": _state_bytes(model), "val_accuracy": accuracy,
+        "latency_b1_ms": 1e3 * latency_seconds(model, sample, 1, channels_last=conv),
+        "latency_b64_ms": 1e3 * latency_seconds(model, sample, 64, channels_last=conv),
+    }
+
+
+def run_compression(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, args: CompressArgs,
+                    out: Path, progress_bar: bool = True) -> dict[str, Any]:
+    stages = [measure_stage("trained", model, bundle)]
+    tune_cfg = config_from_dict(merge(cfg.to_dict(), {
+        "train": {"epochs": args.finetune_epochs, "monitor_interval_s": 0},
+        "optim": {"lr": args.finetune_lr}}))
+
+    def finetune(net: nn.Module, step: int) -> None:
+        fit(net, bundle.train, bundle.val, tune_cfg, None, progress_bar=progress_bar)
+
+    if args.separable:
+        model, changes = to_separable(model, norm=True, activation=True)
+        if not changes:
+            raise LeantrainError("--separable: no Conv2d qualifies (groups=1, kernel > 1, "
+                                 ">= 16 input channels)")
+        fit(model, bundle.train, bundle.val, cfg, None, progress_bar=progress_bar)
+        stages.append(measure_stage("separable", model, bundle,
+                                    f"{len(changes)} convs converted, retrained "
+                                    f"{cfg.train.epochs} epochs"))
+    if args.prune is not None:
+        if args.prune_method == "structured":
+            example = torch.as_tensor(bundle.train[0][0]).unsqueeze(0)
+            prune_channels(model.eval(), example, args.prune, steps=2, finetune=finetune)
+            note = f"{args.prune:.0%} of channels removed in 2 steps, fine-tuned after each"
+        else:
+            prune_unstructured(model, args.prune, schedule="gradual", steps=3,
+                               finetune=finetune)
+            finalize(model)
+            note = (f"{args.prune:.0%} of weights zeroed (gradual, 3 steps): dense kernels "
+                    "gain no speed from unstructured sparsity")
+        stages.append(measure_stage(f"pruned ({args.prune_method})", model, bundle, note))
+    if args.quantize:
+        fp32 = model
+        model = quantize_linear(copy.deepcopy(model), "int8-dynamic")
+        stage = measure_stage("int8 (Linear layers)", model, bundle,
+                              "torchao int8-dynamic on Linear layers only. It pays off under "
+                              "torch.compile, if at all: compiled latencies are measured "
+                              "for it and for the model before it")
+        sample = torch.as_tensor(bundle.val[0][0])
+        conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        for key, net in (("compiled_b64_ms", model), ("compiled_b64_ms_before", fp32)):
+            stage[f"latency_{key}"] = 1e3 * latency_seconds(torch.compile(net), sample, 64,
+                                                           channels_last=conv)
+        stages.append(stage)
+    report = {"stages": stages, "args": args.__dict__}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save({k: v for k, v in model.state_dict().items()}, out / MODEL_NAME)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    names = [s["stage"] for s in stages]
+    bar_panels(names, [("multiply-adds (M)", [s["macs"] / 1e6 for s in stages]),
+                       ("latency b64 (ms)", [s["latency_b64_ms"] for s in stages]),
+                       ("val accuracy (%)", [100 * s["val_accuracy"] for s in stages])],
+               out / "report.png", "leantrain compress: each stage", reference=None)
+    return report
+
+
+def format_compression(report: dict[str, Any]) -> str:
+    lines = []
+    for s in report["stages"]:
+        rows = [("parameters", f"{s['parameters']:,}"), ("multiply-adds", f"{s['macs']:,}"),
+                ("file size", human_bytes(s["file_bytes"])),
+                ("latency b1 / b64", f"{s['latency_b1_ms']:.3f} / {s['latency_b64_ms']:.2f} ms"),
+                ("val accuracy", f"{s['val_accuracy']:.2%}")]
+        if "latency_compiled_b64_ms" in s:
+            rows.append(("compiled b64", f"{s['latency_compiled_b64_ms']:.2f} ms (before "
+                                         f"int8: {s['latency_compiled_b64_ms_before']:.2f} ms)"))
+        if s["note"]:
+            rows.append(("note", s["note"]))
+        lines.append(table(rows, s["stage"]))
+    return "\n\n".join(lines)
