@@ -132,8 +132,11 @@ def _fsdp_args(out: Path) -> list[str]:
 def _kill_tree(pid: int) -> None:
     """SIGKILL the launcher and its workers (torchrun starts each in its own session)."""
     root = psutil.Process(pid)
-    for proc in [root, *root.children(recursive=True)]:
-        proc.kill()
+    for proc in [*root.children(recursive=True), root]:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:  # it ended on its own in the meantime
+            pass
 
 
 @pytest.mark.slow
