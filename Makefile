@@ -32,6 +32,7 @@ bench: $(BIN)/leantrain
 	$(BIN)/python benchmarks/distributed.py
 	$(BIN)/python benchmarks/compress_digits.py
 	$(BIN)/python benchmarks/quantize_mlp.py
+	$(BIN)/python benchmarks/gpt_cpu.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -30,7 +30,7 @@ from .bench.report import (
     write_lr,
 )
 from .bench.search import LOSSY_TOL
-from .checkpoint import CHECKPOINT_NAME, atomic_write_text
+from .checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint
 from .compress.distill import check_kd_args
 from .compression import (
     PRUNE_METHODS,
@@ -41,6 +41,7 @@ from .compression import (
 )
 from .config import TrainConfig, load_config, merge, read_plan_file, read_yaml
 from .data import load_data
+from .data.text import VOCAB
 from .distillation import format_report, load_teacher, run_distillation
 from .distributed import DistContext, teardown
 from .doctor import format_doctor, run_doctor
@@ -49,8 +50,9 @@ from .imports import import_object
 from .launch import launch
 from .measure.report import format_summary
 from .recipes import RECIPES, get_recipe
+from .recipes.gpt import generate
 from .recipes.models import default_model
-from .trainer import CONFIG_NAME, fit
+from .trainer import CONFIG_NAME, MODEL_NAME, fit
 
 log = logging.getLogger("leantrain")
 
@@ -233,8 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--quantize", choices=["int8"], help="torchao int8 on Linear layers")
     compress.add_argument("--finetune-epochs", type=int, default=4, metavar="N")
     compress.add_argument("--finetune-lr", type=float, default=0.05, metavar="LR")
+    gen = sub.add_parser(
+        "generate", help="sample text from a trained byte-level language model (text-gpt)",
+        description="Load a text run's model and continue the prompt byte by byte.",
+        epilog="example:\n  leantrain train --recipe text-gpt --out runs/gpt\n"
+               "  leantrain generate --checkpoint runs/gpt --prompt 'def main('",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="the run folder")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--tokens", type=int, default=200, metavar="N", help="bytes to add")
+    gen.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                     help="0 = greedy (default 0.8)")
+    gen.add_argument("--top-k", type=int, default=40, metavar="K")
+    gen.add_argument("--seed", type=int, default=0)
     for sub_parser in (train, distill, bench, find_bs, find_lr_cmd, doctor, launch_cmd,
-                       compress):
+                       compress, gen):
         sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                 help="show tracebacks and debug logs")
     return parser
@@ -285,8 +300,12 @@ def build_model(cfg: TrainConfig, bundle) -> nn.Module:
         return _build_from(cfg.model, "--model", cfg.train.seed)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every run and resume
     recipe = get_recipe(cfg.recipe)
-    if cfg.data.source == recipe.config.get("data", {}).get("source"):
-        return recipe.build_model(bundle.num_classes)
+    text = cfg.data.context is not None
+    if (recipe.text and text) or cfg.data.source == recipe.config.get("data", {}).get("source"):
+        return recipe.build_model(bundle.num_classes, cfg.data)
+    if text:
+        raise LeantrainError("text data (data.context set) needs a language model: "
+                             "--recipe text-gpt, or --model MOD:FN")
     sample = bundle.train[0][0]
     if bundle.num_classes is None:
         raise LeantrainError("with --data MOD:FN, also pass --model MOD:FN (the number of "
@@ -429,9 +448,32 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    run = Path(args.checkpoint)
+    for name in (CONFIG_NAME, MODEL_NAME):
+        if not (run / name).is_file():
+            raise LeantrainError(f"--checkpoint {run}: no {name} there (pass a run folder of "
+                                 "`leantrain train`)")
+    if args.tokens < 1 or args.top_k < 1:
+        raise LeantrainError("--tokens and --top-k must be >= 1")
+    cfg = load_config(run / CONFIG_NAME)
+    if cfg.data.context is None:
+        raise LeantrainError(f"{run} is not a text run (data.context is not set): generate "
+                             "needs a byte-level language model, e.g. --recipe text-gpt")
+    recipe = get_recipe(cfg.recipe)
+    model = _build_from(cfg.model, "--model", cfg.train.seed) if cfg.model \
+        else recipe.build_model(VOCAB, cfg.data)
+    model.load_state_dict(load_checkpoint(run / MODEL_NAME))
+    prompt = torch.tensor(list(args.prompt.encode()), dtype=torch.long)
+    out = generate(model, prompt, args.tokens, cfg.data.context, args.temperature, args.top_k,
+                   torch.Generator().manual_seed(args.seed))
+    print(bytes(out.tolist()).decode("utf-8", errors="replace"))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "distill": cmd_distill, "bench": cmd_bench,
             "find-batch-size": cmd_find_batch_size, "find-lr": cmd_find_lr, "doctor": cmd_doctor,
-            "launch": cmd_launch, "compress": cmd_compress}
+            "launch": cmd_launch, "compress": cmd_compress, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

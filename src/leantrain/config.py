@@ -39,6 +39,10 @@ class DataConfig:
     persistent_workers: Auto | bool = "auto"  # auto: on with workers and more than one epoch
     # auto: batched indexing for tensor-backed datasets, a DataLoader otherwise
     loader: Literal["auto", "in-memory", "dataloader"] = "auto"
+    # text for language models: when set, the source (python-stdlib, a file or a folder) is
+    # read as bytes, cut into samples of `context` bytes that predict the next byte
+    context: int | None = None
+    max_bytes: int = 4_000_000  # text: at most this much train text (val: a tenth)
 
 
 @dataclass
@@ -84,6 +88,7 @@ class PlanConfig:
     tf32: Auto | bool = "auto"
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
     grad_accum: int = 1
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     # under `leantrain launch`: auto = DDP; fsdp = FSDP2 (fully_shard) for models that do not
     # fit one device
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -180,6 +185,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         "train.dist_timeout_s": cfg.train.dist_timeout_s,
         "train.eval_every_epochs": cfg.train.eval_every_epochs,
         "plan.grad_accum": cfg.plan.grad_accum,
+        "data.max_bytes": cfg.data.max_bytes,
         "optim.lr": cfg.optim.lr,
     }
     for key, value in positive.items():
@@ -197,6 +203,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
     if cfg.data.num_workers != "auto":
         checks.append(("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0,
                        ">= 0 or auto"))
+    if cfg.data.context is not None:
+        checks.append(("data.context", cfg.data.context, cfg.data.context >= 1, ">= 1"))
     if cfg.data.prefetch_factor != "auto":
         checks.append(("data.prefetch_factor", cfg.data.prefetch_factor,
                        cfg.data.prefetch_factor >= 1, ">= 1 or auto"))

@@ -15,7 +15,14 @@ from .config import PlanConfig
 from .distributed import DistContext, rank_device, resolve_strategy
 from .env import select_device
 from .errors import LeantrainError
-from .techniques import backend_flags, compile, memory_format, optimizer, precision
+from .techniques import (
+    backend_flags,
+    checkpointing,
+    compile,
+    memory_format,
+    optimizer,
+    precision,
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class ResolvedPlan:
     grad_accum: int
     outcomes: list[Outcome] = field(default_factory=list)
     distributed: str | None = None  # "ddp" | "fsdp" under `leantrain launch`, else None
+    activation_checkpointing: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -52,6 +60,7 @@ class ResolvedPlan:
             "optimizer_impl": self.optimizer_impl,
             "grad_accum": self.grad_accum,
             "distributed": self.distributed,
+            "activation_checkpointing": self.activation_checkpointing,
             "outcomes": {o.name: o.describe() for o in self.outcomes},
         }
 
@@ -107,9 +116,12 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module) -> ResolvedPlan:
     outcomes.append(Outcome("grad_accum", cfg.grad_accum > 1,
                             f"{cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1
                             else "one batch per step"))
+    ckpt, out = _choose("activation_checkpointing", cfg.activation_checkpointing, False,
+                        checkpointing.supported(model))
+    outcomes.append(out)
     strategy = resolve_strategy(cfg.distributed, ctx)
     outcomes.append(Outcome("distributed", strategy is not None,
                             f"{strategy} over {ctx.world_size} process(es), rank {ctx.rank}"
                             if strategy else "one process (start several with leantrain launch)"))
     return ResolvedPlan(device, prec, cl, comp, bench, tf32, impl, cfg.grad_accum, outcomes,
-                        strategy)
+                        strategy, ckpt)

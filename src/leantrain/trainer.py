@@ -55,6 +55,7 @@ from .plan import ResolvedPlan, resolve_plan
 from .run_logs import RunLog, truncate_after
 from .techniques import accumulation, clipping, precision
 from .techniques.backend_flags import backend_flags
+from .techniques.checkpointing import apply_activation_checkpointing
 from .techniques.compile import apply_compile
 from .techniques.init import init_weights
 from .techniques.memory_format import apply_channels_last, to_channels_last
@@ -96,8 +97,19 @@ def _prepare_batch(x: torch.Tensor, y: torch.Tensor, plan: ResolvedPlan):
 
 def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor,
                        *extras: torch.Tensor) -> torch.Tensor:
-    """The default training loss. A custom loss gets the same arguments (e.g. distillation)."""
-    return F.cross_entropy(outputs, targets)
+    """The default training loss. A custom loss gets the same arguments (e.g. distillation).
+
+    Outputs are (batch, ..., classes) with targets (batch, ...): one class per sample, or
+    one per position of a sequence (a language model's next token).
+    """
+    return F.cross_entropy(outputs.flatten(0, -2), targets.flatten())
+
+
+def _score(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(summed cross-entropy, correct predictions, targets) of a batch, on the device."""
+    flat = out.detach().float().flatten(0, -2)
+    loss = F.cross_entropy(flat, y.flatten(), reduction="sum")
+    return loss, (flat.argmax(-1) == y.flatten()).sum(), y.numel()
 
 
 @torch.no_grad()
@@ -112,9 +124,10 @@ def evaluate(model: nn.Module, loader, plan: ResolvedPlan) -> tuple[float, float
         x, y = _prepare_batch(x, y, plan)
         with precision.autocast(plan.device, plan.precision):
             out = model(x)
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-        count += len(y)
+        batch_loss, batch_correct, batch_count = _score(out, y)
+        loss_sum += batch_loss
+        correct += batch_correct
+        count += batch_count
     model.train(was_training)
     return correct.item() / count, loss_sum.item() / count
 
@@ -139,17 +152,19 @@ def check_model_fits_data(model: nn.Module, train_data: Dataset, loader, plan: R
         ) from exc
     finally:
         model.train(was_training)
-    if out.dim() != 2 or out.shape[0] != x.shape[0]:
+    if out.dim() < 2 or out.shape[:-1] != y.shape:
         raise LeantrainError(
-            f"the model must return class scores of shape (batch, classes); for an input of "
-            f"shape {tuple(x.shape)} it returned {tuple(out.shape)}"
+            f"the model must return class scores of shape (batch, classes), or (batch, ..., "
+            f"classes) for labels of shape (batch, ...); for an input of shape "
+            f"{tuple(x.shape)} and labels of shape {tuple(y.shape)} it returned "
+            f"{tuple(out.shape)}"
         )
-    num_classes = out.shape[1]
+    num_classes = out.shape[-1]
     tensors = tensors_of(train_data)
     labels = tensors[1] if tensors is not None else y
-    if labels.is_floating_point() or labels.dim() != 1:
-        raise LeantrainError(f"labels must be a 1-D integer tensor, got {labels.dtype} "
-                             f"of shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.dim() != out.dim() - 1:
+        raise LeantrainError(f"labels must be an integer tensor with one label per output "
+                             f"row, got {labels.dtype} of shape {tuple(labels.shape)}")
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise LeantrainError(
@@ -175,6 +190,8 @@ class Trainer:
         self.model = model.to(self.plan.device)
         if self.plan.channels_last:  # before any measuring, so it measures the run's layout
             apply_channels_last(self.model)
+        if self.plan.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
         self.timer = StepTimer(self.plan.device)
         data, on_cuda = cfg.data, self.plan.device.type == "cuda"
         values = dataclasses.asdict(data)
@@ -317,9 +334,9 @@ class Trainer:
         timer.mark("copy")
         out, loss = self._forward_loss(self.step_model, x, y, extras)
         loss_sum, correct, count = self.epoch_sums
-        loss_sum += loss.detach().float() * len(y)
-        correct += (out.detach().argmax(1) == y).sum()
-        count += len(y)
+        loss_sum += loss.detach().float() * y.numel()
+        correct += (out.detach().flatten(0, -2).argmax(-1) == y.flatten()).sum()
+        count += y.numel()
         timer.mark("forward")
         scaled = accumulation.scale_loss(loss, accum)
         boundary = accumulation.is_step_boundary(micro, accum, last)
@@ -571,6 +588,12 @@ class Trainer:
             "parameters": sum(t.numel() for t in self.model.parameters()),
             "plan": plan.to_dict(),
         }
+        context = self.cfg.data.context
+        if context is not None:  # a byte-level language model: per-token figures
+            summary["tokens_per_second"] = samples_per_second * context \
+                if samples_per_second else None
+            summary["val_bits_per_byte"] = p.val_loss / math.log(2) \
+                if p.val_loss is not None else None
         if self.out_dir is not None:
             state, _ = distributed.full_state(self.model, self.optimizer, plan.distributed)
             if self.dist.is_main:

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, TensorDataset
 from ..config import DataConfig
 from ..errors import LeantrainError
 from ..imports import import_object
+from .text import VOCAB, load_text
 
 SPLIT_SEED = 0  # fixed, so every run (and every resume) sees the same split
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -202,6 +203,10 @@ def from_function(spec: str) -> DataBundle:
 def load_data(cfg: DataConfig) -> DataBundle:
     """Dispatch on `cfg.source`: 'digits', a path, or 'pkg.module:fn'."""
     source = cfg.source
+    if cfg.context is not None:
+        train, val, description = load_text(source, cfg.context, cfg.val_fraction,
+                                            cfg.max_bytes)
+        return DataBundle(train, val, VOCAB, description)
     if source == "digits":
         return digits(cfg)
     path = Path(source)

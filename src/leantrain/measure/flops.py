@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..env import compute_cores, cpu_clock_ghz, cpu_flags
@@ -43,6 +44,31 @@ class Peak:
     flops_per_second: float
     label: str  # what the figure is, e.g. "H100 SXM bf16 dense" or the CPU formula
     estimate: bool
+
+
+def _count_cpu_attention() -> None:
+    """Teach the counter the CPU flash-attention kernels, which it has no formula for here.
+
+    Without this, `scaled_dot_product_attention` on CPU counts as 0 FLOPs and a transformer's
+    MFU comes out low by the attention share. The CUDA kernels' formulas apply unchanged:
+    the CPU op takes the same query/key/value shapes.
+    """
+    def forward(query, key, value, *args, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    pairs = [("_scaled_dot_product_flash_attention_for_cpu", forward),
+             ("_scaled_dot_product_flash_attention_for_cpu_backward", backward)]
+    for name, formula in pairs:
+        op = getattr(aten, name, None)
+        if op is not None and op.default not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)
+
+
+_count_cpu_attention()
 
 
 def count_flops(fn: Callable[[], object]) -> int:

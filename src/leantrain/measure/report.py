@@ -75,6 +75,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         (f"peak memory ({summary['peak_memory_kind']})", human_bytes(summary["peak_memory_bytes"])),
         ("train loader", summary["train_loader"]),
     ]
+    if summary.get("val_bits_per_byte") is not None:
+        rows.insert(2, ("validation bits per byte", f"{summary['val_bits_per_byte']:.3f}"))
+        rows.insert(5, ("tokens/s (steps)", _fmt(summary["tokens_per_second"], ",.0f")))
     rows += _visibility_rows(summary)
     if summary.get("compile_seconds") is not None:
         rows.append(("compile time", f"{summary['compile_seconds']:.1f} s (not in samples/s)"))

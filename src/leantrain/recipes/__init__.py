@@ -9,7 +9,10 @@ from typing import Any
 from torch import nn
 
 from ..compress.separable import to_separable
+from ..config import DataConfig
+from ..data.text import STDLIB
 from ..errors import LeantrainError
+from .gpt import GPT
 from .models import SmallCNN
 
 
@@ -17,8 +20,9 @@ from .models import SmallCNN
 class Recipe:
     name: str
     description: str
-    build_model: Callable[[int], nn.Module]  # num_classes -> model
+    build_model: Callable[[int, DataConfig], nn.Module]  # (num_classes, data config) -> model
     config: dict[str, Any] = field(default_factory=dict)
+    text: bool = False  # a language model: builds for any byte-text source (data.context set)
 
 
 RECIPES = {
@@ -27,16 +31,28 @@ RECIPES = {
         Recipe(
             "digits-cnn",
             "SmallCNN on scikit-learn's digits (32×32), SGD+nesterov, one-cycle, 8 epochs",
-            lambda num_classes: SmallCNN(1, num_classes),
+            lambda num_classes, data: SmallCNN(1, num_classes),
             {"data": {"source": "digits"}},
         ),
         Recipe(
             "digits-separable",
             "digits-cnn with its 3×3 convs (past the first) depthwise-separable, MobileNet "
             "style (BatchNorm + ReLU between depthwise and pointwise)",
-            lambda num_classes: to_separable(SmallCNN(1, num_classes), norm=True,
-                                             activation=True)[0],
+            lambda num_classes, data: to_separable(SmallCNN(1, num_classes), norm=True,
+                                                   activation=True)[0],
             {"data": {"source": "digits"}},
+        ),
+        Recipe(
+            "text-gpt",
+            "a 1.8 M-parameter byte-level GPT (4 blocks, width 192, context 128) on the Python "
+            "standard library's sources; AdamW, warmup + cosine, bf16 where native",
+            lambda num_classes, data: GPT(num_classes, data.context or 128),
+            {"data": {"source": STDLIB, "context": 128, "batch_size": 32,
+                      "eval_batch_size": 64, "max_bytes": 2_000_000},
+             "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.1},
+             "schedule": {"name": "cosine", "warmup_fraction": 0.05},
+             "train": {"epochs": 2, "clip_norm": 1.0, "log_every": 20}},
+            text=True,
         ),
     ]
 }

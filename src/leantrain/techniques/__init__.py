@@ -7,6 +7,7 @@ is adding a module and one line here.
 from . import (
     accumulation,
     backend_flags,
+    checkpointing,
     clipping,
     compile,
     init,
@@ -21,7 +22,7 @@ REGISTRY = {
     module.NAME: module
     for module in (
         loader, precision, memory_format, compile, backend_flags, optimizer, accumulation,
-        clipping, init, schedules,
+        clipping, init, schedules, checkpointing,
     )
 }
 

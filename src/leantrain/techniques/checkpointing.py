@@ -1,0 +1,62 @@
+"""Activation checkpointing: keep only each block's input, recompute its inside in backward.
+
+Trades compute for memory: a block's intermediate activations (attention scores, MLP
+hidden states) are not stored for backward but recomputed from the block's input, so peak
+activation memory falls to about one block's worth plus the block boundaries, at the cost of
+one extra forward per block (roughly a third more step time). Lossless: the same loss and
+gradients (the recomputation draws the same dropout masks: RNG state is replayed). Applies
+to models whose repeated blocks sit in an `nn.ModuleList`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+NAME = "activation_checkpointing"
+LOSSLESS = True
+VARIANTS = ()
+BENCH_NOTE = ("a memory technique (it costs speed): measured by its own test and the "
+              "text-gpt benchmark, not ranked by bench")
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _checkpointed_class(cls: type) -> type:
+    """`cls` with a forward that runs under torch.utils.checkpoint while training.
+
+    A subclass swapped in (rather than a wrapper module) keeps state_dict keys unchanged, so
+    checkpoints load into the plain model, and deepcopy keeps working.
+    """
+    if cls not in _SUBCLASSES:
+        def forward(self, *args):
+            if self.training and torch.is_grad_enabled():
+                return checkpoint(super(sub, self).forward, *args, use_reentrant=False)
+            return super(sub, self).forward(*args)
+
+        sub = type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward,
+                                                            "checkpointed": True})
+        _SUBCLASSES[cls] = sub
+    return _SUBCLASSES[cls]
+
+
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    return [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+
+
+def supported(model: nn.Module) -> tuple[bool, str]:
+    lists = block_lists(model)
+    if not lists:
+        return False, "the model has no nn.ModuleList of repeated blocks to checkpoint"
+    return True, f"{sum(len(b) for b in lists)} blocks recomputed in backward"
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Checkpoint every entry of every block list, in place."""
+    for blocks in block_lists(model):
+        for block in blocks:
+            if not getattr(block, "checkpointed", False):
+                block.__class__ = _checkpointed_class(type(block))
+    return model

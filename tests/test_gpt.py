@@ -1,0 +1,108 @@
+"""text-gpt: byte-level text data, the GPT, activation checkpointing, FLOPs, generate."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leantrain.cli import main
+from leantrain.data.text import STDLIB, load_text, stdlib_sources
+from leantrain.errors import LeantrainError
+from leantrain.measure.flops import count_flops
+from leantrain.recipes.gpt import GPT, generate, parameters_without_embeddings
+from leantrain.techniques.checkpointing import apply_activation_checkpointing, supported
+
+
+def test_text_is_split_by_file_into_next_byte_samples(tmp_path):
+    for i in range(10):
+        (tmp_path / f"f{i}.txt").write_bytes(bytes([65 + i]) * 300)
+    train, val, description = load_text(str(tmp_path), 16, 0.2, 10_000)
+    x, y = train.tensors
+    assert x.shape[1] == 16 and torch.equal(x[0, 1:], y[0, :-1])  # y is x shifted by one
+    train_bytes = set(x.unique().tolist())
+    val_bytes = set(val.tensors[0].unique().tolist())
+    assert not train_bytes & val_bytes  # whole files on one side only
+    assert "2 held out" in description
+
+
+def test_the_default_corpus_is_the_standard_library():
+    files = stdlib_sources()
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    train, val, _ = load_text(STDLIB, 64, 0.1, 50_000)
+    assert len(train) == (50_000 - 1) // 64 and len(val) > 0
+
+
+def test_missing_text_path_is_a_clear_error():
+    with pytest.raises(LeantrainError, match="text path not found: /no/such"):
+        load_text("/no/such", 16, 0.1, 1000)
+
+
+def _loss(model, x, y):
+    return F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients_and_saves_memory():
+    torch.manual_seed(0)
+    plain = GPT(context=64, depth=3, width=64, heads=4)
+    ckpt = apply_activation_checkpointing(copy.deepcopy(plain))
+    assert supported(plain)[0]
+    x, y = torch.randint(0, 256, (4, 64)), torch.randint(0, 256, (4, 64))
+    saved = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = _loss(model, x, y)
+        loss.backward()
+        saved[name] = (total, loss.item())
+    assert saved["plain"][1] == pytest.approx(saved["ckpt"][1], abs=1e-6)
+    for p, q in zip(plain.parameters(), ckpt.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+    assert saved["ckpt"][0] < 0.5 * saved["plain"][0]  # activation memory held for backward
+    assert list(ckpt.state_dict()) == list(plain.state_dict())  # checkpoints stay loadable
+
+
+def test_training_flops_match_6n_plus_the_attention_term():
+    model = GPT(context=64, depth=2, width=64, heads=4)
+    x, y = torch.randint(0, 256, (2, 64)), torch.randint(0, 256, (2, 64))
+    per_token = count_flops(lambda: _loss(model, x, y).backward()) / x.numel()
+    analytic = 6 * (parameters_without_embeddings(model) + 64 * 256) + 12 * 2 * 64 * 64
+    assert per_token == pytest.approx(analytic, rel=0.05)
+
+
+def test_generate_continues_the_prompt_within_the_context():
+    model = GPT(context=8, depth=1, width=32, heads=2)
+    prompt = torch.tensor(list(b"abc"))
+    out = generate(model, prompt, 20, 8, temperature=0.8, top_k=5,
+                   generator=torch.Generator().manual_seed(0))
+    assert out.shape == (23,) and torch.equal(out[:3], prompt)
+    greedy = generate(model, prompt, 5, 8, temperature=0)
+    assert torch.equal(greedy, generate(model, prompt, 5, 8, temperature=0))
+
+
+def test_text_gpt_trains_below_the_first_loss_and_generates(tmp_path, capsys):
+    out = tmp_path / "gpt"
+    args = ["train", "--recipe", "text-gpt", "--epochs", "1", "--set", "data.max_bytes=40000",
+            "--set", "data.context=32", "--set", "train.log_every=2", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_bits_per_byte"] < 8 and summary["tokens_per_second"] > 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "def ", "--tokens",
+                 "10"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+
+
+def test_generate_on_a_non_text_run_is_a_clear_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "x"]) == 2
+    assert "is not a text run" in capsys.readouterr().err
