@@ -9,7 +9,6 @@ all stages), and validation accuracy.
 from __future__ import annotations
 
 import copy
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
 from .compress.prune import check_ratio, finalize, prune_channels, prune_unstructured
-from .compress.quantize import quantize_linear
+from .compress.quantize import quantize_linear, state_bytes
 from .compress.separable import to_separable
 from .config import PlanConfig, TrainConfig, config_from_dict, merge
 from .data import DataBundle, make_loader
@@ -75,10 +74,10 @@ def load_trained(model: nn.Module, checkpoint: str | Path) -> nn.Module:
     return model
 
 
-def _state_bytes(model: nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell()
+def _probe(model: nn.Module, bundle: DataBundle) -> tuple[torch.Tensor, bool]:
+    """One validation sample, and whether the model runs fastest channels_last (has convs)."""
+    return (torch.as_tensor(bundle.val[0][0]),
+            any(isinstance(m, nn.Conv2d) for m in model.modules()))
 
 
 def measure_stage(name: str, model: nn.Module, bundle: DataBundle, note: str = ""
@@ -86,8 +85,7 @@ def measure_stage(name: str, model: nn.Module, bundle: DataBundle, note: str = "
     model = model.eval()
     if any(p.device.type != "cpu" for p in model.parameters()):
         model.cpu()
-    sample = torch.as_tensor(bundle.val[0][0])
-    conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    sample, conv = _probe(model, bundle)
     plan = resolve_plan(PlanConfig(device="cpu", precision="fp32", channels_last=conv), model)
     with torch.no_grad():
         macs = count_flops(lambda: model(sample.unsqueeze(0))) // 2
@@ -95,7 +93,7 @@ def measure_stage(name: str, model: nn.Module, bundle: DataBundle, note: str = "
     return {
         "stage": name, "note": note,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "macs": macs, "file_bytes": _state_bytes(model), "val_accuracy": accuracy,
+        "macs": macs, "file_bytes": state_bytes(model), "val_accuracy": accuracy,
         "latency_b1_ms": 1e3 * latency_seconds(model, sample, 1, channels_last=conv),
         "latency_b64_ms": 1e3 * latency_seconds(model, sample, 64, channels_last=conv),
     }
@@ -139,8 +137,7 @@ def run_compression(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, args
                               "torchao int8-dynamic on Linear layers only. It pays off under "
                               "torch.compile, if at all: compiled latencies are measured "
                               "for it and for the model before it")
-        sample = torch.as_tensor(bundle.val[0][0])
-        conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        sample, conv = _probe(model, bundle)
         for key, net in (("compiled_b64_ms", model), ("compiled_b64_ms_before", fp32)):
             stage[f"latency_{key}"] = 1e3 * latency_seconds(torch.compile(net), sample, 64,
                                                            channels_last=conv)

@@ -182,11 +182,6 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
-def barrier(ctx: DistContext) -> None:
-    if ctx.active:
-        dist.barrier()
-
-
 def teardown(ctx: DistContext) -> None:
     if ctx.active and dist.is_initialized():
         dist.destroy_process_group()

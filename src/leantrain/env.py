@@ -160,16 +160,24 @@ def compute_cores() -> int:
 # ---------------------------------------------------------------- what `doctor` reports
 
 
+def nvml_handle(index: int):
+    """(pynvml, NVML's handle) for torch's CUDA device `index`; raises without NVML.
+
+    CUDA_VISIBLE_DEVICES renumbers devices for torch but not for NVML: matched by UUID.
+    """
+    import pynvml
+
+    pynvml.nvmlInit()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid is not None:
+        return pynvml, pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
 def gpu_facts() -> list[dict]:
     """Each visible GPU: name, memory, compute capability, and NVML's current utilization."""
     if not torch.cuda.is_available():
         return []
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no driver library: utilization stays unknown, the rest is torch's
-        pynvml = None
     gpus = []
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
@@ -177,10 +185,11 @@ def gpu_facts() -> list[dict]:
                 "compute_capability": f"{props.major}.{props.minor}",
                 "free_gib": round(torch.cuda.mem_get_info(i)[0] / 2**30, 1),
                 "utilization_percent": None}
-        uuid = getattr(props, "uuid", None)
-        if pynvml is not None and uuid is not None:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-            fact["utilization_percent"] = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        try:
+            nvml, handle = nvml_handle(i)
+            fact["utilization_percent"] = nvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        except Exception:  # no driver library: utilization stays unknown, the rest is torch's
+            pass
         gpus.append(fact)
     return gpus
 

@@ -105,11 +105,15 @@ def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor, inputs: tor
     return F.cross_entropy(outputs.flatten(0, -2), targets.flatten())
 
 
+def _correct(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Correct predictions of a batch (one per sample or per sequence position), on the device."""
+    return (out.detach().flatten(0, -2).argmax(-1) == y.flatten()).sum()
+
+
 def _score(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(summed cross-entropy, correct predictions, targets) of a batch, on the device."""
-    flat = out.detach().float().flatten(0, -2)
-    loss = F.cross_entropy(flat, y.flatten(), reduction="sum")
-    return loss, (flat.argmax(-1) == y.flatten()).sum(), y.numel()
+    loss = F.cross_entropy(out.detach().float().flatten(0, -2), y.flatten(), reduction="sum")
+    return loss, _correct(out, y), y.numel()
 
 
 @torch.no_grad()
@@ -192,7 +196,6 @@ class Trainer:
             apply_channels_last(self.model)
         if self.plan.activation_checkpointing:
             apply_activation_checkpointing(self.model)
-        self.timer = StepTimer(self.plan.device)
         data, on_cuda = cfg.data, self.plan.device.type == "cuda"
         values = dataclasses.asdict(data)
         options = fixed_options(values, on_cuda, cfg.train.epochs)
@@ -335,7 +338,7 @@ class Trainer:
         out, loss = self._forward_loss(self.step_model, x, y, extras)
         loss_sum, correct, count = self.epoch_sums
         loss_sum += loss.detach().float() * y.numel()
-        correct += (out.detach().flatten(0, -2).argmax(-1) == y.flatten()).sum()
+        correct += _correct(out, y)
         count += y.numel()
         timer.mark("forward")
         scaled = accumulation.scale_loss(loss, accum)

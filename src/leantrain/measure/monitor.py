@@ -19,6 +19,8 @@ from typing import Any
 import psutil
 import torch
 
+from ..env import nvml_handle
+
 log = logging.getLogger(__name__)
 
 Sample = dict[str, Any]
@@ -36,20 +38,9 @@ class _Gpu:
             self.error = "the run does not train on a GPU: CPU only"
             return
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self.nvml = pynvml
-            self.handle = self._handle(device)
+            self.nvml, self.handle = nvml_handle(device.index or 0)
         except Exception as exc:  # NVML raises its own error classes, one per cause
             self.error = f"NVML unavailable ({type(exc).__name__}: {exc})"
-
-    def _handle(self, device: torch.device):
-        # CUDA_VISIBLE_DEVICES renumbers devices for torch but not for NVML: match by UUID
-        uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
-        if uuid is not None:
-            return self.nvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-        return self.nvml.nvmlDeviceGetHandleByIndex(device.index or 0)
 
     def sample(self) -> Sample:
         nvml, h = self.nvml, self.handle
@@ -58,11 +49,6 @@ class _Gpu:
             "gpu_memory_bytes": int(nvml.nvmlDeviceGetMemoryInfo(h).used),
             "gpu_power_watts": nvml.nvmlDeviceGetPowerUsage(h) / 1000,
         }
-
-
-def gpu_note(device: torch.device | None) -> str:
-    """Empty when the GPU can be monitored, else why not."""
-    return _Gpu(device).error
 
 
 class ResourceMonitor:
