@@ -302,7 +302,7 @@ def build_model(cfg: TrainConfig, bundle) -> nn.Module:
     recipe = get_recipe(cfg.recipe)
     text = cfg.data.context is not None
     if (recipe.text and text) or cfg.data.source == recipe.config.get("data", {}).get("source"):
-        return recipe.build_model(bundle.num_classes, cfg.data)
+        return recipe.build_model(bundle.num_classes, cfg)
     if text:
         raise LeantrainError("text data (data.context set) needs a language model: "
                              "--recipe text-gpt, or --model MOD:FN")
@@ -462,7 +462,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              "needs a byte-level language model, e.g. --recipe text-gpt")
     recipe = get_recipe(cfg.recipe)
     model = _build_from(cfg.model, "--model", cfg.train.seed) if cfg.model \
-        else recipe.build_model(VOCAB, cfg.data)
+        else recipe.build_model(VOCAB, cfg)
     model.load_state_dict(load_checkpoint(run / MODEL_NAME))
     prompt = torch.tensor(list(args.prompt.encode()), dtype=torch.long)
     out = generate(model, prompt, args.tokens, cfg.data.context, args.temperature, args.top_k,
@@ -482,8 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else
                         logging.INFO if main_rank else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    rc = 1
     try:
-        return COMMANDS[args.command](args)
+        rc = COMMANDS[args.command](args)
+        return rc
     except LeantrainError as exc:
         if args.debug:
             raise
@@ -494,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        teardown(DistContext.from_env())
+        teardown(DistContext.from_env(), succeeded=rc == 0)
 
 
 if __name__ == "__main__":

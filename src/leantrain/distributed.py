@@ -12,6 +12,7 @@ a DDP checkpoint and an FSDP2 checkpoint both load into a single-process run, an
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -182,6 +183,17 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
-def teardown(ctx: DistContext) -> None:
-    if ctx.active and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(ctx: DistContext, succeeded: bool) -> None:
+    """Leave the process group while the interpreter is whole.
+
+    After a successful command the ranks first meet at a barrier, so none exits while a peer
+    still talks to it, and garbage is collected, so objects holding the group (DDP's reducer
+    in a reference cycle) free its threads now rather than during interpreter shutdown: a
+    rank once aborted at exit with "terminate called without an active exception".
+    """
+    if not (ctx.active and dist.is_initialized()):
+        return
+    if succeeded:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
