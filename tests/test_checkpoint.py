@@ -54,3 +54,11 @@ def test_rng_state_survives_a_weights_only_roundtrip(tmp_path):
     restore_rng(load_checkpoint(tmp_path / "r.pt")["rng"])
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="loads a checkpoint onto a GPU")
+def test_rng_state_restores_from_a_checkpoint_loaded_onto_the_gpu(tmp_path):
+    atomic_save({"rng": capture_rng()}, tmp_path / "r.pt")
+    expected = torch.rand(3)
+    restore_rng(load_checkpoint(tmp_path / "r.pt", torch.device("cuda"))["rng"])
+    assert torch.equal(torch.rand(3), expected)

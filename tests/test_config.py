@@ -75,3 +75,11 @@ def test_missing_or_bad_yaml_file(tmp_path):
     bad.write_text("optim: [unclosed")
     with pytest.raises(LeantrainError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    """YAML 1.1 reads `6e-4` as a string; the config takes it as the float it means."""
+    cfg = load_config(None, ["optim.lr=6e-4"])
+    assert cfg.optim.lr == 6e-4
+    with pytest.raises(LeantrainError, match="optim.lr"):
+        load_config(None, ["optim.lr=six"])

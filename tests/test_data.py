@@ -106,3 +106,29 @@ def test_data_function_must_return_two_datasets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LeantrainError, match=r"must return \(train_dataset, val_dataset\)"):
         load_data(DataConfig(source="baddata:load"))
+
+
+def test_drop_last_keeps_only_full_batches_in_both_loaders():
+    ds = TensorDataset(torch.arange(10.0).view(10, 1), torch.zeros(10, dtype=torch.long))
+    for kind in ("in-memory", "dataloader"):
+        keep = make_loader(ds, 4, shuffle=True, kind=kind)
+        drop = make_loader(ds, 4, shuffle=True, kind=kind, drop_last=True)
+        assert len(keep) == 3 and [len(b[1]) for b in keep.batches()] == [4, 4, 2]
+        assert len(drop) == 2 and [len(b[1]) for b in drop.batches()] == [4, 4]
+
+
+def test_a_compiled_run_trains_on_full_batches_only(tabular):
+    """The short last batch would make the compiled model recompile for a new shape."""
+    from conftest import mlp
+
+    from leantrain.config import load_config
+    from leantrain.trainer import Trainer
+
+    train, val = tabular  # 200 samples
+    for compiled, batches in ((False, 4), (True, 3)):
+        cfg = load_config(None, ["data.batch_size=64", f"plan.compile={str(compiled).lower()}",
+                                 "plan.device=cpu", "train.monitor_interval_s=0"])
+        trainer = Trainer(mlp(), train, val, cfg, None, progress_bar=False,
+                          measure_loader=False)
+        assert len(trainer.train_loader) == batches
+        assert len(trainer.val_loader) == 1  # evaluation (eager) keeps every sample

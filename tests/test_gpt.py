@@ -12,7 +12,11 @@ from leantrain.data.text import STDLIB, load_text, stdlib_sources
 from leantrain.errors import LeantrainError
 from leantrain.measure.flops import count_flops
 from leantrain.recipes.gpt import GPT, generate, parameters_without_embeddings
-from leantrain.techniques.checkpointing import apply_activation_checkpointing, supported
+from leantrain.techniques.checkpointing import (
+    apply_activation_checkpointing,
+    recompute_paused,
+    supported,
+)
 
 
 def test_text_is_split_by_file_into_next_byte_samples(tmp_path):
@@ -88,13 +92,23 @@ def test_generate_continues_the_prompt_within_the_context():
 
 
 def test_text_gpt_trains_below_the_first_loss_and_generates(tmp_path, capsys):
+    """Sized by the gpt.* keys, untied, with accumulation to a tokens-per-step target; generate
+    rebuilds the same architecture from the run's saved config."""
     out = tmp_path / "gpt"
     args = ["train", "--recipe", "text-gpt", "--epochs", "1", "--set", "data.max_bytes=40000",
             "--set", "data.context=32", "--set", "train.log_every=2", "--out", str(out),
+            "--set", "gpt.depth=2", "--set", "gpt.width=64", "--set", "gpt.heads=2",
+            "--set", "gpt.tie_weights=false", "--set", "plan.tokens_per_step=2048",
             "--no-progress"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_bits_per_byte"] < 8 and summary["tokens_per_second"] > 0
+    assert summary["plan"]["grad_accum"] == 2  # 2048 tokens / (32 samples x 32 bytes)
+    assert "2,048 tokens per step" in summary["plan"]["outcomes"]["grad_accum"]
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert len({k.split(".")[1] for k in state if k.startswith("blocks.")}) == 2
+    assert state["head.weight"].shape == (256, 64)
+    assert not torch.equal(state["head.weight"], state["embed.weight"])  # untied
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(out), "--prompt", "def ", "--tokens",
                  "10"]) == 0
@@ -106,3 +120,37 @@ def test_generate_on_a_non_text_run_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
     assert main(["generate", "--checkpoint", str(run), "--prompt", "x"]) == 2
     assert "is not a text run" in capsys.readouterr().err
+
+
+def test_tokens_per_step_errors_name_the_keys():
+    from leantrain.config import PlanConfig
+    from leantrain.plan import resolve_plan
+
+    model = GPT(context=8, depth=1, width=16, heads=2)
+    with pytest.raises(LeantrainError, match="for language models"):
+        resolve_plan(PlanConfig(device="cpu", tokens_per_step=64), model)
+    with pytest.raises(LeantrainError, match="not both"):
+        resolve_plan(PlanConfig(device="cpu", tokens_per_step=64, grad_accum=2), model, 32)
+    assert resolve_plan(PlanConfig(device="cpu", tokens_per_step=100), model, 32).grad_accum == 3
+
+
+def test_gpt_width_must_divide_by_heads():
+    from leantrain.config import load_config
+
+    with pytest.raises(LeantrainError, match="gpt.width.*divisible by gpt.heads"):
+        load_config(None, ["gpt.width=100", "gpt.heads=3"])
+
+
+def test_mfu_counts_model_flops_not_the_recompute():
+    model = GPT(context=8, depth=2, width=16, heads=2)
+    x = torch.randint(0, 256, (2, 8))
+
+    def step():
+        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+
+    plain = count_flops(step)
+    apply_activation_checkpointing(model)
+    assert count_flops(step) > plain  # the recomputed forward
+    with recompute_paused(model):
+        assert count_flops(step) == plain
+    assert count_flops(step) > plain and model.blocks[0].checkpointed  # restored

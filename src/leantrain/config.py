@@ -8,6 +8,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,10 +89,23 @@ class PlanConfig:
     tf32: Auto | bool = "auto"
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
     grad_accum: int = 1
+    # language models: accumulate micro-batches up to this many tokens per optimizer step
+    # (sets grad_accum from data.batch_size x data.context x processes)
+    tokens_per_step: int | None = None
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     # under `leantrain launch`: auto = DDP; fsdp = FSDP2 (fully_shard) for models that do not
     # fit one device
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+
+
+@dataclass
+class GPTConfig:
+    """The text-gpt recipe's architecture (context is data.context)."""
+
+    depth: int = 4  # transformer blocks
+    width: int = 192  # model dimension
+    heads: int = 4  # attention heads; width must divide by it
+    tie_weights: bool = True  # output projection shares the byte embedding's weights
 
 
 @dataclass
@@ -103,6 +117,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    gpt: GPTConfig = field(default_factory=GPTConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +135,9 @@ def _describe(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
@@ -142,6 +160,9 @@ def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        # YAML 1.1 reads 6e-4 (no dot) as a string; it is a float to anyone writing it
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
             return True, float(value)
         return False, value
     if tp is str:
@@ -187,6 +208,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
         "plan.grad_accum": cfg.plan.grad_accum,
         "data.max_bytes": cfg.data.max_bytes,
         "optim.lr": cfg.optim.lr,
+        "gpt.depth": cfg.gpt.depth,
+        "gpt.width": cfg.gpt.width,
+        "gpt.heads": cfg.gpt.heads,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -211,6 +235,11 @@ def _check_ranges(cfg: TrainConfig) -> None:
     if cfg.train.target_acc is not None:
         checks.append(("train.target_acc", cfg.train.target_acc,
                        0 < cfg.train.target_acc <= 1, "in (0, 1]"))
+    if cfg.plan.tokens_per_step is not None:
+        checks.append(("plan.tokens_per_step", cfg.plan.tokens_per_step,
+                       cfg.plan.tokens_per_step >= 1, ">= 1"))
+    checks.append(("gpt.width", cfg.gpt.width, cfg.gpt.width % cfg.gpt.heads == 0,
+                   f"divisible by gpt.heads ({cfg.gpt.heads})"))
     if cfg.train.clip_norm is not None:
         checks.append(("train.clip_norm", cfg.train.clip_norm, cfg.train.clip_norm > 0, "> 0"))
     for key, value, ok, allowed in checks:

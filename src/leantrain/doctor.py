@@ -127,6 +127,11 @@ def run_doctor(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Tr
     }
 
 
+def _short(name: str, width: int = 100) -> str:
+    """CUDA kernel names run to thousands of characters of templates (the JSON keeps them)."""
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
 def _fmt_gpu(gpu: dict) -> str:
     util = gpu["utilization_percent"]
     return (f"{gpu['name']}: {gpu['memory_gib']} GiB ({gpu['free_gib']} free), compute "
@@ -162,8 +167,8 @@ def format_doctor(report: dict[str, Any]) -> str:
         lines.append(f"MFU: {m['mfu']:.1%} ({m['peak_source']})")
     if report["top_operators"]:
         lines += ["", "top operators (profiled steps, self time)"]
-        lines += [f"  {op['share']:6.1%}  {op['self_ms']:9.2f} ms  {op['calls']:6d}x  {op['name']}"
-                  for op in report["top_operators"]]
+        lines += [f"  {op['share']:6.1%}  {op['self_ms']:9.2f} ms  {op['calls']:6d}x  "
+                  f"{_short(op['name'])}" for op in report["top_operators"]]
         lines.append(f"trace: {report['trace']} (open in https://ui.perfetto.dev)")
     lines += ["", "recommendations (measured first)"]
     lines += [f"  {i}. {r['text']}" for i, r in enumerate(report["recommendations"], 1)] or \

@@ -76,7 +76,30 @@ def _choose(name: str, setting, auto_value: bool, check: tuple[bool, str]) -> tu
     return False, Outcome(name, False, "switched off in the plan" if ok else reason)
 
 
-def resolve_plan(cfg: PlanConfig, model: nn.Module) -> ResolvedPlan:
+def _accumulation(cfg: PlanConfig, tokens_per_batch: int | None, processes: int
+                  ) -> tuple[int, Outcome]:
+    """Micro-batches per optimizer step: plan.grad_accum, or enough to reach tokens_per_step."""
+    if cfg.tokens_per_step is None:
+        n = cfg.grad_accum
+        return n, Outcome("grad_accum", n > 1, f"{n} micro-batches per step" if n > 1
+                          else "one batch per step")
+    if tokens_per_batch is None:
+        raise LeantrainError("plan.tokens_per_step is for language models (data.context set); "
+                             "use plan.grad_accum for other models")
+    if cfg.grad_accum != 1:
+        raise LeantrainError("set plan.grad_accum or plan.tokens_per_step, not both "
+                             f"(got {cfg.grad_accum} and {cfg.tokens_per_step})")
+    per_micro = tokens_per_batch * processes
+    n = max(1, round(cfg.tokens_per_step / per_micro))
+    return n, Outcome("grad_accum", n > 1, f"{n} micro-batch(es) of {tokens_per_batch:,} tokens "
+                      f"x {processes} process(es) = {n * per_micro:,} tokens per step "
+                      f"(plan.tokens_per_step {cfg.tokens_per_step:,})")
+
+
+def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None = None,
+                 optimizer_name: str | None = None) -> ResolvedPlan:
+    """`tokens_per_batch`: one micro-batch's tokens, for language models (tokens_per_step);
+    `optimizer_name` (optim.name) decides which optimizer kernels can run."""
     ctx = DistContext.from_env()
     choice = select_device(cfg.device)
     device = rank_device(ctx, choice.device)
@@ -97,8 +120,10 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module) -> ResolvedPlan:
         outcomes.append(Outcome("precision", prec != "fp32", f"{prec} ({why})" if prec != "fp32"
                                 else "fp32 requested"))
 
-    cl, out = _choose("channels_last", cfg.channels_last, True,
-                      memory_format.supported(device, model))
+    strategy = resolve_strategy(cfg.distributed, ctx)
+    cl_check = (False, "FSDP2 shards contiguous parameters only, and channels_last weights are "
+                "not contiguous") if strategy == "fsdp" else memory_format.supported(device, model)
+    cl, out = _choose("channels_last", cfg.channels_last, True, cl_check)
     outcomes.append(out)
     comp, out = _choose("compile", cfg.compile, False, compile.supported(device))
     outcomes.append(out)
@@ -108,20 +133,20 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module) -> ResolvedPlan:
     tf32, out = _choose("tf32", cfg.tf32, True, backend_flags.supported(device, "tf32"))
     outcomes.append(out)
 
-    impl = optimizer.default_impl(device) if cfg.optimizer_impl == "auto" else cfg.optimizer_impl
-    ok, why = optimizer.supported(device, impl)
+    sharded = strategy == "fsdp"
+    impl = optimizer.default_impl(device, optimizer_name, sharded) \
+        if cfg.optimizer_impl == "auto" else cfg.optimizer_impl
+    ok, why = optimizer.supported(device, impl, optimizer_name, sharded)
     if not ok:
         raise LeantrainError(f"plan.optimizer_impl {impl!r}: cannot be applied here: {why}")
     outcomes.append(Outcome("optimizer_impl", impl != "for-loop", f"{impl} ({why})"))
-    outcomes.append(Outcome("grad_accum", cfg.grad_accum > 1,
-                            f"{cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1
-                            else "one batch per step"))
+    accum, out = _accumulation(cfg, tokens_per_batch, ctx.world_size)
+    outcomes.append(out)
     ckpt, out = _choose("activation_checkpointing", cfg.activation_checkpointing, False,
                         checkpointing.supported(model))
     outcomes.append(out)
-    strategy = resolve_strategy(cfg.distributed, ctx)
     outcomes.append(Outcome("distributed", strategy is not None,
                             f"{strategy} over {ctx.world_size} process(es), rank {ctx.rank}"
                             if strategy else "one process (start several with leantrain launch)"))
-    return ResolvedPlan(device, prec, cl, comp, bench, tf32, impl, cfg.grad_accum, outcomes,
+    return ResolvedPlan(device, prec, cl, comp, bench, tf32, impl, accum, outcomes,
                         strategy, ckpt)

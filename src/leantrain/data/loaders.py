@@ -8,6 +8,7 @@ k of an epoch, which is what an exact resume needs.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,25 +47,28 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
 Shard = tuple[int, int]  # (rank, world size)
 
 
-def batch_spans(n: int, batch_size: int, shard: Shard, start: int = 0) -> Iterator[slice]:
+def batch_spans(n: int, batch_size: int, shard: Shard, start: int = 0,
+                drop_last: bool = False) -> Iterator[slice]:
     """Positions in the epoch order of this rank's batches, from batch `start` on.
 
     With W ranks, global batch i is positions [i·B·W, (i+1)·B·W) and rank r takes the r-th
     B of them: the ranks together see exactly what one process with batch B·W would. The
     last global batch is dropped when incomplete (every rank must take the same number of
-    steps, or the gradient all-reduce would wait forever); one process keeps its last batch.
+    steps, or the gradient all-reduce would wait forever); one process keeps its last batch
+    unless `drop_last` (a compiled model would recompile for its shape).
     """
     rank, world = shard
     step = batch_size * world
-    stop = n if world == 1 else n - n % step
+    stop = n if world == 1 and not drop_last else n - n % step
     for i in range(start * step, stop, step):
         lo = i + rank * batch_size
         yield slice(lo, min(lo + batch_size, n))
 
 
-def batch_count(n: int, batch_size: int, shard: Shard) -> int:
+def batch_count(n: int, batch_size: int, shard: Shard, drop_last: bool = False) -> int:
     world = shard[1]
-    return math.ceil(n / batch_size) if world == 1 else n // (batch_size * world)
+    return math.ceil(n / batch_size) if world == 1 and not drop_last \
+        else n // (batch_size * world)
 
 
 class InMemoryBatches:
@@ -73,22 +77,23 @@ class InMemoryBatches:
     kind = "in-memory batched"
 
     def __init__(self, *tensors: torch.Tensor, batch_size: int, shuffle: bool,
-                 seed: int = 0, device: torch.device | None = None, shard: Shard = (0, 1)):
+                 seed: int = 0, device: torch.device | None = None, shard: Shard = (0, 1),
+                 drop_last: bool = False):
         if device is not None and device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
             if sum(t.nbytes for t in tensors) < DEVICE_RESIDENT_FRACTION * free:
                 tensors = tuple(t.to(device) for t in tensors)
                 self.kind = "in-memory batched, resident on the GPU"
-        self.tensors, self.shard = tensors, shard
+        self.tensors, self.shard, self.drop_last = tensors, shard, drop_last
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
 
     def __len__(self) -> int:
-        return batch_count(len(self.tensors[0]), self.batch_size, self.shard)
+        return batch_count(len(self.tensors[0]), self.batch_size, self.shard, self.drop_last)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         n = len(self.tensors[0])
         order = epoch_order(n, self.seed, epoch, self.shuffle).to(self.tensors[0].device)
-        for span in batch_spans(n, self.batch_size, self.shard, start):
+        for span in batch_spans(n, self.batch_size, self.shard, start, self.drop_last):
             index = order[span]
             yield tuple(t[index] for t in self.tensors)
 
@@ -96,14 +101,16 @@ class InMemoryBatches:
 class _EpochSampler(Sampler[int]):
     """This rank's samples of an epoch, from batch `skip_batches` on, in batch order."""
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, shard: Shard):
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, shard: Shard,
+                 drop_last: bool = False):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.shard = shard
+        self.shard, self.drop_last = shard, drop_last
         self.epoch, self.skip_batches = 0, 0
 
     def _indices(self) -> list[int]:
         order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
-        spans = batch_spans(self.n, self.batch_size, self.shard, self.skip_batches)
+        spans = batch_spans(self.n, self.batch_size, self.shard, self.skip_batches,
+                            self.drop_last)
         return [i for span in spans for i in order[span].tolist()]
 
     def __iter__(self) -> Iterator[int]:
@@ -160,10 +167,10 @@ class DataLoaderBatches:
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
                  options: LoaderOptions | None = None, device: torch.device | None = None,
-                 shard: Shard = (0, 1)):
+                 shard: Shard = (0, 1), drop_last: bool = False):
         options = options or LoaderOptions()
-        self.shard = shard
-        self.sampler = _EpochSampler(len(dataset), batch_size, shuffle, seed, shard)
+        self.shard, self.drop_last = shard, drop_last
+        self.sampler = _EpochSampler(len(dataset), batch_size, shuffle, seed, shard, drop_last)
         self.batch_size, self.options, self.device = batch_size, options, device
         workers = options.num_workers
         self.loader = DataLoader(
@@ -178,9 +185,14 @@ class DataLoaderBatches:
             self.kind += ", device prefetch"
 
     def __len__(self) -> int:
-        return batch_count(len(self.loader.dataset), self.batch_size, self.shard)
+        return batch_count(len(self.loader.dataset), self.batch_size, self.shard,
+                           self.drop_last)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+        if self.options.num_workers and torch.cuda.is_initialized():
+            # a forked worker that garbage-collects a CUDA tensor inherited in a reference
+            # cycle aborts (CUDA cannot run in a fork; seen on an H100): collect them first
+            gc.collect()
         self.sampler.epoch, self.sampler.skip_batches = epoch, start
         if self.prefetch:
             yield from DevicePrefetcher(iter(self.loader), self.device)
@@ -242,8 +254,10 @@ def data_wait_advice(loader: InMemoryBatches | DataLoaderBatches, device: torch.
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
                 device: torch.device | None = None, options: LoaderOptions | None = None,
-                kind: str = "auto", shard: Shard = (0, 1)) -> InMemoryBatches | DataLoaderBatches:
-    """The loader `kind` names; "auto" is batched indexing when the dataset is tensor-backed."""
+                kind: str = "auto", shard: Shard = (0, 1), drop_last: bool = False
+                ) -> InMemoryBatches | DataLoaderBatches:
+    """The loader `kind` names; "auto" is batched indexing when the dataset is tensor-backed.
+    `drop_last` drops a short last batch (it always drops under several ranks)."""
     tensors = tensors_of(dataset)
     if kind == "in-memory" and tensors is None:
         raise LeantrainError(
@@ -251,5 +265,6 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
             f"of one); this one is {type(dataset).__name__}: use 'auto' or 'dataloader'")
     if tensors is not None and kind != "dataloader":
         return InMemoryBatches(*tensors, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                               device=device, shard=shard)
-    return DataLoaderBatches(dataset, batch_size, shuffle, seed, options, device, shard)
+                               device=device, shard=shard, drop_last=drop_last)
+    return DataLoaderBatches(dataset, batch_size, shuffle, seed, options, device, shard,
+                             drop_last)

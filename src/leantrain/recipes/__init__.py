@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..compress.separable import to_separable
-from ..config import DataConfig
+from ..config import TrainConfig
 from ..data.text import STDLIB
 from ..errors import LeantrainError
 from .gpt import GPT
@@ -20,7 +20,7 @@ from .models import SmallCNN
 class Recipe:
     name: str
     description: str
-    build_model: Callable[[int, DataConfig], nn.Module]  # (num_classes, data config) -> model
+    build_model: Callable[[int, TrainConfig], nn.Module]  # (num_classes, config) -> model
     config: dict[str, Any] = field(default_factory=dict)
     text: bool = False  # a language model: builds for any byte-text source (data.context set)
 
@@ -31,22 +31,24 @@ RECIPES = {
         Recipe(
             "digits-cnn",
             "SmallCNN on scikit-learn's digits (32×32), SGD+nesterov, one-cycle, 8 epochs",
-            lambda num_classes, data: SmallCNN(1, num_classes),
+            lambda num_classes, cfg: SmallCNN(1, num_classes),
             {"data": {"source": "digits"}},
         ),
         Recipe(
             "digits-separable",
             "digits-cnn with its 3×3 convs (past the first) depthwise-separable, MobileNet "
             "style (BatchNorm + ReLU between depthwise and pointwise)",
-            lambda num_classes, data: to_separable(SmallCNN(1, num_classes), norm=True,
+            lambda num_classes, cfg: to_separable(SmallCNN(1, num_classes), norm=True,
                                                    activation=True)[0],
             {"data": {"source": "digits"}},
         ),
         Recipe(
             "text-gpt",
-            "a 1.8 M-parameter byte-level GPT (4 blocks, width 192, context 128) on the Python "
-            "standard library's sources; AdamW, warmup + cosine, bf16 where native",
-            lambda num_classes, data: GPT(num_classes, data.context or 128),
+            "a byte-level GPT (by default 1.8 M parameters: 4 blocks, width 192, context 128; "
+            "the gpt.* keys size it) on the Python standard library's sources; AdamW, "
+            "warmup + cosine, bf16 where native",
+            lambda num_classes, cfg: GPT(num_classes, cfg.data.context or 128, cfg.gpt.depth,
+                                         cfg.gpt.width, cfg.gpt.heads, cfg.gpt.tie_weights),
             {"data": {"source": STDLIB, "context": 128, "batch_size": 32,
                       "eval_batch_size": 64, "max_bytes": 2_000_000},
              "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.1},

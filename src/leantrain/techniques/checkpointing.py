@@ -10,6 +10,9 @@ to models whose repeated blocks sit in an `nn.ModuleList`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -60,3 +63,17 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
             if not getattr(block, "checkpointed", False):
                 block.__class__ = _checkpointed_class(type(block))
     return model
+
+
+@contextmanager
+def recompute_paused(model: nn.Module) -> Iterator[None]:
+    """Checkpointed blocks run plainly inside: counting FLOPs for MFU wants the model's FLOPs,
+    not the recomputation's (counting those too would be hardware FLOPs utilization)."""
+    swapped = [m for m in model.modules() if getattr(m, "checkpointed", False)]
+    for m in swapped:
+        m.__class__ = type(m).__mro__[1]
+    try:
+        yield
+    finally:
+        for m in swapped:
+            m.__class__ = _checkpointed_class(type(m))

@@ -34,16 +34,21 @@ def _fused_devices() -> list[str]:
         return ["cuda"]
 
 
-def supported(device: torch.device, impl: str) -> tuple[bool, str]:
+def supported(device: torch.device, impl: str, optimizer: str | None = None,
+              sharded: bool = False) -> tuple[bool, str]:
+    """`optimizer` (optim.name) and `sharded` (FSDP2 DTensor parameters) narrow the answer."""
     if impl == "fused" and device.type not in _fused_devices():
         return False, f"this torch has no fused optimizer kernels for {device.type}"
+    if impl == "fused" and sharded and optimizer == "sgd":
+        return False, "fused SGD has no kernel for FSDP2's sharded (DTensor) parameters"
     if impl not in IMPLS:
         return False, f"unknown implementation {impl!r}; allowed: {', '.join(IMPLS)}"
     return True, f"{impl} kernels available on {device.type}"
 
 
-def default_impl(device: torch.device) -> str:
-    return "fused" if supported(device, "fused")[0] else "foreach"
+def default_impl(device: torch.device, optimizer: str | None = None,
+                 sharded: bool = False) -> str:
+    return "fused" if supported(device, "fused", optimizer, sharded)[0] else "foreach"
 
 
 def build_optimizer(
