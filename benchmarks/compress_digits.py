@@ -61,7 +61,7 @@ def main() -> None:
     bundle = load_data(DataConfig())
     cfg = load_config(None, ["train.monitor_interval_s=0"], recipe.config)
     torch.manual_seed(0)
-    model = recipe.build_model(10, cfg.data)
+    model = recipe.build_model(10, cfg)
     trained = fit(model, bundle.train, bundle.val, cfg, None, progress_bar=False)
     sample = bundle.train.tensors[0][0]
     original = copy.deepcopy(model).eval()

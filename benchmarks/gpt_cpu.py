@@ -67,7 +67,7 @@ def checkpointing_trials(cfg, bundle, recipe, rounds: int = 3, steps: int = 20) 
             trial_cfg = load_config(None, [f"plan.activation_checkpointing={str(on).lower()}",
                                            "train.monitor_interval_s=0"], cfg.to_dict())
             torch.manual_seed(0)
-            trainer = Trainer(recipe.build_model(256, cfg.data), bundle.train, bundle.val,
+            trainer = Trainer(recipe.build_model(256, cfg), bundle.train, bundle.val,
                               trial_cfg, None, progress_bar=False, measure_loader=False)
             stepper = trainer.steps()
             for _ in range(3):
@@ -94,7 +94,7 @@ def main() -> None:
     bundle = load_data(cfg.data)
     print(bundle.description, flush=True)
     torch.manual_seed(cfg.train.seed)
-    model = recipe.build_model(256, cfg.data)
+    model = recipe.build_model(256, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         summary = fit(model, bundle.train, bundle.val, cfg, Path(tmp) / "run",
