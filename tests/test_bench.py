@@ -16,7 +16,7 @@ from leantrain.bench import find_batch_size, find_lr, run_bench, search
 from leantrain.bench.lr_finder import suggest
 from leantrain.bench.report import write_bench
 from leantrain.bench.search import baseline_overrides
-from leantrain.bench.trials import interleave
+from leantrain.bench.trials import TrialResult, interleave
 from leantrain.cli import main
 from leantrain.config import TrainConfig, load_config
 from leantrain.data.sources import DataBundle
@@ -312,3 +312,36 @@ def test_bad_bench_arguments_fail_clearly_and_write_nothing(tmp_path, capsys, ar
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("leantrain: error:") and fragment in err[-1], err
     assert not out.exists()
+
+
+def test_a_lossless_technique_neutral_alone_is_still_tried_in_combinations():
+    """Overhead a technique removes can hide behind slow compute: a lossless single within
+    NEUTRAL of the baseline is combined; a slower or lossy neutral one is not."""
+    def trial(name, seconds, lossless=True):
+        return TrialResult(name, [name], {}, lossless, "ok", projected_seconds=seconds,
+                           check="reference" if name == "baseline" else "ok")
+
+    fast, neutral = Variant("fast", {"plan": {"a": 1}}), Variant("neutral", {"plan": {"b": 1}})
+    lossy, slow = (Variant("lossy", {"plan": {"c": 1}}, lossless=False),
+                   Variant("slow", {"plan": {"d": 1}}))
+    singles = {"fast": trial("fast", 5.0), "neutral": trial("neutral", 10.2),
+               "lossy": trial("lossy", 10.2, lossless=False), "slow": trial("slow", 12.0)}
+    measured = []
+
+    class Bench:
+        trials = [trial("baseline", 10.0)]
+
+        def measure(self, groups, reference):
+            measured.append([v.name for v in groups[-1]])
+            return [trial("+".join(v.name for v in groups[-1]), 4.0)]
+
+    search._greedy_combinations(Bench(), [fast, neutral, lossy, slow], singles)
+    assert measured == [["fast", "neutral"]]
+
+
+def test_a_trial_the_budget_cannot_pay_for_still_says_when_it_is_unsupported():
+    result = run_bench(mlp, tabular_bundle(), small_cfg(), budget_s=0.5, tune_batch_size=False)
+    assert result.trial("channels_last").status == "unsupported"  # no convs: found without a run
+    assert "no 2-D convolutions" in result.trial("channels_last").reason
+    foreach = result.trial("foreach optimizer")
+    assert foreach.status == "skipped" and "budget" in foreach.reason

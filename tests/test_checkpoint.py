@@ -62,3 +62,13 @@ def test_rng_state_restores_from_a_checkpoint_loaded_onto_the_gpu(tmp_path):
     expected = torch.rand(3)
     restore_rng(load_checkpoint(tmp_path / "r.pt", torch.device("cuda"))["rng"])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_resume_clears_the_temp_file_of_a_write_that_was_killed(tmp_path):
+    from leantrain.checkpoint import remove_partial_writes
+
+    atomic_save({"w": torch.ones(2)}, tmp_path / "checkpoint.pt")
+    (tmp_path / ".checkpoint.pt.ab12cd.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("not ours: no leading dot")
+    assert [p.name for p in remove_partial_writes(tmp_path)] == [".checkpoint.pt.ab12cd.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "notes.tmp"]

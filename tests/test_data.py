@@ -125,6 +125,7 @@ def test_a_compiled_run_trains_on_full_batches_only(tabular):
     from leantrain.trainer import Trainer
 
     train, val = tabular  # 200 samples
+    horizons = set()
     for compiled, batches in ((False, 4), (True, 3)):
         cfg = load_config(None, ["data.batch_size=64", f"plan.compile={str(compiled).lower()}",
                                  "plan.device=cpu", "train.monitor_interval_s=0"])
@@ -132,3 +133,9 @@ def test_a_compiled_run_trains_on_full_batches_only(tabular):
                           measure_loader=False)
         assert len(trainer.train_loader) == batches
         assert len(trainer.val_loader) == 1  # evaluation (eager) keeps every sample
+        horizons.add(trainer.total_steps)
+    assert len(horizons) == 1  # the same LR at every step: the bench compares them step-wise
+    cfg = load_config(None, ["data.batch_size=256", "plan.compile=true", "plan.device=cpu",
+                             "train.monitor_interval_s=0"])
+    small = Trainer(mlp(), train, val, cfg, None, progress_bar=False, measure_loader=False)
+    assert len(small.train_loader) == 1  # no full batch at all: the short one is kept

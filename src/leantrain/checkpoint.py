@@ -35,6 +35,14 @@ def _atomic_replace(path: Path, write) -> None:
         raise
 
 
+def remove_partial_writes(folder: str | Path) -> list[Path]:
+    """Delete the temp files of writes that never finished (the process was killed)."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save `obj` to `path` so that `path` is always complete."""
     _atomic_replace(Path(path), lambda handle: torch.save(obj, handle))

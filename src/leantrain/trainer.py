@@ -33,11 +33,13 @@ from .checkpoint import (
     atomic_write_text,
     capture_rng,
     load_checkpoint,
+    remove_partial_writes,
     restore_rng,
 )
 from .config import TrainConfig
 from .data.loaders import (
     LoaderOptions,
+    batch_count,
     compute_threads,
     data_wait_advice,
     make_loader,
@@ -201,11 +203,11 @@ class Trainer:
         values = dataclasses.asdict(data)
         options = fixed_options(values, on_cuda, cfg.train.epochs)
         self.train_loader = self._loader(train_data, data.batch_size, True, options)
-        self.num_classes = check_model_fits_data(model, train_data, self.train_loader, self.plan)
         if len(self.train_loader) == 0:
             raise LeantrainError(
                 f"{len(train_data)} training samples make no full batch of "
                 f"{data.batch_size} x {self.dist.world_size} processes; lower data.batch_size")
+        self.num_classes = check_model_fits_data(model, train_data, self.train_loader, self.plan)
         self.loader_tuning = None
         auto = auto_fields(values)
         # ranks measuring apart could choose apart: under launch, "auto" keeps the defaults
@@ -226,7 +228,11 @@ class Trainer:
         if self.plan.distributed == "fsdp":  # sharded parameters are initialised whole, first
             init_weights(self.model, cfg.train.init)
         self.wrapped = distributed.wrap(self.model, self.plan.distributed, self.plan.device)
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / self.plan.grad_accum)
+        # the LR schedule follows a run that keeps every batch, so a compiled or autotuned run
+        # (which drops the short last one) takes the same learning rate at each step as a
+        # plain run: the bench compares their first losses step by step
+        kept = batch_count(len(train_data), data.batch_size, (self.dist.rank, self.dist.world_size))
+        self.steps_per_epoch = math.ceil(kept / self.plan.grad_accum)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.progress = _Progress()
         self.log_file: RunLog | None = None
@@ -237,16 +243,16 @@ class Trainer:
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, options: LoaderOptions):
         """Training batches are sharded across ranks; every rank evaluates the whole val set.
 
-        A compiled or cuDNN-autotuned model trains on full batches only: the epoch's short
-        last batch is a new shape to compile or tune for. On an H100 the recompile cost 21 s of
-        a 35 s text-gpt run, and autotuning it put doctor's 20 timed digits steps at 938
-        samples/s against 5,132 over 200.
+        A compiled or cuDNN-autotuned model trains on full batches only (when there is one):
+        the epoch's short last batch is a new shape to compile or tune for. On an H100 the
+        recompile cost 21 s of a 35 s text-gpt run, and autotuning it put doctor's 20 timed
+        digits steps at 938 samples/s against 5,132 over 200.
         """
         shard = (self.dist.rank, self.dist.world_size) if shuffle else (0, 1)
+        drop = shuffle and (self.plan.compile or self.plan.cudnn_benchmark) \
+            and len(dataset) >= batch_size * shard[1]
         return make_loader(dataset, batch_size, shuffle, self.cfg.train.seed, self.plan.device,
-                           options, self.cfg.data.loader, shard,
-                           drop_last=shuffle and (self.plan.compile
-                                                  or self.plan.cudnn_benchmark))
+                           options, self.cfg.data.loader, shard, drop_last=drop)
 
     def _to_device(self, batch: tuple[torch.Tensor, ...]):
         x, y = _prepare_batch(batch[0], batch[1], self.plan)
@@ -448,6 +454,7 @@ class Trainer:
         self.flops_per_sample = self.count_flops()  # before seeding: it draws no numbers after
         self._build()
         if resume:
+            remove_partial_writes(out)  # a run killed while writing leaves its temp file
             self._restore(load_checkpoint(out / CHECKPOINT_NAME, plan.device))
             truncate_after(out, self.progress.step)
             if self.progress.finished:

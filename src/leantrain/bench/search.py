@@ -36,12 +36,17 @@ from .trials import (
     paired_speedup,
     run_trial,
     skipped,
+    unsupported_reason,
 )
 
 log = logging.getLogger(__name__)
 
 COMPILE_PRIOR_S = 40.0  # compile cost assumed before one is measured (small models: 20-60 s)
 MIN_GAIN = 0.02  # a combination must beat the current best by this much to be kept (noise)
+# A lossless technique within this much of the baseline alone is still tried in combinations:
+# the overhead it removes (per-sample collation, per-tensor optimizer kernels) hides behind slow
+# compute and shows once other techniques make the compute fast (Amdahl, the other way round).
+NEUTRAL = 0.03
 LOSSLESS_TOL = 1e-3  # relative loss difference allowed for float reordering over ten steps
 LOSSY_TOL = 0.05
 ROUNDS = 5  # each trial is measured in this many interleaved rounds
@@ -157,6 +162,15 @@ class _Bench:
             self.round_seconds.append(result.seconds)
         return result
 
+    def _not_run(self, label: str, variants: list[Variant]) -> TrialResult:
+        """A trial the budget could not pay for: unsupported if it could not run anyway."""
+        reason = unsupported_reason(variants, self.base, self.build_model, self.bundle, self.cfg)
+        if reason is not None:
+            return TrialResult(label, [v.name for v in variants], {},
+                               all(v.lossless for v in variants), "unsupported", reason)
+        return skipped(label, variants, f"budget: {max(self.left(), 0.0):.0f} s left, one "
+                       f"round needs ~{self._estimate(variants):.0f} s")
+
     def measure(self, groups: list[list[Variant]], reference: TrialResult | None = None
                 ) -> list[TrialResult]:
         """Measure plans in interleaved rounds; speed-ups are ratios within each round.
@@ -179,9 +193,7 @@ class _Bench:
         results = []
         for label, measured in rounds.items():
             if not measured:
-                left = max(self.left(), 0.0)
-                result = skipped(label, by_label[label], f"budget: {left:.0f} s left, one "
-                                 f"round needs ~{self._estimate(by_label[label]):.0f} s")
+                result = self._not_run(label, by_label[label])
             else:
                 result = merge_rounds(measured)
                 ratio = paired_speedup(measured, ref_rounds)
@@ -308,9 +320,13 @@ def _greedy_combinations(bench: _Bench, variants: list[Variant],
     """
     by_name = {v.name: v for v in variants}
     base = bench.trials[0]
-    ranked = sorted((t for t in singles.values() if _eligible(t)
-                     and t.projected_seconds < base.projected_seconds),
-                    key=lambda t: t.projected_seconds)
+    limit = base.projected_seconds
+
+    def worth_combining(t: TrialResult) -> bool:
+        return _eligible(t) and (t.projected_seconds < limit or t.lossless
+                                 and t.projected_seconds < limit * (1 + NEUTRAL))
+
+    ranked = sorted(filter(worth_combining, singles.values()), key=lambda t: t.projected_seconds)
     if not ranked:
         return
     current, chosen = ranked[0], [by_name[ranked[0].name]]

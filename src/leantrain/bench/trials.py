@@ -118,6 +118,30 @@ def _timed_steps(steps, device: torch.device, settings: TrialSettings, result: T
         step()  # a very slow model: finish the steps the numerical check compares
 
 
+def _trainer(variants: list[Variant], overrides: dict[str, Any],
+             build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig
+             ) -> Trainer:
+    """The trial's trainer; raises LeantrainError when the plan cannot run here."""
+    trial_cfg = config_from_dict(merge(cfg.to_dict(), overrides))
+    model = build_model()
+    for variant in variants:
+        if variant.wrap_model is not None:
+            model = variant.wrap_model(model)
+    return Trainer(model, bundle.train, bundle.val, trial_cfg, None, progress_bar=False,
+                   measure_loader=False)
+
+
+def unsupported_reason(variants: list[Variant], base: dict[str, Any],
+                       build_model: Callable[[], nn.Module], bundle: DataBundle,
+                       cfg: TrainConfig) -> str | None:
+    """Why the plan cannot run here, found without training (None: it can)."""
+    try:
+        _trainer(variants, plan_overrides(base, variants), build_model, bundle, cfg)
+    except LeantrainError as exc:
+        return str(exc)
+    return None
+
+
 def run_trial(name: str, variants: list[Variant], base: dict[str, Any],
               build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
               settings: TrialSettings) -> TrialResult:
@@ -128,13 +152,7 @@ def run_trial(name: str, variants: list[Variant], base: dict[str, Any],
                          plannable=all(v.wrap_model is None for v in variants))
     start = time.perf_counter()
     try:
-        trial_cfg = config_from_dict(merge(cfg.to_dict(), overrides))
-        model = build_model()
-        for variant in variants:
-            if variant.wrap_model is not None:
-                model = variant.wrap_model(model)
-        trainer = Trainer(model, bundle.train, bundle.val, trial_cfg, None, progress_bar=False,
-                          measure_loader=False)
+        trainer = _trainer(variants, overrides, build_model, bundle, cfg)
     except LeantrainError as exc:
         result.status, result.reason = "unsupported", str(exc)
         return result
