@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: train test lint bench clean
+.PHONY: train test lint bench bench-gpu clean
 
 $(BIN)/leantrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(BIN)/leantrain
 	$(BIN)/python benchmarks/compress_digits.py
 	$(BIN)/python benchmarks/quantize_mlp.py
 	$(BIN)/python benchmarks/gpt_cpu.py
+
+bench-gpu: $(BIN)/leantrain  # on a CUDA machine: text-gpt 102 M per technique stack, GPU checks
+	$(BIN)/python benchmarks/gpt_gpu.py
+	PYTHON=$(BIN)/python bash benchmarks/gpu_checks.sh runs/gpu_checks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
