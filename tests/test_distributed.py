@@ -216,3 +216,28 @@ def test_killing_one_rank_ends_the_job_within_60_s_naming_the_rank(blobs_file, t
     assert time.monotonic() - killed_at < 60
     assert proc.returncode != 0
     assert "rank 1 (local rank 1" in err and "failed first" in err and "SIGKILL" in err
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_takes_its_ranks_with_it(blobs_file, tmp_path):
+    """torchrun gives each rank its own session; SIGKILL on the launcher alone must not leave
+    them running."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--data",
+                             str(blobs_file), "--epochs", "1000", "--no-progress",
+                             "--set", "data.batch_size=8", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    workers = [w for w in psutil.Process(proc.pid).children(recursive=True)
+               if w.environ().get("LOCAL_RANK") is not None]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    for w in alive:
+        w.kill()
+    assert not alive, f"ranks still running after their launcher died: {alive}"

@@ -43,7 +43,7 @@ from .config import TrainConfig, load_config, merge, read_plan_file, read_yaml
 from .data import load_data
 from .data.text import VOCAB
 from .distillation import format_report, load_teacher, run_distillation
-from .distributed import DistContext, teardown
+from .distributed import DistContext, die_with_launcher, teardown
 from .doctor import format_doctor, run_doctor
 from .errors import LeantrainError
 from .imports import import_object
@@ -482,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else
                         logging.INFO if main_rank else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if DistContext.from_env().active:
+        die_with_launcher()
     rc = 1
     try:
         rc = COMMANDS[args.command](args)

@@ -12,8 +12,11 @@ a DDP checkpoint and an FSDP2 checkpoint both load into a single-process run, an
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
+import signal
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -53,6 +56,20 @@ class DistContext:
         except ValueError as exc:
             raise LeantrainError(f"torch.distributed environment is malformed: {exc}") from exc
         return DistContext(rank, local, world, "WORLD_SIZE" in os.environ)
+
+
+def die_with_launcher() -> None:
+    """Linux: this rank gets SIGTERM when its launcher dies, even by SIGKILL.
+
+    torchrun starts each rank in a session of its own, so without this a killed launcher
+    leaves its ranks running (holding GPUs) until a collective times out.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def rank_device(ctx: DistContext, device: torch.device) -> torch.device:
