@@ -154,3 +154,23 @@ def test_mfu_counts_model_flops_not_the_recompute():
     with recompute_paused(model):
         assert count_flops(step) == plain
     assert count_flops(step) > plain and model.blocks[0].checkpointed  # restored
+
+
+@pytest.mark.slow
+def test_bench_measures_the_text_gpt_techniques_and_train_uses_its_plan(tmp_path, capsys):
+    small = ["--set", "data.max_bytes=20000", "--set", "data.context=16", "--set", "gpt.depth=1",
+             "--set", "gpt.width=32", "--set", "gpt.heads=2"]
+    out = tmp_path / "bench"
+    assert main(["bench", "--recipe", "text-gpt", *small, "--budget-s", "20",
+                 "--keep-batch-size", "--out", str(out), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "baseline" in table and "winner (*)" in table
+    assert "activation_checkpointing" in table  # listed as not ranked, with its reason
+    raw = json.loads((out / "bench.json").read_text())
+    trials = {t["name"]: t for t in raw["trials"]}
+    assert {"bf16", "fused optimizer", "compile"} <= set(trials)  # each listed, run or not
+    assert trials["channels_last"]["status"] == "unsupported"  # a transformer has no convs
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "text-gpt", *small, "--plan", str(out / "plan.yaml"),
+                 "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["tokens_per_second"] > 0
