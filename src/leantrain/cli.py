@@ -478,11 +478,12 @@ COMMANDS = {"train": cmd_train, "distill": cmd_distill, "bench": cmd_bench,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    main_rank = DistContext.from_env().is_main  # under launch, only rank 0 reports progress
+    ctx = DistContext.from_env()
+    main_rank = ctx.is_main  # under launch, only rank 0 reports progress
     logging.basicConfig(level=logging.DEBUG if args.debug else
                         logging.INFO if main_rank else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if DistContext.from_env().active:
+    if ctx.active:
         die_with_launcher()
     rc = 1
     try:
@@ -498,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        teardown(DistContext.from_env(), succeeded=rc == 0)
+        teardown(ctx, succeeded=rc == 0)
 
 
 if __name__ == "__main__":

@@ -121,8 +121,9 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
                                 else "fp32 requested"))
 
     strategy = resolve_strategy(cfg.distributed, ctx)
+    sharded = strategy == "fsdp"  # FSDP2's DTensor parameters narrow what can run
     cl_check = (False, "FSDP2 shards contiguous parameters only, and channels_last weights are "
-                "not contiguous") if strategy == "fsdp" else memory_format.supported(device, model)
+                "not contiguous") if sharded else memory_format.supported(device, model)
     cl, out = _choose("channels_last", cfg.channels_last, True, cl_check)
     outcomes.append(out)
     comp, out = _choose("compile", cfg.compile, False, compile.supported(device))
@@ -133,7 +134,6 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
     tf32, out = _choose("tf32", cfg.tf32, True, backend_flags.supported(device, "tf32"))
     outcomes.append(out)
 
-    sharded = strategy == "fsdp"
     impl = optimizer.default_impl(device, optimizer_name, sharded) \
         if cfg.optimizer_impl == "auto" else cfg.optimizer_impl
     ok, why = optimizer.supported(device, impl, optimizer_name, sharded)
