@@ -8,6 +8,9 @@ from test_measure import SlowItems
 from leantrain import fit, load_config
 from leantrain.data.loaders import DevicePrefetcher, LoaderOptions
 from leantrain.data.tuning import (
+    MAX_WINDOW_S,
+    MIN_WINDOW_S,
+    Budget,
     auto_fields,
     fixed_options,
     tune_loader,
@@ -75,13 +78,25 @@ def test_a_run_too_short_to_pay_for_measuring_keeps_the_defaults_and_says_why():
 def test_a_run_with_per_item_work_tunes_its_loader_and_reports_the_choice(monkeypatch):
     from leantrain.data import tuning as tuning_module
 
-    # pretend measuring is free, so this short run is measured (in tiny windows)
+    # pretend the run is long enough to pay for measuring, in tiny windows
     monkeypatch.setattr(tuning_module, "MIN_WINDOW_S", 0.0)
-    monkeypatch.setattr(tuning_module, "BUDGET_SHARE", 1.0)
+    monkeypatch.setattr(tuning_module, "MAX_WINDOW_S", 0.01)
+    monkeypatch.setattr(tuning_module, "BUDGET_SHARE", 1000.0)
     summary = _short_run()
     tuning = summary["loader_tuning"]
     assert tuning["choice"] in summary["train_loader"]
     assert len(tuning["measured"]) >= 2 and tuning["note"].startswith("projected run")
+
+
+def test_the_budget_pays_each_measurements_overhead_before_sizing_windows():
+    budget = Budget(10.0, overhead_s=0.1)  # the first look cost 0.1 s beyond its window
+    assert budget.window(10) == pytest.approx(0.9)
+    budget.spend(1.5, 0.9)  # worker start-up and shutdown: 0.6 s beyond the window, twice
+    budget.spend(1.5, 0.9)
+    assert budget.left == pytest.approx(7.0)
+    assert budget.window(7) == pytest.approx(7.0 / 7 - 0.6)  # the median overhead, learned
+    assert budget.window(1000) == MIN_WINDOW_S and Budget(1e6, 0.0).window(1) == MAX_WINDOW_S
+    assert budget.windows == [0.9, 0.9]
 
 
 def test_tensor_backed_data_needs_no_tuning(tabular):

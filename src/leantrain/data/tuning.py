@@ -6,7 +6,9 @@ candidate feeds real batches to `consume` (the caller's forward and backward, wi
 optimizer step) for a short window; rounds are interleaved, the order reversed every other
 round, so machine drift hits every candidate alike. The windows are sized so that measuring
 costs about 5% of the projected run (0.3 to 2 s each); a run too short to pay for that is not
-measured at all, and keeps the defaults with a note saying so. The fastest median wins;
+measured at all, and keeps the defaults with a note saying so. A measurement costs more than
+its window (starting and stopping workers, the untimed first batch), so the budget learns that
+overhead as it goes and sizes each round's windows from what is left. The fastest median wins;
 among those within `NEAR` of it, the one with the fewest workers (each costs memory and a
 core).
 
@@ -93,6 +95,25 @@ def worker_counts(cpus: int) -> list[int]:
     return counts
 
 
+class Budget:
+    """Seconds measuring may still spend, and what a measurement costs beyond its window."""
+
+    def __init__(self, seconds: float, overhead_s: float):
+        self.left = seconds
+        self.overheads = [overhead_s]  # first from the look; then from every measurement
+        self.windows: list[float] = []
+
+    def window(self, measurements: int) -> float:
+        """The window for each of the `measurements` still to come, overheads paid first."""
+        per = self.left / max(measurements, 1) - statistics.median(self.overheads)
+        return min(MAX_WINDOW_S, max(MIN_WINDOW_S, per))
+
+    def spend(self, seconds: float, window_s: float) -> None:
+        self.left -= seconds
+        self.overheads.append(max(seconds - window_s, 0.0))
+        self.windows.append(window_s)
+
+
 def _measure(dataset: Dataset, batch_size: int, seed: int, options: LoaderOptions,
              consume: Callable[[Batch], None], window_s: float, into: Measured) -> None:
     loader = DataLoaderBatches(dataset, batch_size, shuffle=True, seed=seed, options=options)
@@ -121,12 +142,19 @@ def _measure(dataset: Dataset, batch_size: int, seed: int, options: LoaderOption
 
 
 def _rounds(dataset, batch_size, seed, candidates: list[LoaderOptions], consume,
-            window_s: float, rounds: int) -> list[Measured]:
+            window: float | Budget, rounds: int, later: int = 0) -> list[Measured]:
+    """Measure the candidates in interleaved rounds. With a Budget, each round's windows come
+    from what is left of it, counting the `later` measurements still planned after these."""
     measured = [Measured(c) for c in candidates]
     for r in range(rounds):
         order = measured if r % 2 == 0 else measured[::-1]
+        to_come = (rounds - r) * len(measured) + later
+        window_s = window.window(to_come) if isinstance(window, Budget) else window
         for m in order:
+            start = time.perf_counter()
             _measure(dataset, batch_size, seed, m.options, consume, window_s, m)
+            if isinstance(window, Budget):
+                window.spend(time.perf_counter() - start, window_s)
     return [m for m in measured if m.samples_per_second]
 
 
@@ -137,25 +165,29 @@ def _pick(measured: list[Measured]) -> Measured:
                                     m.options.compute_threads is not None))
 
 
-def window_for(dataset: Dataset, batch_size: int, seed: int, base: LoaderOptions,
+def budget_for(dataset: Dataset, batch_size: int, seed: int, base: LoaderOptions,
                consume: Callable[[Batch], None], epochs: int, windows: int
-               ) -> tuple[float | None, str]:
-    """(seconds per window, why) so that all `windows` cost about BUDGET_SHARE of the run.
+               ) -> tuple[Budget | None, str]:
+    """(budget, why): BUDGET_SHARE of the run, for `windows` measurements and their overheads.
 
-    The run's length is projected from a first look at the base settings. None: the run is
-    too short to pay for even the shortest windows, so nothing more is measured.
+    The run's length and a measurement's overhead come from a first look at the base
+    settings. None: the run is too short to pay for even the shortest windows, so nothing
+    more is measured.
     """
     look = Measured(base)
+    start = time.perf_counter()
     _measure(dataset, batch_size, seed, base, consume, MIN_WINDOW_S, look)
+    look_s = time.perf_counter() - start
     if not look.samples_per_second:
         return None, "the dataset yielded no batch"
     run_s = epochs * len(dataset) / look.samples_per_second[0]
-    window = BUDGET_SHARE * run_s / windows
-    if window < MIN_WINDOW_S:
+    budget = Budget(BUDGET_SHARE * run_s - look_s, max(look_s - MIN_WINDOW_S, 0.0))
+    if budget.left / windows - budget.overheads[0] < MIN_WINDOW_S:
         return None, (f"not measured: the run is projected at {run_s:.0f} s, too short to pay "
-                      f"for {windows} windows of {MIN_WINDOW_S} s; set data.num_workers to "
-                      f"choose yourself")
-    return min(MAX_WINDOW_S, window), f"projected run {run_s:.0f} s"
+                      f"for {windows} windows of {MIN_WINDOW_S} s and their overhead "
+                      f"({budget.overheads[0]:.2f} s each); set data.num_workers to choose "
+                      f"yourself")
+    return budget, f"projected run {run_s:.0f} s"
 
 
 def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], None],
@@ -163,7 +195,7 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
                 window_s: float | None = None, rounds: int = ROUNDS) -> LoaderTuning:
     """Measure the settings named in `auto` (LoaderOptions field names); keep `base` for others.
 
-    `window_s` None: sized from the projected run (see `window_for`).
+    `window_s` None: sized from the projected run (see `budget_for`).
     """
     began = time.perf_counter()
     if "pin_memory" in auto:
@@ -178,12 +210,14 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
             # workers and compute share the cores: also try leaving them the workers' cores
             stage1.append(replace(base, num_workers=n, compute_threads=fewer))
     note = "windows given by the caller"
-    if window_s is None:
-        window_s, note = window_for(dataset, batch_size, seed, base, consume, epochs,
-                                    (len(stage1) + 2) * rounds)
-        if window_s is None:
+    window: float | Budget | None = window_s
+    followers = 2 * rounds  # the best and one variant, measured again after stage 1
+    if window is None:
+        window, note = budget_for(dataset, batch_size, seed, base, consume, epochs,
+                                  len(stage1) * rounds + followers)
+        if window is None:
             return LoaderTuning(base, [], time.perf_counter() - began, 0.0, note)
-    measured = _rounds(dataset, batch_size, seed, stage1, consume, window_s, rounds)
+    measured = _rounds(dataset, batch_size, seed, stage1, consume, window, rounds, followers)
     best = _pick(measured)
     variants = []
     if best.options.num_workers and "prefetch_factor" in auto:
@@ -192,12 +226,13 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
         variants.append(replace(best.options, pin_memory=not best.options.pin_memory))
     if variants:
         measured += _rounds(dataset, batch_size, seed, [best.options, *variants], consume,
-                            window_s, rounds)[1:]
+                            window, rounds)[1:]
         best = _pick(measured)
     choice = best.options
     if "persistent_workers" in auto:
         choice = replace(choice, persistent_workers=choice.num_workers > 0 and epochs > 1)
-    return LoaderTuning(choice, measured, time.perf_counter() - began, window_s, note)
+    used = statistics.median(window.windows) if isinstance(window, Budget) else window
+    return LoaderTuning(choice, measured, time.perf_counter() - began, used, note)
 
 
 def auto_fields(values: dict[str, Any]) -> set[str]:
