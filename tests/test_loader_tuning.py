@@ -95,6 +95,7 @@ def test_the_budget_pays_each_measurements_overhead_before_sizing_windows():
     budget.spend(1.5, 0.9)
     assert budget.left == pytest.approx(7.0)
     assert budget.window(7) == pytest.approx(7.0 / 7 - 0.6)  # the median overhead, learned
+    assert budget.affords(7) and not budget.affords(1000)  # 1000 would get under the floor
     assert budget.window(1000) == MIN_WINDOW_S and Budget(1e6, 0.0).window(1) == MAX_WINDOW_S
     assert budget.windows == [0.9, 0.9]
 

@@ -103,10 +103,16 @@ class Budget:
         self.overheads = [overhead_s]  # first from the look; then from every measurement
         self.windows: list[float] = []
 
+    def _per_measurement(self, measurements: int) -> float:
+        """Timed seconds each of the `measurements` still to come can have, overheads paid."""
+        return self.left / max(measurements, 1) - statistics.median(self.overheads)
+
+    def affords(self, measurements: int) -> bool:
+        return self._per_measurement(measurements) >= MIN_WINDOW_S
+
     def window(self, measurements: int) -> float:
-        """The window for each of the `measurements` still to come, overheads paid first."""
-        per = self.left / max(measurements, 1) - statistics.median(self.overheads)
-        return min(MAX_WINDOW_S, max(MIN_WINDOW_S, per))
+        """The window for each of the `measurements` still to come."""
+        return min(MAX_WINDOW_S, max(MIN_WINDOW_S, self._per_measurement(measurements)))
 
     def spend(self, seconds: float, window_s: float) -> None:
         self.left -= seconds
@@ -182,7 +188,7 @@ def budget_for(dataset: Dataset, batch_size: int, seed: int, base: LoaderOptions
         return None, "the dataset yielded no batch"
     run_s = epochs * len(dataset) / look.samples_per_second[0]
     budget = Budget(BUDGET_SHARE * run_s - look_s, max(look_s - MIN_WINDOW_S, 0.0))
-    if budget.left / windows - budget.overheads[0] < MIN_WINDOW_S:
+    if not budget.affords(windows):
         return None, (f"not measured: the run is projected at {run_s:.0f} s, too short to pay "
                       f"for {windows} windows of {MIN_WINDOW_S} s and their overhead "
                       f"({budget.overheads[0]:.2f} s each); set data.num_workers to choose "
