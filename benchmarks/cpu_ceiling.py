@@ -24,6 +24,7 @@ where the winner's step time goes and what each remaining lever gives, on real d
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -41,6 +42,7 @@ from torch.profiler import ProfilerActivity, profile
 from leantrain.config import DataConfig
 from leantrain.data import load_data
 from leantrain.measure.flops import count_flops, device_peak
+from leantrain.measure.plots import plt
 from leantrain.recipes.models import SmallCNN
 from leantrain.techniques.memory_format import apply_channels_last, to_channels_last
 
@@ -65,10 +67,15 @@ def keep_gradients_channels_last(model: torch.nn.Module) -> None:
             module.register_forward_hook(hook)
 
 
+@functools.cache
+def digits_train() -> tuple[torch.Tensor, torch.Tensor]:
+    return load_data(DataConfig()).train.tensors
+
+
 def make_step(batch: int, bf16: bool = True, channels_last: bool = True, impl: str = "foreach",
               compile_model: bool = False, cl_grads: bool = False) -> Callable[[], int]:
     """One training step of digits-cnn as `train` runs it, cycling through real batches."""
-    xt, yt = load_data(DataConfig()).train.tensors
+    xt, yt = digits_train()
     torch.manual_seed(0)
     model = SmallCNN(1, 10)
     if channels_last:
@@ -216,10 +223,6 @@ def relu_backward_formats(repeats: int = 50) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     prof = result["profile"]
     parts = {"convolutions": prof["conv_seconds"]} | prof["top_other_ops_seconds"]
