@@ -20,6 +20,7 @@ train: $(BIN)/leantrain
 
 lint: $(BIN)/leantrain
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 # the whole suite, slow tests included (plain `pytest` skips those); exit 5 = no tests collected
 test: lint

@@ -40,7 +40,8 @@ from leantrain.env import cpu_model
 from leantrain.measure.plots import bar_panels
 from leantrain.measure.probe import untouched
 from leantrain.recipes.models import SmallCNN
-from leantrain.trainer import Trainer
+from leantrain.run import step
+from leantrain.run.plan import build
 
 RESULTS = Path(__file__).parent / "results"
 _BLUR = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
@@ -101,11 +102,12 @@ def candidates(train: Dataset, val: Dataset, window_s: float, rounds: int) -> di
     """Every loader candidate the tuner considers, each measured in long windows."""
     cfg = load_config(None, ["data.num_workers=0"])
     torch.manual_seed(0)
-    trainer = Trainer(SmallCNN(1, 10), train, val, cfg, None, progress_bar=False,
-                      measure_loader=False)
+    run = build(cfg, SmallCNN(1, 10), train, val, measure_loader=False)
     auto = {"num_workers", "pin_memory", "prefetch_factor", "persistent_workers"}
-    with untouched(trainer.model):
-        tuning = tune_loader(train, cfg.data.batch_size, trainer.probe_step, LoaderOptions(),
+    with untouched(run.model):
+        tuning = tune_loader(train, cfg.data.batch_size,
+                             lambda batch: step.probe(run.model, batch, run.plan, run.loss_fn),
+                             LoaderOptions(),
                              auto, on_cuda=False, epochs=cfg.train.epochs,
                              window_s=window_s, rounds=rounds)
     return tuning.to_dict()

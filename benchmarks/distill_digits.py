@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from leantrain import fit, load_config
-from leantrain.compress.distill import DistillationLoss, cache_teacher_logits
 from leantrain.data import load_data
+from leantrain.losses.distillation import DistillationLoss, cache_teacher_logits
 from leantrain.recipes.models import SmallCNN, digits_student
 
 RESULTS = Path(__file__).parent / "results"

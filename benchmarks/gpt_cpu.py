@@ -33,7 +33,9 @@ from leantrain.env import cpu_model
 from leantrain.measure.plots import plt
 from leantrain.recipes import get_recipe
 from leantrain.recipes.gpt import generate, parameters_without_embeddings
-from leantrain.trainer import Trainer
+from leantrain.run import step
+from leantrain.run.plan import build
+from leantrain.run.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,7 +46,7 @@ def unigram_bits(train: torch.Tensor, val: torch.Tensor) -> float:
     return -logp[val.flatten()].mean().item()
 
 
-def saved_bytes(trainer: Trainer, batch) -> int:
+def saved_bytes(run, batch) -> int:
     """Bytes autograd holds for backward during one forward (activation memory)."""
     total = 0
 
@@ -54,9 +56,8 @@ def saved_bytes(trainer: Trainer, batch) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        x, y, extras = trainer._to_device(batch)
-        trainer._forward_loss(trainer.model, x, y, extras)[1].backward()
-    trainer.model.zero_grad(set_to_none=True)
+        step.probe(run.model, batch, run.plan, run.loss_fn)
+    run.model.zero_grad(set_to_none=True)
     return total
 
 
@@ -67,9 +68,9 @@ def checkpointing_trials(cfg, bundle, recipe, rounds: int = 3, steps: int = 20) 
             trial_cfg = load_config(None, [f"plan.activation_checkpointing={str(on).lower()}",
                                            "train.monitor_interval_s=0"], cfg.to_dict())
             torch.manual_seed(0)
-            trainer = Trainer(recipe.build_model(256, cfg), bundle.train, bundle.val,
-                              trial_cfg, None, progress_bar=False, measure_loader=False)
-            stepper = trainer.steps()
+            run = build(trial_cfg, recipe.build_model(256, cfg), bundle.train, bundle.val,
+                        measure_loader=False)
+            stepper = Trainer(run, progress_bar=False).steps()
             for _ in range(3):
                 next(stepper)
             start, samples = time.perf_counter(), 0
@@ -81,7 +82,7 @@ def checkpointing_trials(cfg, bundle, recipe, rounds: int = 3, steps: int = 20) 
             stepper.close()
             row = out.setdefault("on" if on else "off", {"samples_per_second": []})
             row["samples_per_second"].append(rate)
-            row["saved_bytes"] = saved_bytes(trainer, next(iter(trainer.train_loader.batches())))
+            row["saved_bytes"] = saved_bytes(run, next(iter(run.train_loader.batches())))
     for row in out.values():
         row["median_samples_per_second"] = statistics.median(row["samples_per_second"])
     return out

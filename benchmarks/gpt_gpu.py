@@ -30,7 +30,9 @@ from leantrain.data import load_data
 from leantrain.measure.plots import plt
 from leantrain.recipes import get_recipe
 from leantrain.recipes.gpt import generate, parameters_without_embeddings
-from leantrain.trainer import Trainer
+from leantrain.run import summary as run_summary
+from leantrain.run.plan import build
+from leantrain.run.trainer import Trainer
 
 SIZE = {"gpt.depth": 8, "gpt.width": 1024, "gpt.heads": 8, "data.context": 1024,
         "data.batch_size": 32, "optim.lr": 6e-4, "data.max_bytes": 12_000_000}
@@ -56,11 +58,12 @@ def measure_stack(base: dict, size: dict, stack: dict, bundle, recipe, warmup: i
     cfg = load_config(None, overrides({**size, **stack, "train.monitor_interval_s": 0}), base)
     torch._dynamo.reset()  # each stack compiles for itself (warm-up includes it)
     torch.manual_seed(0)
-    trainer = Trainer(recipe.build_model(256, cfg), bundle.train, bundle.val, cfg, None,
-                      progress_bar=False, measure_loader=False)
-    device = trainer.plan.device
+    run = build(cfg, recipe.build_model(256, cfg), bundle.train, bundle.val,
+                measure_loader=False)
+    trainer = Trainer(run, progress_bar=False)
+    device = run.plan.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    flops_per_sample = trainer.flops_per_sample = trainer.count_flops()
+    flops_per_sample = run_summary.training_flops(run)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stepper = trainer.steps()
@@ -80,7 +83,7 @@ def measure_stack(base: dict, size: dict, stack: dict, bundle, recipe, warmup: i
         losses.append(loss.item())
     stepper.close()
     samples_per_s = statistics.median(rates)
-    use = trainer.utilization(samples_per_s)
+    use = run_summary.utilization(run.plan, flops_per_sample, samples_per_s)
     context = cfg.data.context
     row = {
         "overrides": overrides(stack),

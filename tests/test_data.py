@@ -110,9 +110,9 @@ def test_data_function_must_return_two_datasets(tmp_path, monkeypatch):
 
 def test_drop_last_keeps_only_full_batches_in_both_loaders():
     ds = TensorDataset(torch.arange(10.0).view(10, 1), torch.zeros(10, dtype=torch.long))
-    for kind in ("in-memory", "dataloader"):
-        keep = make_loader(ds, 4, shuffle=True, kind=kind)
-        drop = make_loader(ds, 4, shuffle=True, kind=kind, drop_last=True)
+    for in_memory in (True, False):
+        keep = make_loader(ds, 4, shuffle=True, in_memory=in_memory)
+        drop = make_loader(ds, 4, shuffle=True, in_memory=in_memory, drop_last=True)
         assert len(keep) == 3 and [len(b[1]) for b in keep.batches()] == [4, 4, 2]
         assert len(drop) == 2 and [len(b[1]) for b in drop.batches()] == [4, 4]
 
@@ -122,20 +122,19 @@ def test_a_compiled_run_trains_on_full_batches_only(tabular):
     from conftest import mlp
 
     from leantrain.config import load_config
-    from leantrain.trainer import Trainer
+    from leantrain.run.plan import build
 
     train, val = tabular  # 200 samples
     horizons = set()
     for compiled, batches in ((False, 4), (True, 3)):
         cfg = load_config(None, ["data.batch_size=64", f"plan.compile={str(compiled).lower()}",
                                  "plan.device=cpu", "train.monitor_interval_s=0"])
-        trainer = Trainer(mlp(), train, val, cfg, None, progress_bar=False,
-                          measure_loader=False)
-        assert len(trainer.train_loader) == batches
-        assert len(trainer.val_loader) == 1  # evaluation (eager) keeps every sample
-        horizons.add(trainer.total_steps)
+        run = build(cfg, mlp(), train, val, measure_loader=False)
+        assert len(run.train_loader) == batches
+        assert len(run.val_loader) == 1  # evaluation (eager) keeps every sample
+        horizons.add(run.total_steps)
     assert len(horizons) == 1  # the same LR at every step: the bench compares them step-wise
     cfg = load_config(None, ["data.batch_size=256", "plan.compile=true", "plan.device=cpu",
                              "train.monitor_interval_s=0"])
-    small = Trainer(mlp(), train, val, cfg, None, progress_bar=False, measure_loader=False)
+    small = build(cfg, mlp(), train, val, measure_loader=False)
     assert len(small.train_loader) == 1  # no full batch at all: the short one is kept

@@ -9,13 +9,13 @@ from torch.utils.data import TensorDataset
 
 from leantrain import fit, load_config
 from leantrain.cli import main
-from leantrain.compress.distill import (
+from leantrain.errors import LeantrainError
+from leantrain.losses.distillation import (
     DistillationLoss,
     cache_teacher_logits,
     freeze_teacher,
     kd_loss,
 )
-from leantrain.errors import LeantrainError
 
 S = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
 T_LOGITS = torch.tensor([[3.0, 1.0, -2.0], [-1.0, 0.0, 2.0]])

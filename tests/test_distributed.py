@@ -15,11 +15,11 @@ from conftest import blobs, tiny_cnn
 from test_bench import USER_MODULE as BENCH_MODULE
 
 from leantrain.cli import main
+from leantrain.commands.launch import torchrun_args
 from leantrain.config import PlanConfig
 from leantrain.data.loaders import batch_count, batch_spans
 from leantrain.errors import LeantrainError
-from leantrain.launch import torchrun_args
-from leantrain.plan import resolve_plan
+from leantrain.run.plan import resolve_plan
 
 LEANTRAIN = [sys.executable, "-m", "leantrain"]
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from leantrain.bench.doctor import Recommendation, recommend
 from leantrain.cli import main
-from leantrain.doctor import Recommendation, recommend
 from leantrain.env import machine_facts
 
 
@@ -55,14 +55,14 @@ def test_a_data_bound_profile_is_the_first_recommendation(tabular):
     from conftest import mlp
 
     from leantrain import load_config
-    from leantrain.trainer import Trainer
+    from leantrain.run.plan import build
 
     cfg = load_config(None, ["plan.device=cpu", "plan.optimizer_impl=for-loop"])
-    trainer = Trainer(mlp(), *tabular, cfg, None, progress_bar=False)
+    run = build(cfg, mlp(), *tabular)
     facts = machine_facts(check_compile=False)
     measured = {"step_breakdown": {"fractions": {"data": 0.5, "copy": 0.0, "forward": 0.1,
                                                  "backward": 0.1, "optimizer": 0.3}}}
-    recs = recommend(trainer, measured, facts)
+    recs = recommend(run, measured, facts)
     assert recs[0].measured and "data wait is 50%" in recs[0].evidence
     assert recs[1].measured and "optimizer" in recs[1].advice
 

@@ -5,7 +5,8 @@ from conftest import mlp, tiny_cnn
 from leantrain import env
 from leantrain.config import PlanConfig
 from leantrain.errors import LeantrainError
-from leantrain.plan import resolve_plan
+from leantrain.run import plan as run_plan
+from leantrain.run.plan import resolve_plan
 
 
 @pytest.fixture
@@ -15,27 +16,27 @@ def three_gpus(monkeypatch):
 
 
 def test_auto_picks_the_gpu_with_most_free_memory(three_gpus):
-    choice = env.select_device("auto")
+    choice = run_plan.select_device("auto")
     assert choice.device == torch.device("cuda", 1) and "most free memory" in choice.reason
 
 
 def test_cuda_visible_devices_means_the_user_chose(three_gpus, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    assert env.select_device("auto").device == torch.device("cuda", 0)
+    assert run_plan.select_device("auto").device == torch.device("cuda", 0)
 
 
 def test_cpu_when_no_gpu(monkeypatch):
     monkeypatch.setattr(env, "cuda_free_memory", lambda: [])
     monkeypatch.setattr(env, "mps_available", lambda: False)
-    assert env.select_device("auto").device.type == "cpu"
+    assert run_plan.select_device("auto").device.type == "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_explicit_cuda_without_gpu_is_an_error_not_a_fallback():
     with pytest.raises(LeantrainError, match="has 0 CUDA device"):
-        env.select_device("cuda")
+        run_plan.select_device("cuda")
     with pytest.raises(LeantrainError, match="not a device"):
-        env.select_device("tpu9")
+        run_plan.select_device("tpu9")
 
 
 def test_plan_reports_every_technique_with_a_reason():

@@ -12,10 +12,11 @@ from leantrain.data.text import STDLIB, load_text, stdlib_sources
 from leantrain.errors import LeantrainError
 from leantrain.measure.flops import count_flops
 from leantrain.recipes.gpt import GPT, generate, parameters_without_embeddings
+from leantrain.techniques.base import Context
 from leantrain.techniques.checkpointing import (
     apply_activation_checkpointing,
+    check,
     recompute_paused,
-    supported,
 )
 
 
@@ -51,7 +52,7 @@ def test_activation_checkpointing_keeps_loss_and_gradients_and_saves_memory():
     torch.manual_seed(0)
     plain = GPT(context=64, depth=3, width=64, heads=4)
     ckpt = apply_activation_checkpointing(copy.deepcopy(plain))
-    assert supported(plain)[0]
+    assert check(Context(torch.device("cpu"), plain))[0]
     x, y = torch.randint(0, 256, (4, 64)), torch.randint(0, 256, (4, 64))
     saved = {}
     for name, model in (("plain", plain), ("ckpt", ckpt)):
@@ -124,7 +125,7 @@ def test_generate_on_a_non_text_run_is_a_clear_error(tmp_path, capsys):
 
 def test_tokens_per_step_errors_name_the_keys():
     from leantrain.config import PlanConfig
-    from leantrain.plan import resolve_plan
+    from leantrain.run.plan import resolve_plan
 
     model = GPT(context=8, depth=1, width=16, heads=2)
     with pytest.raises(LeantrainError, match="for language models"):

@@ -6,18 +6,17 @@ from conftest import mlp
 from test_measure import SlowItems
 
 from leantrain import fit, load_config
+from leantrain.config import DataConfig
 from leantrain.data.loaders import DevicePrefetcher, LoaderOptions
 from leantrain.data.tuning import (
     MAX_WINDOW_S,
     MIN_WINDOW_S,
     Budget,
-    auto_fields,
-    fixed_options,
     tune_loader,
     usable_cpus,
     worker_counts,
-    worth_measuring,
 )
+from leantrain.techniques.loader import auto_fields, default_options, worth_measuring
 
 ALL_AUTO = {"num_workers", "pin_memory", "prefetch_factor", "persistent_workers"}
 
@@ -43,10 +42,10 @@ def test_tuning_measures_every_candidate_and_returns_one_it_ran():
 
 
 def test_fixed_values_are_kept_and_only_auto_ones_are_measured():
-    values = {"num_workers": 1, "pin_memory": False, "prefetch_factor": "auto",
-              "persistent_workers": "auto"}
+    values = DataConfig(num_workers=1, pin_memory=False, prefetch_factor="auto",
+                        persistent_workers="auto")
     assert auto_fields(values) == {"prefetch_factor", "persistent_workers"}
-    base = fixed_options(values, on_cuda=False, epochs=2)
+    base = default_options(values, on_cuda=False, epochs=2)
     assert base == LoaderOptions(1, False, None, True)
     tuning = tune_loader(SlowItems(32, delay=0.001), 8, lambda batch: None, base,
                          auto_fields(values), on_cuda=False, epochs=2, window_s=0.1, rounds=1)

@@ -10,23 +10,35 @@ from torch import nn
 
 from leantrain.config import OptimConfig, ScheduleConfig
 from leantrain.errors import LeantrainError
-from leantrain.techniques import REGISTRY, accumulation, backend_flags, clipping, precision
+from leantrain.techniques import (
+    PLANNED,
+    REGISTRY,
+    accumulation,
+    clipping,
+    cudnn_benchmark,
+    precision,
+    tf32,
+)
+from leantrain.techniques.base import Context
 from leantrain.techniques.compile import apply_compile, unwrap
 from leantrain.techniques.init import init_weights
 from leantrain.techniques.memory_format import apply_channels_last, to_channels_last
 from leantrain.techniques.optimizer import build_optimizer
-from leantrain.techniques.optimizer import supported as optimizer_supported
+from leantrain.techniques.optimizer import check as optimizer_check
 from leantrain.techniques.schedules import build_scheduler, lr_multiplier
 
 CPU = torch.device("cpu")
+CPU_CTX = Context(CPU, tiny_cnn())
 
 
 def test_registry_follows_the_contract():
     for name, module in REGISTRY.items():
         assert module.NAME == name
         assert isinstance(module.LOSSLESS, bool)
-        assert callable(module.supported)
+        assert module.VARIANTS or module.BENCH_NOTE, f"{name}: how does the bench treat it?"
         assert module.__doc__ and len(module.__doc__) > 100, f"{name} needs a docstring"
+    for module in PLANNED:  # the techniques the plan decides: one check, one decide
+        assert callable(module.check) and callable(module.decide)
 
 
 def _train_losses(model, opt, steps=5, cl=False):
@@ -63,7 +75,7 @@ def test_to_channels_last_passes_other_ranks_through():
 @pytest.mark.parametrize("name", ["sgd", "adamw", "adam"])
 @pytest.mark.parametrize("impl", ["fused", "foreach"])
 def test_optimizer_impls_match_for_loop(name, impl):
-    if not optimizer_supported(CPU, impl)[0]:
+    if not optimizer_check(CPU_CTX, impl)[0]:
         pytest.skip(f"{impl} not available on CPU in this torch")
     cfg = OptimConfig(name=name, lr=0.05)
     ref, fast = tiny_cnn(), tiny_cnn()
@@ -107,7 +119,7 @@ def test_clipping_bounds_the_norm_and_returns_the_original():
 
 
 def test_bf16_autocast_close_to_fp32_and_fp16_needs_a_gpu():
-    ok, reason = precision.supported(CPU, "fp16")
+    ok, reason = precision.check(CPU_CTX, "fp16")
     assert not ok and "GPU" in reason
     assert precision.make_grad_scaler(CPU, "bf16") is None
     model, x = tiny_cnn(), torch.randn(8, 1, 12, 12)
@@ -181,12 +193,19 @@ def test_scheduler_state_resumes_exactly():
 
 
 def test_backend_flags_are_cuda_only_and_restored():
-    ok, reason = backend_flags.supported(CPU, "tf32")
+    ok, reason = tf32.check(CPU_CTX)
     assert not ok and "CUDA" in reason
-    saved = torch.backends.cudnn.benchmark
-    with backend_flags.backend_flags(cudnn_benchmark=not saved, tf32=False):
-        assert torch.backends.cudnn.benchmark is (not saved)
-    assert torch.backends.cudnn.benchmark is saved
+    assert not cudnn_benchmark.check(CPU_CTX)[0]
+    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    with cudnn_benchmark.enabled(not saved[0]), tf32.enabled(not saved[1]):
+        assert torch.backends.cudnn.benchmark is (not saved[0])
+        assert torch.backends.cuda.matmul.allow_tf32 is (not saved[1])
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == saved
+
+
+def test_autocast_takes_a_device_name_too():
+    with precision.autocast("cpu", "bf16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from leantrain import evaluate, fit, load_config
 from leantrain.data import load_data
 from leantrain.env import bf16_supported
 from leantrain.errors import LeantrainError
-from leantrain.trainer import Trainer
+from leantrain.run.trainer import Trainer
 
 
 def _cfg(*overrides):
@@ -39,7 +39,7 @@ def test_fit_writes_a_complete_run_folder(tabular, tmp_path):
 
 def test_evaluate_matches_a_hand_computation(tabular):
     from leantrain.data import make_loader
-    from leantrain.plan import resolve_plan
+    from leantrain.run.plan import resolve_plan
 
     model, (_, val) = mlp(), tabular
     plan = resolve_plan(load_config(None, ["plan.device=cpu", "plan.precision=fp32"]).plan, model)

@@ -20,6 +20,8 @@ import yaml
 from .errors import LeantrainError
 
 Auto = Literal["auto"]
+CONFIG_NAME = "config.yaml"  # a run folder's config: what `--resume` continues with
+STDLIB = "python-stdlib"  # data.source: the Python standard library's sources, as text
 
 
 @dataclass

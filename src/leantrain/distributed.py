@@ -28,8 +28,6 @@ from torch import nn
 
 from .errors import LeantrainError
 
-STRATEGIES = ("auto", "ddp", "fsdp")
-
 
 @dataclass(frozen=True)
 class DistContext:
@@ -92,16 +90,6 @@ def setup(ctx: DistContext, device: torch.device, timeout_s: float) -> None:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
-
-
-def resolve_strategy(requested: str, ctx: DistContext) -> str | None:
-    """None outside torchrun; "auto" is DDP (FSDP2 is for models that do not fit a device)."""
-    if not ctx.active:
-        if requested != "auto":
-            raise LeantrainError(f"plan.distributed {requested!r} needs processes started by "
-                                 "`leantrain launch --nproc N -- train ...` (torchrun)")
-        return None
-    return "ddp" if requested == "auto" else requested
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

@@ -24,9 +24,9 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data import DataBundle
-from ..env import select_device
 from ..errors import LeantrainError
 from ..measure.memory import available_ram_bytes, current_rss_bytes
+from ..run.plan import select_device
 from ..techniques.variant import Variant
 from .trials import (
     TrialResult,

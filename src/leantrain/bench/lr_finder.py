@@ -19,7 +19,8 @@ from torch import nn
 from ..config import TrainConfig, config_from_dict, merge
 from ..data import DataBundle
 from ..errors import LeantrainError
-from ..trainer import Trainer
+from ..run.plan import build
+from ..run.trainer import Trainer
 
 DIVERGE = 4.0
 SMOOTHING = 0.9  # EMA factor (bias-corrected)
@@ -62,8 +63,8 @@ def find_lr(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Train
     if steps < 5:
         raise LeantrainError(f"the LR sweep needs at least 5 steps, got {steps}")
     run_cfg = config_from_dict(merge(cfg.to_dict(), overrides or {}))
-    trainer = Trainer(build_model(), bundle.train, bundle.val, run_cfg, None, progress_bar=False,
-                      measure_loader=False)
+    trainer = Trainer(build(run_cfg, build_model(), bundle.train, bundle.val,
+                            measure_loader=False), progress_bar=False)
 
     def lr_at(step: int) -> float:
         return lr_min * (lr_max / lr_min) ** (step / (steps - 1))

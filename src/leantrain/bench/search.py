@@ -23,11 +23,12 @@ from torch import nn
 
 from ..config import TrainConfig, merge
 from ..data import DataBundle
-from ..env import select_device
 from ..errors import LeantrainError
+from ..run.plan import device_setting
 from ..techniques import REGISTRY
 from ..techniques.variant import Variant
 from .batch_size import BatchSizeResult, find_batch_size
+from .tolerances import LOSSLESS_TOL, LOSSY_TOL
 from .trials import (
     TrialResult,
     TrialSettings,
@@ -47,8 +48,6 @@ MIN_GAIN = 0.02  # a combination must beat the current best by this much to be k
 # the overhead it removes (per-sample collation, per-tensor optimizer kernels) hides behind slow
 # compute and shows once other techniques make the compute fast (Amdahl, the other way round).
 NEUTRAL = 0.03
-LOSSLESS_TOL = 1e-3  # relative loss difference allowed for float reordering over ten steps
-LOSSY_TOL = 0.05
 ROUNDS = 5  # each trial is measured in this many interleaved rounds
 # The bench moves the batch by one doubling at most: the LR scaling rule is an approximation
 # that holds near the batch the user tuned, and a bigger batch means fewer optimizer steps in
@@ -85,9 +84,7 @@ class BenchResult:
 
 def baseline_overrides(cfg: TrainConfig) -> dict[str, Any]:
     """A plain fp32 eager loop with a per-sample DataLoader: what a hand-written loop does."""
-    device = cfg.plan.device
-    if device == "auto":
-        device = select_device("auto").device.type  # a named GPU index is chosen per run
+    device = device_setting(cfg.plan.device)
     return {
         "plan": {"device": device, "precision": "fp32", "channels_last": False,
                  "compile": False, "cudnn_benchmark": False, "tf32": False,
@@ -130,9 +127,6 @@ class _Bench:
         self.compile_seconds: list[float] = []
         n_train = len(bundle.train)
         self.run_samples = n_train * cfg.train.epochs
-        # under compile, stop before the epoch's short last batch: its new shape recompiles
-        full_batches = n_train // cfg.data.batch_size // cfg.plan.grad_accum
-        self.compile_max_steps = max(full_batches, 1)
         self.round_s = min(max(budget_s / 120, 0.3), 1.5)  # timed part of one round of a trial
 
     def elapsed(self) -> float:
@@ -151,9 +145,7 @@ class _Bench:
         """One round of one trial, or None when the budget cannot pay for it."""
         if not required and self._estimate(variants) > self.left():
             return None
-        settings = TrialSettings(
-            seconds=self.round_s,
-            max_steps=self.compile_max_steps if _compiles(variants) else None)
+        settings = TrialSettings(seconds=self.round_s)
         result = run_trial(_label(variants), variants, self.base, self.build_model, self.bundle,
                            self.cfg, settings)
         if result.compile_seconds is not None:

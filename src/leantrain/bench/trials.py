@@ -1,8 +1,9 @@
 """One timed trial: train a fresh copy of the model for a few seconds under one plan.
 
-A trial runs the trainer's real step (`Trainer.steps`), data loading included, so what it
-times is what `train` will run. Throughput is the median over windows of steps; on a GPU the
-device is synchronised only at window edges, so the host can run ahead as it does in training.
+A trial runs the trainer's real step (`Trainer.steps`) over a `Run` decided by `run.plan`, data
+loading included, so what it times is what `train` will run. Throughput is the median over
+windows of steps; on a GPU the device is synchronised only at window edges, so the host can run
+ahead as it does in training.
 The first step is timed apart (it carries compilation and lazy set-up). The losses of the first
 steps are kept for the numerical check against the baseline.
 """
@@ -22,8 +23,10 @@ from ..config import TrainConfig, config_from_dict, merge
 from ..data import DataBundle
 from ..errors import LeantrainError
 from ..measure.memory import peak_bytes, reset_peak
+from ..measure.rounds import interleave as interleave_rounds
+from ..run.plan import build
+from ..run.trainer import Trainer
 from ..techniques.variant import Variant
-from ..trainer import Trainer
 
 WARMUP_STEPS = 2  # after the first step: caches, allocator and autotuners settle
 MIN_WINDOWS = 3
@@ -67,7 +70,6 @@ class TrialResult:
 class TrialSettings:
     seconds: float  # timed part of a trial, after the first and warm-up steps
     check_steps: int = 10  # losses kept for the numerical check
-    max_steps: int | None = None  # e.g. stop before a batch of a new shape under compile
 
 
 def plan_overrides(base: dict[str, Any], variants: list[Variant]) -> dict[str, Any]:
@@ -84,9 +86,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed_steps(steps, device: torch.device, settings: TrialSettings, result: TrialResult,
-                 loss_tensors: list[torch.Tensor]) -> None:
-    """Run the first step, the warm-up, then windows of steps until the time is used."""
-    limit = settings.max_steps or float("inf")
+                 loss_tensors: list[torch.Tensor], limit: float) -> None:
+    """Run the first step, the warm-up, then windows of steps until the time is used, at most
+    `limit` steps."""
 
     def step() -> int:
         samples, loss = next(steps)
@@ -127,8 +129,8 @@ def _trainer(variants: list[Variant], overrides: dict[str, Any],
     for variant in variants:
         if variant.wrap_model is not None:
             model = variant.wrap_model(model)
-    return Trainer(model, bundle.train, bundle.val, trial_cfg, None, progress_bar=False,
-                   measure_loader=False)
+    return Trainer(build(trial_cfg, model, bundle.train, bundle.val, measure_loader=False),
+                   progress_bar=False)
 
 
 def unsupported_reason(variants: list[Variant], base: dict[str, Any],
@@ -156,11 +158,14 @@ def run_trial(name: str, variants: list[Variant], base: dict[str, Any],
     except LeantrainError as exc:
         result.status, result.reason = "unsupported", str(exc)
         return result
-    device = trainer.plan.device
+    run = trainer.run
+    device = run.plan.device
     reset_peak(device)
     steps, loss_tensors = trainer.steps(), []
+    # a compiled trial stays within one epoch: nothing it times may be a recompilation
+    limit = run.steps_per_epoch if run.plan.compile else float("inf")
     try:
-        _timed_steps(steps, device, settings, result, loss_tensors)
+        _timed_steps(steps, device, settings, result, loss_tensors, limit)
         result.losses = [float(t) for t in loss_tensors]
     except Exception as exc:  # OOM, a kernel missing for a dtype, a compiler error: listed
         result.status = "failed"
@@ -170,8 +175,8 @@ def run_trial(name: str, variants: list[Variant], base: dict[str, Any],
         steps.close()
         result.seconds = time.perf_counter() - start
     result.samples_per_second = statistics.median(result.window_rates)
-    if trainer.plan.compile:
-        step_s = trainer.cfg.data.batch_size * trainer.plan.grad_accum / result.samples_per_second
+    if run.plan.compile:
+        step_s = run.cfg.data.batch_size * run.plan.grad_accum / result.samples_per_second
         result.compile_seconds = max(result.first_step_seconds - step_s, 0.0)
     result.peak_memory_bytes, result.peak_memory_kind = peak_bytes(device)
     return result
@@ -207,20 +212,5 @@ def paired_speedup(measured: list[TrialResult], reference: list[TrialResult]) ->
 
 def interleave(names: list[str], rounds: int, measure: Callable[[str, int], TrialResult | None]
                ) -> dict[str, list[TrialResult]]:
-    """Measure each name once per round, reversing the order every other round.
-
-    Machine speed drifts (other tenants, clocks) over seconds; interleaving puts every trial
-    next to every other one in time, and reversing cancels a steady drift. `measure(name,
-    round)` may return None to stop measuring that name (unsupported, failed, or out of budget).
-    """
-    results: dict[str, list[TrialResult]] = {name: [] for name in names}
-    active = list(names)
-    for r in range(rounds):
-        for name in (active if r % 2 == 0 else list(reversed(active))):
-            result = measure(name, r)
-            if result is None:
-                continue
-            results[name].append(result)
-        active = [n for n in active if results[n] and results[n][-1].measured
-                  and len(results[n]) == r + 1]
-    return results
+    """Trials in interleaved rounds (`measure.rounds`); a trial that did not run is dropped."""
+    return interleave_rounds(names, rounds, measure, keep=lambda result: result.measured)

@@ -1,1 +1,4 @@
-"""Model compression: distillation (separable convs, pruning and quantization to come)."""
+"""Model compression: depthwise-separable surgery, pruning and int8 quantization.
+
+(Knowledge distillation is a loss: it lives in `leantrain.losses.distillation`.)
+"""

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
-from ..errors import LeantrainError
-
 DEVICE_RESIDENT_FRACTION = 0.25  # move data to the GPU once if it takes < 25% of free memory
 Batch = tuple[torch.Tensor, ...]  # (inputs, labels, *extras)
 
@@ -254,16 +252,12 @@ def data_wait_advice(loader: InMemoryBatches | DataLoaderBatches, device: torch.
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
                 device: torch.device | None = None, options: LoaderOptions | None = None,
-                kind: str = "auto", shard: Shard = (0, 1), drop_last: bool = False
+                in_memory: bool = True, shard: Shard = (0, 1), drop_last: bool = False
                 ) -> InMemoryBatches | DataLoaderBatches:
-    """The loader `kind` names; "auto" is batched indexing when the dataset is tensor-backed.
-    `drop_last` drops a short last batch (it always drops under several ranks)."""
+    """Batched indexing for a tensor-backed dataset unless `in_memory` is False, else a
+    DataLoader. `drop_last` drops a short last batch (it always drops under several ranks)."""
     tensors = tensors_of(dataset)
-    if kind == "in-memory" and tensors is None:
-        raise LeantrainError(
-            f"data.loader 'in-memory' needs a tensor-backed dataset (TensorDataset or a Subset "
-            f"of one); this one is {type(dataset).__name__}: use 'auto' or 'dataloader'")
-    if tensors is not None and kind != "dataloader":
+    if tensors is not None and in_memory:
         return InMemoryBatches(*tensors, batch_size=batch_size, shuffle=shuffle, seed=seed,
                                device=device, shard=shard, drop_last=drop_last)
     return DataLoaderBatches(dataset, batch_size, shuffle, seed, options, device, shard,

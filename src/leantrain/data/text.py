@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
+from ..config import STDLIB
 from ..errors import LeantrainError
 
-STDLIB = "python-stdlib"
 VOCAB = 256  # bytes
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..measure.rounds import interleave
 from .loaders import Batch, DataLoaderBatches, LoaderOptions, compute_threads
 
 log = logging.getLogger(__name__)
@@ -152,15 +153,18 @@ def _rounds(dataset, batch_size, seed, candidates: list[LoaderOptions], consume,
     """Measure the candidates in interleaved rounds. With a Budget, each round's windows come
     from what is left of it, counting the `later` measurements still planned after these."""
     measured = [Measured(c) for c in candidates]
-    for r in range(rounds):
-        order = measured if r % 2 == 0 else measured[::-1]
+
+    def measure(index: int, r: int) -> bool:
         to_come = (rounds - r) * len(measured) + later
         window_s = window.window(to_come) if isinstance(window, Budget) else window
-        for m in order:
-            start = time.perf_counter()
-            _measure(dataset, batch_size, seed, m.options, consume, window_s, m)
-            if isinstance(window, Budget):
-                window.spend(time.perf_counter() - start, window_s)
+        start = time.perf_counter()
+        _measure(dataset, batch_size, seed, measured[index].options, consume, window_s,
+                 measured[index])
+        if isinstance(window, Budget):
+            window.spend(time.perf_counter() - start, window_s)
+        return True
+
+    interleave(list(range(len(measured))), rounds, measure)
     return [m for m in measured if m.samples_per_second]
 
 
@@ -197,22 +201,23 @@ def budget_for(dataset: Dataset, batch_size: int, seed: int, base: LoaderOptions
 
 
 def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], None],
-                base: LoaderOptions, auto: set[str], on_cuda: bool, epochs: int, seed: int = 0,
+                base: LoaderOptions, tunable: set[str], on_cuda: bool, epochs: int, seed: int = 0,
                 window_s: float | None = None, rounds: int = ROUNDS) -> LoaderTuning:
-    """Measure the settings named in `auto` (LoaderOptions field names); keep `base` for others.
+    """Measure the settings named in `tunable` (LoaderOptions field names); keep `base` for
+    the others.
 
     `window_s` None: sized from the projected run (see `budget_for`).
     """
     began = time.perf_counter()
-    if "pin_memory" in auto:
+    if "pin_memory" in tunable:
         base = replace(base, pin_memory=on_cuda)
     cpus = usable_cpus()
-    counts = worker_counts(cpus) if "num_workers" in auto else [base.num_workers]
+    counts = worker_counts(cpus) if "num_workers" in tunable else [base.num_workers]
     stage1 = []
     for n in counts:
         stage1.append(replace(base, num_workers=n))
         fewer = max(1, cpus - n)
-        if n and not on_cuda and "num_workers" in auto and fewer < torch.get_num_threads():
+        if n and not on_cuda and "num_workers" in tunable and fewer < torch.get_num_threads():
             # workers and compute share the cores: also try leaving them the workers' cores
             stage1.append(replace(base, num_workers=n, compute_threads=fewer))
     note = "windows given by the caller"
@@ -226,39 +231,16 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
     measured = _rounds(dataset, batch_size, seed, stage1, consume, window, rounds, followers)
     best = _pick(measured)
     variants = []
-    if best.options.num_workers and "prefetch_factor" in auto:
+    if best.options.num_workers and "prefetch_factor" in tunable:
         variants.append(replace(best.options, prefetch_factor=4))
-    if on_cuda and "pin_memory" in auto:
+    if on_cuda and "pin_memory" in tunable:
         variants.append(replace(best.options, pin_memory=not best.options.pin_memory))
     if variants:
         measured += _rounds(dataset, batch_size, seed, [best.options, *variants], consume,
                             window, rounds)[1:]
         best = _pick(measured)
     choice = best.options
-    if "persistent_workers" in auto:
+    if "persistent_workers" in tunable:
         choice = replace(choice, persistent_workers=choice.num_workers > 0 and epochs > 1)
     used = statistics.median(window.windows) if isinstance(window, Budget) else window
     return LoaderTuning(choice, measured, time.perf_counter() - began, used, note)
-
-
-def auto_fields(values: dict[str, Any]) -> set[str]:
-    """Which of the loader settings in a config section are "auto"."""
-    return {k for k in ("num_workers", "pin_memory", "prefetch_factor", "persistent_workers")
-            if values.get(k) == "auto"}
-
-
-def worth_measuring(auto: set[str], base: LoaderOptions, on_cuda: bool) -> bool:
-    """Whether the "auto" settings leave more than one candidate to measure."""
-    return ("num_workers" in auto or (base.num_workers > 0 and "prefetch_factor" in auto)
-            or (on_cuda and "pin_memory" in auto))
-
-
-def fixed_options(values: dict[str, Any], on_cuda: bool, epochs: int) -> LoaderOptions:
-    """LoaderOptions from config values, "auto" replaced by the unmeasured defaults."""
-    workers = values["num_workers"] if values["num_workers"] != "auto" else 0
-    pin = values["pin_memory"] if values["pin_memory"] != "auto" else on_cuda
-    prefetch = values["prefetch_factor"] if values["prefetch_factor"] != "auto" else None
-    persistent = values["persistent_workers"] if values["persistent_workers"] != "auto" \
-        else workers > 0 and epochs > 1
-    return LoaderOptions(workers, pin, prefetch, persistent)
-

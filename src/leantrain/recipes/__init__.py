@@ -1,4 +1,8 @@
-"""Named, ready-to-run setups: a model builder plus the config that trains it well."""
+"""Named, ready-to-run setups: a model builder plus the config that trains it well.
+
+Importing this module imports no torch (the CLI lists the recipes in `--help`); a recipe's
+model modules are imported when it builds its model.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-
-from ..compress.separable import to_separable
-from ..config import TrainConfig
-from ..data.text import STDLIB
+from ..config import STDLIB, TrainConfig
 from ..errors import LeantrainError
-from .gpt import GPT
-from .models import SmallCNN
+
+
+def _small_cnn(num_classes: int, cfg: TrainConfig):
+    from .models import SmallCNN
+
+    return SmallCNN(1, num_classes)
+
+
+def _separable_cnn(num_classes: int, cfg: TrainConfig):
+    from ..compress.separable import to_separable
+
+    return to_separable(_small_cnn(num_classes, cfg), norm=True, activation=True)[0]
+
+
+def _gpt(num_classes: int, cfg: TrainConfig):
+    from .gpt import GPT
+
+    return GPT(num_classes, cfg.data.context or 128, cfg.gpt.depth, cfg.gpt.width,
+               cfg.gpt.heads, cfg.gpt.tie_weights)
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
     description: str
-    build_model: Callable[[int, TrainConfig], nn.Module]  # (num_classes, config) -> model
+    build_model: Callable[[int, TrainConfig], Any]  # (num_classes, config) -> nn.Module
     config: dict[str, Any] = field(default_factory=dict)
     text: bool = False  # a language model: builds for any byte-text source (data.context set)
 
@@ -31,15 +48,14 @@ RECIPES = {
         Recipe(
             "digits-cnn",
             "SmallCNN on scikit-learn's digits (32×32), SGD+nesterov, one-cycle, 8 epochs",
-            lambda num_classes, cfg: SmallCNN(1, num_classes),
+            _small_cnn,
             {"data": {"source": "digits"}},
         ),
         Recipe(
             "digits-separable",
             "digits-cnn with its 3×3 convs (past the first) depthwise-separable, MobileNet "
             "style (BatchNorm + ReLU between depthwise and pointwise)",
-            lambda num_classes, cfg: to_separable(SmallCNN(1, num_classes), norm=True,
-                                                   activation=True)[0],
+            _separable_cnn,
             {"data": {"source": "digits"}},
         ),
         Recipe(
@@ -47,8 +63,7 @@ RECIPES = {
             "a byte-level GPT (by default 1.8 M parameters: 4 blocks, width 192, context 128; "
             "the gpt.* keys size it) on the Python standard library's sources; AdamW, "
             "warmup + cosine, bf16 where native",
-            lambda num_classes, cfg: GPT(num_classes, cfg.data.context or 128, cfg.gpt.depth,
-                                         cfg.gpt.width, cfg.gpt.heads, cfg.gpt.tie_weights),
+            _gpt,
             {"data": {"source": STDLIB, "context": 128, "batch_size": 32,
                       "eval_batch_size": 64, "max_bytes": 2_000_000},
              "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.1},

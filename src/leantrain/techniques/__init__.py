@@ -1,29 +1,33 @@
-"""Runtime techniques: one module each, with NAME, LOSSLESS, supported(...) and apply functions.
+"""Runtime techniques: one module each (see `base` for the contract the plan relies on).
 
-The registry below is what `plan` resolves and what a benchmark iterates: adding a technique
-is adding a module and one line here.
+`REGISTRY` is what `run.plan` decides (the modules with a `decide`) and what the bench
+iterates (every module's VARIANTS, or its BENCH_NOTE saying why it is not a speed-up to rank):
+adding a technique is adding a module and one line here. The order is the summary's order.
 """
 
 from . import (
     accumulation,
-    backend_flags,
     checkpointing,
     clipping,
     compile,
+    cudnn_benchmark,
     init,
     loader,
     memory_format,
     optimizer,
     precision,
     schedules,
+    tf32,
 )
 
 REGISTRY = {
     module.NAME: module
     for module in (
-        loader, precision, memory_format, compile, backend_flags, optimizer, accumulation,
-        clipping, init, schedules, checkpointing,
+        loader, precision, memory_format, compile, cudnn_benchmark, tf32, optimizer,
+        accumulation, clipping, init, schedules, checkpointing,
     )
 }
+# the techniques the plan decides, in order; the name is the key under `plan.`
+PLANNED = tuple(module for module in REGISTRY.values() if hasattr(module, "decide"))
 
-__all__ = ["REGISTRY"]
+__all__ = ["PLANNED", "REGISTRY"]

@@ -17,6 +17,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import PlanConfig
+from .base import Context, Outcome, switch
+
 NAME = "activation_checkpointing"
 LOSSLESS = True
 VARIANTS = ()
@@ -49,11 +52,16 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
     return [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
 
 
-def supported(model: nn.Module) -> tuple[bool, str]:
-    lists = block_lists(model)
+def check(ctx: Context, value: bool = True) -> tuple[bool, str]:
+    lists = block_lists(ctx.model)
     if not lists:
         return False, "the model has no nn.ModuleList of repeated blocks to checkpoint"
     return True, f"{sum(len(b) for b in lists)} blocks recomputed in backward"
+
+
+def decide(ctx: Context, plan: PlanConfig) -> tuple[bool, Outcome]:
+    """Opt-in: it buys memory with speed, which only the user can weigh."""
+    return switch(NAME, plan.activation_checkpointing, False, check(ctx))
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:

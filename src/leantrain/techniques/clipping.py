@@ -17,10 +17,6 @@ VARIANTS = ()
 BENCH_NOTE = "a stability aid that costs a reduction per step; not a speed-up to rank"
 
 
-def supported(device: torch.device) -> tuple[bool, str]:
-    return True, "works on every device"
-
-
 def clip_gradients(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import PlanConfig
 from ..env import compiler_available
+from .base import Context, Outcome, switch
 from .variant import Variant
 
 NAME = "compile"
@@ -19,10 +21,15 @@ LOSSLESS = True
 VARIANTS = (Variant("compile", {"plan": {"compile": True}}),)
 
 
-def supported(device: torch.device) -> tuple[bool, str]:
-    if device.type == "mps":
+def check(ctx: Context, value: bool = True) -> tuple[bool, str]:
+    if ctx.device.type == "mps":
         return False, "torch.compile on MPS is experimental in this torch"
     return compiler_available()
+
+
+def decide(ctx: Context, plan: PlanConfig) -> tuple[bool, Outcome]:
+    """Opt-in: compile time only pays on runs long enough to amortise it."""
+    return switch(NAME, plan.compile, False, check(ctx))
 
 
 def apply_compile(model: nn.Module, mode: str | None = None) -> nn.Module:

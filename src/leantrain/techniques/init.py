@@ -23,10 +23,6 @@ SCHEMES = ("default", "kaiming", "xavier", "orthogonal", "dirac")
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def supported(device: torch.device) -> tuple[bool, str]:
-    return True, "works on every device"
-
-
 def _init_weight(weight: torch.Tensor, scheme: str, is_conv: bool) -> None:
     if scheme == "kaiming":
         nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="relu")

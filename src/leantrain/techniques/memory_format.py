@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import PlanConfig
+from .base import Context, Outcome, switch
 from .variant import Variant
 
 NAME = "channels_last"
@@ -22,10 +24,18 @@ def has_conv2d(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def supported(device: torch.device, model: nn.Module) -> tuple[bool, str]:
-    if not has_conv2d(model):
+def check(ctx: Context, value: bool = True) -> tuple[bool, str]:
+    if ctx.sharded:
+        return False, ("FSDP2 shards contiguous parameters only, and channels_last weights are "
+                       "not contiguous")
+    if not has_conv2d(ctx.model):
         return False, "the model has no 2-D convolutions; NHWC cannot help it"
     return True, "model has 2-D convolutions"
+
+
+def decide(ctx: Context, plan: PlanConfig) -> tuple[bool, Outcome]:
+    """"auto" is on for models with 2-D convolutions."""
+    return switch(NAME, plan.channels_last, True, check(ctx))
 
 
 def apply_channels_last(model: nn.Module) -> nn.Module:

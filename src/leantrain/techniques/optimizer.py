@@ -12,8 +12,9 @@ from collections.abc import Iterable
 
 import torch
 
-from ..config import OptimConfig
+from ..config import OptimConfig, PlanConfig
 from ..errors import LeantrainError
+from .base import Context, Outcome, require
 from .variant import Variant
 
 NAME = "optimizer_impl"
@@ -34,21 +35,25 @@ def _fused_devices() -> list[str]:
         return ["cuda"]
 
 
-def supported(device: torch.device, impl: str, optimizer: str | None = None,
-              sharded: bool = False) -> tuple[bool, str]:
-    """`optimizer` (optim.name) and `sharded` (FSDP2 DTensor parameters) narrow the answer."""
+def check(ctx: Context, impl: str) -> tuple[bool, str]:
+    """The optimizer (optim.name) and FSDP2's sharded parameters narrow the answer."""
+    device = ctx.device
     if impl == "fused" and device.type not in _fused_devices():
         return False, f"this torch has no fused optimizer kernels for {device.type}"
-    if impl == "fused" and sharded and optimizer == "sgd":
+    if impl == "fused" and ctx.sharded and ctx.optimizer == "sgd":
         return False, "fused SGD has no kernel for FSDP2's sharded (DTensor) parameters"
     if impl not in IMPLS:
         return False, f"unknown implementation {impl!r}; allowed: {', '.join(IMPLS)}"
     return True, f"{impl} kernels available on {device.type}"
 
 
-def default_impl(device: torch.device, optimizer: str | None = None,
-                 sharded: bool = False) -> str:
-    return "fused" if supported(device, "fused", optimizer, sharded)[0] else "foreach"
+def decide(ctx: Context, plan: PlanConfig) -> tuple[str, Outcome]:
+    """"auto" is fused where this torch has the kernels, else foreach."""
+    impl = plan.optimizer_impl
+    if impl == "auto":
+        impl = "fused" if check(ctx, "fused")[0] else "foreach"
+    why = require(NAME, impl, check(ctx, impl))
+    return impl, Outcome(NAME, impl != "for-loop", f"{impl} ({why})")
 
 
 def build_optimizer(

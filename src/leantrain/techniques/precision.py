@@ -10,10 +10,14 @@ underflow, which is why it is offered on GPUs only.
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 
 import torch
 
+from ..config import PlanConfig
 from ..env import bf16_supported
+from .base import Context, Outcome, require
 from .variant import Variant
 
 NAME = "precision"
@@ -25,7 +29,8 @@ VARIANTS = (
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def supported(device: torch.device, precision: str) -> tuple[bool, str]:
+def check(ctx: Context, precision: str) -> tuple[bool, str]:
+    device = ctx.device
     if precision == "fp32":
         return True, "full precision"
     if precision == "bf16":
@@ -37,11 +42,31 @@ def supported(device: torch.device, precision: str) -> tuple[bool, str]:
     return False, f"unknown precision {precision!r}; allowed: fp32, bf16, fp16"
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The context to run forward passes (and the loss) in."""
+def decide(ctx: Context, plan: PlanConfig) -> tuple[str, Outcome]:
+    """"auto" is bf16 where the device runs it natively (a rule: it can lose on some models)."""
+    if plan.precision == "auto":
+        native, why = check(ctx, "bf16")
+        if native:
+            return "bf16", Outcome(NAME, True, f"bf16 autocast ({why})")
+        return "fp32", Outcome(NAME, False, f"fp32 kept: {why}")
+    why = require(NAME, plan.precision, check(ctx, plan.precision))
+    if plan.precision == "fp32":
+        return "fp32", Outcome(NAME, False, "fp32 requested")
+    return plan.precision, Outcome(NAME, True, f"{plan.precision} ({why})")
+
+
+def autocast_factory(device: torch.device | str, precision: str
+                     ) -> Callable[[], contextlib.AbstractContextManager]:
+    """What builds the context to run forward passes (and the loss) in, each time it is used."""
     if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=torch.device(device).type,
+                             dtype=DTYPES[precision])
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """The context to run forward passes (and the loss) in, e.g. `autocast("cpu", "bf16")`."""
+    return autocast_factory(device, precision)()
 
 
 def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:

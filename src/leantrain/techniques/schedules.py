@@ -22,10 +22,6 @@ ONECYCLE_START = 1 / 25
 ONECYCLE_END = 1e-4
 
 
-def supported(device: torch.device) -> tuple[bool, str]:
-    return True, "works on every device"
-
-
 def lr_multiplier(step: int, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> float:
     """The factor applied to the base learning rate at optimizer step `step` (0-based)."""
     total_steps = max(total_steps, 1)

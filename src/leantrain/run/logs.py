@@ -1,13 +1,19 @@
-"""A run's metric logs: JSON lines for scripts, TensorBoard event files for people."""
+"""A run's metric logs: JSON lines for scripts, TensorBoard event files for people, and the
+resource monitor that samples CPU/GPU use into them."""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_text
+from ..measure.monitor import ResourceMonitor
+
+log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -39,6 +45,16 @@ class RunLog:
             self.writer.close()
 
 
+class NullLog:
+    """What a run without a folder (or a rank other than 0) logs to."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def truncate_after(out_dir: Path, step: int) -> None:
     """Drop records past `step`: a resumed run re-logs the steps after its checkpoint."""
     path = out_dir / METRICS_NAME
@@ -53,3 +69,14 @@ def truncate_after(out_dir: Path, step: int) -> None:
         if record["step"] <= step:
             kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def start_monitor(run, sink: Callable[[dict[str, Any]], None]) -> ResourceMonitor | None:
+    """CPU/GPU use sampled every `train.monitor_interval_s` into `sink` (rank 0 only; 0: off)."""
+    interval, device = run.cfg.train.monitor_interval_s, run.plan.device
+    if not interval or not run.dist.is_main:
+        return None
+    monitor = ResourceMonitor(interval, device, sink=sink)
+    if monitor.gpu.error and device.type == "cuda":
+        log.info("GPU monitoring off: %s", monitor.gpu.error)
+    return monitor.start()

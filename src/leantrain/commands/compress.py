@@ -8,30 +8,57 @@ all stages), and validation accuracy.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
-from .compress.prune import check_ratio, finalize, prune_channels, prune_unstructured
-from .compress.quantize import quantize_linear, state_bytes
-from .compress.separable import to_separable
-from .config import PlanConfig, TrainConfig, config_from_dict, merge
-from .data import DataBundle, make_loader
-from .errors import LeantrainError
-from .measure.flops import count_flops
-from .measure.latency import latency_seconds
-from .measure.plots import bar_panels
-from .measure.report import human_bytes, table
-from .plan import resolve_plan
-from .trainer import MODEL_NAME, evaluate, fit
+from ..errors import LeantrainError
+from . import common
 
 PRUNE_METHODS = ("structured", "unstructured")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "compress", help="separable convs, pruning, int8: a smaller model and a before/after "
+                         "report",
+        description="Load trained weights, apply the steps asked for (fine-tuning with the "
+                    "trainer where a step needs it) and report parameters, multiply-adds, file "
+                    "size, CPU latency (batch 1 and 64) and accuracy after each stage.",
+        epilog="example:\n  leantrain train --out runs/base\n  leantrain compress --checkpoint "
+               "runs/base/model.pt --prune 0.5 --out runs/small",
+        formatter_class=common.RAW)
+    common.add_source_args(p)
+    p.add_argument("--checkpoint", required=True, metavar="MODEL_PT",
+                   help="trained weights: a model.pt state_dict or its run folder")
+    p.add_argument("--separable", action="store_true",
+                   help="convert eligible 3x3 convs to depthwise-separable, retrain")
+    p.add_argument("--prune", type=float, metavar="RATIO",
+                   help="share of channels (structured) or weights (unstructured)")
+    p.add_argument("--prune-method", default="structured", choices=PRUNE_METHODS)
+    p.add_argument("--quantize", choices=["int8"], help="torchao int8 on Linear layers")
+    p.add_argument("--finetune-epochs", type=int, default=4, metavar="N")
+    p.add_argument("--finetune-lr", type=float, default=0.05, metavar="LR")
+
+
+def run(args: argparse.Namespace, dist) -> int:
+    from ..data import load_data
+
+    options = CompressArgs(args.separable, args.prune, args.prune_method, args.quantize,
+                           args.finetune_epochs, args.finetune_lr)
+    options.check()
+    cfg = common.config_from_args(args)
+    out = common.default_out(args, "compress")
+    common.require_empty(out)
+    bundle = load_data(cfg.data)
+    model = common.load_weights(common.build_model(cfg, bundle), args.checkpoint)
+    report = run_compression(model, bundle, cfg, options, out, progress_bar=not args.no_progress)
+    print(format_compression(report))
+    print(f"\nreport: {out / 'report.json'}, {out / 'report.png'}; model: {out / 'model.pt'}")
+    return 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +76,8 @@ class CompressArgs:
             raise LeantrainError("nothing to do: give --separable, --prune RATIO and/or "
                                  "--quantize int8")
         if self.prune is not None:
+            from ..compress.prune import check_ratio
+
             check_ratio(self.prune)
         if self.prune_method not in PRUNE_METHODS:
             raise LeantrainError(f"--prune-method {self.prune_method!r}: allowed "
@@ -59,29 +88,26 @@ class CompressArgs:
             raise LeantrainError(f"--finetune-epochs must be >= 1, got {self.finetune_epochs}")
 
 
-def load_trained(model: nn.Module, checkpoint: str | Path) -> nn.Module:
-    """Weights from a model.pt (or a run folder holding one); a mismatch is a clear error."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / MODEL_NAME
-    state = load_checkpoint(path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()
-        raise LeantrainError(f"checkpoint {path} does not match the model: "
-                             f"{' '.join(first[:3])[:400]}") from exc
-    return model
-
-
-def _probe(model: nn.Module, bundle: DataBundle) -> tuple[torch.Tensor, bool]:
+def _probe(model, bundle) -> tuple[Any, bool]:
     """One validation sample, and whether the model runs fastest channels_last (has convs)."""
-    return (torch.as_tensor(bundle.val[0][0]),
-            any(isinstance(m, nn.Conv2d) for m in model.modules()))
+    import torch
+
+    from ..techniques.memory_format import has_conv2d
+
+    return torch.as_tensor(bundle.val[0][0]), has_conv2d(model)
 
 
-def measure_stage(name: str, model: nn.Module, bundle: DataBundle, note: str = ""
-                  ) -> dict[str, Any]:
+def measure_stage(name: str, model, bundle, note: str = "") -> dict[str, Any]:
+    import torch
+
+    from ..compress.quantize import state_bytes
+    from ..config import PlanConfig
+    from ..data import make_loader
+    from ..measure.flops import count_flops
+    from ..measure.latency import latency_seconds
+    from ..run.plan import resolve_plan
+    from ..run.step import evaluate
+
     model = model.eval()
     if any(p.device.type != "cpu" for p in model.parameters()):
         model.cpu()
@@ -99,14 +125,26 @@ def measure_stage(name: str, model: nn.Module, bundle: DataBundle, note: str = "
     }
 
 
-def run_compression(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, args: CompressArgs,
-                    out: Path, progress_bar: bool = True) -> dict[str, Any]:
+def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
+                    progress_bar: bool = True) -> dict[str, Any]:
+    import torch
+
+    from ..checkpoint import atomic_save, atomic_write_text
+    from ..compress.prune import finalize, prune_channels, prune_unstructured
+    from ..compress.quantize import quantize_linear
+    from ..compress.separable import to_separable
+    from ..config import config_from_dict, merge
+    from ..measure.latency import latency_seconds
+    from ..measure.plots import bar_panels
+    from ..run.summary import MODEL_NAME
+    from ..run.trainer import fit
+
     stages = [measure_stage("trained", model, bundle)]
     tune_cfg = config_from_dict(merge(cfg.to_dict(), {
         "train": {"epochs": args.finetune_epochs, "monitor_interval_s": 0},
         "optim": {"lr": args.finetune_lr}}))
 
-    def finetune(net: nn.Module, step: int) -> None:
+    def finetune(net, step: int) -> None:
         fit(net, bundle.train, bundle.val, tune_cfg, None, progress_bar=progress_bar)
 
     if args.separable:
@@ -155,6 +193,8 @@ def run_compression(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, args
 
 
 def format_compression(report: dict[str, Any]) -> str:
+    from ..measure.report import human_bytes, table
+
     lines = []
     for s in report["stages"]:
         rows = [("parameters", f"{s['parameters']:,}"), ("multiply-adds", f"{s['macs']:,}"),

@@ -9,11 +9,10 @@ alive but stuck fails at `train.dist_timeout_s`.
 
 from __future__ import annotations
 
-import logging
+import argparse
 
-from .errors import LeantrainError
-
-log = logging.getLogger(__name__)
+from ..errors import LeantrainError
+from . import common
 
 LAUNCHABLE = ("train",)
 
@@ -61,6 +60,34 @@ def describe_failure(exc) -> str:
         lines.append(f"stopped after it: {', '.join(others)}")
     lines.append("each rank's own output is above")
     return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "launch", help="run `train` on several processes (torchrun: DDP or FSDP2)",
+        description="Start N processes per node with torchrun, each running the leantrain "
+                    "command after `--`. The plan picks DDP (default) or FSDP2 "
+                    "(--set plan.distributed=fsdp). If any rank fails, the job stops and "
+                    "exits non-zero, naming the rank.",
+        epilog="examples:\n  leantrain launch --nproc 2 -- train --epochs 3\n"
+               "  # two nodes, run on each with its --node-rank:\n"
+               "  leantrain launch --nproc 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 "
+               "--master-port 29500 -- train --out runs/big",
+        formatter_class=common.RAW)
+    p.add_argument("--nproc", type=int, required=True, metavar="N",
+                   help="processes per node (one per GPU on GPU machines)")
+    p.add_argument("--nnodes", type=int, default=1, metavar="M")
+    p.add_argument("--node-rank", type=int, default=0, metavar="R")
+    p.add_argument("--master-addr", metavar="A", help="address of node 0")
+    p.add_argument("--master-port", type=int, metavar="P")
+    p.add_argument("launched", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="-- then the leantrain command to run, e.g. -- train --epochs 3")
+
+
+def run(args: argparse.Namespace, dist) -> int:
+    command = args.launched[1:] if args.launched[:1] == ["--"] else args.launched
+    return launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port,
+                  command)
 
 
 def launch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,

@@ -18,13 +18,16 @@ from typing import Any
 
 from torch import nn
 
-from .config import TrainConfig
-from .data import DataBundle
-from .data.loaders import data_wait_advice
-from .env import bf16_supported, compiler_available, machine_facts
-from .measure.profile import profile_steps
-from .measure.timing import DATA_WAIT_WARNING, StepTimer
-from .trainer import Trainer
+from ..config import TrainConfig
+from ..data import DataBundle
+from ..data.loaders import data_wait_advice
+from ..env import bf16_supported, compiler_available, machine_facts
+from ..measure.profile import profile_steps
+from ..measure.timing import DATA_WAIT_WARNING
+from ..run import summary
+from ..run.plan import Run, build
+from ..run.trainer import Trainer
+from ..techniques.memory_format import has_conv2d
 
 WARMUP_STEPS = 3
 OPTIMIZER_SHARE = 0.15  # an optimizer phase above this share of the step is worth fusing
@@ -46,26 +49,26 @@ def _timed_steps(trainer: Trainer, steps, n: int) -> dict[str, Any]:
     """Samples/s and the step-time breakdown over `n` steps after the warm-up ones."""
     for _ in range(WARMUP_STEPS):
         next(steps)
-    trainer.timer = StepTimer(trainer.plan.device)
+    timer = trainer.restart_timer()
     samples, start = 0, time.perf_counter()
     for _ in range(n):
         batch_samples, loss = next(steps)
         samples += batch_samples
     loss.item()  # wait for the device before reading the clock
     elapsed = time.perf_counter() - start
-    trainer.timer.finish()
+    timer.finish()
     return {"samples_per_second": samples / elapsed, "steps": n,
-            "step_breakdown": trainer.timer.breakdown()}
+            "step_breakdown": timer.breakdown()}
 
 
-def recommend(trainer: Trainer, measured: dict[str, Any], facts: dict[str, Any]
+def recommend(run: Run, measured: dict[str, Any], facts: dict[str, Any]
               ) -> list[Recommendation]:
-    plan, model = trainer.plan, trainer.model
+    plan, model = run.plan, run.model
     recs: list[Recommendation] = []
     shares = (measured.get("step_breakdown") or {}).get("fractions", {})
     data = shares.get("data", 0.0)
     if data > DATA_WAIT_WARNING:
-        advice = data_wait_advice(trainer.train_loader, plan.device, trainer.tensor_backed)
+        advice = data_wait_advice(run.train_loader, plan.device, run.tensor_backed)
         recs.append(Recommendation(f"feed the model faster: {advice}",
                                    f"data wait is {data:.0%} of the step", True, data))
     opt = shares.get("optimizer", 0.0)
@@ -80,8 +83,7 @@ def recommend(trainer: Trainer, measured: dict[str, Any], facts: dict[str, Any]
     if plan.precision == "fp32" and bf16_supported(plan.device)[0]:
         recs.append(Recommendation("bf16 autocast (plan.precision=bf16)",
                                    bf16_supported(plan.device)[1], False))
-    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    if has_conv and not plan.channels_last:
+    if has_conv2d(model) and not plan.channels_last:
         recs.append(Recommendation("channels_last memory format (plan.channels_last=true)",
                                    "the model has 2-D convolutions", False))
     compile_ok = facts["compile"][0] if facts["compile"][0] is not None \
@@ -102,24 +104,24 @@ def run_doctor(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Tr
                out: Path, steps: int = 20, profile: bool = True,
                check_compile: bool = True) -> dict[str, Any]:
     facts = machine_facts(check_compile)
-    trainer = Trainer(build_model(), bundle.train, bundle.val, cfg, None, progress_bar=False,
-                      measure_loader=False)
-    trainer.flops_per_sample = trainer.count_flops()
+    run = build(cfg, build_model(), bundle.train, bundle.val, measure_loader=False)
+    flops = summary.training_flops(run)
+    trainer = Trainer(run, progress_bar=False)
     stepper = trainer.steps()
     try:
         measured = _timed_steps(trainer, stepper, steps)
-        measured.update(trainer.utilization(measured["samples_per_second"]))
+        measured.update(summary.utilization(run.plan, flops, measured["samples_per_second"]))
         top_ops = None
         if profile:
             top_ops = profile_steps(lambda: next(stepper), steps, out / "trace.json",
-                                    trainer.plan.device.type == "cuda")
+                                    run.plan.device.type == "cuda")
     finally:
         stepper.close()
-    recs = recommend(trainer, measured, facts)
+    recs = recommend(run, measured, facts)
     return {
         "facts": facts,
-        "plan": trainer.plan.to_dict(),
-        "train_loader": trainer.train_loader.kind,
+        "plan": run.plan.to_dict(),
+        "train_loader": run.train_loader.kind,
         "measured": measured,
         "top_operators": top_ops,
         "trace": str(out / "trace.json") if profile else None,

@@ -1,0 +1,205 @@
+"""What the commands share: source options, config from arguments, model building, run
+folders, the one weights loader, and the process-wide session (logging, torchrun).
+
+Importing this module imports no torch: the parsers use it for `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..config import CONFIG_NAME, TrainConfig, load_config, merge, read_plan_file, read_yaml
+from ..errors import LeantrainError
+from ..recipes import RECIPES, get_recipe
+
+log = logging.getLogger("leantrain")
+
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """What to train on: shared by every command that builds a model and data."""
+    p.add_argument("--recipe", default="digits-cnn", choices=sorted(RECIPES),
+                   help="named setup to start from (default: digits-cnn)")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML config; keys as in `config.yaml` of a run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable, e.g. --set optim.lr=0.05")
+    p.add_argument("--model", metavar="MOD:FN",
+                   help="your model: a function returning an nn.Module, e.g. mypkg.nets:build")
+    p.add_argument("--data", metavar="SOURCE",
+                   help="digits | a .npz (x, y) | a .csv (label column) | an image folder "
+                        "(class subfolders) | MOD:FN returning (train_dataset, val_dataset)")
+    p.add_argument("--epochs", type=int, metavar="N", help="number of epochs")
+    p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_plan_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", metavar="FILE",
+                   help="a plan file written by `leantrain bench` (or a finder's --apply)")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    add_source_args(p)
+    add_plan_arg(p)
+    p.add_argument("--target-acc", type=float, metavar="X",
+                   help="stop as soon as validation accuracy reaches X (e.g. 0.97)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="mixed precision mode (default: auto = bf16 where native)")
+    p.add_argument("--compile", action="store_true", help="use torch.compile (opt-in)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from its last checkpoint (its own config)")
+
+
+def _shortcut_overrides(args: argparse.Namespace) -> dict:
+    """The convenience flags, as config values (they win over --config and --set)."""
+    values: dict = {}
+    flag = vars(args).get
+    pairs = [
+        ("model", None, flag("model")), ("data", "source", flag("data")),
+        ("train", "target_acc", flag("target_acc")), ("train", "epochs", flag("epochs")),
+        ("plan", "device", flag("device")), ("plan", "precision", flag("precision")),
+        ("plan", "compile", True if flag("compile") else None),
+    ]
+    for section, key, value in pairs:
+        if value is None:
+            continue
+        if key is None:
+            values[section] = value
+        else:
+            values.setdefault(section, {})[key] = value
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """recipe < --config < --plan < --set < shortcut flags; --resume: the run's own config."""
+    if vars(args).get("resume"):
+        given = [flag for flag, value in [("--config", args.config), ("--set", args.overrides),
+                                          ("--model", args.model), ("--data", args.data),
+                                          ("--plan", args.plan), ("--out", args.out)] if value]
+        if given:
+            raise LeantrainError(f"--resume continues with the run's own config; drop {given}")
+        return load_config(Path(args.resume) / CONFIG_NAME)
+    recipe = get_recipe(args.recipe)
+    base = merge({"recipe": recipe.name}, recipe.config)
+    if args.config:
+        base = merge(base, read_yaml(args.config))
+    if vars(args).get("plan"):
+        base = merge(base, read_plan_file(args.plan))
+    cfg = load_config(None, args.overrides, base)
+    return load_config(None, (), merge(cfg.to_dict(), _shortcut_overrides(args)))
+
+
+def build_from(spec: str, what: str, seed: int):
+    """Call the user's MOD:FN after seeding: every run and resume starts from the same weights."""
+    import torch
+    from torch import nn
+
+    from ..imports import import_object
+
+    torch.manual_seed(seed)
+    model = import_object(spec, what)()
+    if not isinstance(model, nn.Module):
+        raise LeantrainError(f"{what} {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def build_model(cfg: TrainConfig, bundle):
+    """The user's model if named, the recipe's on the recipe's data, else a default for the data."""
+    import torch
+
+    from ..recipes.models import default_model
+
+    if cfg.model:
+        return build_from(cfg.model, "--model", cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every run and resume
+    recipe = get_recipe(cfg.recipe)
+    text = cfg.data.context is not None
+    if (recipe.text and text) or cfg.data.source == recipe.config.get("data", {}).get("source"):
+        return recipe.build_model(bundle.num_classes, cfg)
+    if text:
+        raise LeantrainError("text data (data.context set) needs a language model: "
+                             "--recipe text-gpt, or --model MOD:FN")
+    sample = bundle.train[0][0]
+    if bundle.num_classes is None:
+        raise LeantrainError("with --data MOD:FN, also pass --model MOD:FN (the number of "
+                             "classes cannot be known from the datasets alone)")
+    log.info("no --model given: using a default model for samples of shape %s",
+             tuple(sample.shape))
+    return default_model(torch.as_tensor(sample), bundle.num_classes)
+
+
+def load_inputs(args: argparse.Namespace, prefix: str):
+    """(config, out folder, data, model builder) for the commands that build models per trial;
+    the model is built once here, so a bad one fails before any trial."""
+    from ..data import load_data
+
+    cfg = config_from_args(args)
+    bundle = load_data(cfg.data)
+    log.info("data: %s", bundle.description)
+    build_model(cfg, bundle)
+    return cfg, default_out(args, prefix), bundle, lambda: build_model(cfg, bundle)
+
+
+def default_out(args: argparse.Namespace, prefix: str = "") -> Path:
+    """--out, or a fresh timestamped folder under runs/."""
+    if args.out:
+        return Path(args.out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / (f"{prefix}-{stamp}" if prefix else stamp)
+
+
+def require_empty(folder: Path) -> None:
+    if folder.exists() and any(folder.iterdir()):
+        raise LeantrainError(f"{folder} is not empty; choose another --out")
+
+
+def load_weights(model, checkpoint: str | Path, role: str = ""):
+    """Trained weights into `model`: a model.pt state_dict, a run folder holding one, or a
+    training checkpoint.pt (its "model" entry). Loaded weights-only; a mismatch is one line.
+
+    `role` names the model in the message, e.g. "teacher".
+    """
+    from ..checkpoint import load_checkpoint
+    from ..run.summary import MODEL_NAME
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / MODEL_NAME
+    state = load_checkpoint(path)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).splitlines()[:3])[:400]
+        who = f"{role} " if role else ""
+        raise LeantrainError(f"{who}checkpoint {path} does not match the {who}model: "
+                             f"{first}") from exc
+    return model
+
+
+@contextmanager
+def session(debug: bool) -> Iterator[object]:
+    """The process around a command: logging (rank 0 reports progress), and under torchrun a
+    rank that dies with its launcher and leaves the process group when done."""
+    from ..distributed import DistContext, die_with_launcher, teardown
+
+    dist = DistContext.from_env()
+    logging.basicConfig(level=logging.DEBUG if debug else
+                        logging.INFO if dist.is_main else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if dist.active:
+        die_with_launcher()
+    succeeded = False
+    try:
+        yield dist
+        succeeded = True
+    finally:
+        teardown(dist, succeeded=succeeded)

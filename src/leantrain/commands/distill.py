@@ -1,0 +1,128 @@
+"""`leantrain distill`: teacher vs student alone vs student with KD, trained by the same trainer.
+
+It composes `fit` with the distillation loss (`losses.distillation`), so plans, checkpoints,
+logs and resume apply to both student runs unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import LeantrainError
+from . import common
+
+REPORT_NAME = "report.json"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "distill", help="train a small student from a trained teacher (knowledge distillation)",
+        description="Train the student alone and with KD from the teacher; report accuracy, "
+                    "parameters and CPU latency of all three.",
+        epilog="example:\n  leantrain train --out runs/teacher\n  leantrain distill --teacher "
+               "runs/teacher/model.pt --student-model leantrain.recipes.models:digits_student",
+        formatter_class=common.RAW)
+    common.add_train_args(p)
+    p.add_argument("--teacher", required=True, metavar="CKPT",
+                   help="teacher weights: a model.pt state_dict or its run folder")
+    p.add_argument("--teacher-model", metavar="MOD:FN",
+                   help="teacher architecture (default: the recipe's model)")
+    p.add_argument("--student-model", required=True, metavar="MOD:FN",
+                   help="student architecture, e.g. leantrain.recipes.models:digits_student")
+    p.add_argument("--temperature", type=float, default=4.0, help="T (default 4)")
+    p.add_argument("--alpha", type=float, default=0.9,
+                   help="weight of the soft (KD) term, in [0, 1] (default 0.9)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run the teacher live every step instead of caching its logits")
+
+
+def run(args: argparse.Namespace, dist) -> int:
+    from ..data import load_data
+    from ..losses.distillation import check_kd_args
+
+    if args.resume:
+        raise LeantrainError("distill does not support --resume yet; start it again")
+    check_kd_args(args.temperature, args.alpha)
+    cfg = common.config_from_args(args)
+    out = common.default_out(args, "distill")
+    bundle = load_data(cfg.data)
+    seed = cfg.train.seed
+    teacher = common.build_from(args.teacher_model, "--teacher-model", seed) \
+        if args.teacher_model else common.build_model(cfg, bundle)
+    teacher = common.load_weights(teacher, args.teacher, "teacher")
+    common.build_from(args.student_model, "--student-model", seed)  # fail fast, write nothing
+    report = run_distillation(
+        teacher, lambda: common.build_from(args.student_model, "--student-model", seed),
+        bundle, cfg, out, args.temperature, args.alpha, cache=not args.no_cache,
+        progress_bar=not args.no_progress)
+    print(format_report(report))
+    print(f"\nreport: {out / REPORT_NAME}")
+    return 0
+
+
+def _describe(model, accuracy: float, sample) -> dict[str, Any]:
+    from ..measure.latency import latency_seconds
+
+    return {"val_accuracy": accuracy,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "cpu_latency_batch64_ms": 1e3 * latency_seconds(model, sample, 64,
+                                                            channels_last=True)}
+
+
+def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out: Path,
+                     temperature: float, alpha: float, cache: bool = True,
+                     progress_bar: bool = True) -> dict[str, Any]:
+    from ..checkpoint import atomic_write_text
+    from ..data import make_loader
+    from ..losses.distillation import DistillationLoss, cache_teacher_logits, check_kd_args
+    from ..run.plan import resolve_plan
+    from ..run.step import evaluate
+    from ..run.trainer import fit
+
+    check_kd_args(temperature, alpha)
+    common.require_empty(out)
+    plan = resolve_plan(cfg.plan, teacher)
+    teacher = teacher.to(plan.device)
+    teacher_acc, _ = evaluate(teacher, make_loader(bundle.val, cfg.data.eval_batch_size, False,
+                                                   device=plan.device), plan)
+    train_data, cache_seconds = bundle.train, None
+    if cache:
+        start = time.perf_counter()
+        train_data = cache_teacher_logits(teacher, bundle.train, cfg.data.eval_batch_size,
+                                          plan.device, plan.channels_last)
+        cache_seconds = time.perf_counter() - start
+    alone = fit(build_student(), bundle.train, bundle.val, cfg, out / "student_alone",
+                progress_bar=progress_bar)
+    student = build_student()
+    with_kd = fit(student, train_data, bundle.val, cfg, out / "student_kd",
+                  progress_bar=progress_bar, loss_fn=DistillationLoss(teacher, temperature, alpha))
+    sample = bundle.val[0][0]
+    report = {
+        "temperature": temperature, "alpha": alpha,
+        "teacher_logits_cached": cache, "cache_seconds": cache_seconds,
+        "teacher": _describe(teacher, teacher_acc, sample),
+        "student_alone": {**_describe(build_student(), alone["val_accuracy"], sample),
+                          "train_seconds": alone["train_seconds"]},
+        "student_kd": {**_describe(student, with_kd["val_accuracy"], sample),
+                       "train_seconds": with_kd["train_seconds"]},
+    }
+    atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    from ..measure.report import table
+
+    rows = []
+    for name in ("teacher", "student_alone", "student_kd"):
+        r = report[name]
+        rows.append((name.replace("_", " "),
+                     f"acc {r['val_accuracy']:.2%}   params {r['parameters']:,}   "
+                     f"latency@64 {r['cpu_latency_batch64_ms']:.2f} ms"))
+    title = f"distillation (T={report['temperature']}, alpha={report['alpha']})"
+    return table(rows, title)

@@ -1,0 +1,44 @@
+"""`leantrain doctor`: this machine's facts, a short profile of the model, ranked advice."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import LeantrainError
+from . import common
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "doctor", help="what this machine has, where your step time goes, what to try",
+        description="Report this machine (versions, GPUs, bf16/TF32, CPU and SIMD, whether "
+                    "torch.compile works, distributed backends), then train the model a few "
+                    "steps: samples/s, step-time breakdown, MFU, the top operators and a Chrome "
+                    "trace, and ranked recommendations marked measured or unmeasured.",
+        epilog="examples:\n  leantrain doctor\n  leantrain doctor --model mypkg.nets:build "
+               "--data mypkg.data:load --out runs/doctor",
+        formatter_class=common.RAW)
+    common.add_source_args(p)
+    common.add_plan_arg(p)
+    p.add_argument("--steps", type=int, default=20, metavar="N",
+                   help="timed steps, and as many profiled ones (default 20)")
+    p.add_argument("--no-profile", action="store_true", help="skip the profiler and trace")
+    p.add_argument("--no-compile-check", action="store_true",
+                   help="do not compile a test function to check torch.compile")
+
+
+def run(args: argparse.Namespace, dist) -> int:
+    from ..bench.doctor import format_doctor, run_doctor
+    from ..checkpoint import atomic_write_text
+
+    if args.steps < 1:
+        raise LeantrainError(f"--steps must be >= 1, got {args.steps}")
+    cfg, out, bundle, builder = common.load_inputs(args, "doctor")
+    report = run_doctor(builder, bundle, cfg, out, steps=args.steps,
+                        profile=not args.no_profile, check_compile=not args.no_compile_check)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "doctor.json", json.dumps(report, indent=2, default=str))
+    print(format_doctor(report))
+    print(f"\nreport: {out / 'doctor.json'}")
+    return 0

@@ -1,0 +1,55 @@
+"""`leantrain generate`: sample text from a trained byte-level language model (text-gpt)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import CONFIG_NAME, load_config
+from ..errors import LeantrainError
+from ..recipes import get_recipe
+from . import common
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="sample text from a trained byte-level language model (text-gpt)",
+        description="Load a text run's model and continue the prompt byte by byte.",
+        epilog="example:\n  leantrain train --recipe text-gpt --out runs/gpt\n"
+               "  leantrain generate --checkpoint runs/gpt --prompt 'def main('",
+        formatter_class=common.RAW)
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="the run folder")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--tokens", type=int, default=200, metavar="N", help="bytes to add")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, metavar="K")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace, dist) -> int:
+    import torch
+
+    from ..data.text import VOCAB
+    from ..recipes.gpt import generate
+    from ..run.summary import MODEL_NAME
+
+    folder = Path(args.checkpoint)
+    for name in (CONFIG_NAME, MODEL_NAME):
+        if not (folder / name).is_file():
+            raise LeantrainError(f"--checkpoint {folder}: no {name} there (pass a run folder of "
+                                 "`leantrain train`)")
+    if args.tokens < 1 or args.top_k < 1:
+        raise LeantrainError("--tokens and --top-k must be >= 1")
+    cfg = load_config(folder / CONFIG_NAME)
+    if cfg.data.context is None:
+        raise LeantrainError(f"{folder} is not a text run (data.context is not set): generate "
+                             "needs a byte-level language model, e.g. --recipe text-gpt")
+    model = common.build_from(cfg.model, "--model", cfg.train.seed) if cfg.model \
+        else get_recipe(cfg.recipe).build_model(VOCAB, cfg)
+    common.load_weights(model, folder / MODEL_NAME)
+    prompt = torch.tensor(list(args.prompt.encode()), dtype=torch.long)
+    out = generate(model, prompt, args.tokens, cfg.data.context, args.temperature, args.top_k,
+                   torch.Generator().manual_seed(args.seed))
+    print(bytes(out.tolist()).decode("utf-8", errors="replace"))
+    return 0

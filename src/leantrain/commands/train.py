@@ -1,0 +1,60 @@
+"""`leantrain train`: train a model with this machine's plan and print the run summary."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import LeantrainError
+from . import common
+
+EXAMPLES = """examples:
+  leantrain train                                   # digits-cnn with this machine's default plan
+  leantrain train --target-acc 0.97                 # stop at 97%% validation accuracy
+  leantrain train --config run.yaml --set optim.lr=0.05 --set plan.precision=fp32
+  leantrain train --model mypkg.nets:build --data mypkg.data:load --out runs/mine
+  leantrain train --data features.csv --set data.label_column=target
+  leantrain train --resume runs/mine                # continue a killed run
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a model with this machine's fastest safe plan",
+        description="Train a model (default: recipe digits-cnn) and print a summary table.",
+        epilog=EXAMPLES, formatter_class=common.RAW)
+    common.add_train_args(p)
+
+
+def run_folder(args: argparse.Namespace) -> Path:
+    """The run's folder: the one to resume, or a new one that holds no run yet."""
+    from ..checkpoint import CHECKPOINT_NAME
+
+    if args.resume:
+        folder = Path(args.resume)
+        if not (folder / CHECKPOINT_NAME).is_file():
+            raise LeantrainError(f"--resume {folder}: no {CHECKPOINT_NAME} in that folder")
+        return folder
+    folder = common.default_out(args)
+    if (folder / CHECKPOINT_NAME).exists():
+        raise LeantrainError(f"{folder} already holds a run; continue it with --resume {folder} "
+                             "or choose another --out")
+    return folder
+
+
+def run(args: argparse.Namespace, dist) -> int:
+    from ..data import load_data
+    from ..measure.report import format_summary
+    from ..run.trainer import fit
+
+    out = run_folder(args)
+    cfg = common.config_from_args(args)
+    bundle = load_data(cfg.data)
+    common.log.info("data: %s", bundle.description)
+    model = common.build_model(cfg, bundle)
+    summary = fit(model, bundle.train, bundle.val, cfg, out, resume=bool(args.resume),
+                  progress_bar=not args.no_progress)
+    if dist.is_main:
+        print(format_summary(summary))
+        print(f"\nrun folder: {out}")
+    return 0

@@ -1,0 +1,122 @@
+"""What a training run carries from step to step, and what its checkpoint holds.
+
+`TrainState` is the mutable part of a run (optimizer, schedule, loss scaler, progress and the
+epoch's running sums); `checkpoint` and `restore` turn it into a weights-only-loadable dict and
+back, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..checkpoint import CHECKPOINT_NAME, atomic_save, capture_rng, restore_rng
+from ..errors import LeantrainError
+from ..techniques import precision
+from ..techniques.optimizer import build_optimizer
+from ..techniques.schedules import build_scheduler
+from .plan import Run
+
+
+@dataclass
+class Progress:
+    """Everything besides weights and optimizer state that a resume must restore."""
+
+    epoch: int = 0
+    batch: int = 0  # next micro-batch of `epoch` to run
+    step: int = 0  # optimizer steps taken
+    samples: int = 0
+    step_seconds: float = 0.0  # time inside training steps (compile warm-up excluded)
+    train_seconds: float = 0.0  # wall time of the loop: steps, evaluation, checkpoints
+    compile_seconds: float = 0.0
+    time_to_target: float | None = None
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    finished: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def new_epoch_sums(device: torch.device) -> list[torch.Tensor]:
+    """Loss sum, correct predictions and count of the epoch so far, kept on the device."""
+    return [torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long),
+            torch.zeros((), device=device, dtype=torch.long)]
+
+
+@dataclass
+class TrainState:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    epoch_sums: list[torch.Tensor]
+    progress: Progress = field(default_factory=Progress)
+
+
+def new_state(run: Run, lr_at: Callable[[int], float] | None = None) -> TrainState:
+    """A fresh optimizer, schedule and scaler for the run's model.
+
+    `lr_at(step)` replaces the schedule by absolute learning rates (the LR finder's sweep).
+    """
+    plan, cfg = run.plan, run.cfg
+    optimizer = build_optimizer(run.model.parameters(), cfg.optim, plan.optimizer_impl)
+    if lr_at is None:
+        scheduler = build_scheduler(optimizer, cfg.schedule, run.total_steps,
+                                    run.steps_per_epoch)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_at(step) / cfg.optim.lr)
+    return TrainState(optimizer, scheduler, precision.make_grad_scaler(plan.device,
+                                                                       plan.precision),
+                      new_epoch_sums(plan.device))
+
+
+def epoch_totals(state: TrainState, run: Run) -> tuple[float, int, int]:
+    """(loss sum, correct, count) of the epoch so far, summed over ranks (a host sync)."""
+    loss_sum, correct, count = distributed.all_reduce_sum(state.epoch_sums, run.dist)
+    return loss_sum.item(), int(correct.item()), int(count.item())
+
+
+def checkpoint(state: TrainState, run: Run) -> dict[str, Any]:
+    """Full (unsharded) state; RNG and partial epoch sums per rank. Every rank calls it."""
+    model_state, optimizer_state = distributed.full_state(run.model, state.optimizer,
+                                                          run.plan.distributed)
+    return {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler else None,
+        "rng": distributed.gather_objects(capture_rng(), run.dist),
+        "progress": state.progress.to_dict(),
+        "epoch_sums": distributed.gather_objects([t.cpu() for t in state.epoch_sums], run.dist),
+    }
+
+
+def save(state: TrainState, run: Run, out_dir: Path) -> None:
+    saved = checkpoint(state, run)
+    if run.dist.is_main:
+        atomic_save(saved, out_dir / CHECKPOINT_NAME)
+
+
+def restore(state: TrainState, run: Run, saved: dict[str, Any]) -> None:
+    """Load a checkpoint into `state` and the run's model, and this rank's RNG."""
+    ranks = len(saved["rng"]) if isinstance(saved["rng"], list) else 1
+    if ranks != run.dist.world_size:
+        raise LeantrainError(f"the checkpoint was written by {ranks} process(es); resume it "
+                             f"with as many (now {run.dist.world_size})")
+    distributed.load_full_state(run.model, state.optimizer, run.plan.distributed,
+                                saved["model"], saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    if state.scaler and saved["scaler"]:
+        state.scaler.load_state_dict(saved["scaler"])
+    rank = run.dist.rank
+    restore_rng(saved["rng"][rank] if isinstance(saved["rng"], list) else saved["rng"])
+    state.progress = Progress(**saved["progress"])
+    sums = saved["epoch_sums"]
+    sums = sums[rank] if isinstance(sums[0], list) else sums
+    state.epoch_sums = [t.to(run.plan.device) for t in sums]

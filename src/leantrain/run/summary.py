@@ -1,0 +1,119 @@
+"""The end-of-run figures: throughput, step-time breakdown, MFU, memory, and the files holding them.
+
+Everything here reads a finished (or running) `Run` and its state; nothing decides anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from .. import distributed
+from ..checkpoint import atomic_save, atomic_write_text
+from ..data.loaders import data_wait_advice
+from ..measure.flops import count_flops, device_peak, mfu
+from ..measure.memory import peak_bytes
+from ..measure.probe import untouched
+from ..measure.timing import DATA_WAIT_WARNING, StepTimer
+from ..techniques.checkpointing import recompute_paused
+from . import step
+from .plan import ResolvedPlan, Run
+from .state import TrainState
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.json"
+MODEL_NAME = "model.pt"
+
+
+def training_flops(run: Run) -> float | None:
+    """Training FLOPs per sample, counted on one batch; None if the counter fails.
+
+    Model FLOPs: activation checkpointing's recomputation is not counted (MFU, not HFU).
+    It leaves the model as it was, so call it before the run seeds its random streams.
+    """
+    batch = next(iter(run.train_loader.batches()))
+    try:
+        with untouched(run.model), recompute_paused(run.model):
+            flops = count_flops(lambda: step.probe(run.model, batch, run.plan, run.loss_fn))
+    except Exception as exc:  # a model the counter cannot trace still trains
+        log.warning("FLOPs not counted (%s: %s); no MFU for this run", type(exc).__name__, exc)
+        return None
+    return flops / len(batch[1]) if flops else None
+
+
+def utilization(plan: ResolvedPlan, flops_per_sample: float | None,
+                samples_per_second: float | None) -> dict[str, Any]:
+    """Training FLOPs per sample, achieved FLOP/s and MFU against the device's peak."""
+    peak, why_none = device_peak(plan.device, plan.precision, plan.tf32)
+    fps = flops_per_sample
+    achieved = fps * samples_per_second if fps and samples_per_second else None
+    return {
+        "flops_per_sample": fps,
+        "achieved_flops_per_second": achieved,
+        "peak_flops_per_second": peak.flops_per_second if peak else None,
+        "peak_source": peak.label if peak else why_none,
+        "mfu": mfu(fps, samples_per_second, peak.flops_per_second)
+        if achieved and peak else None,
+    }
+
+
+def step_breakdown(timer: StepTimer, run: Run) -> dict[str, Any] | None:
+    """The step-time breakdown so far, with advice when waiting for data passes the threshold."""
+    timer.collect()
+    breakdown = timer.breakdown()
+    if breakdown is not None and breakdown["fractions"]["data"] > DATA_WAIT_WARNING:
+        breakdown["advice"] = data_wait_advice(run.train_loader, run.plan.device,
+                                               run.tensor_backed)
+    return breakdown
+
+
+def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float | None,
+          monitor_summary: dict[str, Any] | None) -> dict[str, Any]:
+    p, plan, cfg = state.progress, run.plan, run.cfg
+    peak, peak_kind = peak_bytes(plan.device)
+    timer.finish()
+    samples_per_second = p.samples / p.step_seconds if p.step_seconds else None
+    summary = {
+        "val_accuracy": p.val_accuracy,
+        "val_loss": p.val_loss,
+        "epochs": p.epoch,
+        "steps": p.step,
+        "train_seconds": p.train_seconds,
+        "step_seconds": p.step_seconds,
+        "compile_seconds": p.compile_seconds if plan.compile else None,
+        "samples_per_second": samples_per_second,  # per process
+        "world_size": run.dist.world_size,
+        "global_samples_per_second": samples_per_second * run.dist.world_size
+        if samples_per_second else None,
+        "step_breakdown": step_breakdown(timer, run),
+        **utilization(plan, flops_per_sample, samples_per_second),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "target_acc": cfg.train.target_acc,
+        "time_to_target_seconds": p.time_to_target,
+        "train_loader": run.train_loader.kind,
+        "loader_tuning": run.loader_tuning.to_dict() if run.loader_tuning else None,
+        "monitor": monitor_summary,
+        "num_classes": run.num_classes,
+        "parameters": sum(t.numel() for t in run.model.parameters()),
+        "plan": plan.to_dict(),
+    }
+    if cfg.data.context is not None:  # a byte-level language model: per-token figures
+        summary["tokens_per_second"] = samples_per_second * cfg.data.context \
+            if samples_per_second else None
+        summary["val_bits_per_byte"] = p.val_loss / math.log(2) \
+            if p.val_loss is not None else None
+    return summary
+
+
+def write(run: Run, state: TrainState, summary: dict[str, Any], out_dir: Path) -> None:
+    """model.pt (a plain, unsharded state_dict) and summary.json; every rank calls it."""
+    weights, _ = distributed.full_state(run.model, state.optimizer, run.plan.distributed)
+    if run.dist.is_main:
+        plain = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        atomic_save(plain, out_dir / MODEL_NAME)
+        atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2))
