@@ -138,3 +138,19 @@ def test_a_compiled_run_trains_on_full_batches_only(tabular):
                              "train.monitor_interval_s=0"])
     small = build(cfg, mlp(), train, val, measure_loader=False)
     assert len(small.train_loader) == 1  # no full batch at all: the short one is kept
+
+
+def test_the_in_memory_loader_on_a_dataset_of_items_is_a_clear_error(tabular):
+    from conftest import mlp
+    from test_measure import SlowItems
+
+    from leantrain.config import load_config
+    from leantrain.run.plan import build
+
+    cfg = load_config(None, ["data.loader=in-memory", "plan.device=cpu"])
+    with pytest.raises(LeantrainError, match="'in-memory' needs a tensor-backed dataset"):
+        build(cfg, mlp(), SlowItems(16, delay=0), tabular[1])
+    auto = build(load_config(None, ["plan.device=cpu", "data.num_workers=0"]), mlp(),
+                 SlowItems(16, delay=0), tabular[1])
+    assert auto.train_loader.kind.startswith("DataLoader")  # "auto": the only loader it can use
+    assert auto.val_loader.kind == "in-memory batched"  # the validation set is tensors
