@@ -10,7 +10,6 @@ likely to help, marked unmeasured, with the command that would measure them.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from ..data import DataBundle
 from ..data.loaders import data_wait_advice
 from ..env import bf16_supported, compiler_available, machine_facts
 from ..measure.profile import profile_steps
-from ..measure.timing import DATA_WAIT_WARNING
+from ..measure.timing import DATA_WAIT_WARNING, timed_window
 from ..run import summary
 from ..run.plan import Run, build
 from ..run.trainer import Trainer
@@ -47,15 +46,10 @@ class Recommendation:
 
 def _timed_steps(trainer: Trainer, steps, n: int) -> dict[str, Any]:
     """Samples/s and the step-time breakdown over `n` steps after the warm-up ones."""
-    for _ in range(WARMUP_STEPS):
-        next(steps)
+    device = trainer.run.plan.device
+    timed_window(lambda: next(steps)[0], device, lambda k, t: k >= WARMUP_STEPS)
     timer = trainer.restart_timer()
-    samples, start = 0, time.perf_counter()
-    for _ in range(n):
-        batch_samples, loss = next(steps)
-        samples += batch_samples
-    loss.item()  # wait for the device before reading the clock
-    elapsed = time.perf_counter() - start
+    samples, elapsed = timed_window(lambda: next(steps)[0], device, lambda k, t: k >= n)
     timer.finish()
     return {"samples_per_second": samples / elapsed, "steps": n,
             "step_breakdown": timer.breakdown()}

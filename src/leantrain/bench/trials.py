@@ -24,6 +24,7 @@ from ..data import DataBundle
 from ..errors import LeantrainError
 from ..measure.memory import peak_bytes, reset_peak
 from ..measure.rounds import interleave as interleave_rounds
+from ..measure.timing import timed_window
 from ..run.plan import build
 from ..run.trainer import Trainer
 from ..techniques.variant import Variant
@@ -80,11 +81,6 @@ def plan_overrides(base: dict[str, Any], variants: list[Variant]) -> dict[str, A
     return values
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_steps(steps, device: torch.device, settings: TrialSettings, result: TrialResult,
                  loss_tensors: list[torch.Tensor], limit: float) -> None:
     """Run the first step, the warm-up, then windows of steps until the time is used, at most
@@ -97,21 +93,14 @@ def _timed_steps(steps, device: torch.device, settings: TrialSettings, result: T
             loss_tensors.append(loss.detach().float())
         return samples
 
-    start = time.perf_counter()
-    step()
-    _sync(device)
-    result.first_step_seconds = time.perf_counter() - start
-    while result.steps < min(1 + WARMUP_STEPS, limit):
-        step()
-    _sync(device)
+    _, result.first_step_seconds = timed_window(step, device, lambda k, t: k >= 1)
+    timed_window(step, device, lambda k, t: result.steps >= min(1 + WARMUP_STEPS, limit))
     window_s = settings.seconds / (MIN_WINDOWS + 2)
     timed_start = time.perf_counter()
     while result.steps < limit:
-        t0, samples = time.perf_counter(), 0
-        while time.perf_counter() - t0 < window_s and result.steps < limit:
-            samples += step()
-        _sync(device)
-        result.window_rates.append(samples / (time.perf_counter() - t0))
+        samples, seconds = timed_window(step, device,
+                                        lambda k, t: t >= window_s or result.steps >= limit)
+        result.window_rates.append(samples / seconds)
         used = time.perf_counter() - timed_start
         enough = len(result.window_rates) >= MIN_WINDOWS and result.steps >= settings.check_steps
         if (enough and used >= settings.seconds) or used >= 2 * settings.seconds:

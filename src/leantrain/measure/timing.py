@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,3 +98,17 @@ class StepTimer:
 def format_breakdown(breakdown: dict[str, Any]) -> str:
     """One line: "data 3% · copy 0% · forward 41% · backward 44% · optimizer 12%"."""
     return " · ".join(f"{k} {v:.0%}" for k, v in breakdown["fractions"].items())
+
+
+def timed_window(step: Callable[[], int], device: torch.device,
+                 stop: Callable[[int, float], bool]) -> tuple[int, float]:
+    """Run `step()` (it returns its samples) until `stop(steps run, seconds)`; the device is
+    synchronised once, at the end, so the host runs ahead as in training. Returns (samples,
+    seconds). The one timed loop of the bench's trials, the finders and doctor."""
+    start, samples, steps = time.perf_counter(), 0, 0
+    while not stop(steps, time.perf_counter() - start):
+        samples += step()
+        steps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return samples, time.perf_counter() - start
