@@ -8,6 +8,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -69,6 +70,13 @@ class ScheduleConfig:
 class TrainLoopConfig:
     epochs: int = 8
     target_acc: float | None = None  # stop as soon as validation accuracy reaches this
+    # stop as soon as a validation metric meets this, e.g. "val_loss<=0.5" (METRIC OP VALUE)
+    target: str | None = None
+    max_steps: int | None = None  # stop after exactly this many optimizer steps
+    eval_every_steps: int = 0  # evaluate every N optimizer steps too (0: at epoch ends only)
+    # what the model learns; auto: inferred from the first batch (see losses.tasks)
+    task: Literal["auto", "classification", "token-classification", "causal-lm", "regression",
+                  "multi-label", "model-loss"] = "auto"
     seed: int = 0
     clip_norm: float | None = None
     init: Literal["default", "kaiming", "xavier", "orthogonal", "dirac"] = "default"
@@ -244,9 +252,54 @@ def _check_ranges(cfg: TrainConfig) -> None:
                    f"divisible by gpt.heads ({cfg.gpt.heads})"))
     if cfg.train.clip_norm is not None:
         checks.append(("train.clip_norm", cfg.train.clip_norm, cfg.train.clip_norm > 0, "> 0"))
+    if cfg.train.max_steps is not None:
+        checks.append(("train.max_steps", cfg.train.max_steps, cfg.train.max_steps >= 1, ">= 1"))
+    checks.append(("train.eval_every_steps", cfg.train.eval_every_steps,
+                   cfg.train.eval_every_steps >= 0, ">= 0"))
+    if cfg.train.target is not None:
+        parse_target(cfg.train.target)
+        if cfg.train.target_acc is not None:
+            raise LeantrainError("set train.target or train.target_acc, not both (got "
+                                 f"{cfg.train.target!r} and {cfg.train.target_acc!r})")
     for key, value, ok, allowed in checks:
         if not ok:
             raise LeantrainError(f"config key '{key}' must be {allowed}, got {value!r}")
+
+
+TARGET_METRICS = ("val_accuracy", "val_loss", "val_mae", "val_perplexity")
+_TARGET = re.compile(r"\s*(\w+)\s*(<=|>=|<|>)\s*(\S+)\s*")
+_COMPARE = {"<=": float.__le__, ">=": float.__ge__, "<": float.__lt__, ">": float.__gt__}
+
+
+def parse_target(text: str) -> tuple[str, str, float]:
+    """("val_loss", "<=", 0.5) from "val_loss<=0.5"; a one-line error for anything else."""
+    match = _TARGET.fullmatch(text)
+    value = None
+    if match:
+        try:
+            value = float(match.group(3))
+        except ValueError:
+            value = None
+    if value is None or not math.isfinite(value) or match.group(1) not in TARGET_METRICS:
+        raise LeantrainError(f"target {text!r} must look like METRIC OP VALUE, e.g. "
+                             f"val_loss<=0.5; METRIC: {', '.join(TARGET_METRICS)}; OP: <=, >=, "
+                             f"<, >")
+    return match.group(1), match.group(2), value
+
+
+def target_of(cfg: TrainConfig) -> tuple[str, str, float] | None:
+    """The run's stopping target: train.target, or train.target_acc as val_accuracy>=X."""
+    if cfg.train.target is not None:
+        return parse_target(cfg.train.target)
+    if cfg.train.target_acc is not None:
+        return "val_accuracy", ">=", cfg.train.target_acc
+    return None
+
+
+def target_met(target: tuple[str, str, float] | None, found: dict[str, float | None]) -> bool:
+    if target is None or found.get(target[0]) is None:
+        return False
+    return _COMPARE[target[1]](float(found[target[0]]), target[2])
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:

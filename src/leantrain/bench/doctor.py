@@ -98,7 +98,8 @@ def run_doctor(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Tr
                out: Path, steps: int = 20, profile: bool = True,
                check_compile: bool = True) -> dict[str, Any]:
     facts = machine_facts(check_compile)
-    run = build(cfg, build_model(), bundle.train, bundle.val, measure_loader=False)
+    run = build(cfg, build_model(), bundle.train, bundle.val, measure_loader=False,
+                collate_fn=bundle.collate_fn)
     flops = summary.training_flops(run)
     trainer = Trainer(run, progress_bar=False)
     stepper = trainer.steps()

@@ -64,7 +64,8 @@ def find_lr(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Train
         raise LeantrainError(f"the LR sweep needs at least 5 steps, got {steps}")
     run_cfg = config_from_dict(merge(cfg.to_dict(), overrides or {}))
     trainer = Trainer(build(run_cfg, build_model(), bundle.train, bundle.val,
-                            measure_loader=False), progress_bar=False)
+                            measure_loader=False, collate_fn=bundle.collate_fn),
+                      progress_bar=False)
 
     def lr_at(step: int) -> float:
         return lr_min * (lr_max / lr_min) ** (step / (steps - 1))

@@ -118,8 +118,8 @@ def _trainer(variants: list[Variant], overrides: dict[str, Any],
     for variant in variants:
         if variant.wrap_model is not None:
             model = variant.wrap_model(model)
-    return Trainer(build(trial_cfg, model, bundle.train, bundle.val, measure_loader=False),
-                   progress_bar=False)
+    return Trainer(build(trial_cfg, model, bundle.train, bundle.val, measure_loader=False,
+                         collate_fn=bundle.collate_fn), progress_bar=False)
 
 
 def unsupported_reason(variants: list[Variant], base: dict[str, Any],

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, dist) -> int:
     common.log.info("data: %s", bundle.description)
     model = common.build_model(cfg, bundle)
     summary = fit(model, bundle.train, bundle.val, cfg, out, resume=bool(args.resume),
-                  progress_bar=not args.no_progress)
+                  progress_bar=not args.no_progress, collate_fn=bundle.collate_fn)
     if dist.is_main:
         print(format_summary(summary))
         print(f"\nrun folder: {out}")

@@ -1,8 +1,10 @@
 """Batch iterators with a deterministic order per (seed, epoch), resumable mid-epoch.
 
-Tensor-backed datasets get `InMemoryBatches`: one fancy-index per batch instead of a Python
-`__getitem__` and a collate per sample, which on small models is most of the step time. Other
-datasets go through a `DataLoader` whose sampler draws the same order. Both can start at batch
+A batch is any structure of tensors (a tuple, a dict, nested ones). Tensor-backed datasets
+(a `TensorDataset`, a `TensorDictDataset`, or a `Subset` of one) get `InMemoryBatches`: one
+fancy-index per batch instead of a Python `__getitem__` and a collate per sample, which on
+small models is most of the step time. Other datasets go through a `DataLoader` whose sampler
+draws the same order, and whose collate failures name the sample. Both can start at batch
 k of an epoch, which is what an exact resume needs.
 """
 
@@ -10,30 +12,84 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset, default_collate
+
+from ..errors import LeantrainError
 
 DEVICE_RESIDENT_FRACTION = 0.25  # move data to the GPU once if it takes < 25% of free memory
-Batch = tuple[torch.Tensor, ...]  # (inputs, labels, *extras)
+Batch = Any  # (inputs, labels, *extras), a dict of tensors, or any nesting of them
+Tensors = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+LABEL_KEYS = ("labels", "label")
 
 
-def tensors_of(dataset: Dataset) -> tuple[torch.Tensor, ...] | None:
-    """(inputs, labels, *extras) if the dataset is a view of whole tensors, else None.
+class TensorDictDataset(Dataset):
+    """Samples as dicts of equally long tensors, e.g. tokenized text: `input_ids`,
+    `attention_mask`, `labels`. Batched by indexing (the in-memory loader), like a
+    TensorDataset."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None, **more: torch.Tensor):
+        self.tensors = {**(tensors or {}), **more}
+        lengths = {k: len(t) for k, t in self.tensors.items()}
+        if not lengths or len(set(lengths.values())) != 1:
+            raise LeantrainError(f"TensorDictDataset needs tensors of one length, got {lengths}")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: t[index] for k, t in self.tensors.items()}
+
+
+def tensors_of(dataset: Dataset) -> Tensors | None:
+    """The whole tensors behind a dataset, (inputs, labels, *extras) or a dict, else None.
 
     Extras are further per-sample tensors (e.g. cached teacher logits) batched alongside.
     """
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
         return tuple(dataset.tensors)
+    if isinstance(dataset, TensorDictDataset):
+        return dict(dataset.tensors)
     if isinstance(dataset, Subset):
         inner = tensors_of(dataset.dataset)
         if inner is not None:
-            index = torch.as_tensor(dataset.indices, dtype=torch.long)
-            return tuple(t[index] for t in inner)
+            return index_tensors(inner, torch.as_tensor(dataset.indices, dtype=torch.long))
     return None
+
+
+def index_tensors(tensors: Tensors, index: torch.Tensor) -> Tensors:
+    if isinstance(tensors, dict):
+        return {k: t[index] for k, t in tensors.items()}
+    return tuple(t[index] for t in tensors)
+
+
+def labels_of(batch: Batch):
+    """The labels of a batch or of whole tensors: a `labels`/`label` key, or the second item."""
+    if isinstance(batch, Mapping):
+        return next((batch[k] for k in LABEL_KEYS if k in batch), None)
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    return None
+
+
+def first_tensor(batch: Batch) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, Mapping) else batch \
+        if isinstance(batch, (tuple, list)) else ()
+    return next((t for t in map(first_tensor, values) if t is not None), None)
+
+
+def batch_size(batch: Batch) -> int:
+    """Samples in a batch: the length of its labels, else of its first tensor."""
+    labels = labels_of(batch)
+    tensor = labels if isinstance(labels, torch.Tensor) else first_tensor(batch)
+    return len(tensor) if tensor is not None and tensor.dim() else 1
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
@@ -76,24 +132,28 @@ class InMemoryBatches:
 
     def __init__(self, *tensors: torch.Tensor, batch_size: int, shuffle: bool,
                  seed: int = 0, device: torch.device | None = None, shard: Shard = (0, 1),
-                 drop_last: bool = False):
+                 drop_last: bool = False, named: dict[str, torch.Tensor] | None = None):
+        """Positional tensors batch as tuples; `named` ones (instead) as dicts."""
+        tensors = named if named is not None else tensors
+        whole = list(tensors.values()) if isinstance(tensors, dict) else list(tensors)
         if device is not None and device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
-            if sum(t.nbytes for t in tensors) < DEVICE_RESIDENT_FRACTION * free:
-                tensors = tuple(t.to(device) for t in tensors)
+            if sum(t.nbytes for t in whole) < DEVICE_RESIDENT_FRACTION * free:
+                tensors = {k: t.to(device) for k, t in tensors.items()} \
+                    if isinstance(tensors, dict) else tuple(t.to(device) for t in tensors)
+                whole = list(tensors.values()) if isinstance(tensors, dict) else list(tensors)
                 self.kind = "in-memory batched, resident on the GPU"
         self.tensors, self.shard, self.drop_last = tensors, shard, drop_last
+        self.n, self.device = len(whole[0]), whole[0].device
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
 
     def __len__(self) -> int:
-        return batch_count(len(self.tensors[0]), self.batch_size, self.shard, self.drop_last)
+        return batch_count(self.n, self.batch_size, self.shard, self.drop_last)
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
-        n = len(self.tensors[0])
-        order = epoch_order(n, self.seed, epoch, self.shuffle).to(self.tensors[0].device)
-        for span in batch_spans(n, self.batch_size, self.shard, start, self.drop_last):
-            index = order[span]
-            yield tuple(t[index] for t in self.tensors)
+        order = epoch_order(self.n, self.seed, epoch, self.shuffle).to(self.device)
+        for span in batch_spans(self.n, self.batch_size, self.shard, start, self.drop_last):
+            yield index_tensors(self.tensors, order[span])
 
 
 class _EpochSampler(Sampler[int]):
@@ -113,6 +173,10 @@ class _EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
+
+    def batch_indices(self, number: int) -> list[int]:
+        """The dataset indices of batch `number` of the current pass."""
+        return self._indices()[number * self.batch_size:(number + 1) * self.batch_size]
 
     def __len__(self) -> int:
         return len(self._indices())
@@ -154,6 +218,60 @@ def compute_threads(options: LoaderOptions | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class CollateError(LeantrainError):
+    """A collate_fn failed on a batch; `position` is the failing sample's place in it."""
+
+    def __init__(self, message: str, position: int | None = None):
+        super().__init__(message)
+        self.position = position
+
+
+class CheckedCollate:
+    """A collate_fn whose failure names the sample it failed on, in one line."""
+
+    def __init__(self, collate_fn: Callable[[list], Any] | None = None):
+        self.collate_fn = collate_fn or default_collate
+        self.name = getattr(collate_fn, "__name__", type(collate_fn).__name__) \
+            if collate_fn else "the default collate"
+
+    def __call__(self, samples: list) -> Any:
+        try:
+            return self.collate_fn(samples)
+        except Exception as exc:
+            position = next((i for i, sample in enumerate(samples) if not self._collates(sample)),
+                            None)
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            where = f"at sample {position} of a batch of {len(samples)}" if position is not None \
+                else (f"on a batch of {len(samples)} samples that collate one by one but not "
+                      "together (e.g. sequences of different lengths: pad them in a collate_fn)")
+            raise CollateError(f"{self.name} failed {where}: {why}", position) from exc
+
+    def _collates(self, sample: Any) -> bool:
+        try:
+            self.collate_fn([sample])
+        except Exception:
+            return False
+        return True
+
+
+def _naming_samples(batches: Iterator[Batch], indices: Callable[[int], list[int]]
+                    ) -> Iterator[Batch]:
+    """Batches, with a collate failure's batch position turned into the dataset's index."""
+    number = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except CollateError as exc:
+            if exc.position is None:
+                raise
+            index = indices(number)[exc.position]
+            raise CollateError(f"{exc} (dataset index {index})", exc.position) from exc
+        number += 1
+        yield batch
+
+
 class DataLoaderBatches:
     """A DataLoader over any map-style Dataset, with the same resumable order.
 
@@ -165,7 +283,8 @@ class DataLoaderBatches:
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
                  options: LoaderOptions | None = None, device: torch.device | None = None,
-                 shard: Shard = (0, 1), drop_last: bool = False):
+                 shard: Shard = (0, 1), drop_last: bool = False,
+                 collate_fn: Callable[[list], Any] | None = None):
         options = options or LoaderOptions()
         self.shard, self.drop_last = shard, drop_last
         self.sampler = _EpochSampler(len(dataset), batch_size, shuffle, seed, shard, drop_last)
@@ -176,6 +295,7 @@ class DataLoaderBatches:
             pin_memory=options.pin_memory,
             persistent_workers=options.persistent_workers and workers > 0,
             prefetch_factor=options.prefetch_factor if workers else None,
+            collate_fn=CheckedCollate(collate_fn),
         )
         self.kind = f"DataLoader ({options.describe()})"
         self.prefetch = device is not None and device.type == "cuda"
@@ -192,10 +312,21 @@ class DataLoaderBatches:
             # cycle aborts (CUDA cannot run in a fork; seen on an H100): collect them first
             gc.collect()
         self.sampler.epoch, self.sampler.skip_batches = epoch, start
+        batches = _naming_samples(iter(self.loader), self.sampler.batch_indices)
         if self.prefetch:
-            yield from DevicePrefetcher(iter(self.loader), self.device)
+            yield from DevicePrefetcher(batches, self.device)
         else:
-            yield from self.loader
+            yield from batches
+
+
+def _map_tensors(batch: Batch, fn: Callable[[torch.Tensor], Any]) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map_tensors(v, fn) for v in batch)
+    return batch
 
 
 class DevicePrefetcher:
@@ -215,15 +346,14 @@ class DevicePrefetcher:
         if batch is None:
             return None
         with torch.cuda.stream(self.stream):
-            return tuple(t.to(self.device, non_blocking=True) for t in batch)
+            return _map_tensors(batch, lambda t: t.to(self.device, non_blocking=True))
 
     def __iter__(self) -> Iterator[Batch]:
         compute = torch.cuda.current_stream(self.device)
         ahead = self._copy(next(self.batches, None))
         while ahead is not None:
             compute.wait_stream(self.stream)
-            for t in ahead:
-                t.record_stream(compute)
+            _map_tensors(ahead, lambda t: t.record_stream(compute))
             current, ahead = ahead, self._copy(next(self.batches, None))
             yield current
 
@@ -252,13 +382,17 @@ def data_wait_advice(loader: InMemoryBatches | DataLoaderBatches, device: torch.
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
                 device: torch.device | None = None, options: LoaderOptions | None = None,
-                in_memory: bool = True, shard: Shard = (0, 1), drop_last: bool = False
+                in_memory: bool = True, shard: Shard = (0, 1), drop_last: bool = False,
+                collate_fn: Callable[[list], Any] | None = None
                 ) -> InMemoryBatches | DataLoaderBatches:
-    """Batched indexing for a tensor-backed dataset unless `in_memory` is False, else a
-    DataLoader. `drop_last` drops a short last batch (it always drops under several ranks)."""
+    """Batched indexing for a tensor-backed dataset unless `in_memory` is False or a
+    `collate_fn` is given, else a DataLoader. `drop_last` drops a short last batch (it always
+    drops under several ranks)."""
     tensors = tensors_of(dataset)
-    if tensors is not None and in_memory:
-        return InMemoryBatches(*tensors, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                               device=device, shard=shard, drop_last=drop_last)
+    if tensors is not None and in_memory and collate_fn is None:
+        named = tensors if isinstance(tensors, dict) else None
+        return InMemoryBatches(*(() if named else tensors), batch_size=batch_size,
+                               shuffle=shuffle, seed=seed, device=device, shard=shard,
+                               drop_last=drop_last, named=named)
     return DataLoaderBatches(dataset, batch_size, shuffle, seed, options, device, shard,
-                             drop_last)
+                             drop_last, collate_fn)

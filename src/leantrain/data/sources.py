@@ -8,8 +8,10 @@ a lazily decoding Dataset that goes through a DataLoader.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ class DataBundle:
     val: Dataset
     num_classes: int | None  # None when only the model can tell (user datasets)
     description: str
+    collate_fn: Callable[[list], Any] | None = None  # batches samples (e.g. padding)
 
 
 def _split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,16 +191,27 @@ def image_folder(path: Path, cfg: DataConfig) -> DataBundle:
 
 
 def from_function(spec: str) -> DataBundle:
+    """(train, val) or (train, val, collate_fn) from the user's function; a Hugging Face
+    `datasets.Dataset` counts as a Dataset (it has __getitem__ and __len__)."""
     fn = import_object(spec, "--data")
     result = fn()
-    if not (isinstance(result, tuple) and len(result) == 2
-            and all(isinstance(d, Dataset) for d in result)):
+    if isinstance(result, DataBundle):
+        return result
+    datasets = result[:2] if isinstance(result, tuple) else ()
+    collate = result[2] if isinstance(result, tuple) and len(result) == 3 else None
+    if not (isinstance(result, tuple) and len(result) in (2, 3)
+            and all(_is_dataset(d) for d in datasets)
+            and (collate is None or callable(collate))):
         raise LeantrainError(
-            f"--data {spec!r} must return (train_dataset, val_dataset) as torch Datasets, "
-            f"got {type(result).__name__}"
-        )
-    return DataBundle(result[0], result[1], None, f"{spec}: {len(result[0])} train / "
-                      f"{len(result[1])} val")
+            f"--data {spec!r} must return (train_dataset, val_dataset) or (train_dataset, "
+            f"val_dataset, collate_fn), the datasets map-style (__getitem__ and __len__), "
+            f"got {type(result).__name__}")
+    return DataBundle(datasets[0], datasets[1], None, f"{spec}: {len(datasets[0])} train / "
+                      f"{len(datasets[1])} val", collate)
+
+
+def _is_dataset(obj: Any) -> bool:
+    return isinstance(obj, Dataset) or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__"))
 
 
 def load_data(cfg: DataConfig) -> DataBundle:

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from ..measure.rounds import interleave
 from .loaders import Batch, DataLoaderBatches, LoaderOptions, compute_threads
+from .loaders import batch_size as samples_in
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,12 @@ class Budget:
         self.windows.append(window_s)
 
 
-def _measure(dataset: Dataset, batch_size: int, seed: int, options: LoaderOptions,
-             consume: Callable[[Batch], None], window_s: float, into: Measured) -> None:
-    loader = DataLoaderBatches(dataset, batch_size, shuffle=True, seed=seed, options=options)
+Source = Callable[[LoaderOptions], DataLoaderBatches]  # the training loader, per candidate
+
+
+def _measure(source: Source, options: LoaderOptions, consume: Callable[[Batch], None],
+             window_s: float, into: Measured) -> None:
+    loader = source(options)
     batches = iter(loader.loader)  # host batches: the trainer's copy is inside consume
     start = time.perf_counter()
     first = next(batches, None)
@@ -141,14 +145,14 @@ def _measure(dataset: Dataset, batch_size: int, seed: int, options: LoaderOption
                 continue
             waiting += time.perf_counter() - ask
             consume(batch)
-            samples += len(batch[1])
+            samples += samples_in(batch)
         elapsed = time.perf_counter() - begin
     into.samples_per_second.append(samples / elapsed)
     into.data_wait.append(waiting / elapsed)
     del batches  # shuts the workers down before the next candidate starts its own
 
 
-def _rounds(dataset, batch_size, seed, candidates: list[LoaderOptions], consume,
+def _rounds(source: Source, candidates: list[LoaderOptions], consume,
             window: float | Budget, rounds: int, later: int = 0) -> list[Measured]:
     """Measure the candidates in interleaved rounds. With a Budget, each round's windows come
     from what is left of it, counting the `later` measurements still planned after these."""
@@ -158,8 +162,7 @@ def _rounds(dataset, batch_size, seed, candidates: list[LoaderOptions], consume,
         to_come = (rounds - r) * len(measured) + later
         window_s = window.window(to_come) if isinstance(window, Budget) else window
         start = time.perf_counter()
-        _measure(dataset, batch_size, seed, measured[index].options, consume, window_s,
-                 measured[index])
+        _measure(source, measured[index].options, consume, window_s, measured[index])
         if isinstance(window, Budget):
             window.spend(time.perf_counter() - start, window_s)
         return True
@@ -175,7 +178,7 @@ def _pick(measured: list[Measured]) -> Measured:
                                     m.options.compute_threads is not None))
 
 
-def budget_for(dataset: Dataset, batch_size: int, seed: int, base: LoaderOptions,
+def budget_for(source: Source, samples: int, base: LoaderOptions,
                consume: Callable[[Batch], None], epochs: int, windows: int
                ) -> tuple[Budget | None, str]:
     """(budget, why): BUDGET_SHARE of the run, for `windows` measurements and their overheads.
@@ -186,11 +189,11 @@ def budget_for(dataset: Dataset, batch_size: int, seed: int, base: LoaderOptions
     """
     look = Measured(base)
     start = time.perf_counter()
-    _measure(dataset, batch_size, seed, base, consume, MIN_WINDOW_S, look)
+    _measure(source, base, consume, MIN_WINDOW_S, look)
     look_s = time.perf_counter() - start
     if not look.samples_per_second:
         return None, "the dataset yielded no batch"
-    run_s = epochs * len(dataset) / look.samples_per_second[0]
+    run_s = epochs * samples / look.samples_per_second[0]
     budget = Budget(BUDGET_SHARE * run_s - look_s, max(look_s - MIN_WINDOW_S, 0.0))
     if not budget.affords(windows):
         return None, (f"not measured: the run is projected at {run_s:.0f} s, too short to pay "
@@ -202,13 +205,19 @@ def budget_for(dataset: Dataset, batch_size: int, seed: int, base: LoaderOptions
 
 def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], None],
                 base: LoaderOptions, tunable: set[str], on_cuda: bool, epochs: int, seed: int = 0,
-                window_s: float | None = None, rounds: int = ROUNDS) -> LoaderTuning:
+                window_s: float | None = None, rounds: int = ROUNDS,
+                collate_fn: Callable[[list], Batch] | None = None) -> LoaderTuning:
     """Measure the settings named in `tunable` (LoaderOptions field names); keep `base` for
     the others.
 
     `window_s` None: sized from the projected run (see `budget_for`).
     """
     began = time.perf_counter()
+
+    def source(options: LoaderOptions) -> DataLoaderBatches:
+        return DataLoaderBatches(dataset, batch_size, shuffle=True, seed=seed, options=options,
+                                 collate_fn=collate_fn)
+
     if "pin_memory" in tunable:
         base = replace(base, pin_memory=on_cuda)
     cpus = usable_cpus()
@@ -224,11 +233,11 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
     window: float | Budget | None = window_s
     followers = 2 * rounds  # the best and one variant, measured again after stage 1
     if window is None:
-        window, note = budget_for(dataset, batch_size, seed, base, consume, epochs,
+        window, note = budget_for(source, len(dataset), base, consume, epochs,
                                   len(stage1) * rounds + followers)
         if window is None:
             return LoaderTuning(base, [], time.perf_counter() - began, 0.0, note)
-    measured = _rounds(dataset, batch_size, seed, stage1, consume, window, rounds, followers)
+    measured = _rounds(source, stage1, consume, window, rounds, followers)
     best = _pick(measured)
     variants = []
     if best.options.num_workers and "prefetch_factor" in tunable:
@@ -236,8 +245,7 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
     if on_cuda and "pin_memory" in tunable:
         variants.append(replace(best.options, pin_memory=not best.options.pin_memory))
     if variants:
-        measured += _rounds(dataset, batch_size, seed, [best.options, *variants], consume,
-                            window, rounds)[1:]
+        measured += _rounds(source, [best.options, *variants], consume, window, rounds)[1:]
         best = _pick(measured)
     choice = best.options
     if "persistent_workers" in tunable:

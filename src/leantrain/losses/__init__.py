@@ -1,23 +1,23 @@
-"""Training losses: the task loss the trainer uses by default, and knowledge distillation.
+"""Training losses: the task losses the trainer infers (`tasks`), and knowledge distillation.
 
-A loss is called as `loss_fn(outputs, targets, inputs, *extras)`, inside the plan's autocast;
-extras are further per-sample tensors the batch carries (e.g. cached teacher logits).
+A custom loss is called as `loss_fn(outputs, labels, inputs, *extras)` inside the plan's
+autocast: `outputs` are the model's logits (read from a tensor, tuple, dict or ModelOutput),
+`inputs` what the model was called with (a tensor or the batch's dict), extras further
+per-sample tensors the batch carries (e.g. cached teacher logits).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from . import tasks
 
 
-def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor,
+def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor, inputs=None,
                        *extras: torch.Tensor) -> torch.Tensor:
-    """The default training loss. A custom loss gets the same arguments (e.g. distillation).
-
-    Outputs are (batch, ..., classes) with targets (batch, ...): one class per sample, or
-    one per position of a sequence (a language model's next token).
-    """
-    return F.cross_entropy(outputs.flatten(0, -2), targets.flatten())
+    """Cross-entropy over (batch, ..., classes) outputs and (batch, ...) targets, positions
+    labelled -100 ignored: one class per sample, or one per position of a sequence."""
+    return tasks.loss("token-classification", outputs, targets)
 
 
-__all__ = ["cross_entropy_loss"]
+__all__ = ["cross_entropy_loss", "tasks"]

@@ -25,11 +25,17 @@ from torch.utils.data import Dataset
 
 from .. import distributed, env
 from ..config import PlanConfig, TrainConfig
-from ..data.loaders import LoaderOptions, batch_count, compute_threads, make_loader, tensors_of
+from ..data.loaders import (
+    LoaderOptions,
+    batch_count,
+    compute_threads,
+    labels_of,
+    make_loader,
+    tensors_of,
+)
 from ..data.tuning import LoaderTuning, tune_loader
 from ..distributed import DistContext, rank_device
 from ..errors import LeantrainError
-from ..losses import cross_entropy_loss
 from ..measure.probe import untouched
 from ..techniques import PLANNED, cudnn_benchmark, loader, precision, tf32
 from ..techniques.base import Context, Outcome
@@ -180,12 +186,12 @@ class Run:
     dist: DistContext
     model: nn.Module  # on the device, memory format and activation checkpointing applied
     wrapped: nn.Module  # what the step calls: DDP or FSDP2 around the model, or the model
-    loss_fn: LossFn
+    step: step.Step  # how batches reach the model and become a loss (the task inferred)
     train_loader: object  # InMemoryBatches | DataLoaderBatches
     val_loader: object
     loader_options: LoaderOptions
     loader_tuning: LoaderTuning | None
-    num_classes: int
+    num_classes: int | None  # the width of the model's logits (None: it returns a loss only)
     tensor_backed: bool
     # optimizer steps per epoch of a run that keeps every batch: the LR schedule's horizon is
     # the same for a compiled or autotuned run (which drops the short last batch) as for a plain
@@ -194,7 +200,9 @@ class Run:
 
     @property
     def total_steps(self) -> int:
-        return self.steps_per_epoch * self.cfg.train.epochs
+        """Optimizer steps of the whole run: the epochs', or train.max_steps if fewer."""
+        steps = self.steps_per_epoch * self.cfg.train.epochs
+        return min(steps, self.cfg.train.max_steps or steps)
 
     @contextlib.contextmanager
     def settings(self) -> Iterator[None]:
@@ -226,10 +234,18 @@ def _drops_short_batch(plan: ResolvedPlan, n: int, batch_size: int, world: int) 
     return (plan.compile or plan.cudnn_benchmark) and n >= batch_size * world
 
 
+def _labels_tensor(train_data: Dataset) -> torch.Tensor | None:
+    tensors = tensors_of(train_data)
+    return labels_of(tensors) if tensors is not None else None
+
+
 def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dataset,
-          loss_fn: LossFn = cross_entropy_loss, measure_loader: bool = True) -> Run:
-    """Decide the run. `measure_loader=False` resolves "auto" loader settings to defaults
-    without measuring (short trials that measure something else pass it)."""
+          loss_fn: LossFn | None = None, measure_loader: bool = True,
+          collate_fn: Callable[[list], object] | None = None) -> Run:
+    """Decide the run. `loss_fn` replaces the model's own loss and the task's; `collate_fn`
+    batches samples (e.g. a padding collator: a DataLoader then, never the in-memory loader).
+    `measure_loader=False` resolves "auto" loader settings to defaults without measuring
+    (short trials that measure something else pass it)."""
     dist = DistContext.from_env()
     data = cfg.data
     tokens = data.batch_size * data.context if data.context else None
@@ -238,11 +254,11 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     model = _prepare_model(model, plan)
     on_cuda, shard = plan.device.type == "cuda", (dist.rank, dist.world_size)
     drop = _drops_short_batch(plan, len(train_data), data.batch_size, dist.world_size)
-    in_memory = loader.in_memory(data.loader, train_data)
+    in_memory = loader.in_memory(data.loader, train_data, collate_fn)
 
     def train_loader(options: LoaderOptions):
         return make_loader(train_data, data.batch_size, True, cfg.train.seed, plan.device,
-                           options, in_memory, shard, drop_last=drop)
+                           options, in_memory, shard, drop_last=drop, collate_fn=collate_fn)
 
     options = loader.default_options(data, on_cuda, cfg.train.epochs)
     batches = train_loader(options)
@@ -250,7 +266,10 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
         raise LeantrainError(
             f"{len(train_data)} training samples make no full batch of "
             f"{data.batch_size} x {dist.world_size} processes; lower data.batch_size")
-    num_classes = step.check_model_fits_data(model, train_data, batches, plan)
+    contract = step.step_for(model, plan, cfg.train.task, loss_fn)
+    task, num_classes = step.check_first_batch(model, batches, contract,
+                                               _labels_tensor(train_data))
+    contract = replace(contract, task=task)
     tuning = None
     tunable = loader.auto_fields(data)
     # ranks measuring apart could choose apart: under launch, "auto" keeps the defaults
@@ -258,18 +277,19 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
             and loader.worth_measuring(tunable, options, on_cuda)):
         with untouched(model):
             tuning = tune_loader(train_data, data.batch_size,
-                                 lambda batch: step.probe(model, batch, plan, loss_fn),
-                                 options, tunable, on_cuda, cfg.train.epochs, cfg.train.seed)
+                                 lambda batch: contract.probe(model, batch), options, tunable,
+                                 on_cuda, cfg.train.epochs, cfg.train.seed,
+                                 collate_fn=collate_fn)
         log.info("data loader: %s", tuning.describe())
         options = tuning.choice
         batches = train_loader(options)
     val = make_loader(val_data, data.eval_batch_size, False, cfg.train.seed, plan.device,
                       replace(options, persistent_workers=False),
-                      loader.in_memory(data.loader, val_data))
+                      loader.in_memory(data.loader, val_data, collate_fn), collate_fn=collate_fn)
     if plan.distributed == "fsdp":  # sharded parameters are initialised whole, first
         init_weights(model, cfg.train.init)
     wrapped = distributed.wrap(model, plan.distributed, plan.device)
     kept = batch_count(len(train_data), data.batch_size, shard)
-    return Run(cfg, plan, dist, model, wrapped, loss_fn, batches, val, options, tuning,
+    return Run(cfg, plan, dist, model, wrapped, contract, batches, val, options, tuning,
                num_classes, tensors_of(train_data) is not None,
                math.ceil(kept / plan.grad_accum))

@@ -17,6 +17,7 @@ import torch
 from .. import distributed
 from ..checkpoint import CHECKPOINT_NAME, atomic_save, capture_rng, restore_rng
 from ..errors import LeantrainError
+from ..losses import tasks
 from ..techniques import precision
 from ..techniques.optimizer import build_optimizer
 from ..techniques.schedules import build_scheduler
@@ -37,16 +38,12 @@ class Progress:
     time_to_target: float | None = None
     val_accuracy: float | None = None
     val_loss: float | None = None
+    val_mae: float | None = None
+    stop_reason: str | None = None  # a target met, or train.max_steps reached
     finished: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def new_epoch_sums(device: torch.device) -> list[torch.Tensor]:
-    """Loss sum, correct predictions and count of the epoch so far, kept on the device."""
-    return [torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long),
-            torch.zeros((), device=device, dtype=torch.long)]
 
 
 @dataclass
@@ -73,13 +70,13 @@ def new_state(run: Run, lr_at: Callable[[int], float] | None = None) -> TrainSta
             optimizer, lambda step: lr_at(step) / cfg.optim.lr)
     return TrainState(optimizer, scheduler, precision.make_grad_scaler(plan.device,
                                                                        plan.precision),
-                      new_epoch_sums(plan.device))
+                      tasks.zeros(run.step.task, plan.device))
 
 
-def epoch_totals(state: TrainState, run: Run) -> tuple[float, int, int]:
-    """(loss sum, correct, count) of the epoch so far, summed over ranks (a host sync)."""
-    loss_sum, correct, count = distributed.all_reduce_sum(state.epoch_sums, run.dist)
-    return loss_sum.item(), int(correct.item()), int(count.item())
+def epoch_totals(state: TrainState, run: Run) -> tuple[float, float, int]:
+    """(loss sum, metric sum, count) of the epoch so far, summed over ranks (a host sync)."""
+    loss_sum, metric, count = distributed.all_reduce_sum(state.epoch_sums, run.dist)
+    return loss_sum.item(), metric.item(), int(count.item())
 
 
 def checkpoint(state: TrainState, run: Run) -> dict[str, Any]:

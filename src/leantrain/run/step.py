@@ -1,109 +1,242 @@
-"""The pieces of one training step, shared by the loop, the plan's checks and evaluation.
+"""The step contract: how any batch reaches any model, and how any output becomes a loss.
 
-A batch is `(inputs, labels, *extras)`; it moves to the plan's device (and layout), the model
-runs under the plan's autocast, and the loss takes `(outputs, labels, inputs, *extras)`.
+A batch is a tensor, a tuple/list, a dict, or nested ones; it moves to the device recursively
+(4-D floating-point tensors into the plan's memory format). The model is called the way the
+batch says:
+
+- `(inputs, labels, *extras)`: `model(inputs)`, `model(*inputs)` for a tuple, `model(**inputs)`
+  for a dict (with `labels=` when `forward` takes it);
+- a dict: `model(**batch)`, its `labels` (or `label`) key passed as `labels=` when `forward`
+  takes it, and every other key checked against `forward`'s parameters;
+- a tensor: `model(batch)` (the model must then return its own loss).
+
+The output may be a tensor, a tuple, a dict or a `ModelOutput`: its `logits` are what a custom
+loss and the metrics see, its `loss` is used unless the user gives one, else the task's loss
+(`losses.tasks`, inferred from the first batch by `check_first_batch`).
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import Dataset
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from ..data.loaders import tensors_of
+import torch
+from torch import nn
+
+from ..data.loaders import LABEL_KEYS, batch_size, labels_of
 from ..errors import LeantrainError
+from ..losses import tasks
 from ..techniques.memory_format import to_channels_last
 
-Batch = tuple[torch.Tensor, ...]
+
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """The batch with every tensor on `device` (non-blocking: overlaps from pinned memory)."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        return to_channels_last(batch) if channels_last and batch.is_floating_point() else batch
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device, channels_last) for v in batch)
+    return batch
 
 
-def to_device(batch: Batch, plan) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(inputs, labels, extras) on the plan's device; inputs in its memory format."""
-    x, y = (t.to(plan.device, non_blocking=True) for t in batch[:2])
-    x = to_channels_last(x) if plan.channels_last else x
-    return x, y, [t.to(plan.device, non_blocking=True) for t in batch[2:]]
+def forward_keys(model: nn.Module) -> tuple[frozenset[str] | None, bool]:
+    """(the keyword names `forward` takes, or None if it takes anything; whether it takes
+    `labels`). A **kwargs catch-all does not count: a key it would swallow is an error."""
+    module = getattr(model, "module", model)  # DDP
+    module = getattr(module, "_orig_mod", module)  # torch.compile
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None, False
+    names = frozenset(p.name for p in params
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return names, "labels" in names
 
 
-def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, extras: list[torch.Tensor],
-                 plan, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
-    with plan.autocast():
-        out = model(x)
-        return out, loss_fn(out, y, x, *extras)
+@dataclass
+class StepBatch:
+    """One batch as the model is called with it."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    labels: torch.Tensor | None
+    extras: list[torch.Tensor]
+    inputs: Any  # what a custom loss receives as `inputs`
+    size: int
 
 
-def probe(model: nn.Module, batch: Batch, plan, loss_fn) -> None:
-    """Forward and backward without a step: what measuring the loader and FLOPs runs."""
-    x, y, extras = to_device(batch, plan)
-    forward_loss(model, x, y, extras, plan, loss_fn)[1].backward()
+@dataclass(frozen=True)
+class Step:
+    """How this run's batches reach its model and become a loss; built once by `run.plan`."""
+
+    device: torch.device
+    channels_last: bool
+    autocast: Callable[[], Any]
+    task: str = "auto"
+    loss_fn: Callable[..., torch.Tensor] | None = None
+    keys: frozenset[str] | None = None
+    takes_labels: bool = False
+    pass_labels: bool = field(default=True)  # False when a custom loss makes the model's moot
+
+    def unpack(self, raw: Any) -> StepBatch:
+        batch = to_device(raw, self.device, self.channels_last)
+        if isinstance(batch, Mapping):
+            labels = labels_of(batch)
+            inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+            return self._keyword(inputs, labels, [], batch_size(raw))
+        if isinstance(batch, torch.Tensor):
+            return StepBatch((batch,), {}, None, [], batch, len(batch) if batch.dim() else 1)
+        x, labels, extras = batch[0], batch[1] if len(batch) > 1 else None, list(batch[2:])
+        if isinstance(x, Mapping):
+            return self._keyword(dict(x), labels, extras, batch_size(raw))
+        args = tuple(x) if isinstance(x, Sequence) and not isinstance(x, torch.Tensor) else (x,)
+        return StepBatch(args, {}, labels, extras, x, batch_size(raw))
+
+    def _keyword(self, inputs: dict, labels, extras: list, size: int) -> StepBatch:
+        if self.keys is not None:
+            unknown = sorted(set(inputs) - self.keys)
+            if unknown:
+                raise LeantrainError(
+                    f"batch key {unknown[0]!r} is not a parameter of the model's forward; it "
+                    f"takes: {', '.join(sorted(self.keys))} (drop the key in the dataset or "
+                    f"collate_fn)")
+        if labels is None and self.task == "causal-lm" and "input_ids" in inputs:
+            labels = inputs["input_ids"]  # a language model learns its own inputs, shifted
+        kwargs = dict(inputs)
+        if labels is not None and self.takes_labels and self.pass_labels:
+            kwargs["labels"] = labels
+        return StepBatch((), kwargs, labels, extras, inputs, size)
+
+    def forward(self, model: nn.Module, sb: StepBatch
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(logits, the loss to train on, the model's own loss) under the plan's autocast."""
+        with self.autocast():
+            logits, own = read_output(model(*sb.args, **sb.kwargs))
+            if self.loss_fn is not None:
+                return logits, self.loss_fn(logits, sb.labels, sb.inputs, *sb.extras), own
+            if own is not None:
+                return logits, own, own
+            return logits, tasks.loss(self.task, logits, sb.labels), None
+
+    def probe(self, model: nn.Module, raw: Any) -> None:
+        """Forward and backward without a step: what measuring the loader and FLOPs runs."""
+        self.forward(model, self.unpack(raw))[1].backward()
 
 
-def correct(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Correct predictions of a batch (one per sample or per sequence position), on the device."""
-    return (out.detach().flatten(0, -2).argmax(-1) == y.flatten()).sum()
+def read_output(out: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(logits, loss) of a tensor, a tuple (a leading 0-d tensor is a loss), a dict or a
+    ModelOutput."""
+    if isinstance(out, torch.Tensor):
+        return out, None
+    if isinstance(out, Mapping):
+        return out.get("logits"), out.get("loss")
+    if isinstance(out, (tuple, list)):
+        found = [t for t in out if isinstance(t, torch.Tensor)]
+        if found and found[0].dim() == 0:
+            return (found[1] if len(found) > 1 else None), found[0]
+        return (found[0] if found else None), None
+    raise LeantrainError(f"the model returned a {type(out).__name__}; leantrain reads a tensor, "
+                         "a tuple, or a dict/ModelOutput with 'logits' or 'loss'")
 
 
-def score(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(summed cross-entropy, correct predictions, targets) of a batch, on the device."""
-    loss = F.cross_entropy(out.detach().float().flatten(0, -2), y.flatten(), reduction="sum")
-    return loss, correct(out, y), y.numel()
+def step_for(model: nn.Module, plan, task: str = "auto", loss_fn=None) -> Step:
+    keys, takes_labels = forward_keys(model)
+    return Step(plan.device, plan.channels_last, plan.autocast, task, loss_fn, keys,
+                takes_labels, pass_labels=loss_fn is None)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, plan) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over the loader, with one host sync at the end."""
+def metrics(model: nn.Module, loader, step: Step) -> dict[str, float | None]:
+    """Loss and the task's metric over the loader, with one host sync at the end.
+
+    The loss is the task's (cross-entropy, MSE, BCE) whatever the training loss was, so runs
+    with a custom loss (distillation) are scored alike; only a model-loss task uses the
+    model's own.
+    """
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=plan.device)
-    hits = torch.zeros((), device=plan.device, dtype=torch.long)
-    count = 0
-    for batch in loader.batches():
-        x, y, _ = to_device(batch, plan)
-        with plan.autocast():
-            out = model(x)
-        batch_loss, batch_correct, batch_count = score(out, y)
-        loss_sum += batch_loss
-        hits += batch_correct
-        count += batch_count
+    loss_sum, hits, count = tasks.zeros(step.task, step.device)
+    for raw in loader.batches():
+        sb = step.unpack(raw)
+        with step.autocast():
+            logits, own = read_output(model(*sb.args, **sb.kwargs))
+        metric, n = tasks.tally(step.task, logits, sb.labels, sb.size)
+        if step.task == "model-loss":
+            loss_sum += own.detach().float() * n
+        else:
+            loss_sum += tasks.loss_sum(step.task, logits, sb.labels)
+        hits += metric
+        count += n
     model.train(was_training)
-    return hits.item() / count, loss_sum.item() / count
+    n, name = max(count.item(), 1), tasks.METRIC.get(step.task)
+    return {"val_loss": loss_sum.item() / n,
+            "val_accuracy": hits.item() / n if name == "accuracy" else None,
+            "val_mae": hits.item() / n if name == "mae" else None}
 
 
-def check_model_fits_data(model: nn.Module, train_data: Dataset, loader, plan) -> int:
-    """Run one batch before anything is written, so bad shapes or labels fail fast and clean.
+def evaluate(model: nn.Module, loader, plan, step: Step | None = None
+             ) -> tuple[float | None, float]:
+    """(accuracy, mean loss) over the loader; the task is inferred from its first batch."""
+    if step is None:
+        step = step_for(model, plan)
+        step = replace(step, task=check_first_batch(model, loader, step)[0])
+    found = metrics(model, loader, step)
+    return found["val_accuracy"], found["val_loss"]
 
-    Returns the number of classes (the model's output width).
-    """
-    x, y, _ = to_device(next(iter(loader.batches())), plan)
+
+def check_first_batch(model: nn.Module, loader, step: Step,
+                      all_labels: torch.Tensor | None = None) -> tuple[str, int | None]:
+    """Run one batch (no gradients, weights and statistics untouched) before anything is
+    written, so bad shapes, keys, labels or outputs fail fast with one line. Returns the task
+    and the width of the logits (the number of classes).
+
+    `all_labels`: every training label, when the dataset holds them as one tensor (their
+    range is checked, not only the first batch's)."""
+    raw = next(iter(loader.batches()))
+    sb = step.unpack(raw)
     was_training = model.training
     model.eval()  # eval + no_grad: BatchNorm statistics and weights stay untouched
     try:
-        with torch.no_grad(), plan.autocast():
-            out = model(x)
+        with torch.no_grad(), step.autocast():
+            logits, own = read_output(model(*sb.args, **sb.kwargs))
+    except LeantrainError:
+        raise
     except Exception as exc:
-        raise LeantrainError(
-            f"the model cannot run on the data: input batch of shape {tuple(x.shape)} "
-            f"failed with {type(exc).__name__}: {exc}"
-        ) from exc
+        if sb.kwargs:
+            what = "input batch with " + ", ".join(f"{k} {_shape(v)}" for k, v in
+                                                   sb.kwargs.items())
+        else:
+            what = "input batch of shape " + ", ".join(str(_shape(a)) for a in sb.args)
+        raise LeantrainError(f"the model cannot run on the data: {what} failed with "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     finally:
         model.train(was_training)
-    if out.dim() < 2 or out.shape[:-1] != y.shape:
-        raise LeantrainError(
-            f"the model must return class scores of shape (batch, classes), or (batch, ..., "
-            f"classes) for labels of shape (batch, ...); for an input of shape "
-            f"{tuple(x.shape)} and labels of shape {tuple(y.shape)} it returned "
-            f"{tuple(out.shape)}"
-        )
-    num_classes = out.shape[-1]
-    tensors = tensors_of(train_data)
-    labels = tensors[1] if tensors is not None else y
-    if labels.is_floating_point() or labels.dim() != out.dim() - 1:
+    task = step.task if step.task != "auto" else tasks.infer(
+        logits, sb.labels, model, "input_ids" in sb.kwargs, own is not None)
+    if task in tasks.CLASS_TASKS and logits is not None and sb.labels is not None:
+        labels = all_labels if all_labels is not None and task != "causal-lm" else sb.labels
+        _check_class_labels(task, logits, labels)
+    return task, logits.shape[-1] if logits is not None and logits.dim() else None
+
+
+def _shape(t: Any) -> tuple | str:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_class_labels(task: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if labels.is_floating_point():
         raise LeantrainError(f"labels must be an integer tensor with one label per output "
                              f"row, got {labels.dtype} of shape {tuple(labels.shape)}")
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        raise LeantrainError(
-            f"labels out of range: found {low}..{high}, but the model outputs {num_classes} "
-            f"classes (labels must be in 0..{num_classes - 1})"
-        )
-    return num_classes
+    classes = logits.shape[-1]
+    kept = labels[labels != tasks.IGNORE_INDEX]
+    if kept.numel() == 0:
+        return
+    low, high = int(kept.min()), int(kept.max())
+    if low < 0 or high >= classes:
+        raise LeantrainError(f"labels out of range: found {low}..{high}, but the model outputs "
+                             f"{classes} classes (labels must be in 0..{classes - 1}, or -100 "
+                             f"to ignore a position)")

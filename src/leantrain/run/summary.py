@@ -13,13 +13,13 @@ from typing import Any
 
 from .. import distributed
 from ..checkpoint import atomic_save, atomic_write_text
-from ..data.loaders import data_wait_advice
+from ..config import target_of
+from ..data.loaders import batch_size, data_wait_advice
 from ..measure.flops import count_flops, device_peak, mfu
 from ..measure.memory import peak_bytes
 from ..measure.probe import untouched
 from ..measure.timing import DATA_WAIT_WARNING, StepTimer
 from ..techniques.checkpointing import recompute_paused
-from . import step
 from .plan import ResolvedPlan, Run
 from .state import TrainState
 
@@ -38,11 +38,11 @@ def training_flops(run: Run) -> float | None:
     batch = next(iter(run.train_loader.batches()))
     try:
         with untouched(run.model), recompute_paused(run.model):
-            flops = count_flops(lambda: step.probe(run.model, batch, run.plan, run.loss_fn))
+            flops = count_flops(lambda: run.step.probe(run.model, batch))
     except Exception as exc:  # a model the counter cannot trace still trains
         log.warning("FLOPs not counted (%s: %s); no MFU for this run", type(exc).__name__, exc)
         return None
-    return flops / len(batch[1]) if flops else None
+    return flops / batch_size(batch) if flops else None
 
 
 def utilization(plan: ResolvedPlan, flops_per_sample: float | None,
@@ -77,9 +77,12 @@ def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float
     peak, peak_kind = peak_bytes(plan.device)
     timer.finish()
     samples_per_second = p.samples / p.step_seconds if p.step_seconds else None
+    target = target_of(cfg)
     summary = {
+        "task": run.step.task,
         "val_accuracy": p.val_accuracy,
         "val_loss": p.val_loss,
+        "val_mae": p.val_mae,
         "epochs": p.epoch,
         "steps": p.step,
         "train_seconds": p.train_seconds,
@@ -94,7 +97,10 @@ def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "target_acc": cfg.train.target_acc,
+        "target": f"{target[0]}{target[1]}{target[2]:g}" if target else None,
         "time_to_target_seconds": p.time_to_target,
+        "max_steps": cfg.train.max_steps,
+        "stop_reason": p.stop_reason,
         "train_loader": run.train_loader.kind,
         "loader_tuning": run.loader_tuning.to_dict() if run.loader_tuning else None,
         "monitor": monitor_summary,
@@ -102,6 +108,9 @@ def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float
         "parameters": sum(t.numel() for t in run.model.parameters()),
         "plan": plan.to_dict(),
     }
+    if run.step.task == "causal-lm" and p.val_loss is not None:
+        summary["val_perplexity"] = math.exp(min(p.val_loss, 700.0))
+        summary["val_bits_per_token"] = p.val_loss / math.log(2)
     if cfg.data.context is not None:  # a byte-level language model: per-token figures
         summary["tokens_per_second"] = samples_per_second * cfg.data.context \
             if samples_per_second else None

@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, remove_partial_writes
-from ..config import CONFIG_NAME, TrainConfig
+from ..config import CONFIG_NAME, TrainConfig, target_met, target_of
+from ..data.loaders import batch_size
 from ..errors import LeantrainError
-from ..losses import cross_entropy_loss
+from ..losses import tasks
 from ..measure.memory import reset_peak
 from ..measure.monitor import ResourceMonitor
 from ..measure.timing import DATA_WAIT_WARNING, StepTimer
@@ -52,6 +53,7 @@ class Trainer:
         self.log_file: RunLog | NullLog = NullLog()
         self.monitor: ResourceMonitor | None = None
         self.data_wait_warned, self.first_step_pending, self.loop_start = False, True, 0.0
+        self.target, self.evaluated_at = target_of(run.cfg), -1
 
     def restart_timer(self) -> StepTimer:
         """A fresh step timer from now on (after warm-up steps that should not count)."""
@@ -80,13 +82,14 @@ class Trainer:
         run, state, timer = self.run, self.state, self.timer
         accum = run.plan.grad_accum
         timer.mark("data")
-        x, y, extras = step.to_device(batch, run.plan)
+        sb = run.step.unpack(batch)
         timer.mark("copy")
-        out, loss = step.forward_loss(self.step_model, x, y, extras, run.plan, run.loss_fn)
-        loss_sum, correct, count = state.epoch_sums
-        loss_sum += loss.detach().float() * y.numel()
-        correct += step.correct(out, y)
-        count += y.numel()
+        logits, loss, _ = run.step.forward(self.step_model, sb)
+        metric, count = tasks.tally(run.step.task, logits, sb.labels, sb.size)
+        loss_sum, metric_sum, counted = state.epoch_sums
+        loss_sum += loss.detach().float() * count
+        metric_sum += metric
+        counted += count
         timer.mark("forward")
         scaled = accumulation.scale_loss(loss, accum)
         boundary = accumulation.is_step_boundary(micro, accum, last)
@@ -130,18 +133,37 @@ class Trainer:
             for epoch in itertools.count():
                 for micro, batch in enumerate(run.train_loader.batches(epoch)):
                     stepped, loss = self.micro_step(batch, micro, last=micro == n_batches - 1)
-                    samples += len(batch[1])
+                    samples += batch_size(batch)
                     if stepped:
                         yield samples, loss
                         samples = 0
 
+    def _train_record(self) -> dict[str, float]:
+        """The epoch's training loss and metric so far (a host sync: at log points only)."""
+        loss_sum, metric_sum, n = run_state.epoch_totals(self.state, self.run)
+        record = {"loss": loss_sum / max(n, 1)}
+        metric = tasks.METRIC.get(self.run.step.task)
+        if metric:
+            record[metric] = metric_sum / max(n, 1)
+        return record
+
     def _log_train(self, bar) -> None:
-        loss_sum, correct, n = run_state.epoch_totals(self.state, self.run)  # the only sync
         p, lr = self.state.progress, self.state.optimizer.param_groups[0]["lr"]
-        if n:
-            self.log_file.log("train", p.step, epoch=p.epoch, loss=loss_sum / n,
-                              accuracy=correct / n, lr=lr)
-            bar.set_postfix(loss=f"{loss_sum / n:.4f}", lr=f"{lr:.3g}")
+        record = self._train_record()
+        self.log_file.log("train", p.step, epoch=p.epoch, **record, lr=lr)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}")
+
+    def _evaluate(self) -> dict[str, float]:
+        """Validation metrics now; records the time to the target when it is first met."""
+        run, p = self.run, self.state.progress
+        found = step.metrics(run.model, run.val_loader, run.step)
+        p.val_accuracy, p.val_loss, p.val_mae = (found[k] for k in
+                                                 ("val_accuracy", "val_loss", "val_mae"))
+        self.evaluated_at = p.step
+        if p.time_to_target is None and target_met(self.target, found):
+            p.time_to_target = p.train_seconds + (time.perf_counter() - self.loop_start)
+            p.stop_reason = f"target {self.target[0]}{self.target[1]}{self.target[2]:g} met"
+        return {k: v for k, v in found.items() if v is not None}
 
     def _after_step(self, bar, tick: float) -> float:
         """Logs and mid-epoch checkpoints after an optimizer step; returns the step clock."""
@@ -157,9 +179,16 @@ class Trainer:
             self._log_train(bar)
             self.timer.collect()
             self.timer.restart()
-        if train.checkpoint_every and p.step % train.checkpoint_every == 0:
+        if train.max_steps is not None and p.step >= train.max_steps:
+            p.stop_reason = f"train.max_steps ({train.max_steps}) reached"
+        eval_now = train.eval_every_steps and p.step % train.eval_every_steps == 0
+        checkpoint = train.checkpoint_every and p.step % train.checkpoint_every == 0
+        if (eval_now or checkpoint) and not p.stop_reason:
             p.step_seconds += time.perf_counter() - tick
-            self._save_checkpoint()
+            if eval_now:
+                self.log_file.log("eval", p.step, epoch=p.epoch, **self._evaluate())
+            if checkpoint:
+                self._save_checkpoint()
             tick = time.perf_counter()
             self.timer.restart()
         return tick
@@ -175,10 +204,12 @@ class Trainer:
         self.timer.restart()
         for micro, batch in enumerate(run.train_loader.batches(epoch, p.batch), start=p.batch):
             stepped, _ = self.micro_step(batch, micro, last=micro == n_batches - 1)
-            p.batch, p.samples = micro + 1, p.samples + len(batch[1])
+            p.batch, p.samples = micro + 1, p.samples + batch_size(batch)
             bar.update(1)
             if stepped:
                 tick = self._after_step(bar, tick)
+                if p.stop_reason:
+                    break
         if run.plan.device.type == "cuda":
             torch.cuda.synchronize(run.plan.device)
         p.step_seconds += time.perf_counter() - tick
@@ -188,25 +219,19 @@ class Trainer:
         """Evaluate, log, checkpoint; True when the run should stop (target reached)."""
         run, p = self.run, self.state.progress
         train = run.cfg.train
-        loss_sum, correct, count = run_state.epoch_totals(self.state, run)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1),
-                  "train_accuracy": correct / max(count, 1)}
-        stop = False
-        if (epoch + 1) % train.eval_every_epochs == 0 or epoch + 1 == train.epochs:
-            p.val_accuracy, p.val_loss = step.evaluate(run.model, run.val_loader, run.plan)
-            record.update(val_accuracy=p.val_accuracy, val_loss=p.val_loss)
-            target = train.target_acc
-            if target is not None and p.val_accuracy >= target and p.time_to_target is None:
-                p.time_to_target = p.train_seconds + (time.perf_counter() - self.loop_start)
-                stop = True
+        record = {"epoch": epoch + 1,
+                  **{f"train_{k}": v for k, v in self._train_record().items()}}
+        last = epoch + 1 == train.epochs or p.stop_reason is not None
+        if ((epoch + 1) % train.eval_every_epochs == 0 or last) and self.evaluated_at != p.step:
+            record.update(self._evaluate())
         if epoch == 0:
             self._warn_data_wait()  # after the first epoch, not only at the end of a long run
         self.log_file.log("epoch", p.step, **record)
         log.info("epoch %d: %s", epoch + 1,
                  ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
         p.epoch, p.batch = epoch + 1, 0
-        self.state.epoch_sums = run_state.new_epoch_sums(run.plan.device)
-        return stop
+        self.state.epoch_sums = tasks.zeros(run.step.task, run.plan.device)
+        return p.stop_reason is not None
 
     def _warn_data_wait(self) -> None:
         breakdown = summary.step_breakdown(self.timer, self.run)
@@ -282,15 +307,18 @@ class Trainer:
 
 def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConfig | None = None,
         out_dir: str | Path | None = None, resume: bool = False, progress_bar: bool = True,
-        loss_fn=cross_entropy_loss) -> dict[str, Any]:
+        loss_fn=None, collate_fn=None) -> dict[str, Any]:
     """Train `model` with the plan in `cfg`; returns the run summary.
 
-    With `out_dir`, the run folder gets config.yaml, checkpoint.pt, metrics.jsonl, tensorboard/,
-    model.pt (plain state_dict) and summary.json; `resume=True` continues from its checkpoint.
+    Batches may be tensors, tuples, dicts or nested ones; the model's own loss is used when it
+    returns one, else the task's (see `run.step`); `loss_fn(outputs, labels, inputs, *extras)`
+    replaces both. `collate_fn` batches the samples (e.g. a padding collator). With `out_dir`,
+    the run folder gets config.yaml, checkpoint.pt, metrics.jsonl, tensorboard/, model.pt
+    (plain state_dict) and summary.json; `resume=True` continues from its checkpoint.
     """
     cfg = cfg or TrainConfig()
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise LeantrainError("resume needs the run folder (out_dir) that holds the checkpoint")
-    return Trainer(build(cfg, model, train_data, val_data, loss_fn), out, progress_bar) \
-        .fit(resume=resume)
+    run = build(cfg, model, train_data, val_data, loss_fn, collate_fn=collate_fn)
+    return Trainer(run, out, progress_bar).fit(resume=resume)

@@ -29,14 +29,19 @@ def backed_by_tensors(dataset: Dataset) -> tuple[bool, str]:
     return True, "tensor-backed dataset"
 
 
-def in_memory(setting: str, dataset: Dataset) -> bool:
-    """data.loader: "auto" is batched indexing whenever the dataset is tensor-backed."""
+def in_memory(setting: str, dataset: Dataset, collate_fn=None) -> bool:
+    """data.loader: "auto" is batched indexing whenever the dataset is tensor-backed and no
+    collate_fn has to see its samples."""
     ok, _ = backed_by_tensors(dataset)
     if setting == "in-memory" and not ok:
         raise LeantrainError(
-            f"data.loader 'in-memory' needs a tensor-backed dataset (TensorDataset or a Subset "
-            f"of one); this one is {type(dataset).__name__}: use 'auto' or 'dataloader'")
-    return ok and setting != "dataloader"
+            f"data.loader 'in-memory' needs a tensor-backed dataset (TensorDataset, "
+            f"TensorDictDataset or a Subset of one); this one is {type(dataset).__name__}: "
+            f"use 'auto' or 'dataloader'")
+    if setting == "in-memory" and collate_fn is not None:
+        raise LeantrainError("data.loader 'in-memory' batches by indexing and never calls a "
+                             "collate_fn; use 'auto' or 'dataloader' with one")
+    return ok and setting != "dataloader" and collate_fn is None
 
 
 def auto_fields(data: DataConfig) -> set[str]:

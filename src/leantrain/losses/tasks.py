@@ -1,0 +1,126 @@
+"""What a model is trained to do, inferred from its first batch: the task's loss and metric.
+
+- classification: int labels (batch,), outputs (batch, classes); cross-entropy; accuracy.
+- token-classification: int labels (batch, ...), outputs (batch, ..., classes); cross-entropy
+  and accuracy per position.
+- causal-lm: the input_ids (or labels) are the targets, outputs (batch, T, vocab); next-token
+  cross-entropy and accuracy (position t predicts token t + 1).
+- regression: float labels, one per output value; MSE; MAE.
+- multi-label: float 0/1 labels (batch, labels), outputs (batch, labels); BCE with logits;
+  per-label accuracy.
+- model-loss: no labels; the `loss` the model returns; no metric.
+
+Positions labelled -100 (`IGNORE_INDEX`, the Hugging Face convention) count in neither loss nor
+metric. `train.task` overrides the inference. Sums stay on the device: no host sync per step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LeantrainError
+
+IGNORE_INDEX = -100
+CLASS_TASKS = ("classification", "token-classification", "causal-lm")
+TASKS = (*CLASS_TASKS, "regression", "multi-label", "model-loss")
+METRIC = {"classification": "accuracy", "token-classification": "accuracy",
+          "causal-lm": "accuracy", "multi-label": "accuracy", "regression": "mae"}
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face causal LM (its labels are its inputs, shifted inside the model)."""
+    name = type(model).__name__
+    return "CausalLM" in name or "LMHead" in name
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
+
+
+def infer(logits: torch.Tensor | None, labels: torch.Tensor | None, model: nn.Module,
+          has_input_ids: bool, own_loss: bool) -> str:
+    """The task for these outputs and labels (see the table above), or a one-line error."""
+    if logits is None:
+        if own_loss:
+            return "model-loss"
+        raise LeantrainError("the model's output has neither logits nor a loss: return a "
+                             "tensor, a tuple, or a dict/ModelOutput with 'logits' or 'loss'")
+    if labels is None:
+        if has_input_ids and logits.dim() == 3:
+            return "causal-lm"
+        if own_loss:
+            return "model-loss"
+        raise LeantrainError("the batch has no labels (no 'labels' key, no second element) and "
+                             "the model returned no loss: nothing to train on")
+    if not labels.is_floating_point():
+        if is_causal_lm(model) and labels.shape == logits.shape[:-1] and labels.dim() == 2:
+            return "causal-lm"
+        if labels.dim() == 1 and logits.dim() == 2 and len(labels) == len(logits):
+            return "classification"
+        if logits.dim() >= 2 and labels.shape == logits.shape[:-1]:
+            return "token-classification"
+        raise LeantrainError(
+            f"the model must return class scores of shape (batch, classes), or (batch, ..., "
+            f"classes) for labels of shape (batch, ...); for labels of shape "
+            f"{_shape(labels)} it returned {_shape(logits)}")
+    binary = bool(((labels == 0) | (labels == 1)).all())
+    if labels.shape == logits.shape and labels.dim() == 2 and labels.shape[1] > 1 and binary:
+        return "multi-label"
+    if labels.numel() == logits.numel():
+        return "regression"
+    raise LeantrainError(f"float labels of shape {_shape(labels)} need one output each (a "
+                         f"regression) or one per label (multi-label); the model returned "
+                         f"{_shape(logits)}")
+
+
+def zeros(task: str, device: torch.device) -> list[torch.Tensor]:
+    """Running (loss sum, metric sum, count) on the device: exact integer counts, float error."""
+    metric = torch.float32 if task == "regression" else torch.long
+    return [torch.zeros((), device=device), torch.zeros((), device=device, dtype=metric),
+            torch.zeros((), device=device, dtype=torch.long)]
+
+
+def _class_pairs(task: str, logits: torch.Tensor, labels: torch.Tensor):
+    if task == "causal-lm":  # position t predicts token t + 1
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    return logits.flatten(0, -2), labels.flatten()
+
+
+def loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The task's mean training loss."""
+    if task in CLASS_TASKS:
+        return F.cross_entropy(*_class_pairs(task, logits, labels), ignore_index=IGNORE_INDEX)
+    if task == "regression":
+        return F.mse_loss(logits.reshape(labels.shape).float(), labels.float())
+    if task == "multi-label":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    raise LeantrainError(f"task {task!r} has no loss of its own: the model must return one")
+
+
+def tally(task: str, logits: torch.Tensor | None, labels: torch.Tensor | None,
+          batch_size: int) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+    """(metric sum, count) of a batch: correct predictions or absolute error, over the counted
+    targets. Device tensors where there are labels (no sync)."""
+    if task == "model-loss" or logits is None or labels is None:
+        return 0, batch_size
+    logits = logits.detach()
+    if task in CLASS_TASKS:
+        flat, target = _class_pairs(task, logits, labels)
+        kept = target != IGNORE_INDEX
+        return ((flat.argmax(-1) == target) & kept).sum(), kept.sum()
+    if task == "regression":
+        return (logits.reshape(labels.shape).float() - labels).abs().sum(), labels.numel()
+    return ((logits > 0) == (labels > 0.5)).sum(), labels.numel()
+
+
+def loss_sum(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The task's loss summed over the counted targets (evaluation: exact means over a set)."""
+    logits = logits.detach().float()
+    if task in CLASS_TASKS:
+        return F.cross_entropy(*_class_pairs(task, logits, labels), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    if task == "regression":
+        return F.mse_loss(logits.reshape(labels.shape), labels.float(), reduction="sum")
+    return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="sum")
