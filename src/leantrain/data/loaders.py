@@ -290,12 +290,16 @@ class DataLoaderBatches:
         self.sampler = _EpochSampler(len(dataset), batch_size, shuffle, seed, shard, drop_last)
         self.batch_size, self.options, self.device = batch_size, options, device
         workers = options.num_workers
+        # the DataLoader draws its workers' base seed from this generator, not from torch's
+        # global RNG (which a resume restores: a draw there would shift dropout), re-seeded
+        # per epoch so a resumed epoch seeds its workers as the first run did
+        self.seed, self.generator = seed, torch.Generator()
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
             pin_memory=options.pin_memory,
             persistent_workers=options.persistent_workers and workers > 0,
             prefetch_factor=options.prefetch_factor if workers else None,
-            collate_fn=CheckedCollate(collate_fn),
+            collate_fn=CheckedCollate(collate_fn), generator=self.generator,
         )
         self.kind = f"DataLoader ({options.describe()})"
         self.prefetch = device is not None and device.type == "cuda"
@@ -312,6 +316,7 @@ class DataLoaderBatches:
             # cycle aborts (CUDA cannot run in a fork; seen on an H100): collect them first
             gc.collect()
         self.sampler.epoch, self.sampler.skip_batches = epoch, start
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
         batches = _naming_samples(iter(self.loader), self.sampler.batch_indices)
         if self.prefetch:
             yield from DevicePrefetcher(batches, self.device)

@@ -63,28 +63,48 @@ def _visibility_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _result_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The validation figures the run's task has (accuracy, MAE, perplexity, bits per byte)."""
+    rows = []
+    if summary.get("val_accuracy") is not None or summary.get("task") in (None, "classification"):
+        rows.append(("validation accuracy", _fmt(summary["val_accuracy"], ".2%")))
+    if summary.get("val_mae") is not None:
+        rows.append(("validation MAE", f"{summary['val_mae']:.4f}"))
+    rows.append(("validation loss", _fmt(summary["val_loss"], ".4f")))
+    if summary.get("val_perplexity") is not None:
+        rows.append(("validation perplexity", f"{summary['val_perplexity']:.2f}"))
+    if summary.get("val_bits_per_byte") is not None:
+        rows.append(("validation bits per byte", f"{summary['val_bits_per_byte']:.3f}"))
+    return rows
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run table: results first, then each technique with applied / not applied."""
-    target = summary.get("target_acc")
-    rows = [
-        ("validation accuracy", _fmt(summary["val_accuracy"], ".2%")),
-        ("validation loss", _fmt(summary["val_loss"], ".4f")),
+    rows = _result_rows(summary)
+    if summary.get("task") not in (None, "classification"):
+        rows.insert(0, ("task", summary["task"]))
+    rows += [
         ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
         ("wall time (loop)", _fmt(summary["train_seconds"], ".2f", " s")),
         ("samples/s (steps)", _fmt(summary["samples_per_second"], ",.0f")),
+    ]
+    if summary.get("tokens_per_second") is not None:
+        rows.append(("tokens/s (steps)", _fmt(summary["tokens_per_second"], ",.0f")))
+    rows += [
         (f"peak memory ({summary['peak_memory_kind']})", human_bytes(summary["peak_memory_bytes"])),
         ("train loader", summary["train_loader"]),
     ]
-    if summary.get("val_bits_per_byte") is not None:
-        rows.insert(2, ("validation bits per byte", f"{summary['val_bits_per_byte']:.3f}"))
-        rows.insert(5, ("tokens/s (steps)", _fmt(summary["tokens_per_second"], ",.0f")))
     rows += _visibility_rows(summary)
     if summary.get("compile_seconds") is not None:
         rows.append(("compile time", f"{summary['compile_seconds']:.1f} s (not in samples/s)"))
+    target = f"{summary['target_acc']:.1%}" if summary.get("target_acc") is not None \
+        else summary.get("target")
     if target is not None:
         reached = summary.get("time_to_target_seconds")
-        rows.append((f"time to {target:.1%}", _fmt(reached, ".2f", " s") if reached is not None
+        rows.append((f"time to {target}", _fmt(reached, ".2f", " s") if reached is not None
                      else "not reached"))
+    if summary.get("stop_reason"):
+        rows.append(("stopped", summary["stop_reason"]))
     rows.append(("techniques", ""))
     rows += [(f"  {name}", outcome) for name, outcome in summary["plan"]["outcomes"].items()]
     return table(rows, "leantrain run summary")

@@ -198,29 +198,43 @@ def check_first_batch(model: nn.Module, loader, step: Step,
     range is checked, not only the first batch's)."""
     raw = next(iter(loader.batches()))
     sb = step.unpack(raw)
+    plain = {k: v for k, v in sb.kwargs.items() if k != "labels"}  # labels are checked first
+    logits, own = _checked_call(model, lambda: model(*sb.args, **plain), sb, step)
+    task = step.task if step.task != "auto" else tasks.infer(
+        logits, sb.labels, model, "input_ids" in sb.kwargs, own is not None or (
+            step.takes_labels and sb.labels is not None))
+    if task in tasks.CLASS_TASKS and logits is not None and sb.labels is not None:
+        labels = all_labels if all_labels is not None and task != "causal-lm" else sb.labels
+        _check_class_labels(task, logits, labels)
+    checked = replace(step, task=task)
+    _checked_call(model, lambda: checked.forward(model, checked.unpack(raw))[1], sb, step,
+                  "the loss")
+    return task, logits.shape[-1] if logits is not None and logits.dim() else None
+
+
+def _checked_call(model: nn.Module, call: Callable[[], Any], sb: StepBatch, step: Step,
+                  what: str = "the model") -> Any:
+    """`call()` in eval mode without gradients (weights and statistics untouched); any
+    failure becomes one line naming the batch."""
     was_training = model.training
-    model.eval()  # eval + no_grad: BatchNorm statistics and weights stay untouched
+    model.eval()
     try:
         with torch.no_grad(), step.autocast():
-            logits, own = read_output(model(*sb.args, **sb.kwargs))
+            out = call()
+            return read_output(out) if what == "the model" else out
     except LeantrainError:
         raise
     except Exception as exc:
         if sb.kwargs:
-            what = "input batch with " + ", ".join(f"{k} {_shape(v)}" for k, v in
-                                                   sb.kwargs.items())
+            shown = "input batch with " + ", ".join(f"{k} {_shape(v)}" for k, v in
+                                                    sb.kwargs.items())
         else:
-            what = "input batch of shape " + ", ".join(str(_shape(a)) for a in sb.args)
-        raise LeantrainError(f"the model cannot run on the data: {what} failed with "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+            shown = "input batch of shape " + ", ".join(str(_shape(a)) for a in sb.args)
+        verb = "cannot run on the data" if what == "the model" else "has a loss that fails"
+        raise LeantrainError(f"the model {verb}: {shown} failed with {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     finally:
         model.train(was_training)
-    task = step.task if step.task != "auto" else tasks.infer(
-        logits, sb.labels, model, "input_ids" in sb.kwargs, own is not None)
-    if task in tasks.CLASS_TASKS and logits is not None and sb.labels is not None:
-        labels = all_labels if all_labels is not None and task != "causal-lm" else sb.labels
-        _check_class_labels(task, logits, labels)
-    return task, logits.shape[-1] if logits is not None and logits.dim() else None
 
 
 def _shape(t: Any) -> tuple | str:

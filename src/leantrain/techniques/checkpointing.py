@@ -5,7 +5,8 @@ hidden states) are not stored for backward but recomputed from the block's input
 activation memory falls to about one block's worth plus the block boundaries, at the cost of
 one extra forward per block (roughly a third more step time). Lossless: the same loss and
 gradients (the recomputation draws the same dropout masks: RNG state is replayed). Applies
-to models whose repeated blocks sit in an `nn.ModuleList`.
+to models whose repeated blocks sit in an `nn.ModuleList` (keyword arguments pass through),
+and to Hugging Face models through their own `gradient_checkpointing_enable`.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def _checkpointed_class(cls: type) -> type:
     checkpoints load into the plain model, and deepcopy keeps working.
     """
     if cls not in _SUBCLASSES:
-        def forward(self, *args):
+        def forward(self, *args, **kwargs):
             if self.training and torch.is_grad_enabled():
-                return checkpoint(super(sub, self).forward, *args, use_reentrant=False)
-            return super(sub, self).forward(*args)
+                return checkpoint(super(sub, self).forward, *args, use_reentrant=False,
+                                  **kwargs)
+            return super(sub, self).forward(*args, **kwargs)
 
         sub = type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward,
                                                             "checkpointed": True})
@@ -52,7 +54,31 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
     return [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
 
 
+def own_checkpointing(model: nn.Module) -> bool:
+    """A Hugging Face model that checkpoints its own layers (it knows their arguments)."""
+    return bool(getattr(model, "supports_gradient_checkpointing", False)) and \
+        hasattr(model, "gradient_checkpointing_enable")
+
+
+def _own(model: nn.Module, action: str):
+    """The model's own switch: `activation_checkpointing_*` (transformers 5) or the older
+    `gradient_checkpointing_*` name."""
+    return getattr(model, f"activation_checkpointing_{action}", None) or \
+        getattr(model, f"gradient_checkpointing_{action}")
+
+
+def _enable_own(model: nn.Module) -> None:
+    enable = _own(model, "enable")
+    kwargs = {"use_reentrant": False}  # the reentrant variant drops keyword-only inputs
+    if enable.__name__.startswith("activation"):
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def check(ctx: Context, value: bool = True) -> tuple[bool, str]:
+    if own_checkpointing(ctx.model):
+        return True, f"the model's own {_own(ctx.model, 'enable').__name__}() (Hugging Face)"
     lists = block_lists(ctx.model)
     if not lists:
         return False, "the model has no nn.ModuleList of repeated blocks to checkpoint"
@@ -65,7 +91,10 @@ def decide(ctx: Context, plan: PlanConfig) -> tuple[bool, Outcome]:
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Checkpoint every entry of every block list, in place."""
+    """Checkpoint every entry of every block list, in place (or the model's own way)."""
+    if own_checkpointing(model):
+        _enable_own(model)
+        return model
     for blocks in block_lists(model):
         for block in blocks:
             if not getattr(block, "checkpointed", False):
@@ -77,6 +106,11 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 def recompute_paused(model: nn.Module) -> Iterator[None]:
     """Checkpointed blocks run plainly inside: counting FLOPs for MFU wants the model's FLOPs,
     not the recomputation's (counting those too would be hardware FLOPs utilization)."""
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    own = own_checkpointing(model) and getattr(model, flag, False)
+    if own:
+        _own(model, "disable")()
     swapped = [m for m in model.modules() if getattr(m, "checkpointed", False)]
     for m in swapped:
         m.__class__ = type(m).__mro__[1]
@@ -85,3 +119,5 @@ def recompute_paused(model: nn.Module) -> Iterator[None]:
     finally:
         for m in swapped:
             m.__class__ = _checkpointed_class(type(m))
+        if own:
+            _enable_own(model)
