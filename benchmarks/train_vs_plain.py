@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import bootstrap
 from torch.utils.data import DataLoader
 
 from leantrain.config import DataConfig
 from leantrain.data import load_data
+from leantrain.env import cpu_model
 from leantrain.recipes.models import SmallCNN
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,25 +78,35 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.97)
     args = parser.parse_args()
     runs = {"plain": [], "leantrain": []}
-    for seed in range(args.repeats):
-        runs["plain"].append(plain_loop(seed, args.target))
-        runs["leantrain"].append(leantrain_run(seed, args.target))
+    for seed in range(args.repeats):  # pairs, alternating which loop goes first
+        order = ("plain", "leantrain") if seed % 2 == 0 else ("leantrain", "plain")
+        for name in order:
+            runs[name].append(plain_loop(seed, args.target) if name == "plain"
+                              else leantrain_run(seed, args.target))
         print(f"repeat {seed}: plain {runs['plain'][-1]['seconds']:.2f} s, "
               f"leantrain {runs['leantrain'][-1]['seconds']:.2f} s", flush=True)
     medians = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    ratios = [p["seconds"] / lt["seconds"] for p, lt in zip(runs["plain"], runs["leantrain"],
+                                                           strict=True)]
+    interval = bootstrap((ratios,), statistics.median, confidence_level=0.95,
+                         random_state=0, method="percentile").confidence_interval
     result = {
         "target_accuracy": args.target,
         "repeats": args.repeats,
-        "machine": {"cpu": platform.processor() or platform.machine(),
+        "machine": {"cpu": cpu_model(), "arch": platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
         "median_seconds": medians,
         "speedup": medians["plain"] / medians["leantrain"],
+        "paired_ratios": ratios,
+        "paired_ratio_median": statistics.median(ratios),
+        "paired_ratio_95ci": [interval.low, interval.high],
         "runs": runs,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train_vs_plain.json").write_text(json.dumps(result, indent=2))
     print(f"median time to {args.target:.0%}: plain {medians['plain']:.2f} s, leantrain "
-          f"{medians['leantrain']:.2f} s -> {result['speedup']:.2f}x faster")
+          f"{medians['leantrain']:.2f} s; paired ratio {result['paired_ratio_median']:.2f}x "
+          f"(95% bootstrap interval {interval.low:.2f}-{interval.high:.2f}x) on {cpu_model()}")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 pytest.importorskip("transformers")
+import model_types  # noqa: E402
 from transformers import (  # noqa: E402
-    BertConfig,
-    BertForTokenClassification,
     GPT2Config,
     GPT2LMHeadModel,
 )
@@ -63,25 +61,10 @@ def test_sequence_classification_with_a_padding_collator_learns(examples):
     assert summary["val_accuracy"] >= 0.9  # chance: 0.5
 
 
-def _tagged(n: int, seed: int) -> TensorDictDataset:
-    """Tokens labelled 1 when >= 32; the padded tail is labelled -100 (ignored)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 64, (n, 12), generator=g)
-    labels = (ids >= 32).long()
-    lengths = torch.randint(6, 13, (n,), generator=g)
-    pad = torch.arange(12) >= lengths[:, None]
-    ids[pad], labels[pad] = 0, -100
-    return TensorDictDataset(input_ids=ids, attention_mask=(~pad).long(), labels=labels)
-
-
 def test_token_classification_ignores_the_padded_positions():
     torch.manual_seed(0)
-    model = BertForTokenClassification(BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=16, num_labels=2))
-    summary = fit(model, _tagged(512, 0), _tagged(128, 1), _cfg("optim.lr=3e-3",
-                                                                 "train.epochs=3"),
-                  progress_bar=False)
+    summary = fit(model_types.tagger(), *model_types.tagged(),
+                  _cfg("optim.lr=3e-3", "train.epochs=3"), progress_bar=False)
     assert summary["task"] == "token-classification"
     assert summary["train_loader"] == "in-memory batched"  # a dict of tensors, indexed
     assert summary["val_accuracy"] >= 0.9  # chance: 0.5
@@ -109,30 +92,17 @@ def test_image_classification_on_pixel_values(examples):
     assert summary["val_accuracy"] >= 0.4  # chance: 0.1
 
 
-def _regression(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    return TensorDataset(x, x @ torch.linspace(-1, 1, 8))
-
-
 def test_regression_uses_mse_and_reports_mae():
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
-    summary = fit(model, _regression(512, 0), _regression(128, 1),
-                  _cfg("optim.lr=1e-2", "train.epochs=10"), progress_bar=False)
+    train, val = model_types.regression()
+    summary = fit(model_types.mlp_1(), train, val, _cfg("optim.lr=1e-2", "train.epochs=10"),
+                  progress_bar=False)
     assert summary["task"] == "regression" and summary["val_accuracy"] is None
-    spread = _regression(128, 1).tensors[1].abs().mean().item()
+    spread = val.tensors[1].abs().mean().item()
     assert summary["val_mae"] < 0.3 * spread  # predicting 0 gets `spread`
 
 
-def _multilabel(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    return TensorDataset(x, (x[:, :4] > 0).float())
-
-
 def test_multi_label_uses_bce_and_per_label_accuracy():
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
-    summary = fit(model, _multilabel(512, 0), _multilabel(128, 1),
+    summary = fit(model_types.mlp_4(), *model_types.multilabel(),
                   _cfg("optim.lr=1e-2", "train.epochs=8"), progress_bar=False)
     assert summary["task"] == "multi-label"
     assert summary["val_accuracy"] >= 0.9  # chance: 0.5
@@ -146,11 +116,8 @@ def test_a_custom_loss_gets_the_logits_and_the_model_loss_is_not_used():
         return nn.functional.cross_entropy(outputs.flatten(0, -2).float(), labels.flatten(),
                                            ignore_index=-100)
 
-    model = BertForTokenClassification(BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=2))
-    fit(model, _tagged(64, 0), _tagged(32, 1), _cfg("train.epochs=1", "data.batch_size=32"),
-        progress_bar=False, loss_fn=loss_fn)
+    fit(model_types.tagger(), model_types._tagged(64, 0), model_types._tagged(32, 1),
+        _cfg("train.epochs=1", "data.batch_size=32"), progress_bar=False, loss_fn=loss_fn)
     assert seen[0] == ((32, 12, 2), ["attention_mask", "input_ids"])
 
 

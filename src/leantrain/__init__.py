@@ -1,8 +1,9 @@
 """leantrain: faster, smaller, cheaper PyTorch training, with every gain measured.
 
 The public API is small: `fit` trains with a plan, `TrainConfig`/`load_config` describe a run,
-`resolve_plan` shows what a plan would do here, `evaluate` scores a model, and each technique
-under `leantrain.techniques` is a plain function usable in a hand-written loop.
+`resolve_plan` shows what a plan would do here, `evaluate` scores a model, `prepare` applies
+the plan to a hand-written loop, and each technique under `leantrain.techniques` is a plain
+function usable in such a loop.
 
 The names are imported on first use, so the command line's `--help` imports no torch.
 """
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "TrainConfig": "config", "load_config": "config", "LeantrainError": "errors",
     "resolve_plan": "run.plan", "build": "run.plan", "fit": "run.trainer",
-    "evaluate": "run.step",
+    "evaluate": "run.step", "prepare": "run.prepare", "TensorDictDataset": "data.loaders",
 }
 
 

@@ -215,7 +215,7 @@ class Run:
             yield
 
 
-def _prepare_model(model: nn.Module, plan: ResolvedPlan) -> nn.Module:
+def prepare_model(model: nn.Module, plan: ResolvedPlan) -> nn.Module:
     """The model on its device, in the plan's layout: before any measuring, so it measures
     the run's layout."""
     model = model.to(plan.device)
@@ -251,7 +251,7 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     tokens = data.batch_size * data.context if data.context else None
     plan = resolve_plan(cfg.plan, model, tokens, cfg.optim.name, dist)
     distributed.setup(dist, plan.device, cfg.train.dist_timeout_s)
-    model = _prepare_model(model, plan)
+    model = prepare_model(model, plan)
     on_cuda, shard = plan.device.type == "cuda", (dist.rank, dist.world_size)
     drop = _drops_short_batch(plan, len(train_data), data.batch_size, dist.world_size)
     in_memory = loader.in_memory(data.loader, train_data, collate_fn)

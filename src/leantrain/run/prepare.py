@@ -1,0 +1,89 @@
+"""`prepare`: the resolved plan applied to a hand-written training loop.
+
+For users who keep their own loop: the same decisions `leantrain train` makes (device,
+precision, memory format, compile, activation checkpointing, backend flags), applied to plain
+objects that are then used the plain PyTorch way::
+
+    run = leantrain.prepare(model, optimizer, loader)
+    for batch in run.batches():          # any structure, on the device
+        with run.autocast():
+            loss = model_loss(run.model, batch)
+        run.backward(loss)               # loss scaling under fp16
+        run.step()                       # optimizer step (+ scaler), zero_grad
+
+The optimizer is used as you built it (its kernels and hyper-parameters are yours); the plan's
+`optimizer_impl` applies only to optimizers leantrain builds. `run.outcomes` says what was
+applied and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PlanConfig, config_from_dict
+from ..techniques import cudnn_benchmark, precision, tf32
+from ..techniques.compile import apply_compile
+from .plan import ResolvedPlan, prepare_model, resolve_plan
+from .step import to_device
+
+
+@dataclass
+class Prepared:
+    model: nn.Module  # on the device, in the plan's layout (compiled if the plan says so)
+    optimizer: torch.optim.Optimizer | None
+    loader: Iterable | None
+    plan: ResolvedPlan
+    scaler: torch.amp.GradScaler | None = None
+    _flags: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+
+    @property
+    def outcomes(self) -> dict[str, str]:
+        return {o.name: o.describe() for o in self.plan.outcomes}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.plan.autocast()
+
+    def to_device(self, batch: Any) -> Any:
+        return to_device(batch, self.plan.device, self.plan.channels_last)
+
+    def batches(self, loader: Iterable | None = None) -> Iterator[Any]:
+        """The loader's batches (tensors, tuples, dicts, nested) on the plan's device."""
+        for batch in loader if loader is not None else self.loader:
+            yield self.to_device(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> None:
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Restore the process-wide backend flags (cuDNN benchmark, TF32) the plan set."""
+        self._flags.close()
+
+
+def prepare(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+            loader: Iterable | None = None, plan: PlanConfig | dict | None = None) -> Prepared:
+    """Resolve `plan` (a PlanConfig, a dict of plan.* keys, or the defaults) for this machine
+    and model, and apply it. Raises LeantrainError when an explicit request cannot run here."""
+    if not isinstance(plan, PlanConfig):
+        plan = config_from_dict({"plan": dict(plan or {})}).plan
+    resolved = resolve_plan(plan, model)
+    model = prepare_model(model, resolved)  # moves parameters in place: the optimizer's too
+    prepared = Prepared(apply_compile(model) if resolved.compile else model, optimizer, loader,
+                        resolved, precision.make_grad_scaler(resolved.device, resolved.precision))
+    if resolved.device.type == "cuda":
+        prepared._flags.enter_context(cudnn_benchmark.enabled(resolved.cudnn_benchmark))
+        prepared._flags.enter_context(tf32.enabled(resolved.tf32))
+    return prepared

@@ -1,0 +1,47 @@
+"""`leantrain.prepare` in a hand-written loop: the README's snippet, and what it applies."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_cnn
+
+import leantrain
+from leantrain.errors import LeantrainError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_readme_snippet_runs():
+    pytest.importorskip("transformers")
+    text = README.read_text()
+    block = re.search(r"<!-- the test suite runs this block \(tests/test_prepare.py\) -->\n"
+                      r"```python\n(.*?)```", text, re.S)
+    assert block, "the README's prepare snippet is missing"
+    scope: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), scope)
+    assert scope["loss"].requires_grad and "applied" in scope["run"].outcomes["device"]
+
+
+def test_prepare_applies_the_plan_and_keeps_the_users_optimizer():
+    model = tiny_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # no nesterov, no weight decay
+    run = leantrain.prepare(model, optimizer, plan={"device": "cpu", "precision": "fp32"})
+    assert run.optimizer is optimizer and optimizer.defaults["weight_decay"] == 0
+    assert run.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x, y = run.to_device((torch.randn(4, 1, 12, 12), torch.zeros(4, dtype=torch.long)))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    before = run.model[0].weight.detach().clone()
+    with run.autocast():
+        loss = torch.nn.functional.cross_entropy(run.model(x), y)
+    run.backward(loss)
+    run.step()
+    assert not torch.equal(before, run.model[0].weight) and run.model[0].weight.grad is None
+
+
+def test_prepare_refuses_what_cannot_run_here():
+    with pytest.raises(LeantrainError, match="plan.precision 'fp16': cannot be applied"):
+        leantrain.prepare(tiny_cnn(), plan={"device": "cpu", "precision": "fp16"})
+    with pytest.raises(LeantrainError, match="unknown config key 'plan.precison'"):
+        leantrain.prepare(tiny_cnn(), plan={"precison": "bf16"})
