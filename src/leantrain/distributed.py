@@ -93,8 +93,13 @@ def setup(ctx: DistContext, device: torch.device, timeout_s: float) -> None:
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The units FSDP2 shards one by one: the entries of containers, or the top children."""
-    blocks = []
+    """The units FSDP2 shards one by one: a Hugging Face model's transformer blocks (the
+    classes it names in `_no_split_modules`), else the entries of containers, or the top
+    children."""
+    named = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in named]
+    if blocks:
+        return blocks
     for child in model.children():
         if isinstance(child, (nn.ModuleList, nn.Sequential)) or (
                 hasattr(child, "layers") and isinstance(child.layers, nn.ModuleList)):

@@ -71,6 +71,19 @@ def step_breakdown(timer: StepTimer, run: Run) -> dict[str, Any] | None:
     return breakdown
 
 
+def describe_optimizer(optimizer) -> str:
+    """The optimizer and the hyper-parameters it really ran with (optim.* set them all)."""
+    group = optimizer.param_groups[0]
+    parts = [f"lr {group.get('initial_lr', group['lr']):g}"]
+    if group.get("momentum"):
+        parts.append(f"momentum {group['momentum']:g}" + (", nesterov" if group.get("nesterov")
+                                                           else ""))
+    if "betas" in group:
+        parts.append("betas " + "/".join(f"{b:g}" for b in group["betas"]))
+    parts.append(f"weight decay {group.get('weight_decay', 0):g}")
+    return f"{type(optimizer).__name__}: " + ", ".join(parts)
+
+
 def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float | None,
           monitor_summary: dict[str, Any] | None) -> dict[str, Any]:
     p, plan, cfg = state.progress, run.plan, run.cfg
@@ -106,6 +119,7 @@ def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float
         "monitor": monitor_summary,
         "num_classes": run.num_classes,
         "parameters": sum(t.numel() for t in run.model.parameters()),
+        "optimizer": describe_optimizer(state.optimizer),
         "plan": plan.to_dict(),
     }
     if run.step.task == "causal-lm" and p.val_loss is not None:
