@@ -36,3 +36,22 @@ def tiny_cnn(classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+
+def snapshot_first_checkpoint(monkeypatch, train, snapshot):
+    """Run `train()` and copy its run folder right after its first checkpoint to `snapshot`:
+    the folder a run killed at that instant leaves behind (for resume tests)."""
+    import shutil
+
+    from leantrain.run.trainer import Trainer
+
+    original = Trainer._save_checkpoint
+
+    def save_and_snapshot_first(self):
+        original(self)
+        if not snapshot.exists():
+            shutil.copytree(self.out_dir, snapshot)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save_checkpoint", save_and_snapshot_first)
+        train()

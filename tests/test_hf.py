@@ -3,13 +3,13 @@ types through every command: dict batches, the model's own loss, inferred task l
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import snapshot_first_checkpoint
 from torch import nn
 
 pytest.importorskip("transformers")
@@ -23,7 +23,6 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from leantrain import fit, load_config  # noqa: E402
 from leantrain.cli import main  # noqa: E402
 from leantrain.data.loaders import TensorDictDataset  # noqa: E402
-from leantrain.run.trainer import Trainer  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 hf_logging.set_verbosity_error()
@@ -149,16 +148,8 @@ def test_a_resumed_hf_run_ends_bit_identical(tmp_path, monkeypatch, examples):
         return fit(ex.model(), train, val, cfg, out, progress_bar=False, collate_fn=pad)
 
     train_to(tmp_path / "full")
-    snapshot, original = tmp_path / "snapshot", Trainer._save_checkpoint
-
-    def save_and_snapshot_first(self):
-        original(self)
-        if not snapshot.exists():
-            shutil.copytree(self.out_dir, snapshot)
-
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_and_snapshot_first)
-    train_to(tmp_path / "other")
-    monkeypatch.undo()
+    snapshot = tmp_path / "snapshot"
+    snapshot_first_checkpoint(monkeypatch, lambda: train_to(tmp_path / "other"), snapshot)
     torch.manual_seed(0)
     fit(ex.model(), train, val, cfg, snapshot, resume=True, progress_bar=False, collate_fn=pad)
     full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)

@@ -1,16 +1,14 @@
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import mlp, tiny_cnn
+from conftest import mlp, snapshot_first_checkpoint, tiny_cnn
 from torch.utils.data import TensorDataset
 
 from leantrain import evaluate, fit, load_config
 from leantrain.data import load_data
 from leantrain.env import bf16_supported
 from leantrain.errors import LeantrainError
-from leantrain.run.trainer import Trainer
 
 
 def _cfg(*overrides):
@@ -112,16 +110,7 @@ def test_resume_in_process_gives_identical_weights(tmp_path, monkeypatch):
     """
     full = _train_cnn(tmp_path / "full")
     snapshot = tmp_path / "snapshot"
-    original = Trainer._save_checkpoint
-
-    def save_and_snapshot_first(self):
-        original(self)
-        if not snapshot.exists():
-            shutil.copytree(self.out_dir, snapshot)
-
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_and_snapshot_first)
-    _train_cnn(tmp_path / "other")
-    monkeypatch.undo()
+    snapshot_first_checkpoint(monkeypatch, lambda: _train_cnn(tmp_path / "other"), snapshot)
     state = torch.load(snapshot / "checkpoint.pt", weights_only=True)
     assert state["progress"]["step"] == 7 and state["progress"]["batch"] == 7
 

@@ -61,12 +61,7 @@ class Prepared:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> None:
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        precision.optimizer_step(self.optimizer, self.scaler)
 
     def close(self) -> None:
         """Restore the process-wide backend flags (cuDNN benchmark, TF32) the plan set."""

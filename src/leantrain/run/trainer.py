@@ -30,7 +30,7 @@ from ..losses import tasks
 from ..measure.memory import reset_peak
 from ..measure.monitor import ResourceMonitor
 from ..measure.timing import DATA_WAIT_WARNING, StepTimer
-from ..techniques import accumulation, clipping
+from ..techniques import accumulation, clipping, precision
 from ..techniques.compile import apply_compile
 from ..techniques.init import init_weights
 from . import state as run_state
@@ -105,12 +105,7 @@ class Trainer:
         state, clip_norm = self.state, self.run.cfg.train.clip_norm
         if clip_norm is not None:
             clipping.clip_gradients(self.run.model, state.optimizer, clip_norm, state.scaler)
-        if state.scaler:
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-        else:
-            state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
+        precision.optimizer_step(state.optimizer, state.scaler)
         state.scheduler.step()
 
     def steps(self, lr_at: Callable[[int], float] | None = None

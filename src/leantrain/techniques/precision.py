@@ -74,3 +74,15 @@ def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScal
     if precision == "fp16" and device.type == "cuda":
         return torch.amp.GradScaler("cuda")
     return None
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+                   ) -> None:
+    """Step the optimizer (through the GradScaler under fp16, which skips steps whose
+    gradients overflowed), then clear the gradients."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
