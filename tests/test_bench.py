@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 from leantrain.bench import find_batch_size, find_lr, run_bench, search
 from leantrain.bench.lr_finder import suggest
-from leantrain.bench.report import write_bench
+from leantrain.bench.report import format_bench, write_bench
 from leantrain.bench.search import baseline_overrides
 from leantrain.bench.trials import TrialResult, interleave
 from leantrain.cli import main
@@ -345,3 +345,88 @@ def test_a_trial_the_budget_cannot_pay_for_still_says_when_it_is_unsupported():
     assert "no 2-D convolutions" in result.trial("channels_last").reason
     foreach = result.trial("foreach optimizer")
     assert foreach.status == "skipped" and "budget" in foreach.reason
+
+
+# ---------------------------------------------------------------- statistics that hold
+
+
+_NOISE = __import__("random").Random(0)  # shared: every round's fresh model draws anew
+
+
+class _Sleepy(nn.Module):
+    """A conv model whose step time is a wait: `fast` times shorter when its input is
+    channels_last, and under `noisy` a random multiplier drawn every 40 calls (one per
+    round or so), so its rounds disagree."""
+
+    def __init__(self, fast: float = 1.0, noisy: bool = False, delay: float = 0.008):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 4, 3), nn.Linear(4 * 4 * 4, 3)
+        self.fast, self.noisy, self.delay = fast, noisy, delay
+        self.calls, self.factor = 0, 1.0
+
+    def forward(self, x):
+        delay = self.delay
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            delay *= self.fast
+            if self.noisy:
+                if self.calls % 40 == 0:
+                    self.factor = 2 ** _NOISE.uniform(-2, 2)
+                self.calls += 1
+                delay *= self.factor
+        start = time.perf_counter()
+        while time.perf_counter() - start < delay:  # a busy wait: sleep() overshoots
+            pass
+        return self.head(self.conv(x).flatten(1))
+
+
+def _layout_technique():
+    """channels_last as the only technique: a real, plannable plan key whose speed the
+    _Sleepy model sets."""
+    variant = Variant("fake layout", {"plan": {"channels_last": True}})
+    return types.SimpleNamespace(NAME="fake layout", LOSSLESS=True, VARIANTS=(variant,))
+
+
+def _images() -> DataBundle:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(400, 2, 6, 6, generator=g), torch.randint(0, 3, (400,), generator=g)
+    return DataBundle(TensorDataset(x[:320], y[:320]), TensorDataset(x[320:], y[320:]), 3, "x")
+
+
+def _sleepy_bench(monkeypatch, **model):
+    """The bench with one technique, channels_last, on a model it makes `fast` times faster."""
+    monkeypatch.setattr(search, "REGISTRY", {"fake layout": _layout_technique()})
+    cfg = small_cfg(plan={"device": "cpu", "precision": "fp32"})
+    def build():
+        torch.manual_seed(0)  # the same initial weights in every trial
+        return _Sleepy(**model)
+
+    return run_bench(build, _images(), cfg, budget_s=40, tune_batch_size=False)
+
+
+def test_a_noisy_technique_is_flagged_and_cannot_win(monkeypatch):
+    result = _sleepy_bench(monkeypatch, fast=0.5, noisy=True)
+    fake = result.trial("fake layout")
+    assert fake.noisy and fake.spread > search.NOISY_CV
+    assert result.winner == "baseline"
+    assert "NOISY" in format_bench(result)
+
+
+def test_a_steady_ten_percent_gain_wins_with_an_interval_above_one(monkeypatch):
+    result = _sleepy_bench(monkeypatch, fast=0.9)
+    fake = result.trial("fake layout")
+    assert not fake.noisy and fake.speedup_interval[0] > 1.0
+    assert result.winner == "fake layout"
+    assert fake.speedup == pytest.approx(1 / 0.9, rel=0.08)
+
+
+def test_a_winner_no_faster_than_the_default_plan_is_not_written(monkeypatch, tmp_path):
+    # the default plan puts this conv model in channels_last too: the "winner" is the default
+    result = _sleepy_bench(monkeypatch, fast=0.9)
+    assert result.winner == "fake layout" and result.keep_default
+    assert result.versus_default["pairs"] >= 2
+    assert result.versus_default["interval"][0] <= 1.0 <= result.versus_default["interval"][1] \
+        or result.versus_default["ratio"] <= 1.0
+    write_bench(result, tmp_path)
+    text = (tmp_path / "plan.yaml").read_text()
+    assert "keep the default" in text
+    assert yaml.safe_load(text) == {"plan": {"device": "cpu"}}

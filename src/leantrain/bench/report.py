@@ -41,11 +41,21 @@ def ranked(result: BenchResult) -> list[TrialResult]:
                                            t.projected_seconds))
 
 
+def _speedup_text(t: TrialResult) -> str:
+    text = f"{t.speedup:.2f}x"
+    if t.speedup_interval is not None:
+        text += f" ({t.speedup_interval[0]:.2f}-{t.speedup_interval[1]:.2f})"
+    if t.noisy:
+        text += f" NOISY (spread {t.spread:.0%})"
+    return text
+
+
 def format_bench(result: BenchResult) -> str:
-    rows = [("#", "trial", "samples/s", "speed-up", "projected run", "peak memory", "loss check")]
+    rows = [("#", "trial", "samples/s", "speed-up (95% interval)", "projected run",
+             "peak memory", "loss check")]
     for i, t in enumerate(ranked(result), start=1):
         mark = " *" if t.name == result.winner else ""
-        rows.append((str(i), t.name + mark, f"{t.samples_per_second:,.0f}", f"{t.speedup:.2f}x",
+        rows.append((str(i), t.name + mark, f"{t.samples_per_second:,.0f}", _speedup_text(t),
                      f"{t.projected_seconds:.1f} s" + (
                          f" (compile {t.compile_seconds:.0f} s)" if t.compile_seconds else ""),
                      human_bytes(t.peak_memory_bytes), _check_text(t, result)))
@@ -70,6 +80,10 @@ def format_bench(result: BenchResult) -> str:
         lines.append("  its batch size differs from yours, so its learning rate was scaled (see "
                      "the trial name) and its loss cannot be compared step by step: check its "
                      "accuracy with `leantrain train --plan` (or pass --keep-batch-size)")
+    lines.append("a speed-up counts only when its 95% interval lies above 1; a NOISY trial "
+                 "(rates spread past 20%, twice) cannot win")
+    if result.versus_default:
+        lines.append(f"versus the default plan: {result.versus_default['verdict']}")
     return "\n".join(lines)
 
 
@@ -103,18 +117,28 @@ def write_bench(result: BenchResult, out_dir: Path, apply_to: Path | None = None
     winner = result.trial(result.winner)
     bar_panels(
         [t.name for t in order],
-        [("speed-up vs baseline (samples/s)", [t.speedup for t in order]),
+        [("speed-up vs baseline (samples/s), 95% interval", [t.speedup for t in order]),
          (f"peak memory, MiB ({order[0].peak_memory_kind})",
           [t.peak_memory_bytes / 2**20 for t in order])],
         out_dir / BENCH_PNG, f"leantrain bench on {result.device}: winner {winner.name}",
-        highlight=order.index(winner))
-    header = [_stamp("bench"), f"winner: {winner.name}",
-              f"measured: {winner.speedup:.2f}x the baseline's samples/s on {result.device}"]
-    write_plan(out_dir / PLAN_YAML, plan_values(winner.overrides), header)
+        highlight=order.index(winner),
+        intervals=[tuple(t.speedup_interval) if t.speedup_interval else None for t in order])
+    if result.keep_default:
+        header = [_stamp("bench"), result.versus_default["verdict"],
+                  "so this plan sets only the device it was measured on: `train --plan` "
+                  "runs the default plan there"]
+        values: dict[str, Any] = {"plan": {"device": result.device}}
+    else:
+        header = [_stamp("bench"), f"winner: {winner.name}",
+                  f"measured: {winner.speedup:.2f}x the baseline's samples/s on {result.device}",
+                  f"versus the default plan: {result.versus_default['verdict']}"
+                  if result.versus_default else "not paired with the default plan"]
+        values = plan_values(winner.overrides)
+    write_plan(out_dir / PLAN_YAML, values, header)
     write_plan(out_dir / BASELINE_YAML, plan_values(result.baseline.overrides),
                [_stamp("bench"), "the baseline: plain fp32 eager loop, per-sample DataLoader"])
     if apply_to is not None:
-        write_plan(apply_to, plan_values(winner.overrides), header)
+        write_plan(apply_to, values, header)
 
 
 def format_batch_sizes(sizes: BatchSizeResult) -> str:

@@ -24,6 +24,7 @@ from ..data import DataBundle
 from ..errors import LeantrainError
 from ..measure.memory import peak_bytes, reset_peak
 from ..measure.rounds import interleave as interleave_rounds
+from ..measure.rounds import paired_ratios
 from ..measure.timing import timed_window
 from ..run.plan import build
 from ..run.trainer import Trainer
@@ -58,6 +59,11 @@ class TrialResult:
     check: str = "n/a"  # reference | ok | flagged | n/a
     plannable: bool = True  # False when a variant changes the model (not a config value)
     comparable: bool = True  # False when the batches differ (batch size): no step-wise check
+    # statistics of the paired speed-up (filled in by the search)
+    speedup_interval: list[float] | None = None  # 95% bootstrap interval, vs the baseline
+    ratio_interval: list[float] | None = None  # 95% interval of the ratio to its reference
+    spread: float | None = None  # coefficient of variation of its round (or window) rates
+    noisy: bool = False  # its spread stayed past NOISY_CV after one re-measurement
 
     @property
     def measured(self) -> bool:
@@ -192,10 +198,24 @@ def merge_rounds(rounds: list[TrialResult]) -> TrialResult:
     return merged
 
 
+def round_ratios(measured: list[TrialResult], reference: list[TrialResult]) -> list[float]:
+    """This trial's rate over the reference's rate in the same round, per round.
+
+    A trial measured in one round only (compiling ones) is paired window by window with the
+    reference's rate of that round: the interval then spans its windows, not rounds.
+    """
+    pairs = [(m, r) for m, r in zip(measured, reference, strict=False)
+             if m.measured and r.measured]
+    if len(pairs) == 1 and len(pairs[0][0].window_rates) > 1:
+        m, r = pairs[0]
+        return [w / r.samples_per_second for w in m.window_rates]
+    return paired_ratios([m.samples_per_second for m, _ in pairs],
+                         [r.samples_per_second for _, r in pairs])
+
+
 def paired_speedup(measured: list[TrialResult], reference: list[TrialResult]) -> float | None:
     """Median over rounds of this trial's rate over the reference's rate in the same round."""
-    ratios = [m.samples_per_second / r.samples_per_second
-              for m, r in zip(measured, reference, strict=False) if m.measured and r.measured]
+    ratios = round_ratios(measured, reference)
     return statistics.median(ratios) if ratios else None
 
 

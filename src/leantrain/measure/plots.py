@@ -11,10 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def bar_panels(labels: list[str], panels: list[tuple[str, list[float]]], path: Path,
-               title: str, highlight: int | None = None, reference: float | None = 1.0) -> None:
+               title: str, highlight: int | None = None, reference: float | None = 1.0,
+               intervals: list[tuple[float, float] | None] | None = None) -> None:
     """Horizontal bars, one panel per (axis title, values), the same labels down each panel.
 
-    `highlight` marks one row (e.g. the winner); `reference` draws a line in the first panel.
+    `highlight` marks one row (e.g. the winner); `reference` draws a line in the first panel;
+    `intervals` (low, high) per row become error bars in the first panel.
     """
     height = 0.45 * len(labels) + 1.5
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), height), sharey=True)
@@ -22,6 +24,14 @@ def bar_panels(labels: list[str], panels: list[tuple[str, list[float]]], path: P
     colors = ["tab:orange" if i == highlight else "tab:blue" for i in range(len(labels))]
     for k, (ax, (name, values)) in enumerate(zip(axes, panels, strict=True)):
         ax.barh(range(len(labels)), values, color=colors)
+        if k == 0 and intervals is not None:
+            rows = [(i, v, iv) for i, (v, iv) in enumerate(zip(values, intervals, strict=True))
+                    if iv is not None]
+            if rows:
+                ax.errorbar([v for _, v, _ in rows], [i for i, _, _ in rows],
+                            xerr=[[v - iv[0] for _, v, iv in rows],
+                                  [iv[1] - v for _, v, iv in rows]],
+                            fmt="none", ecolor="black", capsize=3, linewidth=1)
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
         ax.set_xlabel(name)

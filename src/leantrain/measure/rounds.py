@@ -33,3 +33,35 @@ def interleave(keys: list[Key], rounds: int, measure: Callable[[Key, int], Resul
         active = [k for k in active
                   if len(results[k]) == r + 1 and keep(results[k][-1])]
     return results
+
+
+CONFIDENCE = 0.95
+
+
+def paired_ratios(measured: list[float], reference: list[float]) -> list[float]:
+    """Per-round ratios of two rates measured in the same interleaved rounds."""
+    return [m / r for m, r in zip(measured, reference, strict=False) if m and r]
+
+
+def interval(ratios: list[float]) -> tuple[float, float] | None:
+    """The 95% bootstrap interval (percentile method, fixed seed) of the median ratio; None
+    with fewer than two rounds. With five rounds the interval is coarse but honest: it spans
+    the rounds' disagreement, which a lone median hides."""
+    if len(ratios) < 2:
+        return None
+    if max(ratios) - min(ratios) < 1e-12:
+        return ratios[0], ratios[0]
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    found = bootstrap((np.asarray(ratios),), np.median, confidence_level=CONFIDENCE,
+                      method="percentile", random_state=0, n_resamples=2000).confidence_interval
+    return float(found.low), float(found.high)
+
+
+def spread(values: list[float]) -> float | None:
+    """Coefficient of variation (standard deviation over mean) of a trial's round rates."""
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 / mean
