@@ -127,7 +127,7 @@ def test_monitor_rejects_a_non_positive_interval():
 
 
 def test_a_run_logs_monitor_samples_and_summarizes_them(tabular, tmp_path):
-    summary = fit(mlp(), *tabular, _cfg("train.monitor_interval_s=0.02", "train.epochs=4"),
+    summary = fit(mlp(), *tabular, _cfg("train.monitor_interval_s=0.02", "train.epochs=30"),
                   tmp_path / "run", progress_bar=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     samples = [r for r in records if r["kind"] == "monitor"]

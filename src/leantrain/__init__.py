@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "TrainConfig": "config", "load_config": "config", "LeantrainError": "errors",
-    "resolve_plan": "run.plan", "build": "run.plan", "fit": "run.trainer",
+    "resolve_plan": "run.plan", "build": "run.plan", "fit": "run.fit",
     "evaluate": "run.step", "prepare": "run.prepare", "TensorDictDataset": "data.loaders",
 }
 

@@ -106,6 +106,9 @@ class PlanConfig:
     # under `leantrain launch`: auto = DDP; fsdp = FSDP2 (fully_shard) for models that do not
     # fit one device
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    # reuse "auto" choices measured earlier for the same model, data shapes, machine and
+    # versions (run.defaults); false measures again
+    cache: bool = True
 
 
 @dataclass

@@ -136,8 +136,8 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
     from ..config import config_from_dict, merge
     from ..measure.latency import latency_seconds
     from ..measure.plots import bar_panels
+    from ..run.fit import fit
     from ..run.summary import MODEL_NAME
-    from ..run.trainer import fit
 
     stages = [measure_stage("trained", model, bundle)]
     tune_cfg = config_from_dict(merge(cfg.to_dict(), {

@@ -80,9 +80,9 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
     from ..checkpoint import atomic_write_text
     from ..data import make_loader
     from ..losses.distillation import DistillationLoss, cache_teacher_logits, check_kd_args
+    from ..run.fit import fit
     from ..run.plan import resolve_plan
     from ..run.step import evaluate
-    from ..run.trainer import fit
 
     check_kd_args(temperature, alpha)
     common.require_empty(out)

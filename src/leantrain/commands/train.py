@@ -45,7 +45,7 @@ def run_folder(args: argparse.Namespace) -> Path:
 def run(args: argparse.Namespace, dist) -> int:
     from ..data import load_data
     from ..measure.report import format_summary
-    from ..run.trainer import fit
+    from ..run.fit import fit
 
     out = run_folder(args)
     cfg = common.config_from_args(args)

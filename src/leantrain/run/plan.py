@@ -149,12 +149,13 @@ class ResolvedPlan:
 
 
 def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None = None,
-                 optimizer_name: str | None = None, dist: DistContext | None = None
-                 ) -> ResolvedPlan:
+                 optimizer_name: str | None = None, dist: DistContext | None = None,
+                 notes: dict[str, str] | None = None) -> ResolvedPlan:
     """The plan's techniques decided for this machine and model.
 
     `tokens_per_batch`: one micro-batch's tokens, for language models (tokens_per_step);
-    `optimizer_name` (optim.name) decides which optimizer kernels can run.
+    `optimizer_name` (optim.name) decides which optimizer kernels can run; `notes` (per
+    technique) say how a value was decided, e.g. by measurement (`run.defaults`).
     """
     dist = dist or DistContext.from_env()
     choice = select_device(cfg.device)
@@ -167,7 +168,8 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
     values = {}
     for technique in PLANNED:
         values[technique.NAME], outcome = technique.decide(ctx, cfg)
-        outcomes.append(outcome)
+        note = (notes or {}).get(technique.NAME)
+        outcomes.append(replace(outcome, detail=f"{outcome.detail}; {note}") if note else outcome)
     outcomes.append(Outcome("distributed", strategy is not None,
                             f"{strategy} over {dist.world_size} process(es), rank {dist.rank}"
                             if strategy else "one process (start several with leantrain launch)"))
@@ -241,7 +243,8 @@ def _labels_tensor(train_data: Dataset) -> torch.Tensor | None:
 
 def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dataset,
           loss_fn: LossFn | None = None, measure_loader: bool = True,
-          collate_fn: Callable[[list], object] | None = None) -> Run:
+          collate_fn: Callable[[list], object] | None = None,
+          notes: dict[str, str] | None = None) -> Run:
     """Decide the run. `loss_fn` replaces the model's own loss and the task's; `collate_fn`
     batches samples (e.g. a padding collator: a DataLoader then, never the in-memory loader).
     `measure_loader=False` resolves "auto" loader settings to defaults without measuring
@@ -249,7 +252,7 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     dist = DistContext.from_env()
     data = cfg.data
     tokens = data.batch_size * data.context if data.context else None
-    plan = resolve_plan(cfg.plan, model, tokens, cfg.optim.name, dist)
+    plan = resolve_plan(cfg.plan, model, tokens, cfg.optim.name, dist, notes)
     distributed.setup(dist, plan.device, cfg.train.dist_timeout_s)
     model = prepare_model(model, plan)
     on_cuda, shard = plan.device.type == "cuda", (dist.rank, dist.world_size)

@@ -1,7 +1,6 @@
 """The training loop over a decided `Run`: micro-steps, epochs, evaluation, checkpoints, logs.
 
-`fit` is deliberately plain: decide the run (`plan.build`), then run forward / backward / step.
-Metrics are accumulated on the device and read back only every `log_every` steps and at epoch
+Metrics are summed on the device and read back only every `log_every` steps and at epoch
 ends, so the hot path never waits on the host. `Trainer.steps()` is the same step without
 evaluation, checkpoints or logs: the one loop the bench, the finders and doctor time.
 """
@@ -17,13 +16,11 @@ from typing import Any
 
 import torch
 import yaml
-from torch import nn
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .. import distributed
 from ..checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, remove_partial_writes
-from ..config import CONFIG_NAME, TrainConfig, target_met, target_of
+from ..config import CONFIG_NAME, target_met, target_of
 from ..data.loaders import batch_size
 from ..errors import LeantrainError
 from ..losses import tasks
@@ -36,7 +33,7 @@ from ..techniques.init import init_weights
 from . import state as run_state
 from . import step, summary
 from .logs import NullLog, RunLog, start_monitor, truncate_after
-from .plan import Run, build
+from .plan import Run
 from .state import TrainState
 
 log = logging.getLogger(__name__)
@@ -265,8 +262,10 @@ class Trainer:
             raise LeantrainError(f"the run in {out} has already finished; nothing to resume")
         log.info("resuming at epoch %d, batch %d (step %d)", p.epoch + 1, p.batch, p.step)
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train to the end (or the target); returns the summary, written to the run folder."""
+    def fit(self, resume: bool = False, plan_measurement: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
+        """Train to the end (or the target); returns the summary, also written to the run
+        folder. `plan_measurement`: how the plan's "auto" choices were measured."""
         run, out = self.run, self.out_dir
         flops = summary.training_flops(run)  # before seeding: it draws no numbers after
         self._begin()
@@ -295,25 +294,7 @@ class Trainer:
             self.log_file.close()
         result = summary.build(run, self.state, self.timer, flops,
                                self.monitor.summary() if self.monitor else None)
+        result["plan_measurement"] = plan_measurement
         if out is not None:
             summary.write(run, self.state, result, out)
         return result
-
-
-def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConfig | None = None,
-        out_dir: str | Path | None = None, resume: bool = False, progress_bar: bool = True,
-        loss_fn=None, collate_fn=None) -> dict[str, Any]:
-    """Train `model` with the plan in `cfg`; returns the run summary.
-
-    Batches may be tensors, tuples, dicts or nested ones; the model's own loss is used when it
-    returns one, else the task's (see `run.step`); `loss_fn(outputs, labels, inputs, *extras)`
-    replaces both. `collate_fn` batches the samples (e.g. a padding collator). With `out_dir`,
-    the run folder gets config.yaml, checkpoint.pt, metrics.jsonl, tensorboard/, model.pt
-    (plain state_dict) and summary.json; `resume=True` continues from its checkpoint.
-    """
-    cfg = cfg or TrainConfig()
-    out = Path(out_dir) if out_dir is not None else None
-    if resume and out is None:
-        raise LeantrainError("resume needs the run folder (out_dir) that holds the checkpoint")
-    run = build(cfg, model, train_data, val_data, loss_fn, collate_fn=collate_fn)
-    return Trainer(run, out, progress_bar).fit(resume=resume)

@@ -1,0 +1,261 @@
+"""The default plan, decided by measurement where a rule can lose.
+
+Precision, channels_last and the optimizer kernels each have a rule (`techniques.*.decide`),
+and a rule is right for one model and wrong for the next: bf16 made the digits CNN 1.5x
+faster on this project's CPU and a tiny BERT 0.9x as fast. So before a run long enough to
+pay, each "auto" choice is measured: the rule's plan and, for each choice, the plan with that
+choice flipped, each a fresh copy of the model trained for real (`Trainer.steps`, real
+batches) in interleaved rounds (`measure.rounds`). A flip is taken only when its paired
+speed-up's 95% interval lies above 1. Measuring may cost `BUDGET_SHARE` of the projected run
+(a first look at the rule's plan sizes it); a shorter run keeps the rules and says so.
+
+The decisions are cached under a key of the model's structure, the batch's shapes and dtypes,
+the device, the torch and leantrain versions and the plan settings, so the next run of the
+same model measures nothing (`plan.cache=false` measures again; `LEANTRAIN_CACHE` moves it).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .. import __version__
+from ..checkpoint import atomic_write_text
+from ..config import TrainConfig, config_from_dict, merge
+from ..distributed import DistContext
+from ..env import cpu_model
+from ..measure.rounds import interleave, interval, paired_ratios
+from ..measure.timing import timed_window
+from ..techniques import optimizer, precision
+from ..techniques.base import Context
+from ..techniques.memory_format import has_conv2d
+from .plan import ResolvedPlan, build, resolve_plan
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+BUDGET_SHARE = 0.03  # measuring may cost this share of the projected run
+MIN_STEPS = 300  # a run of fewer optimizer steps cannot pay for a single round: no look
+ROUNDS, MIN_ROUNDS = 5, 3
+WARMUP_STEPS = 3
+WINDOW_S = (0.3, 1.0)  # timed seconds per candidate and round
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # "rule", or the technique flipped
+    value: Any = None
+
+
+def alternatives(cfg: TrainConfig, rule: ResolvedPlan, model: nn.Module) -> dict[str, Any]:
+    """For each "auto" choice that could lose, the value to try against the rule's."""
+    plan, ctx = cfg.plan, Context(rule.device, model, cfg.optim.name, rule.distributed)
+    found: dict[str, Any] = {}
+    if plan.precision == "auto":
+        other = "fp32" if rule.precision != "fp32" else "bf16"
+        if precision.check(ctx, other)[0]:
+            found["precision"] = other
+    if plan.channels_last == "auto" and has_conv2d(model) and rule.distributed != "fsdp":
+        found["channels_last"] = not rule.channels_last
+    if plan.optimizer_impl == "auto":
+        other = "foreach" if rule.optimizer_impl == "fused" else "fused"
+        if optimizer.check(ctx, other)[0]:
+            found["optimizer_impl"] = other
+    return found
+
+
+def _structure(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return [list(value.shape), str(value.dtype)]
+    if isinstance(value, dict):
+        return {k: _structure(v) for k, v in sorted(value.items())}
+    if isinstance(value, (tuple, list)):
+        return [_structure(v) for v in value]
+    return type(value).__name__
+
+
+def cache_key(cfg: TrainConfig, model: nn.Module, sample: Any, device: torch.device,
+              collate_fn) -> str:
+    """What the decisions depend on: model structure, batch shapes and dtypes, the device,
+    versions, and the settings that shape a step."""
+    facts = {
+        "model": [(name, type(m).__name__) for name, m in model.named_modules()],
+        "parameters": [(name, list(p.shape), str(p.dtype)) for name, p in
+                       model.named_parameters()],
+        "sample": _structure(sample),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "threads": torch.get_num_threads(),
+        "versions": [torch.__version__, __version__],
+        "plan": cfg.to_dict()["plan"], "batch_size": cfg.data.batch_size,
+        "loader": cfg.data.loader, "optimizer": cfg.optim.name, "task": cfg.train.task,
+        "collate_fn": getattr(collate_fn, "__qualname__", type(collate_fn).__name__),
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cache_folder() -> Path:
+    if os.environ.get("LEANTRAIN_CACHE"):
+        return Path(os.environ["LEANTRAIN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "leantrain"
+
+
+def _cache_file(key: str) -> Path:
+    return cache_folder() / "plans" / f"{key}.json"
+
+
+def _from_cache(key: str) -> dict[str, Any] | None:
+    path = _cache_file(key)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("values"), dict) \
+        else None
+
+
+def _total_steps(cfg: TrainConfig, samples: int) -> int:
+    per_epoch = math.ceil(math.ceil(samples / cfg.data.batch_size) / cfg.plan.grad_accum)
+    return min(per_epoch * cfg.train.epochs, cfg.train.max_steps or per_epoch * cfg.train.epochs)
+
+
+class _Trials:
+    """Fresh copies of the model trained for real under candidate plans, one window each."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset,
+                 loss_fn, collate_fn, flips: dict[str, Any]):
+        self.cfg, self.model, self.train, self.val = cfg, model, train, val
+        self.loss_fn, self.collate_fn, self.flips = loss_fn, collate_fn, flips
+        self.window_s = WINDOW_S[0]
+
+    def config(self, name: str) -> TrainConfig:
+        if name == "rule":
+            return self.cfg
+        return config_from_dict(merge(self.cfg.to_dict(), {"plan": {name: self.flips[name]}}))
+
+    def rate(self, name: str) -> tuple[float, float]:
+        """(samples/s over a window after warm-up, wall seconds of the whole trial)."""
+        start = time.perf_counter()
+        run = build(self.config(name), copy.deepcopy(self.model), self.train, self.val,
+                    self.loss_fn, measure_loader=False, collate_fn=self.collate_fn)
+        steps = Trainer(run, progress_bar=False).steps()
+        try:
+            step: Callable[[], int] = lambda: next(steps)[0]  # noqa: E731
+            device = run.plan.device
+            timed_window(step, device, lambda k, t: k >= WARMUP_STEPS)
+            samples, seconds = timed_window(step, device,
+                                            lambda k, t: k >= 2 and t >= self.window_s)
+        finally:
+            steps.close()
+        return samples / seconds, time.perf_counter() - start
+
+
+def _rule_notes(flips: dict[str, Any], why: str) -> dict[str, str]:
+    return {name: f"rule ({why})" for name in flips}
+
+
+def decide(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset, loss_fn=None,
+           collate_fn=None) -> tuple[TrainConfig, dict[str, str], dict[str, Any] | None]:
+    """(the config with the measured choices explicit, a note per choice for the summary,
+    the measurement's record or None). Leaves the model, its weights and the RNG as they
+    were: every trial trains a copy, inside a forked RNG."""
+    dist = DistContext.from_env()
+    tokens = cfg.data.batch_size * cfg.data.context if cfg.data.context else None
+    rule = resolve_plan(cfg.plan, model, tokens, cfg.optim.name, dist)
+    flips = alternatives(cfg, rule, model)
+    if not flips:
+        return cfg, {}, None
+    if dist.active:
+        return cfg, _rule_notes(flips, "not measured under launch: ranks could choose apart"), \
+            None
+    total = _total_steps(cfg, len(train))
+    if total < MIN_STEPS:
+        return cfg, _rule_notes(flips, f"not measured: {total} steps is too short a run to pay "
+                                       f"for measuring, which needs {MIN_STEPS}"), None
+    key = cache_key(cfg, model, train[0], rule.device, collate_fn)
+    cached = _from_cache(key) if cfg.plan.cache else None
+    if cached is not None:
+        log.info("plan: the measured choices come from the plan cache (%s)", _cache_file(key))
+        notes = {k: f"{v} (from the plan cache)" for k, v in cached["notes"].items()}
+        return _explicit(cfg, cached["values"]), notes, {**cached, "from_cache": True}
+    devices = [rule.device] if rule.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        record = _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule, total)
+    if record is None or record.get("skipped"):
+        why = record["skipped"] if record else "not measured"
+        return cfg, _rule_notes(flips, why), record
+    if cfg.plan.cache:
+        path = _cache_file(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, indent=2))
+    return _explicit(cfg, record["values"]), record["notes"], record
+
+
+def _explicit(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    return config_from_dict(merge(cfg.to_dict(), {"plan": values}))
+
+
+def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedPlan,
+             total_steps: int) -> dict[str, Any]:
+    trials = _Trials(cfg, model, train, val, loss_fn, collate_fn, flips)
+    began = time.perf_counter()
+    rate, look_s = trials.rate("rule")  # the look: the rule's speed and a trial's cost
+    samples = total_steps * cfg.data.batch_size * cfg.plan.grad_accum
+    run_s = samples / rate
+    budget = BUDGET_SHARE * run_s - look_s
+    names = ["rule", *flips]
+    overhead = max(look_s - trials.window_s, 0.0)
+    per_round = len(names) * (overhead + trials.window_s)
+    rounds = min(ROUNDS, int(budget // per_round)) if per_round > 0 else 0
+    if rounds < MIN_ROUNDS:
+        return {"skipped": f"not measured: the run is projected at {run_s:.0f} s; "
+                           f"{MIN_ROUNDS} rounds of {len(names)} candidates need "
+                           f"~{MIN_ROUNDS * per_round + look_s:.0f} s, over "
+                           f"{BUDGET_SHARE:.0%} of it",
+                "projected_run_s": run_s, "look_s": look_s}
+    spare = budget / rounds / len(names) - overhead  # longer windows where the budget allows
+    trials.window_s = min(WINDOW_S[1], max(WINDOW_S[0], spare))
+    log.info("plan: measuring %s against the rule (%d rounds, %.1f s windows)",
+             ", ".join(f"{k}={v}" for k, v in flips.items()), rounds, trials.window_s)
+    measured = interleave(names, rounds, lambda name, r: trials.rate(name)[0])
+    values, notes, results = {}, {}, {}
+    for name, flipped in flips.items():
+        ratios = paired_ratios(measured[name], measured["rule"])
+        found = interval(ratios)
+        median = statistics.median(ratios)
+        wins = found is not None and found[0] > 1.0
+        ruled = getattr(rule, name)
+        values[name] = flipped if wins else ruled
+        span = f"{len(ratios)} rounds, 95% interval {found[0]:.2f}-{found[1]:.2f}x" if found \
+            else f"{len(ratios)} rounds"
+        notes[name] = (f"measured: {_show(name, flipped)} ran {median:.2f}x as fast as "
+                       f"{_show(name, ruled)} ({span})" +
+                       ("" if wins else f"; {_show(name, ruled)} kept"))
+        results[name] = {"rule": ruled, "tried": flipped, "ratios": ratios,
+                         "median": median, "interval": list(found) if found else None,
+                         "chosen": values[name]}
+    seconds = time.perf_counter() - began
+    log.info("plan: measured in %.1f s (%.1f%% of the projected %.0f s run)", seconds,
+             100 * seconds / run_s, run_s)
+    return {"values": values, "notes": notes, "results": results, "rates": measured,
+            "rounds": rounds, "window_s": trials.window_s, "seconds": seconds,
+            "projected_run_s": run_s, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _show(name: str, value: Any) -> str:
+    """"channels_last off", "bf16", "foreach": a value as the summary line names it."""
+    return f"{name} {'on' if value else 'off'}" if isinstance(value, bool) else str(value)

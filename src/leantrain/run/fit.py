@@ -1,0 +1,42 @@
+"""`fit`: decide the run (measuring the "auto" choices that can lose), then train it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..config import TrainConfig
+from ..errors import LeantrainError
+from . import defaults
+from .plan import build
+from .trainer import Trainer
+
+
+def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConfig | None = None,
+        out_dir: str | Path | None = None, resume: bool = False, progress_bar: bool = True,
+        loss_fn=None, collate_fn=None) -> dict[str, Any]:
+    """Train `model` with the plan in `cfg`; returns the run summary.
+
+    Batches may be tensors, tuples, dicts or nested ones; the model's own loss is used when it
+    returns one, else the task's (see `run.step`); `loss_fn(outputs, labels, inputs, *extras)`
+    replaces both. `collate_fn` batches the samples (e.g. a padding collator). The "auto"
+    choices that can lose (precision, channels_last, optimizer kernels) are measured first on
+    runs long enough to pay (`run.defaults`). With `out_dir`, the run folder gets config.yaml
+    (with the measured choices explicit), checkpoint.pt, metrics.jsonl, tensorboard/, model.pt
+    (plain state_dict) and summary.json; `resume=True` continues from its checkpoint.
+    """
+    cfg = cfg or TrainConfig()
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is None:
+        raise LeantrainError("resume needs the run folder (out_dir) that holds the checkpoint")
+    notes: dict[str, str] = {}
+    record = None
+    if not resume:  # a resumed run continues with the choices its config.yaml holds
+        cfg, notes, record = defaults.decide(cfg, model, train_data, val_data, loss_fn,
+                                             collate_fn)
+    run = build(cfg, model, train_data, val_data, loss_fn, collate_fn=collate_fn, notes=notes)
+    summary = Trainer(run, out, progress_bar).fit(resume=resume, plan_measurement=record)
+    return summary
