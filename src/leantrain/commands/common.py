@@ -54,6 +54,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="mixed precision mode (default: auto = bf16 where native)")
     p.add_argument("--compile", action="store_true", help="use torch.compile (opt-in)")
+    p.add_argument("--no-plan-cache", action="store_true",
+                   help="measure the plan's auto choices again instead of reusing earlier "
+                        "measurements of this model (plan.cache=false)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its last checkpoint (its own config)")
 
@@ -67,6 +70,7 @@ def _shortcut_overrides(args: argparse.Namespace) -> dict:
         ("train", "target_acc", flag("target_acc")), ("train", "epochs", flag("epochs")),
         ("plan", "device", flag("device")), ("plan", "precision", flag("precision")),
         ("plan", "compile", True if flag("compile") else None),
+        ("plan", "cache", False if flag("no_plan_cache") else None),
     ]
     for section, key, value in pairs:
         if value is None:
