@@ -235,10 +235,25 @@ def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedP
     trials.window_s = min(WINDOW_S[1], max(WINDOW_S[0], spare))
     log.info("plan: measuring %s against the rule (%d rounds, %.1f s windows)",
              ", ".join(f"{k}={v}" for k, v in flips.items()), rounds, trials.window_s)
-    measured = interleave(names, rounds, lambda name, r: trials.rate(name)[0])
+    failed: dict[str, str] = {}
+
+    def measure(name: str, r: int) -> float | None:
+        try:
+            return trials.rate(name)[0]
+        except Exception as exc:  # e.g. out of memory: that candidate is not measured
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("plan: %s could not be measured (%s)", name, failed[name])
+            return None
+
+    measured = interleave(names, rounds, measure)
     values, notes, results = {}, {}, {}
     for name, flipped in flips.items():
         ratios = paired_ratios(measured[name], measured["rule"])
+        if len(ratios) < MIN_ROUNDS:
+            values[name] = getattr(rule, name)
+            notes[name] = f"rule ({_show(name, flipped)} not measured: " \
+                          f"{failed.get(name) or failed.get('rule', 'too few rounds')})"
+            continue
         found = interval(ratios)
         median = statistics.median(ratios)
         wins = found is not None and found[0] > 1.0
