@@ -45,9 +45,11 @@ def check(ctx: Context, precision: str) -> tuple[bool, str]:
 
 def decide(ctx: Context, plan: PlanConfig) -> tuple[str, Outcome]:
     """"auto" is bf16 where the device runs it natively, except on a CPU for a model without
-    convolutions: there the casts around small matmuls cost more than bf16 saves (a tiny BERT
-    ran at 0.55x in bf16 on an AMX Xeon, 0.9x on an AVX-512 BF16 EPYC; the digits CNN 1.5x
-    faster). A rule can lose: `run.defaults` measures it on runs long enough to pay."""
+    convolutions: there the casts around small matmuls cost as much as bf16 saves or more
+    (`benchmarks/precision_rule.py` on a 2-core EPYC: a tiny BERT 0.97x in bf16, 95% interval
+    0.84-1.11x, against 1.46x for the digits CNN; the issue that asked for this rule measured
+    0.55x for a tiny BERT on an AMX Xeon). A rule can lose: `run.defaults` measures it on runs
+    long enough to pay."""
     if plan.precision == "auto":
         native, why = check(ctx, "bf16")
         if native and ctx.device.type == "cpu" and not has_conv2d(ctx.model):
