@@ -212,9 +212,10 @@ def _explicit(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
 def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedPlan,
              total_steps: int) -> dict[str, Any]:
     trials = _Trials(cfg, model, train, val, loss_fn, collate_fn, flips)
-    # the first trial carries the process's one-off kernel set-up (oneDNN primitives: 1.5 s
-    # for bf16 on the digits CNN against 0.06 s after), which the run would pay at its first
-    # step anyway; the second is the look: the rule's speed and what a trial costs
+    # the first trial carries the process's one-off kernel set-up (oneDNN primitives: 1.4 s
+    # for the digits CNN in bf16, `cold_start_s` in benchmarks/results/default_plan.json),
+    # which the run would pay at its first step anyway; the second is the look: the rule's
+    # speed and what a trial costs
     cold_s = trials.rate("rule")[1]
     began = time.perf_counter()
     rate, look_s = trials.rate("rule")
