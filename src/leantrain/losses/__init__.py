@@ -6,18 +6,6 @@ autocast: `outputs` are the model's logits (read from a tensor, tuple, dict or M
 per-sample tensors the batch carries (e.g. cached teacher logits).
 """
 
-from __future__ import annotations
-
-import torch
-
 from . import tasks
 
-
-def cross_entropy_loss(outputs: torch.Tensor, targets: torch.Tensor, inputs=None,
-                       *extras: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over (batch, ..., classes) outputs and (batch, ...) targets, positions
-    labelled -100 ignored: one class per sample, or one per position of a sequence."""
-    return tasks.loss("token-classification", outputs, targets)
-
-
-__all__ = ["cross_entropy_loss", "tasks"]
+__all__ = ["tasks"]

@@ -236,11 +236,6 @@ def _drops_short_batch(plan: ResolvedPlan, n: int, batch_size: int, world: int) 
     return (plan.compile or plan.cudnn_benchmark) and n >= batch_size * world
 
 
-def _labels_tensor(train_data: Dataset) -> torch.Tensor | None:
-    tensors = tensors_of(train_data)
-    return labels_of(tensors) if tensors is not None else None
-
-
 def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dataset,
           loss_fn: LossFn | None = None, measure_loader: bool = True,
           collate_fn: Callable[[list], object] | None = None,
@@ -270,8 +265,9 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
             f"{len(train_data)} training samples make no full batch of "
             f"{data.batch_size} x {dist.world_size} processes; lower data.batch_size")
     contract = step.step_for(model, plan, cfg.train.task, loss_fn)
+    whole = tensors_of(train_data)  # a Subset's are an indexed copy: taken once
     task, num_classes = step.check_first_batch(model, batches, contract,
-                                               _labels_tensor(train_data))
+                                               labels_of(whole) if whole is not None else None)
     contract = replace(contract, task=task)
     tuning = None
     tunable = loader.auto_fields(data)
@@ -294,5 +290,5 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     wrapped = distributed.wrap(model, plan.distributed, plan.device)
     kept = batch_count(len(train_data), data.batch_size, shard)
     return Run(cfg, plan, dist, model, wrapped, contract, batches, val, options, tuning,
-               num_classes, tensors_of(train_data) is not None,
+               num_classes, whole is not None,
                math.ceil(kept / plan.grad_accum))

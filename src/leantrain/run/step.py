@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -80,7 +80,7 @@ class Step:
     loss_fn: Callable[..., torch.Tensor] | None = None
     keys: frozenset[str] | None = None
     takes_labels: bool = False
-    pass_labels: bool = field(default=True)  # False when a custom loss makes the model's moot
+    pass_labels: bool = True  # False when a custom loss makes the model's moot
 
     def unpack(self, raw: Any) -> StepBatch:
         batch = to_device(raw, self.device, self.channels_last)
