@@ -17,10 +17,11 @@ from typing import Any
 
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import TrainConfig, config_from_dict, merge
 from ..data import DataBundle
 from ..data.loaders import data_wait_advice
 from ..env import bf16_supported, compiler_available, machine_facts
+from ..measure.compile_watch import break_even_steps, describe
 from ..measure.profile import profile_steps
 from ..measure.timing import DATA_WAIT_WARNING, timed_window
 from ..run import summary
@@ -45,14 +46,34 @@ class Recommendation:
 
 
 def _timed_steps(trainer: Trainer, steps, n: int) -> dict[str, Any]:
-    """Samples/s and the step-time breakdown over `n` steps after the warm-up ones."""
+    """Samples/s and the step-time breakdown over `n` steps after the warm-up ones (the
+    warm-up's seconds are kept: for a compiled model they hold the compile)."""
     device = trainer.run.plan.device
-    timed_window(lambda: next(steps)[0], device, lambda k, t: k >= WARMUP_STEPS)
+    _, warmup_s = timed_window(lambda: next(steps)[0], device, lambda k, t: k >= WARMUP_STEPS)
     timer = trainer.restart_timer()
     samples, elapsed = timed_window(lambda: next(steps)[0], device, lambda k, t: k >= n)
     timer.finish()
     return {"samples_per_second": samples / elapsed, "steps": n,
-            "step_breakdown": timer.breakdown()}
+            "step_breakdown": timer.breakdown(), "warmup_seconds": warmup_s}
+
+
+def _compile_accounting(trainer: Trainer, measured: dict[str, Any], n: int,
+                        eager_trainer: Trainer) -> dict[str, Any]:
+    """For a compiled plan: what compiling did, and the steps at which it pays against the
+    same plan run eagerly (timed here over as many steps)."""
+    stats = trainer.compiling.close().to_dict()
+    run = trainer.run
+    samples_per_step = run.cfg.data.batch_size * run.plan.grad_accum
+    compiled_s = samples_per_step / measured["samples_per_second"]
+    compile_s = max(measured["warmup_seconds"] - WARMUP_STEPS * compiled_s, 0.0)
+    eager = eager_trainer.steps()
+    try:
+        eager_s = samples_per_step / _timed_steps(eager_trainer, eager, n)["samples_per_second"]
+    finally:
+        eager.close()
+    return {"seconds": compile_s, **stats, "eager_step_seconds": eager_s,
+            "compiled_step_seconds": compiled_s,
+            "break_even_steps": break_even_steps(compile_s, eager_s, compiled_s)}
 
 
 def recommend(run: Run, measured: dict[str, Any], facts: dict[str, Any]
@@ -112,6 +133,12 @@ def run_doctor(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Tr
                                     run.plan.device.type == "cuda")
     finally:
         stepper.close()
+    if run.plan.compile:
+        eager_cfg = config_from_dict(merge(cfg.to_dict(), {"plan": {"compile": False}}))
+        eager = Trainer(build(eager_cfg, build_model(), bundle.train, bundle.val,
+                              measure_loader=False, collate_fn=bundle.collate_fn),
+                        progress_bar=False)
+        measured["compile"] = _compile_accounting(trainer, measured, steps, eager)
     recs = recommend(run, measured, facts)
     return {
         "facts": facts,
@@ -162,6 +189,13 @@ def format_doctor(report: dict[str, Any]) -> str:
             f"{k} {v:.0%}" for k, v in m["step_breakdown"]["fractions"].items()))
     if m.get("mfu") is not None:
         lines.append(f"MFU: {m['mfu']:.1%} ({m['peak_source']})")
+    if m.get("compile"):
+        c = m["compile"]
+        pays = "never pays: compiled steps are not faster" if c["break_even_steps"] is None \
+            else f"pays after {c['break_even_steps']:,} steps"
+        lines += [f"torch.compile: {c['seconds']:.1f} s to compile; {describe(c)}",
+                  f"  {c['eager_step_seconds'] * 1e3:.2f} ms eager -> "
+                  f"{c['compiled_step_seconds'] * 1e3:.2f} ms compiled per step; {pays}"]
     if report["top_operators"]:
         lines += ["", "top operators (profiled steps, self time)"]
         lines += [f"  {op['share']:6.1%}  {op['self_ms']:9.2f} ms  {op['calls']:6d}x  "

@@ -11,6 +11,7 @@ import yaml
 
 from ..checkpoint import atomic_write_text
 from ..config import PLAN_FILE_KEYS, merge, read_plan_file
+from ..measure.compile_watch import describe
 from ..measure.plots import bar_panels, curve
 from ..measure.report import human_bytes
 from .batch_size import BatchSizeResult
@@ -50,6 +51,20 @@ def _speedup_text(t: TrialResult) -> str:
     return text
 
 
+def _compile_lines(result: BenchResult) -> list[str]:
+    """What each compiled trial's torch.compile did, and when it pays against the baseline."""
+    lines = []
+    for t in result.trials:
+        if not t.measured or t.compile is None:
+            continue
+        steps = t.compile.get("break_even_steps")
+        pays = ("never pays against the baseline: its steps are not faster" if steps is None
+                else f"pays against the baseline after {steps:,} steps")
+        lines.append(f"  {t.name}: compiled in {t.compile_seconds or 0:.1f} s; "
+                     f"{describe(t.compile)}; {pays}")
+    return ["\ntorch.compile:", *lines] if lines else []
+
+
 def format_bench(result: BenchResult) -> str:
     rows = [("#", "trial", "samples/s", "speed-up (95% interval)", "projected run",
              "peak memory", "loss check")]
@@ -65,6 +80,7 @@ def format_bench(result: BenchResult) -> str:
              f"{result.run_samples:,} samples at the measured rate, plus compilation"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
               for r in rows]
+    lines += _compile_lines(result)
     others = [t for t in result.trials if not t.measured]
     if others:
         lines.append("\nnot measured:")

@@ -25,6 +25,7 @@ from torch import nn
 from ..config import TrainConfig, merge
 from ..data import DataBundle
 from ..errors import LeantrainError
+from ..measure.compile_watch import break_even_steps
 from ..measure.rounds import interval, paired_ratios, spread
 from ..run.plan import device_setting
 from ..techniques import REGISTRY
@@ -126,6 +127,15 @@ def _compiles(variants: list[Variant]) -> bool:
 
 def _label(variants: list[Variant]) -> str:
     return " + ".join(v.name for v in variants) or "baseline"
+
+
+def _break_even(trial: TrialResult, base: TrialResult) -> int | None:
+    """Optimizer steps after which the compiled trial's plan has paid for its compile against
+    the baseline (None: never, its steps are not faster)."""
+    if trial is base or not trial.speedup or not trial.samples_per_step:
+        return None
+    base_step = trial.samples_per_step / base.samples_per_second  # the same samples, baseline
+    return break_even_steps(trial.compile_seconds or 0.0, base_step, base_step / trial.speedup)
 
 
 class _Bench:
@@ -255,6 +265,8 @@ class _Bench:
         # drift-corrected: the baseline's rate times the paired speed-up
         trial.projected_seconds = self.run_samples / (base.samples_per_second * trial.speedup) \
             + (trial.compile_seconds or 0.0)
+        if trial.compile is not None:
+            trial.compile["break_even_steps"] = _break_even(trial, base)
         if trial is base:
             trial.check, trial.divergence = "reference", 0.0
             return

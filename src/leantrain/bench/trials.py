@@ -48,6 +48,8 @@ class TrialResult:
     steps: int = 0
     first_step_seconds: float | None = None
     compile_seconds: float | None = None
+    compile: dict[str, Any] | None = None  # graphs, recompiles and why, graph breaks, break-even
+    samples_per_step: int | None = None  # per optimizer step (batch size x accumulation)
     peak_memory_bytes: int | None = None
     peak_memory_kind: str | None = None
     losses: list[float] = field(default_factory=list)
@@ -170,9 +172,11 @@ def run_trial(name: str, variants: list[Variant], base: dict[str, Any],
         steps.close()
         result.seconds = time.perf_counter() - start
     result.samples_per_second = statistics.median(result.window_rates)
+    result.samples_per_step = run.cfg.data.batch_size * run.plan.grad_accum
     if run.plan.compile:
-        step_s = run.cfg.data.batch_size * run.plan.grad_accum / result.samples_per_second
+        step_s = result.samples_per_step / result.samples_per_second
         result.compile_seconds = max(result.first_step_seconds - step_s, 0.0)
+        result.compile = trainer.compiling.close().to_dict()
     result.peak_memory_bytes, result.peak_memory_kind = peak_bytes(device)
     return result
 

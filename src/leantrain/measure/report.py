@@ -78,6 +78,22 @@ def _result_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _compile_rows(found: dict[str, Any], steps: int) -> list[tuple[str, str]]:
+    """What compiling did and whether it paid, from `run.compiling`'s report."""
+    if found.get("note"):
+        return [("compile", found["note"])]
+    rows = [("compile", found["description"])]
+    eager, compiled = found.get("eager_step_seconds"), found.get("compiled_step_seconds")
+    if eager and compiled:
+        steps_to_pay = found.get("break_even_steps")
+        verdict = ("never pays: compiled steps are not faster" if steps_to_pay is None else
+                   f"pays after {steps_to_pay:,} steps (this run: {steps:,}; "
+                   f"{'paid' if steps >= steps_to_pay else 'not paid'})")
+        rows.append(("compile pays?", f"{eager * 1e3:.2f} ms eager -> {compiled * 1e3:.2f} ms "
+                                      f"compiled per step; {verdict}"))
+    return rows
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run table: results first, then each technique with applied / not applied."""
     rows = _result_rows(summary)
@@ -99,6 +115,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows += _visibility_rows(summary)
     if summary.get("compile_seconds") is not None:
         rows.append(("compile time", f"{summary['compile_seconds']:.1f} s (not in samples/s)"))
+    if summary.get("compile"):
+        rows += _compile_rows(summary["compile"], summary.get("steps") or 0)
     target = f"{summary['target_acc']:.1%}" if summary.get("target_acc") is not None \
         else summary.get("target")
     if target is not None:

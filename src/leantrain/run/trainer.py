@@ -28,10 +28,10 @@ from ..measure.memory import reset_peak
 from ..measure.monitor import ResourceMonitor
 from ..measure.timing import DATA_WAIT_WARNING, StepTimer
 from ..techniques import accumulation, clipping, precision
-from ..techniques.compile import apply_compile
 from ..techniques.init import init_weights
 from . import state as run_state
 from . import step, summary
+from .compiling import EAGER_STEPS, CompiledStep
 from .logs import NullLog, RunLog, start_monitor, truncate_after
 from .plan import Run
 from .state import TrainState
@@ -45,6 +45,7 @@ class Trainer:
     def __init__(self, run: Run, out_dir: Path | None = None, progress_bar: bool = True):
         self.run, self.out_dir, self.progress_bar = run, out_dir, progress_bar
         self.step_model = run.wrapped  # compiled when training starts (see `_begin`)
+        self.compiling: CompiledStep | None = None
         self.state: TrainState | None = None
         self.timer = StepTimer(run.plan.device)
         self.log_file: RunLog | NullLog = NullLog()
@@ -57,13 +58,19 @@ class Trainer:
         self.timer = StepTimer(self.run.plan.device)
         return self.timer
 
-    def _begin(self, lr_at: Callable[[int], float] | None = None) -> None:
+    def _begin(self, lr_at: Callable[[int], float] | None = None, eager_steps: int = 0) -> None:
         """Fresh training state; the compiled step model is made here, not when the trainer
-        is built, so a trial that never trains pays nothing for torch.compile's import."""
+        is built, so a trial that never trains pays nothing for torch.compile's import.
+        A compiled run takes its first `eager_steps` steps eagerly (`run.compiling`)."""
         self.state = run_state.new_state(self.run, lr_at)
         # evaluation uses the eager module: compiling a second (eval) graph would not pay off
-        if self.run.plan.compile and self.step_model is self.run.wrapped:
-            self.step_model = apply_compile(self.run.wrapped)
+        if self.run.plan.compile and self.compiling is None:
+            self.compiling = CompiledStep(self.run.wrapped, self.run.plan.device, eager_steps)
+            self.step_model = self.compiling.model
+
+    def _close_compiling(self) -> None:
+        if self.compiling is not None:
+            self.compiling.close()
 
     def _start_fresh(self) -> None:
         run = self.run
@@ -121,14 +128,18 @@ class Trainer:
         self.restart_timer()
         run.model.train()
         samples, n_batches = 0, len(run.train_loader)
-        with run.settings():
-            for epoch in itertools.count():
-                for micro, batch in enumerate(run.train_loader.batches(epoch)):
-                    stepped, loss = self.micro_step(batch, micro, last=micro == n_batches - 1)
-                    samples += batch_size(batch)
-                    if stepped:
-                        yield samples, loss
-                        samples = 0
+        try:
+            with run.settings():
+                for epoch in itertools.count():
+                    for micro, batch in enumerate(run.train_loader.batches(epoch)):
+                        stepped, loss = self.micro_step(batch, micro,
+                                                        last=micro == n_batches - 1)
+                        samples += batch_size(batch)
+                        if stepped:
+                            yield samples, loss
+                            samples = 0
+        finally:
+            self._close_compiling()
 
     def _train_record(self) -> dict[str, float]:
         """The epoch's training loss and metric so far (a host sync: at log points only)."""
@@ -161,12 +172,15 @@ class Trainer:
         """Logs and mid-epoch checkpoints after an optimizer step; returns the step clock."""
         p, train = self.state.progress, self.run.cfg.train
         p.step += 1
-        if self.first_step_pending:  # the first step after (re)start carries compilation
-            self.first_step_pending = False  # and one-off warm-ups: not a step
+        if self.first_step_pending:  # the first step after (re)start carries one-off
+            self.first_step_pending = False  # warm-ups: not in the step breakdown
             self.restart_timer().restart()
-            if self.run.plan.compile:
-                p.compile_seconds += time.perf_counter() - tick
-                tick = time.perf_counter()
+        if self.compiling is not None:
+            moved = self.compiling.after_step(p, tick)
+            if moved != tick:  # eager steps ended, or a step compiled: a fresh breakdown
+                tick = moved
+                self.restart_timer().restart()
+            self.step_model = self.compiling.model
         if p.step % train.log_every == 0:
             self._log_train(bar)
             self.timer.collect()
@@ -268,7 +282,7 @@ class Trainer:
         folder. `plan_measurement`: how the plan's "auto" choices were measured."""
         run, out = self.run, self.out_dir
         flops = summary.training_flops(run)  # before seeding: it draws no numbers after
-        self._begin()
+        self._begin(eager_steps=EAGER_STEPS)
         if resume:
             self._resume()
         else:
@@ -292,8 +306,11 @@ class Trainer:
             if self.monitor:
                 self.monitor.stop()
             self.log_file.close()
+            self._close_compiling()
         result = summary.build(run, self.state, self.timer, flops,
                                self.monitor.summary() if self.monitor else None)
+        if self.compiling is not None:
+            result["compile"] = self.compiling.report(self.state.progress)
         result["plan_measurement"] = plan_measurement
         if out is not None:
             summary.write(run, self.state, result, out)
