@@ -74,7 +74,7 @@ def test_csv_source_standardises_features(tmp_path):
 def test_csv_rejects_text_and_fractional_labels(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("a,label\n1,x\n2,1\n3,0\n")
-    with pytest.raises(LeantrainError, match="must be a number"):
+    with pytest.raises(LeantrainError, match="line 2, column .label.: .x. is not a number"):
         load_data(DataConfig(source=str(path)))
     path.write_text("a,label\n1,0.5\n2,1\n3,0\n")
     with pytest.raises(LeantrainError, match="integer class indices"):

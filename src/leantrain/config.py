@@ -206,6 +206,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
                 f"config key '{prefix}{key}' has value {value!r} ({type(value).__name__}); "
                 f"allowed: {_describe(tp)}"
             )
+        if isinstance(coerced, float) and not math.isfinite(coerced):  # nan, inf, 1e400
+            raise LeantrainError(f"config key '{prefix}{key}' has value {value!r}; allowed: a "
+                                 "finite number")
         kwargs[key] = coerced
     return cls(**kwargs)
 
@@ -230,6 +233,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
             raise LeantrainError(f"config key '{key}' must be > 0, got {value!r}")
     checks = [
         ("data.val_fraction", cfg.data.val_fraction, 0 < cfg.data.val_fraction < 1, "in (0, 1)"),
+        ("optim.momentum", cfg.optim.momentum, 0 <= cfg.optim.momentum < 1, "in [0, 1)"),
+        ("optim.weight_decay", cfg.optim.weight_decay, cfg.optim.weight_decay >= 0, ">= 0"),
+        ("schedule.gamma", cfg.schedule.gamma, cfg.schedule.gamma > 0, "> 0"),
+        ("schedule.step_size", cfg.schedule.step_size, cfg.schedule.step_size >= 0, ">= 0"),
+        ("train.seed", cfg.train.seed, 0 <= cfg.train.seed < 2**32,
+         "in [0, 2**32) (numpy's seed range)"),
         ("train.checkpoint_every", cfg.train.checkpoint_every, cfg.train.checkpoint_every >= 0,
          ">= 0"),
         ("train.monitor_interval_s", cfg.train.monitor_interval_s,

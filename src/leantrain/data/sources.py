@@ -42,8 +42,30 @@ def _split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[n_val:], perm[:n_val]
 
 
+def _numbers(values: np.ndarray, where: str, what: str) -> torch.Tensor:
+    """`values` as a float tensor whose every entry is a finite number, or one line naming the
+    first sample that is not."""
+    array = np.asarray(values)
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise LeantrainError(f"{where}: {what} must be numbers, found dtype {array.dtype} "
+                             f"(e.g. {array.reshape(-1)[:1].tolist()})")
+    x = torch.as_tensor(array).float()
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        at = bad.nonzero()[0].tolist()
+        position = f" at position {tuple(at[1:])}" if len(at) > 1 else ""
+        raise LeantrainError(f"{where}: {what} of sample {at[0]}{position} is "
+                             f"{x[tuple(at)].item()}; inputs must be finite numbers")
+    return x
+
+
 def _labels(y: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
-    y = torch.as_tensor(np.asarray(y))
+    array = np.asarray(y)
+    if not np.issubdtype(array.dtype, np.number):
+        raise LeantrainError(f"{where}: labels must be integer class indices, found dtype "
+                             f"{array.dtype} (e.g. {array.reshape(-1)[:1].tolist()}); map "
+                             "class names to 0..classes-1")
+    y = torch.as_tensor(array)
     if y.is_floating_point():
         if not torch.equal(y, y.round()):
             raise LeantrainError(f"{where}: labels must be integer class indices, found fractions")
@@ -58,6 +80,8 @@ def _array_bundle(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, what: str,
                   val: tuple[torch.Tensor, torch.Tensor] | None = None) -> DataBundle:
     if len(x) != len(y):
         raise LeantrainError(f"{what}: {len(x)} samples but {len(y)} labels")
+    if val is not None and len(val[0]) == 0:
+        raise LeantrainError(f"{what}: the validation arrays are empty")
     if val is None:
         train_idx, val_idx = _split(len(x), cfg.val_fraction)
         (xt, yt), (xv, yv) = (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx])
@@ -91,11 +115,12 @@ def npz(path: Path, cfg: DataConfig) -> DataBundle:
         missing = {"x", "y"} - set(arrays.files)
         if missing:
             raise LeantrainError(f"{path}: .npz needs arrays 'x' and 'y'; has {arrays.files}")
-        x = torch.as_tensor(arrays["x"]).float()
+        x = _numbers(arrays["x"], str(path), "'x'")
         y = _labels(arrays["y"], str(path))
         val = None
         if "x_val" in arrays.files and "y_val" in arrays.files:
-            val = (torch.as_tensor(arrays["x_val"]).float(), _labels(arrays["y_val"], str(path)))
+            val = (_numbers(arrays["x_val"], str(path), "'x_val'"),
+                   _labels(arrays["y_val"], str(path)))
     return _array_bundle(x, y, cfg, f"npz {path.name}", val)
 
 
@@ -111,10 +136,7 @@ def csv_table(path: Path, cfg: DataConfig) -> DataBundle:
             f"{path}: no label column {cfg.label_column!r} (data.label_column); columns: {header}"
         )
     label_at = header.index(cfg.label_column)
-    try:
-        table = np.array(body, dtype=np.float64)
-    except ValueError as exc:
-        raise LeantrainError(f"{path}: every CSV value must be a number ({exc})") from exc
+    table = _csv_numbers(path, header, body)
     y = _labels(table[:, label_at], str(path))
     x = torch.tensor(np.delete(table, label_at, axis=1), dtype=torch.float32)
     bundle = _array_bundle(x, y, cfg, f"csv {path.name}")
@@ -126,11 +148,36 @@ def csv_table(path: Path, cfg: DataConfig) -> DataBundle:
     return bundle
 
 
+def _csv_numbers(path: Path, header: list[str], body: list[list[str]]) -> np.ndarray:
+    """The CSV's body as numbers, or one line naming the first row and column that is not a
+    finite number (rows counted as in an editor: the header is line 1)."""
+    table = np.empty((len(body), len(header)))
+    for i, row in enumerate(body):
+        line = i + 2
+        if len(row) != len(header):
+            raise LeantrainError(f"{path}, line {line}: {len(row)} values for {len(header)} "
+                                 "columns")
+        for j, cell in enumerate(row):
+            try:
+                value = float(cell)
+            except ValueError:
+                shown = repr(cell) if cell.strip() else "empty"
+                raise LeantrainError(f"{path}, line {line}, column {header[j]!r}: {shown} is "
+                                     "not a number") from None
+            if not np.isfinite(value):
+                raise LeantrainError(f"{path}, line {line}, column {header[j]!r}: {cell} is "
+                                     "not a finite number")
+            table[i, j] = value
+    return table
+
+
 class ImageFolder(Dataset):
     """Images in class-named subfolders, decoded on access (per-item work: use workers)."""
 
-    def __init__(self, items: list[tuple[Path, int]], size: int | None, channels: int):
-        self.items, self.size, self.channels = items, size, channels
+    def __init__(self, items: list[tuple[Path, int]], size: int | None, channels: int,
+                 expected: tuple[int, int] | None = None):
+        # expected: the (width, height) every image must have when none is resized
+        self.items, self.size, self.channels, self.expected = items, size, channels, expected
 
     def __len__(self) -> int:
         return len(self.items)
@@ -139,11 +186,18 @@ class ImageFolder(Dataset):
         from PIL import Image
 
         path, label = self.items[index]
-        with Image.open(path) as img:
-            img = img.convert("L" if self.channels == 1 else "RGB")
-            if self.size:
-                img = img.resize((self.size, self.size))
-            array = np.asarray(img, dtype=np.float32) / 255.0
+        try:
+            with Image.open(path) as img:
+                if not self.size and self.expected and img.size != self.expected:
+                    raise LeantrainError(
+                        f"{path} is {img.size[0]}x{img.size[1]} while the other images are "
+                        f"{self.expected[0]}x{self.expected[1]}; set data.image_size")
+                img = img.convert("L" if self.channels == 1 else "RGB")
+                if self.size:
+                    img = img.resize((self.size, self.size))
+                array = np.asarray(img, dtype=np.float32) / 255.0
+        except OSError as exc:  # PIL's UnidentifiedImageError, a truncated file
+            raise LeantrainError(f"{path} cannot be read as an image: {exc}") from None
         tensor = torch.from_numpy(array.copy())
         tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
         return tensor, label
@@ -170,15 +224,20 @@ def image_folder(path: Path, cfg: DataConfig) -> DataBundle:
         raise LeantrainError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
     from PIL import Image
 
-    sizes, modes = set(), set()
-    for file, _ in items[:50]:  # a sample: decoding every image here would be slow
-        with Image.open(file) as img:
-            sizes.add(img.size)
-            modes.add(img.mode)
+    sizes, modes = {}, set()
+    for file, _ in items[:50]:  # a sample (the rest are checked as they load: ImageFolder)
+        try:
+            with Image.open(file) as img:
+                sizes.setdefault(img.size, file)
+                modes.add(img.mode)
+        except OSError as exc:
+            raise LeantrainError(f"{file} cannot be read as an image: {exc}") from None
     channels = 1 if modes <= {"L", "1", "I", "F"} else 3
     size = cfg.image_size
     if size is None and len(sizes) > 1:
-        raise LeantrainError(f"{path}: images differ in size; set data.image_size")
+        (a, file_a), (b, file_b) = list(sizes.items())[:2]
+        raise LeantrainError(f"{path}: images differ in size ({file_a} is {a[0]}x{a[1]}, "
+                             f"{file_b} is {b[0]}x{b[1]}); set data.image_size")
     if split:
         train_items, val_items = items, _scan(path / "val", classes)
     else:
@@ -186,8 +245,9 @@ def image_folder(path: Path, cfg: DataConfig) -> DataBundle:
         train_items = [items[i] for i in train_idx.tolist()]
         val_items = [items[i] for i in val_idx.tolist()]
     desc = f"images {path}: {len(train_items)} train / {len(val_items)} val, {len(classes)} classes"
-    return DataBundle(ImageFolder(train_items, size, channels),
-                      ImageFolder(val_items, size, channels), len(classes), desc)
+    expected = next(iter(sizes)) if size is None else None
+    return DataBundle(ImageFolder(train_items, size, channels, expected),
+                      ImageFolder(val_items, size, channels, expected), len(classes), desc)
 
 
 def from_function(spec: str) -> DataBundle:
