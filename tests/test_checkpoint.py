@@ -15,7 +15,7 @@ def test_atomic_save_roundtrip_weights_only(tmp_path):
     atomic_save({"w": torch.arange(3), "step": 7}, path)
     state = load_checkpoint(path)
     assert state["step"] == 7 and torch.equal(state["w"], torch.arange(3))
-    assert os.listdir(tmp_path) == ["ck.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt", "ck.pt.sha256"]  # its SHA-256 beside it
 
 
 def test_failed_save_keeps_the_old_file_and_leaves_no_temp(tmp_path):
@@ -29,15 +29,16 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         atomic_save({"bad": Unpicklable()}, path)
     assert load_checkpoint(path)["step"] == 1
-    assert os.listdir(tmp_path) == ["ck.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt", "ck.pt.sha256"]
 
 
 def test_loading_refuses_arbitrary_pickles(tmp_path):
     path = tmp_path / "evil.pt"
     with path.open("wb") as handle:
         pickle.dump(random.Random(), handle)  # an object weights_only must not build
-    with pytest.raises(LeantrainError, match="cannot be loaded weights-only"):
+    with pytest.raises(LeantrainError, match="holds Python objects besides tensors") as caught:
         load_checkpoint(path)
+    assert "weights_only=False" not in str(caught.value)  # torch's advice is not repeated
     with pytest.raises(LeantrainError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
 
@@ -71,4 +72,5 @@ def test_resume_clears_the_temp_file_of_a_write_that_was_killed(tmp_path):
     (tmp_path / ".checkpoint.pt.ab12cd.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / "notes.tmp").write_text("not ours: no leading dot")
     assert [p.name for p in remove_partial_writes(tmp_path)] == [".checkpoint.pt.ab12cd.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "notes.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.pt.sha256",
+                                                          "notes.tmp"]

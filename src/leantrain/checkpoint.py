@@ -7,8 +7,12 @@ new checkpoint, never half of one. Loading uses `weights_only=True`: a checkpoin
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,15 +25,54 @@ from .errors import LeantrainError
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def _atomic_replace(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _recorded(path: Path) -> list[str]:
+    try:
+        return _checksum_file(path).read_text().split()
+    except OSError:
+        return []
+
+
+def _atomic_replace(path: Path, write, checksum: bool = False) -> None:
+    """Write to a temp file, fsync, rename over `path`. With `checksum`, the file's SHA-256 is
+    recorded in `path.sha256` before the rename, beside the previous file's (a kill between the
+    two leaves the old file, whose hash is still listed)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise LeantrainError(f"cannot write {path}: {exc.strerror}") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as any file the user creates (mkstemp makes 0600)
+        if checksum:
+            hashes = [_sha256(Path(tmp))] + (_recorded(path)[:2] if path.is_file() else [])
+            _atomic_replace(_checksum_file(path), lambda h: h.write(" ".join(hashes).encode()))
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a folder made read-only mid-run: nothing half-written
+        Path(tmp).unlink(missing_ok=True)
+        why = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror
+        raise LeantrainError(f"cannot write {path}: {why}") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -44,8 +87,8 @@ def remove_partial_writes(folder: str | Path) -> list[Path]:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save `obj` to `path` so that `path` is always complete."""
-    _atomic_replace(Path(path), lambda handle: torch.save(obj, handle))
+    """torch.save `obj` to `path` so that `path` is always complete, its SHA-256 beside it."""
+    _atomic_replace(Path(path), lambda handle: torch.save(obj, handle), checksum=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -92,10 +135,22 @@ def _as_tuples(value: Any) -> Any:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load weights-only, after checking the SHA-256 recorded when leantrain wrote the file
+    (files from elsewhere have none and are loaded as they are)."""
     path = Path(path)
     if not path.is_file():
         raise LeantrainError(f"checkpoint not found: {path}")
+    recorded = _recorded(path)
+    if recorded and _sha256(path) not in recorded:
+        raise LeantrainError(f"{path} is corrupt: its SHA-256 differs from the one recorded "
+                             f"when it was written ({_checksum_file(path).name})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # corrupt file or a pickle that is not plain weights
-        raise LeantrainError(f"checkpoint {path} cannot be loaded weights-only: {exc}") from exc
+    except pickle.UnpicklingError as exc:  # a pickle that is not plain weights
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise LeantrainError(f"{path} holds Python objects besides tensors{what}; leantrain "
+                             "loads weights only, so that a file cannot run code") from exc
+    except Exception as exc:  # a truncated or foreign file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LeantrainError(f"{path} cannot be loaded as a checkpoint: {first}") from exc
