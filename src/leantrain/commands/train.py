@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import LeantrainError
 from . import common
 
 EXAMPLES = """examples:
@@ -27,27 +26,20 @@ def add_parser(sub) -> None:
 
 
 def run_folder(args: argparse.Namespace) -> Path:
-    """The run's folder: the one to resume, or a new one that holds no run yet."""
-    from ..checkpoint import CHECKPOINT_NAME
-
-    if args.resume:
-        folder = Path(args.resume)
-        if not (folder / CHECKPOINT_NAME).is_file():
-            raise LeantrainError(f"--resume {folder}: no {CHECKPOINT_NAME} in that folder")
-        return folder
-    folder = common.default_out(args)
-    if (folder / CHECKPOINT_NAME).exists():
-        raise LeantrainError(f"{folder} already holds a run; continue it with --resume {folder} "
-                             "or choose another --out")
-    return folder
+    """The run's folder: the one to resume, or a new one that holds no run yet (`fit` checks
+    and locks it: `run.folder`)."""
+    return Path(args.resume) if args.resume else common.default_out(args)
 
 
 def run(args: argparse.Namespace, dist) -> int:
     from ..data import load_data
     from ..measure.report import format_summary
+    from ..run import folder
     from ..run.fit import fit
 
     out = run_folder(args)
+    if dist.is_main:  # before the data loads: a wrong folder fails at once (rank 0 writes)
+        folder.check(out, bool(args.resume))
     cfg = common.config_from_args(args)
     bundle = load_data(cfg.data)
     common.log.info("data: %s", bundle.description)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import TrainConfig
+from ..distributed import DistContext
 from ..errors import LeantrainError
-from . import defaults
+from . import defaults, folder
 from .plan import build
 from .trainer import Trainer
 
@@ -32,11 +34,15 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise LeantrainError("resume needs the run folder (out_dir) that holds the checkpoint")
-    notes: dict[str, str] = {}
-    record = None
-    if not resume:  # a resumed run continues with the choices its config.yaml holds
-        cfg, notes, record = defaults.decide(cfg, model, train_data, val_data, loss_fn,
-                                             collate_fn)
-    run = build(cfg, model, train_data, val_data, loss_fn, collate_fn=collate_fn, notes=notes)
-    summary = Trainer(run, out, progress_bar).fit(resume=resume, plan_measurement=record)
-    return summary
+    # the folder is checked and locked before anything is measured or written (rank 0 writes)
+    locked = folder.claim(out, resume) if out is not None and DistContext.from_env().is_main \
+        else contextlib.nullcontext()
+    with locked:
+        notes: dict[str, str] = {}
+        record = None
+        if not resume:  # a resumed run continues with the choices its config.yaml holds
+            cfg, notes, record = defaults.decide(cfg, model, train_data, val_data, loss_fn,
+                                                 collate_fn)
+        run = build(cfg, model, train_data, val_data, loss_fn, collate_fn=collate_fn,
+                    notes=notes)
+        return Trainer(run, out, progress_bar).fit(resume=resume, plan_measurement=record)

@@ -1,0 +1,126 @@
+"""A run folder belongs to one run at a time: what may be trained into it, and its lock.
+
+A fresh run needs an empty (or new) folder: files from something else would mix with the
+run's own (two TensorBoard files, a metrics.jsonl with repeated steps). A resume needs the
+run's checkpoint. While a run trains, `.lock` holds its PID, host and start time, created
+exclusively (O_EXCL), so a second run on the same folder stops at once; a lock left by a
+process that died (same host, PID gone) is stale and taken over, with a note in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from ..checkpoint import CHECKPOINT_NAME
+from ..errors import LeantrainError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _holder(lock: Path) -> dict | None:
+    try:
+        found = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None  # being written this instant, or garbage: not a live holder we can name
+    return found if isinstance(found, dict) else None
+
+
+class RunLock:
+    """The exclusive lock on a run folder, held for the length of a run (a context manager)."""
+
+    def __init__(self, folder: Path, created: bool = False):
+        # created: this run made the folder, so it removes it again if it leaves nothing there
+        self.folder, self.path, self.held, self.created = folder, folder / LOCK_NAME, False, \
+            created
+
+    def acquire(self) -> RunLock:
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                self._refuse_or_clear()
+                continue
+            except OSError as exc:
+                raise LeantrainError(f"run folder {self.folder}: cannot write there "
+                                     f"({exc.strerror})") from exc
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            self.held = True
+            return self
+        raise LeantrainError(f"run folder {self.folder}: another run took its lock just now")
+
+    def _refuse_or_clear(self) -> None:
+        holder = _holder(self.path)
+        if holder and holder.get("host") == socket.gethostname() and \
+                isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+            log.warning("run folder %s: removing the stale lock of process %d (no longer "
+                        "running)", self.folder, holder["pid"])
+            self.path.unlink(missing_ok=True)
+            return
+        who = (f"process {holder.get('pid')} on {holder.get('host')} since "
+               f"{holder.get('started')}") if holder else "another process"
+        raise LeantrainError(f"run folder {self.folder} is in use by {who}; wait for it, or "
+                             f"remove {self.path} if that run is gone")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+            if self.created and not any(self.folder.iterdir()):
+                self.folder.rmdir()  # a run that failed before writing leaves no folder
+
+    def __enter__(self) -> RunLock:
+        return self if self.held else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check(folder: Path, resume: bool) -> None:
+    """Refuse a folder this run may not train into (before anything is measured or written)."""
+    if folder.exists() and not folder.is_dir():
+        raise LeantrainError(f"run folder {folder} is a file; choose another folder")
+    lock = folder / LOCK_NAME
+    if lock.exists():
+        RunLock(folder)._refuse_or_clear()  # in use: one line naming the holder
+    has_checkpoint = (folder / CHECKPOINT_NAME).is_file()
+    if resume:
+        if not has_checkpoint:
+            raise LeantrainError(f"resume {folder}: no {CHECKPOINT_NAME} in that folder")
+        return
+    if has_checkpoint:
+        raise LeantrainError(f"{folder} already holds a run; continue it with --resume {folder} "
+                             "or choose another folder")
+    if folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir()):
+        raise LeantrainError(f"run folder {folder} holds files but no {CHECKPOINT_NAME}: it is "
+                             "not a run to resume; choose an empty or new folder")
+
+
+def claim(folder: Path, resume: bool) -> RunLock:
+    """Check the folder, create it and lock it; release the lock (or use `with`) when done."""
+    check(folder, resume)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # read-only, under a file, no space
+        raise LeantrainError(f"run folder {folder}: cannot create it ({exc.strerror})") from exc
+    return RunLock(folder, created).acquire()
