@@ -9,7 +9,7 @@
 3. The figure: the plan's samples/s over the default's in the same round, median and 95%
    bootstrap interval. The floor (issue 16): 0.97x.
 
-    python benchmarks/bench_vs_default.py   # ~14 min on 2 cores; writes results/bench_vs_default.json
+    python benchmarks/bench_vs_default.py   # ~14 min on 2 cores -> results/bench_vs_default.json
 """
 
 from __future__ import annotations

@@ -47,10 +47,12 @@ def snapshot_first_checkpoint(monkeypatch, train, snapshot):
 
     original = Trainer._save_checkpoint
 
-    def save_and_snapshot_first(self):
-        original(self)
+    def save_and_snapshot_first(self, *args):
+        original(self, *args)
         if not snapshot.exists():
-            shutil.copytree(self.out_dir, snapshot)
+            # a killed run's lock names a dead process (stale, taken over on resume); this
+            # live one's is left out
+            shutil.copytree(self.out_dir, snapshot, ignore=shutil.ignore_patterns(".lock"))
 
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "_save_checkpoint", save_and_snapshot_first)

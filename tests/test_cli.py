@@ -75,7 +75,7 @@ def user_code(tmp_path):
      "the model cannot run on the data: input batch of shape (40, 1, 8, 9)"),
     (["--model", "usercode:model", "--data", "usercode:many_labels"],
      "labels out of range: found 0..39, but the model outputs 10 classes"),
-    (["--resume", "nowhere"], "--resume nowhere: no checkpoint.pt"),
+    (["--resume", "nowhere"], "resume nowhere: no checkpoint.pt"),
 ])
 def test_bad_input_fails_with_one_clear_line(user_code, args, fragment):
     out = user_code / "run"

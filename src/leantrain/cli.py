@@ -21,6 +21,17 @@ def _module(name: str):
     return importlib.import_module(f"leantrain.commands.{name}")
 
 
+def _one_line(exc: LeantrainError) -> str:
+    """The message; for an error raised in a DataLoader worker, torch re-raises it with the
+    worker's traceback as its text: its last line is the message."""
+    text = str(exc)
+    if "Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith("leantrain.") and ": " in last \
+            else last
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="leantrain", description="Faster, smaller, cheaper PyTorch training, measured.")
@@ -45,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except LeantrainError as exc:
         if args.debug:
             raise
-        print(f"leantrain: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"leantrain: error: {_one_line(exc)}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)  # 2: bad input; 128 + N: stopped by signal N
     except KeyboardInterrupt:
         print("leantrain: interrupted; a run with a checkpoint continues with --resume DIR",
               file=sys.stderr)

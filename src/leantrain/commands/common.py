@@ -85,12 +85,21 @@ def _shortcut_overrides(args: argparse.Namespace) -> dict:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """recipe < --config < --plan < --set < shortcut flags; --resume: the run's own config."""
     if vars(args).get("resume"):
-        given = [flag for flag, value in [("--config", args.config), ("--set", args.overrides),
-                                          ("--model", args.model), ("--data", args.data),
-                                          ("--plan", args.plan), ("--out", args.out)] if value]
+        flag = vars(args).get
+        given = [name for name, value in [
+            ("--config", flag("config")), ("--set", flag("overrides")), ("--model", flag("model")),
+            ("--data", flag("data")), ("--plan", flag("plan")), ("--out", flag("out")),
+            ("--device", flag("device")), ("--precision", flag("precision")),
+            ("--compile", flag("compile")), ("--no-plan-cache", flag("no_plan_cache"))] if value]
         if given:
-            raise LeantrainError(f"--resume continues with the run's own config; drop {given}")
-        return load_config(Path(args.resume) / CONFIG_NAME)
+            raise LeantrainError(f"--resume continues with the run's own config; drop "
+                                 f"{', '.join(given)} (only --epochs and --target-acc may change "
+                                 "on resume)")
+        cfg = load_config(Path(args.resume) / CONFIG_NAME)
+        honoured = {"train": {k: v for k, v in (("epochs", flag("epochs")),
+                                                ("target_acc", flag("target_acc")))
+                              if v is not None}}
+        return load_config(None, (), merge(cfg.to_dict(), honoured))
     recipe = get_recipe(args.recipe)
     base = merge({"recipe": recipe.name}, recipe.config)
     if args.config:

@@ -92,8 +92,11 @@ def run(args: argparse.Namespace, dist) -> int:
 
 def launch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
            master_port: int | None, command: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    from ..run.signals import Stopped
 
     args = parse_args(torchrun_args(nproc, nnodes, node_rank, master_addr, master_port,
                                     command))
@@ -101,4 +104,10 @@ def launch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
         run(args)
     except ChildFailedError as exc:
         raise LeantrainError(f"the job failed:\n{describe_failure(exc)}") from exc
+    except SignalException as exc:  # torchrun has passed the signal on to every rank
+        import signal
+        name = signal.Signals(exc.sigval).name
+        raise Stopped(f"stopped by {name}: every rank was sent it; a training rank writes a "
+                      "checkpoint at the step it stops (continue with launch ... -- train "
+                      "--resume DIR)", int(exc.sigval)) from exc
     return 0

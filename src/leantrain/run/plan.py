@@ -236,6 +236,16 @@ def _drops_short_batch(plan: ResolvedPlan, n: int, batch_size: int, world: int) 
     return (plan.compile or plan.cudnn_benchmark) and n >= batch_size * world
 
 
+def _all_labels(*tensor_sets) -> torch.Tensor | None:
+    """Every label of the tensor-backed training and validation sets, flattened (their range
+    is checked before training, not only the first batch's); None when there are none."""
+    found = [labels_of(t) for t in tensor_sets if t is not None]
+    found = [t.reshape(-1) for t in found if isinstance(t, torch.Tensor)]
+    if not found or len({t.dtype for t in found}) > 1:
+        return found[0] if len(found) == 1 else None
+    return torch.cat(found)
+
+
 def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dataset,
           loss_fn: LossFn | None = None, measure_loader: bool = True,
           collate_fn: Callable[[list], object] | None = None,
@@ -264,10 +274,13 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
         raise LeantrainError(
             f"{len(train_data)} training samples make no full batch of "
             f"{data.batch_size} x {dist.world_size} processes; lower data.batch_size")
+    if len(val_data) == 0:
+        raise LeantrainError("the validation set is empty; give it samples (or, for a single "
+                             "dataset, a data.val_fraction that leaves some)")
     contract = step.step_for(model, plan, cfg.train.task, loss_fn)
     whole = tensors_of(train_data)  # a Subset's are an indexed copy: taken once
     task, num_classes = step.check_first_batch(model, batches, contract,
-                                               labels_of(whole) if whole is not None else None)
+                                               _all_labels(whole, tensors_of(val_data)))
     contract = replace(contract, task=task)
     tuning = None
     tunable = loader.auto_fields(data)

@@ -7,6 +7,7 @@ back, so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from ..techniques import precision
 from ..techniques.optimizer import build_optimizer
 from ..techniques.schedules import build_scheduler
 from .plan import Run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,14 +97,95 @@ def checkpoint(state: TrainState, run: Run) -> dict[str, Any]:
     }
 
 
-def save(state: TrainState, run: Run, out_dir: Path) -> None:
+# config keys a resume may change: when and how often the run stops, logs, evaluates and
+# saves, and how batches reach the model; every other key shapes the computation
+RESUMABLE_KEYS = frozenset({
+    "train.epochs", "train.target_acc", "train.target", "train.max_steps", "train.log_every",
+    "train.checkpoint_every", "train.eval_every_steps", "train.eval_every_epochs",
+    "train.monitor_interval_s", "train.dist_timeout_s", "data.num_workers", "data.pin_memory",
+    "data.prefetch_factor", "data.persistent_workers", "data.eval_batch_size", "plan.cache",
+})
+_REQUIRED = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": (dict, list),
+             "progress": dict, "epoch_sums": list}
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def fingerprint(run: Run) -> dict[str, Any]:
+    """What a resume must find unchanged: the config (all but RESUMABLE_KEYS) and the
+    model's parameter names and shapes."""
+    return {"config": _flat(run.cfg.to_dict()),
+            "parameters": {name: list(p.shape) for name, p in run.model.state_dict().items()
+                           if isinstance(p, torch.Tensor)}}
+
+
+def check_fingerprint(saved: dict[str, Any], run: Run, path: Path) -> None:
+    """One line naming what changed since the checkpoint; the changes a resume may make are
+    logged and honoured."""
+    now = fingerprint(run)
+    before = saved.get("config", {})
+    changed = sorted(k for k in set(before) | set(now["config"])
+                     if before.get(k) != now["config"].get(k))
+    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    if refused:
+        shown = ", ".join(f"{k} ({before.get(k)!r} -> {now['config'].get(k)!r})"
+                          for k in refused[:4])
+        raise LeantrainError(f"resume {path.parent}: the config changed since the checkpoint: "
+                             f"{shown}; a resumed run keeps its training settings (start a new "
+                             "run to change them)")
+    for key in changed:
+        log.info("resume: %s changed %r -> %r (allowed on resume)", key, before.get(key),
+                 now["config"].get(key))
+    had, has = saved.get("parameters", {}), now["parameters"]
+    for name in list(had) + [n for n in has if n not in had]:
+        if had.get(name) != has.get(name):
+            raise LeantrainError(
+                f"resume {path.parent}: the model differs from the checkpoint's at {name} "
+                f"(checkpoint {had.get(name) or 'absent'}, model {has.get(name) or 'absent'}); "
+                "resume with the model the run was started with")
+
+
+def save(state: TrainState, run: Run, out_dir: Path, extra: dict[str, Any] | None = None
+         ) -> None:
     saved = checkpoint(state, run)
     if run.dist.is_main:
-        atomic_save(saved, out_dir / CHECKPOINT_NAME)
+        atomic_save({**saved, "fingerprint": fingerprint(run), **(extra or {})},
+                    out_dir / CHECKPOINT_NAME)
 
 
-def restore(state: TrainState, run: Run, saved: dict[str, Any]) -> None:
-    """Load a checkpoint into `state` and the run's model, and this rank's RNG."""
+def _check_structure(saved: Any, path: Path) -> None:
+    if not isinstance(saved, dict):
+        raise LeantrainError(f"{path} is not a leantrain training checkpoint (it holds a "
+                             f"{type(saved).__name__}, not the run's state)")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(saved.get(key), kind):
+            what = "missing" if key not in saved else f"a {type(saved[key]).__name__}"
+            raise LeantrainError(f"{path} is not a leantrain training checkpoint: its "
+                                 f"{key!r} entry is {what}")
+
+
+def restore(state: TrainState, run: Run, saved: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint into `state` and the run's model, and this rank's RNG, after checking
+    that it is one and that the run has not changed since (`check_fingerprint`)."""
+    _check_structure(saved, path)
+    if "fingerprint" in saved:
+        check_fingerprint(saved["fingerprint"], run, path)
+    else:
+        log.warning("resume %s: the checkpoint predates fingerprints; changes to the config "
+                    "cannot be detected", path.parent)
+    try:
+        Progress(**saved["progress"])
+    except TypeError as exc:
+        raise LeantrainError(f"{path}: its progress entry is not a leantrain run's "
+                             f"({exc})") from exc
     ranks = len(saved["rng"]) if isinstance(saved["rng"], list) else 1
     if ranks != run.dist.world_size:
         raise LeantrainError(f"the checkpoint was written by {ranks} process(es); resume it "

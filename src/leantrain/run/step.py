@@ -160,7 +160,7 @@ def metrics(model: nn.Module, loader, step: Step) -> dict[str, float | None]:
     was_training = model.training
     model.eval()
     loss_sum, hits, count = tasks.zeros(step.task, step.device)
-    for raw in loader.batches():
+    for number, raw in enumerate(loader.batches()):
         sb = step.unpack(raw)
         with step.autocast():
             logits, own = read_output(model(*sb.args, **sb.kwargs))
@@ -168,7 +168,13 @@ def metrics(model: nn.Module, loader, step: Step) -> dict[str, float | None]:
         if step.task == "model-loss":
             loss_sum += own.detach().float() * n
         else:
-            loss_sum += tasks.loss_sum(step.task, logits, sb.labels)
+            try:
+                loss_sum += tasks.loss_sum(step.task, logits, sb.labels)
+            except (IndexError, RuntimeError) as exc:
+                found = label_error(exc, f"validation batch {number}")
+                if found is None:
+                    raise
+                raise found from exc
         hits += metric
         count += n
     model.train(was_training)
@@ -235,6 +241,16 @@ def _checked_call(model: nn.Module, call: Callable[[], Any], sb: StepBatch, step
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     finally:
         model.train(was_training)
+
+
+def label_error(exc: Exception, where: str) -> LeantrainError | None:
+    """A loss's failure on a label outside the model's classes (a later batch than the one
+    checked, a streamed dataset), as one line naming the batch; None for any other failure."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if not isinstance(exc, (IndexError, RuntimeError)) or "out of bounds" not in text:
+        return None
+    return LeantrainError(f"{where}: a label is out of range ({text}); labels must be class "
+                          "indices in 0..classes-1, or -100 to ignore a position")
 
 
 def _shape(t: Any) -> tuple | str:

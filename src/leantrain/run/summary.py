@@ -135,8 +135,28 @@ def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float
 
 def write(run: Run, state: TrainState, summary: dict[str, Any], out_dir: Path) -> None:
     """model.pt (a plain, unsharded state_dict) and summary.json; every rank calls it."""
+    _write_weights(run, state, out_dir)
+    if run.dist.is_main:
+        atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2))
+
+
+def _write_weights(run: Run, state: TrainState, out_dir: Path) -> None:
     weights, _ = distributed.full_state(run.model, state.optimizer, run.plan.distributed)
     if run.dist.is_main:
-        plain = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-        atomic_save(plain, out_dir / MODEL_NAME)
-        atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2))
+        atomic_save({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                    out_dir / MODEL_NAME)
+
+
+def write_missing(run: Run, state: TrainState, saved_summary: dict[str, Any] | None,
+                  out_dir: Path) -> list[str]:
+    """For a finished run (its final checkpoint restored into `run` and `state`): write
+    model.pt and summary.json where they are missing; returns the names written."""
+    written = []
+    if not (out_dir / MODEL_NAME).is_file():
+        _write_weights(run, state, out_dir)
+        written.append(MODEL_NAME)
+    if not (out_dir / SUMMARY_NAME).is_file() and saved_summary is not None:
+        if run.dist.is_main:
+            atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(saved_summary, indent=2))
+        written.append(SUMMARY_NAME)
+    return written

@@ -29,8 +29,8 @@ from ..measure.monitor import ResourceMonitor
 from ..measure.timing import DATA_WAIT_WARNING, StepTimer
 from ..techniques import accumulation, clipping, precision
 from ..techniques.init import init_weights
+from . import finite, signals, step, summary
 from . import state as run_state
-from . import step, summary
 from .compiling import EAGER_STEPS, CompiledStep
 from .logs import NullLog, RunLog, start_monitor, truncate_after
 from .plan import Run
@@ -52,6 +52,8 @@ class Trainer:
         self.monitor: ResourceMonitor | None = None
         self.data_wait_warned, self.first_step_pending, self.loop_start = False, True, 0.0
         self.target, self.evaluated_at = target_of(run.cfg), -1
+        self.stop = signals.StopRequest()
+        self.saved_step: int | None = None  # the step of the last checkpoint written
 
     def restart_timer(self) -> StepTimer:
         """A fresh step timer from now on (after warm-up steps that should not count)."""
@@ -88,7 +90,14 @@ class Trainer:
         timer.mark("data")
         sb = run.step.unpack(batch)
         timer.mark("copy")
-        logits, loss, _ = run.step.forward(self.step_model, sb)
+        try:
+            logits, loss, _ = run.step.forward(self.step_model, sb)
+        except (IndexError, RuntimeError) as exc:
+            found = step.label_error(exc, f"training batch {micro} of epoch "
+                                          f"{state.progress.epoch + 1}")
+            if found is None:
+                raise
+            raise found from exc
         metric, count = tasks.tally(run.step.task, logits, sb.labels, sb.size)
         loss_sum, metric_sum, counted = state.epoch_sums
         loss_sum += loss.detach().float() * count
@@ -144,6 +153,7 @@ class Trainer:
     def _train_record(self) -> dict[str, float]:
         """The epoch's training loss and metric so far (a host sync: at log points only)."""
         loss_sum, metric_sum, n = run_state.epoch_totals(self.state, self.run)
+        finite.check_loss(loss_sum, self.state.progress.step, self._last_good())
         record = {"loss": loss_sum / max(n, 1)}
         metric = tasks.METRIC.get(self.run.step.task)
         if metric:
@@ -185,6 +195,8 @@ class Trainer:
             self._log_train(bar)
             self.timer.collect()
             self.timer.restart()
+        if self._stop_requested(p.step):
+            self._stop_on_signal()
         if train.max_steps is not None and p.step >= train.max_steps:
             p.stop_reason = f"train.max_steps ({train.max_steps}) reached"
         eval_now = train.eval_every_steps and p.step % train.eval_every_steps == 0
@@ -256,25 +268,64 @@ class Trainer:
             p.train_seconds += time.perf_counter() - self.loop_start
             self.loop_start = time.perf_counter()
             if stop or epoch + 1 == epochs:
-                p.finished = True
+                return  # the finished checkpoint follows the run's artefacts (see `fit`)
             self._save_checkpoint()
-            if stop:
-                break
 
-    def _save_checkpoint(self) -> None:
-        if self.out_dir is not None:
-            run_state.save(self.state, self.run, self.out_dir)
+    def _last_good(self) -> str:
+        if self.out_dir is None:
+            return "no run folder, so no checkpoint"
+        if self.saved_step is None:
+            return f"no checkpoint was written in {self.out_dir} before it"
+        return f"the last finite checkpoint (step {self.saved_step}) is kept in {self.out_dir}"
 
-    def _resume(self) -> None:
+    def _save_checkpoint(self, extra: dict[str, Any] | None = None) -> None:
+        if self.out_dir is None:
+            return
+        p = self.state.progress
+        finite.check_parameters(self.run.model, self.run.dist, p.step, self._last_good())
+        run_state.save(self.state, self.run, self.out_dir, extra)
+        self.saved_step = p.step
+
+    def _stop_requested(self, step: int) -> bool:
+        """A signal was received here (or, under launch, on any rank: the ranks agree at log
+        steps, so that all of them checkpoint the same step and none waits on another)."""
+        if not self.run.dist.active:
+            return self.stop.requested
+        if step % self.run.cfg.train.log_every:
+            return False
+        flag = torch.tensor([float(self.stop.requested)], device=self.run.plan.device)
+        return bool(distributed.all_reduce_sum([flag], self.run.dist)[0].item())
+
+    def _stop_on_signal(self) -> None:
+        name = signals.signal.Signals(self.stop.signum or signals.signal.SIGTERM)
+        p = self.state.progress
+        if self.out_dir is None:
+            raise signals.Stopped(f"stopped by {name.name} at step {p.step} (no run folder: "
+                                  "nothing saved)", name.value)
+        self._save_checkpoint()
+        raise signals.Stopped(f"stopped by {name.name} at step {p.step}; checkpoint written; "
+                              f"continue with: leantrain train --resume {self.out_dir}",
+                              name.value)
+
+    def _resume(self) -> dict[str, Any] | None:
+        """Restore the checkpoint; for a finished run, write the artefacts it lacks and return
+        its summary (None: training continues)."""
         out = self.out_dir
         remove_partial_writes(out)  # a run killed while writing leaves its temp file
-        run_state.restore(self.state, self.run,
-                          load_checkpoint(out / CHECKPOINT_NAME, self.run.plan.device))
+        saved = load_checkpoint(out / CHECKPOINT_NAME, self.run.plan.device)
+        run_state.restore(self.state, self.run, saved, out / CHECKPOINT_NAME)
         p = self.state.progress
-        truncate_after(out, p.step)
+        self.saved_step = p.step
         if p.finished:
-            raise LeantrainError(f"the run in {out} has already finished; nothing to resume")
+            written = summary.write_missing(self.run, self.state, saved.get("summary"), out)
+            if not written:
+                raise LeantrainError(f"the run in {out} has already finished; nothing to resume")
+            log.info("the run in %s had finished; wrote what it lacked: %s", out,
+                     ", ".join(written))
+            return saved["summary"]
+        truncate_after(out, p.step)
         log.info("resuming at epoch %d, batch %d (step %d)", p.epoch + 1, p.batch, p.step)
+        return None
 
     def fit(self, resume: bool = False, plan_measurement: dict[str, Any] | None = None
             ) -> dict[str, Any]:
@@ -284,7 +335,10 @@ class Trainer:
         flops = summary.training_flops(run)  # before seeding: it draws no numbers after
         self._begin(eager_steps=EAGER_STEPS)
         if resume:
-            self._resume()
+            finished = self._resume()
+            if finished is not None:
+                self._close_compiling()
+                return finished
         else:
             self._start_fresh()
         writes = out is not None and run.dist.is_main  # files and logs: rank 0 only
@@ -300,7 +354,7 @@ class Trainer:
             "monitor", self.state.progress.step, **sample))
         run.model.train()
         try:
-            with run.settings():
+            with run.settings(), self.stop:
                 self._loop()
         finally:
             if self.monitor:
@@ -313,5 +367,11 @@ class Trainer:
             result["compile"] = self.compiling.report(self.state.progress)
         result["plan_measurement"] = plan_measurement
         if out is not None:
+            # model.pt and summary.json first, then the checkpoint that says "finished": a run
+            # killed in between resumes from the previous checkpoint and writes them again
+            finite.check_parameters(run.model, run.dist, self.state.progress.step,
+                                    self._last_good())
             summary.write(run, self.state, result, out)
+            self.state.progress.finished = True
+            self._save_checkpoint({"summary": result})
         return result

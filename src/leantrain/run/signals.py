@@ -1,0 +1,60 @@
+"""SIGTERM and SIGINT during training: finish the step, write a checkpoint, exit naming it.
+
+SIGTERM is what a cluster scheduler or a spot instance sends before it stops a job; Ctrl-C
+sends SIGINT. Either is noted by a handler and acted on at the next optimizer step (all
+ranks at the same step, see `Trainer`), so the checkpoint is a whole step's state and the
+resumed run continues bit for bit. A second signal stops at once, as Python's default would.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from ..errors import LeantrainError
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(LeantrainError):
+    """The run stopped on a signal after writing a checkpoint; exit 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopRequest:
+    """Installs the handlers for its `with` block (main thread only: elsewhere Python cannot)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:  # a second signal: no more waiting
+            self._restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: stopping after this step, writing a checkpoint (send it "
+                    "again to stop at once)", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        return self
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()

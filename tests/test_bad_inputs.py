@@ -1,0 +1,538 @@
+"""Nothing lost, nothing silent: every bad input, bad state and interruption the reliability
+issue lists ends in one line (exit 2, or 128 + the signal), with the run folder as it should
+be afterwards: no half-written files, the last finite checkpoint kept, resumes bit-identical.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import blobs, mlp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from leantrain import fit, load_config
+from leantrain.cli import main
+from leantrain.errors import LeantrainError
+from leantrain.run import folder as run_folder
+from leantrain.run import trainer as trainer_module
+from leantrain.run.finite import NonFiniteError
+from leantrain.run.signals import Stopped
+
+FAST = ["--no-progress", "--set", "train.monitor_interval_s=0"]
+
+
+def _one_line_error(capsys, code: int, *fragments: str, exit_code: int = 2) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == exit_code, err
+    assert err and err[-1].startswith("leantrain: error:"), err
+    for fragment in fragments:
+        assert fragment in err[-1], err[-1]
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+def _cfg(*overrides):
+    return load_config(None, ["plan.device=cpu", "data.batch_size=20", "train.epochs=6",
+                              "optim.lr=0.05", "train.log_every=5", "train.checkpoint_every=10",
+                              "train.monitor_interval_s=0", *overrides])
+
+
+def _data():
+    x, y = blobs(240)
+    return TensorDataset(x[:200], y[:200]), TensorDataset(x[200:], y[200:])
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ non-finite values
+
+
+class _Explodes(nn.Module):
+    """Its outputs become inf from the 41st training forward on."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.calls = mlp(), 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        out = self.net(x)
+        return out * float("inf") if self.training and self.calls > 40 else out
+
+
+def test_outputs_that_become_inf_stop_the_run_and_the_kept_checkpoint_is_finite(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError) as caught:
+        fit(_Explodes(), *_data(), _cfg(), out, progress_bar=False)
+    message = str(caught.value)
+    found = re.match(r"step (\d+): the training loss is (nan|inf) \(not finite\)", message)
+    assert found, message
+    saved = _weights(out / "checkpoint.pt")
+    kept = saved["progress"]["step"]
+    assert 0 < kept < int(found.group(1)) <= kept + 10  # found at the first log step after
+    assert f"last finite checkpoint (step {kept}) is kept in {out}" in message
+    assert "optim.lr" in message and "clip_norm" in message  # the usual fixes
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    assert not (out / "model.pt").exists()  # no non-finite model is ever written
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    """Weights gone NaN after a step whose loss was still finite: the check before the
+    checkpoint names the parameter."""
+    class Poisoned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.calls = mlp(), 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 10:
+                with torch.no_grad():
+                    self.net[0].bias[0] = float("nan")
+                return self.net(x).nan_to_num()
+            return self.net(x).nan_to_num()
+
+    with pytest.raises(NonFiniteError, match=r"step 10: parameter net\.0\.(weight|bias) holds NaN"):
+        fit(Poisoned(), *_data(), _cfg("train.log_every=1000"), tmp_path / "run",
+            progress_bar=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_the_cli_exits_2_on_a_run_that_goes_non_finite(tmp_path, capsys, monkeypatch):
+    (tmp_path / "explode.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class M(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__(); self.l = nn.Linear(1024, 10)\n"
+        "    def forward(self, x):\n        return self.l(x.flatten(1)) * float('inf')\n"
+        "def model():\n    return M()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["train", "--model", "explode:model", "--epochs", "1", "--out",
+                 str(tmp_path / "run"), *FAST])
+    _one_line_error(capsys, code, "the training loss is", "not finite")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.sampled_from(["optim.lr", "optim.momentum", "optim.weight_decay",
+                            "schedule.warmup_fraction", "train.clip_norm", "data.val_fraction",
+                            "train.monitor_interval_s"]),
+       value=st.sampled_from([".nan", "nan", "inf", "-inf", "1e400", ".inf"]))
+def test_non_finite_config_floats_are_refused_naming_the_key(key, value):
+    with pytest.raises(LeantrainError, match=f"'{key}'"):
+        load_config(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim.momentum=-0.5", "'optim.momentum' must be in [0, 1)"),
+    ("optim.weight_decay=-1e-4", "'optim.weight_decay' must be >= 0"),
+    (f"train.seed={2**40}", "'train.seed' must be in [0, 2**32)"),
+    ("train.seed=-1", "'train.seed' must be in [0, 2**32)"),
+])
+def test_out_of_range_optimizer_values_and_seeds_are_refused(override, fragment):
+    with pytest.raises(LeantrainError) as caught:
+        load_config(None, [override])
+    assert fragment in str(caught.value)
+
+
+# ------------------------------------------------------------------ data files
+
+
+def _csv(path: Path, rows: list[str]) -> Path:
+    path.write_text("f1,f2,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("bad_row, fragment", [
+    ("0.5,nan,1", "line 4, column 'f2': nan is not a finite number"),
+    ("0.5,,1", "line 4, column 'f2': empty is not a number"),
+    ("0.5,x7,1", "line 4, column 'f2': 'x7' is not a number"),
+    ("0.5,1", "line 4: 2 values for 3 columns"),
+])
+def test_csv_values_that_are_not_finite_numbers_name_line_and_column(tmp_path, capsys,
+                                                                     bad_row, fragment):
+    rows = ["0.1,0.2,0", "0.3,0.1,1", bad_row] + [f"{i / 10},{i / 7},{i % 2}" for i in range(20)]
+    data = _csv(tmp_path / "t.csv", rows)
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--epochs", "1", "--out", str(out), *FAST])
+    _one_line_error(capsys, code, str(data), fragment)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("arrays, fragment", [
+    ({"x": np.full((30, 4), np.nan, dtype=np.float32), "y": np.zeros(30, int)},
+     "'x' of sample 0 at position (0,) is nan"),
+    ({"x": np.zeros((30, 4)), "y": np.array(["cat"] * 30)},
+     "labels must be integer class indices, found dtype <U3"),
+    ({"x": np.zeros((30, 4)), "y": np.zeros(30, int), "x_val": np.zeros((0, 4)),
+      "y_val": np.zeros(0, int)}, "the validation arrays are empty"),
+])
+def test_npz_inputs_are_checked_at_load_time(tmp_path, capsys, arrays, fragment):
+    data = tmp_path / "d.npz"
+    np.savez(data, **arrays)
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--epochs", "1", "--out", str(out), *FAST])
+    _one_line_error(capsys, code, fragment)
+    assert not out.exists()
+
+
+def _images(root: Path, n: int = 60, odd: int | None = None, corrupt: int | None = None):
+    from PIL import Image
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            size = (12, 12) if i == odd and c == "b" else (8, 8)
+            path = root / c / f"{i:03d}.png"
+            if i == corrupt and c == "b":
+                path.write_bytes(b"not a png at all")
+                continue
+            Image.fromarray(np.full(size[::-1], 40 * i % 255, dtype=np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("odd", "b/055.png is 12x12 while the other images are 8x8; set data.image_size"),
+    ("corrupt", "b/055.png cannot be read as an image"),
+])
+def test_a_later_image_of_another_size_or_a_corrupt_one_names_the_file(tmp_path, capsys, kind,
+                                                                       fragment):
+    root = tmp_path / "images"
+    _images(root, **{kind: 55})  # beyond the 50 files the loader samples up front
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(root), "--epochs", "1", "--set", "data.loader=dataloader",
+                 "--set", "data.num_workers=0", "--out", str(out), *FAST])
+    _one_line_error(capsys, code, fragment)
+
+
+class _LateBadLabel(Dataset):
+    """A dataset that is not tensor-backed (labels checked as they come), one label 7 of 3."""
+
+    def __init__(self):
+        self.x, self.y = blobs(200)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], 7 if i == 150 else int(self.y[i])
+
+
+def test_a_label_out_of_range_in_a_later_batch_names_the_batch(tmp_path):
+    with pytest.raises(LeantrainError, match=r"training batch \d+ of epoch 1: a label is out of "
+                                             r"range"):
+        fit(mlp(), _LateBadLabel(), _data()[1], _cfg("data.loader=dataloader",
+                                                     "data.num_workers=0"),
+            tmp_path / "run", progress_bar=False)
+
+
+def test_a_label_out_of_range_in_the_validation_set_fails_before_training(tmp_path):
+    train, _ = _data()
+    x, y = blobs(40)
+    y[-1] = 9
+    with pytest.raises(LeantrainError, match=r"labels out of range: found 0\.\.9"):
+        fit(mlp(), train, TensorDataset(x, y), _cfg(), tmp_path / "run", progress_bar=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_validation_set_is_refused(tmp_path):
+    train, _ = _data()
+    with pytest.raises(LeantrainError, match="the validation set is empty"):
+        fit(mlp(), train, TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)),
+            _cfg(), tmp_path / "run", progress_bar=False)
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ run folders
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p.write_text("a file"), "is a file"),
+    (lambda p: None, "cannot create it"),  # --out under a file
+])
+def test_an_out_that_is_a_file_or_under_one_is_one_line(tmp_path, capsys, make, fragment):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    out = blocker if fragment == "is a file" else blocker / "run"
+    code = main(["train", "--epochs", "1", "--out", str(out), *FAST])
+    _one_line_error(capsys, code, fragment)
+    assert blocker.read_text() == "x"
+
+
+def test_a_folder_holding_other_files_is_not_trained_into(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    code = main(["train", "--epochs", "1", "--out", str(out), *FAST])
+    _one_line_error(capsys, code, "holds files but no checkpoint.pt")
+    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]
+
+
+def test_a_second_run_on_a_folder_in_use_exits_2_at_once(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "leantrain", "train", "--epochs", "200",
+                              "--out", str(out), *FAST], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (out / ".lock").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert (out / ".lock").exists()
+        start = time.perf_counter()
+        second = subprocess.run([sys.executable, "-m", "leantrain", "train", "--epochs", "1",
+                                 "--out", str(out), *FAST], capture_output=True, text=True)
+        took = time.perf_counter() - start
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2, second.stderr
+    assert f"is in use by process {first.pid}" in second.stderr.strip().splitlines()[-1]
+    assert took < 20  # at once: no data loaded, nothing measured
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                           "started": "earlier"}))
+    fit(mlp(), *_data(), _cfg("train.epochs=1"), out, progress_bar=False)
+    assert (out / "model.pt").exists() and not (out / ".lock").exists()
+    assert any("stale lock" in r.getMessage() for r in caplog.records)
+
+
+def test_files_follow_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fit(mlp(), *_data(), _cfg("train.epochs=1"), tmp_path / "run", progress_bar=False)
+    finally:
+        os.umask(old)
+    for name in ("model.pt", "checkpoint.pt", "summary.json", "config.yaml"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from leantrain import checkpoint
+    out = tmp_path / "run"
+    fit(mlp(), *_data(), _cfg("train.epochs=1"), out, progress_bar=False)
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def full(obj, handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(LeantrainError, match="checkpoint.pt: no space left on the device"):
+        checkpoint.atomic_save({"w": torch.ones(1)}, out / "checkpoint.pt")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not list(out.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------ resume
+
+
+def _finished_run(tmp_path: Path, name: str = "run") -> Path:
+    out = tmp_path / name
+    fit(mlp(), *_data(), _cfg(), out, progress_bar=False)
+    return out
+
+
+def test_a_kill_after_the_final_checkpoint_resume_writes_the_missing_model(tmp_path):
+    out = _finished_run(tmp_path)
+    reference = _weights(out / "model.pt")
+    (out / "model.pt").unlink()
+    (out / "summary.json").unlink()
+    cfg = load_config(out / "config.yaml")
+    summary = fit(mlp(), *_data(), cfg, out, resume=True, progress_bar=False)
+    assert _same(_weights(out / "model.pt"), reference)
+    assert json.loads((out / "summary.json").read_text())["steps"] == summary["steps"]
+
+
+def test_a_kill_before_the_final_checkpoint_resumes_to_the_same_model(tmp_path, monkeypatch):
+    reference = _weights(_finished_run(tmp_path, "full") / "model.pt")
+    out = tmp_path / "killed"
+    original = trainer_module.Trainer._save_checkpoint
+
+    def killed_at_the_finished_checkpoint(self, extra=None):
+        if extra is not None:  # the artefacts are written; the finished checkpoint is next
+            raise KeyboardInterrupt
+        original(self, extra)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module.Trainer, "_save_checkpoint",
+                      killed_at_the_finished_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            fit(mlp(), *_data(), _cfg(), out, progress_bar=False)
+    assert not _weights(out / "checkpoint.pt")["progress"]["finished"]
+    fit(mlp(), *_data(), load_config(out / "config.yaml"), out, resume=True, progress_bar=False)
+    assert _same(_weights(out / "model.pt"), reference)
+    assert _weights(out / "checkpoint.pt")["progress"]["finished"]
+
+
+def test_resuming_a_finished_run_with_everything_there_is_refused(tmp_path):
+    out = _finished_run(tmp_path)
+    with pytest.raises(LeantrainError, match="already finished"):
+        fit(mlp(), *_data(), load_config(out / "config.yaml"), out, resume=True)
+
+
+def test_resume_with_an_edited_lr_names_the_key(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(out), *FAST]) == 0
+    checkpoint = out / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state["progress"]["finished"] = False  # as if killed before the end
+    torch.save(state, checkpoint)
+    (out / "checkpoint.pt.sha256").unlink()
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.1", "lr: 0.05"))
+    code = main(["train", "--resume", str(out), "--no-progress"])
+    _one_line_error(capsys, code, "optim.lr (0.1 -> 0.05)")
+
+
+@pytest.mark.parametrize("flag", [["--precision", "bf16"], ["--device", "cpu"], ["--compile"],
+                                  ["--set", "optim.lr=1"]])
+def test_flags_that_cannot_change_on_resume_are_refused(tmp_path, capsys, flag):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"")  # the flags are refused before it is read
+    code = main(["train", "--resume", str(out), *flag, "--no-progress"])
+    _one_line_error(capsys, code, "--resume continues with the run's own config", flag[0])
+
+
+def test_more_epochs_on_resume_are_honoured(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original = trainer_module.Trainer._end_epoch
+
+    def stop_after_the_first_epoch(self, epoch):
+        stop = original(self, epoch)
+        if epoch == 0:
+            self._save_checkpoint()
+            raise KeyboardInterrupt
+        return stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module.Trainer, "_end_epoch", stop_after_the_first_epoch)
+        assert main(["train", "--epochs", "2", "--out", str(out), *FAST]) == 130
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 3
+    assert "epochs: 3" in (out / "config.yaml").read_text()
+
+
+def test_resume_with_another_architecture_names_the_parameter(tmp_path):
+    out = tmp_path / "run"
+    snapshot_cfg = _cfg("train.epochs=2")
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_after_first_checkpoint(lambda: fit(mlp(), *_data(), snapshot_cfg, out,
+                                                      progress_bar=False))
+    wider = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+    with pytest.raises(LeantrainError, match=r"differs from the checkpoint's at 0\.weight "
+                                             r"\(checkpoint \[32, 8\], model \[64, 8\]\)"):
+        fit(wider, *_data(), snapshot_cfg, out, resume=True, progress_bar=False)
+
+
+def _interrupt_after_first_checkpoint(train):
+    original = trainer_module.Trainer._save_checkpoint
+
+    def save_then_stop(self, extra=None):
+        original(self, extra)
+        raise KeyboardInterrupt
+
+    trainer_module.Trainer._save_checkpoint = save_then_stop
+    try:
+        train()
+    finally:
+        trainer_module.Trainer._save_checkpoint = original
+
+
+@pytest.mark.parametrize("saved, fragment", [
+    ([1, 2, 3], "not a leantrain training checkpoint (it holds a list"),
+    (torch.ones(3), "not a leantrain training checkpoint (it holds a Tensor"),
+    ({"model": {}, "optimizer": {}}, "its 'scheduler' entry is missing"),
+])
+def test_a_checkpoint_of_the_wrong_structure_is_one_line(tmp_path, saved, fragment):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_after_first_checkpoint(lambda: fit(mlp(), *_data(), _cfg(), out,
+                                                      progress_bar=False))
+    torch.save(saved, out / "checkpoint.pt")
+    (out / "checkpoint.pt.sha256").unlink()
+    with pytest.raises(LeantrainError) as caught:
+        fit(mlp(), *_data(), _cfg(), out, resume=True, progress_bar=False)
+    assert fragment in str(caught.value)
+
+
+def test_a_bit_flipped_checkpoint_is_refused(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_after_first_checkpoint(lambda: fit(mlp(), *_data(), _cfg(), out,
+                                                      progress_bar=False))
+    data = bytearray((out / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (out / "checkpoint.pt").write_bytes(bytes(data))
+    with pytest.raises(LeantrainError, match="is corrupt: its SHA-256 differs"):
+        fit(mlp(), *_data(), _cfg(), out, resume=True, progress_bar=False)
+
+
+# ------------------------------------------------------------------ signals
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_run_checkpoints_that_step_and_the_resume_is_bit_identical(
+        tmp_path, monkeypatch, sig, code):
+    reference = _weights(_finished_run(tmp_path, "full") / "model.pt")
+    out = tmp_path / "stopped"
+    original = trainer_module.Trainer._after_step
+
+    def signal_at_step_23(self, bar, tick):
+        if self.state.progress.step == 22:  # this call books step 23
+            os.kill(os.getpid(), sig)
+        return original(self, bar, tick)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module.Trainer, "_after_step", signal_at_step_23)
+        with pytest.raises(Stopped) as caught:
+            fit(mlp(), *_data(), _cfg(), out, progress_bar=False)
+    assert caught.value.exit_code == code
+    assert f"at step 23; checkpoint written; continue with: leantrain train --resume {out}" \
+        in str(caught.value)
+    assert _weights(out / "checkpoint.pt")["progress"]["step"] == 23
+    assert signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)  # restored
+    fit(mlp(), *_data(), load_config(out / "config.yaml"), out, resume=True, progress_bar=False)
+    assert _same(_weights(out / "model.pt"), reference)
+
+
+def test_sigterm_to_a_real_train_process_exits_143_naming_the_resume_command(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "leantrain", "train", "--epochs", "12",
+                             "--out", str(out), *FAST], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("leantrain: error: stopped by SIGTERM at step") and \
+        f"leantrain train --resume {out}" in last
+    step = _weights(out / "checkpoint.pt")["progress"]["step"]
+    assert f"at step {step};" in last
+    assert not (out / run_folder.LOCK_NAME).exists()
