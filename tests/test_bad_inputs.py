@@ -220,6 +220,40 @@ def test_a_later_image_of_another_size_or_a_corrupt_one_names_the_file(tmp_path,
     _one_line_error(capsys, code, fragment)
 
 
+def test_non_finite_inputs_in_tensors_are_found_before_training(tmp_path):
+    train, val = _data()
+    x, y = train.tensors
+    x = x.clone()
+    x[3, 5] = float("nan")
+    with pytest.raises(LeantrainError, match="the training set's sample 3 holds nan"):
+        fit(mlp(), TensorDataset(x, y), val, _cfg(), tmp_path / "run", progress_bar=False)
+    assert not (tmp_path / "run").exists()
+
+
+class _Streamed(Dataset):
+    """Not tensor-backed: samples made on access; sample 17 holds an inf."""
+
+    def __init__(self):
+        self.x, self.y = blobs(200)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x = self.x[i].clone()
+        if i == 17:
+            x[2] = float("inf")
+        return x, int(self.y[i])
+
+
+def test_non_finite_inputs_in_streamed_data_are_found_at_first_sight(tmp_path):
+    with pytest.raises(LeantrainError, match=r"an input value is inf at sample \d+ of a batch "
+                                             r"of 20.*\(dataset index 17\)"):
+        fit(mlp(), _Streamed(), _data()[1], _cfg("data.loader=dataloader",
+                                                 "data.num_workers=0"),
+            tmp_path / "run", progress_bar=False)
+
+
 class _LateBadLabel(Dataset):
     """A dataset that is not tensor-backed (labels checked as they come), one label 7 of 3."""
 

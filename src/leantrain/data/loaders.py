@@ -226,6 +226,24 @@ class CollateError(LeantrainError):
         self.position = position
 
 
+def first_non_finite(value: Any) -> tuple[int, float] | None:
+    """(sample index, value) of the first NaN or inf in the floating-point tensors of a batch
+    or of whole tensors (samples along dim 0); None when all are finite."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point() or value.dim() == 0:
+            return None
+        bad = ~torch.isfinite(value.reshape(len(value), -1)).all(dim=1)
+        if not bad.any():
+            return None
+        i = int(bad.nonzero()[0])
+        row = value[i].reshape(-1)
+        return i, float(row[~torch.isfinite(row)][0])
+    values = value.values() if isinstance(value, Mapping) else value \
+        if isinstance(value, (tuple, list)) else ()
+    found = [f for f in map(first_non_finite, values) if f is not None]
+    return min(found) if found else None
+
+
 class CheckedCollate:
     """A collate_fn whose failure names the sample it failed on, in one line."""
 
@@ -236,7 +254,7 @@ class CheckedCollate:
 
     def __call__(self, samples: list) -> Any:
         try:
-            return self.collate_fn(samples)
+            batch = self.collate_fn(samples)
         except Exception as exc:
             position = next((i for i, sample in enumerate(samples) if not self._collates(sample)),
                             None)
@@ -245,6 +263,13 @@ class CheckedCollate:
                 else (f"on a batch of {len(samples)} samples that collate one by one but not "
                       "together (e.g. sequences of different lengths: pad them in a collate_fn)")
             raise CollateError(f"{self.name} failed {where}: {why}", position) from exc
+        # streamed data is checked as it comes (in the workers, off the training step's path);
+        # tensor-backed data is checked whole before training (run.plan)
+        bad = first_non_finite(batch)
+        if bad is not None:
+            raise CollateError(f"an input value is {bad[1]} at sample {bad[0]} of a batch of "
+                               f"{len(samples)}; inputs must be finite numbers", bad[0])
+        return batch
 
     def _collates(self, sample: Any) -> bool:
         try:

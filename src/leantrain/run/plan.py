@@ -29,6 +29,7 @@ from ..data.loaders import (
     LoaderOptions,
     batch_count,
     compute_threads,
+    first_non_finite,
     labels_of,
     make_loader,
     tensors_of,
@@ -279,8 +280,14 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
                              "dataset, a data.val_fraction that leaves some)")
     contract = step.step_for(model, plan, cfg.train.task, loss_fn)
     whole = tensors_of(train_data)  # a Subset's are an indexed copy: taken once
+    val_whole = tensors_of(val_data)
+    for name, tensors in (("training", whole), ("validation", val_whole)):
+        bad = first_non_finite(tensors) if tensors is not None else None
+        if bad is not None:
+            raise LeantrainError(f"the {name} set's sample {bad[0]} holds {bad[1]}; inputs "
+                                 "must be finite numbers")
     task, num_classes = step.check_first_batch(model, batches, contract,
-                                               _all_labels(whole, tensors_of(val_data)))
+                                               _all_labels(whole, val_whole))
     contract = replace(contract, task=task)
     tuning = None
     tunable = loader.auto_fields(data)
