@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -241,3 +242,33 @@ def test_a_killed_launcher_takes_its_ranks_with_it(blobs_file, tmp_path):
     for w in alive:
         w.kill()
     assert not alive, f"ranks still running after their launcher died: {alive}"
+
+
+def test_the_launch_report_names_the_failed_ranks_own_error(tmp_path):
+    result = subprocess.run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--data",
+                             str(tmp_path / "missing.npz"), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "exit code 2: data path not found" in result.stderr
+    assert "To enable traceback" not in result.stderr  # not torch's boilerplate
+
+
+@pytest.mark.slow
+def test_sigterm_to_launch_checkpoints_every_rank_and_exits_143(blobs_file, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--data",
+                             str(blobs_file), "--epochs", "1000", "--no-progress",
+                             "--set", "data.batch_size=8", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert not saved["progress"]["finished"] and saved["progress"]["step"] > 0

@@ -32,6 +32,22 @@ def _one_line(exc: LeantrainError) -> str:
     return text
 
 
+def _tell_torchrun(line: str) -> None:
+    """Under `leantrain launch`, leave the error's line where torchrun's agent reads a failed
+    rank's reason (its error file), so the launch report names it, not torch's boilerplate."""
+    import json
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as handle:
+                json.dump({"message": line, "timestamp": int(time.time())}, handle)
+        except OSError:
+            pass  # the report falls back to torch's text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="leantrain", description="Faster, smaller, cheaper PyTorch training, measured.")
@@ -57,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"leantrain: error: {_one_line(exc)}", file=sys.stderr)
+        _tell_torchrun(_one_line(exc))
         return getattr(exc, "exit_code", 2)  # 2: bad input; 128 + N: stopped by signal N
+    except Exception as exc:  # a bug: its traceback follows; under launch, its line first
+        _tell_torchrun(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise
     except KeyboardInterrupt:
         print("leantrain: interrupted; a run with a checkpoint continues with --resume DIR",
               file=sys.stderr)

@@ -10,6 +10,7 @@ alive but stuck fails at `train.dist_timeout_s`.
 from __future__ import annotations
 
 import argparse
+import signal
 
 from ..errors import LeantrainError
 from . import common
@@ -41,17 +42,38 @@ def torchrun_args(nproc: int, nnodes: int, node_rank: int, master_addr: str | No
 
 
 def _why(failure) -> str:
-    message = (failure.message or "").strip().splitlines()
-    return message[-1] if message else "no error message"
+    """The failed rank's own error line (`cli._tell_torchrun` leaves it), else torch's."""
+    message = failure.message
+    if isinstance(message, dict):  # torch's @record format
+        message = message.get("message", "")
+    lines = str(message or "").strip().splitlines()
+    return lines[-1] if lines else "no error message"
+
+
+# a rank whose peer died fails too, with a message about the peer or the connection
+_PEER_WORDS = ("peer", "remote", "connection", "broken pipe", "gloo", "nccl", "timed out",
+               "timeout")
+
+
+def _blame(failure) -> tuple[int, float]:
+    """Sort key of the likely cause: a rank killed by a signal other than the agent's SIGTERM
+    (SIGKILL, a segfault, the OOM killer) first, then a rank with its own error, then those
+    that failed on their peers; earliest first within each."""
+    if failure.exitcode < 0 and -failure.exitcode != signal.SIGTERM:
+        rank = 0
+    else:
+        rank = 2 if any(w in _why(failure).lower() for w in _PEER_WORDS) else 1
+    return rank, failure.timestamp
 
 
 def describe_failure(exc) -> str:
     """The rank that failed first and why, then the ranks stopped because of it.
 
-    `exc` is torchrun's ChildFailedError. Once a rank fails, the agent stops the others
-    (SIGTERM), so they are reported as failures too; the earliest one is the cause.
+    `exc` is torchrun's ChildFailedError. Once a rank fails, the others fail on it (a closed
+    connection) or are stopped by the agent (SIGTERM), and may even report first: the cause is
+    the rank `_blame` puts first.
     """
-    first_rank, first = exc.get_first_failure()
+    first_rank, first = min(exc.failures.items(), key=lambda item: _blame(item[1]))
     lines = [f"rank {first_rank} (local rank {first.local_rank}, pid {first.pid}) failed "
              f"first, with exit code {first.exitcode}: {_why(first)}"]
     others = [f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(exc.failures.items())
