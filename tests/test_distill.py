@@ -97,7 +97,7 @@ def test_cached_logits_give_exactly_the_live_teachers_loss(tabular):
     loss = DistillationLoss(teacher, 3.0, 0.7)
     student_out = mlp()(x)
     assert torch.equal(loss(student_out, y, x, logits), loss(student_out, y, x))
-    with pytest.raises(LeantrainError, match="tensor-backed"):
+    with pytest.raises(LeantrainError, match=r"only for datasets of \(input, label\) tensors"):
         cache_teacher_logits(teacher, [(x[0], y[0])])
 
 
@@ -139,3 +139,83 @@ def test_loss_fn_receives_cached_extras_through_the_loader(tabular):
         progress_bar=False, loss_fn=spy)
     assert seen and set(seen) == {1}
     assert isinstance(cached, TensorDataset) and len(cached.tensors) == 3
+
+
+# ------------------------------------------------------------------ any output: per-token KD
+
+
+def _hand_token_kd(s, t, y, temp, alpha):
+    """KL summed over the vocabulary, averaged over the positions whose label is not -100,
+    plus the cross-entropy over the same positions: written out with math, one by one."""
+    kls, ces = [], []
+    for b in range(s.shape[0]):
+        for i in range(s.shape[1]):
+            if int(y[b, i]) == -100:
+                continue
+            srow, trow = s[b, i].tolist(), t[b, i].tolist()
+            ps = [math.exp(v / temp) for v in srow]
+            pt = [math.exp(v / temp) for v in trow]
+            ps, pt = [v / sum(ps) for v in ps], [v / sum(pt) for v in pt]
+            kls.append(sum(a * math.log(a / c) for a, c in zip(pt, ps, strict=True)))
+            ces.append(-math.log(math.exp(srow[int(y[b, i])]) /
+                                 sum(math.exp(v) for v in srow)))
+    return alpha * temp**2 * sum(kls) / len(kls) + (1 - alpha) * sum(ces) / len(ces)
+
+
+def test_per_token_kd_matches_a_hand_computation_on_a_2x3x5_example():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    y = torch.tensor([[1, 4, -100], [0, -100, 2]])  # two positions ignored, as the task loss does
+    for temp, alpha in ((1.0, 0.5), (4.0, 0.9), (2.0, 1.0)):
+        expected = _hand_token_kd(s, t, y, temp, alpha)
+        got = kd_loss(s, t, y, temp, alpha, task="token-classification").item()
+        assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_causal_lm_kd_scores_position_t_against_token_t_plus_1():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 4, 5, generator=g), torch.randn(2, 4, 5, generator=g)
+    ids = torch.randint(0, 5, (2, 4), generator=g)  # HF convention: the labels are the inputs
+    shifted = kd_loss(s[:, :-1], t[:, :-1], ids[:, 1:], 2.0, 0.7, task="token-classification")
+    assert kd_loss(s, t, ids, 2.0, 0.7, task="causal-lm").item() == \
+        pytest.approx(shifted.item(), rel=1e-6)
+
+
+def test_classification_kd_is_unchanged_by_the_generalisation():
+    expected = 0.9 * 16 * _hand_kl(S, T_LOGITS, 4.0) + 0.1 * _hand_ce(S, Y)
+    assert kd_loss(S, T_LOGITS, Y, 4.0, 0.9, task="classification").item() == \
+        pytest.approx(expected, rel=1e-5)
+
+
+def test_a_model_output_teacher_on_dict_batches():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from leantrain.losses.distillation import DistillationLoss
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32, num_labels=3)
+    teacher = BertForSequenceClassification(config)
+    inputs = {"input_ids": torch.randint(0, 50, (4, 6)), "attention_mask": torch.ones(4, 6,
+                                                                                 dtype=torch.long)}
+    student_logits = torch.randn(4, 3, requires_grad=True)
+    loss = DistillationLoss(teacher, 2.0, 0.5)(student_logits, torch.tensor([0, 1, 2, 0]), inputs)
+    loss.backward()
+    assert torch.isfinite(loss) and student_logits.grad is not None
+
+
+@pytest.mark.slow
+def test_distill_runs_end_to_end_on_the_text_gpt_recipe(tmp_path):
+    teacher = tmp_path / "teacher"
+    small = ["--recipe", "text-gpt", "--set", "data.max_bytes=20000", "--set",
+             "data.context=32", "--no-progress"]
+    assert main(["train", *small, "--epochs", "1", "--out", str(teacher)]) == 0
+    out = tmp_path / "kd"
+    assert main(["distill", *small, "--teacher", str(teacher), "--student-model",
+                 "leantrain.recipes.models:text_gpt_student", "--epochs", "1",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "token-classification"
+    assert report["teacher"]["parameters"] >= 4 * report["student_kd"]["parameters"]
+    assert math.isfinite(report["student_kd"]["val_accuracy"])
+    kd = json.loads((out / "student_kd" / "summary.json").read_text())
+    assert kd["steps"] > 0 and math.isfinite(kd["val_loss"])

@@ -79,6 +79,7 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
                      progress_bar: bool = True) -> dict[str, Any]:
     from ..checkpoint import atomic_write_text
     from ..data import make_loader
+    from ..data.loaders import tensors_of
     from ..losses.distillation import DistillationLoss, cache_teacher_logits, check_kd_args
     from ..run.fit import fit
     from ..run.plan import resolve_plan
@@ -88,23 +89,34 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
     common.require_empty(out)
     plan = resolve_plan(cfg.plan, teacher)
     teacher = teacher.to(plan.device)
-    teacher_acc, _ = evaluate(teacher, make_loader(bundle.val, cfg.data.eval_batch_size, False,
-                                                   device=plan.device), plan)
-    train_data, cache_seconds = bundle.train, None
-    if cache:
+    val_loader = make_loader(bundle.val, cfg.data.eval_batch_size, False, device=plan.device,
+                             collate_fn=bundle.collate_fn)
+    task = _task_of_the_pair(teacher, build_student().to(plan.device), val_loader, plan,
+                             cfg.train.task)
+    teacher_acc, _ = evaluate(teacher, val_loader, plan)
+    train_data, cache_seconds, cache_note = bundle.train, None, "not asked (--no-cache)"
+    if cache and tensors_of(bundle.train) is not None \
+            and not isinstance(tensors_of(bundle.train), dict):
         start = time.perf_counter()
-        train_data = cache_teacher_logits(teacher, bundle.train, cfg.data.eval_batch_size,
-                                          plan.device, plan.channels_last)
-        cache_seconds = time.perf_counter() - start
+        cached = cache_teacher_logits(teacher, bundle.train, cfg.data.eval_batch_size,
+                                      plan.device, plan.channels_last)
+        if cached is not None:
+            train_data, cache_seconds, cache_note = cached, time.perf_counter() - start, "cached"
+        else:
+            cache_note = "too large to cache: the teacher runs live every step"
+    elif cache:
+        cache_note = "not a tensor dataset: the teacher runs live every step"
     alone = fit(build_student(), bundle.train, bundle.val, cfg, out / "student_alone",
-                progress_bar=progress_bar)
+                progress_bar=progress_bar, collate_fn=bundle.collate_fn)
     student = build_student()
     with_kd = fit(student, train_data, bundle.val, cfg, out / "student_kd",
-                  progress_bar=progress_bar, loss_fn=DistillationLoss(teacher, temperature, alpha))
+                  progress_bar=progress_bar, collate_fn=bundle.collate_fn,
+                  loss_fn=DistillationLoss(teacher, temperature, alpha, task))
     sample = bundle.val[0][0]
     report = {
-        "temperature": temperature, "alpha": alpha,
-        "teacher_logits_cached": cache, "cache_seconds": cache_seconds,
+        "temperature": temperature, "alpha": alpha, "task": task,
+        "teacher_logits_cached": cache_seconds is not None, "cache": cache_note,
+        "cache_seconds": cache_seconds,
         "teacher": _describe(teacher, teacher_acc, sample),
         "student_alone": {**_describe(build_student(), alone["val_accuracy"], sample),
                           "train_seconds": alone["train_seconds"]},
@@ -113,6 +125,19 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
     }
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2))
     return report
+
+
+def _task_of_the_pair(teacher, student, loader, plan, task: str) -> str:
+    """The task, from the teacher's outputs on one batch (as the trainer infers it), after
+    checking that the student scores the same classes: before anything trains or is written."""
+    from ..run.step import check_first_batch, step_for
+
+    found, classes = check_first_batch(teacher, loader, step_for(teacher, plan, task))
+    _, student_classes = check_first_batch(student, loader, step_for(student, plan, found))
+    if student_classes != classes:
+        raise LeantrainError(f"the student scores {student_classes} classes and the teacher "
+                             f"{classes}; distillation needs the same classes")
+    return found
 
 
 def format_report(report: dict[str, Any]) -> str:

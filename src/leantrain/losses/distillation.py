@@ -11,6 +11,9 @@ forward pass from every step.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +21,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..data.loaders import tensors_of
 from ..errors import LeantrainError
+from . import tasks
+from .outputs import read_output
 
 
 def check_kd_args(temperature: float, alpha: float) -> None:
@@ -28,18 +33,30 @@ def check_kd_args(temperature: float, alpha: float) -> None:
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-            temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
-    """α·T²·KL(teacher ‖ student) at temperature T, plus (1−α)·cross-entropy on the labels."""
+            temperature: float = 4.0, alpha: float = 0.9, task: str = "classification"
+            ) -> torch.Tensor:
+    """α·T²·KL(teacher ‖ student) at temperature T, plus (1−α)·cross-entropy on the labels.
+
+    The class dimension is the last one: a row of scores per sample for (batch, classes), per
+    token for (batch, time, vocab). The KL is summed over classes and averaged over the rows
+    the task loss counts: positions labelled -100 are left out of both terms, and for
+    "causal-lm" position t is scored against token t + 1, exactly as the task's own loss.
+    """
     check_kd_args(temperature, alpha)
     if student_logits.shape != teacher_logits.shape:
         raise LeantrainError(
             f"student output shape {tuple(student_logits.shape)} differs from the teacher's "
             f"{tuple(teacher_logits.shape)}; both must score the same classes"
         )
-    s, t = student_logits.float(), teacher_logits.float()
-    soft = F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
-                    reduction="batchmean", log_target=True)
-    hard = F.cross_entropy(s, targets)
+    s_rows, labels = tasks.class_pairs(task, student_logits.float(), targets)
+    t_rows, _ = tasks.class_pairs(task, teacher_logits.float(), targets)
+    kept = (labels != tasks.IGNORE_INDEX).float()
+    log_s = F.log_softmax(s_rows / temperature, dim=-1)
+    log_t = F.log_softmax(t_rows / temperature, dim=-1)
+    per_row = (log_t.exp() * (log_t - log_s)).sum(dim=-1)
+    # a mean over the kept rows without indexing by a mask (which would wait on the device)
+    soft = (per_row * kept).sum() / kept.sum().clamp_min(1.0)
+    hard = F.cross_entropy(s_rows, labels, ignore_index=tasks.IGNORE_INDEX)
     return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
@@ -50,10 +67,20 @@ def freeze_teacher(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
-def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The teacher's logits as an ordinary tensor (inference mode inside, usable by autograd)."""
+def teacher_outputs(teacher: nn.Module, inputs: Any) -> torch.Tensor:
+    """The teacher's logits as an ordinary tensor (inference mode inside, usable by autograd),
+    for a tensor, a tuple or a dict batch (called as `teacher(**inputs)`), whatever the
+    teacher returns (a tensor, a tuple, a ModelOutput)."""
     with torch.inference_mode():
-        logits = teacher(inputs)
+        if isinstance(inputs, Mapping):
+            out = teacher(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            out = teacher(*inputs)
+        else:
+            out = teacher(inputs)
+        logits, _ = read_output(out)
+    if logits is None:
+        raise LeantrainError("the teacher returned no logits to distil from")
     return logits.clone()  # an inference tensor cannot be saved for the student's backward
 
 
@@ -63,28 +90,37 @@ class DistillationLoss:
     Called inside the trainer's autocast, so the live teacher runs in the plan's precision.
     """
 
-    def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9):
+    def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9,
+                 task: str = "classification"):
         check_kd_args(temperature, alpha)
+        if task not in tasks.CLASS_TASKS:
+            raise LeantrainError(f"distillation needs class scores (tasks "
+                                 f"{', '.join(tasks.CLASS_TASKS)}); this task is {task}")
         self.teacher = freeze_teacher(teacher)
-        self.temperature, self.alpha = temperature, alpha
+        self.temperature, self.alpha, self.task = temperature, alpha, task
 
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor,
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: Any,
                  *extras: torch.Tensor) -> torch.Tensor:
         logits = extras[0] if extras else teacher_outputs(self.teacher, inputs)
-        return kd_loss(outputs, logits, targets, self.temperature, self.alpha)
+        return kd_loss(outputs, logits, targets, self.temperature, self.alpha, self.task)
+
+
+CACHE_LIMIT_BYTES = 2 * 2**30  # teacher logits held in memory at most (per-token ones grow fast)
 
 
 def cache_teacher_logits(teacher: nn.Module, dataset: Dataset, batch_size: int = 512,
-                         device: torch.device | str = "cpu",
-                         channels_last: bool = False) -> TensorDataset:
-    """(inputs, labels, teacher logits) for a tensor-backed dataset, computed once in fp32.
+                         device: torch.device | str = "cpu", channels_last: bool = False,
+                         limit_bytes: int = CACHE_LIMIT_BYTES) -> TensorDataset | None:
+    """(inputs, labels, teacher logits) for a tensor-backed dataset, computed once in fp32;
+    None when the logits would pass `limit_bytes` (a language model's per-token logits: the
+    live teacher is used instead).
 
     Only valid for data without random augmentation: the cache holds one view per sample.
     """
     tensors = tensors_of(dataset)
-    if tensors is None:
-        raise LeantrainError("teacher logits can be cached only for tensor-backed datasets; "
-                             "use the live teacher for other data")
+    if tensors is None or isinstance(tensors, dict):
+        raise LeantrainError("teacher logits can be cached only for datasets of (input, label) "
+                             "tensors; use the live teacher for other data")
     x, y = tensors[0], tensors[1]
     teacher = freeze_teacher(teacher)
     chunks = []
@@ -93,4 +129,6 @@ def cache_teacher_logits(teacher: nn.Module, dataset: Dataset, batch_size: int =
         if channels_last and batch.dim() == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
         chunks.append(teacher_outputs(teacher, batch).float().cpu())
+        if i == 0 and chunks[0].element_size() * chunks[0][0].numel() * len(x) > limit_bytes:
+            return None
     return TensorDataset(x, y, torch.cat(chunks))

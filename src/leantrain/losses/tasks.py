@@ -82,7 +82,9 @@ def zeros(task: str, device: torch.device) -> list[torch.Tensor]:
             torch.zeros((), device=device, dtype=torch.long)]
 
 
-def _class_pairs(task: str, logits: torch.Tensor, labels: torch.Tensor):
+def class_pairs(task: str, logits: torch.Tensor, labels: torch.Tensor):
+    """(rows of class scores, one label per row): a row per sample, or per token (causal-lm:
+    position t is scored against token t + 1)."""
     if task == "causal-lm":  # position t predicts token t + 1
         logits, labels = logits[..., :-1, :], labels[..., 1:]
     return logits.flatten(0, -2), labels.flatten()
@@ -91,7 +93,7 @@ def _class_pairs(task: str, logits: torch.Tensor, labels: torch.Tensor):
 def loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The task's mean training loss."""
     if task in CLASS_TASKS:
-        return F.cross_entropy(*_class_pairs(task, logits, labels), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(*class_pairs(task, logits, labels), ignore_index=IGNORE_INDEX)
     if task == "regression":
         return F.mse_loss(logits.reshape(labels.shape).float(), labels.float())
     if task == "multi-label":
@@ -107,7 +109,7 @@ def tally(task: str, logits: torch.Tensor | None, labels: torch.Tensor | None,
         return 0, batch_size
     logits = logits.detach()
     if task in CLASS_TASKS:
-        flat, target = _class_pairs(task, logits, labels)
+        flat, target = class_pairs(task, logits, labels)
         kept = target != IGNORE_INDEX
         return ((flat.argmax(-1) == target) & kept).sum(), kept.sum()
     if task == "regression":
@@ -119,7 +121,7 @@ def loss_sum(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """The task's loss summed over the counted targets (evaluation: exact means over a set)."""
     logits = logits.detach().float()
     if task in CLASS_TASKS:
-        return F.cross_entropy(*_class_pairs(task, logits, labels), ignore_index=IGNORE_INDEX,
+        return F.cross_entropy(*class_pairs(task, logits, labels), ignore_index=IGNORE_INDEX,
                                reduction="sum")
     if task == "regression":
         return F.mse_loss(logits.reshape(labels.shape), labels.float(), reduction="sum")

@@ -32,6 +32,14 @@ def digits_student() -> nn.Module:
     return SmallCNN(1, 10, width=8)
 
 
+def text_gpt_student() -> nn.Module:
+    """A student for text-gpt's default teacher (4 blocks, width 192): 2 blocks at width 96,
+    about 8x fewer parameters; context 128 covers any shorter data.context."""
+    from .gpt import GPT
+
+    return GPT(256, 128, depth=2, width=96, heads=4, tie_weights=True)
+
+
 class MLP(nn.Sequential):
     def __init__(self, in_features: int, num_classes: int, hidden: int = 256, depth: int = 2):
         layers: list[nn.Module] = []

@@ -28,6 +28,7 @@ from torch import nn
 from ..data.loaders import LABEL_KEYS, batch_size, labels_of
 from ..errors import LeantrainError
 from ..losses import tasks
+from ..losses.outputs import read_output
 from ..techniques.memory_format import to_channels_last
 
 
@@ -125,22 +126,6 @@ class Step:
     def probe(self, model: nn.Module, raw: Any) -> None:
         """Forward and backward without a step: what measuring the loader and FLOPs runs."""
         self.forward(model, self.unpack(raw))[1].backward()
-
-
-def read_output(out: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(logits, loss) of a tensor, a tuple (a leading 0-d tensor is a loss), a dict or a
-    ModelOutput."""
-    if isinstance(out, torch.Tensor):
-        return out, None
-    if isinstance(out, Mapping):
-        return out.get("logits"), out.get("loss")
-    if isinstance(out, (tuple, list)):
-        found = [t for t in out if isinstance(t, torch.Tensor)]
-        if found and found[0].dim() == 0:
-            return (found[1] if len(found) > 1 else None), found[0]
-        return (found[0] if found else None), None
-    raise LeantrainError(f"the model returned a {type(out).__name__}; leantrain reads a tensor, "
-                         "a tuple, or a dict/ModelOutput with 'logits' or 'loss'")
 
 
 def step_for(model: nn.Module, plan, task: str = "auto", loss_fn=None) -> Step:
