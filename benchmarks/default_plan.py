@@ -9,16 +9,19 @@ default's samples/s over the faster of fp32 and bf16 in the same round: median a
 bootstrap interval over the rounds. How the default decided (measured or rule, and what
 measuring cost) is kept from each run's summary.
 
-    python benchmarks/default_plan.py   # ~27 min on 2 cores; writes results/default_plan.json
+    python benchmarks/default_plan.py [--models digits-cnn]  # ~27 min on 2 cores for both;
+                                      # writes results/default_plan.json (others kept)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,16 +57,30 @@ def train(model: dict, plan: str) -> dict:
             "plan_measurement": summary.get("plan_measurement")}
 
 
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=ROOT).stdout.strip()
+
+
 def main() -> None:
-    result = {"machine": cpu_model(), "rounds": ROUNDS, "models": {}}
-    for name, model in MODELS.items():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                        help="measure these again; the others' results in the file are kept")
+    args = parser.parse_args()
+    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    keep = old.get("models", {}) if old.get("machine") == cpu_model() else {}
+    result = {"machine": cpu_model(), "rounds": ROUNDS,
+              "models": {k: v for k, v in keep.items() if k not in args.models}}
+    for name in args.models:
+        model = MODELS[name]
         runs = interleave(list(PLANS), ROUNDS, lambda plan, r, model=model: train(model, plan))
         ratios = [d["samples_per_second"] / max(a["samples_per_second"], b["samples_per_second"])
                   for d, a, b in zip(runs["default"], runs["fp32"], runs["bf16"], strict=True)]
         found = interval(ratios)
         shortest = min(r["train_seconds"] for plan_runs in runs.values() for r in plan_runs)
         result["models"][name] = {"runs": runs, "default_over_best": ratios,
-                                  "shortest_run_s": shortest,
+                                  "shortest_run_s": shortest, "commit": _commit(),
+                                  "date": time.strftime("%Y-%m-%d"),
                                   "median": statistics.median(ratios), "interval": found}
         print(f"{name}: the default plan ran at {statistics.median(ratios):.2f}x the faster of "
               f"fp32 and bf16 (95% interval {found[0]:.2f}-{found[1]:.2f}x, {ROUNDS} rounds; "

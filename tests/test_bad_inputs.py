@@ -308,6 +308,36 @@ def test_an_out_that_is_a_file_or_under_one_is_one_line(tmp_path, capsys, make, 
     assert blocker.read_text() == "x"
 
 
+def test_an_out_that_cannot_be_written_is_one_line_and_left_as_it_was(tmp_path, capsys,
+                                                                       monkeypatch):
+    """A read-only folder (root, which runs these tests, may write anywhere: the refusal the
+    file system would give is simulated where the run first writes, its lock)."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(run_folder.os, "open", refuse)
+    out = tmp_path / "run"
+    code = main(["train", "--epochs", "1", "--out", str(out), *FAST])
+    _one_line_error(capsys, code, "cannot write there (Permission denied)")
+    assert not out.exists()
+
+
+def test_generate_with_another_architectures_weights_is_one_line(tmp_path, capsys):
+    import yaml
+    from conftest import tiny_cnn
+
+    from leantrain.config import merge
+    from leantrain.recipes import get_recipe
+    recipe = get_recipe("text-gpt")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    cfg = load_config(None, [], merge({"recipe": recipe.name}, recipe.config))
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    torch.save(tiny_cnn().state_dict(), folder / "model.pt")
+    code = main(["generate", "--checkpoint", str(folder), "--prompt", "def "])
+    _one_line_error(capsys, code, "does not match the model")
+
+
 def test_a_folder_holding_other_files_is_not_trained_into(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -272,3 +272,40 @@ def test_sigterm_to_launch_checkpoints_every_rank_and_exits_143(blobs_file, tmp_
     assert "Traceback" not in err
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert not saved["progress"]["finished"] and saved["progress"]["step"] > 0
+
+
+HANGING_MODULE = """
+import os, time
+from torch import nn
+
+class Hangs(nn.Module):
+    '''Rank 1 stops making progress in its 30th training forward (a stuck kernel, say).'''
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+        self.calls = 0
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == 30 and os.environ.get("RANK") == "1":
+                time.sleep(3600)
+        return self.net(x)
+
+def model():
+    return Hangs()
+"""
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_named_not_the_rank_that_timed_out_waiting(blobs_file, tmp_path):
+    (tmp_path / "hang.py").write_text(HANGING_MODULE)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    result = subprocess.run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--data",
+                             str(blobs_file), "--model", "hang:model", "--epochs", "50",
+                             "--no-progress", "--set", "data.batch_size=8",
+                             "--set", "train.dist_timeout_s=10", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 2
+    report = result.stderr[result.stderr.index("the job failed"):]
+    assert "rank 1 stopped making progress at step" in report, report
+    assert "the others failed waiting for it" in report

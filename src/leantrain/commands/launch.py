@@ -10,7 +10,10 @@ alive but stuck fails at `train.dist_timeout_s`.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import signal
+import tempfile
 
 from ..errors import LeantrainError
 from . import common
@@ -66,7 +69,27 @@ def _blame(failure) -> tuple[int, float]:
     return rank, failure.timestamp
 
 
-def describe_failure(exc) -> str:
+def _stuck(exc, heartbeats: dict[int, dict]) -> tuple[int, str] | None:
+    """(rank, line) for the rank that stopped making progress, from the ranks' heartbeats, when
+    others failed waiting on a peer (a timeout, a closed connection): the agent then kills the
+    stuck rank, which alone would look like any SIGKILL."""
+    from ..run.heartbeat import furthest_behind
+
+    if not any(_blame(f)[0] == 2 for f in exc.failures.values()):
+        return None  # nobody failed waiting on a peer: the failures speak for themselves
+    found = furthest_behind(heartbeats)
+    if found is None:
+        return None
+    rank, record = found
+    ahead = max(r["time"] for r in heartbeats.values())
+    end = exc.failures.get(rank)
+    how = f"; it then ended with exit code {end.exitcode}: {_why(end)}" if end else ""
+    return rank, (f"rank {rank} stopped making progress at step {record['step']} (in its "
+                  f"{record['phase']} phase, {ahead - record['time']:.0f} s before the "
+                  f"furthest rank's last step); the others failed waiting for it{how}")
+
+
+def describe_failure(exc, heartbeats: dict[int, dict] | None = None) -> str:
     """The rank that failed first and why, then the ranks stopped because of it.
 
     `exc` is torchrun's ChildFailedError. Once a rank fails, the others fail on it (a closed
@@ -76,6 +99,10 @@ def describe_failure(exc) -> str:
     first_rank, first = min(exc.failures.items(), key=lambda item: _blame(item[1]))
     lines = [f"rank {first_rank} (local rank {first.local_rank}, pid {first.pid}) failed "
              f"first, with exit code {first.exitcode}: {_why(first)}"]
+    stuck = _stuck(exc, heartbeats or {})
+    if stuck is not None:
+        first_rank, line = stuck
+        lines = [line]
     others = [f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(exc.failures.items())
               if rank != first_rank]
     if others:
@@ -118,18 +145,24 @@ def launch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from ..run import heartbeat
     from ..run.signals import Stopped
 
     args = parse_args(torchrun_args(nproc, nnodes, node_rank, master_addr, master_port,
                                     command))
+    beats = tempfile.mkdtemp(prefix="leantrain-heartbeats-")
+    os.environ[heartbeat.HEARTBEATS_ENV] = beats  # the ranks inherit it
     try:
         run(args)
     except ChildFailedError as exc:
-        raise LeantrainError(f"the job failed:\n{describe_failure(exc)}") from exc
+        raise LeantrainError(f"the job failed:\n{describe_failure(exc, heartbeat.read(beats))}"
+                             ) from exc
     except SignalException as exc:  # torchrun has passed the signal on to every rank
         import signal
         name = signal.Signals(exc.sigval).name
         raise Stopped(f"stopped by {name}: every rank was sent it; a training rank writes a "
                       "checkpoint at the step it stops (continue with launch ... -- train "
                       "--resume DIR)", int(exc.sigval)) from exc
+    finally:
+        shutil.rmtree(beats, ignore_errors=True)
     return 0

@@ -123,4 +123,9 @@ def claim(folder: Path, resume: bool) -> RunLock:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # read-only, under a file, no space
         raise LeantrainError(f"run folder {folder}: cannot create it ({exc.strerror})") from exc
-    return RunLock(folder, created).acquire()
+    try:
+        return RunLock(folder, created).acquire()
+    except LeantrainError:
+        if created:
+            folder.rmdir()
+        raise

@@ -32,6 +32,7 @@ from ..techniques.init import init_weights
 from . import finite, signals, step, summary
 from . import state as run_state
 from .compiling import EAGER_STEPS, CompiledStep
+from .heartbeat import Heartbeat
 from .logs import NullLog, RunLog, start_monitor, truncate_after
 from .plan import Run
 from .state import TrainState
@@ -53,6 +54,7 @@ class Trainer:
         self.data_wait_warned, self.first_step_pending, self.loop_start = False, True, 0.0
         self.target, self.evaluated_at = target_of(run.cfg), -1
         self.stop = signals.StopRequest()
+        self.heartbeat = Heartbeat(run.dist.rank) if run.dist.active else None
         self.saved_step: int | None = None  # the step of the last checkpoint written
 
     def restart_timer(self) -> StepTimer:
@@ -90,6 +92,7 @@ class Trainer:
         timer.mark("data")
         sb = run.step.unpack(batch)
         timer.mark("copy")
+        self._beat("forward")
         try:
             logits, loss, _ = run.step.forward(self.step_model, sb)
         except (IndexError, RuntimeError) as exc:
@@ -106,13 +109,20 @@ class Trainer:
         timer.mark("forward")
         scaled = accumulation.scale_loss(loss, accum)
         boundary = accumulation.is_step_boundary(micro, accum, last)
+        self._beat("backward")
         with distributed.gradient_sync(run.wrapped, run.plan.distributed, boundary):
             (state.scaler.scale(scaled) if state.scaler else scaled).backward()
         timer.mark("backward")
         if boundary:
+            self._beat("optimizer")
             self._optimizer_step()
         timer.mark("optimizer")
         return boundary, loss
+
+    def _beat(self, phase: str) -> None:
+        """Under launch: where this rank is, for a report that names a stuck rank."""
+        if self.heartbeat is not None:
+            self.heartbeat.beat(self.state.progress.step + 1, phase)
 
     def _optimizer_step(self) -> None:
         state, clip_norm = self.state, self.run.cfg.train.clip_norm
@@ -361,6 +371,8 @@ class Trainer:
                 self.monitor.stop()
             self.log_file.close()
             self._close_compiling()
+            if self.heartbeat is not None:
+                self.heartbeat.close()
         result = summary.build(run, self.state, self.timer, flops,
                                self.monitor.summary() if self.monitor else None)
         if self.compiling is not None:
