@@ -54,3 +54,63 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, capsys):
                  "--out", str(out)]) == 2
     assert "does not match the model" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ verdicts
+
+
+def _stage(name, latency=10.0, size=1000, accuracy=0.9, compiled=None):
+    stage = {"stage": name, "note": "", "parameters": 100, "macs": 1000, "file_bytes": size,
+             "val_accuracy": accuracy, "latency_b1_ms": 1.0, "latency_b64_ms": latency}
+    if compiled is not None:
+        stage["latency_compiled_b64_ms"], stage["latency_compiled_b64_ms_before"] = compiled
+    return stage
+
+
+@pytest.mark.parametrize("stage, verdict, fragment", [
+    (_stage("slower", latency=30.0, size=500), "harmful", "slower: 30.00 ms vs 10.00 ms"),
+    (_stage("bigger", size=1200), "harmful", "bigger: 1,200 vs 1,000 bytes"),
+    (_stage("lossy", latency=5.0, accuracy=0.85), "harmful", "accuracy falls 5.0%"),
+    (_stage("same", latency=10.2), "not worth it", "neither 5% smaller nor faster"),
+    (_stage("faster", latency=5.0), "keep", "2.00x faster (b64)"),
+    # int8 judged compiled against the model before it, compiled
+    (_stage("int8", latency=40.0, size=400, compiled=(31.0, 89.7)), "keep", "2.89x faster"),
+    (_stage("int8", latency=5.0, size=400, compiled=(310.0, 89.7)), "harmful",
+     "slower: 310.00 ms vs 89.70 ms (compiled b64)"),
+])
+def test_each_stage_gets_a_verdict_against_the_one_before(stage, verdict, fragment):
+    from leantrain.compress.verdict import judge_all
+    stages = judge_all([_stage("trained"), stage], max_drop=0.01)
+    assert stages[1]["verdict"] == verdict and fragment in stages[1]["why"], stages[1]["why"]
+
+
+def test_a_stage_that_makes_the_model_slower_is_marked_harmful_in_the_report():
+    from leantrain.commands.compress import format_compression
+    from leantrain.compress.verdict import judge_all
+    stages = judge_all([_stage("trained"), _stage("int8 (Linear layers)", latency=31.0)], 0.01)
+    report = {"stages": stages, "recommend_against": ["int8 (Linear layers)"]}
+    text = format_compression(report)
+    row = next(line for line in text.splitlines() if line.startswith("int8"))
+    assert "harmful: slower" in row
+    assert "recommendation: do not apply int8 (Linear layers)" in text
+
+
+def test_the_cli_report_carries_verdicts_and_a_readable_chart(trained, tmp_path, capsys):
+    from PIL import Image
+    out = tmp_path / "small"
+    assert main(["compress", "--checkpoint", str(trained), "--prune", "0.5",
+                 "--finetune-epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"][0]["verdict"] == "reference"
+    assert report["stages"][1]["verdict"] in ("keep", "not worth it", "harmful")
+    assert "verdict" in capsys.readouterr().out
+    width, height = Image.open(out / "report.png").size
+    assert width / height < 3  # a grid of panels, not a strip
+
+
+def test_a_max_drop_out_of_range_is_refused(trained, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["compress", "--checkpoint", str(trained), "--prune", "0.5", "--max-drop",
+                 "2", "--out", str(out)]) == 2
+    assert "--max-drop must be in [0, 1)" in capsys.readouterr().err
+    assert not out.exists()

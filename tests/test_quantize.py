@@ -52,3 +52,33 @@ def test_compiled_int8_dynamic_matches_eager():
         eager = quantized(x)
         compiled = torch.compile(quantized)(x)
     assert torch.allclose(eager, compiled, rtol=0.02, atol=0.02)
+
+
+# ------------------------------------------------------------------ int8-static (pt2e) for convs
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
+def test_int8_static_quantizes_a_conv_model_close_to_fp32():
+    from leantrain.compress.quantize import quantize_pt2e
+    model = _conv_net()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(16, 1, 12, 12, generator=g) for _ in range(4)]
+    quantized = quantize_pt2e(model, batches[0], batches)
+    names = {str(n.target) for n in quantized.graph.nodes}
+    assert any("quantize_per_tensor" in name for name in names)  # int8 q/dq in the graph
+    x = torch.randn(8, 1, 12, 12, generator=g)
+    with torch.no_grad():
+        ref, out = model(x), quantized(x)
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_int8_static_needs_calibration_batches():
+    from leantrain.compress.quantize import quantize_pt2e
+    with pytest.raises(LeantrainError, match="needs calibration batches"):
+        quantize_pt2e(_conv_net(), torch.randn(2, 1, 12, 12), [])

@@ -174,6 +174,19 @@ def require_empty(folder: Path) -> None:
         raise LeantrainError(f"{folder} is not empty; choose another --out")
 
 
+def sample_inputs(bundle):
+    """One validation sample's model inputs: a tensor, or for a dict sample the model's
+    keyword inputs without its labels (what latency and multiply-adds are measured on)."""
+    import torch
+
+    from ..data.loaders import LABEL_KEYS
+
+    sample = bundle.val[0]
+    if isinstance(sample, dict):
+        return {k: torch.as_tensor(v) for k, v in sample.items() if k not in LABEL_KEYS}
+    return torch.as_tensor(sample[0] if isinstance(sample, (tuple, list)) else sample)
+
+
 def load_weights(model, checkpoint: str | Path, role: str = ""):
     """Trained weights into `model`: a model.pt state_dict, a run folder holding one, or a
     training checkpoint.pt (its "model" entry). Loaded weights-only; a mismatch is one line.

@@ -42,13 +42,16 @@ def add_parser(sub) -> None:
     p.add_argument("--quantize", choices=["int8"], help="torchao int8 on Linear layers")
     p.add_argument("--finetune-epochs", type=int, default=4, metavar="N")
     p.add_argument("--finetune-lr", type=float, default=0.05, metavar="LR")
+    p.add_argument("--max-drop", type=float, default=0.01, metavar="X",
+                   help="accuracy a stage may cost before it is marked harmful (default 0.01 "
+                        "= 1 point)")
 
 
 def run(args: argparse.Namespace, dist) -> int:
     from ..data import load_data
 
     options = CompressArgs(args.separable, args.prune, args.prune_method, args.quantize,
-                           args.finetune_epochs, args.finetune_lr)
+                           args.finetune_epochs, args.finetune_lr, args.max_drop)
     options.check()
     cfg = common.config_from_args(args)
     out = common.default_out(args, "compress")
@@ -69,6 +72,7 @@ class CompressArgs:
     quantize: str | None = None
     finetune_epochs: int = 4
     finetune_lr: float = 0.05
+    max_drop: float = 0.01
 
     def check(self) -> None:
         """Reject bad input before anything is loaded, trained or written."""
@@ -86,15 +90,16 @@ class CompressArgs:
             raise LeantrainError(f"--quantize {self.quantize!r}: allowed int8")
         if self.finetune_epochs < 1:
             raise LeantrainError(f"--finetune-epochs must be >= 1, got {self.finetune_epochs}")
+        if not 0 <= self.max_drop < 1:
+            raise LeantrainError(f"--max-drop must be in [0, 1), got {self.max_drop}")
 
 
-def _probe(model, bundle) -> tuple[Any, bool]:
-    """One validation sample, and whether the model runs fastest channels_last (has convs)."""
-    import torch
-
+def probe(model, bundle) -> tuple[Any, bool]:
+    """One validation sample's inputs (`common.sample_inputs`), and whether the model runs
+    fastest channels_last (has convs)."""
     from ..techniques.memory_format import has_conv2d
 
-    return torch.as_tensor(bundle.val[0][0]), has_conv2d(model)
+    return common.sample_inputs(bundle), has_conv2d(model)
 
 
 def measure_stage(name: str, model, bundle, note: str = "") -> dict[str, Any]:
@@ -104,18 +109,19 @@ def measure_stage(name: str, model, bundle, note: str = "") -> dict[str, Any]:
     from ..config import PlanConfig
     from ..data import make_loader
     from ..measure.flops import count_flops
-    from ..measure.latency import latency_seconds
+    from ..measure.latency import batch_of, call, latency_seconds
     from ..run.plan import resolve_plan
     from ..run.step import evaluate
 
     model = model.eval()
     if any(p.device.type != "cpu" for p in model.parameters()):
         model.cpu()
-    sample, conv = _probe(model, bundle)
+    sample, conv = probe(model, bundle)
     plan = resolve_plan(PlanConfig(device="cpu", precision="fp32", channels_last=conv), model)
     with torch.no_grad():
-        macs = count_flops(lambda: model(sample.unsqueeze(0))) // 2
-    accuracy, _ = evaluate(model, make_loader(bundle.val, 256, False), plan)
+        macs = count_flops(lambda: call(model, batch_of(sample, 1))) // 2
+    accuracy, _ = evaluate(model, make_loader(bundle.val, 256, False,
+                                              collate_fn=bundle.collate_fn), plan)
     return {
         "stage": name, "note": note,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -129,12 +135,13 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
                     progress_bar: bool = True) -> dict[str, Any]:
     import torch
 
-    from ..checkpoint import atomic_save, atomic_write_text
-    from ..compress.prune import finalize, prune_channels, prune_unstructured
+    from ..checkpoint import atomic_write_text
+    from ..compress.prune import finalize, prune_channels, prune_unstructured, save_pruned
     from ..compress.quantize import quantize_linear
     from ..compress.separable import to_separable
+    from ..compress.verdict import HARMFUL, judge_all
     from ..config import config_from_dict, merge
-    from ..measure.latency import latency_seconds
+    from ..measure.latency import batch_of, latency_seconds
     from ..measure.plots import bar_panels
     from ..run.fit import fit
     from ..run.summary import MODEL_NAME
@@ -145,20 +152,22 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
         "optim": {"lr": args.finetune_lr}}))
 
     def finetune(net, step: int) -> None:
-        fit(net, bundle.train, bundle.val, tune_cfg, None, progress_bar=progress_bar)
+        fit(net, bundle.train, bundle.val, tune_cfg, None, progress_bar=progress_bar,
+            collate_fn=bundle.collate_fn)
 
     if args.separable:
         model, changes = to_separable(model, norm=True, activation=True)
         if not changes:
             raise LeantrainError("--separable: no Conv2d qualifies (groups=1, kernel > 1, "
                                  ">= 16 input channels)")
-        fit(model, bundle.train, bundle.val, cfg, None, progress_bar=progress_bar)
+        fit(model, bundle.train, bundle.val, cfg, None, progress_bar=progress_bar,
+            collate_fn=bundle.collate_fn)
         stages.append(measure_stage("separable", model, bundle,
                                     f"{len(changes)} convs converted, retrained "
                                     f"{cfg.train.epochs} epochs"))
     if args.prune is not None:
         if args.prune_method == "structured":
-            example = torch.as_tensor(bundle.train[0][0]).unsqueeze(0)
+            example = batch_of(probe(model, bundle)[0], 1)
             prune_channels(model.eval(), example, args.prune, steps=2, finetune=finetune)
             note = f"{args.prune:.0%} of channels removed in 2 steps, fine-tuned after each"
         else:
@@ -174,37 +183,49 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
         stage = measure_stage("int8 (Linear layers)", model, bundle,
                               "torchao int8-dynamic on Linear layers only. It pays off under "
                               "torch.compile, if at all: compiled latencies are measured "
-                              "for it and for the model before it")
-        sample, conv = _probe(model, bundle)
+                              "for it and for the model before it. Multiply-adds are counted "
+                              "on the float graph (the counter does not see int8 matmuls)")
+        stage["macs"], stage["macs_counted_on"] = stages[-1]["macs"], "the float graph"
+        sample, conv = probe(model, bundle)
         for key, net in (("compiled_b64_ms", model), ("compiled_b64_ms_before", fp32)):
             stage[f"latency_{key}"] = 1e3 * latency_seconds(torch.compile(net), sample, 64,
                                                            channels_last=conv)
         stages.append(stage)
-    report = {"stages": stages, "args": args.__dict__}
+    judge_all(stages, args.max_drop)
+    report = {"stages": stages, "args": args.__dict__,
+              "recommend_against": [s["stage"] for s in stages if s["verdict"] == HARMFUL]}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_save({k: v for k, v in model.state_dict().items()}, out / MODEL_NAME)
+    save_pruned(model, out / MODEL_NAME)  # a plain state_dict (+ head counts): load_pruned
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     names = [s["stage"] for s in stages]
     bar_panels(names, [("multiply-adds (M)", [s["macs"] / 1e6 for s in stages]),
                        ("latency b64 (ms)", [s["latency_b64_ms"] for s in stages]),
+                       ("file size (KiB)", [s["file_bytes"] / 1024 for s in stages]),
                        ("val accuracy (%)", [100 * s["val_accuracy"] for s in stages])],
                out / "report.png", "leantrain compress: each stage", reference=None)
     return report
 
 
 def format_compression(report: dict[str, Any]) -> str:
-    from ..measure.report import human_bytes, table
+    """One row per stage with its verdict against the stage before, then the notes."""
+    from ..measure.report import human_bytes
 
-    lines = []
+    head = ("stage", "parameters", "multiply-adds", "file", "b1 / b64 ms", "accuracy",
+            "verdict")
+    rows = [head]
     for s in report["stages"]:
-        rows = [("parameters", f"{s['parameters']:,}"), ("multiply-adds", f"{s['macs']:,}"),
-                ("file size", human_bytes(s["file_bytes"])),
-                ("latency b1 / b64", f"{s['latency_b1_ms']:.3f} / {s['latency_b64_ms']:.2f} ms"),
-                ("val accuracy", f"{s['val_accuracy']:.2%}")]
-        if "latency_compiled_b64_ms" in s:
-            rows.append(("compiled b64", f"{s['latency_compiled_b64_ms']:.2f} ms (before "
-                                         f"int8: {s['latency_compiled_b64_ms_before']:.2f} ms)"))
-        if s["note"]:
-            rows.append(("note", s["note"]))
-        lines.append(table(rows, s["stage"]))
-    return "\n\n".join(lines)
+        latency = f"{s['latency_b1_ms']:.3f} / {s['latency_b64_ms']:.2f}"
+        if s.get("latency_compiled_b64_ms") is not None:
+            latency += f" (compiled {s['latency_compiled_b64_ms']:.2f}, before " \
+                       f"{s['latency_compiled_b64_ms_before']:.2f})"
+        macs = f"{s['macs']:,}" + (" (float graph)" if s.get("macs_counted_on") else "")
+        rows.append((s["stage"], f"{s['parameters']:,}", macs, human_bytes(s["file_bytes"]),
+                     latency, f"{s['val_accuracy']:.2%}", f"{s['verdict']}: {s['why']}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    lines += [f"  {s['stage']}: {s['note']}" for s in report["stages"] if s["note"]]
+    if report.get("recommend_against"):
+        lines.append("recommendation: do not apply " + ", ".join(report["recommend_against"]) +
+                     " (harmful: see its verdict)")
+    return "\n".join(lines)

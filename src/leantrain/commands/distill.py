@@ -112,7 +112,7 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
     with_kd = fit(student, train_data, bundle.val, cfg, out / "student_kd",
                   progress_bar=progress_bar, collate_fn=bundle.collate_fn,
                   loss_fn=DistillationLoss(teacher, temperature, alpha, task))
-    sample = bundle.val[0][0]
+    sample = common.sample_inputs(bundle)
     report = {
         "temperature": temperature, "alpha": alpha, "task": task,
         "teacher_logits_cached": cache_seconds is not None, "cache": cache_note,

@@ -15,6 +15,7 @@ weights-only.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from torch.nn.utils import prune as torch_prune
 
 from ..checkpoint import atomic_save, load_checkpoint
 from ..errors import LeantrainError
+from . import attention
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("one-shot", "iterative", "gradual")
 IMPORTANCES = ("magnitude", "taylor")
@@ -143,24 +147,68 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
     if steps < 1:
         raise LeantrainError(f"pruning steps must be >= 1, got {steps}")
     keep = output_layer(model)
+    attention.conv1d_to_linear(model)  # GPT-2's Conv1D: a Linear the graph understands
     if len(prunable(model)) < 2:
         raise LeantrainError("nothing to prune: the only Conv2d/Linear layer is the output "
                              "layer, whose outputs are the classes")
     if importance == "taylor" and gradient_batches is None:
         raise LeantrainError("taylor importance needs batches to take gradients on")
-    pruner = tp.pruner.MetaPruner(model, example_inputs, importance=_importance(importance),
-                                  pruning_ratio=ratio, iterative_steps=steps,
-                                  ignored_layers=[keep])
+    found = attention.find(model)
+    # a fused q/k/v projection is split in three inside the model's forward, and
+    # Torch-Pruning's index mapping of that split fails (GPT-2): its heads are kept, said so
+    fused = [a for a in found if a.fused]
+    heads = [a for a in found if not a.fused]
+    for a in fused:
+        log.warning("pruning: the heads of %s are kept (a fused q/k/v projection, %s.c_attn, "
+                    "cannot be pruned by heads yet); its MLP channels are pruned", a.name,
+                    a.name)
+    extra: dict[str, Any] = {}
+    if heads:  # a transformer: whole heads and MLP channels go, the residual stream stays
+        extra = {"num_heads": attention.num_heads(heads), "prune_num_heads": True,
+                 "prune_head_dims": False, "head_pruning_ratio": ratio}
+    ignored = [keep, *attention.residual_writers(model, found),
+               *(a.module.c_attn for a in fused)] if found else [keep]
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached:  # a KV cache concatenates keys of unknown width: the graph cannot be traced
+        config.use_cache = False
+    # heads are removed in one step: over several, Torch-Pruning rounds each step's share of
+    # heads up and can remove all of a small model's (2 heads, 50% in 2 steps: none left);
+    # the fine-tuning still runs after each of the `steps`
+    pruning_steps = 1 if heads else steps
+    try:
+        pruner = tp.pruner.MetaPruner(
+            model, example_inputs, importance=_importance(importance), pruning_ratio=ratio,
+            iterative_steps=pruning_steps, ignored_layers=ignored, output_transform=_logits,
+            **extra)
+    except Exception as exc:  # the dependency graph could not be traced: a pruning failure
+        raise LeantrainError(f"pruning could not trace the model ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    finally:
+        if cached:
+            config.use_cache = cached
     for step in range(steps):
-        if importance == "taylor":
-            model.zero_grad()
-            for x, y in gradient_batches():
-                nn.functional.cross_entropy(model(x), y).backward()
-        pruner.step()
+        if step < pruning_steps:
+            if importance == "taylor":
+                model.zero_grad()
+                for x, y in gradient_batches():
+                    nn.functional.cross_entropy(model(x), y).backward()
+            pruner.step()
+            for a in heads:
+                left = pruner.num_heads[a.projections[0]]
+                if left < 1:
+                    raise LeantrainError(f"pruning {ratio:.0%} removed every head of {a.name}; "
+                                         "lower the ratio")
+                attention.set_heads(a, left)
         model.zero_grad(set_to_none=True)
         if finetune is not None:
             finetune(model, step)
     return model
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """The tensor the dependency graph is traced from: a ModelOutput's logits, else `out`."""
+    return out.logits if hasattr(out, "logits") else out
 
 
 def channel_counts(model: nn.Module) -> dict[str, int]:
@@ -173,8 +221,14 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
 
 
 def save_pruned(model: nn.Module, path: str | Path) -> None:
-    """A plain state_dict (tensors only: loadable weights-only) whose shapes are the pruned ones."""
-    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    """A plain state_dict (tensors only: loadable weights-only) whose shapes are the pruned
+    ones, with each attention module's head count, and a mark when Conv1D became Linear."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for found in attention.find(model):
+        state[f"{found.name}.{attention.HEADS_KEY}"] = torch.tensor(attention.heads_of(found))
+    if getattr(model, "_leantrain_conv1d_as_linear", False):
+        state[attention.LINEAR_KEY] = torch.tensor(1)
+    atomic_save(state, path)
 
 
 def _resize(module: nn.Module, name: str, shape: torch.Size) -> None:
@@ -204,6 +258,11 @@ def _fix_attributes(module: nn.Module) -> None:
 def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     """Shrink a freshly built (unpruned) model to the saved shapes, then load the weights."""
     state = load_checkpoint(path)
+    if state.pop(attention.LINEAR_KEY, None) is not None:
+        attention.conv1d_to_linear(model)
+    suffix = f".{attention.HEADS_KEY}"
+    heads = {key[:-len(suffix)]: int(state.pop(key)) for key in list(state)
+             if key.endswith(suffix)}
     modules = dict(model.named_modules())
     for key, tensor in state.items():
         owner, _, name = key.rpartition(".")
@@ -215,6 +274,9 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
             _resize(module, name, tensor.shape)
     for module in model.modules():
         _fix_attributes(module)
+    for found in attention.find(model):
+        if found.name in heads:
+            attention.set_heads(found, heads[found.name])
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -12,14 +12,20 @@ or not at all):
 Whether either is faster depends on the model, the batch and the CPU: measure both, eager
 and compiled (benchmarks/quantize_mlp.py does, and its results are in the README).
 
-Weights shrink about 4x either way. Conv layers are left alone: for conv models the path is
-the pt2e flow with the x86 Inductor quantizer, which leantrain does not implement; it says
-so instead of returning an unchanged model.
+Weights shrink about 4x either way. Conv layers are left alone by these two; conv models take
+the third path:
+
+- int8-static (`quantize_pt2e`): the PyTorch 2 export flow with torchao's x86 Inductor
+  quantizer. The model is captured with `torch.export`, observers are inserted, the user's
+  batches calibrate the activation ranges, and the converted graph runs int8 convolutions and
+  matmuls once `torch.compile` lowers it (eager, it only simulates them: that is not how it
+  pays).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -44,17 +50,27 @@ def linear_layers(model: nn.Module) -> list[str]:
 
 
 def quantize_linear(model: nn.Module, method: str = "int8-dynamic") -> nn.Module:
-    """Quantize every nn.Linear of `model` in place (on CPU) and return it."""
+    """Quantize every nn.Linear of `model` in place (on CPU) and return it.
+
+    Hugging Face `Conv1D` layers (GPT-2) are converted to the equal `nn.Linear` first, so they
+    are quantized too. A Linear whose weight is tied to an embedding (an LM head) is left in
+    float: quantizing it would untie it, storing the embedding twice (GPT-2 grew from 124,672
+    to 141,056 parameters that way)."""
+    from .attention import conv1d_to_linear
+
     config = _config(method)
+    conv1d_to_linear(model)
     if not linear_layers(model):
         convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
         raise LeantrainError(
             "nothing to quantize: the model has no nn.Linear layer"
-            + ("; conv layers need the pt2e flow with the x86 Inductor quantizer, which "
-               "leantrain does not implement yet" if convs else ""))
+            + ("; for conv layers use int8-static (quantize_pt2e: the pt2e flow with the x86 "
+               "Inductor quantizer, calibrated on your data)" if convs else ""))
     from torchao.quantization import quantize_
 
-    quantize_(model.eval().cpu(), config)
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    quantize_(model.eval().cpu(), config,
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and id(m.weight) not in tied)
     return model
 
 
@@ -71,3 +87,37 @@ def output_error(reference: nn.Module, quantized: nn.Module, x: torch.Tensor) ->
     ref, out = reference(x).float(), quantized(x).float()
     worst = (out - ref).abs().max().item()
     return {"max_abs_error": worst, "max_rel_error": worst / ref.abs().max().item()}
+
+
+def quantize_pt2e(model: nn.Module, example: torch.Tensor,
+                  calibration: Iterable[torch.Tensor]) -> nn.Module:
+    """int8-static for conv (and Linear) models: export, annotate with the x86 Inductor
+    quantizer, calibrate on `calibration` batches, convert. Run the result under
+    `torch.compile` with `torch._inductor.config.freezing = True` (the weights folded into
+    constants, which Inductor packs for its int8 kernels: 3.2x compiled fp32 on the digits
+    CNN, benchmarks/quantize_cnn.py); on CPU, in NCHW."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    quantizer = x86.X86InductorQuantizer()
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    try:
+        exported = torch.export.export(  # any batch size, not only the example's
+            model.eval().cpu(), (example.cpu(),),
+            dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+    except Exception as exc:  # a graph break torch.export cannot capture
+        raise LeantrainError(f"int8-static needs a model torch.export can capture: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    prepared = prepare_pt2e(exported, quantizer)
+    seen = 0
+    with torch.no_grad():
+        for batch in calibration:
+            prepared(batch.cpu())
+            seen += 1
+    if seen == 0:
+        raise LeantrainError("int8-static needs calibration batches; none were given")
+    converted = convert_pt2e(prepared)
+    # an exported graph refuses .eval()/.train(); callers (latency, evaluation) use them
+    allow_exported_model_train_eval(converted)
+    return converted

@@ -8,11 +8,30 @@ import time
 import torch
 from torch import nn
 
+Sample = torch.Tensor | dict  # one sample: a tensor, or a dict of tensors (a model's kwargs)
 
-def latency_seconds(model: nn.Module, sample: torch.Tensor, batch_size: int,
+
+def batch_of(sample: Sample, batch_size: int, channels_last: bool = False) -> Sample:
+    """`sample` repeated `batch_size` times along a new first dimension (each tensor of a
+    dict alike); 4-D image batches in the requested memory format."""
+    if isinstance(sample, dict):
+        return {k: batch_of(v, batch_size) for k, v in sample.items()}
+    batch = sample.unsqueeze(0).expand(batch_size, *sample.shape).contiguous()
+    if batch.dim() == 4 and channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def call(model: nn.Module, batch: Sample):
+    """The forward pass the way its batch says: `model(x)`, or `model(**inputs)`."""
+    return model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+def latency_seconds(model: nn.Module, sample: Sample, batch_size: int,
                     repeats: int = 30, warmup: int = 5, channels_last: bool = False) -> float:
     """Median over `repeats` timed forward passes on CPU, after `warmup` untimed ones.
 
+    `sample` is one input (a tensor, or a dict of tensors for a model called with keywords).
     `channels_last` puts the model and the batch in NHWC (the memory format conv models run
     fastest in on CPU); otherwise both are NCHW, so comparisons never mix formats.
     """
@@ -25,19 +44,17 @@ def latency_seconds(model: nn.Module, sample: torch.Tensor, batch_size: int,
     for module in model.modules():  # only conv weights have a layout (and converting
         if isinstance(module, nn.Conv2d):  # other layers would re-wrap quantized tensors)
             module.to(memory_format=fmt)
-    batch = sample.unsqueeze(0).expand(batch_size, *sample.shape).contiguous()
-    if batch.dim() == 4:
-        batch = batch.contiguous(memory_format=fmt)
+    batch = batch_of(sample, batch_size, channels_last)
     with torch.inference_mode():
         return _median_forward(model, batch, repeats, warmup)
 
 
-def _median_forward(model: nn.Module, batch: torch.Tensor, repeats: int, warmup: int) -> float:
+def _median_forward(model: nn.Module, batch: Sample, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
-        model(batch)
+        call(model, batch)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(batch)
+        call(model, batch)
         times.append(time.perf_counter() - start)
     return statistics.median(times)

@@ -9,40 +9,50 @@ import matplotlib
 matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
+FONT = 10  # points at 100%: the smallest text on any chart
+
 
 def bar_panels(labels: list[str], panels: list[tuple[str, list[float]]], path: Path,
                title: str, highlight: int | None = None, reference: float | None = 1.0,
-               intervals: list[tuple[float, float] | None] | None = None) -> None:
-    """Horizontal bars, one panel per (axis title, values), the same labels down each panel.
+               intervals: list[tuple[float, float] | None] | None = None,
+               columns: int = 2) -> None:
+    """Horizontal bars, one panel per (axis title, values), the same labels in each, laid out
+    as a grid of `columns` (a readable page, not a strip); text at least `FONT` points.
 
     `highlight` marks one row (e.g. the winner); `reference` draws a line in the first panel;
     `intervals` (low, high) per row become error bars in the first panel.
     """
-    height = 0.45 * len(labels) + 1.5
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), height), sharey=True)
-    axes = list(axes) if len(panels) > 1 else [axes]
+    columns = max(1, min(columns, len(panels)))
+    rows = -(-len(panels) // columns)
+    height = 0.5 * len(labels) + 1.6
+    fig, grid = plt.subplots(rows, columns, figsize=(6.5 * columns, height * rows),
+                             squeeze=False)
+    axes = [ax for row in grid for ax in row]
     colors = ["tab:orange" if i == highlight else "tab:blue" for i in range(len(labels))]
-    for k, (ax, (name, values)) in enumerate(zip(axes, panels, strict=True)):
+    for k, (ax, (name, values)) in enumerate(zip(axes, panels, strict=False)):
         ax.barh(range(len(labels)), values, color=colors)
         if k == 0 and intervals is not None:
-            rows = [(i, v, iv) for i, (v, iv) in enumerate(zip(values, intervals, strict=True))
-                    if iv is not None]
-            if rows:
-                ax.errorbar([v for _, v, _ in rows], [i for i, _, _ in rows],
-                            xerr=[[v - iv[0] for _, v, iv in rows],
-                                  [iv[1] - v for _, v, iv in rows]],
+            marked = [(i, v, iv) for i, (v, iv) in enumerate(zip(values, intervals, strict=True))
+                      if iv is not None]
+            if marked:
+                ax.errorbar([v for _, v, _ in marked], [i for i, _, _ in marked],
+                            xerr=[[v - iv[0] for _, v, iv in marked],
+                                  [iv[1] - v for _, v, iv in marked]],
                             fmt="none", ecolor="black", capsize=3, linewidth=1)
         for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
-        ax.set_xlabel(name)
+            ax.text(v, i, f" {v:.2f}", va="center", fontsize=FONT)
+        ax.set_title(name, fontsize=FONT + 1)
+        ax.tick_params(labelsize=FONT)
+        ax.set_yticks(range(len(labels)), labels, fontsize=FONT)
+        ax.invert_yaxis()
         if k == 0 and reference is not None:
             ax.axvline(reference, color="grey", linestyle="--", linewidth=1)
-        ax.margins(x=0.18)
-    axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
-    axes[0].invert_yaxis()
-    fig.suptitle(title, fontsize=10)
+        ax.margins(x=0.22)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=FONT + 2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -59,7 +69,7 @@ def curve(x: list[float], series: list[tuple[str, list[float]]], path: Path, tit
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=FONT)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

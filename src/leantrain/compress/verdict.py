@@ -1,0 +1,61 @@
+"""Whether a compression stage is worth applying, judged against the stage before it.
+
+A stage is **harmful** when it makes the model slower (latency at batch 64, compiled where the
+stage is measured compiled) or bigger (file), or costs more accuracy than `max_drop`; **not
+worth it** when it makes the model neither smaller nor faster by `MIN_GAIN`; otherwise
+**keep**. Latency differences within `MIN_GAIN` count as equal: single latency figures on a
+shared machine vary by a few percent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MIN_GAIN = 0.05  # a smaller file or a lower latency counts from 5%
+KEEP, NOT_WORTH_IT, HARMFUL = "keep", "not worth it", "harmful"
+
+
+def _latency(stage: dict[str, Any]) -> tuple[float, str]:
+    """The stage's latency to judge by: compiled when measured compiled (that is how int8
+    pays on CPU), else eager."""
+    if stage.get("latency_compiled_b64_ms") is not None:
+        return stage["latency_compiled_b64_ms"], "compiled b64"
+    return stage["latency_b64_ms"], "b64"
+
+
+def _before_latency(stage: dict[str, Any], before: dict[str, Any]) -> float:
+    if stage.get("latency_compiled_b64_ms_before") is not None:
+        return stage["latency_compiled_b64_ms_before"]
+    return before["latency_b64_ms"]
+
+
+def judge(stage: dict[str, Any], before: dict[str, Any], max_drop: float) -> tuple[str, str]:
+    """(verdict, reason) of `stage` against `before`."""
+    latency, kind = _latency(stage)
+    was = _before_latency(stage, before)
+    harms = []
+    if latency > was * (1 + MIN_GAIN):
+        harms.append(f"slower: {latency:.2f} ms vs {was:.2f} ms ({kind})")
+    if stage["file_bytes"] > before["file_bytes"] * (1 + MIN_GAIN):
+        harms.append(f"bigger: {stage['file_bytes']:,} vs {before['file_bytes']:,} bytes")
+    drop = before["val_accuracy"] - stage["val_accuracy"]
+    if drop > max_drop:
+        harms.append(f"accuracy falls {drop:.1%}, more than --max-drop {max_drop:.1%}")
+    if harms:
+        return HARMFUL, "; ".join(harms)
+    faster = latency < was * (1 - MIN_GAIN)
+    smaller = stage["file_bytes"] < before["file_bytes"] * (1 - MIN_GAIN)
+    if not (faster or smaller):
+        return NOT_WORTH_IT, (f"neither {MIN_GAIN:.0%} smaller nor faster ({latency:.2f} vs "
+                              f"{was:.2f} ms {kind})")
+    gains = ([f"{was / latency:.2f}x faster ({kind})"] if faster else []) + \
+        ([f"{before['file_bytes'] / stage['file_bytes']:.2f}x smaller file"] if smaller else [])
+    return KEEP, ", ".join(gains) + f"; accuracy {-drop:+.1%}"
+
+
+def judge_all(stages: list[dict[str, Any]], max_drop: float) -> list[dict[str, Any]]:
+    """Each stage after the first with its `verdict` and `why` (the first is the reference)."""
+    stages[0]["verdict"], stages[0]["why"] = "reference", "the trained model"
+    for before, stage in zip(stages, stages[1:], strict=False):
+        stage["verdict"], stage["why"] = judge(stage, before, max_drop)
+    return stages

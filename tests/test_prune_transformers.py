@@ -1,0 +1,171 @@
+"""Structured pruning of stock Hugging Face transformers: whole heads and MLP channels go,
+the attention modules stay consistent, the pruned model runs, saves, reloads and fine-tunes."""
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from leantrain import fit, load_config
+from leantrain.compress import attention
+from leantrain.compress.prune import load_pruned, prune_channels, save_pruned
+from leantrain.errors import LeantrainError
+from leantrain.measure.flops import count_flops
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQ = 64, 12
+
+
+def bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                     n_positions=32)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _inputs(n: int = 2) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"input_ids": torch.randint(0, VOCAB, (n, SEQ), generator=g)}
+
+
+def _macs(model) -> int:
+    with torch.no_grad():
+        return count_flops(lambda: model(**_inputs())) // 2
+
+
+def _check_heads(model, expected_heads: int | None = None) -> int:
+    """Every attention module's head count agrees with its projections' shapes; returns the
+    fewest heads left."""
+    found = attention.find(model)
+    assert found
+    for a in found:
+        heads = attention.heads_of(a)
+        assert expected_heads is None or heads == expected_heads, (a.name, heads)
+        m = a.module
+        if a.fused:
+            assert m.c_attn.out_features == 3 * heads * m.head_dim
+            assert m.c_proj.in_features == heads * m.head_dim
+        else:
+            for p in a.projections:
+                assert p.out_features == heads * m.attention_head_size == m.all_head_size
+            # the output projection (in BertSelfOutput) takes what the heads give
+            parent = dict(model.named_modules())[a.name.rsplit(".", 1)[0]]
+            assert parent.output.dense.in_features == m.all_head_size
+    return min(attention.heads_of(a) for a in found)
+
+
+def test_conv1d_becomes_an_equal_linear():
+    model = gpt2()
+    before = model(**_inputs()).logits
+    assert attention.conv1d_to_linear(model) == 2 * 4  # c_attn, c_proj, c_fc, c_proj per block
+    torch.testing.assert_close(model(**_inputs()).logits, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_bert_heads_and_mlp_channels_are_pruned_consistently(ratio, tmp_path):
+    model = bert()
+    macs = _macs(model)
+    prune_channels(model, _inputs(), ratio)
+    heads = _check_heads(model)
+    assert 1 <= heads < 4  # whole heads removed (of 4)
+    logits = model(**_inputs()).logits  # it runs
+    assert logits.shape[-1] == 3
+    if ratio == 0.5:
+        assert macs / _macs(model) >= 1.5
+    save_pruned(model, tmp_path / "pruned.pt")
+    again = load_pruned(bert(), tmp_path / "pruned.pt")
+    _check_heads(again, heads)
+    torch.testing.assert_close(again(**_inputs()).logits, logits)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_gpt2_mlp_channels_are_pruned_and_its_fused_heads_kept_with_a_warning(ratio, tmp_path,
+                                                                             caplog):
+    model = gpt2()
+    macs = _macs(model)
+    prune_channels(model, _inputs(), ratio)
+    assert any("c_attn, cannot be pruned by heads yet" in r.getMessage() for r in caplog.records)
+    assert _check_heads(model, 4) == 4  # kept, and consistent
+    for block in model.transformer.h:
+        assert block.mlp.c_fc.out_features == block.mlp.c_proj.in_features < 128
+    logits = model(**_inputs()).logits
+    assert logits.shape[-1] == VOCAB and _macs(model) < macs
+    save_pruned(model, tmp_path / "pruned.pt")
+    again = load_pruned(gpt2(), tmp_path / "pruned.pt")
+    torch.testing.assert_close(again(**_inputs()).logits, logits)
+
+
+class _Tokens(Dataset):
+    def __init__(self, n: int = 64):
+        g = torch.Generator().manual_seed(2)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+        self.labels = self.ids[:, 0] % 3
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def test_a_pruned_bert_fine_tunes_with_the_trainer():
+    model = bert()
+    prune_channels(model, _inputs(), 0.5)
+    cfg = load_config(None, ["plan.device=cpu", "data.batch_size=16", "train.epochs=1",
+                             "optim.name=adamw", "optim.lr=1e-3", "train.monitor_interval_s=0"])
+    summary = fit(model, _Tokens(), _Tokens(32), cfg, progress_bar=False)
+    assert summary["steps"] == 4 and summary["val_loss"] == summary["val_loss"]  # finite
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 1.5])
+def test_a_ratio_out_of_range_is_refused(ratio):
+    with pytest.raises(LeantrainError, match="pruning ratio must be in"):
+        prune_channels(bert(), _inputs(), ratio)
+
+
+def test_int8_on_gpt2_quantizes_its_conv1d_and_keeps_the_tied_head():
+    from leantrain.compress.quantize import quantize_linear, state_bytes
+    model = gpt2()
+    params, size = sum(p.numel() for p in model.parameters()), state_bytes(model)
+    reference = model(**_inputs()).logits
+    quantize_linear(model, "int8-weight-only")
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    assert sum(p.numel() for p in model.parameters()) <= params
+    assert state_bytes(model) < 0.8 * size  # the blocks' weights are int8 now
+    assert (model(**_inputs()).logits - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+@pytest.mark.slow
+def test_compress_prunes_a_stock_bert_from_the_cli_and_the_result_reloads(tmp_path,
+                                                                          monkeypatch):
+    import json
+    from pathlib import Path
+
+    from leantrain.cli import main
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
+    import hf_sequence_classification as example
+    hf = ["--model", "hf_sequence_classification:model", "--data",
+          "hf_sequence_classification:data", "--set", "optim.name=adamw", "--set",
+          "optim.lr=3e-3", "--no-progress"]
+    run = tmp_path / "run"
+    assert main(["train", *hf, "--epochs", "2", "--out", str(run)]) == 0
+    out = tmp_path / "small"
+    assert main(["compress", *hf, "--checkpoint", str(run), "--prune", "0.5",
+                 "--finetune-epochs", "1", "--finetune-lr", "1e-3", "--out", str(out)]) == 0
+    before, after = json.loads((out / "report.json").read_text())["stages"]
+    assert before["macs"] / after["macs"] >= 1.5
+    assert after["verdict"] in ("keep", "not worth it", "harmful")
+    model = load_pruned(example.model(), out / "model.pt").eval()
+    heads = {attention.heads_of(a) for a in attention.find(model)}
+    original = {attention.heads_of(a) for a in attention.find(example.model())}
+    assert max(heads) < max(original)
+    batch = example.pad([example.data()[1][i] for i in range(4)])
+    assert model(**{k: v for k, v in batch.items() if k != "labels"}).logits.shape[0] == 4
