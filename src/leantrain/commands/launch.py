@@ -100,7 +100,9 @@ def describe_failure(exc, heartbeats: dict[int, dict] | None = None) -> str:
     lines = [f"rank {first_rank} (local rank {first.local_rank}, pid {first.pid}) failed "
              f"first, with exit code {first.exitcode}: {_why(first)}"]
     stuck = _stuck(exc, heartbeats or {})
-    if stuck is not None:
+    # a rank killed from outside is the cause wherever it stood; a hung rank is killed by the
+    # agent only after the others failed: then it is also the one furthest behind
+    if stuck is not None and (stuck[0] == first_rank or _blame(first)[0] > 0):
         first_rank, line = stuck
         lines = [line]
     others = [f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(exc.failures.items())

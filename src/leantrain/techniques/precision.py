@@ -47,9 +47,10 @@ def decide(ctx: Context, plan: PlanConfig) -> tuple[str, Outcome]:
     """"auto" is bf16 where the device runs it natively, except on a CPU for a model without
     convolutions: there the casts around small matmuls cost as much as bf16 saves or more
     (`benchmarks/precision_rule.py` on a 2-core EPYC: a tiny BERT 0.97x in bf16, 95% interval
-    0.84-1.11x, against 1.46x for the digits CNN; the issue that asked for this rule measured
-    0.55x for a tiny BERT on an AMX Xeon). A rule can lose: `run.defaults` measures it on runs
-    long enough to pay."""
+    0.84-1.11x, against 1.46x for the digits CNN; on a 2-core AMX Xeon, whole runs in
+    `benchmarks/results/default_plan.json`: bf16 at 0.80-0.90x fp32 for the tiny BERT and
+    1.78x for the digits CNN). A rule can lose: `run.defaults` measures it on runs long enough
+    to pay."""
     if plan.precision == "auto":
         native, why = check(ctx, "bf16")
         if native and ctx.device.type == "cpu" and not has_conv2d(ctx.model):
