@@ -570,17 +570,36 @@ def test_a_signal_mid_run_checkpoints_that_step_and_the_resume_is_bit_identical(
             os.kill(os.getpid(), sig)
         return original(self, bar, tick)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(trainer_module.Trainer, "_after_step", signal_at_step_23)
-        with pytest.raises(Stopped) as caught:
-            fit(mlp(), *_data(), _cfg(), out, progress_bar=False)
+    # as in a terminal (a background job, CI's included, starts with SIGINT ignored, which
+    # leantrain leaves ignored)
+    outside = signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                            else signal.SIG_DFL)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(trainer_module.Trainer, "_after_step", signal_at_step_23)
+            with pytest.raises(Stopped) as caught:
+                fit(mlp(), *_data(), _cfg(), out, progress_bar=False)
+        restored = signal.getsignal(sig)
+    finally:
+        signal.signal(sig, outside)
     assert caught.value.exit_code == code
     assert f"at step 23; checkpoint written; continue with: leantrain train --resume {out}" \
         in str(caught.value)
     assert _weights(out / "checkpoint.pt")["progress"]["step"] == 23
-    assert signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)  # restored
+    assert restored in (signal.default_int_handler, signal.SIG_DFL)  # handlers restored
     fit(mlp(), *_data(), load_config(out / "config.yaml"), out, resume=True, progress_bar=False)
     assert _same(_weights(out / "model.pt"), reference)
+
+
+def test_an_ignored_sigint_stays_ignored_during_training():
+    from leantrain.run.signals import StopRequest
+    outside = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequest():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # ours
+    finally:
+        signal.signal(signal.SIGINT, outside)
 
 
 def test_sigterm_to_a_real_train_process_exits_143_naming_the_resume_command(tmp_path):

@@ -48,7 +48,10 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+            # a signal the process was told to ignore (SIGINT in a background job, nohup)
+            # stays ignored
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS
+                              if signal.getsignal(sig) is not signal.SIG_IGN}
         return self
 
     def _restore(self) -> None:
