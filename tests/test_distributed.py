@@ -197,18 +197,25 @@ def test_fsdp2_trains_a_transformer_and_resumes_its_checkpoint(user_env, tmp_pat
         sys.path.remove(str(tmp_path))
 
 
-@pytest.mark.slow
-def test_killing_one_rank_ends_the_job_within_60_s_naming_the_rank(blobs_file, tmp_path):
-    out = tmp_path / "run"
+def _launch_until_training(blobs_file: Path, out: Path,
+                           stderr=subprocess.PIPE) -> subprocess.Popen:
+    """A long two-rank launch of train, returned once its first metrics are written."""
     proc = subprocess.Popen([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--data",
                              str(blobs_file), "--epochs", "1000", "--no-progress",
                              "--set", "data.batch_size=8", "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().strip()):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.slow
+def test_killing_one_rank_ends_the_job_within_60_s_naming_the_rank(blobs_file, tmp_path):
+    out = tmp_path / "run"
+    proc = _launch_until_training(blobs_file, out)
     workers = psutil.Process(proc.pid).children(recursive=True)
     victim = next(w for w in workers if w.environ().get("LOCAL_RANK") == "1")
     killed_at = time.monotonic()
@@ -224,15 +231,7 @@ def test_a_killed_launcher_takes_its_ranks_with_it(blobs_file, tmp_path):
     """torchrun gives each rank its own session; SIGKILL on the launcher alone must not leave
     them running."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--data",
-                             str(blobs_file), "--epochs", "1000", "--no-progress",
-                             "--set", "data.batch_size=8", "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().strip()):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    proc = _launch_until_training(blobs_file, out, stderr=subprocess.DEVNULL)
     workers = [w for w in psutil.Process(proc.pid).children(recursive=True)
                if w.environ().get("LOCAL_RANK") is not None]
     assert len(workers) == 2
@@ -256,15 +255,7 @@ def test_the_launch_report_names_the_failed_ranks_own_error(tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_launch_checkpoints_every_rank_and_exits_143(blobs_file, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--data",
-                             str(blobs_file), "--epochs", "1000", "--no-progress",
-                             "--set", "data.batch_size=8", "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().strip()):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    proc = _launch_until_training(blobs_file, out)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
