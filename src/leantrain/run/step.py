@@ -17,6 +17,7 @@ loss and the metrics see, its `loss` is used unless the user gives one, else the
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -153,13 +154,8 @@ def metrics(model: nn.Module, loader, step: Step) -> dict[str, float | None]:
         if step.task == "model-loss":
             loss_sum += own.detach().float() * n
         else:
-            try:
+            with naming_label_errors(f"validation batch {number}"):
                 loss_sum += tasks.loss_sum(step.task, logits, sb.labels)
-            except (IndexError, RuntimeError) as exc:
-                found = label_error(exc, f"validation batch {number}")
-                if found is None:
-                    raise
-                raise found from exc
         hits += metric
         count += n
     model.train(was_training)
@@ -228,14 +224,20 @@ def _checked_call(model: nn.Module, call: Callable[[], Any], sb: StepBatch, step
         model.train(was_training)
 
 
-def label_error(exc: Exception, where: str) -> LeantrainError | None:
+@contextlib.contextmanager
+def naming_label_errors(where: str):
     """A loss's failure on a label outside the model's classes (a later batch than the one
-    checked, a streamed dataset), as one line naming the batch; None for any other failure."""
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    if not isinstance(exc, (IndexError, RuntimeError)) or "out of bounds" not in text:
-        return None
-    return LeantrainError(f"{where}: a label is out of range ({text}); labels must be class "
-                          "indices in 0..classes-1, or -100 to ignore a position")
+    checked, a streamed dataset) becomes one line naming the batch (`where`); any other
+    failure passes through unchanged."""
+    try:
+        yield
+    except (IndexError, RuntimeError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        if "out of bounds" not in text:
+            raise
+        raise LeantrainError(f"{where}: a label is out of range ({text}); labels must be "
+                             "class indices in 0..classes-1, or -100 to ignore a position"
+                             ) from exc
 
 
 def _shape(t: Any) -> tuple | str:

@@ -93,14 +93,9 @@ class Trainer:
         sb = run.step.unpack(batch)
         timer.mark("copy")
         self._beat("forward")
-        try:
+        with step.naming_label_errors(f"training batch {micro} of epoch "
+                                      f"{state.progress.epoch + 1}"):
             logits, loss, _ = run.step.forward(self.step_model, sb)
-        except (IndexError, RuntimeError) as exc:
-            found = step.label_error(exc, f"training batch {micro} of epoch "
-                                          f"{state.progress.epoch + 1}")
-            if found is None:
-                raise
-            raise found from exc
         metric, count = tasks.tally(run.step.task, logits, sb.labels, sb.size)
         loss_sum, metric_sum, counted = state.epoch_sums
         loss_sum += loss.detach().float() * count
