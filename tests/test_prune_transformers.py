@@ -87,27 +87,101 @@ def test_bert_heads_and_mlp_channels_are_pruned_consistently(ratio, tmp_path):
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
-def test_gpt2_mlp_channels_are_pruned_and_its_fused_heads_kept_with_a_warning(ratio, tmp_path,
-                                                                             caplog):
+def test_gpt2_heads_and_mlp_channels_are_pruned_consistently(ratio, tmp_path):
     model = gpt2()
     macs = _macs(model)
     prune_channels(model, _inputs(), ratio)
-    assert any("c_attn, cannot be pruned by heads yet" in r.getMessage() for r in caplog.records)
-    assert _check_heads(model, 4) == 4  # kept, and consistent
+    assert _check_heads(model, 2) == 2  # ceil(ratio x 4) of 4 heads removed, as Torch-Pruning
     for block in model.transformer.h:
         assert block.mlp.c_fc.out_features == block.mlp.c_proj.in_features < 128
+        assert block.attn.split_size == 2 * block.attn.head_dim  # q, k, v each two heads wide
     logits = model(**_inputs()).logits
-    assert logits.shape[-1] == VOCAB and _macs(model) < macs
+    assert logits.shape[-1] == VOCAB
+    if ratio == 0.5:
+        assert macs / _macs(model) >= 1.5
     save_pruned(model, tmp_path / "pruned.pt")
     again = load_pruned(gpt2(), tmp_path / "pruned.pt")
+    _check_heads(again, 2)
     torch.testing.assert_close(again(**_inputs()).logits, logits)
 
 
+def test_the_weakest_fused_heads_go_and_the_kept_ones_compute_as_before():
+    """Zero head 1's q/k/v rows: it is the one removed, and the others are untouched, so a
+    model whose head 1 contributed nothing gives the same logits after pruning."""
+    model = gpt2()
+    attention.conv1d_to_linear(model)
+    for block in model.transformer.h:
+        attn = block.attn
+        with torch.no_grad():
+            for part in range(3):
+                rows = slice(part * 32 + 8, part * 32 + 16)  # head 1 of 4 (head_dim 8)
+                attn.c_attn.weight[rows] = 0
+                attn.c_attn.bias[rows] = 0
+            attn.c_proj.weight[:, 8:16] = 0
+    before = model(**_inputs()).logits
+    for a in attention.find(model):
+        assert attention.prune_fused_heads(a, 0.25) == 3
+    torch.testing.assert_close(model(**_inputs()).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_the_text_gpt_recipe_is_pruned_by_heads_and_reloads(tmp_path):
+    from leantrain.recipes.gpt import GPT
+    torch.manual_seed(0)
+    model = GPT(vocab=VOCAB, context=SEQ, depth=2, width=32, heads=4).eval()
+    tokens = _inputs()["input_ids"]
+    macs = count_flops(lambda: model(tokens)) // 2
+    prune_channels(model, tokens, 0.5)
+    for block in model.blocks:
+        assert block.attention.heads == 2 and block.attention.qkv.out_features == 3 * 2 * 8
+        assert block.attention.proj.in_features == 2 * 8
+        assert block.mlp[0].out_features == block.mlp[2].in_features == 64
+    logits = model(tokens)
+    assert logits.shape == (2, SEQ, VOCAB)
+    assert macs / (count_flops(lambda: model(tokens)) // 2) >= 1.5
+    save_pruned(model, tmp_path / "gpt.pt")
+    again = load_pruned(GPT(vocab=VOCAB, context=SEQ, depth=2, width=32, heads=4).eval(),
+                        tmp_path / "gpt.pt")
+    torch.testing.assert_close(again(tokens), logits)
+
+
+def test_pruning_every_fused_head_is_refused():
+    model = gpt2()
+    attention.conv1d_to_linear(model)
+    with pytest.raises(LeantrainError, match="removed every head of transformer.h.0.attn"):
+        attention.prune_fused_heads(attention.find(model)[0], 0.99)
+
+
+def test_a_stock_vit_is_pruned_by_heads_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3,
+                                    hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, num_labels=5)
+    model = transformers.ViTForImageClassification(config).eval()
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        macs = count_flops(lambda: model(pixel_values=pixels)) // 2
+    prune_channels(model, {"pixel_values": pixels}, 0.5)
+    for a in attention.find(model):
+        assert attention.heads_of(a) == 2
+        module = a.module
+        assert module.q_proj.out_features == module.v_proj.out_features == 2 * module.head_dim
+        assert module.o_proj.in_features == 2 * module.head_dim
+    with torch.no_grad():
+        logits = model(pixel_values=pixels).logits
+        assert macs / (count_flops(lambda: model(pixel_values=pixels)) // 2) >= 1.5
+    save_pruned(model, tmp_path / "vit.pt")
+    again = load_pruned(transformers.ViTForImageClassification(config).eval(),
+                        tmp_path / "vit.pt")
+    torch.testing.assert_close(again(pixel_values=pixels).logits, logits)
+
+
 class _Tokens(Dataset):
-    def __init__(self, n: int = 64):
+    """Token rows with a class label (BERT) or themselves as labels (a causal LM)."""
+
+    def __init__(self, n: int = 64, lm: bool = False):
         g = torch.Generator().manual_seed(2)
         self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
-        self.labels = self.ids[:, 0] % 3
+        self.labels = self.ids if lm else self.ids[:, 0] % 3
 
     def __len__(self):
         return len(self.ids)
@@ -116,12 +190,14 @@ class _Tokens(Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
-def test_a_pruned_bert_fine_tunes_with_the_trainer():
-    model = bert()
+@pytest.mark.parametrize("build", [bert, gpt2], ids=["bert", "gpt2"])
+def test_a_pruned_transformer_fine_tunes_with_the_trainer(build):
+    model = build()
     prune_channels(model, _inputs(), 0.5)
     cfg = load_config(None, ["plan.device=cpu", "data.batch_size=16", "train.epochs=1",
                              "optim.name=adamw", "optim.lr=1e-3", "train.monitor_interval_s=0"])
-    summary = fit(model, _Tokens(), _Tokens(32), cfg, progress_bar=False)
+    lm = build is gpt2
+    summary = fit(model, _Tokens(lm=lm), _Tokens(32, lm=lm), cfg, progress_bar=False)
     assert summary["steps"] == 4 and summary["val_loss"] == summary["val_loss"]  # finite
 
 

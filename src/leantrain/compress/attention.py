@@ -4,11 +4,20 @@ attention modules' own head counts in step with their pruned projections.
 Torch-Pruning removes whole heads when it is told how many heads each projection holds
 (`num_heads`); the attention module's attributes (head count, widths, the split of a fused
 q/k/v projection) must then be updated, or its reshapes fail (`shape '[64, 32, -1, 32]' is
-invalid`). Two layouts are known, which cover BERT/RoBERTa/ViT-style encoders and GPT-2-style
+invalid`). Three layouts are known, which cover BERT/RoBERTa-style encoders, the newer
+`q_proj`/`k_proj`/`v_proj` modules (ViT, Llama-style without grouped keys) and GPT-2-style
 decoders: separate `query`/`key`/`value` Linear layers (`num_attention_heads`,
-`attention_head_size`, `all_head_size`), and one fused `c_attn` projection split in three
-(`num_heads`, `head_dim`, `split_size`). GPT-2's `Conv1D` (a Linear with its weight stored
+`attention_head_size`, `all_head_size`), separate `q_proj`/`k_proj`/`v_proj` layers
+(`num_attention_heads`, a fixed `head_dim`), and one fused projection split in three
+(GPT-2's `c_attn` with `num_heads`, `head_dim`, `split_size`; the text-gpt recipe's `qkv`
+with `heads`). GPT-2's `Conv1D` (a Linear with its weight stored
 transposed) is first converted to `nn.Linear`, which the dependency graph understands.
+
+Torch-Pruning removes the heads of separate projections itself. A fused projection is split
+in three inside the model's forward, and the graph's index mapping through that split fails,
+so `prune_fused_heads` removes those heads directly: the same rows of q, k and v, the matching
+inputs of the output projection (`c_proj`, `proj`), with Torch-Pruning's own layer surgery and the
+same count Torch-Pruning would remove (ceil(ratio x heads)).
 
 The residual stream (the hidden size shared by embeddings, LayerNorms and every block) is kept
 whole: the layers that write into it are not pruned at their outputs, so each block keeps its
@@ -17,6 +26,7 @@ interface and only heads and MLP channels go.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +38,23 @@ HEADS_KEY = "__heads__"  # state_dict entry beside an attention module: its head
 LINEAR_KEY = "__leantrain__.conv1d_as_linear"  # marks a model whose Conv1D became Linear
 
 
+# (fused q/k/v projection, output projection, head-count attribute) of the fused layouts:
+# GPT-2's, and leantrain's own GPT recipe's
+FUSED_LAYOUTS = (("c_attn", "c_proj", "num_heads"), ("qkv", "proj", "heads"))
+
+
 @dataclass
 class Attention:
     name: str
     module: nn.Module
     projections: list[nn.Linear]  # the layers whose outputs are heads
-    fused: bool  # one projection holding q, k and v
+    heads_attribute: str  # the module's head count
+    output: nn.Linear | None = None  # a fused layout's output projection
+
+    @property
+    def fused(self) -> bool:
+        """One projection holds q, k and v (each heads x head_dim wide, in that order)."""
+        return self.output is not None
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -67,26 +88,56 @@ def find(model: nn.Module) -> list[Attention]:
     head count) in an unknown layout is an error naming it."""
     found = []
     for name, module in model.named_modules():
-        qkv = [getattr(module, k, None) for k in ("query", "key", "value")]
-        if all(isinstance(p, nn.Linear) for p in qkv) and hasattr(module, "num_attention_heads"):
-            found.append(Attention(name, module, qkv, fused=False))
-        elif isinstance(getattr(module, "c_attn", None), nn.Linear) and hasattr(module,
-                                                                                "num_heads"):
-            if getattr(module, "is_cross_attention", False):
-                raise LeantrainError(f"cannot prune the heads of {name}: cross-attention "
-                                     "(q_attn) is not handled")
-            found.append(Attention(name, module, [module.c_attn], fused=True))
+        separate = _separate_projections(name, module)
+        if separate:
+            found.append(Attention(name, module, separate, "num_attention_heads"))
+            continue
+        fused = _fused_layout(name, module)
+        if fused:
+            found.append(fused)
         elif hasattr(module, "num_attention_heads") and any(
                 isinstance(c, nn.Linear) for c in module.children()):
             raise LeantrainError(f"cannot prune the heads of {name} ({type(module).__name__}): "
-                                 "leantrain knows separate query/key/value layers and GPT-2's "
-                                 "fused c_attn")
+                                 "leantrain knows query/key/value or q_proj/k_proj/v_proj "
+                                 "layers and a fused c_attn (GPT-2) or qkv projection")
     return found
 
 
+def _fused_layout(name: str, module: nn.Module) -> Attention | None:
+    for projection, output, heads in FUSED_LAYOUTS:
+        layers = getattr(module, projection, None), getattr(module, output, None)
+        if all(isinstance(p, nn.Linear) for p in layers) and isinstance(
+                getattr(module, heads, None), int):
+            if getattr(module, "is_cross_attention", False):
+                raise LeantrainError(f"cannot prune the heads of {name}: cross-attention "
+                                     "(q_attn) is not handled")
+            return Attention(name, module, [layers[0]], heads, output=layers[1])
+    return None
+
+
+def _separate_projections(name: str, module: nn.Module) -> list[nn.Linear]:
+    """The q, k, v Linear layers of an attention module with separate projections (none if
+    it has another layout)."""
+    if not hasattr(module, "num_attention_heads"):
+        return []
+    for names in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj")):
+        layers = [getattr(module, n, None) for n in names]
+        if all(isinstance(p, nn.Linear) for p in layers):
+            if len({p.out_features for p in layers}) > 1:
+                raise LeantrainError(f"cannot prune the heads of {name}: its keys and values "
+                                     "have fewer heads than its queries (grouped-query "
+                                     "attention is not handled)")
+            return layers
+    return []
+
+
 def heads_of(attention: Attention) -> int:
-    module = attention.module
-    return module.num_heads if attention.fused else module.num_attention_heads
+    return getattr(attention.module, attention.heads_attribute)
+
+
+def head_dim(attention: Attention) -> int:
+    return attention.projections[0].out_features // (heads_of(attention) *
+                                                     (3 if attention.fused else 1))
 
 
 def num_heads(attentions: list[Attention]) -> dict[nn.Module, int]:
@@ -97,21 +148,83 @@ def num_heads(attentions: list[Attention]) -> dict[nn.Module, int]:
 def set_heads(attention: Attention, heads: int) -> None:
     """Bring the module's attributes in line with its (pruned) projections' widths."""
     module, width = attention.module, attention.projections[0].out_features
-    if attention.fused:
-        module.num_heads, module.split_size = heads, width // 3
+    setattr(module, attention.heads_attribute, heads)
+    if hasattr(module, "split_size"):  # GPT-2: q, k and v are split by width
+        module.split_size = width // 3
         module.head_dim = module.split_size // heads
-    else:
-        module.num_attention_heads, module.all_head_size = heads, width
-        module.attention_head_size = width // heads
+    if hasattr(module, "all_head_size"):  # BERT-style; q_proj-style keep a fixed head_dim
+        module.all_head_size, module.attention_head_size = width, width // heads
 
 
-def residual_writers(model: nn.Module, attentions: list[Attention]) -> list[nn.Linear]:
-    """The Linear layers whose outputs have the residual stream's width (the first embedding's
-    dimension), except the head projections: not pruned at their outputs, so every block keeps
-    its interface."""
+def residual_width(model: nn.Module) -> int | None:
+    """The residual stream's width: the config's `hidden_size`, else the first embedding's."""
+    width = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(width, int):
+        return width
     embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-    if embedding is None:
+    return None if embedding is None else embedding.embedding_dim
+
+
+def residual_writers(model: nn.Module, attentions: list[Attention]) -> list[nn.Module]:
+    """The Linear and Conv2d layers (a ViT's patch embedding) whose outputs have the residual
+    stream's width, except the head projections: not pruned at their outputs, so every block
+    keeps its interface."""
+    width = residual_width(model)
+    if width is None:
         return []
     heads = {id(p) for a in attentions for p in a.projections}
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and
-            m.out_features == embedding.embedding_dim and id(m) not in heads]
+    return [m for m in model.modules() if id(m) not in heads and (
+        isinstance(m, nn.Linear) and m.out_features == width
+        or isinstance(m, nn.Conv2d) and m.out_channels == width)]
+
+
+def heads_to_remove(heads: int, ratio: float) -> int:
+    """As Torch-Pruning counts them for one attention module: ceil(ratio x heads)."""
+    return math.ceil(ratio * heads)
+
+
+def _head_rows(attention: Attention, head: int) -> torch.Tensor:
+    """The output rows of the fused q/k/v projection that belong to `head` (in q, k and v)."""
+    width, dim = attention.projections[0].out_features // 3, head_dim(attention)
+    return torch.cat([torch.arange(part * width + head * dim, part * width + (head + 1) * dim)
+                      for part in range(3)])
+
+
+def _score(weight: torch.Tensor, taylor: bool, dim: int) -> torch.Tensor:
+    """Magnitude (squared weights) or Taylor (|weight x gradient|) importance, summed along
+    `dim`: per output row with dim=1, per input column with dim=0."""
+    value = (weight * weight.grad).abs() if taylor and weight.grad is not None else weight ** 2
+    return value.detach().sum(dim=dim)
+
+
+def head_importance(attention: Attention, taylor: bool = False) -> torch.Tensor:
+    """One score per head: its q/k/v rows of the fused projection and its input columns of
+    the output projection."""
+    dim = head_dim(attention)
+    rows = _score(attention.projections[0].weight, taylor, dim=1)
+    columns = _score(attention.output.weight, taylor, dim=0)
+    return torch.stack([rows[_head_rows(attention, h)].sum()
+                        + columns[h * dim:(h + 1) * dim].sum()
+                        for h in range(heads_of(attention))])
+
+
+def prune_fused_heads(attention: Attention, ratio: float, taylor: bool = False) -> int:
+    """Remove the least important ceil(ratio x heads) heads of a fused q/k/v attention;
+    returns the heads left."""
+    import torch_pruning as tp
+
+    heads, dim = heads_of(attention), head_dim(attention)
+    removed = heads_to_remove(heads, ratio)
+    if removed >= heads:
+        raise LeantrainError(f"pruning {ratio:.0%} removed every head of {attention.name}; "
+                             "lower the ratio")
+    if removed == 0:
+        return heads
+    weakest = torch.topk(head_importance(attention, taylor), removed, largest=False).indices
+    rows = torch.cat([_head_rows(attention, int(h)) for h in weakest]).tolist()
+    columns = torch.cat([torch.arange(int(h) * dim, (int(h) + 1) * dim)
+                         for h in weakest]).tolist()
+    tp.prune_linear_out_channels(attention.projections[0], rows)
+    tp.prune_linear_in_channels(attention.output, columns)
+    set_heads(attention, heads - removed)
+    return heads - removed

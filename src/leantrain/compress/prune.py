@@ -16,6 +16,7 @@ weights-only.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,10 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
     """Remove `ratio` of the channels of every prunable layer except the output layer, in
     `steps` equal steps, calling `finetune(model, step)` after each.
 
+    In a transformer (`attention.find`), ceil(ratio x heads) whole heads of every attention
+    module go in the first step, and `ratio` of each MLP's channels; the residual stream
+    keeps its width.
+
     Taylor importance scores channels by |weight × gradient|: `gradient_batches()` yields the
     (inputs, labels) whose cross-entropy gradient it uses at each step.
     """
@@ -154,20 +159,20 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
     if importance == "taylor" and gradient_batches is None:
         raise LeantrainError("taylor importance needs batches to take gradients on")
     found = attention.find(model)
-    # a fused q/k/v projection is split in three inside the model's forward, and
-    # Torch-Pruning's index mapping of that split fails (GPT-2): its heads are kept, said so
+    heads = [a for a in found if not a.fused]  # Torch-Pruning removes these heads itself
     fused = [a for a in found if a.fused]
-    heads = [a for a in found if not a.fused]
-    for a in fused:
-        log.warning("pruning: the heads of %s are kept (a fused q/k/v projection, %s.c_attn, "
-                    "cannot be pruned by heads yet); its MLP channels are pruned", a.name,
-                    a.name)
+    if fused:  # removed here, before tracing: the graph cannot map through the q/k/v split
+        if importance == "taylor":
+            _gradients(model, gradient_batches)
+        for a in fused:
+            attention.prune_fused_heads(a, ratio, taylor=importance == "taylor")
+        model.zero_grad(set_to_none=True)
     extra: dict[str, Any] = {}
     if heads:  # a transformer: whole heads and MLP channels go, the residual stream stays
         extra = {"num_heads": attention.num_heads(heads), "prune_num_heads": True,
                  "prune_head_dims": False, "head_pruning_ratio": ratio}
     ignored = [keep, *attention.residual_writers(model, found),
-               *(a.module.c_attn for a in fused)] if found else [keep]
+               *(a.projections[0] for a in fused)] if found else [keep]
     config = getattr(model, "config", None)
     cached = getattr(config, "use_cache", None)
     if cached:  # a KV cache concatenates keys of unknown width: the graph cannot be traced
@@ -177,10 +182,14 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
     # the fine-tuning still runs after each of the `steps`
     pruning_steps = 1 if heads else steps
     try:
-        pruner = tp.pruner.MetaPruner(
-            model, example_inputs, importance=_importance(importance), pruning_ratio=ratio,
-            iterative_steps=pruning_steps, ignored_layers=ignored, output_transform=_logits,
-            **extra)
+        with warnings.catch_warnings():
+            # a ViT's class token and position table are bare Parameters on the residual
+            # stream, which is never pruned here: Torch-Pruning's warning about them misleads
+            warnings.filterwarnings("ignore", "Unwrapped parameters detected")
+            pruner = tp.pruner.MetaPruner(
+                model, example_inputs, importance=_importance(importance),
+                pruning_ratio=ratio, iterative_steps=pruning_steps, ignored_layers=ignored,
+                output_transform=_logits, **extra)
     except Exception as exc:  # the dependency graph could not be traced: a pruning failure
         raise LeantrainError(f"pruning could not trace the model ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
@@ -190,9 +199,7 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
     for step in range(steps):
         if step < pruning_steps:
             if importance == "taylor":
-                model.zero_grad()
-                for x, y in gradient_batches():
-                    nn.functional.cross_entropy(model(x), y).backward()
+                _gradients(model, gradient_batches)
             pruner.step()
             for a in heads:
                 left = pruner.num_heads[a.projections[0]]
@@ -204,6 +211,13 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
         if finetune is not None:
             finetune(model, step)
     return model
+
+
+def _gradients(model: nn.Module, gradient_batches) -> None:
+    """Fresh cross-entropy gradients for Taylor importance."""
+    model.zero_grad()
+    for x, y in gradient_batches():
+        nn.functional.cross_entropy(model(x), y).backward()
 
 
 def _logits(out: Any) -> torch.Tensor:

@@ -23,11 +23,13 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, w = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).unbind(2)
+        b, t, _ = x.shape
+        # the head width comes from the projection, not from x: heads pruned away
+        # (compress --prune) leave fewer, equally wide heads on the same residual stream
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, -1).unbind(2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                              v.transpose(1, 2), is_causal=True)
-        return self.proj(out.transpose(1, 2).reshape(b, t, w))
+        return self.proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class Block(nn.Module):
