@@ -219,3 +219,166 @@ def test_distill_runs_end_to_end_on_the_text_gpt_recipe(tmp_path):
     assert math.isfinite(report["student_kd"]["val_accuracy"])
     kd = json.loads((out / "student_kd" / "summary.json").read_text())
     assert kd["steps"] > 0 and math.isfinite(kd["val_loss"])
+
+
+# ------------------------------------------------------------------ feature distillation
+
+
+def _pair():
+    """A toy teacher (hidden 16) and student (hidden 4): their hidden widths differ."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    student = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    return teacher, student
+
+
+def test_feature_loss_is_the_mse_of_the_projected_student_state():
+    from leantrain.losses.features import FeatureMatch, detach_projections
+    teacher, student = _pair()
+    match = FeatureMatch(student, teacher, [("0", "0")], weight=0.5)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        student(x), teacher(x)
+    match.attach_projections(student)
+    weight, bias = student.leantrain_feature_projection_0_to_0_weight, \
+        student.leantrain_feature_projection_0_to_0_bias
+    assert weight.shape == (16, 4)  # student width 4 -> teacher width 16
+    assert student(x).shape == (5, 3)  # a Sequential still runs its own layers only
+    with torch.inference_mode():  # the teacher runs as DistillationLoss runs it
+        teacher(x)
+    loss = match.loss()
+    expected = 0.5 * ((F.linear(student[0](x), weight, bias) - teacher[0](x)) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()  # it trains the projection and the student's layer
+    assert weight.grad is not None and student[0].weight.grad is not None
+    assert len(list(student.parameters())) == 6
+    detach_projections(student)
+    assert len(list(student.parameters())) == 4
+
+
+def test_the_trainer_pulls_the_student_state_towards_the_teachers(tabular):
+    from leantrain.losses.features import FeatureMatch
+    train, val = tabular
+    teacher, student = _pair()
+    match = FeatureMatch(student, teacher, [("0", "0")])
+    x = train.tensors[0]
+    with torch.no_grad():
+        student(x), teacher(x)
+    match.attach_projections(student)
+
+    def distance() -> float:
+        with torch.no_grad():
+            student(x), teacher(x)
+            return match.loss().item()
+
+    before = distance()
+    fit(student, train, val, load_config(None, ["plan.device=cpu", "train.epochs=5",
+                                                "optim.name=adamw", "optim.lr=1e-2"]),
+        progress_bar=False, loss_fn=DistillationLoss(freeze_teacher(teacher), 2.0, 0.5,
+                                                     features=match))
+    assert distance() < 0.5 * before
+
+
+def test_conv_maps_get_a_1x1_projection_and_mismatched_sizes_are_refused():
+    from leantrain.losses.features import _projection
+    conv = _projection(torch.zeros(2, 4, 7, 7), torch.zeros(2, 16, 7, 7), ("a", "b"))
+    assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (1, 1)
+    with pytest.raises(LeantrainError, match="differ beyond the channel dimension"):
+        _projection(torch.zeros(2, 4, 7, 7), torch.zeros(2, 16, 14, 14), ("a", "b"))
+
+
+def test_a_trial_copy_of_the_student_trains_its_own_projections():
+    """The trainer's measured-default trials deep-copy the student, hooks and all: the loss
+    must use the copy's projections, or the original's would collect the trials' gradients."""
+    import copy
+
+    from leantrain.losses.features import FeatureMatch
+    teacher, student = _pair()
+    match = FeatureMatch(student, teacher, [("0", "0")])
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        student(x), teacher(x)
+    match.attach_projections(student)
+    trial = copy.deepcopy(student)
+    trial(x), teacher(x)
+    match.loss().backward()
+    assert trial.leantrain_feature_projection_0_to_0_weight.grad is not None
+    assert student.leantrain_feature_projection_0_to_0_weight.grad is None
+
+
+def test_hugging_face_layers_are_matched_through_their_tuple_outputs():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from leantrain.losses.features import FeatureMatch
+    torch.manual_seed(0)
+
+    def bert(width, layers):
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=50, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
+            intermediate_size=2 * width, num_labels=3))
+
+    teacher, student = bert(32, 2), bert(16, 1)
+    ids = {"input_ids": torch.randint(0, 50, (4, 6))}
+    match = FeatureMatch(student, teacher, [("bert.encoder.layer.0", "bert.encoder.layer.1")])
+    with torch.no_grad():
+        student(**ids), teacher(**ids)
+    match.attach_projections(student)
+    logits = student(**ids).logits
+    loss = DistillationLoss(teacher, 2.0, 0.5, features=match)(logits, torch.tensor([0, 1, 2, 0]),
+                                                               ids)
+    loss.backward()
+    assert torch.isfinite(loss) and student.bert.encoder.layer[0].output.dense.weight.grad \
+        is not None
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("", "is empty"), ("a=", "each item is STUDENT=TEACHER"), ("=b", "each item is"),
+])
+def test_bad_feature_pairs_are_refused(text, fragment):
+    from leantrain.losses.features import parse_pairs
+    with pytest.raises(LeantrainError, match=fragment):
+        parse_pairs(text)
+
+
+def test_feature_pairs_parse_with_defaults():
+    from leantrain.losses.features import parse_pairs
+    assert parse_pairs("blocks.0=blocks.2, head") == [("blocks.0", "blocks.2"), ("head", "head")]
+
+
+def _train_teacher(tmp_path):
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--out", str(teacher), "--no-progress", "--epochs", "1"]) == 0
+    return teacher
+
+
+def test_a_feature_layer_missing_from_a_model_exits_2_and_writes_nothing(tmp_path, capsys):
+    teacher = _train_teacher(tmp_path)
+    out = tmp_path / "kd"
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(teacher), "--student-model",
+                 "leantrain.recipes.models:digits_student", "--feature-layers",
+                 "features.9=features.1", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the student has no layer 'features.9'" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_distill_with_feature_layers_saves_the_student_alone(tmp_path):
+    from leantrain.recipes.models import digits_student
+    teacher = _train_teacher(tmp_path)
+    student_layers = [n for n, m in digits_student().named_modules()
+                      if isinstance(m, torch.nn.Conv2d)]
+    from leantrain.recipes.models import SmallCNN
+    teacher_layers = [n for n, m in SmallCNN(1, 10).named_modules()
+                      if isinstance(m, torch.nn.Conv2d)]
+    pair = f"{student_layers[0]}={teacher_layers[0]}"
+    out = tmp_path / "kd"
+    assert main(["distill", "--teacher", str(teacher), "--student-model",
+                 "leantrain.recipes.models:digits_student", "--feature-layers", pair,
+                 "--feature-weight", "0.5", "--epochs", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["feature_layers"] == [pair] and report["feature_weight"] == 0.5
+    assert "runs live" in report["cache"]
+    weights = torch.load(out / "student_kd" / "model.pt", weights_only=True)
+    digits_student().load_state_dict(weights)  # strict: no projection left in it

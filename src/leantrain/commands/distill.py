@@ -39,6 +39,11 @@ def add_parser(sub) -> None:
                    help="weight of the soft (KD) term, in [0, 1] (default 0.9)")
     p.add_argument("--no-cache", action="store_true",
                    help="run the teacher live every step instead of caching its logits")
+    p.add_argument("--feature-layers", metavar="S=T[,S=T]",
+                   help="also match hidden states: student layer S to teacher layer T "
+                        "(module names, e.g. blocks.1=blocks.3), through a learned projection")
+    p.add_argument("--feature-weight", type=float, default=1.0, metavar="W",
+                   help="weight of the feature-matching (MSE) term (default 1)")
 
 
 def run(args: argparse.Namespace, dist) -> int:
@@ -47,7 +52,12 @@ def run(args: argparse.Namespace, dist) -> int:
 
     if args.resume:
         raise LeantrainError("distill does not support --resume yet; start it again")
+    from ..losses.features import check_layers, parse_pairs
+
     check_kd_args(args.temperature, args.alpha)
+    pairs = parse_pairs(args.feature_layers) if args.feature_layers else None
+    if not args.feature_weight > 0:
+        raise LeantrainError(f"--feature-weight must be > 0, got {args.feature_weight!r}")
     cfg = common.config_from_args(args)
     out = common.default_out(args, "distill")
     bundle = load_data(cfg.data)
@@ -55,11 +65,14 @@ def run(args: argparse.Namespace, dist) -> int:
     teacher = common.build_from(args.teacher_model, "--teacher-model", seed) \
         if args.teacher_model else common.build_model(cfg, bundle)
     teacher = common.load_weights(teacher, args.teacher, "teacher")
-    common.build_from(args.student_model, "--student-model", seed)  # fail fast, write nothing
+    student = common.build_from(args.student_model, "--student-model", seed)  # fail fast
+    if pairs:
+        check_layers(student, teacher, pairs)  # before anything is trained or written
     report = run_distillation(
         teacher, lambda: common.build_from(args.student_model, "--student-model", seed),
         bundle, cfg, out, args.temperature, args.alpha, cache=not args.no_cache,
-        progress_bar=not args.no_progress)
+        progress_bar=not args.no_progress, feature_pairs=pairs,
+        feature_weight=args.feature_weight)
     print(format_report(report))
     print(f"\nreport: {out / REPORT_NAME}")
     return 0
@@ -76,14 +89,19 @@ def _describe(model, accuracy: float, sample) -> dict[str, Any]:
 
 def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out: Path,
                      temperature: float, alpha: float, cache: bool = True,
-                     progress_bar: bool = True) -> dict[str, Any]:
-    from ..checkpoint import atomic_write_text
+                     progress_bar: bool = True, feature_pairs: list[tuple[str, str]] | None = None,
+                     feature_weight: float = 1.0) -> dict[str, Any]:
+    """Teacher, student alone, student with KD (and feature matching on `feature_pairs`),
+    each trained by `fit` under `out`."""
+    from ..checkpoint import atomic_save, atomic_write_text
     from ..data import make_loader
     from ..data.loaders import tensors_of
     from ..losses.distillation import DistillationLoss, cache_teacher_logits, check_kd_args
+    from ..losses.features import FeatureMatch, detach_projections
     from ..run.fit import fit
     from ..run.plan import resolve_plan
     from ..run.step import evaluate
+    from ..run.summary import MODEL_NAME
 
     check_kd_args(temperature, alpha)
     common.require_empty(out)
@@ -91,11 +109,18 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
     teacher = teacher.to(plan.device)
     val_loader = make_loader(bundle.val, cfg.data.eval_batch_size, False, device=plan.device,
                              collate_fn=bundle.collate_fn)
-    task = _task_of_the_pair(teacher, build_student().to(plan.device), val_loader, plan,
-                             cfg.train.task)
+    student = build_student().to(plan.device)
+    match = FeatureMatch(student, teacher, feature_pairs, feature_weight) \
+        if feature_pairs else None
+    # one batch through both: the task, the classes, and the hidden states' shapes
+    task = _task_of_the_pair(teacher, student, val_loader, plan, cfg.train.task)
+    if match is not None:
+        match.attach_projections(student)
     teacher_acc, _ = evaluate(teacher, val_loader, plan)
     train_data, cache_seconds, cache_note = bundle.train, None, "not asked (--no-cache)"
-    if cache and tensors_of(bundle.train) is not None \
+    if match is not None:
+        cache_note = "feature distillation reads the teacher's hidden states: it runs live"
+    elif cache and tensors_of(bundle.train) is not None \
             and not isinstance(tensors_of(bundle.train), dict):
         start = time.perf_counter()
         cached = cache_teacher_logits(teacher, bundle.train, cfg.data.eval_batch_size,
@@ -108,13 +133,19 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
         cache_note = "not a tensor dataset: the teacher runs live every step"
     alone = fit(build_student(), bundle.train, bundle.val, cfg, out / "student_alone",
                 progress_bar=progress_bar, collate_fn=bundle.collate_fn)
-    student = build_student()
     with_kd = fit(student, train_data, bundle.val, cfg, out / "student_kd",
                   progress_bar=progress_bar, collate_fn=bundle.collate_fn,
-                  loss_fn=DistillationLoss(teacher, temperature, alpha, task))
+                  loss_fn=DistillationLoss(teacher, temperature, alpha, task, match))
+    if match is not None:  # the projections were for training: model.pt is the student alone
+        match.remove_hooks()
+        detach_projections(student)
+        atomic_save({k: v.detach().cpu() for k, v in student.state_dict().items()},
+                    out / "student_kd" / MODEL_NAME)
     sample = common.sample_inputs(bundle)
     report = {
         "temperature": temperature, "alpha": alpha, "task": task,
+        "feature_layers": [f"{s}={t}" for s, t in feature_pairs or []],
+        "feature_weight": feature_weight if feature_pairs else None,
         "teacher_logits_cached": cache_seconds is not None, "cache": cache_note,
         "cache_seconds": cache_seconds,
         "teacher": _describe(teacher, teacher_acc, sample),
@@ -149,5 +180,8 @@ def format_report(report: dict[str, Any]) -> str:
         rows.append((name.replace("_", " "),
                      f"acc {r['val_accuracy']:.2%}   params {r['parameters']:,}   "
                      f"latency@64 {r['cpu_latency_batch64_ms']:.2f} ms"))
-    title = f"distillation (T={report['temperature']}, alpha={report['alpha']})"
+    title = f"distillation (T={report['temperature']}, alpha={report['alpha']}"
+    if report.get("feature_layers"):
+        title += f", features {', '.join(report['feature_layers'])} x{report['feature_weight']}"
+    title += ")"
     return table(rows, title)

@@ -85,24 +85,29 @@ def teacher_outputs(teacher: nn.Module, inputs: Any) -> torch.Tensor:
 
 
 class DistillationLoss:
-    """A trainer loss: cached teacher logits when the batch carries them, else the live teacher.
+    """A trainer loss: cached teacher logits when the batch carries them, else the live teacher;
+    plus the feature-matching term when `features` pairs hidden states (`losses.features`).
 
     Called inside the trainer's autocast, so the live teacher runs in the plan's precision.
     """
 
     def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9,
-                 task: str = "classification"):
+                 task: str = "classification", features=None):
         check_kd_args(temperature, alpha)
         if task not in tasks.CLASS_TASKS:
             raise LeantrainError(f"distillation needs class scores (tasks "
                                  f"{', '.join(tasks.CLASS_TASKS)}); this task is {task}")
         self.teacher = freeze_teacher(teacher)
         self.temperature, self.alpha, self.task = temperature, alpha, task
+        self.features = features  # a losses.features.FeatureMatch, or None
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: Any,
                  *extras: torch.Tensor) -> torch.Tensor:
-        logits = extras[0] if extras else teacher_outputs(self.teacher, inputs)
-        return kd_loss(outputs, logits, targets, self.temperature, self.alpha, self.task)
+        # hidden states are never cached: with feature pairs the teacher runs every step
+        live = self.features is not None or not extras
+        logits = teacher_outputs(self.teacher, inputs) if live else extras[0]
+        loss = kd_loss(outputs, logits, targets, self.temperature, self.alpha, self.task)
+        return loss if self.features is None else loss + self.features.loss()
 
 
 CACHE_LIMIT_BYTES = 2 * 2**30  # teacher logits held in memory at most (per-token ones grow fast)
