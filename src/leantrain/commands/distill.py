@@ -52,12 +52,11 @@ def run(args: argparse.Namespace, dist) -> int:
 
     if args.resume:
         raise LeantrainError("distill does not support --resume yet; start it again")
-    from ..losses.features import check_layers, parse_pairs
+    from ..losses.features import check_layers, check_weight, parse_pairs
 
     check_kd_args(args.temperature, args.alpha)
     pairs = parse_pairs(args.feature_layers) if args.feature_layers else None
-    if not args.feature_weight > 0:
-        raise LeantrainError(f"--feature-weight must be > 0, got {args.feature_weight!r}")
+    check_weight(args.feature_weight)
     cfg = common.config_from_args(args)
     out = common.default_out(args, "distill")
     bundle = load_data(cfg.data)

@@ -49,6 +49,11 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def check_weight(weight: float) -> None:
+    if not weight > 0:
+        raise LeantrainError(f"--feature-weight must be > 0, got {weight!r}")
+
+
 def check_layers(student: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str]]) -> None:
     """Every named layer exists: else an error naming it (and a few names that do exist)."""
     for role, model, names in (("student", student, [s for s, _ in pairs]),
@@ -113,8 +118,7 @@ class FeatureMatch:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str]],
                  weight: float = 1.0):
-        if not weight > 0:
-            raise LeantrainError(f"--feature-weight must be > 0, got {weight!r}")
+        check_weight(weight)
         check_layers(student, teacher, pairs)
         self.pairs, self.weight = pairs, weight
         self.student = _Capture(student, [s for s, _ in pairs])
