@@ -190,6 +190,12 @@ def _head_rows(attention: Attention, head: int) -> torch.Tensor:
                       for part in range(3)])
 
 
+def _head_columns(attention: Attention, head: int) -> torch.Tensor:
+    """The input columns of the output projection that take `head`'s values."""
+    dim = head_dim(attention)
+    return torch.arange(head * dim, (head + 1) * dim)
+
+
 def _score(weight: torch.Tensor, taylor: bool, dim: int) -> torch.Tensor:
     """Magnitude (squared weights) or Taylor (|weight x gradient|) importance, summed along
     `dim`: per output row with dim=1, per input column with dim=0."""
@@ -200,11 +206,10 @@ def _score(weight: torch.Tensor, taylor: bool, dim: int) -> torch.Tensor:
 def head_importance(attention: Attention, taylor: bool = False) -> torch.Tensor:
     """One score per head: its q/k/v rows of the fused projection and its input columns of
     the output projection."""
-    dim = head_dim(attention)
     rows = _score(attention.projections[0].weight, taylor, dim=1)
     columns = _score(attention.output.weight, taylor, dim=0)
     return torch.stack([rows[_head_rows(attention, h)].sum()
-                        + columns[h * dim:(h + 1) * dim].sum()
+                        + columns[_head_columns(attention, h)].sum()
                         for h in range(heads_of(attention))])
 
 
@@ -213,7 +218,7 @@ def prune_fused_heads(attention: Attention, ratio: float, taylor: bool = False) 
     returns the heads left."""
     import torch_pruning as tp
 
-    heads, dim = heads_of(attention), head_dim(attention)
+    heads = heads_of(attention)
     removed = heads_to_remove(heads, ratio)
     if removed >= heads:
         raise LeantrainError(f"pruning {ratio:.0%} removed every head of {attention.name}; "
@@ -222,8 +227,7 @@ def prune_fused_heads(attention: Attention, ratio: float, taylor: bool = False) 
         return heads
     weakest = torch.topk(head_importance(attention, taylor), removed, largest=False).indices
     rows = torch.cat([_head_rows(attention, int(h)) for h in weakest]).tolist()
-    columns = torch.cat([torch.arange(int(h) * dim, (int(h) + 1) * dim)
-                         for h in weakest]).tolist()
+    columns = torch.cat([_head_columns(attention, int(h)) for h in weakest]).tolist()
     tp.prune_linear_out_channels(attention.projections[0], rows)
     tp.prune_linear_in_channels(attention.output, columns)
     set_heads(attention, heads - removed)

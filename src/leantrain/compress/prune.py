@@ -15,7 +15,6 @@ weights-only.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,8 +27,6 @@ from torch.nn.utils import prune as torch_prune
 from ..checkpoint import atomic_save, load_checkpoint
 from ..errors import LeantrainError
 from . import attention
-
-log = logging.getLogger(__name__)
 
 SCHEDULES = ("one-shot", "iterative", "gradual")
 IMPORTANCES = ("magnitude", "taylor")

@@ -69,11 +69,11 @@ def check_layers(student: nn.Module, teacher: nn.Module, pairs: list[tuple[str, 
 def _first_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
-    values = out.values() if isinstance(out, Mapping) else out
-    if isinstance(values, (tuple, list)) or isinstance(out, Mapping):
-        for value in values:
-            if isinstance(value, torch.Tensor):
-                return value
+    values = out.values() if isinstance(out, Mapping) else out \
+        if isinstance(out, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
     raise LeantrainError(f"a feature layer returned a {type(out).__name__} with no tensor")
 
 
