@@ -16,7 +16,7 @@ from conftest import blobs, tiny_cnn
 from test_bench import USER_MODULE as BENCH_MODULE
 
 from leantrain.cli import main
-from leantrain.commands.launch import torchrun_args
+from leantrain.commands.launch import describe_failure, torchrun_args
 from leantrain.config import PlanConfig
 from leantrain.data.loaders import batch_count, batch_spans
 from leantrain.errors import LeantrainError
@@ -224,6 +224,46 @@ def test_killing_one_rank_ends_the_job_within_60_s_naming_the_rank(blobs_file, t
     assert time.monotonic() - killed_at < 60
     assert proc.returncode != 0
     assert "rank 1 (local rank 1" in err and "failed first" in err and "SIGKILL" in err
+
+
+def _failure(tmp_path, local_rank: int, exitcode: int, message: str | None = None):
+    """torchrun's record of a failed rank, with `message` in its error file when given."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    error_file = tmp_path / f"error{local_rank}.json"
+    if message is not None:
+        error_file.write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+    return ProcessFailure(local_rank=local_rank, pid=100 + local_rank, exitcode=exitcode,
+                          error_file=str(error_file))
+
+
+def _job_failure(failures):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    return ChildFailedError("leantrain", failures)
+
+
+def test_a_rank_killed_a_phase_behind_its_peer_is_blamed_for_dying_not_for_hanging(tmp_path):
+    """The race the two-rank kill test once lost: the victim was a phase behind when killed
+    and its peer failed on the closed connection; it died at work, it did not hang."""
+    now = time.time()
+    failures = {1: _failure(tmp_path, 1, -9),
+                0: _failure(tmp_path, 0, -15, "RuntimeError: Connection closed by peer")}
+    heartbeats = {1: {"step": 40, "phase": "forward", "time": now - 0.05},
+                  0: {"step": 40, "phase": "backward", "time": now - 0.01}}
+    report = describe_failure(_job_failure(failures), heartbeats)
+    assert report.startswith("rank 1 (local rank 1, pid 101) failed first, with exit code -9")
+    assert "SIGKILL" in report and "stopped making progress" not in report
+
+
+def test_a_rank_that_hung_until_its_peers_timed_out_is_named_as_stuck(tmp_path):
+    now = time.time()
+    failures = {1: _failure(tmp_path, 1, -9),
+                0: _failure(tmp_path, 0, 1, "DistBackendError: wait timed out after 10 s")}
+    heartbeats = {1: {"step": 30, "phase": "forward", "time": now - 15},
+                  0: {"step": 30, "phase": "backward", "time": now - 15}}
+    report = describe_failure(_job_failure(failures), heartbeats)
+    assert report.startswith("rank 1 stopped making progress at step 30 (in its forward phase")
 
 
 @pytest.mark.slow

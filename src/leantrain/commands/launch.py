@@ -53,6 +53,11 @@ def _why(failure) -> str:
     return lines[-1] if lines else "no error message"
 
 
+# a rank that ended within this long of its last heartbeat died at work (killed, crashed): it
+# did not hang, even if it happened to be a phase behind its peers. A hung rank ends at least
+# train.dist_timeout_s after its last heartbeat (torchrun's failure times are whole seconds).
+_DIED_AT_WORK_S = 2.0
+
 # a rank whose peer died fails too, with a message about the peer or the connection
 _PEER_WORDS = ("peer", "remote", "connection", "broken pipe", "gloo", "nccl", "timed out",
                "timeout")
@@ -83,6 +88,8 @@ def _stuck(exc, heartbeats: dict[int, dict]) -> tuple[int, str] | None:
     rank, record = found
     ahead = max(r["time"] for r in heartbeats.values())
     end = exc.failures.get(rank)
+    if end is not None and end.timestamp - record["time"] < _DIED_AT_WORK_S:
+        return None
     how = f"; it then ended with exit code {end.exitcode}: {_why(end)}" if end else ""
     return rank, (f"rank {rank} stopped making progress at step {record['step']} (in its "
                   f"{record['phase']} phase, {ahead - record['time']:.0f} s before the "
