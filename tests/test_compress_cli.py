@@ -114,3 +114,69 @@ def test_a_max_drop_out_of_range_is_refused(trained, tmp_path, capsys):
                  "2", "--out", str(out)]) == 2
     assert "--max-drop must be in [0, 1)" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ int8
+
+
+def test_int8_static_makes_a_conv_model_smaller_and_faster_compiled_and_saves_a_program(
+        trained, tmp_path, capsys):
+    from leantrain.config import DataConfig
+    from leantrain.data import load_data
+
+    out = tmp_path / "q"
+    assert main(["compress", "--checkpoint", str(trained), "--quantize", "int8-static",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "model: " + str(out / "model.pt2") in capsys.readouterr().out
+    before, after = json.loads((out / "report.json").read_text())["stages"]
+    assert after["stage"] == "int8-static" and after["macs_counted_on"] == "the float graph"
+    assert before["file_bytes"] / after["file_bytes"] > 3.5  # int8 weights, not float kept
+    assert after["parameters"] == before["parameters"]  # every weight kept, as int8
+    assert after["latency_compiled_b64_ms"] > 0 and after["latency_compiled_b64_ms_before"] > 0
+    assert not (out / "model.pt").exists()
+    x, _ = load_data(DataConfig()).val.tensors
+    fp32 = SmallCNN(1, 10)
+    fp32.load_state_dict(torch.load(trained / "model.pt", weights_only=True))
+    program = torch.export.load(out / "model.pt2").module()  # any batch size, not only 2
+    with torch.no_grad():
+        ref, got = fp32.eval()(x[:5]), program(x[:5])
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def _saved_hf(tmp_path, monkeypatch, example: str):
+    """A stock Hugging Face example model's untrained weights as a checkpoint, and its
+    command-line arguments."""
+    import importlib
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    module = importlib.import_module(example)
+    checkpoint = tmp_path / "weights.pt"
+    torch.manual_seed(0)
+    torch.save(module.model().state_dict(), checkpoint)
+    return checkpoint, ["--model", f"{example}:model", "--data", f"{example}:data"]
+
+
+def test_int8_static_on_a_model_with_keyword_inputs_exits_2_before_anything(tmp_path, capsys,
+                                                                          monkeypatch):
+    pytest.importorskip("transformers")
+    checkpoint, hf = _saved_hf(tmp_path, monkeypatch, "hf_sequence_classification")
+    out = tmp_path / "q"
+    assert main(["compress", *hf, "--checkpoint", str(checkpoint), "--quantize", "int8-static",
+                 "--out", str(out), "--no-progress"]) == 2
+    assert "int8-static takes a model called on one tensor" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_int8_dynamic_on_a_stock_gpt2_from_the_cli_quantizes_its_conv1d(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    checkpoint, hf = _saved_hf(tmp_path, monkeypatch, "hf_causal_lm")
+    out = tmp_path / "q"
+    assert main(["compress", *hf, "--checkpoint", str(checkpoint), "--quantize", "int8-dynamic",
+                 "--out", str(out), "--no-progress"]) == 0
+    before, after = json.loads((out / "report.json").read_text())["stages"]
+    assert after["stage"] == "int8-dynamic (Linear layers)"
+    assert after["file_bytes"] < 0.8 * before["file_bytes"]  # its blocks' weights are int8
+    assert after["parameters"] <= before["parameters"]  # the tied head stays tied
+    assert after["verdict"] in ("keep", "not worth it", "harmful") and after["why"]
+    assert torch.load(out / "model.pt", weights_only=True)  # a weights-only checkpoint

@@ -72,6 +72,8 @@ def test_int8_static_quantizes_a_conv_model_close_to_fp32():
     quantized = quantize_pt2e(model, batches[0], batches)
     names = {str(n.target) for n in quantized.graph.nodes}
     assert any("quantize_per_tensor" in name for name in names)  # int8 q/dq in the graph
+    weights = [v for v in quantized.state_dict().values() if v.dim() > 1]
+    assert weights and all(v.dtype == torch.int8 for v in weights)  # no float copy left behind
     x = torch.randn(8, 1, 12, 12, generator=g)
     with torch.no_grad():
         ref, out = model(x), quantized(x)

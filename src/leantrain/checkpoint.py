@@ -91,6 +91,11 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     _atomic_replace(Path(path), lambda handle: torch.save(obj, handle), checksum=True)
 
 
+def atomic_export(program: torch.export.ExportedProgram, path: str | Path) -> None:
+    """torch.export.save `program` to `path` so that `path` is always complete."""
+    _atomic_replace(Path(path), lambda handle: torch.export.save(program, handle))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_replace(Path(path), lambda handle: handle.write(text.encode()))
 

@@ -19,6 +19,11 @@ from ..errors import LeantrainError
 from . import common
 
 PRUNE_METHODS = ("structured", "unstructured")
+# compress.quantize's METHODS and STATIC, named here so the parser does not import torch
+QUANTIZE_METHODS = ("int8-dynamic", "int8-weight-only", "int8-static")
+QUANTIZE_ALIASES = {"int8": "int8-dynamic"}  # the one choice compress had before the others
+STATIC_METHOD, STATIC_MODEL_NAME = "int8-static", "model.pt2"
+CALIBRATION_BATCHES = 8  # of 64 training samples: int8-static's activation ranges
 
 
 def add_parser(sub) -> None:
@@ -39,7 +44,11 @@ def add_parser(sub) -> None:
     p.add_argument("--prune", type=float, metavar="RATIO",
                    help="share of channels (structured) or weights (unstructured)")
     p.add_argument("--prune-method", default="structured", choices=PRUNE_METHODS)
-    p.add_argument("--quantize", choices=["int8"], help="torchao int8 on Linear layers")
+    p.add_argument("--quantize", choices=[*QUANTIZE_ALIASES, *QUANTIZE_METHODS],
+                   help="int8-dynamic (int8 = the same) or int8-weight-only: torchao on Linear "
+                        "and Conv1D layers; int8-static: convs and Linear, the pt2e flow with "
+                        "the x86 Inductor quantizer calibrated on the training data, for models "
+                        "called on one tensor")
     p.add_argument("--finetune-epochs", type=int, default=4, metavar="N")
     p.add_argument("--finetune-lr", type=float, default=0.05, metavar="LR")
     p.add_argument("--max-drop", type=float, default=0.01, metavar="X",
@@ -50,7 +59,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace, dist) -> int:
     from ..data import load_data
 
-    options = CompressArgs(args.separable, args.prune, args.prune_method, args.quantize,
+    quantize = QUANTIZE_ALIASES.get(args.quantize, args.quantize)
+    options = CompressArgs(args.separable, args.prune, args.prune_method, quantize,
                            args.finetune_epochs, args.finetune_lr, args.max_drop)
     options.check()
     cfg = common.config_from_args(args)
@@ -60,7 +70,8 @@ def run(args: argparse.Namespace, dist) -> int:
     model = common.load_weights(common.build_model(cfg, bundle), args.checkpoint)
     report = run_compression(model, bundle, cfg, options, out, progress_bar=not args.no_progress)
     print(format_compression(report))
-    print(f"\nreport: {out / 'report.json'}, {out / 'report.png'}; model: {out / 'model.pt'}")
+    print(f"\nreport: {out / 'report.json'}, {out / 'report.png'}; model: "
+          f"{out / report['model_file']}")
     return 0
 
 
@@ -78,7 +89,7 @@ class CompressArgs:
         """Reject bad input before anything is loaded, trained or written."""
         if not (self.separable or self.prune is not None or self.quantize):
             raise LeantrainError("nothing to do: give --separable, --prune RATIO and/or "
-                                 "--quantize int8")
+                                 "--quantize METHOD")
         if self.prune is not None:
             from ..compress.prune import check_ratio
 
@@ -86,8 +97,9 @@ class CompressArgs:
         if self.prune_method not in PRUNE_METHODS:
             raise LeantrainError(f"--prune-method {self.prune_method!r}: allowed "
                                  f"{', '.join(PRUNE_METHODS)}")
-        if self.quantize not in (None, "int8"):
-            raise LeantrainError(f"--quantize {self.quantize!r}: allowed int8")
+        if self.quantize not in (None, *QUANTIZE_METHODS):
+            raise LeantrainError(f"--quantize {self.quantize!r}: allowed "
+                                 f"{', '.join(QUANTIZE_METHODS)}")
         if self.finetune_epochs < 1:
             raise LeantrainError(f"--finetune-epochs must be >= 1, got {self.finetune_epochs}")
         if not 0 <= self.max_drop < 1:
@@ -113,7 +125,7 @@ def measure_stage(name: str, model, bundle, note: str = "") -> dict[str, Any]:
     from ..run.plan import resolve_plan
     from ..run.step import evaluate
 
-    model = model.eval()
+    model.eval()  # (not reassigned: an exported graph's eval returns None)
     if any(p.device.type != "cpu" for p in model.parameters()):
         model.cpu()
     sample, conv = probe(model, bundle)
@@ -133,19 +145,20 @@ def measure_stage(name: str, model, bundle, note: str = "") -> dict[str, Any]:
 
 def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
                     progress_bar: bool = True) -> dict[str, Any]:
-    import torch
 
     from ..checkpoint import atomic_write_text
     from ..compress.prune import finalize, prune_channels, prune_unstructured, save_pruned
-    from ..compress.quantize import quantize_linear
+    from ..compress.quantize import save_static
     from ..compress.separable import to_separable
     from ..compress.verdict import HARMFUL, judge_all
     from ..config import config_from_dict, merge
-    from ..measure.latency import batch_of, latency_seconds
+    from ..measure.latency import batch_of
     from ..measure.plots import bar_panels
     from ..run.fit import fit
     from ..run.summary import MODEL_NAME
 
+    if args.quantize == STATIC_METHOD:
+        check_static(bundle)  # before any stage trains
     stages = [measure_stage("trained", model, bundle)]
     tune_cfg = config_from_dict(merge(cfg.to_dict(), {
         "train": {"epochs": args.finetune_epochs, "monitor_interval_s": 0},
@@ -177,25 +190,23 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
             note = (f"{args.prune:.0%} of weights zeroed (gradual, 3 steps): dense kernels "
                     "gain no speed from unstructured sparsity")
         stages.append(measure_stage(f"pruned ({args.prune_method})", model, bundle, note))
-    if args.quantize:
-        fp32 = model
-        model = quantize_linear(copy.deepcopy(model), "int8-dynamic")
-        stage = measure_stage("int8 (Linear layers)", model, bundle,
-                              "torchao int8-dynamic on Linear layers only. It pays off under "
-                              "torch.compile, if at all: compiled latencies are measured "
-                              "for it and for the model before it. Multiply-adds are counted "
-                              "on the float graph (the counter does not see int8 matmuls)")
-        stage["macs"], stage["macs_counted_on"] = stages[-1]["macs"], "the float graph"
-        sample, conv = probe(model, bundle)
-        for key, net in (("compiled_b64_ms", model), ("compiled_b64_ms_before", fp32)):
-            stage[f"latency_{key}"] = 1e3 * latency_seconds(torch.compile(net), sample, 64,
-                                                           channels_last=conv)
+    if args.quantize == STATIC_METHOD:
+        model, stage = quantize_static_stage(model, bundle, stages[-1])
+        stages.append(stage)
+    elif args.quantize:
+        model, stage = quantize_linear_stage(model, bundle, stages[-1], args.quantize)
         stages.append(stage)
     judge_all(stages, args.max_drop)
     report = {"stages": stages, "args": args.__dict__,
               "recommend_against": [s["stage"] for s in stages if s["verdict"] == HARMFUL]}
     out.mkdir(parents=True, exist_ok=True)
-    save_pruned(model, out / MODEL_NAME)  # a plain state_dict (+ head counts): load_pruned
+    if args.quantize == STATIC_METHOD:
+        report["model_file"] = STATIC_MODEL_NAME
+        # a batch of 2: with 1, export would fix the batch size at 1
+        save_static(model, batch_of(common.sample_inputs(bundle), 2), out / STATIC_MODEL_NAME)
+    else:
+        report["model_file"] = MODEL_NAME
+        save_pruned(model, out / MODEL_NAME)  # a plain state_dict (+ head counts): load_pruned
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     names = [s["stage"] for s in stages]
     bar_panels(names, [("multiply-adds (M)", [s["macs"] / 1e6 for s in stages]),
@@ -204,6 +215,72 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
                        ("val accuracy (%)", [100 * s["val_accuracy"] for s in stages])],
                out / "report.png", "leantrain compress: each stage", reference=None)
     return report
+
+
+def check_static(bundle) -> None:
+    import torch
+
+    if not isinstance(common.sample_inputs(bundle), torch.Tensor):
+        raise LeantrainError("--quantize int8-static takes a model called on one tensor (a "
+                             "conv model); this one takes keyword inputs: use int8-dynamic or "
+                             "int8-weight-only for transformers")
+
+
+def _compiled_latencies(stage: dict[str, Any], model, before, bundle, channels_last: bool,
+                        freezing: bool = False) -> None:
+    """Batch-64 latency of the stage's model and of the one before it, both under
+    torch.compile (int8 pays compiled, if at all); with `freezing`, Inductor folds the weights
+    into constants (the pt2e x86 recipe: its int8 kernels are packed from them)."""
+    import torch
+
+    from ..measure.latency import latency_seconds
+
+    sample = common.sample_inputs(bundle)
+    with torch._inductor.config.patch(freezing=freezing):
+        for key, net in (("compiled_b64_ms", model), ("compiled_b64_ms_before", before)):
+            stage[f"latency_{key}"] = 1e3 * latency_seconds(torch.compile(net), sample, 64,
+                                                           channels_last=channels_last)
+
+
+def quantize_linear_stage(model, bundle, before: dict[str, Any], method: str):
+    """torchao int8 (`method`) on a copy of `model`'s Linear and Conv1D layers, measured."""
+    from ..compress.quantize import quantize_linear
+
+    quantized = quantize_linear(copy.deepcopy(model), method)
+    stage = measure_stage(f"{method} (Linear layers)", quantized, bundle,
+                          f"torchao {method} on Linear layers only. It pays off under "
+                          "torch.compile, if at all: compiled latencies are measured for it "
+                          "and for the model before it. Multiply-adds are counted on the "
+                          "float graph (the counter does not see int8 matmuls)")
+    stage["macs"], stage["macs_counted_on"] = before["macs"], "the float graph"
+    _compiled_latencies(stage, quantized, model, bundle, probe(model, bundle)[1])
+    return quantized, stage
+
+
+def quantize_static_stage(model, bundle, before: dict[str, Any]):
+    """int8-static (pt2e, x86 Inductor quantizer) of `model`, calibrated on the first
+    CALIBRATION_BATCHES training batches of 64, measured in NCHW (how its kernels run)."""
+    from itertools import islice
+
+    from ..compress.quantize import quantize_pt2e
+    from ..data import make_loader
+    from ..data.loaders import first_tensor
+
+    loader = make_loader(bundle.train, 64, False, collate_fn=bundle.collate_fn)
+    calibration = [first_tensor(b) for b in islice(loader.batches(), CALIBRATION_BATCHES)]
+    quantized = quantize_pt2e(copy.deepcopy(model), calibration[0], calibration)
+    stage = measure_stage(STATIC_METHOD, quantized, bundle,
+                          f"pt2e int8-static (x86 Inductor quantizer), calibrated on "
+                          f"{len(calibration)} training batches; it runs int8 kernels only "
+                          "compiled (eager it simulates them): compiled latencies, with "
+                          "Inductor freezing, in NCHW, are measured for it and for the model "
+                          "before it. Multiply-adds are counted on the float graph. Saved as "
+                          "a torch.export program: torch.export.load(path).module()")
+    stage["macs"], stage["macs_counted_on"] = before["macs"], "the float graph"
+    # its int8 weights are graph constants, not parameters; quantizing keeps every weight
+    stage["parameters"] = before["parameters"]
+    _compiled_latencies(stage, quantized, model, bundle, channels_last=False, freezing=True)
+    return quantized, stage
 
 
 def format_compression(report: dict[str, Any]) -> str:

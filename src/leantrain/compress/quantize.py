@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import LeantrainError
 
 METHODS = ("int8-dynamic", "int8-weight-only")
+STATIC = "int8-static"
 
 
 def _config(method: str):
@@ -118,6 +119,27 @@ def quantize_pt2e(model: nn.Module, example: torch.Tensor,
     if seen == 0:
         raise LeantrainError("int8-static needs calibration batches; none were given")
     converted = convert_pt2e(prepared)
+    _drop_unused_weights(converted)
     # an exported graph refuses .eval()/.train(); callers (latency, evaluation) use them
     allow_exported_model_train_eval(converted)
     return converted
+
+
+def _drop_unused_weights(graph: torch.fx.GraphModule) -> None:
+    """Delete the float weights convert_pt2e replaced with int8 constants but left on the
+    module: kept, they made the state_dict 24% bigger than fp32's instead of 3.7x smaller."""
+    used = {node.target for node in graph.graph.nodes if node.op == "get_attr"}
+    for name in [k for k in graph.state_dict() if k not in used]:
+        owner, _, attribute = name.rpartition(".")
+        delattr(graph.get_submodule(owner) if owner else graph, attribute)
+
+
+def save_static(model: torch.fx.GraphModule, example: torch.Tensor, path) -> None:
+    """The int8-static model as a torch.export program (`torch.export.load(path).module()`
+    gives it back): its graph is not an nn.Module a state_dict could be loaded into."""
+    from ..checkpoint import atomic_export
+
+    # a copy: the program stores its example, and a view would bring the whole storage along
+    example = example.detach().cpu().clone()
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    atomic_export(program, path)

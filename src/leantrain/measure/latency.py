@@ -36,7 +36,7 @@ def latency_seconds(model: nn.Module, sample: Sample, batch_size: int,
     fastest in on CPU); otherwise both are NCHW, so comparisons never mix formats.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.eval()
+    model.eval()  # (not reassigned: an exported graph's eval returns None)
     # the model is converted outside inference mode: weights converted inside it would become
     # inference tensors, which a later fine-tuning of the same model could not train
     if any(p.device.type != "cpu" for p in model.parameters()):
