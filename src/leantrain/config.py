@@ -384,9 +384,14 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise LeantrainError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    return nest(key.strip(), value)
+
+
+def nest(key: str, value: Any) -> dict[str, Any]:
+    """'optim.lr', 0.1 -> {'optim': {'lr': 0.1}}."""
     nested: dict[str, Any] = {}
     node = nested
-    parts = key.strip().split(".")
+    parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value

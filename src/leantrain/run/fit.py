@@ -19,7 +19,7 @@ from .trainer import Trainer
 
 def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConfig | None = None,
         out_dir: str | Path | None = None, resume: bool = False, progress_bar: bool = True,
-        loss_fn=None, collate_fn=None) -> dict[str, Any]:
+        loss_fn=None, collate_fn=None, watcher=None) -> dict[str, Any]:
     """Train `model` with the plan in `cfg`; returns the run summary.
 
     Batches may be tensors, tuples, dicts or nested ones; the model's own loss is used when it
@@ -29,6 +29,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
     runs long enough to pay (`run.defaults`). With `out_dir`, the run folder gets config.yaml
     (with the measured choices explicit), checkpoint.pt, metrics.jsonl, tensorboard/, model.pt
     (plain state_dict) and summary.json; `resume=True` continues from its checkpoint.
+    `watcher` (a `run.trainer.Watcher`) sees each validation and may end the run early.
     """
     cfg = cfg or TrainConfig()
     out = Path(out_dir) if out_dir is not None else None
@@ -45,4 +46,5 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
                                                  collate_fn)
         run = build(cfg, model, train_data, val_data, loss_fn, collate_fn=collate_fn,
                     notes=notes)
-        return Trainer(run, out, progress_bar).fit(resume=resume, plan_measurement=record)
+        return Trainer(run, out, progress_bar, watcher).fit(resume=resume,
+                                                            plan_measurement=record)

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -40,11 +40,24 @@ from .state import TrainState
 log = logging.getLogger(__name__)
 
 
+class Watcher(Protocol):
+    """What a caller driving many runs (a tuning study) sees of one, and how it ends it."""
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
+        """After each validation; may raise to abandon the run (a pruned trial)."""
+
+    def stop_reason(self) -> str | None:
+        """After each optimizer step: a reason to end the run now (its summary is still
+        written), or None."""
+
+
 class Trainer:
     """One training run over a decided `Run`; `fit()` below is the function most callers want."""
 
-    def __init__(self, run: Run, out_dir: Path | None = None, progress_bar: bool = True):
+    def __init__(self, run: Run, out_dir: Path | None = None, progress_bar: bool = True,
+                 watcher: Watcher | None = None):
         self.run, self.out_dir, self.progress_bar = run, out_dir, progress_bar
+        self.watcher = watcher
         self.step_model = run.wrapped  # compiled when training starts (see `_begin`)
         self.compiling: CompiledStep | None = None
         self.state: TrainState | None = None
@@ -181,7 +194,10 @@ class Trainer:
         if p.time_to_target is None and target_met(self.target, found):
             p.time_to_target = p.train_seconds + (time.perf_counter() - self.loop_start)
             p.stop_reason = f"target {self.target[0]}{self.target[1]}{self.target[2]:g} met"
-        return {k: v for k, v in found.items() if v is not None}
+        found = {k: v for k, v in found.items() if v is not None}
+        if self.watcher is not None:
+            self.watcher.evaluated(p.step, found)
+        return found
 
     def _after_step(self, bar, tick: float) -> float:
         """Logs and mid-epoch checkpoints after an optimizer step; returns the step clock."""
@@ -204,6 +220,8 @@ class Trainer:
             self._stop_on_signal()
         if train.max_steps is not None and p.step >= train.max_steps:
             p.stop_reason = f"train.max_steps ({train.max_steps}) reached"
+        if self.watcher is not None and not p.stop_reason:
+            p.stop_reason = self.watcher.stop_reason()
         eval_now = train.eval_every_steps and p.step % train.eval_every_steps == 0
         checkpoint = train.checkpoint_every and p.step % train.checkpoint_every == 0
         if (eval_now or checkpoint) and not p.stop_reason:

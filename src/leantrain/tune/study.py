@@ -1,0 +1,257 @@
+"""A `leantrain tune` study: Optuna's sampler, pruner and RDB storage; every trial a real
+leantrain run (`run.fit`, the plan and code path of `train`) in its own folder.
+
+The storage is what makes a study durable and shareable: an SQLite file in the study's folder
+by default (a study killed at any point resumes from it, no finished trial lost or repeated),
+or any Optuna RDB URL (PostgreSQL, MySQL) that workers on several machines share. Each worker
+sends a heartbeat while its trial runs; a worker that dies leaves its trial RUNNING only until
+the grace period passes, then the next trial to start on the storage marks it FAIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig
+from ..errors import LeantrainError
+from .objective import Objective
+from .space import Param, trial_config
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S, GRACE_S = 5, 20  # a dead worker's trial is failed ~20 s after its last beat
+PRUNERS = ("median", "hyperband", "none")
+FINISHED = ("COMPLETE", "PRUNED")  # the states that count towards --trials
+STORAGE_ATTEMPTS = 5
+BUDGET_RESERVE = 0.03  # of the budget, kept for the report and plots after the last trial
+
+
+@dataclass
+class StudySpec:
+    """Everything a worker needs to run trials of one study."""
+
+    base: TrainConfig
+    space: dict[str, Param]
+    fixed: dict[str, Any]
+    objective: Objective
+    storage: str
+    name: str
+    out: Path
+    trials: int = 20
+    budget_s: float | None = None
+    pruner: str = "median"
+    seed: int = 0
+    trial_steps: int | None = None
+    trial_seconds: float | None = None
+    started: float = field(default_factory=lambda: process_start())
+
+    def deadline(self) -> float | None:
+        if self.budget_s is None:
+            return None
+        return self.started + self.budget_s * (1 - BUDGET_RESERVE)
+
+
+def process_start() -> float:
+    """When this process started, on the monotonic clock: a worker's budget counts its
+    interpreter, torch and data start-up too."""
+    import psutil
+
+    return time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
+
+
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def storage_for(url: str):
+    """Optuna's RDB storage at `url`, with heartbeats; SQLite waits for its lock (several
+    local workers write to one file) instead of failing at once."""
+    optuna = _optuna()
+    from sqlalchemy.exc import IntegrityError
+
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
+                                              heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=GRACE_S)
+        except IntegrityError:
+            # workers that start together on a new database race to create its tables: the
+            # loser finds them made on its next try
+            if attempt + 1 == STORAGE_ATTEMPTS:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as exc:  # a bad URL, a server that does not answer, a missing driver
+            raise LeantrainError(f"--storage {url}: cannot open it: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def _pruner(name: str, spec: StudySpec):
+    optuna = _optuna()
+    if name == "median":  # below the median of earlier trials at the same evaluation (steps
+        # count evaluations from 1: the first, often noisy, is never pruned on)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1,
+                                              max_resource=max(spec.base.train.epochs, 2))
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise LeantrainError(f"--pruner {name!r}: allowed {', '.join(PRUNERS)}")
+
+
+def open_study(spec: StudySpec, worker: int = 0):
+    """Create the study on its storage, or load it to resume or join it."""
+    optuna = _optuna()
+    pruner = _pruner(spec.pruner, spec)
+    if len(spec.objective.directions) > 1 and spec.pruner != "none":
+        log.info("a two-objective study is not pruned (Optuna prunes single objectives only)")
+        pruner = optuna.pruners.NopPruner()
+    study = optuna.create_study(
+        storage=storage_for(spec.storage), study_name=spec.name, load_if_exists=True,
+        directions=spec.objective.directions, pruner=pruner,
+        sampler=optuna.samplers.TPESampler(seed=spec.seed + worker))
+    if [d.name.lower() for d in study.directions] != spec.objective.directions:
+        raise LeantrainError(f"study {spec.name!r} on {spec.storage} was created with other "
+                             f"objectives; give another --study name")
+    if study.user_attrs.get("objective") not in (None, spec.objective.kind):
+        raise LeantrainError(f"study {spec.name!r} was created with --objective "
+                             f"{study.user_attrs['objective']}; resume it with the same")
+    study.set_user_attr("objective", spec.objective.kind)
+    return study
+
+
+class TrialWatcher:
+    """Reports each validation to Optuna (which may prune the trial) and ends the trial's run
+    at the study's deadline or the trial's own time budget (`run.trainer.Watcher`)."""
+
+    def __init__(self, trial, objective: Objective, deadline: float | None,
+                 trial_seconds: float | None):
+        self.trial, self.objective = trial, objective
+        self.start = time.monotonic()
+        self.deadline = deadline
+        if trial_seconds is not None:
+            own = self.start + trial_seconds
+            self.deadline_is_budget = deadline is None or own < deadline
+            self.deadline = min(own, deadline) if deadline is not None else own
+        else:
+            self.deadline_is_budget = False
+        self.evaluations, self.best_gap, self.cut = 0, None, False
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
+        optuna = _optuna()
+        self.evaluations += 1
+        if self.objective.target is not None:
+            gap = self.objective.gap(metrics)
+            if gap is not None and (self.best_gap is None or gap < self.best_gap):
+                self.best_gap = gap
+        value = self.objective.intermediate(metrics)
+        if value is None or len(self.objective.directions) > 1:
+            return
+        self.trial.report(value, self.evaluations)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at evaluation {self.evaluations}: {value:.4g}")
+
+    def stop_reason(self) -> str | None:
+        if self.deadline is None or time.monotonic() < self.deadline:
+            return None
+        if self.deadline_is_budget:
+            return "the trial's time budget (--trial-seconds) ran out"
+        self.cut = True
+        return "the study's budget ran out"
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+
+def run_trial(trial, spec: StudySpec, bundle, build_model: Callable[[TrainConfig], Any]
+              ) -> list[float]:
+    """One trial: draw its values, train a real run in out/trials/NNNN, score it."""
+    from ..run.fit import fit
+
+    optuna = _optuna()
+    values = {key: param.suggest(trial) for key, param in spec.space.items()}
+    extra: dict[str, Any] = {}
+    if spec.objective.kind == "time-to-target":
+        name, op, value = spec.objective.target
+        extra = {"train.target": f"{name}{op}{value:g}", "train.target_acc": None}
+    if spec.trial_steps is not None:
+        extra["train.max_steps"] = spec.trial_steps
+    cfg = trial_config(spec.base, {**spec.fixed, **values, **extra})
+    folder = spec.out / "trials" / f"{trial.number:04d}"
+    trial.set_user_attr("run", str(folder))
+    watcher = TrialWatcher(trial, spec.objective, spec.deadline(), spec.trial_seconds)
+    evals_planned = max(1, cfg.train.epochs // cfg.train.eval_every_epochs)
+    try:
+        summary = fit(build_model(cfg), bundle.train, bundle.val, cfg, folder,
+                      progress_bar=False, collate_fn=bundle.collate_fn, watcher=watcher)
+    except optuna.TrialPruned:
+        per_eval = watcher.seconds() / max(watcher.evaluations, 1)
+        trial.set_user_attr("pruned_after_evaluations", watcher.evaluations)
+        trial.set_user_attr("seconds", watcher.seconds())
+        trial.set_user_attr("seconds_saved_estimate",
+                            max(0, evals_planned - watcher.evaluations) * per_eval)
+        raise
+    except Exception as exc:
+        trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                            if str(exc) else type(exc).__name__)
+        raise
+    trial.set_user_attr("seconds", watcher.seconds())
+    trial.set_user_attr("train_seconds", summary["train_seconds"])
+    trial.set_user_attr("epochs_run", summary["epochs"])
+    trial.set_user_attr("stop_reason", summary.get("stop_reason"))
+    for key in ("val_accuracy", "val_loss", "time_to_target_seconds"):
+        trial.set_user_attr(key, summary.get(key))
+    if watcher.cut and summary.get("time_to_target_seconds") is None:
+        trial.set_user_attr("cut", "the study's budget ran out mid-trial")
+        raise optuna.TrialPruned("cut: the study's budget ran out")
+    return spec.objective.values(summary, watcher.best_gap)
+
+
+def finished_trials(study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.name in FINISHED)
+
+
+def work(spec: StudySpec, bundle, build_model: Callable[[TrainConfig], Any],
+         worker: int = 0) -> None:
+    """Run trials on the study until it has `spec.trials` finished ones or the budget ends.
+    A trial that raises is recorded FAIL with its error, and the study goes on."""
+    optuna = _optuna()
+    study = open_study(spec, worker)
+    left = spec.trials - finished_trials(study)
+    if left <= 0:
+        log.info("study %s already has %d finished trials", spec.name, spec.trials)
+        return
+    deadline = spec.deadline()
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def tell(study, trial) -> None:
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in trial.params.items())
+        if trial.state.name == "COMPLETE":
+            outcome = ", ".join(f"{n} {v:.4g}" for n, v in zip(spec.objective.names,
+                                                                trial.values, strict=True))
+        else:
+            outcome = trial.user_attrs.get("error") or trial.user_attrs.get("cut") or ""
+        log.info("trial %d %s %s (%s)", trial.number, trial.state.name.lower(), outcome, shown)
+
+    run_log = logging.getLogger("leantrain.run")
+    level = run_log.level
+    run_log.setLevel(max(level, logging.WARNING))  # a line per trial, not one per epoch
+    try:
+        study.optimize(
+            lambda trial: run_trial(trial, spec, bundle, build_model), timeout=timeout,
+            catch=(Exception,), gc_after_trial=True,
+            callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=tuple(
+                getattr(optuna.trial.TrialState, s) for s in FINISHED)), tell])
+    finally:
+        run_log.setLevel(level)
