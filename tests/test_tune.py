@@ -323,3 +323,26 @@ def test_two_workers_share_a_study_on_a_real_postgresql_server(postgres, tmp_pat
     runs = [t.user_attrs["run"] for t in study.get_trials()]
     assert len(runs) == len(set(runs))
     assert {Path(r).parent.parent.name for r in runs} == {"machine0", "machine1"}
+
+
+def test_tune_searches_a_stock_hugging_face_model_with_dict_batches(tmp_path, monkeypatch,
+                                                                    capsys):
+    pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+                                     "data.batch_size": {"choices": [16, 32]},
+                                     "train.epochs": 1, "schedule.warmup_fraction": None,
+                                     "optim.weight_decay": None, "schedule.name": None}))
+    out = tmp_path / "tune"
+    assert main(["tune", "--model", "hf_sequence_classification:model", "--data",
+                 "hf_sequence_classification:data", "--set", "optim.name=adamw",
+                 "--objective", "metric", "--metric", "val_loss", "--trial-steps", "4",
+                 "--trials", "2", "--pruner", "none", "--space", str(space), "--out",
+                 str(out), "--no-progress"]) == 0
+    report = json.loads((out / "tune.json").read_text())
+    assert report["directions"] == ["minimize"] and report["counts"] == {"complete": 2}
+    for trial in report["trials"]:
+        summary = json.loads(Path(trial["run"], "summary.json").read_text())
+        assert summary["steps"] == 4 and trial["values"] == [summary["val_loss"]]
+    assert "optim.momentum" not in report["space"]  # AdamW: no SGD momentum searched

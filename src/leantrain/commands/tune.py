@@ -163,6 +163,10 @@ def run(args: argparse.Namespace, dist) -> int:
                 for i in range(1, args.workers)]
     try:
         work(spec, bundle, build, 0)
+    except KeyboardInterrupt:
+        print(f"leantrain: tune interrupted; the same command resumes study {args.study} "
+              f"from {storage}", file=sys.stderr)
+        return 130
     finally:
         for child in children:
             child.wait()
