@@ -11,8 +11,11 @@ from leantrain import fit, load_config
 from leantrain.cli import main
 from leantrain.errors import LeantrainError
 from leantrain.losses.distillation import (
+    PER_SAMPLE_DEFAULT,
+    PER_TOKEN_DEFAULT,
     DistillationLoss,
     cache_teacher_logits,
+    default_kd_args,
     freeze_teacher,
     kd_loss,
 )
@@ -101,6 +104,13 @@ def test_cached_logits_give_exactly_the_live_teachers_loss(tabular):
         cache_teacher_logits(teacher, [(x[0], y[0])])
 
 
+def test_the_defaults_are_the_measured_ones_for_each_kind_of_output():
+    assert default_kd_args("classification") == PER_SAMPLE_DEFAULT == (4.0, 0.9)
+    for task in ("token-classification", "causal-lm"):
+        assert default_kd_args(task) == PER_TOKEN_DEFAULT
+    assert PER_TOKEN_DEFAULT != PER_SAMPLE_DEFAULT
+
+
 def test_distill_cli_reports_all_three(tmp_path):
     teacher = tmp_path / "teacher"
     assert main(["train", "--out", str(teacher), "--no-progress", "--epochs", "2"]) == 0
@@ -113,6 +123,9 @@ def test_distill_cli_reports_all_three(tmp_path):
         assert {"val_accuracy", "parameters", "cpu_latency_batch64_ms"} <= report[name].keys()
     assert report["teacher"]["parameters"] >= 4 * report["student_kd"]["parameters"]
     assert (out / "student_kd" / "model.pt").exists()
+    # neither given: one score per sample takes the measured per-sample default
+    assert (report["temperature"], report["alpha"]) == PER_SAMPLE_DEFAULT
+    assert report["defaulted"] == ["temperature", "alpha"]
 
 
 def test_mismatched_teacher_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -215,6 +228,7 @@ def test_distill_runs_end_to_end_on_the_text_gpt_recipe(tmp_path):
                  "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == "token-classification"
+    assert (report["temperature"], report["alpha"]) == PER_TOKEN_DEFAULT  # per token
     assert report["teacher"]["parameters"] >= 4 * report["student_kd"]["parameters"]
     assert math.isfinite(report["student_kd"]["val_accuracy"])
     kd = json.loads((out / "student_kd" / "summary.json").read_text())

@@ -34,9 +34,12 @@ def add_parser(sub) -> None:
                    help="teacher architecture (default: the recipe's model)")
     p.add_argument("--student-model", required=True, metavar="MOD:FN",
                    help="student architecture, e.g. leantrain.recipes.models:digits_student")
-    p.add_argument("--temperature", type=float, default=4.0, help="T (default 4)")
-    p.add_argument("--alpha", type=float, default=0.9,
-                   help="weight of the soft (KD) term, in [0, 1] (default 0.9)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="softening temperature, > 0 (default: 4 for one score per sample, 1 "
+                        "for a score per token; each measured best, see the README)")
+    p.add_argument("--alpha", type=float,
+                   help="weight of the soft (KD) term, in [0, 1] (default: 0.9 per sample, "
+                        "0.5 per token)")
     p.add_argument("--no-cache", action="store_true",
                    help="run the teacher live every step instead of caching its logits")
     p.add_argument("--feature-layers", metavar="S=T[,S=T]",
@@ -87,22 +90,24 @@ def _describe(model, accuracy: float, sample) -> dict[str, Any]:
 
 
 def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out: Path,
-                     temperature: float, alpha: float, cache: bool = True,
+                     temperature: float | None = None, alpha: float | None = None,
+                     cache: bool = True,
                      progress_bar: bool = True, feature_pairs: list[tuple[str, str]] | None = None,
                      feature_weight: float = 1.0) -> dict[str, Any]:
     """Teacher, student alone, student with KD (and feature matching on `feature_pairs`),
-    each trained by `fit` under `out`."""
+    each trained by `fit` under `out`. A temperature or alpha left None takes the measured
+    default for the task's outputs (`losses.distillation.default_kd_args`)."""
     from ..checkpoint import atomic_save, atomic_write_text
     from ..data import make_loader
     from ..data.loaders import tensors_of
-    from ..losses.distillation import DistillationLoss, cache_teacher_logits, check_kd_args
+    from ..losses import distillation as kd
     from ..losses.features import FeatureMatch, detach_projections
     from ..run.fit import fit
     from ..run.plan import resolve_plan
     from ..run.step import evaluate
     from ..run.summary import MODEL_NAME
 
-    check_kd_args(temperature, alpha)
+    kd.check_kd_args(temperature, alpha)
     common.require_empty(out)
     plan = resolve_plan(cfg.plan, teacher)
     teacher = teacher.to(plan.device)
@@ -113,6 +118,11 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
         if feature_pairs else None
     # one batch through both: the task, the classes, and the hidden states' shapes
     task = _task_of_the_pair(teacher, student, val_loader, plan, cfg.train.task)
+    defaulted = [name for name, value in (("temperature", temperature), ("alpha", alpha))
+                 if value is None]
+    default_temperature, default_alpha = kd.default_kd_args(task)
+    temperature = default_temperature if temperature is None else temperature
+    alpha = default_alpha if alpha is None else alpha
     if match is not None:
         match.attach_projections(student)
     teacher_acc, _ = evaluate(teacher, val_loader, plan)
@@ -122,8 +132,8 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
     elif cache and tensors_of(bundle.train) is not None \
             and not isinstance(tensors_of(bundle.train), dict):
         start = time.perf_counter()
-        cached = cache_teacher_logits(teacher, bundle.train, cfg.data.eval_batch_size,
-                                      plan.device, plan.channels_last)
+        cached = kd.cache_teacher_logits(teacher, bundle.train, cfg.data.eval_batch_size,
+                                         plan.device, plan.channels_last)
         if cached is not None:
             train_data, cache_seconds, cache_note = cached, time.perf_counter() - start, "cached"
         else:
@@ -134,7 +144,7 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
                 progress_bar=progress_bar, collate_fn=bundle.collate_fn)
     with_kd = fit(student, train_data, bundle.val, cfg, out / "student_kd",
                   progress_bar=progress_bar, collate_fn=bundle.collate_fn,
-                  loss_fn=DistillationLoss(teacher, temperature, alpha, task, match))
+                  loss_fn=kd.DistillationLoss(teacher, temperature, alpha, task, match))
     if match is not None:  # the projections were for training: model.pt is the student alone
         match.remove_hooks()
         detach_projections(student)
@@ -143,6 +153,7 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
     sample = common.sample_inputs(bundle)
     report = {
         "temperature": temperature, "alpha": alpha, "task": task,
+        "defaulted": defaulted,  # the task's measured default, not given
         "feature_layers": [f"{s}={t}" for s, t in feature_pairs or []],
         "feature_weight": feature_weight if feature_pairs else None,
         "teacher_logits_cached": cache_seconds is not None, "cache": cache_note,
