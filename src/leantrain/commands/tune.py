@@ -23,6 +23,7 @@ then: leantrain train --config runs/tune/best.yaml --target-acc 0.97
 """
 STUDY_DB = "study.db"
 DEFAULT_STUDY = "leantrain-tune"
+DEFAULT_TRIALS = 20  # without a budget
 
 
 def add_parser(sub) -> None:
@@ -41,8 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--target", metavar="METRIC>=X", help="e.g. 'val_accuracy>=0.97'")
     p.add_argument("--metric", metavar="NAME",
                    help="the metric scored (default: the target's, else val_accuracy)")
-    p.add_argument("--trials", type=int, default=20, metavar="N",
-                   help="finished (complete or pruned) trials the study aims for (default 20)")
+    p.add_argument("--trials", type=int, metavar="N",
+                   help="finished (complete or pruned) trials the study aims for (default: as "
+                        f"many as --budget-s allows, else {DEFAULT_TRIALS})")
     p.add_argument("--budget-s", type=float, metavar="S",
                    help="wall-clock seconds for this worker, its trials and report included")
     p.add_argument("--trial-steps", type=int, metavar="N",
@@ -65,7 +67,7 @@ def add_parser(sub) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     for name in ("trials", "workers"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise LeantrainError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("budget_s", "trial_seconds", "trial_steps"):
         value = getattr(args, name)
@@ -94,11 +96,11 @@ def _claim_out(args: argparse.Namespace, out: Path) -> None:
 def worker_command(args: argparse.Namespace, out: Path, storage: str, index: int) -> list[str]:
     """The command line of local worker `index`: this study's arguments, one worker."""
     command = [sys.executable, "-m", "leantrain.cli", "tune", "--recipe", args.recipe,
-               "--objective", args.objective, "--trials", str(args.trials),
-               "--pruner", args.pruner, "--storage", storage, "--study", args.study,
+               "--objective", args.objective, "--pruner", args.pruner, "--storage", storage,
+               "--study", args.study,
                "--seed", str(args.seed), "--out", str(out), "--worker-index", str(index),
                "--no-progress"]
-    for flag in ("config", "model", "data", "epochs", "device", "target", "metric",
+    for flag in ("config", "model", "data", "epochs", "device", "target", "metric", "trials",
                  "budget_s", "trial_steps", "trial_seconds", "space"):
         value = getattr(args, flag)
         if value is not None:
@@ -145,7 +147,8 @@ def run(args: argparse.Namespace, dist) -> int:
     lr = _lr_center(args, cfg, bundle, build, args.space) if args.worker_index == 0 \
         else cfg.optim.lr
     space, fixed = load_space(args.space, cfg, default_space(cfg, lr))
-    spec = StudySpec(cfg, space, fixed, objective, storage, args.study, out, args.trials,
+    trials = args.trials if args.trials is not None or args.budget_s else DEFAULT_TRIALS
+    spec = StudySpec(cfg, space, fixed, objective, storage, args.study, out, trials,
                      args.budget_s, args.pruner, args.seed, args.trial_steps,
                      args.trial_seconds)
     if args.worker_index > 0:  # a local worker: the space's LR range comes from the study

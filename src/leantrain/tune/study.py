@@ -43,7 +43,7 @@ class StudySpec:
     storage: str
     name: str
     out: Path
-    trials: int = 20
+    trials: int | None = 20  # None: as many as the budget allows
     budget_s: float | None = None
     pruner: str = "median"
     seed: int = 0
@@ -227,8 +227,7 @@ def work(spec: StudySpec, bundle, build_model: Callable[[TrainConfig], Any],
     A trial that raises is recorded FAIL with its error, and the study goes on."""
     optuna = _optuna()
     study = open_study(spec, worker)
-    left = spec.trials - finished_trials(study)
-    if left <= 0:
+    if spec.trials is not None and finished_trials(study) >= spec.trials:
         log.info("study %s already has %d finished trials", spec.name, spec.trials)
         return
     deadline = spec.deadline()
@@ -244,14 +243,16 @@ def work(spec: StudySpec, bundle, build_model: Callable[[TrainConfig], Any],
             outcome = trial.user_attrs.get("error") or trial.user_attrs.get("cut") or ""
         log.info("trial %d %s %s (%s)", trial.number, trial.state.name.lower(), outcome, shown)
 
+    callbacks = [tell]
+    if spec.trials is not None:
+        callbacks.append(optuna.study.MaxTrialsCallback(spec.trials, states=tuple(
+            getattr(optuna.trial.TrialState, s) for s in FINISHED)))
     run_log = logging.getLogger("leantrain.run")
     level = run_log.level
     run_log.setLevel(max(level, logging.WARNING))  # a line per trial, not one per epoch
     try:
-        study.optimize(
-            lambda trial: run_trial(trial, spec, bundle, build_model), timeout=timeout,
-            catch=(Exception,), gc_after_trial=True,
-            callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=tuple(
-                getattr(optuna.trial.TrialState, s) for s in FINISHED)), tell])
+        study.optimize(lambda trial: run_trial(trial, spec, bundle, build_model),
+                       timeout=timeout, catch=(Exception,), gc_after_trial=True,
+                       callbacks=callbacks)
     finally:
         run_log.setLevel(level)
