@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: train test lint bench bench-gpu clean
+.PHONY: train test lint docs bench bench-gpu clean
 
 $(BIN)/leantrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,15 @@ train: $(BIN)/leantrain
 	$(BIN)/leantrain train
 
 lint: $(BIN)/leantrain
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/lint-imports
 
+# the documentation site from docs/ into site/; strict: a broken link, page or anchor fails
+docs: $(BIN)/leantrain
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -d site
+
 # the whole suite, slow tests included (plain `pytest` skips those); exit 5 = no tests collected
-test: lint
+test: lint docs
 	$(BIN)/python -m pytest -m "" -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 bench: $(BIN)/leantrain
@@ -40,4 +44,4 @@ bench-gpu: $(BIN)/leantrain  # on a CUDA machine: text-gpt 102 M per technique s
 	PYTHON=$(BIN)/python bash benchmarks/gpu_checks.sh runs/gpu_checks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .ruff_cache

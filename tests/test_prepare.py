@@ -1,4 +1,4 @@
-"""`leantrain.prepare` in a hand-written loop: the README's snippet, and what it applies."""
+"""`leantrain.prepare` in a hand-written loop: the docs' snippet, and what it applies."""
 
 import re
 from pathlib import Path
@@ -10,17 +10,17 @@ from conftest import tiny_cnn
 import leantrain
 from leantrain.errors import LeantrainError
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "bring-your-model.md"
 
 
-def test_the_readme_snippet_runs():
+def test_the_docs_prepare_snippet_runs():
     pytest.importorskip("transformers")
-    text = README.read_text()
+    text = GUIDE.read_text()
     block = re.search(r"<!-- the test suite runs this block \(tests/test_prepare.py\) -->\n"
                       r"```python\n(.*?)```", text, re.S)
-    assert block, "the README's prepare snippet is missing"
+    assert block, "the prepare snippet of docs/bring-your-model.md is missing"
     scope: dict = {}
-    exec(compile(block.group(1), "README.md", "exec"), scope)
+    exec(compile(block.group(1), str(GUIDE), "exec"), scope)
     assert scope["loss"].requires_grad and "applied" in scope["run"].outcomes["device"]
 
 

@@ -1,0 +1,54 @@
+"""MkDocs hook: the Benchmarks page's table, built from `benchmarks/` at every docs build, so
+each figure's script, machine and date come from the files themselves (never typed twice).
+
+For each script: its docstring's first paragraph, and each of its committed results with the
+machine the file records and the date git last committed it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = "<!-- benchmarks-table -->"
+
+
+def _machine(data) -> str:
+    found = data.get("machine") if isinstance(data, dict) else None
+    if isinstance(found, dict):
+        found = found.get("cpu") or found.get("gpu") or found.get("device")
+    return str(found) if found else "machine not recorded in the file"
+
+
+def _committed(path: Path) -> str:
+    done = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    return done.stdout.strip() or "not committed"
+
+
+def table() -> str:
+    rows = ["| script | what it measures | results (machine, date committed) |",
+            "| --- | --- | --- |"]
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+        what = " ".join(doc.split("\n\n")[0].split())
+        results = []
+        for path in sorted((ROOT / "benchmarks" / "results").glob(f"{script.stem}.*")):
+            if path.suffix == ".json":
+                label = _machine(json.loads(path.read_text()))
+            elif path.suffix == ".png":
+                label = "chart"
+            else:
+                continue
+            results.append(f"[`{path.name}`](results/{path.name}) ({label}, "
+                           f"{_committed(path)})")
+        rows.append(f"| `benchmarks/{script.name}` | {what} | "
+                    f"{'<br>'.join(results) or 'see results/gpu_h100/'} |")
+    return "\n".join(rows)
+
+
+def on_page_markdown(markdown: str, **_) -> str:
+    return markdown.replace(MARKER, table()) if MARKER in markdown else markdown
