@@ -128,7 +128,7 @@ def format_report(report: dict[str, Any], rows: int = 10) -> str:
     text = table(lines, title) if lines else f"{title}\nno trial finished"
     counts = ", ".join(f"{n} {s}" for s, n in report["counts"].items())
     pruning = report["pruning"]
-    text += f"\ntrials: {counts}"
+    text += f"\ntrials: {counts or 'none: the budget ended before the first trial could start'}"
     if pruning["pruned"]:
         text += (f"; the {pruning['pruner']} pruner stopped {pruning['pruned']}, saving about "
                  f"{pruning['seconds_saved_estimate']:.0f} s of their planned epochs")
