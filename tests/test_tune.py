@@ -176,7 +176,8 @@ def test_tune_writes_a_ranked_table_every_trial_plots_and_a_best_config_train_ru
         tmp_path, tiny_space, capsys):
     out = tmp_path / "tune"
     assert main(["tune", "--target", "val_accuracy>=0.9", "--trials", "3", "--space",
-                 str(tiny_space), "--out", str(out), "--no-progress"]) == 0
+                 str(tiny_space), "--pruner", "hyperband", "--out", str(out),
+                 "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "leantrain tune: time-to-target val_accuracy>=0.9" in text and "trial 0" in text
     report = json.loads((out / "tune.json").read_text())
@@ -191,6 +192,18 @@ def test_tune_writes_a_ranked_table_every_trial_plots_and_a_best_config_train_ru
     assert best["schedule"]["name"] == "onecycle"  # the fixed key
     assert main(["train", "--config", str(out / "best.yaml"), "--epochs", "1", "--out",
                  str(tmp_path / "again"), "--no-progress"]) == 0
+
+
+def test_the_two_objective_study_draws_its_pareto_front(tmp_path, tiny_space):
+    out = tmp_path / "tune"
+    assert main(["tune", "--objective", "both", "--metric", "val_loss", "--trials", "2",
+                 "--space", str(tiny_space), "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "tune.json").read_text())
+    assert report["directions"] == ["minimize", "minimize"]
+    assert report["objective_names"] == ["val_loss", "train_seconds"]
+    assert report["best"] and report["plots"]["pareto.png"] == "saved"
+    for trial in report["trials"]:
+        assert trial["values"][0] == trial["val_loss"] and trial["values"][1] > 0
 
 
 def test_a_folder_that_holds_something_else_is_refused(tmp_path, tiny_space, capsys):
