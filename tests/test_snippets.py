@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]  # results/ too
 BLOCK = re.compile(r"(?ms)^(?:<!-- snippet: (?P<marker>[^\n]*?) -->\n)?```(?P<lang>bash|python)\n"
                    r"(?P<code>.*?)^```")
 TIMEOUT_S = 300
