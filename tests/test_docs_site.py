@@ -54,10 +54,10 @@ def test_the_site_builds_strictly_with_every_page_of_the_nav(site):
                 yield from pages(value)
 
     for page in pages(nav):
-        stem = page.removesuffix(".md")
-        built = site / ("index.html" if stem == "index" else
-                        stem.removesuffix("README") + "index.html" if stem.endswith("README")
-                        else f"{stem}/index.html")
+        folder, _, stem = page.removesuffix(".md").rpartition("/")
+        # a folder's index (or README) is that folder's page; any other page gets its own
+        parts = [folder] if stem in ("index", "README") else [folder, stem]
+        built = site.joinpath(*filter(None, parts), "index.html")
         assert built.exists(), f"{page} was not built ({built})"
     reference = (site / "reference" / "index.html").read_text()
     assert "leantrain.run.fit.fit" in reference  # mkdocstrings rendered the docstrings
