@@ -92,7 +92,9 @@ class PlanConfig:
     """Which runtime techniques to use. "auto" lets leantrain decide for this machine."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # fp8: torchao float8 training (tensorwise scales; fp8-rowwise: per-row) on GPUs of compute
+    # capability >= 8.9, the other layers in bf16 autocast
+    precision: Literal["auto", "fp32", "bf16", "fp16", "fp8", "fp8-rowwise"] = "auto"
     channels_last: Auto | bool = "auto"
     compile: bool = False
     cudnn_benchmark: Auto | bool = "auto"

@@ -41,6 +41,22 @@ def bf16_supported(device: torch.device) -> tuple[bool, str]:
     return False, f"unknown device type {device.type}"
 
 
+FP8_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell: tensor cores with fp8 matmuls
+
+
+def fp8_supported(device: torch.device) -> tuple[bool, str]:
+    """Whether fp8 training (torchao float8) can run fast on `device`, and why (not)."""
+    if device.type != "cuda":
+        return False, (f"fp8 training needs a CUDA GPU of compute capability "
+                       f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} or newer (Ada, Hopper, "
+                       f"Blackwell); this device is {device.type}")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_CAPABILITY:
+        return False, (f"this GPU is compute capability {capability[0]}.{capability[1]}; fp8 "
+                       f"matmuls need {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} or newer")
+    return True, f"GPU of compute capability {capability[0]}.{capability[1]} runs fp8 matmuls"
+
+
 def tf32_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 

@@ -51,8 +51,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_plan_arg(p)
     p.add_argument("--target-acc", type=float, metavar="X",
                    help="stop as soon as validation accuracy reaches X (e.g. 0.97)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="mixed precision mode (default: auto = bf16 where native)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "fp8", "fp8-rowwise"],
+                   help="mixed precision mode (default: auto = bf16 where native; fp8: GPUs of "
+                        "compute capability >= 8.9)")
     p.add_argument("--compile", action="store_true", help="use torch.compile (opt-in)")
     p.add_argument("--no-plan-cache", action="store_true",
                    help="measure the plan's auto choices again instead of reusing earlier "

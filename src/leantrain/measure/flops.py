@@ -85,6 +85,10 @@ def gpu_peak(name: str, precision: str, tf32: bool) -> Peak | None:
         if re.search(pattern, name):
             if precision in ("bf16", "fp16"):
                 return Peak(half * 1e12, f"{label} {precision} dense", False)
+            if precision.startswith("fp8"):  # fp8 and bf16 layers mix: against bf16's peak,
+                # so the MFU of an fp8 run compares with a bf16 run's (fp8's peak is 2x)
+                return Peak(half * 1e12, f"{label} bf16 dense (an fp8 run, against the bf16 "
+                                         "peak)", False)
             if tf32:
                 return Peak(tf32_peak * 1e12, f"{label} tf32 dense", False)
             return Peak(fp32 * 1e12, f"{label} fp32", False)

@@ -222,6 +222,8 @@ def prepare_model(model: nn.Module, plan: ResolvedPlan) -> nn.Module:
     """The model on its device, in the plan's layout: before any measuring, so it measures
     the run's layout."""
     model = model.to(plan.device)
+    if plan.precision in precision.FP8_RECIPES:
+        precision.apply_float8(model, plan.precision)
     if plan.channels_last:
         apply_channels_last(model)
     if plan.activation_checkpointing:

@@ -1,10 +1,20 @@
-"""Mixed precision: bf16 autocast (CPU and GPU) or fp16 autocast with a GradScaler (GPU).
+"""Mixed precision: bf16 autocast (CPU and GPU), fp16 autocast with a GradScaler (GPU), or
+fp8 training (torchao float8, GPUs of compute capability >= 8.9).
 
 Matmuls and convolutions run in 16 bits with fp32 master weights, which roughly halves memory
 traffic and, on hardware with native 16-bit units (tensor cores, AVX-512 BF16 / AMX), speeds
 them up. Lossy: the numbers change, so the accuracy of a run must be checked. Hurts on CPUs
 without native bf16, where bf16 is emulated; fp16 needs loss scaling to avoid gradient
 underflow, which is why it is offered on GPUs only.
+
+fp8 converts the model's eligible Linear layers to torchao's `Float8Linear` (their matmuls in
+fp8 with dynamic scales, tensorwise or rowwise) and runs the rest under bf16 autocast. By a
+stated rule, the first and the last Linear layer stay in bf16 (the embedding-side and output
+layers are the most sensitive to precision), as does any Linear whose dimensions are not
+multiples of 16 (what fp8 matmuls require). It pays only when the matmuls are large: on
+small models the casts and scale computations cost more than fp8 saves, so measure it
+(`leantrain bench` lists it where it can run, and "unsupported here" with the reason where
+it cannot).
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from ..config import PlanConfig
-from ..env import bf16_supported
+from ..env import bf16_supported, fp8_supported
 from .base import Context, Outcome, require
 from .memory_format import has_conv2d
 from .variant import Variant
@@ -26,8 +36,13 @@ LOSSLESS = False
 VARIANTS = (
     Variant("bf16", {"plan": {"precision": "bf16"}}, lossless=False),
     Variant("fp16", {"plan": {"precision": "fp16"}}, lossless=False),
+    Variant("fp8", {"plan": {"precision": "fp8"}}, lossless=False),
 )
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# the autocast dtype; under fp8 the layers left out of fp8 run in bf16
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16,
+          "fp8-rowwise": torch.bfloat16}
+FP8_RECIPES = {"fp8": "tensorwise", "fp8-rowwise": "rowwise"}
+FP8_MULTIPLE = 16  # fp8 matmuls need both dimensions divisible by 16
 
 
 def check(ctx: Context, precision: str) -> tuple[bool, str]:
@@ -40,7 +55,13 @@ def check(ctx: Context, precision: str) -> tuple[bool, str]:
         if device.type == "cuda":
             return True, "fp16 autocast with dynamic loss scaling"
         return False, f"fp16 with loss scaling is GPU-only; on {device.type} use bf16"
-    return False, f"unknown precision {precision!r}; allowed: fp32, bf16, fp16"
+    if precision in FP8_RECIPES:
+        supported, why = fp8_supported(device)
+        if supported and not float8_layers(ctx.model):
+            return False, (f"no Linear layer qualifies for fp8 (the first and last stay in "
+                           f"bf16; both dimensions must be multiples of {FP8_MULTIPLE})")
+        return supported, why
+    return False, f"unknown precision {precision!r}; allowed: fp32, bf16, fp16, fp8, fp8-rowwise"
 
 
 def decide(ctx: Context, plan: PlanConfig) -> tuple[str, Outcome]:
@@ -63,6 +84,27 @@ def decide(ctx: Context, plan: PlanConfig) -> tuple[str, Outcome]:
     if plan.precision == "fp32":
         return "fp32", Outcome(NAME, False, "fp32 requested")
     return plan.precision, Outcome(NAME, True, f"{plan.precision} ({why})")
+
+
+def float8_layers(model: torch.nn.Module) -> list[str]:
+    """The Linear layers fp8 converts: all but the first and the last, with both dimensions
+    multiples of FP8_MULTIPLE."""
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    return [name for name, m in linears[1:-1]
+            if m.in_features % FP8_MULTIPLE == 0 and m.out_features % FP8_MULTIPLE == 0]
+
+
+def apply_float8(model: torch.nn.Module, precision: str = "fp8") -> list[str]:
+    """Convert `model`'s `float8_layers` in place to torchao's Float8Linear with the recipe of
+    `precision` (fp8: tensorwise, fp8-rowwise: rowwise); returns the converted names. Before
+    torch.compile and FSDP2 wrapping, as torchao asks."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    chosen = set(float8_layers(model))
+    config = Float8LinearConfig.from_recipe_name(FP8_RECIPES[precision])
+    convert_to_float8_training(model, config=config,
+                               module_filter_fn=lambda module, fqn: fqn in chosen)
+    return sorted(chosen)
 
 
 def autocast_factory(device: torch.device | str, precision: str
