@@ -349,6 +349,25 @@ class DataLoaderBatches:
             yield from batches
 
 
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """`batch` cut into `parts` micro-batches along the first dimension, every tensor alike
+    (fewer parts when it holds fewer samples); anything that is not a tensor is repeated."""
+    parts = max(1, min(parts, batch_size(batch)))
+
+    def cut(value: Any) -> list[Any]:
+        if isinstance(value, torch.Tensor):
+            return list(torch.tensor_split(value, parts)) if value.dim() else [value] * parts
+        if isinstance(value, Mapping):
+            pieces = {k: cut(v) for k, v in value.items()}
+            return [{k: pieces[k][i] for k in value} for i in range(parts)]
+        if isinstance(value, (tuple, list)):
+            pieces = [cut(v) for v in value]
+            return [type(value)(piece[i] for piece in pieces) for i in range(parts)]
+        return [value] * parts
+
+    return cut(batch)
+
+
 def _map_tensors(batch: Batch, fn: Callable[[torch.Tensor], Any]) -> Batch:
     if isinstance(batch, torch.Tensor):
         return fn(batch)

@@ -44,6 +44,9 @@ class Progress:
     val_mae: float | None = None
     stop_reason: str | None = None  # a target met, or train.max_steps reached
     finished: bool = False
+    # each loader batch runs as this many micro-batches, their gradients accumulated: raised
+    # by out-of-memory recovery (run.trainer), and kept by checkpoints so a resume keeps it
+    micro_split: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .. import distributed
 from ..checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, remove_partial_writes
 from ..config import CONFIG_NAME, target_met, target_of
-from ..data.loaders import batch_size
+from ..data.loaders import batch_size, split_batch
 from ..errors import LeantrainError
 from ..losses import tasks
 from ..measure.memory import reset_peak
@@ -96,13 +96,35 @@ class Trainer:
         torch.manual_seed(run.cfg.train.seed + run.dist.rank)  # dropout differs per rank
 
     def micro_step(self, batch: step.Batch, micro: int, last: bool) -> tuple[bool, torch.Tensor]:
-        """Forward and backward one micro-batch; step the optimizer at a boundary.
+        """Forward and backward one loader batch (as `progress.micro_split` micro-batches
+        after an out-of-memory recovery); step the optimizer at a boundary.
 
-        Returns (stepped, the micro-batch's loss as a device tensor).
+        Returns (stepped, the batch's loss as a device tensor).
         """
         run, state, timer = self.run, self.state, self.timer
-        accum = run.plan.grad_accum
-        timer.mark("data")
+        boundary = accumulation.is_step_boundary(micro, run.plan.grad_accum, last)
+        parts = state.progress.micro_split
+        chunks = [batch] if parts == 1 else split_batch(batch, parts)
+        total, losses = batch_size(batch), []
+        for i, chunk in enumerate(chunks):  # each a micro-batch for the step timer too
+            final = i == len(chunks) - 1
+            timer.mark("data")
+            share = 1.0 if parts == 1 else batch_size(chunk) / total
+            losses.append(self._forward_backward(chunk, micro, share, boundary and final))
+            if boundary and final:
+                self._beat("optimizer")
+                self._optimizer_step()
+            timer.mark("optimizer")
+        if parts == 1:
+            return boundary, losses[0]
+        return boundary, sum(loss.detach() * batch_size(chunk) / total
+                             for loss, chunk in zip(losses, chunks, strict=True))
+
+    def _forward_backward(self, batch: step.Batch, micro: int, share: float,
+                          sync: bool) -> torch.Tensor:
+        """Forward, tally and backward one micro-batch holding `share` of its loader batch's
+        samples; gradients are synchronised across ranks only when `sync`."""
+        run, state, timer = self.run, self.state, self.timer
         sb = run.step.unpack(batch)
         timer.mark("copy")
         self._beat("forward")
@@ -115,17 +137,48 @@ class Trainer:
         metric_sum += metric
         counted += count
         timer.mark("forward")
-        scaled = accumulation.scale_loss(loss, accum)
-        boundary = accumulation.is_step_boundary(micro, accum, last)
+        scaled = accumulation.scale_loss(loss if share == 1.0 else loss * share,
+                                         run.plan.grad_accum)
         self._beat("backward")
-        with distributed.gradient_sync(run.wrapped, run.plan.distributed, boundary):
+        with distributed.gradient_sync(run.wrapped, run.plan.distributed, sync):
             (state.scaler.scale(scaled) if state.scaler else scaled).backward()
         timer.mark("backward")
-        if boundary:
-            self._beat("optimizer")
-            self._optimizer_step()
-        timer.mark("optimizer")
-        return boundary, loss
+        return loss
+
+    def _recover(self, window: list[step.Batch], first: int, sums: list[torch.Tensor],
+                 n_batches: int, error: torch.OutOfMemoryError) -> bool:
+        """After an out-of-memory error in the optimizer step whose loader batches are
+        `window` (from micro-batch `first`): drop its partial gradients and tallies, cut each
+        batch into twice as many micro-batches (their gradients accumulated, so the global
+        batch is kept) and run the step again; bounded at one sample per micro-batch.
+        Returns whether the replayed step ended at a boundary."""
+        state, p = self.state, self.state.progress
+        while True:
+            parts = p.micro_split * 2
+            if parts > min(batch_size(b) for b in window):
+                raise LeantrainError(
+                    f"out of memory at step {p.step + 1} even with micro-batches of one sample "
+                    f"({str(error).splitlines()[0]}); lower data.batch_size, or turn on "
+                    "plan.activation_checkpointing") from error
+            p.micro_split = parts
+            log.warning("out of memory at step %d: each batch of %d now runs as %d "
+                        "micro-batches, their gradients accumulated (the global batch is "
+                        "unchanged); the checkpoint keeps this split", p.step + 1,
+                        batch_size(window[0]), parts)
+            state.optimizer.zero_grad(set_to_none=True)
+            for now, before in zip(state.epoch_sums, sums, strict=True):
+                now.copy_(before)
+            del error
+            if self.run.plan.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.timer.restart()  # the failed step's partial marks are dropped
+            try:
+                for offset, batch in enumerate(window):
+                    micro = first + offset
+                    stepped, _ = self.micro_step(batch, micro, last=micro == n_batches - 1)
+                return stepped
+            except torch.OutOfMemoryError as again:
+                error = again
 
     def _beat(self, phase: str) -> None:
         """Under launch: where this rank is, for a report that names a stuck rank."""
@@ -243,8 +296,17 @@ class Trainer:
                    leave=False, unit="batch")
         tick = time.perf_counter()
         self.timer.restart()
+        window, sums = [], []  # the current optimizer step's batches, the tallies before it
         for micro, batch in enumerate(run.train_loader.batches(epoch, p.batch), start=p.batch):
-            stepped, _ = self.micro_step(batch, micro, last=micro == n_batches - 1)
+            if not window:
+                sums = [t.clone() for t in self.state.epoch_sums]
+            window.append(batch)
+            try:
+                stepped, _ = self.micro_step(batch, micro, last=micro == n_batches - 1)
+            except torch.OutOfMemoryError as error:
+                stepped = self._recover(window, micro - len(window) + 1, sums, n_batches, error)
+            if stepped:
+                window = []
             p.batch, p.samples = micro + 1, p.samples + batch_size(batch)
             bar.update(1)
             if stepped:
@@ -390,6 +452,8 @@ class Trainer:
                                self.monitor.summary() if self.monitor else None)
         if self.compiling is not None:
             result["compile"] = self.compiling.report(self.state.progress)
+        # 1, or how many micro-batches each batch became after an out-of-memory recovery
+        result["micro_split"] = self.state.progress.micro_split
         result["plan_measurement"] = plan_measurement
         if out is not None:
             # model.pt and summary.json first, then the checkpoint that says "finished": a run
