@@ -304,6 +304,12 @@ class Trainer:
             try:
                 stepped, _ = self.micro_step(batch, micro, last=micro == n_batches - 1)
             except torch.OutOfMemoryError as error:
+                if run.dist.active:  # a rank that replays alone would leave the others
+                    # waiting in their collective: the job fails, naming the rank
+                    raise LeantrainError(
+                        f"out of memory at step {p.step + 1} on rank {run.dist.rank}; recovery "
+                        "splits batches in a single process only: lower data.batch_size or "
+                        "turn on plan.activation_checkpointing") from error
                 stepped = self._recover(window, micro - len(window) + 1, sums, n_batches, error)
             if stepped:
                 window = []
