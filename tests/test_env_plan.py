@@ -43,8 +43,8 @@ def test_plan_reports_every_technique_with_a_reason():
     plan = resolve_plan(PlanConfig(device="cpu"), tiny_cnn())
     names = [o.name for o in plan.outcomes]
     assert names == ["device", "precision", "channels_last", "compile", "cudnn_benchmark", "tf32",
-                     "optimizer_impl", "grad_accum", "activation_checkpointing",
-                     "distributed"]
+                     "optimizer_impl", "optimizer_states", "grad_accum",
+                     "activation_checkpointing", "distributed"]
     assert all(o.detail for o in plan.outcomes)
     assert plan.channels_last is True
     assert plan.precision == ("bf16" if env.bf16_supported(torch.device("cpu"))[0] else "fp32")

@@ -125,6 +125,7 @@ class ResolvedPlan:
     outcomes: list[Outcome] = field(default_factory=list)
     distributed: str | None = None  # "ddp" | "fsdp" under `leantrain launch`, else None
     activation_checkpointing: bool = False
+    optimizer_states: str = "fp32"
 
     def __post_init__(self) -> None:
         self._autocast = precision.autocast_factory(self.device, self.precision)
@@ -142,6 +143,7 @@ class ResolvedPlan:
             "cudnn_benchmark": self.cudnn_benchmark,
             "tf32": self.tf32,
             "optimizer_impl": self.optimizer_impl,
+            "optimizer_states": self.optimizer_states,
             "grad_accum": self.grad_accum,
             "distributed": self.distributed,
             "activation_checkpointing": self.activation_checkpointing,

@@ -67,7 +67,8 @@ def new_state(run: Run, lr_at: Callable[[int], float] | None = None) -> TrainSta
     `lr_at(step)` replaces the schedule by absolute learning rates (the LR finder's sweep).
     """
     plan, cfg = run.plan, run.cfg
-    optimizer = build_optimizer(run.model.parameters(), cfg.optim, plan.optimizer_impl)
+    optimizer = build_optimizer(run.model.parameters(), cfg.optim, plan.optimizer_impl,
+                                plan.optimizer_states)
     if lr_at is None:
         scheduler = build_scheduler(optimizer, cfg.schedule, run.total_steps,
                                     run.steps_per_epoch)

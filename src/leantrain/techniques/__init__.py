@@ -15,6 +15,7 @@ from . import (
     loader,
     memory_format,
     optimizer,
+    optimizer_states,
     precision,
     schedules,
     tf32,
@@ -24,7 +25,7 @@ REGISTRY = {
     module.NAME: module
     for module in (
         loader, precision, memory_format, compile, cudnn_benchmark, tf32, optimizer,
-        accumulation, clipping, init, schedules, checkpointing,
+        optimizer_states, accumulation, clipping, init, schedules, checkpointing,
     )
 }
 # the techniques the plan decides, in order; the name is the key under `plan.`

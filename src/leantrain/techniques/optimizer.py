@@ -57,9 +57,15 @@ def decide(ctx: Context, plan: PlanConfig) -> tuple[str, Outcome]:
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, impl: str = "for-loop"
+    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, impl: str = "for-loop",
+    states: str = "fp32",
 ) -> torch.optim.Optimizer:
-    """The optimizer `cfg` names, with the given kernel implementation."""
+    """The optimizer `cfg` names, with the given kernel implementation; with 8bit or 4bit
+    `states`, torchao's low-bit Adam/AdamW (its own kernels: `impl` does not apply)."""
+    if states != "fp32":
+        from .optimizer_states import low_bit_optimizer
+
+        return low_bit_optimizer(params, cfg.name, states, cfg.lr, cfg.weight_decay)
     if impl == "for-loop":
         flags = {"foreach": False}
     elif impl == "foreach":

@@ -1,0 +1,68 @@
+"""Low-bit optimizer states (torchao's 8-bit and 4-bit Adam/AdamW) as
+`plan.optimizer_states`: memory measured, training still converges, refusals say why."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from leantrain import fit, load_config
+from leantrain.config import OptimConfig, PlanConfig
+from leantrain.errors import LeantrainError
+from leantrain.run.plan import resolve_plan
+from leantrain.techniques.optimizer import build_optimizer
+from leantrain.techniques.optimizer_states import state_bytes
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 256))
+
+
+def _stepped(states: str):
+    model = _mlp()
+    optimizer = build_optimizer(model.parameters(), OptimConfig(name="adamw", lr=1e-3), "foreach",
+                                states)
+    model(torch.randn(4, 256)).square().mean().backward()
+    optimizer.step()
+    return optimizer
+
+
+def test_8bit_states_take_at_most_0_3x_and_4bit_at_most_0_2x_of_fp32_adamw():
+    fp32 = state_bytes(_stepped("fp32"))
+    assert fp32 >= 8 * sum(p.numel() for p in _mlp().parameters())  # two fp32 moments
+    assert state_bytes(_stepped("8bit")) <= 0.3 * fp32
+    assert state_bytes(_stepped("4bit")) <= 0.2 * fp32
+
+
+def test_auto_keeps_fp32_moments_and_says_how_to_ask():
+    plan = resolve_plan(PlanConfig(device="cpu"), _mlp(), optimizer_name="adamw")
+    outcome = next(o for o in plan.outcomes if o.name == "optimizer_states")
+    assert plan.optimizer_states == "fp32" and not outcome.applied
+    assert "plan.optimizer_states=8bit" in outcome.detail
+
+
+def test_low_bit_states_for_sgd_are_refused_naming_the_reason():
+    with pytest.raises(LeantrainError, match="for Adam and AdamW"):
+        resolve_plan(PlanConfig(device="cpu", optimizer_states="8bit"), _mlp(),
+                     optimizer_name="sgd")
+
+
+def test_a_run_with_8bit_adamw_states_learns_as_well_as_fp32_moments():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=g)
+    y = (x[:, 0] > 0).long()
+    train, val = TensorDataset(x[:384], y[:384]), TensorDataset(x[384:], y[384:])
+
+    def run(states: str) -> dict:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 2))
+        cfg = load_config(None, ["optim.name=adamw", "optim.lr=3e-3", "train.epochs=3",
+                                 f"plan.optimizer_states={states}",
+                                 "train.monitor_interval_s=0"])
+        return fit(model, train, val, cfg, progress_bar=False)
+
+    fp32, low = run("fp32"), run("8bit")
+    assert low["val_accuracy"] > 0.75  # chance is 0.5
+    assert low["val_accuracy"] >= fp32["val_accuracy"] - 0.05
+    assert "8bit" in low["plan"]["outcomes"]["optimizer_states"]
