@@ -66,3 +66,21 @@ def test_a_run_with_8bit_adamw_states_learns_as_well_as_fp32_moments():
     assert low["val_accuracy"] > 0.75  # chance is 0.5
     assert low["val_accuracy"] >= fp32["val_accuracy"] - 0.05
     assert "8bit" in low["plan"]["outcomes"]["optimizer_states"]
+
+
+def test_a_checkpoint_with_8bit_states_loads_weights_only_and_restores_the_optimizer(tmp_path):
+    """What a resume reads: torchao's state subclasses come back through the weights-only
+    loader (allow-listed types), and a fresh 8-bit AdamW takes them."""
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    from leantrain.checkpoint import atomic_save, load_checkpoint
+
+    optimizer = _stepped("8bit")
+    atomic_save({"optimizer": optimizer.state_dict()}, tmp_path / "checkpoint.pt")
+    loaded = load_checkpoint(tmp_path / "checkpoint.pt")["optimizer"]
+    assert any(isinstance(v, OptimState8bit) for s in loaded["state"].values()
+               for v in s.values())
+    fresh = build_optimizer(_mlp().parameters(), OptimConfig(name="adamw", lr=1e-3),
+                            "foreach", "8bit")
+    fresh.load_state_dict(loaded)
+    assert state_bytes(fresh) == state_bytes(optimizer)

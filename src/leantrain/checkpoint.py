@@ -139,6 +139,18 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def _trusted_tensor_types() -> list[type]:
+    """Tensor subclasses a checkpoint of leantrain's own may hold besides plain tensors: the
+    quantized moments of torchao's low-bit optimizers (plan.optimizer_states). Only types:
+    the weights-only unpickler still runs no code of the file's choosing."""
+    try:
+        from torchao.optim.subclass_4bit import OptimState4bit
+        from torchao.optim.subclass_8bit import OptimState8bit
+    except ImportError:  # no torchao: no such states were written here either
+        return []
+    return [OptimState4bit, OptimState8bit]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load weights-only, after checking the SHA-256 recorded when leantrain wrote the file
     (files from elsewhere have none and are loaded as they are)."""
@@ -150,7 +162,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise LeantrainError(f"{path} is corrupt: its SHA-256 differs from the one recorded "
                              f"when it was written ({_checksum_file(path).name})")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_trusted_tensor_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:  # a pickle that is not plain weights
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         what = f" (it references {found.group(1)})" if found else ""

@@ -232,7 +232,8 @@ class Trainer:
         return record
 
     def _log_train(self, bar) -> None:
-        p, lr = self.state.progress, self.state.optimizer.param_groups[0]["lr"]
+        # float(): torchao's low-bit optimizers keep the LR as a tensor (no recompiles)
+        p, lr = self.state.progress, float(self.state.optimizer.param_groups[0]["lr"])
         record = self._train_record()
         self.log_file.log("train", p.step, epoch=p.epoch, **record, lr=lr)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}")
