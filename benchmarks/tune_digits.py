@@ -24,27 +24,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from scipy.stats import bootstrap
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_vs_plain import plain_loop  # noqa: E402
 
 from leantrain.env import cpu_model  # noqa: E402
+from leantrain.measure.rounds import interval  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 0.97
 LEANTRAIN = [sys.executable, "-m", "leantrain"]
-
-
-def interval(values: list[float]) -> list[float] | None:
-    if len(values) < 2 or len(set(values)) < 2:
-        return None
-    res = bootstrap((np.array(values),), np.median, confidence_level=0.95,
-                    n_resamples=2000, method="percentile", random_state=0)
-    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
 def timed(command: list[str]) -> float:

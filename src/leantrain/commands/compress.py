@@ -145,7 +145,6 @@ def measure_stage(name: str, model, bundle, note: str = "") -> dict[str, Any]:
 
 def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
                     progress_bar: bool = True) -> dict[str, Any]:
-
     from ..checkpoint import atomic_write_text
     from ..compress.prune import finalize, prune_channels, prune_unstructured, save_pruned
     from ..compress.quantize import save_static

@@ -114,10 +114,9 @@ def _lr_center(args, cfg, bundle, build, space_file) -> float:
     """The LR finder's suggestion, the centre of the default space's LR range; the config's
     LR when the space file sets optim.lr (no sweep then)."""
     from ..bench.lr_finder import find_lr
-    from ..config import read_yaml
-    from ..tune.space import _flatten
+    from ..tune.space import read_space
 
-    if space_file and "optim.lr" in _flatten(read_yaml(space_file)):
+    if "optim.lr" in read_space(space_file):
         return cfg.optim.lr
     result = find_lr(lambda: build(cfg), bundle, cfg)
     common.log.info("LR finder: %.3g (the default space searches a decade either side)",
@@ -151,21 +150,21 @@ def run(args: argparse.Namespace, dist) -> int:
     spec = StudySpec(cfg, space, fixed, objective, storage, args.study, out, trials,
                      args.budget_s, args.pruner, args.seed, args.trial_steps,
                      args.trial_seconds)
+    study = open_study(spec, args.worker_index)
     if args.worker_index > 0:  # a local worker: the space's LR range comes from the study
-        saved = open_study(spec).user_attrs.get("space_lr")
+        saved = study.user_attrs.get("space_lr")
         if saved and "optim.lr" in space:
             low, high, log = saved
             space["optim.lr"] = replace(space["optim.lr"], low=low, high=high, log=log)
-        work(spec, bundle, build, args.worker_index)
+        work(spec, bundle, build, args.worker_index, study)
         return 0
-    study = open_study(spec)
     if "optim.lr" in space:  # the workers search the LR range this worker's finder set
         lr_range = space["optim.lr"]
         study.set_user_attr("space_lr", [lr_range.low, lr_range.high, lr_range.log])
     children = [subprocess.Popen(worker_command(args, out, storage, i))
                 for i in range(1, args.workers)]
     try:
-        work(spec, bundle, build, 0)
+        work(spec, bundle, build, 0, study)
     except KeyboardInterrupt:
         print(f"leantrain: tune interrupted; the same command resumes study {args.study} "
               f"from {storage}", file=sys.stderr)
@@ -174,7 +173,7 @@ def run(args: argparse.Namespace, dist) -> int:
         for child in children:
             child.wait()
     workers = [{"worker": i, "exit_code": c.returncode} for i, c in enumerate(children, 1)]
-    report = write_report(open_study(spec), spec, workers)
+    report = write_report(study, spec, workers)
     print(format_report(report))
     failed = [w for w in workers if w["exit_code"] != 0]
     if failed:

@@ -105,11 +105,12 @@ class Trainer:
         boundary = accumulation.is_step_boundary(micro, run.plan.grad_accum, last)
         parts = state.progress.micro_split
         chunks = [batch] if parts == 1 else split_batch(batch, parts)
-        total, losses = batch_size(batch), []
+        total = batch_size(batch) if parts > 1 else None  # (not counted on the common path)
+        losses = []
         for i, chunk in enumerate(chunks):  # each a micro-batch for the step timer too
             final = i == len(chunks) - 1
             timer.mark("data")
-            share = 1.0 if parts == 1 else batch_size(chunk) / total
+            share = 1.0 if total is None else batch_size(chunk) / total
             losses.append(self._forward_backward(chunk, micro, share, boundary and final))
             if boundary and final:
                 self._beat("optimizer")

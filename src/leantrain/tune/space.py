@@ -125,12 +125,17 @@ def check_key(key: str, values: list[Any], base: TrainConfig, where: str) -> Non
             raise LeantrainError(f"{where}: {key}: {exc}") from exc
 
 
+def read_space(path: str | Path | None) -> dict[str, Any]:
+    """The --space file's entries by dotted key ({} without a file)."""
+    return _flatten(read_yaml(path)) if path else {}
+
+
 def load_space(path: str | Path | None, base: TrainConfig, defaults: dict[str, Param]
                ) -> tuple[dict[str, Param], dict[str, Any]]:
     """(searched keys, fixed keys) from the default space and the --space file at `path`."""
     space, fixed = dict(defaults), {}
     where = f"--space {path}"
-    given = _flatten(read_yaml(path)) if path else {}
+    given = read_space(path)
     for key, entry in given.items():
         if entry is None:
             space.pop(key, None)

@@ -10,6 +10,7 @@ the grace period passes, then the next trial to start on the storage marks it FA
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -65,6 +66,7 @@ def process_start() -> float:
     return time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
 
 
+@functools.cache
 def _optuna():
     import optuna
 
@@ -222,11 +224,12 @@ def finished_trials(study) -> int:
 
 
 def work(spec: StudySpec, bundle, build_model: Callable[[TrainConfig], Any],
-         worker: int = 0) -> None:
+         worker: int = 0, study=None) -> None:
     """Run trials on the study until it has `spec.trials` finished ones or the budget ends.
-    A trial that raises is recorded FAIL with its error, and the study goes on."""
+    A trial that raises is recorded FAIL with its error, and the study goes on. `study`: the
+    one `open_study` gave this worker (opened here when None)."""
     optuna = _optuna()
-    study = open_study(spec, worker)
+    study = study if study is not None else open_study(spec, worker)
     if spec.trials is not None and finished_trials(study) >= spec.trials:
         log.info("study %s already has %d finished trials", spec.name, spec.trials)
         return
