@@ -28,6 +28,7 @@ from ..errors import LeantrainError
 from ..measure.memory import available_ram_bytes, current_rss_bytes
 from ..run.plan import select_device
 from ..techniques.variant import Variant
+from .memory_estimate import MemoryEstimate
 from .trials import (
     TrialResult,
     TrialSettings,
@@ -62,6 +63,7 @@ class BatchSizeResult:
     cap: int
     speed_vs_start: dict[int, float] = field(default_factory=dict)  # paired, median of rounds
     notes: list[str] = field(default_factory=list)
+    memory: MemoryEstimate | None = None  # the estimate at the starting size, when asked
     trials: dict[int, TrialResult] = field(default_factory=dict, repr=False)  # the comparison
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from ..run import summary
 from ..run.plan import Run, build
 from ..run.trainer import Trainer
 from ..techniques.memory_format import has_conv2d
+from .memory_estimate import estimate, format_estimate
 
 WARMUP_STEPS = 3
 OPTIMIZER_SHARE = 0.15  # an optimizer phase above this share of the step is worth fusing
@@ -140,11 +141,13 @@ def run_doctor(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Tr
                         progress_bar=False)
         measured["compile"] = _compile_accounting(trainer, measured, steps, eager)
     recs = recommend(run, measured, facts)
+    memory = estimate(build_model, bundle, cfg, shards_available=len(facts["gpus"]) or None)
     return {
         "facts": facts,
         "plan": run.plan.to_dict(),
         "train_loader": run.train_loader.kind,
         "measured": measured,
+        "memory": memory.to_dict(),
         "top_operators": top_ops,
         "trace": str(out / "trace.json") if profile else None,
         "recommendations": [asdict(r) | {"text": r.describe()} for r in recs],
@@ -196,6 +199,7 @@ def format_doctor(report: dict[str, Any]) -> str:
         lines += [f"torch.compile: {c['seconds']:.1f} s to compile; {describe(c)}",
                   f"  {c['eager_step_seconds'] * 1e3:.2f} ms eager -> "
                   f"{c['compiled_step_seconds'] * 1e3:.2f} ms compiled per step; {pays}"]
+    lines += format_estimate(report["memory"])
     if report["top_operators"]:
         lines += ["", "top operators (profiled steps, self time)"]
         lines += [f"  {op['share']:6.1%}  {op['self_ms']:9.2f} ms  {op['calls']:6d}x  "

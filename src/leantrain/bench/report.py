@@ -16,6 +16,7 @@ from ..measure.plots import bar_panels, curve
 from ..measure.report import human_bytes
 from .batch_size import BatchSizeResult
 from .lr_finder import LRFinderResult
+from .memory_estimate import format_estimate
 from .search import BenchResult
 from .trials import TrialResult
 
@@ -169,6 +170,11 @@ def format_batch_sizes(sizes: BatchSizeResult) -> str:
     lines.append(f"recommended: {sizes.recommended} ({sizes.recommended_rule})")
     lines.append(f"learning rate: {sizes.lr:g} -> {sizes.new_lr:.4g} ({sizes.lr_rule})")
     lines += [f"note: {n}" for n in sizes.notes]
+    if sizes.memory is not None:
+        est = sizes.memory
+        lines += ["", *format_estimate(est.to_dict()),
+                  f"  estimated peak at the recommended batch {sizes.recommended}: "
+                  f"{human_bytes(est.peak_at(sizes.recommended))}"]
     return "\n".join(lines)
 
 

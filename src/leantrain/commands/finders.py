@@ -38,11 +38,13 @@ def add_parser(sub) -> None:
 
 def _find_batch_size(args: argparse.Namespace) -> None:
     from ..bench.batch_size import find_batch_size
+    from ..bench.memory_estimate import estimate
     from ..bench.report import format_batch_sizes, write_batch_sizes
 
     cfg, out, bundle, builder = common.load_inputs(args, "batch-size")
     limit = int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None
     sizes = find_batch_size(builder, bundle, cfg, memory_limit=limit, max_size=args.max_size)
+    sizes.memory = estimate(builder, bundle, cfg, room=limit)
     write_batch_sizes(sizes, out, Path(args.apply) if args.apply else None)
     print(format_batch_sizes(sizes))
     print(f"\nresults: {out / 'batch_size.json'}")

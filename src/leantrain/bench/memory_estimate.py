@@ -1,0 +1,290 @@
+"""Memory estimate before training: what a step of this plan holds, against what the device has.
+
+A probe trains a fresh copy of the model for two real steps of the plan, eagerly: the first
+creates the optimizer's states and is not counted; the second is tracked tensor by tensor by
+torch's `MemTracker`, which sorts every live storage into parameters, buffers, gradients,
+activations, optimizer states and temporaries, on any device. Two moments are kept: the peak
+up to the optimizer step (forward and backward: activations held for backward, gradients
+arriving) and the peak of the whole step (the optimizer's temporaries). What grows with the
+micro-batch (activations, temporaries and the batch at the forward/backward peak) gives the
+largest micro-batch that fits and the saving of a smaller one.
+
+Each option is priced from this breakdown: a smaller micro-batch (gradient accumulation keeps
+the global batch), activation checkpointing (measured by a second probe with it on), 8-bit or
+4-bit Adam states (torchao's layout: 1 or 1/2 byte per value plus an fp32 scale per block, for
+tensors of at least 4096 values), and FSDP2 across N GPUs (weights, gradients and states
+sharded N ways). Not counted: the CUDA context and the caching allocator's slack on a GPU, the
+interpreter and libraries on a CPU; the fit check leaves `MARGIN` for them, as the batch-size
+finder does. A compiled plan is probed eagerly (compiled kernels usually hold less).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig, config_from_dict, merge
+from ..data import DataBundle
+from ..measure.memory import available_ram_bytes
+from ..run.plan import Run, build
+from ..run.trainer import Trainer
+from ..techniques import checkpointing, optimizer_states
+from ..techniques.base import Context
+
+log = logging.getLogger(__name__)
+
+MARGIN = 0.10  # the estimate fits when it stays under (1 - MARGIN) x the device's memory
+LOW_BIT = {"8bit": (1.0, 256), "4bit": (0.5, 128)}  # torchao: bytes per value, block size
+QUANTIZED_MIN = 4096  # torchao quantizes state tensors of at least this many values
+MAX_SHARDS = 64
+_KINDS = {"Parameter": "parameters", "Buffer": "buffers", "Gradient": "gradients",
+          "Activation": "activations", "Temp": "temporaries", "Optstate": "optimizer_states",
+          "Other": "other"}
+_PER_SAMPLE = ("activations", "temporaries", "other")  # what grows with the micro-batch
+_SHARDED = ("parameters", "gradients", "optimizer_states")  # what FSDP2 divides
+
+
+@dataclass
+class MemoryEstimate:
+    device: str
+    micro_batch: int  # samples per forward/backward
+    forward_backward: dict[str, int]  # bytes by kind at the peak up to the optimizer step
+    optimizer_step: dict[str, int]  # bytes by kind at the optimizer step's own peak
+    peak_bytes: int
+    peak_phase: str
+    bytes_per_sample: float
+    room_bytes: int | None
+    room_kind: str
+    fits: bool | None
+    largest_micro_batch: int | None
+    options: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def peak_at(self, micro_batch: int, saved: Callable[[dict[str, int]], float] | None = None,
+                saved_per_sample: float = 0.0) -> int:
+        """The step's peak with `micro_batch` samples, less what an option saves at each of
+        the two peaks (`saved(bytes by kind)`) and per sample."""
+        saved = saved or (lambda kinds: 0.0)
+        fwbw = self.forward_backward
+        fixed = fwbw["total"] - self.bytes_per_sample * self.micro_batch
+        at_fwbw = fixed + (self.bytes_per_sample - saved_per_sample) * micro_batch - saved(fwbw)
+        at_step = self.optimizer_step["total"] - saved(self.optimizer_step)
+        return int(max(at_fwbw, at_step))
+
+
+def device_room(device: torch.device) -> tuple[int | None, str]:
+    """What tensors may grow to: a GPU's memory, or a CPU's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1], "CUDA device memory (total)"
+    if device.type == "cpu":
+        avail = available_ram_bytes()
+        return avail, "the machine's available RAM" if avail else "unknown (no /proc)"
+    return None, f"unknown on {device.type}"
+
+
+def _by_kind(snapshot: dict, device: torch.device) -> dict[str, int]:
+    per_device = {torch.device(d): s for d, s in snapshot.items()}
+    mine = per_device.get(device) or per_device.get(torch.device(device.type)) or {}
+    out = {name: 0 for name in _KINDS.values()}
+    for key, value in mine.items():
+        label = getattr(key, "value", key)
+        if label in _KINDS:
+            out[_KINDS[label]] = int(value)
+    out["total"] = sum(out.values())
+    return out
+
+
+def _probe_run(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
+               changes: dict[str, Any]) -> Run:
+    eager = merge(cfg.to_dict(), {"plan": {"compile": False, "cache": True}})
+    return build(config_from_dict(merge(eager, changes)), build_model(), bundle.train,
+                 bundle.val, measure_loader=False, collate_fn=bundle.collate_fn)
+
+
+def probe(run: Run) -> tuple[dict[str, int], dict[str, int], int]:
+    """(bytes by kind at the forward/backward peak, at the optimizer step's peak, micro-batch)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    trainer = Trainer(run, progress_bar=False)
+    steps = trainer.steps()
+    try:
+        next(steps)  # creates the optimizer's states: not what a step holds afterwards
+        optimizer = trainer.state.optimizer
+        tracker, in_step, seen = MemTracker(), MemTracker(), {}
+        tracker.track_external(run.model, optimizer)
+
+        def before_step(*_) -> None:  # forward and backward are over: their peak is known
+            seen["fwbw"] = tracker.get_tracker_snapshot("peak")
+            in_step.track_external(run.model, optimizer)
+            in_step.__enter__()
+
+        def after_step(*_) -> None:
+            in_step.__exit__(None, None, None)
+            seen["step"] = in_step.get_tracker_snapshot("peak")
+
+        hooks = [optimizer.register_step_pre_hook(before_step),
+                 optimizer.register_step_post_hook(after_step)]
+        try:
+            with tracker, warnings.catch_warnings():
+                # (the tracker's module hooks cannot see modules a checkpoint recomputes)
+                warnings.filterwarnings("ignore", "Module is None", UserWarning)
+                next(steps)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    finally:
+        steps.close()
+    device, whole = run.plan.device, tracker.get_tracker_snapshot("peak")
+    fwbw = seen.get("fwbw", whole)  # (a GradScaler skips the step of overflowing gradients)
+    micro = max(run.cfg.data.batch_size // trainer.state.progress.micro_split, 1)
+    return _by_kind(fwbw, device), _by_kind(seen.get("step", fwbw), device), micro
+
+
+def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
+             room: int | None = None, shards_available: int | None = None) -> MemoryEstimate:
+    """Probe the plan and price the options; `room` overrides the device's memory (bytes)."""
+    run = _probe_run(build_model, bundle, cfg, {})
+    fwbw, in_step, micro = probe(run)
+    device = run.plan.device
+    room, kind = (room, "given limit") if room else device_room(device)
+    per_sample = sum(fwbw[k] for k in _PER_SAMPLE) / micro
+    est = MemoryEstimate(
+        device=str(device), micro_batch=micro, forward_backward=fwbw, optimizer_step=in_step,
+        peak_bytes=max(in_step["total"], fwbw["total"]),
+        peak_phase="optimizer step" if in_step["total"] > fwbw["total"] else "forward/backward",
+        bytes_per_sample=per_sample, room_bytes=room, room_kind=kind, fits=None,
+        largest_micro_batch=None)
+    limit = None if room is None else (1 - MARGIN) * room
+    if limit is not None:
+        est.fits = est.peak_bytes <= limit
+        est.largest_micro_batch = _largest_micro_batch(est, limit)
+    est.options = _options(est, run, build_model, bundle, cfg, limit, shards_available)
+    if cfg.plan.compile:
+        est.notes.append("probed eagerly: compiled kernels usually hold less")
+    return est
+
+
+def _largest_micro_batch(est: MemoryEstimate, limit: float) -> int | None:
+    if est.bytes_per_sample <= 0:
+        return None
+    fixed = est.forward_backward["total"] - est.bytes_per_sample * est.micro_batch
+    if max(fixed, est.optimizer_step["total"]) > limit:
+        return 0
+    return int((limit - fixed) // est.bytes_per_sample)
+
+
+def low_bit_state_bytes(model: nn.Module, states: str) -> int:
+    """Adam's two moments in torchao's low-bit layout (smaller tensors stay fp32)."""
+    per_value, block = LOW_BIT[states]
+    total = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        n = p.numel()
+        quantized = n >= QUANTIZED_MIN and n % block == 0
+        total += 2 * (n * per_value + n // block * 4 if quantized else n * 4)
+    return int(total)
+
+
+def _option(est: MemoryEstimate, limit: float | None, advice: str, saved=None,
+            saved_per_sample: float = 0.0, micro: int | None = None,
+            measured: bool = False) -> dict[str, Any]:
+    peak = est.peak_at(micro or est.micro_batch, saved, saved_per_sample)
+    return {"advice": advice, "peak_bytes": peak, "saves_bytes": est.peak_bytes - peak,
+            "fits": None if limit is None else peak <= limit, "measured": measured}
+
+
+def _options(est: MemoryEstimate, run: Run, build_model, bundle: DataBundle, cfg: TrainConfig,
+             limit: float | None, shards_available: int | None) -> list[dict[str, Any]]:
+    plan, opts = run.plan, []
+    if est.micro_batch > 1:
+        micro = est.largest_micro_batch if est.fits is False and est.largest_micro_batch \
+            else max(est.micro_batch // 2, 1)
+        accum = -(-cfg.data.batch_size * plan.grad_accum // micro)
+        opts.append(_option(est, limit, f"micro-batches of {micro} (data.batch_size={micro}, "
+                                        f"plan.grad_accum={accum} keeps the global batch)",
+                            micro=micro))
+    ckpt = _checkpointing_saving(est, run, build_model, bundle, cfg)
+    if ckpt is not None:
+        opts.append(_option(est, limit, "activation checkpointing "
+                                        "(plan.activation_checkpointing=true)",
+                            saved_per_sample=ckpt, measured=True))
+    states = est.forward_backward["optimizer_states"]
+    if cfg.optim.name in optimizer_states.ADAM_FAMILY and plan.optimizer_states == "fp32":
+        for bits in LOW_BIT:
+            saved = max(states - low_bit_state_bytes(run.model, bits), 0)
+            opts.append(_option(est, limit, f"{bits} Adam states (plan.optimizer_states="
+                                            f"{bits}, lossy)", saved=lambda kinds, s=saved: s))
+    if plan.distributed != "fsdp" and (plan.device.type == "cuda" or est.fits is False):
+        opts.append(_fsdp_option(est, limit, shards_available))
+    return opts
+
+
+def _checkpointing_saving(est: MemoryEstimate, run: Run, build_model, bundle: DataBundle,
+                          cfg: TrainConfig) -> float | None:
+    """Per-sample bytes that activation checkpointing saves, from a second probe with it on."""
+    if run.plan.activation_checkpointing:
+        return None
+    ok, why = checkpointing.check(Context(run.plan.device, run.model, cfg.optim.name))
+    if not ok:
+        log.info("memory estimate: activation checkpointing not priced: %s", why)
+        return None
+    fwbw, _, micro = probe(_probe_run(build_model, bundle, cfg,
+                                      {"plan": {"activation_checkpointing": True}}))
+    with_ckpt = sum(fwbw[k] for k in _PER_SAMPLE) / micro
+    return max(est.bytes_per_sample - with_ckpt, 0.0)
+
+
+def _fsdp_option(est: MemoryEstimate, limit: float | None, shards_available: int | None
+                 ) -> dict[str, Any]:
+    """FSDP2: weights, gradients and optimizer states sharded across N GPUs (the smallest
+    power of two that fits)."""
+    def sharding(n: int):
+        return lambda kinds: sum(kinds[k] for k in _SHARDED) * (1 - 1 / n)
+
+    shards = 2
+    while limit is not None and shards < MAX_SHARDS and \
+            est.peak_at(est.micro_batch, sharding(shards)) > limit:
+        shards *= 2
+    option = _option(est, limit, f"FSDP2 across {shards} GPUs (leantrain launch --nproc "
+                                 f"{shards}, plan.distributed=fsdp)", saved=sharding(shards))
+    if shards_available is not None and shards > shards_available:
+        option["advice"] += f"; this machine has {shards_available}"
+    return option
+
+
+def format_estimate(est: dict[str, Any]) -> list[str]:
+    """The estimate's lines for doctor and find-batch-size."""
+    def mib(b: float) -> str:
+        return f"{b / 2**20:,.1f} MiB"
+
+    fb = est["forward_backward"]
+    parts = " + ".join(f"{name.replace('_', ' ')} {mib(fb[name])}" for name in
+                       ("parameters", "buffers", "gradients", "optimizer_states",
+                        "activations", "temporaries", "other") if fb[name])
+    lines = [f"memory estimate (one probe step, micro-batch {est['micro_batch']}): peak "
+             f"{mib(est['peak_bytes'])} in the {est['peak_phase']}",
+             f"  at the forward/backward peak: {parts}",
+             f"  grows by {mib(est['bytes_per_sample'])} per sample of micro-batch"]
+    if est["room_bytes"]:
+        verdict = "fits" if est["fits"] else "does NOT fit"
+        largest = est["largest_micro_batch"]
+        lines.append(f"  {verdict} in {mib(est['room_bytes'])} ({est['room_kind']}, "
+                     f"{MARGIN:.0%} kept free); largest micro-batch that fits: "
+                     f"{'any' if largest is None else f'{largest:,}'}")
+    for o in est["options"]:
+        fits = "" if o["fits"] is None else ("  fits" if o["fits"] else "  does not fit")
+        how = "measured" if o["measured"] else "computed"
+        lines.append(f"  option: {o['advice']}: peak {mib(o['peak_bytes'])} "
+                     f"({mib(o['saves_bytes'])} less, {how}){fits}")
+    lines += [f"  note: {n}" for n in est["notes"]]
+    return lines

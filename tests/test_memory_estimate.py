@@ -1,0 +1,132 @@
+"""The memory estimate (`bench.memory_estimate`): against a measured peak, against a small
+device, its options, and through doctor and find-batch-size."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import memory_peak
+import pytest
+import torch
+from torch import nn
+
+from leantrain.bench import memory_estimate
+from leantrain.bench.memory_estimate import estimate, format_estimate, low_bit_state_bytes
+from leantrain.cli import main
+from leantrain.config import config_from_dict
+from leantrain.data import DataBundle
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def _measured_beside_estimate(kind: str) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(TESTS)])}
+    done = subprocess.run([sys.executable, str(TESTS / "memory_peak.py"), kind], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("cnn", marks=pytest.mark.slow),
+                                  pytest.param("bert", marks=pytest.mark.slow)])
+def test_the_estimate_is_within_20_percent_of_the_peak_measured_on_the_cpu(kind):
+    result = _measured_beside_estimate(kind)
+    assert result["measured"] > 100 * 2**20  # large enough for the RSS to measure it
+    assert result["estimate"] == pytest.approx(result["measured"], rel=0.20)
+
+
+def _bundle(kind: str, n: int = 256) -> DataBundle:
+    return DataBundle(train=memory_peak.data(kind, n), val=memory_peak.data(kind, 32),
+                      num_classes=None, description=kind)
+
+
+def _cfg(batch: int, optim: str = "adamw", **plan) -> object:
+    return config_from_dict({"data": {"batch_size": batch}, "train": {"epochs": 1},
+                             "optim": {"name": optim, "lr": 1e-3},
+                             "plan": {"device": "cpu", "precision": "fp32", **plan}})
+
+
+def _small_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(1024, 512), nn.GELU(), nn.Linear(512, 512), nn.GELU(),
+                         nn.Linear(512, 10))
+
+
+def test_parameters_and_optimizer_states_are_counted_exactly():
+    model = _small_mlp()
+    params = sum(p.numel() * 4 for p in model.parameters())
+    est = estimate(_small_mlp, _bundle("mlp"), _cfg(64))
+    fb = est.forward_backward
+    assert fb["parameters"] == params
+    assert fb["optimizer_states"] >= 2 * params  # AdamW's two fp32 moments (+ steps)
+    assert est.bytes_per_sample > 0 and est.micro_batch == 64
+    assert est.peak_bytes == max(fb["total"], est.optimizer_step["total"])
+    by_advice = {o["advice"].split(" (")[0]: o for o in est.options}
+    assert by_advice["8bit Adam states"]["saves_bytes"] > by_advice["4bit Adam states"][
+        "saves_bytes"] / 2 > 0
+    assert not any(a.startswith("FSDP2") for a in by_advice)  # on a CPU, and it fits
+
+
+def test_on_a_device_too_small_it_says_so_and_prices_what_would_fit(monkeypatch):
+    bundle, cfg = _bundle("cnn", 96), _cfg(32, "sgd")
+    probe = estimate(memory_peak.cnn, bundle, cfg)
+    fixed = probe.forward_backward["total"] - probe.bytes_per_sample * 32
+    assert probe.optimizer_step["total"] < fixed + probe.bytes_per_sample * 12
+    room = int((fixed + probe.bytes_per_sample * 12.5) / (1 - memory_estimate.MARGIN))
+    monkeypatch.setattr(memory_estimate, "device_room", lambda device: (room, "a fake GPU"))
+    est = estimate(memory_peak.cnn, bundle, cfg)
+    assert est.fits is False and est.room_kind == "a fake GPU"
+    assert est.largest_micro_batch == 12
+    smaller = next(o for o in est.options if o["advice"].startswith("micro-batches of 12 "))
+    assert smaller["fits"] and smaller["saves_bytes"] > 0
+    assert "plan.grad_accum=3" in smaller["advice"]  # 32 samples in micro-batches of 12
+    fsdp = next(o for o in est.options if o["advice"].startswith("FSDP2"))
+    assert fsdp["fits"] is False  # sharding the weights does not shrink the activations
+    lines = "\n".join(format_estimate(est.to_dict()))
+    assert "does NOT fit" in lines and "largest micro-batch that fits: 12" in lines
+    # the prediction for the smaller micro-batch is what a probe at that size measures
+    at_12 = estimate(memory_peak.cnn, bundle, _cfg(12, "sgd"))
+    assert at_12.peak_bytes == pytest.approx(est.peak_at(12), rel=0.10)
+    assert at_12.fits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("states", ["8bit", "4bit"])
+def test_the_low_bit_saving_follows_torchao_s_layout(states):
+    """The 8-bit and 4-bit options are computed from torchao's layout: checked against the
+    states torchao really allocates after one step."""
+    from leantrain.techniques.optimizer_states import low_bit_optimizer, state_bytes
+
+    model = _small_mlp()
+    opt = low_bit_optimizer(model.parameters(), "adamw", states, 1e-3, 0.0)
+    model(torch.randn(4, 1024)).sum().backward()
+    opt.step()
+    steps = sum(s["step"].numel() * s["step"].element_size() for s in opt.state.values())
+    assert state_bytes(opt) - steps == pytest.approx(low_bit_state_bytes(model, states), rel=0.01)
+
+
+def test_activation_checkpointing_is_priced_by_a_second_probe_on_a_stock_bert():
+    pytest.importorskip("transformers")
+    est = estimate(memory_peak.bert, _bundle("bert", 64), _cfg(8))
+    ckpt = next(o for o in est.options if "activation_checkpointing" in o["advice"])
+    assert ckpt["measured"] and ckpt["saves_bytes"] > 0
+    assert est.forward_backward["parameters"] == sum(
+        p.numel() * 4 for p in memory_peak.bert().parameters())
+
+
+def test_doctor_and_find_batch_size_print_the_estimate(tmp_path, capsys):
+    assert main(["doctor", "--steps", "2", "--no-profile", "--no-compile-check",
+                 "--epochs", "1", "--out", str(tmp_path / "doctor")]) == 0
+    printed = capsys.readouterr().out
+    assert "memory estimate (one probe step, micro-batch 64)" in printed
+    report = json.loads((tmp_path / "doctor" / "doctor.json").read_text())
+    assert report["memory"]["peak_bytes"] > 0 and report["memory"]["fits"] is True
+    assert main(["find-batch-size", "--epochs", "1", "--max-size", "128",
+                 "--out", str(tmp_path / "sizes")]) == 0
+    printed = capsys.readouterr().out
+    assert "memory estimate" in printed and "estimated peak at the recommended batch" in printed
+    saved = json.loads((tmp_path / "sizes" / "batch_size.json").read_text())
+    assert saved["memory"]["micro_batch"] == 64
