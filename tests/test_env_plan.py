@@ -42,8 +42,8 @@ def test_explicit_cuda_without_gpu_is_an_error_not_a_fallback():
 def test_plan_reports_every_technique_with_a_reason():
     plan = resolve_plan(PlanConfig(device="cpu"), tiny_cnn())
     names = [o.name for o in plan.outcomes]
-    assert names == ["device", "precision", "channels_last", "compile", "cudnn_benchmark", "tf32",
-                     "optimizer_impl", "optimizer_states", "grad_accum",
+    assert names == ["device", "precision", "channels_last", "compile", "compile_mode",
+                     "cudnn_benchmark", "tf32", "optimizer_impl", "optimizer_states", "grad_accum",
                      "activation_checkpointing", "distributed"]
     assert all(o.detail for o in plan.outcomes)
     assert plan.channels_last is True

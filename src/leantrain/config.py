@@ -97,6 +97,10 @@ class PlanConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16", "fp8", "fp8-rowwise"] = "auto"
     channels_last: Auto | bool = "auto"
     compile: bool = False
+    # torch.compile's mode: max-autotune searches kernel configurations (and replays CUDA graphs
+    # on a GPU); reduce-overhead replays CUDA graphs (CUDA only)
+    compile_mode: Literal["default", "max-autotune", "max-autotune-no-cudagraphs",
+                          "reduce-overhead"] = "default"
     cudnn_benchmark: Auto | bool = "auto"
     tf32: Auto | bool = "auto"
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"

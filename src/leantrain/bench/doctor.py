@@ -108,6 +108,12 @@ def recommend(run: Run, measured: dict[str, Any], facts: dict[str, Any]
         recs.append(Recommendation("torch.compile (plan.compile=true)",
                                    f"it works here: {facts['compile'][1]}", False))
     mfu = measured.get("mfu")
+    if plan.device.type == "cuda" and plan.compile and plan.compile_mode == "default" \
+            and plan.distributed is None and mfu is not None and mfu < LOW_MFU:
+        recs.append(Recommendation(
+            "CUDA graphs (plan.compile_mode=reduce-overhead)",
+            f"MFU is {mfu:.1%} with compiled kernels: launching many small kernels may be "
+            "what bounds the step", False))
     if mfu is not None and mfu < LOW_MFU:
         recs.append(Recommendation(
             "a larger batch, if it fits (leantrain find-batch-size measures it)",

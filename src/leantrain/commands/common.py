@@ -55,6 +55,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="mixed precision mode (default: auto = bf16 where native; fp8: GPUs of "
                         "compute capability >= 8.9)")
     p.add_argument("--compile", action="store_true", help="use torch.compile (opt-in)")
+    p.add_argument("--compile-mode", metavar="MODE",
+                   choices=["default", "max-autotune", "max-autotune-no-cudagraphs",
+                            "reduce-overhead"],
+                   help="torch.compile's mode, implies --compile: max-autotune searches kernel "
+                        "configurations; reduce-overhead replays CUDA graphs (CUDA only)")
     p.add_argument("--no-plan-cache", action="store_true",
                    help="measure the plan's auto choices again instead of reusing earlier "
                         "measurements of this model (plan.cache=false)")
@@ -70,7 +75,8 @@ def _shortcut_overrides(args: argparse.Namespace) -> dict:
         ("model", None, flag("model")), ("data", "source", flag("data")),
         ("train", "target_acc", flag("target_acc")), ("train", "epochs", flag("epochs")),
         ("plan", "device", flag("device")), ("plan", "precision", flag("precision")),
-        ("plan", "compile", True if flag("compile") else None),
+        ("plan", "compile", True if flag("compile") or flag("compile_mode") else None),
+        ("plan", "compile_mode", flag("compile_mode")),
         ("plan", "cache", False if flag("no_plan_cache") else None),
     ]
     for section, key, value in pairs:
@@ -91,7 +97,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             ("--config", flag("config")), ("--set", flag("overrides")), ("--model", flag("model")),
             ("--data", flag("data")), ("--plan", flag("plan")), ("--out", flag("out")),
             ("--device", flag("device")), ("--precision", flag("precision")),
-            ("--compile", flag("compile")), ("--no-plan-cache", flag("no_plan_cache"))] if value]
+            ("--compile", flag("compile")), ("--compile-mode", flag("compile_mode")),
+            ("--no-plan-cache", flag("no_plan_cache"))] if value]
         if given:
             raise LeantrainError(f"--resume continues with the run's own config; drop "
                                  f"{', '.join(given)} (only --epochs and --target-acc may change "

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..measure.compile_watch import CompileStats, CompileWatch, break_even_steps, describe
 from ..techniques.compile import apply_compile
+from ..techniques.compile_mode import uses_cuda_graphs
 from .state import Progress
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ def _sync(device: torch.device) -> None:
 class CompiledStep:
     """Which model takes the next step (eager, then compiled) and what compiling cost."""
 
-    def __init__(self, eager: nn.Module, device: torch.device, eager_steps: int = 0):
-        self.eager, self.device = eager, device
+    def __init__(self, eager: nn.Module, device: torch.device, eager_steps: int = 0,
+                 mode: str = "default"):
+        self.eager, self.device, self.mode = eager, device, mode
+        self.cuda_graphs = uses_cuda_graphs(mode, device)
         self.compiled: nn.Module | None = None
         self.eager_steps, self.eager_left = eager_steps, eager_steps
         self.eager_start: float | None = None
@@ -52,8 +55,19 @@ class CompiledStep:
         if self.eager_left:
             return self.eager
         if self.compiled is None:
-            self.compiled = apply_compile(self.eager)
+            self.compiled = apply_compile(self.eager, self.mode)
         return self.compiled
+
+    def before_forward(self) -> None:
+        """Under CUDA graphs: a new step begins, so the graphs may reuse the last step's
+        output memory (the trainer keeps nothing of it but detached copies)."""
+        if self.cuda_graphs and not self.eager_left:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def kept(self, t: torch.Tensor) -> torch.Tensor:
+        """A step output the caller may hold past the next step: under CUDA graphs the next
+        replay overwrites the graph's outputs, so it is copied."""
+        return t.detach().clone() if self.cuda_graphs and not self.eager_left else t
 
     def after_step(self, p: Progress, tick: float) -> float:
         """Book the optimizer step that just ended; returns the step clock (`tick`), moved on

@@ -126,6 +126,7 @@ class ResolvedPlan:
     distributed: str | None = None  # "ddp" | "fsdp" under `leantrain launch`, else None
     activation_checkpointing: bool = False
     optimizer_states: str = "fp32"
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         self._autocast = precision.autocast_factory(self.device, self.precision)
@@ -140,6 +141,7 @@ class ResolvedPlan:
             "precision": self.precision,
             "channels_last": self.channels_last,
             "compile": self.compile,
+            "compile_mode": self.compile_mode,
             "cudnn_benchmark": self.cudnn_benchmark,
             "tf32": self.tf32,
             "optimizer_impl": self.optimizer_impl,

@@ -76,8 +76,9 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
         plan = config_from_dict({"plan": dict(plan or {})}).plan
     resolved = resolve_plan(plan, model)
     model = prepare_model(model, resolved)  # moves parameters in place: the optimizer's too
-    prepared = Prepared(apply_compile(model) if resolved.compile else model, optimizer, loader,
-                        resolved, precision.make_grad_scaler(resolved.device, resolved.precision))
+    step_model = apply_compile(model, resolved.compile_mode) if resolved.compile else model
+    prepared = Prepared(step_model, optimizer, loader, resolved,
+                        precision.make_grad_scaler(resolved.device, resolved.precision))
     if resolved.device.type == "cuda":
         prepared._flags.enter_context(cudnn_benchmark.enabled(resolved.cudnn_benchmark))
         prepared._flags.enter_context(tf32.enabled(resolved.tf32))

@@ -82,7 +82,8 @@ class Trainer:
         self.state = run_state.new_state(self.run, lr_at)
         # evaluation uses the eager module: compiling a second (eval) graph would not pay off
         if self.run.plan.compile and self.compiling is None:
-            self.compiling = CompiledStep(self.run.wrapped, self.run.plan.device, eager_steps)
+            self.compiling = CompiledStep(self.run.wrapped, self.run.plan.device, eager_steps,
+                                          self.run.plan.compile_mode)
             self.step_model = self.compiling.model
 
     def _close_compiling(self) -> None:
@@ -129,6 +130,8 @@ class Trainer:
         sb = run.step.unpack(batch)
         timer.mark("copy")
         self._beat("forward")
+        if self.compiling is not None:
+            self.compiling.before_forward()
         with step.naming_label_errors(f"training batch {micro} of epoch "
                                       f"{state.progress.epoch + 1}"):
             logits, loss, _ = run.step.forward(self.step_model, sb)
@@ -144,7 +147,7 @@ class Trainer:
         with distributed.gradient_sync(run.wrapped, run.plan.distributed, sync):
             (state.scaler.scale(scaled) if state.scaler else scaled).backward()
         timer.mark("backward")
-        return loss
+        return loss if self.compiling is None else self.compiling.kept(loss)
 
     def _recover(self, window: list[step.Batch], first: int, sums: list[torch.Tensor],
                  n_batches: int, error: torch.OutOfMemoryError) -> bool:

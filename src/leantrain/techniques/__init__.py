@@ -10,6 +10,7 @@ from . import (
     checkpointing,
     clipping,
     compile,
+    compile_mode,
     cudnn_benchmark,
     init,
     loader,
@@ -24,7 +25,7 @@ from . import (
 REGISTRY = {
     module.NAME: module
     for module in (
-        loader, precision, memory_format, compile, cudnn_benchmark, tf32, optimizer,
+        loader, precision, memory_format, compile, compile_mode, cudnn_benchmark, tf32, optimizer,
         optimizer_states, accumulation, clipping, init, schedules, checkpointing,
     )
 }

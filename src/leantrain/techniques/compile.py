@@ -14,6 +14,7 @@ from torch import nn
 from ..config import PlanConfig
 from ..env import compiler_available
 from .base import Context, Outcome, switch
+from .compile_mode import torch_mode
 from .variant import Variant
 
 NAME = "compile"
@@ -32,9 +33,10 @@ def decide(ctx: Context, plan: PlanConfig) -> tuple[bool, Outcome]:
     return switch(NAME, plan.compile, False, check(ctx))
 
 
-def apply_compile(model: nn.Module, mode: str | None = None) -> nn.Module:
-    """Return a compiled wrapper; the original module keeps the (shared) parameters."""
-    return torch.compile(model, mode=mode)
+def apply_compile(model: nn.Module, mode: str = "default") -> nn.Module:
+    """Return a compiled wrapper in `mode` (`compile_mode.MODES`); the original module keeps
+    the (shared) parameters."""
+    return torch.compile(model, mode=torch_mode(mode))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
