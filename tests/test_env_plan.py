@@ -43,7 +43,8 @@ def test_plan_reports_every_technique_with_a_reason():
     plan = resolve_plan(PlanConfig(device="cpu"), tiny_cnn())
     names = [o.name for o in plan.outcomes]
     assert names == ["device", "precision", "channels_last", "compile", "compile_mode",
-                     "cudnn_benchmark", "tf32", "optimizer_impl", "optimizer_states", "grad_accum",
+                     "cudnn_benchmark", "tf32", "optimizer_impl", "optimizer_states",
+                     "optimizer_offload", "grad_accum",
                      "activation_checkpointing", "distributed"]
     assert all(o.detail for o in plan.outcomes)
     assert plan.channels_last is True

@@ -84,3 +84,71 @@ def test_a_checkpoint_with_8bit_states_loads_weights_only_and_restores_the_optim
                             "foreach", "8bit")
     fresh.load_state_dict(loaded)
     assert state_bytes(fresh) == state_bytes(optimizer)
+
+
+# ---------------------------------------------------------------- bf16 weights and states
+
+BF16_HERE = pytest.mark.skipif(
+    not __import__("leantrain.env", fromlist=["x"]).bf16_supported(torch.device("cpu"))[0],
+    reason="this CPU has no native bf16: bf16 states are refused here (tested below)")
+
+
+def test_stochastic_rounding_lets_updates_below_bf16_spacing_add_up():
+    """The reason for torchao's AdamW: at 1.0 a bf16 weight moves in steps of 1/128, so a
+    1e-3 update rounds away to nearest; rounded stochastically, 20 of them move it ~0.02."""
+    from leantrain.techniques.optimizer_states import low_bit_optimizer
+
+    def train(stochastic: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        if stochastic:
+            opt = low_bit_optimizer([w], "adamw", "bf16", 1e-3, 0.0)
+        else:
+            opt = torch.optim.AdamW([w], lr=1e-3, weight_decay=0.0)
+        for _ in range(20):
+            w.grad = torch.ones_like(w)
+            opt.step()
+        return w.detach().float()
+
+    assert torch.equal(train(False), torch.ones(4096))  # every update rounded away
+    moved = 1 - train(True).mean().item()
+    assert moved == pytest.approx(20 * 1e-3, rel=0.15)
+
+
+def test_bf16_states_are_refused_for_sgd_and_without_bf16_autocast():
+    with pytest.raises(LeantrainError, match="torchao's AdamW with stochastic rounding"):
+        resolve_plan(PlanConfig(device="cpu", optimizer_states="bf16"), _mlp(),
+                     optimizer_name="sgd")
+    with pytest.raises(LeantrainError, match="bf16 weights|native bf16"):
+        resolve_plan(PlanConfig(device="cpu", optimizer_states="bf16", precision="fp32"),
+                     _mlp(), optimizer_name="adamw")
+
+
+@BF16_HERE
+def test_a_stock_bert_trains_with_bf16_weights_and_half_the_state_bytes(tmp_path):
+    import model_types
+
+    from leantrain.run.plan import build
+    from leantrain.run.trainer import Trainer
+
+    train, val = model_types.tagged()
+
+    def stepped(states: str):
+        torch.manual_seed(0)
+        cfg = load_config(None, ["optim.name=adamw", "optim.lr=3e-3", "train.epochs=4",
+                                 f"plan.optimizer_states={states}", "plan.device=cpu",
+                                 "train.monitor_interval_s=0", "data.batch_size=32"])
+        model = model_types.tagger()
+        trainer = Trainer(build(cfg, model, train, val, measure_loader=False),
+                          progress_bar=False)
+        steps = trainer.steps()
+        losses = [next(steps)[1].item() for _ in range(60)]
+        steps.close()
+        return model, trainer.state.optimizer, losses
+
+    model, optimizer, losses = stepped("bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    _, fp32_optimizer, fp32_losses = stepped("fp32")
+    assert state_bytes(optimizer) <= 0.55 * state_bytes(fp32_optimizer)
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10])  # it learns
+    assert sum(losses[-10:]) <= 1.15 * sum(fp32_losses[-10:])

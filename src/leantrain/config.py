@@ -104,8 +104,11 @@ class PlanConfig:
     cudnn_benchmark: Auto | bool = "auto"
     tf32: Auto | bool = "auto"
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
-    # Adam/AdamW moments: fp32, or torchao's 8-bit / 4-bit states (lossy; auto keeps fp32)
-    optimizer_states: Literal["auto", "fp32", "8bit", "4bit"] = "auto"
+    # Adam/AdamW moments: fp32, or torchao's 8-bit / 4-bit states, or bf16 weights and AdamW
+    # moments with stochastic rounding (all lossy; auto keeps fp32)
+    optimizer_states: Literal["auto", "fp32", "bf16", "8bit", "4bit"] = "auto"
+    # the optimizer's states and step on the CPU, the model on one GPU (torchao)
+    optimizer_offload: bool = False
     grad_accum: int = 1
     # language models: accumulate micro-batches up to this many tokens per optimizer step
     # (sets grad_accum from data.batch_size x data.context x processes)

@@ -34,7 +34,7 @@ from ..data import DataBundle
 from ..measure.memory import available_ram_bytes
 from ..run.plan import Run, build
 from ..run.trainer import Trainer
-from ..techniques import checkpointing, optimizer_states
+from ..techniques import checkpointing, optimizer_offload, optimizer_states
 from ..techniques.base import Context
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,11 @@ def probe(run: Run) -> tuple[dict[str, int], dict[str, int], int]:
         next(steps)  # creates the optimizer's states: not what a step holds afterwards
         optimizer = trainer.state.optimizer
         tracker, in_step, seen = MemTracker(), MemTracker(), {}
+        if run.plan.optimizer_offload:  # states and step on the host: the model's side only
+            tracker.track_external(run.model)
+            with tracker:
+                next(steps)
+            return _tracked(tracker.get_tracker_snapshot("peak"), None, run, trainer)
         tracker.track_external(run.model, optimizer)
 
         def before_step(*_) -> None:  # forward and backward are over: their peak is known
@@ -143,10 +148,17 @@ def probe(run: Run) -> tuple[dict[str, int], dict[str, int], int]:
                 hook.remove()
     finally:
         steps.close()
-    device, whole = run.plan.device, tracker.get_tracker_snapshot("peak")
-    fwbw = seen.get("fwbw", whole)  # (a GradScaler skips the step of overflowing gradients)
+    return _tracked(seen.get("fwbw", tracker.get_tracker_snapshot("peak")), seen.get("step"),
+                    run, trainer)
+
+
+def _tracked(fwbw: dict, in_step: dict | None, run: Run, trainer: Trainer
+             ) -> tuple[dict[str, int], dict[str, int], int]:
+    """The probe's answer; without a step peak of its own (a GradScaler skipped the step of
+    overflowing gradients, or the step ran on the host) the step counts as the first peak."""
+    device = run.plan.device
     micro = max(run.cfg.data.batch_size // trainer.state.progress.micro_split, 1)
-    return _by_kind(fwbw, device), _by_kind(seen.get("step", fwbw), device), micro
+    return _by_kind(fwbw, device), _by_kind(in_step or fwbw, device), micro
 
 
 def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
@@ -224,6 +236,13 @@ def _options(est: MemoryEstimate, run: Run, build_model, bundle: DataBundle, cfg
             saved = max(states - low_bit_state_bytes(run.model, bits), 0)
             opts.append(_option(est, limit, f"{bits} Adam states (plan.optimizer_states="
                                             f"{bits}, lossy)", saved=lambda kinds, s=saved: s))
+    if plan.device.type == "cuda" and optimizer_offload.check(
+            Context(plan.device, run.model, cfg.optim.name, plan.distributed,
+                    clip_norm=cfg.train.clip_norm))[0] and not plan.optimizer_offload \
+            and plan.optimizer_states == "fp32":
+        opts.append(_option(est, limit, "optimizer states on the CPU (plan.optimizer_offload="
+                                        "true; slower steps)",
+                            saved=lambda kinds: kinds["optimizer_states"]))
     if plan.distributed != "fsdp" and (plan.device.type == "cuda" or est.fits is False):
         opts.append(_fsdp_option(est, limit, shards_available))
     return opts

@@ -180,7 +180,8 @@ def decide(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset, los
     were: every trial trains a copy, inside a forked RNG."""
     dist = DistContext.from_env()
     tokens = cfg.data.batch_size * cfg.data.context if cfg.data.context else None
-    rule = resolve_plan(cfg.plan, model, tokens, cfg.optim.name, dist)
+    rule = resolve_plan(cfg.plan, model, tokens, cfg.optim.name, dist,
+                        clip_norm=cfg.train.clip_norm)
     flips = alternatives(cfg, rule, model)
     if not flips:
         return cfg, {}, None

@@ -43,6 +43,7 @@ from ..techniques.base import Context, Outcome
 from ..techniques.checkpointing import apply_activation_checkpointing
 from ..techniques.init import init_weights
 from ..techniques.memory_format import apply_channels_last
+from ..techniques.optimizer_states import apply_bf16_weights
 from . import step
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class ResolvedPlan:
     activation_checkpointing: bool = False
     optimizer_states: str = "fp32"
     compile_mode: str = "default"
+    optimizer_offload: bool = False
 
     def __post_init__(self) -> None:
         self._autocast = precision.autocast_factory(self.device, self.precision)
@@ -146,6 +148,7 @@ class ResolvedPlan:
             "tf32": self.tf32,
             "optimizer_impl": self.optimizer_impl,
             "optimizer_states": self.optimizer_states,
+            "optimizer_offload": self.optimizer_offload,
             "grad_accum": self.grad_accum,
             "distributed": self.distributed,
             "activation_checkpointing": self.activation_checkpointing,
@@ -155,12 +158,14 @@ class ResolvedPlan:
 
 def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None = None,
                  optimizer_name: str | None = None, dist: DistContext | None = None,
-                 notes: dict[str, str] | None = None) -> ResolvedPlan:
+                 notes: dict[str, str] | None = None, clip_norm: float | None = None
+                 ) -> ResolvedPlan:
     """The plan's techniques decided for this machine and model.
 
     `tokens_per_batch`: one micro-batch's tokens, for language models (tokens_per_step);
     `optimizer_name` (optim.name) decides which optimizer kernels can run; `notes` (per
-    technique) say how a value was decided, e.g. by measurement (`run.defaults`).
+    technique) say how a value was decided, e.g. by measurement (`run.defaults`);
+    `clip_norm` (train.clip_norm) what must run between backward and the step.
     """
     dist = dist or DistContext.from_env()
     choice = select_device(cfg.device)
@@ -169,7 +174,8 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
         else choice.reason
     outcomes = [Outcome("device", True, f"{device} ({reason})")]
     strategy = resolve_strategy(cfg.distributed, dist)
-    ctx = Context(device, model, optimizer_name, strategy, dist.world_size, tokens_per_batch)
+    ctx = Context(device, model, optimizer_name, strategy, dist.world_size, tokens_per_batch,
+                  clip_norm)
     values = {}
     for technique in PLANNED:
         values[technique.NAME], outcome = technique.decide(ctx, cfg)
@@ -232,6 +238,8 @@ def prepare_model(model: nn.Module, plan: ResolvedPlan) -> nn.Module:
         apply_channels_last(model)
     if plan.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if plan.optimizer_states == "bf16":
+        apply_bf16_weights(model)
     return model
 
 
@@ -264,7 +272,8 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     dist = DistContext.from_env()
     data = cfg.data
     tokens = data.batch_size * data.context if data.context else None
-    plan = resolve_plan(cfg.plan, model, tokens, cfg.optim.name, dist, notes)
+    plan = resolve_plan(cfg.plan, model, tokens, cfg.optim.name, dist, notes,
+                        cfg.train.clip_norm)
     distributed.setup(dist, plan.device, cfg.train.dist_timeout_s)
     model = prepare_model(model, plan)
     on_cuda, shard = plan.device.type == "cuda", (dist.rank, dist.world_size)

@@ -68,7 +68,7 @@ def new_state(run: Run, lr_at: Callable[[int], float] | None = None) -> TrainSta
     """
     plan, cfg = run.plan, run.cfg
     optimizer = build_optimizer(run.model.parameters(), cfg.optim, plan.optimizer_impl,
-                                plan.optimizer_states)
+                                plan.optimizer_states, plan.optimizer_offload)
     if lr_at is None:
         scheduler = build_scheduler(optimizer, cfg.schedule, run.total_steps,
                                     run.steps_per_epoch)

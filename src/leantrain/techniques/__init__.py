@@ -16,6 +16,7 @@ from . import (
     loader,
     memory_format,
     optimizer,
+    optimizer_offload,
     optimizer_states,
     precision,
     schedules,
@@ -26,7 +27,7 @@ REGISTRY = {
     module.NAME: module
     for module in (
         loader, precision, memory_format, compile, compile_mode, cudnn_benchmark, tf32, optimizer,
-        optimizer_states, accumulation, clipping, init, schedules, checkpointing,
+        optimizer_states, optimizer_offload, accumulation, clipping, init, schedules, checkpointing,
     )
 }
 # the techniques the plan decides, in order; the name is the key under `plan.`

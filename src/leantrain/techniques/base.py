@@ -35,6 +35,7 @@ class Context:
     strategy: str | None = None  # "ddp" | "fsdp" under `leantrain launch`, else None
     processes: int = 1
     tokens_per_batch: int | None = None  # one micro-batch's tokens (language models)
+    clip_norm: float | None = None  # train.clip_norm: what runs between backward and step
 
     @property
     def sharded(self) -> bool:

@@ -58,10 +58,11 @@ def decide(ctx: Context, plan: PlanConfig) -> tuple[str, Outcome]:
 
 def build_optimizer(
     params: Iterable[torch.nn.Parameter], cfg: OptimConfig, impl: str = "for-loop",
-    states: str = "fp32",
+    states: str = "fp32", offload: bool = False,
 ) -> torch.optim.Optimizer:
-    """The optimizer `cfg` names, with the given kernel implementation; with 8bit or 4bit
-    `states`, torchao's low-bit Adam/AdamW (its own kernels: `impl` does not apply)."""
+    """The optimizer `cfg` names, with the given kernel implementation; with 8bit, 4bit or
+    bf16 `states`, torchao's Adam/AdamW for them (its own kernels: `impl` does not apply);
+    `offload`ed, stepping on the CPU with fused CPU kernels (torchao's CPUOffloadOptimizer)."""
     if states != "fp32":
         from .optimizer_states import low_bit_optimizer
 
@@ -72,13 +73,23 @@ def build_optimizer(
         flags = {"foreach": True}
     else:
         flags = {"fused": True}
+    if offload:  # the step runs on the host: the CPU's fused kernels, whatever `impl` says
+        from .optimizer_offload import offloaded_optimizer
+
+        cls, kwargs = _torch_optimizer(cfg)
+        return offloaded_optimizer(params, cls, **kwargs, fused=True)
+    cls, kwargs = _torch_optimizer(cfg)
+    return cls(params, **kwargs, **flags)
+
+
+def _torch_optimizer(cfg: OptimConfig) -> tuple[type, dict]:
+    """The torch optimizer class `cfg` names and its arguments."""
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-            weight_decay=cfg.weight_decay, **flags,
-        )
+        return torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum,
+                                 "nesterov": cfg.nesterov and cfg.momentum > 0,
+                                 "weight_decay": cfg.weight_decay}
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **flags)
+        return torch.optim.AdamW, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **flags)
+        return torch.optim.Adam, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     raise LeantrainError(f"optim.name {cfg.name!r} is not one of sgd, adamw, adam")

@@ -71,9 +71,12 @@ def decide(ctx: Context, plan: PlanConfig) -> tuple[str, Outcome]:
     0.84-1.11x, against 1.46x for the digits CNN; on a 2-core AMX Xeon, whole runs in
     `benchmarks/results/default_plan.json`: bf16 at 0.80-0.90x fp32 for the tiny BERT and
     1.78x for the digits CNN). A rule can lose: `run.defaults` measures it on runs long enough
-    to pay."""
+    to pay. bf16 weights (plan.optimizer_states=bf16) always take bf16 autocast."""
     if plan.precision == "auto":
         native, why = check(ctx, "bf16")
+        if native and plan.optimizer_states == "bf16":
+            return "bf16", Outcome(NAME, True, f"bf16 autocast: the weights are bf16 "
+                                   f"(plan.optimizer_states=bf16; {why})")
         if native and ctx.device.type == "cpu" and not has_conv2d(ctx.model):
             return "fp32", Outcome(NAME, False, "fp32 kept: on CPU bf16 autocast pays for "
                                    "convolutions, and this model has none")
