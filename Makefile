@@ -39,8 +39,9 @@ bench: $(BIN)/leantrain
 	$(BIN)/python benchmarks/quantize_mlp.py
 	$(BIN)/python benchmarks/gpt_cpu.py
 
-bench-gpu: $(BIN)/leantrain  # on a CUDA machine: text-gpt 102 M per technique stack, GPU checks
+bench-gpu: $(BIN)/leantrain  # on a CUDA machine: text-gpt 102 M per technique stack, ~380 M (fp8, states, estimate, OOM), GPU checks
 	$(BIN)/python benchmarks/gpt_gpu.py
+	$(BIN)/python benchmarks/gpu_scale.py --only large states estimate oom
 	PYTHON=$(BIN)/python bash benchmarks/gpu_checks.sh runs/gpu_checks
 
 clean:

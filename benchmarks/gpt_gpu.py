@@ -54,7 +54,8 @@ def overrides(values: dict) -> list[str]:
 
 
 def measure_stack(base: dict, size: dict, stack: dict, bundle, recipe, warmup: int,
-                  windows: int, steps: int) -> dict:
+                  windows: int, steps: int, keep: bool = False) -> dict:
+    """One stack's row; `keep` puts the trainer in it (its optimizer, for state bytes)."""
     cfg = load_config(None, overrides({**size, **stack, "train.monitor_interval_s": 0}), base)
     torch._dynamo.reset()  # each stack compiles for itself (warm-up includes it)
     torch.manual_seed(0)
@@ -98,6 +99,8 @@ def measure_stack(base: dict, size: dict, stack: dict, bundle, recipe, warmup: i
         if device.type == "cuda" else None,
         "loss_after_windows": losses,
     }
+    if keep:
+        row["trainer"] = trainer
     del trainer, stepper
     if device.type == "cuda":
         torch.cuda.empty_cache()
