@@ -45,7 +45,7 @@ def test_plan_reports_every_technique_with_a_reason():
     assert names == ["device", "precision", "channels_last", "compile", "compile_mode",
                      "cudnn_benchmark", "tf32", "optimizer_impl", "optimizer_states",
                      "optimizer_offload", "grad_accum",
-                     "activation_checkpointing", "distributed"]
+                     "activation_checkpointing", "fused_cross_entropy", "distributed"]
     assert all(o.detail for o in plan.outcomes)
     assert plan.channels_last is True
     assert plan.precision == ("bf16" if env.bf16_supported(torch.device("cpu"))[0] else "fp32")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import LeantrainError
+from .errors import LeantrainError, first_line
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -170,5 +170,5 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise LeantrainError(f"{path} holds Python objects besides tensors{what}; leantrain "
                              "loads weights only, so that a file cannot run code") from exc
     except Exception as exc:  # a truncated or foreign file
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise LeantrainError(f"{path} cannot be loaded as a checkpoint: {first}") from exc

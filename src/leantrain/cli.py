@@ -14,14 +14,14 @@ import sys
 
 from . import __version__
 from .commands import COMMANDS
-from .errors import LeantrainError
+from .errors import LeantrainError, one_line
 
 
 def _module(name: str):
     return importlib.import_module(f"leantrain.commands.{name}")
 
 
-def _one_line(exc: LeantrainError) -> str:
+def _message(exc: LeantrainError) -> str:
     """The message; for an error raised in a DataLoader worker, torch re-raises it with the
     worker's traceback as its text: its last line is the message."""
     text = str(exc)
@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     except LeantrainError as exc:
         if args.debug:
             raise
-        print(f"leantrain: error: {_one_line(exc)}", file=sys.stderr)
-        _tell_torchrun(_one_line(exc))
+        print(f"leantrain: error: {_message(exc)}", file=sys.stderr)
+        _tell_torchrun(_message(exc))
         return getattr(exc, "exit_code", 2)  # 2: bad input; 128 + N: stopped by signal N
     except Exception as exc:  # a bug: its traceback follows; under launch, its line first
-        _tell_torchrun(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        _tell_torchrun(one_line(exc))
         raise
     except KeyboardInterrupt:
         print("leantrain: interrupted; a run with a checkpoint continues with --resume DIR",

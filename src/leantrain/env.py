@@ -13,6 +13,8 @@ import shutil
 import psutil
 import torch
 
+from .errors import one_line
+
 
 def cuda_free_memory() -> list[int]:
     """Free bytes on each visible CUDA device (empty without CUDA)."""
@@ -184,7 +186,7 @@ def compile_works() -> tuple[bool, str]:
         if not torch.allclose(fn(x), torch.sin(x) * 2 + 1):
             return False, "compiled code gave a different result"
     except Exception as exc:  # any backend failure is the answer, not a crash
-        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return False, one_line(exc)[:200]
     return True, f"compiled and ran a test function in {time.perf_counter() - start:.1f} s"
 
 

@@ -7,3 +7,16 @@ non-zero; any other exception is a bug in leantrain and keeps its traceback.
 
 class LeantrainError(Exception):
     """Bad input or an unsupported request, with a message that says what to change."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line ("" for an empty message): what a
+    one-line report or a table cell can hold."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def one_line(exc: BaseException) -> str:
+    """"Type: first line of the message" (the type alone for an empty message)."""
+    line = first_line(exc)
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__

@@ -217,34 +217,54 @@ def _option(est: MemoryEstimate, limit: float | None, advice: str, saved=None,
 
 def _options(est: MemoryEstimate, run: Run, build_model, bundle: DataBundle, cfg: TrainConfig,
              limit: float | None, shards_available: int | None) -> list[dict[str, Any]]:
+    """What each way of holding less would bring, for the plan's own settings."""
     plan, opts = run.plan, []
     if est.micro_batch > 1:
-        micro = est.largest_micro_batch if est.fits is False and est.largest_micro_batch \
-            else max(est.micro_batch // 2, 1)
-        accum = -(-cfg.data.batch_size * plan.grad_accum // micro)
-        opts.append(_option(est, limit, f"micro-batches of {micro} (data.batch_size={micro}, "
-                                        f"plan.grad_accum={accum} keeps the global batch)",
-                            micro=micro))
+        opts.append(_micro_batch_option(est, cfg, plan.grad_accum, limit))
     ckpt = _checkpointing_saving(est, run, build_model, bundle, cfg)
     if ckpt is not None:
         opts.append(_option(est, limit, "activation checkpointing "
                                         "(plan.activation_checkpointing=true)",
                             saved_per_sample=ckpt, measured=True))
-    states = est.forward_backward["optimizer_states"]
     if cfg.optim.name in optimizer_states.ADAM_FAMILY and plan.optimizer_states == "fp32":
-        for bits in LOW_BIT:
-            saved = max(states - low_bit_state_bytes(run.model, bits), 0)
-            opts.append(_option(est, limit, f"{bits} Adam states (plan.optimizer_states="
-                                            f"{bits}, lossy)", saved=lambda kinds, s=saved: s))
-    if plan.device.type == "cuda" and optimizer_offload.check(
-            Context(plan.device, run.model, cfg.optim.name, plan.distributed,
-                    clip_norm=cfg.train.clip_norm))[0] and not plan.optimizer_offload \
-            and plan.optimizer_states == "fp32":
+        opts += _state_options(est, run.model, cfg.optim.name, limit)
+    offload = Context(plan.device, run.model, cfg.optim.name, plan.distributed,
+                      clip_norm=cfg.train.clip_norm)
+    if plan.device.type == "cuda" and optimizer_offload.check(offload)[0] \
+            and not plan.optimizer_offload and plan.optimizer_states == "fp32":
         opts.append(_option(est, limit, "optimizer states on the CPU (plan.optimizer_offload="
                                         "true; slower steps)",
                             saved=lambda kinds: kinds["optimizer_states"]))
     if plan.distributed != "fsdp" and (plan.device.type == "cuda" or est.fits is False):
         opts.append(_fsdp_option(est, limit, shards_available))
+    return opts
+
+
+def _micro_batch_option(est: MemoryEstimate, cfg: TrainConfig, grad_accum: int,
+                        limit: float | None) -> dict[str, Any]:
+    """The largest micro-batch that fits (half the current one when it already fits), with
+    the accumulation that keeps the global batch."""
+    micro = est.largest_micro_batch if est.fits is False and est.largest_micro_batch \
+        else max(est.micro_batch // 2, 1)
+    accum = -(-cfg.data.batch_size * grad_accum // micro)
+    return _option(est, limit, f"micro-batches of {micro} (data.batch_size={micro}, "
+                               f"plan.grad_accum={accum} keeps the global batch)", micro=micro)
+
+
+def _state_options(est: MemoryEstimate, model: nn.Module, optimizer: str,
+                   limit: float | None) -> list[dict[str, Any]]:
+    """Low-bit moments (torchao's layout) and, for AdamW, bf16 weights and moments (half of
+    the weights', gradients' and moments' bytes)."""
+    states = est.forward_backward["optimizer_states"]
+    opts = []
+    for bits in LOW_BIT:
+        saved = max(states - low_bit_state_bytes(model, bits), 0)
+        opts.append(_option(est, limit, f"{bits} Adam states (plan.optimizer_states={bits}, "
+                                        "lossy)", saved=lambda kinds, s=saved: s))
+    if optimizer == "adamw":
+        opts.append(_option(est, limit, "bf16 weights and states (plan.optimizer_states=bf16, "
+                                        "lossy)",
+                            saved=lambda kinds: sum(kinds[k] for k in _SHARDED) / 2))
     return opts
 
 

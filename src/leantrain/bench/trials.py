@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import TrainConfig, config_from_dict, merge
 from ..data import DataBundle
-from ..errors import LeantrainError
+from ..errors import LeantrainError, one_line
 from ..measure.memory import peak_bytes, reset_peak
 from ..measure.rounds import interleave as interleave_rounds
 from ..measure.rounds import paired_ratios
@@ -166,7 +166,7 @@ def run_trial(name: str, variants: list[Variant], base: dict[str, Any],
         result.losses = [float(t) for t in loss_tensors]
     except Exception as exc:  # OOM, a kernel missing for a dtype, a compiler error: listed
         result.status = "failed"
-        result.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        result.reason = one_line(exc)
         return result
     finally:
         steps.close()

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ..checkpoint import atomic_save, load_checkpoint
-from ..errors import LeantrainError
+from ..errors import LeantrainError, one_line
 from . import attention
 
 SCHEDULES = ("one-shot", "iterative", "gradual")
@@ -188,8 +188,7 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
                 pruning_ratio=ratio, iterative_steps=pruning_steps, ignored_layers=ignored,
                 output_transform=_logits, **extra)
     except Exception as exc:  # the dependency graph could not be traced: a pruning failure
-        raise LeantrainError(f"pruning could not trace the model ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise LeantrainError(f"pruning could not trace the model ({one_line(exc)})") from exc
     finally:
         if cached:
             config.use_cache = cached

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..errors import LeantrainError
+from ..errors import LeantrainError, one_line
 
 METHODS = ("int8-dynamic", "int8-weight-only")
 STATIC = "int8-static"
@@ -109,7 +109,7 @@ def quantize_pt2e(model: nn.Module, example: torch.Tensor,
             dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
     except Exception as exc:  # a graph break torch.export cannot capture
         raise LeantrainError(f"int8-static needs a model torch.export can capture: "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+                             f"{one_line(exc)}") from exc
     prepared = prepare_pt2e(exported, quantizer)
     seen = 0
     with torch.no_grad():

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset, default_collate
 
-from ..errors import LeantrainError
+from ..errors import LeantrainError, one_line
 
 DEVICE_RESIDENT_FRACTION = 0.25  # move data to the GPU once if it takes < 25% of free memory
 Batch = Any  # (inputs, labels, *extras), a dict of tensors, or any nesting of them
@@ -258,7 +258,7 @@ class CheckedCollate:
         except Exception as exc:
             position = next((i for i, sample in enumerate(samples) if not self._collates(sample)),
                             None)
-            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            why = one_line(exc)
             where = f"at sample {position} of a batch of {len(samples)}" if position is not None \
                 else (f"on a batch of {len(samples)} samples that collate one by one but not "
                       "together (e.g. sequences of different lengths: pad them in a collate_fn)")

@@ -39,6 +39,7 @@ from ..checkpoint import atomic_write_text
 from ..config import TrainConfig, config_from_dict, merge
 from ..distributed import DistContext
 from ..env import cpu_model
+from ..errors import one_line
 from ..measure.rounds import interleave, interval, paired_ratios
 from ..measure.timing import timed_window
 from ..techniques import optimizer, precision
@@ -248,7 +249,7 @@ def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedP
         try:
             return trials.rate(name)[0]
         except Exception as exc:  # e.g. out of memory: that candidate is not measured
-            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            failed[name] = one_line(exc)
             log.warning("plan: %s could not be measured (%s)", name, failed[name])
             return None
 

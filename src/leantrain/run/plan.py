@@ -41,6 +41,7 @@ from ..measure.probe import untouched
 from ..techniques import PLANNED, cudnn_benchmark, loader, precision, tf32
 from ..techniques.base import Context, Outcome
 from ..techniques.checkpointing import apply_activation_checkpointing
+from ..techniques.fused_cross_entropy import apply_fused_cross_entropy
 from ..techniques.init import init_weights
 from ..techniques.memory_format import apply_channels_last
 from ..techniques.optimizer_states import apply_bf16_weights
@@ -129,6 +130,7 @@ class ResolvedPlan:
     optimizer_states: str = "fp32"
     compile_mode: str = "default"
     optimizer_offload: bool = False
+    fused_cross_entropy: bool = False
 
     def __post_init__(self) -> None:
         self._autocast = precision.autocast_factory(self.device, self.precision)
@@ -149,6 +151,7 @@ class ResolvedPlan:
             "optimizer_impl": self.optimizer_impl,
             "optimizer_states": self.optimizer_states,
             "optimizer_offload": self.optimizer_offload,
+            "fused_cross_entropy": self.fused_cross_entropy,
             "grad_accum": self.grad_accum,
             "distributed": self.distributed,
             "activation_checkpointing": self.activation_checkpointing,
@@ -240,6 +243,8 @@ def prepare_model(model: nn.Module, plan: ResolvedPlan) -> nn.Module:
         apply_activation_checkpointing(model)
     if plan.optimizer_states == "bf16":
         apply_bf16_weights(model)
+    if plan.fused_cross_entropy:
+        apply_fused_cross_entropy(model)
     return model
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..data.loaders import LABEL_KEYS, batch_size, labels_of
-from ..errors import LeantrainError
+from ..errors import LeantrainError, first_line, one_line
 from ..losses import tasks
 from ..losses.outputs import read_output
 from ..techniques.memory_format import to_channels_last
@@ -218,8 +218,8 @@ def _checked_call(model: nn.Module, call: Callable[[], Any], sb: StepBatch, step
         else:
             shown = "input batch of shape " + ", ".join(str(_shape(a)) for a in sb.args)
         verb = "cannot run on the data" if what == "the model" else "has a loss that fails"
-        raise LeantrainError(f"the model {verb}: {shown} failed with {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise LeantrainError(f"the model {verb}: {shown} failed with "
+                             f"{one_line(exc)}") from exc
     finally:
         model.train(was_training)
 
@@ -232,7 +232,7 @@ def naming_label_errors(where: str):
     try:
         yield
     except (IndexError, RuntimeError) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else ""
+        text = first_line(exc)
         if "out of bounds" not in text:
             raise
         raise LeantrainError(f"{where}: a label is out of range ({text}); labels must be "

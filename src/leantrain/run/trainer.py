@@ -22,7 +22,7 @@ from .. import distributed
 from ..checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, remove_partial_writes
 from ..config import CONFIG_NAME, target_met, target_of
 from ..data.loaders import batch_size, split_batch
-from ..errors import LeantrainError
+from ..errors import LeantrainError, first_line
 from ..losses import tasks
 from ..measure.memory import reset_peak
 from ..measure.monitor import ResourceMonitor
@@ -162,7 +162,7 @@ class Trainer:
             if parts > min(batch_size(b) for b in window):
                 raise LeantrainError(
                     f"out of memory at step {p.step + 1} even with micro-batches of one sample "
-                    f"({str(error).splitlines()[0]}); lower data.batch_size, or turn on "
+                    f"({first_line(error)}); lower data.batch_size, or turn on "
                     "plan.activation_checkpointing") from error
             p.micro_split = parts
             log.warning("out of memory at step %d: each batch of %d now runs as %d "

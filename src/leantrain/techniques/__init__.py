@@ -12,6 +12,7 @@ from . import (
     compile,
     compile_mode,
     cudnn_benchmark,
+    fused_cross_entropy,
     init,
     loader,
     memory_format,
@@ -28,6 +29,7 @@ REGISTRY = {
     for module in (
         loader, precision, memory_format, compile, compile_mode, cudnn_benchmark, tf32, optimizer,
         optimizer_states, optimizer_offload, accumulation, clipping, init, schedules, checkpointing,
+        fused_cross_entropy,
     )
 }
 # the techniques the plan decides, in order; the name is the key under `plan.`

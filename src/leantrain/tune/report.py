@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from ..checkpoint import atomic_write_text
+from ..errors import one_line
 from .space import trial_config
 from .study import StudySpec, _optuna
 
@@ -62,7 +63,7 @@ def _plots(study, out: Path) -> dict[str, str]:
         try:
             axes = draw()
         except Exception as exc:  # too few finished trials, a single value everywhere
-            made[name] = f"not drawn: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            made[name] = f"not drawn: {one_line(exc)}"
             plt.close("all")
             continue
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..errors import LeantrainError
+from ..errors import LeantrainError, one_line
 from .objective import Objective
 from .space import Param, trial_config
 
@@ -94,8 +94,8 @@ def storage_for(url: str):
                 raise
             time.sleep(0.5 * (attempt + 1))
         except Exception as exc:  # a bad URL, a server that does not answer, a missing driver
-            raise LeantrainError(f"--storage {url}: cannot open it: {type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise LeantrainError(f"--storage {url}: cannot open it: {one_line(exc)}") \
+                from exc
 
 
 def _pruner(name: str, spec: StudySpec):
@@ -204,8 +204,7 @@ def run_trial(trial, spec: StudySpec, bundle, build_model: Callable[[TrainConfig
                             max(0, evals_planned - watcher.evaluations) * per_eval)
         raise
     except Exception as exc:
-        trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-                            if str(exc) else type(exc).__name__)
+        trial.set_user_attr("error", one_line(exc))
         raise
     trial.set_user_attr("seconds", watcher.seconds())
     trial.set_user_attr("train_seconds", summary["train_seconds"])
