@@ -157,6 +157,8 @@ def run_trial(name: str, variants: list[Variant], base: dict[str, Any],
         return result
     run = trainer.run
     device = run.plan.device
+    if run.plan.compile:  # compile afresh, as the run will: an earlier trial's compiled code
+        torch._dynamo.reset()  # (another mode, other guards) would count as its recompile
     reset_peak(device)
     steps, loss_tensors = trainer.steps(), []
     # a compiled trial stays within one epoch: nothing it times may be a recompilation
