@@ -57,3 +57,16 @@ def snapshot_first_checkpoint(monkeypatch, train, snapshot):
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "_save_checkpoint", save_and_snapshot_first)
         train()
+
+
+def refused_on_this_machine(capsys, tmp_path, *settings: str) -> str:
+    """`leantrain train` asked for something this machine cannot run: it exits 2 with one line
+    on stderr (returned) and writes no model."""
+    from leantrain.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", *settings, "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert not (out / "model.pt").exists()
+    return err[0]

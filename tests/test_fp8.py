@@ -3,9 +3,9 @@ machine that cannot run it fast, "unsupported here" with the reason everywhere."
 
 import pytest
 import torch
+from conftest import refused_on_this_machine
 from torch import nn
 
-from leantrain.cli import main
 from leantrain.config import PlanConfig
 from leantrain.errors import LeantrainError
 from leantrain.run.plan import resolve_plan
@@ -48,12 +48,8 @@ def test_without_a_capable_gpu_fp8_is_unsupported_with_the_reason():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer of a machine "
                                                       "without a CUDA GPU")
 def test_asking_for_fp8_here_exits_2_naming_the_reason(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["train", "--precision", "fp8", "--epochs", "1", "--out", str(out),
-                 "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "fp8" in err and "compute capability 8.9" in err
-    assert not (out / "model.pt").exists()
+    why = refused_on_this_machine(capsys, tmp_path, "--precision", "fp8")
+    assert "fp8" in why and "compute capability 8.9" in why
 
 
 def test_fp8_runs_are_scored_against_the_bf16_peak():

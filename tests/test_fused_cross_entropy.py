@@ -7,11 +7,11 @@ import types
 
 import pytest
 import torch
+from conftest import refused_on_this_machine
 
 pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from leantrain.cli import main  # noqa: E402
 from leantrain.config import PlanConfig  # noqa: E402
 from leantrain.errors import LeantrainError  # noqa: E402
 from leantrain.run.plan import resolve_plan  # noqa: E402
@@ -64,10 +64,8 @@ def test_off_cuda_it_is_refused_naming_the_reason_and_the_bench_lists_it():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
 def test_asking_for_it_here_exits_2_with_one_line(tmp_path, capsys):
-    assert main(["train", "--set", "plan.fused_cross_entropy=true", "--epochs", "1",
-                 "--out", str(tmp_path / "run"), "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Triton kernels for CUDA GPUs" in err[0]
+    why = refused_on_this_machine(capsys, tmp_path, "--set", "plan.fused_cross_entropy=true")
+    assert "Triton kernels for CUDA GPUs" in why
 
 
 def test_without_liger_installed_the_reason_says_how_to_install(monkeypatch):

@@ -4,9 +4,9 @@ torchao with the optimizer the config names."""
 
 import pytest
 import torch
+from conftest import refused_on_this_machine
 from torch import nn
 
-from leantrain.cli import main
 from leantrain.config import OptimConfig, PlanConfig
 from leantrain.errors import LeantrainError
 from leantrain.run.plan import resolve_plan
@@ -41,11 +41,8 @@ def test_it_is_refused_off_cuda_under_launch_and_with_clipping_naming_the_reason
 
 @CPU_ONLY
 def test_asking_for_it_here_exits_2_with_one_line(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["train", "--set", "plan.optimizer_offload=true", "--epochs", "1", "--out",
-                 str(out), "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "offloading moves the optimizer from a CUDA GPU" in err[0]
+    why = refused_on_this_machine(capsys, tmp_path, "--set", "plan.optimizer_offload=true")
+    assert "offloading moves the optimizer from a CUDA GPU" in why
 
 
 def test_the_offloaded_optimizer_is_torchao_s_with_the_configured_class(monkeypatch):
