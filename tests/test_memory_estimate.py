@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from leantrain.bench import memory_estimate
+from leantrain.bench.doctor import memory_recommendations
 from leantrain.bench.memory_estimate import estimate, format_estimate, low_bit_state_bytes
 from leantrain.cli import main
 from leantrain.config import config_from_dict
@@ -87,6 +88,10 @@ def test_on_a_device_too_small_it_says_so_and_prices_what_would_fit(monkeypatch)
     assert fsdp["fits"] is False  # sharding the weights does not shrink the activations
     lines = "\n".join(format_estimate(est.to_dict()))
     assert "does NOT fit" in lines and "largest micro-batch that fits: 12" in lines
+    recs = memory_recommendations(est)  # doctor ranks them first: the run would not start
+    assert recs and all(r.measured and "over 90% of a fake GPU" in r.evidence for r in recs)
+    assert any(r.advice.startswith("micro-batches of 12 ") for r in recs)
+    assert memory_recommendations(probe) == []  # where it fits: nothing to say
     # the prediction for the smaller micro-batch is what a probe at that size measures
     at_12 = estimate(memory_peak.cnn, bundle, _cfg(12, "sgd"))
     assert at_12.peak_bytes == pytest.approx(est.peak_at(12), rel=0.10)

@@ -28,7 +28,7 @@ from ..run import summary
 from ..run.plan import Run, build
 from ..run.trainer import Trainer
 from ..techniques.memory_format import has_conv2d
-from .memory_estimate import estimate, format_estimate
+from .memory_estimate import MARGIN, MemoryEstimate, estimate, format_estimate
 
 WARMUP_STEPS = 3
 OPTIMIZER_SHARE = 0.15  # an optimizer phase above this share of the step is worth fusing
@@ -122,6 +122,21 @@ def recommend(run: Run, measured: dict[str, Any], facts: dict[str, Any]
     return recs
 
 
+def memory_recommendations(memory: MemoryEstimate) -> list[Recommendation]:
+    """Where the plan does not fit the device: each option the estimate says would fit,
+    cheapest in speed first as listed (a smaller micro-batch before recomputation)."""
+    if memory.fits is not False:
+        return []
+    over = f"the estimated peak {memory.peak_bytes / 2**30:.2f} GiB is over " \
+           f"{1 - MARGIN:.0%} of {memory.room_kind} ({memory.room_bytes / 2**30:.2f} GiB)"
+    fitting = [o for o in memory.options if o["fits"]]
+    if not fitting:
+        return [Recommendation("none of the single options fits: combine them, or use a "
+                               "device with more memory", over, True, 1.0)]
+    return [Recommendation(o["advice"], f"{over}; with it {o['peak_bytes'] / 2**30:.2f} GiB",
+                           True, 1.0) for o in fitting]
+
+
 def run_doctor(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
                out: Path, steps: int = 20, profile: bool = True,
                check_compile: bool = True) -> dict[str, Any]:
@@ -146,8 +161,9 @@ def run_doctor(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Tr
                               measure_loader=False, collate_fn=bundle.collate_fn),
                         progress_bar=False)
         measured["compile"] = _compile_accounting(trainer, measured, steps, eager)
-    recs = recommend(run, measured, facts)
     memory = estimate(build_model, bundle, cfg, shards_available=len(facts["gpus"]) or None)
+    recs = recommend(run, measured, facts) + memory_recommendations(memory)
+    recs.sort(key=lambda r: (not r.measured, -r.share))
     return {
         "facts": facts,
         "plan": run.plan.to_dict(),
