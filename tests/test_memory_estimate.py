@@ -103,10 +103,10 @@ def test_on_a_device_too_small_it_says_so_and_prices_what_would_fit(monkeypatch)
 def test_the_low_bit_saving_follows_torchao_s_layout(states):
     """The 8-bit and 4-bit options are computed from torchao's layout: checked against the
     states torchao really allocates after one step."""
-    from leantrain.techniques.optimizer_states import low_bit_optimizer, state_bytes
+    from leantrain.techniques.optimizer_states import state_bytes, torchao_optimizer
 
     model = _small_mlp()
-    opt = low_bit_optimizer(model.parameters(), "adamw", states, 1e-3, 0.0)
+    opt = torchao_optimizer(model.parameters(), "adamw", states, 1e-3, 0.0)
     model(torch.randn(4, 1024)).sum().backward()
     opt.step()
     steps = sum(s["step"].numel() * s["step"].element_size() for s in opt.state.values())

@@ -96,13 +96,13 @@ BF16_HERE = pytest.mark.skipif(
 def test_stochastic_rounding_lets_updates_below_bf16_spacing_add_up():
     """The reason for torchao's AdamW: at 1.0 a bf16 weight moves in steps of 1/128, so a
     1e-3 update rounds away to nearest; rounded stochastically, 20 of them move it ~0.02."""
-    from leantrain.techniques.optimizer_states import low_bit_optimizer
+    from leantrain.techniques.optimizer_states import torchao_optimizer
 
     def train(stochastic: bool) -> torch.Tensor:
         torch.manual_seed(0)
         w = nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
         if stochastic:
-            opt = low_bit_optimizer([w], "adamw", "bf16", 1e-3, 0.0)
+            opt = torchao_optimizer([w], "adamw", "bf16", 1e-3, 0.0)
         else:
             opt = torch.optim.AdamW([w], lr=1e-3, weight_decay=0.0)
         for _ in range(20):

@@ -25,7 +25,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..data import DataBundle
 from ..errors import LeantrainError
-from ..measure.memory import available_ram_bytes, current_rss_bytes
+from ..measure.memory import MARGIN, available_ram_bytes, cuda_memory_bytes, current_rss_bytes
 from ..run.plan import select_device
 from ..techniques.variant import Variant
 from .memory_estimate import MemoryEstimate
@@ -41,7 +41,6 @@ from .trials import (
 log = logging.getLogger(__name__)
 
 NEAR = 0.05  # sizes within 5% of the best samples/s are treated as equally fast
-MARGIN = 0.10  # a size fits when its peak stays under (1 - MARGIN) x the memory limit
 MIN_STEPS_PER_EPOCH = 4  # sizes are capped so that an epoch still has this many steps
 BISECTIONS = 3
 COMPARED = 3  # the largest sizes that fit are timed against the smallest in rounds
@@ -83,7 +82,7 @@ def scale_lr(lr: float, optimizer: str, old_batch: int, new_batch: int) -> tuple
 def available_memory(device_type: str) -> tuple[int | None, str]:
     """What the process may grow to: device memory on CUDA, current RSS + MemAvailable on CPU."""
     if device_type == "cuda":
-        return torch.cuda.mem_get_info()[1], "CUDA device memory (total)"
+        return cuda_memory_bytes(torch.device("cuda")), "CUDA device memory (total)"
     rss, avail = current_rss_bytes(), available_ram_bytes()
     if rss is None or avail is None:
         return None, "unknown (no /proc): only out-of-memory errors limit the size"

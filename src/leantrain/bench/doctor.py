@@ -77,8 +77,8 @@ def _compile_accounting(trainer: Trainer, measured: dict[str, Any], n: int,
             "break_even_steps": break_even_steps(compile_s, eager_s, compiled_s)}
 
 
-def recommend(run: Run, measured: dict[str, Any], facts: dict[str, Any]
-              ) -> list[Recommendation]:
+def recommend(run: Run, measured: dict[str, Any], facts: dict[str, Any],
+              memory: MemoryEstimate | None = None) -> list[Recommendation]:
     plan, model = run.plan, run.model
     recs: list[Recommendation] = []
     shares = (measured.get("step_breakdown") or {}).get("fractions", {})
@@ -118,6 +118,8 @@ def recommend(run: Run, measured: dict[str, Any], facts: dict[str, Any]
         recs.append(Recommendation(
             "a larger batch, if it fits (leantrain find-batch-size measures it)",
             f"MFU is {mfu:.1%}: the device is mostly idle or waiting on small kernels", False))
+    if memory is not None:
+        recs += memory_recommendations(memory)
     recs.sort(key=lambda r: (not r.measured, -r.share))
     return recs
 
@@ -162,8 +164,7 @@ def run_doctor(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Tr
                         progress_bar=False)
         measured["compile"] = _compile_accounting(trainer, measured, steps, eager)
     memory = estimate(build_model, bundle, cfg, shards_available=len(facts["gpus"]) or None)
-    recs = recommend(run, measured, facts) + memory_recommendations(memory)
-    recs.sort(key=lambda r: (not r.measured, -r.share))
+    recs = recommend(run, measured, facts, memory)
     return {
         "facts": facts,
         "plan": run.plan.to_dict(),

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import TrainConfig, config_from_dict, merge
 from ..data import DataBundle
-from ..measure.memory import available_ram_bytes
+from ..measure.memory import MARGIN, available_ram_bytes, cuda_memory_bytes
 from ..run.plan import Run, build
 from ..run.trainer import Trainer
 from ..techniques import checkpointing, optimizer_offload, optimizer_states
@@ -39,7 +39,6 @@ from ..techniques.base import Context
 
 log = logging.getLogger(__name__)
 
-MARGIN = 0.10  # the estimate fits when it stays under (1 - MARGIN) x the device's memory
 LOW_BIT = {"8bit": (1.0, 256), "4bit": (0.5, 128)}  # torchao: bytes per value, block size
 QUANTIZED_MIN = 4096  # torchao quantizes state tensors of at least this many values
 MAX_SHARDS = 64
@@ -84,7 +83,7 @@ class MemoryEstimate:
 def device_room(device: torch.device) -> tuple[int | None, str]:
     """What tensors may grow to: a GPU's memory, or a CPU's available RAM."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1], "CUDA device memory (total)"
+        return cuda_memory_bytes(device), "CUDA device memory (total)"
     if device.type == "cpu":
         avail = available_ram_bytes()
         return avail, "the machine's available RAM" if avail else "unknown (no /proc)"
@@ -105,7 +104,7 @@ def _by_kind(snapshot: dict, device: torch.device) -> dict[str, int]:
 
 def _probe_run(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
                changes: dict[str, Any]) -> Run:
-    eager = merge(cfg.to_dict(), {"plan": {"compile": False, "cache": True}})
+    eager = merge(cfg.to_dict(), {"plan": {"compile": False}})
     return build(config_from_dict(merge(eager, changes)), build_model(), bundle.train,
                  bundle.val, measure_loader=False, collate_fn=bundle.collate_fn)
 

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+# memory left free when judging a fit: the CUDA context and allocator slack on a GPU, the
+# interpreter and libraries on a CPU (the batch-size finder and the memory estimate)
+MARGIN = 0.10
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 _MEMINFO = Path("/proc/meminfo")
@@ -43,6 +46,11 @@ def _rss_peak_since_reset() -> int | None:
 
 def current_rss_bytes() -> int | None:
     return _proc_kib(_STATUS, "VmRSS")
+
+
+def cuda_memory_bytes(device: torch.device) -> int:
+    """A GPU's whole memory (what its allocated tensors may reach)."""
+    return torch.cuda.mem_get_info(device)[1]
 
 
 def available_ram_bytes() -> int | None:

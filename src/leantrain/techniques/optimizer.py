@@ -64,21 +64,20 @@ def build_optimizer(
     bf16 `states`, torchao's Adam/AdamW for them (its own kernels: `impl` does not apply);
     `offload`ed, stepping on the CPU with fused CPU kernels (torchao's CPUOffloadOptimizer)."""
     if states != "fp32":
-        from .optimizer_states import low_bit_optimizer
+        from .optimizer_states import torchao_optimizer
 
-        return low_bit_optimizer(params, cfg.name, states, cfg.lr, cfg.weight_decay)
+        return torchao_optimizer(params, cfg.name, states, cfg.lr, cfg.weight_decay)
+    cls, kwargs = _torch_optimizer(cfg)
+    if offload:  # the step runs on the host: the CPU's fused kernels, whatever `impl` says
+        from .optimizer_offload import offloaded_optimizer
+
+        return offloaded_optimizer(params, cls, **kwargs, fused=True)
     if impl == "for-loop":
         flags = {"foreach": False}
     elif impl == "foreach":
         flags = {"foreach": True}
     else:
         flags = {"fused": True}
-    if offload:  # the step runs on the host: the CPU's fused kernels, whatever `impl` says
-        from .optimizer_offload import offloaded_optimizer
-
-        cls, kwargs = _torch_optimizer(cfg)
-        return offloaded_optimizer(params, cls, **kwargs, fused=True)
-    cls, kwargs = _torch_optimizer(cfg)
     return cls(params, **kwargs, **flags)
 
 

@@ -90,7 +90,7 @@ def decide(ctx: Context, plan: PlanConfig) -> tuple[str, Outcome]:
     return states, Outcome(NAME, states != "fp32", why)
 
 
-def low_bit_optimizer(params, name: str, states: str, lr: float, weight_decay: float
+def torchao_optimizer(params, name: str, states: str, lr: float, weight_decay: float
                       ) -> torch.optim.Optimizer:
     """torchao's Adam or AdamW with `states` (8bit or 4bit) moments, or its AdamW with
     stochastic rounding for bf16 weights (`states` bf16)."""
