@@ -45,3 +45,34 @@ def test_prepare_refuses_what_cannot_run_here():
         leantrain.prepare(tiny_cnn(), plan={"device": "cpu", "precision": "fp16"})
     with pytest.raises(LeantrainError, match="unknown config key 'plan.precison'"):
         leantrain.prepare(tiny_cnn(), plan={"precison": "bf16"})
+
+
+def test_prepare_refuses_optimizer_settings_only_its_own_optimizer_honours():
+    model = tiny_cnn()
+    before = model[0].weight.detach().clone()
+    for plan, key in (({"optimizer_states": "bf16"}, "plan.optimizer_states 'bf16'"),
+                      ({"optimizer_states": "8bit"}, "plan.optimizer_states '8bit'"),
+                      ({"optimizer_offload": True}, "plan.optimizer_offload")):
+        with pytest.raises(LeantrainError, match=f"{key} needs the optimizer leantrain builds"):
+            leantrain.prepare(model, plan={"device": "cpu", **plan})
+    assert model[0].weight.dtype == torch.float32 and torch.equal(model[0].weight, before)
+
+
+def test_under_cuda_graphs_the_step_marks_the_next_one(monkeypatch):
+    from leantrain.run.plan import ResolvedPlan
+    from leantrain.run.prepare import Prepared
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = tiny_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def plan(mode: str) -> ResolvedPlan:
+        return ResolvedPlan(device=torch.device("cuda"), precision="fp32", channels_last=False,
+                            compile=True, cudnn_benchmark=False, tf32=False,
+                            optimizer_impl="foreach", grad_accum=1, compile_mode=mode)
+
+    Prepared(model, optimizer, None, plan("reduce-overhead")).step()
+    assert marks == [1]
+    Prepared(model, optimizer, None, plan("max-autotune-no-cudagraphs")).step()
+    assert marks == [1]

@@ -12,8 +12,11 @@ objects that are then used the plain PyTorch way::
         run.step()                       # optimizer step (+ scaler), zero_grad
 
 The optimizer is used as you built it (its kernels and hyper-parameters are yours); the plan's
-`optimizer_impl` applies only to optimizers leantrain builds. `run.outcomes` says what was
-applied and why.
+`optimizer_impl` applies only to optimizers leantrain builds. The plan settings that need an
+optimizer of leantrain's own (`optimizer_states` other than fp32, `optimizer_offload`) are
+refused here, rather than changing the weights under an optimizer not made for them. Under
+CUDA graphs (`compile_mode` reduce-overhead or max-autotune on a GPU), `run.step()` marks the
+next step's beginning. `run.outcomes` says what was applied and why.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import torch
 from torch import nn
 
 from ..config import PlanConfig, config_from_dict
+from ..errors import LeantrainError
 from ..techniques import cudnn_benchmark, precision, tf32
 from ..techniques.compile import apply_compile
+from ..techniques.compile_mode import uses_cuda_graphs
 from .plan import ResolvedPlan, prepare_model, resolve_plan
 from .step import to_device
 
@@ -62,10 +67,26 @@ class Prepared:
 
     def step(self) -> None:
         precision.optimizer_step(self.optimizer, self.scaler)
+        if self.plan.compile and uses_cuda_graphs(self.plan.compile_mode, self.plan.device):
+            torch.compiler.cudagraph_mark_step_begin()  # the next forward starts a new step
 
     def close(self) -> None:
         """Restore the process-wide backend flags (cuDNN benchmark, TF32) the plan set."""
         self._flags.close()
+
+
+def _refuse_optimizer_settings(plan: PlanConfig) -> None:
+    """Settings that only an optimizer leantrain builds can honour (bf16 states would cast
+    the weights under an optimizer without stochastic rounding)."""
+    if plan.optimizer_states not in ("auto", "fp32"):
+        raise LeantrainError(
+            f"plan.optimizer_states {plan.optimizer_states!r} needs the optimizer leantrain "
+            "builds (torchao's); with your own loop build it yourself (leantrain.techniques."
+            "optimizer_states.torchao_optimizer) and leave plan.optimizer_states unset")
+    if plan.optimizer_offload:
+        raise LeantrainError("plan.optimizer_offload needs the optimizer leantrain builds; "
+                             "with your own loop wrap yours in torchao.optim."
+                             "CPUOffloadOptimizer and leave plan.optimizer_offload unset")
 
 
 def prepare(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -74,6 +95,7 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     and model, and apply it. Raises LeantrainError when an explicit request cannot run here."""
     if not isinstance(plan, PlanConfig):
         plan = config_from_dict({"plan": dict(plan or {})}).plan
+    _refuse_optimizer_settings(plan)
     resolved = resolve_plan(plan, model)
     model = prepare_model(model, resolved)  # moves parameters in place: the optimizer's too
     step_model = apply_compile(model, resolved.compile_mode) if resolved.compile else model
