@@ -43,9 +43,9 @@ def snapshot_first_checkpoint(monkeypatch, train, snapshot):
     the folder a run killed at that instant leaves behind (for resume tests)."""
     import shutil
 
-    from leantrain.run.trainer import Trainer
+    from leantrain.run.checkpoints import Checkpoints
 
-    original = Trainer._save_checkpoint
+    original = Checkpoints.save
 
     def save_and_snapshot_first(self, *args):
         original(self, *args)
@@ -55,7 +55,7 @@ def snapshot_first_checkpoint(monkeypatch, train, snapshot):
             shutil.copytree(self.out_dir, snapshot, ignore=shutil.ignore_patterns(".lock"))
 
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_save_checkpoint", save_and_snapshot_first)
+        patch.setattr(Checkpoints, "save", save_and_snapshot_first)
         train()
 
 

@@ -27,6 +27,7 @@ from leantrain.cli import main
 from leantrain.errors import LeantrainError
 from leantrain.run import folder as run_folder
 from leantrain.run import trainer as trainer_module
+from leantrain.run.checkpoints import Checkpoints
 from leantrain.run.finite import NonFiniteError
 from leantrain.run.signals import Stopped
 
@@ -432,16 +433,15 @@ def test_a_kill_after_the_final_checkpoint_resume_writes_the_missing_model(tmp_p
 def test_a_kill_before_the_final_checkpoint_resumes_to_the_same_model(tmp_path, monkeypatch):
     reference = _weights(_finished_run(tmp_path, "full") / "model.pt")
     out = tmp_path / "killed"
-    original = trainer_module.Trainer._save_checkpoint
+    original = Checkpoints.save
 
-    def killed_at_the_finished_checkpoint(self, extra=None):
+    def killed_at_the_finished_checkpoint(self, state, extra=None):
         if extra is not None:  # the artefacts are written; the finished checkpoint is next
             raise KeyboardInterrupt
-        original(self, extra)
+        original(self, state, extra)
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer_module.Trainer, "_save_checkpoint",
-                      killed_at_the_finished_checkpoint)
+        patch.setattr(Checkpoints, "save", killed_at_the_finished_checkpoint)
         with pytest.raises(KeyboardInterrupt):
             fit(mlp(), *_data(), _cfg(), out, progress_bar=False)
     assert not _weights(out / "checkpoint.pt")["progress"]["finished"]
@@ -487,7 +487,7 @@ def test_more_epochs_on_resume_are_honoured(tmp_path, monkeypatch):
     def stop_after_the_first_epoch(self, epoch):
         stop = original(self, epoch)
         if epoch == 0:
-            self._save_checkpoint()
+            self.checkpoints.save(self.state)
             raise KeyboardInterrupt
         return stop
 
@@ -513,17 +513,17 @@ def test_resume_with_another_architecture_names_the_parameter(tmp_path):
 
 
 def _interrupt_after_first_checkpoint(train):
-    original = trainer_module.Trainer._save_checkpoint
+    original = Checkpoints.save
 
-    def save_then_stop(self, extra=None):
-        original(self, extra)
+    def save_then_stop(self, state, extra=None):
+        original(self, state, extra)
         raise KeyboardInterrupt
 
-    trainer_module.Trainer._save_checkpoint = save_then_stop
+    Checkpoints.save = save_then_stop
     try:
         train()
     finally:
-        trainer_module.Trainer._save_checkpoint = original
+        Checkpoints.save = original
 
 
 @pytest.mark.parametrize("saved, fragment", [

@@ -3,6 +3,7 @@ micro-batches whose gradients accumulate, so the step (and the run) is the one i
 been; the split is logged once, kept by the checkpoint, and bounded."""
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def test_an_oom_halves_the_micro_batch_keeps_the_global_batch_and_the_same_weigh
     assert summary["micro_split"] == 4 and summary["steps"] == 12  # the same 6 steps an epoch
     assert torch.allclose(_weights(squeezed), _weights(plain), atol=1e-5)
     warnings = [r.message for r in caplog.records
-                if r.name == "leantrain.run.trainer" and "out of memory" in r.message]
+                if r.name == "leantrain.run.recovery" and "out of memory" in r.message]
     assert len(warnings) == 2 and "runs as 4 micro-batches" in warnings[-1]  # once per split
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert saved["progress"]["micro_split"] == 4  # a resume keeps the split
@@ -87,3 +88,51 @@ def test_recovery_is_bounded_at_one_sample_per_micro_batch():
     train, val = _data()
     with pytest.raises(LeantrainError, match="even with micro-batches of one sample"):
         fit(RunsOutOfMemory(limit=0), train, val, _cfg(), progress_bar=False)
+
+
+class LeavesActivationsBehind(nn.Module):
+    """An MLP whose first training forward (or the first above `limit` samples) allocates a
+    large activation and then runs out of memory, as a GPU that fills up mid-forward does.
+    It records whether that activation was still alive when the next forward began: the
+    memory a retry must have back."""
+
+    def __init__(self, limit: int = 0, calls_that_fail: int = 1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+        self.limit, self.fails_left = limit, calls_that_fail
+        self.failed: weakref.ref | None = None
+        self.alive_at_retry: list[bool] = []
+
+    def forward(self, x):
+        if self.failed is not None:
+            self.alive_at_retry.append(self.failed() is not None)
+            self.failed = None
+        if self.training and self.fails_left and len(x) > self.limit:
+            self.fails_left -= 1
+            activation = torch.empty(len(x), 1 << 16)  # what the failed forward held
+            self.failed = weakref.ref(activation)
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} MiB")
+        return self.net(x)
+
+
+def test_the_failed_attempts_memory_is_freed_before_the_retry_and_the_result_is_the_same():
+    train, val = _data()
+    plain = RunsOutOfMemory(limit=None)
+    fit(plain, train, val, _cfg(), progress_bar=False)
+    # 32 -> 16 -> 8 samples, twice: in the FLOP count, then in training
+    model = LeavesActivationsBehind(limit=10, calls_that_fail=4)
+    summary = fit(model, train, val, _cfg(), progress_bar=False)
+    assert model.alive_at_retry == [False] * 4  # nothing of any failed attempt survived
+    assert summary["micro_split"] == 4
+    assert torch.allclose(_weights(model.net), _weights(plain.net), atol=1e-5)
+
+
+def test_flops_are_counted_on_a_micro_batch_that_fits_after_freeing_the_one_that_did_not():
+    train, val = _data()
+    plain = fit(RunsOutOfMemory(limit=None), train, val, _cfg(), progress_bar=False)
+    model = LeavesActivationsBehind(limit=10, calls_that_fail=2)  # the FLOP count's: 32, 16
+    summary = fit(model, train, val, _cfg(), progress_bar=False)
+    assert model.alive_at_retry == [False, False]
+    assert summary["micro_split"] == 1  # only the count ran out: training never did
+    assert summary["flops_per_sample"] == plain["flops_per_sample"] > 0

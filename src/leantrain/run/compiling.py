@@ -69,6 +69,14 @@ class CompiledStep:
         replay overwrites the graph's outputs, so it is copied."""
         return t.detach().clone() if self.cuda_graphs and not self.eager_left else t
 
+    def shape_changed(self) -> None:
+        """A new micro-batch size (out-of-memory recovery) compiles once more: the next
+        step's time is booked as compile time, and compiled steps are timed from after it."""
+        if self.compiled is not None:
+            self.compile_pending = True
+            log.info("torch.compile: the new micro-batch size compiles once more (dynamo then "
+                     "marks the batch dimension dynamic); that step counts as compile time")
+
     def after_step(self, p: Progress, tick: float) -> float:
         """Book the optimizer step that just ended; returns the step clock (`tick`), moved on
         when the time since `tick` was booked here rather than as training steps."""

@@ -29,7 +29,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
     runs long enough to pay (`run.defaults`). With `out_dir`, the run folder gets config.yaml
     (with the measured choices explicit), checkpoint.pt, metrics.jsonl, tensorboard/, model.pt
     (plain state_dict) and summary.json; `resume=True` continues from its checkpoint.
-    `watcher` (a `run.trainer.Watcher`) sees each validation and may end the run early.
+    `watcher` (a `run.records.Watcher`) sees each validation and may end the run early.
     """
     cfg = cfg or TrainConfig()
     out = Path(out_dir) if out_dir is not None else None

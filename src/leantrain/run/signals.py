@@ -11,7 +11,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
+import torch
+
+from .. import distributed
+from ..distributed import DistContext
 from ..errors import LeantrainError
 
 log = logging.getLogger(__name__)
@@ -61,3 +67,25 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         self._restore()
+
+    def agreed(self, step: int, dist: DistContext, log_every: int,
+               device: torch.device) -> bool:
+        """A signal was received here (or, under launch, on any rank: the ranks agree at log
+        steps, so that all of them checkpoint the same step and none waits on another)."""
+        if not dist.active:
+            return self.requested
+        if step % log_every:
+            return False
+        flag = torch.tensor([float(self.requested)], device=device)
+        return bool(distributed.all_reduce_sum([flag], dist)[0].item())
+
+    def stop(self, step: int, out_dir: Path | None, save_checkpoint: Callable[[], None]
+             ) -> None:
+        """Write the checkpoint (with a run folder) and raise `Stopped` naming what next."""
+        name = signal.Signals(self.signum or signal.SIGTERM)
+        if out_dir is None:
+            raise Stopped(f"stopped by {name.name} at step {step} (no run folder: nothing "
+                          "saved)", name.value)
+        save_checkpoint()
+        raise Stopped(f"stopped by {name.name} at step {step}; checkpoint written; continue "
+                      f"with: leantrain train --resume {out_dir}", name.value)

@@ -45,7 +45,7 @@ class Progress:
     stop_reason: str | None = None  # a target met, or train.max_steps reached
     finished: bool = False
     # each loader batch runs as this many micro-batches, their gradients accumulated: raised
-    # by out-of-memory recovery (run.trainer), and kept by checkpoints so a resume keeps it
+    # by out-of-memory recovery (run.recovery), and kept by checkpoints so a resume keeps it
     micro_split: int = 1
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,21 +5,25 @@ Everything here reads a finished (or running) `Run` and its state; nothing decid
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import distributed
 from ..checkpoint import atomic_save, atomic_write_text
 from ..config import target_of
-from ..data.loaders import batch_size, data_wait_advice
+from ..data.loaders import batch_size, data_wait_advice, split_batch
 from ..measure.flops import count_flops, device_peak, mfu
 from ..measure.memory import peak_bytes
 from ..measure.probe import untouched
 from ..measure.timing import DATA_WAIT_WARNING, StepTimer
 from ..techniques.checkpointing import recompute_paused
+from . import recovery
 from .plan import ResolvedPlan, Run
 from .state import TrainState
 
@@ -30,19 +34,41 @@ MODEL_NAME = "model.pt"
 
 
 def training_flops(run: Run) -> float | None:
-    """Training FLOPs per sample, counted on one batch; None if the counter fails.
+    """Training FLOPs per sample, counted on one micro-batch that fits; None if the counter
+    fails.
 
-    Model FLOPs: activation checkpointing's recomputation is not counted (MFU, not HFU).
-    It leaves the model as it was, so call it before the run seeds its random streams.
+    A first batch that runs out of memory is counted in halves, then quarters, ..., each
+    attempt after the failed one's memory is back (`recovery.attempt`). Model FLOPs:
+    activation checkpointing's recomputation is not counted (MFU, not HFU). It leaves the
+    model as it was, so call it before the run seeds its random streams.
     """
     batch = next(iter(run.train_loader.batches()))
+    parts = 1
+    while True:
+        chunk = batch if parts == 1 else split_batch(batch, parts)[0]
+        flops, failure = recovery.attempt(functools.partial(_count, run, chunk))
+        if failure is None:
+            if parts > 1:
+                log.info("FLOPs counted on a micro-batch of %d samples (a batch of %d ran out "
+                         "of memory)", batch_size(chunk), batch_size(batch))
+            return flops / batch_size(chunk) if flops else None
+        recovery.release(run.plan.device)
+        if batch_size(chunk) == 1:
+            log.warning("FLOPs not counted (out of memory on one sample: %s); no MFU for this "
+                        "run", failure)
+            return None
+        parts *= 2
+
+
+def _count(run: Run, batch) -> int | None:
     try:
         with untouched(run.model), recompute_paused(run.model):
-            flops = count_flops(lambda: run.step.probe(run.model, batch))
+            return count_flops(lambda: run.step.probe(run.model, batch))
+    except torch.OutOfMemoryError:
+        raise  # counted again on a smaller micro-batch
     except Exception as exc:  # a model the counter cannot trace still trains
         log.warning("FLOPs not counted (%s: %s); no MFU for this run", type(exc).__name__, exc)
         return None
-    return flops / batch_size(batch) if flops else None
 
 
 def utilization(plan: ResolvedPlan, flops_per_sample: float | None,
@@ -121,6 +147,8 @@ def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float
         "parameters": sum(t.numel() for t in run.model.parameters()),
         "optimizer": describe_optimizer(state.optimizer),
         "plan": plan.to_dict(),
+        # 1, or how many micro-batches each batch became after an out-of-memory recovery
+        "micro_split": p.micro_split,
     }
     if run.step.task == "causal-lm" and p.val_loss is not None:
         summary["val_perplexity"] = math.exp(min(p.val_loss, 700.0))

@@ -2,53 +2,38 @@
 
 Metrics are summed on the device and read back only every `log_every` steps and at epoch
 ends, so the hot path never waits on the host. `Trainer.steps()` is the same step without
-evaluation, checkpoints or logs: the one loop the bench, the finders and doctor time.
+evaluation, checkpoints or logs: the one loop the bench, the finders and doctor time. What the
+loop calls has a module each: out-of-memory recovery (`recovery`), signals (`signals`),
+records and validation (`records`), checkpoints and resume (`checkpoints`), and the compile
+hand-over (`compiling`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import yaml
-from tqdm import tqdm
 
 from .. import distributed
-from ..checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, remove_partial_writes
-from ..config import CONFIG_NAME, target_met, target_of
 from ..data.loaders import batch_size, split_batch
-from ..errors import LeantrainError, first_line
 from ..losses import tasks
 from ..measure.memory import reset_peak
-from ..measure.monitor import ResourceMonitor
-from ..measure.timing import DATA_WAIT_WARNING, StepTimer
+from ..measure.timing import StepTimer
 from ..techniques import accumulation, clipping, precision
 from ..techniques.init import init_weights
-from . import finite, signals, step, summary
+from . import recovery, signals, step, summary
 from . import state as run_state
+from .checkpoints import Checkpoints
 from .compiling import EAGER_STEPS, CompiledStep
 from .heartbeat import Heartbeat
-from .logs import NullLog, RunLog, start_monitor, truncate_after
 from .plan import Run
+from .records import Records, Watcher
 from .state import TrainState
-
-log = logging.getLogger(__name__)
-
-
-class Watcher(Protocol):
-    """What a caller driving many runs (a tuning study) sees of one, and how it ends it."""
-
-    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
-        """After each validation; may raise to abandon the run (a pruned trial)."""
-
-    def stop_reason(self) -> str | None:
-        """After each optimizer step: a reason to end the run now (its summary is still
-        written), or None."""
 
 
 class Trainer:
@@ -57,18 +42,14 @@ class Trainer:
     def __init__(self, run: Run, out_dir: Path | None = None, progress_bar: bool = True,
                  watcher: Watcher | None = None):
         self.run, self.out_dir, self.progress_bar = run, out_dir, progress_bar
-        self.watcher = watcher
-        self.step_model = run.wrapped  # compiled when training starts (see `_begin`)
-        self.compiling: CompiledStep | None = None
+        self.compiling: CompiledStep | None = None  # made when training starts (`_begin`)
         self.state: TrainState | None = None
         self.timer = StepTimer(run.plan.device)
-        self.log_file: RunLog | NullLog = NullLog()
-        self.monitor: ResourceMonitor | None = None
-        self.data_wait_warned, self.first_step_pending, self.loop_start = False, True, 0.0
-        self.target, self.evaluated_at = target_of(run.cfg), -1
+        self.first_step_pending, self.loop_start = True, 0.0
         self.stop = signals.StopRequest()
         self.heartbeat = Heartbeat(run.dist.rank) if run.dist.active else None
-        self.saved_step: int | None = None  # the step of the last checkpoint written
+        self.checkpoints = Checkpoints(run, out_dir)
+        self.records = Records(run, self.checkpoints.last_good, watcher)
 
     def restart_timer(self) -> StepTimer:
         """A fresh step timer from now on (after warm-up steps that should not count)."""
@@ -84,17 +65,16 @@ class Trainer:
         if self.run.plan.compile and self.compiling is None:
             self.compiling = CompiledStep(self.run.wrapped, self.run.plan.device, eager_steps,
                                           self.run.plan.compile_mode)
-            self.step_model = self.compiling.model
 
     def _close_compiling(self) -> None:
         if self.compiling is not None:
             self.compiling.close()
 
     def _start_fresh(self) -> None:
-        run = self.run
-        if run.plan.distributed != "fsdp":  # FSDP2 models were initialised before sharding
-            init_weights(run.model, run.cfg.train.init)
-        torch.manual_seed(run.cfg.train.seed + run.dist.rank)  # dropout differs per rank
+        cfg, plan, rank = self.run.cfg, self.run.plan, self.run.dist.rank
+        if plan.distributed != "fsdp":  # FSDP2 models were initialised before sharding
+            init_weights(self.run.model, cfg.train.init)
+        torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank
 
     def micro_step(self, batch: step.Batch, micro: int, last: bool) -> tuple[bool, torch.Tensor]:
         """Forward and backward one loader batch (as `progress.micro_split` micro-batches
@@ -134,7 +114,8 @@ class Trainer:
             self.compiling.before_forward()
         with step.naming_label_errors(f"training batch {micro} of epoch "
                                       f"{state.progress.epoch + 1}"):
-            logits, loss, _ = run.step.forward(self.step_model, sb)
+            model = run.wrapped if self.compiling is None else self.compiling.model
+            logits, loss, _ = run.step.forward(model, sb)
         metric, count = tasks.tally(run.step.task, logits, sb.labels, sb.size)
         loss_sum, metric_sum, counted = state.epoch_sums
         loss_sum += loss.detach().float() * count
@@ -149,43 +130,19 @@ class Trainer:
         timer.mark("backward")
         return loss if self.compiling is None else self.compiling.kept(loss)
 
-    def _recover(self, window: list[step.Batch], first: int, sums: list[torch.Tensor],
-                 n_batches: int, error: torch.OutOfMemoryError) -> bool:
-        """After an out-of-memory error in the optimizer step whose loader batches are
-        `window` (from micro-batch `first`): drop its partial gradients and tallies, cut each
-        batch into twice as many micro-batches (their gradients accumulated, so the global
-        batch is kept) and run the step again; bounded at one sample per micro-batch.
-        Returns whether the replayed step ended at a boundary."""
-        state, p = self.state, self.state.progress
-        while True:
-            parts = p.micro_split * 2
-            if parts > min(batch_size(b) for b in window):
-                raise LeantrainError(
-                    f"out of memory at step {p.step + 1} even with micro-batches of one sample "
-                    f"({first_line(error)}); lower data.batch_size, or turn on "
-                    "plan.activation_checkpointing") from error
-            p.micro_split = parts
-            log.warning("out of memory at step %d: each batch of %d now runs as %d "
-                        "micro-batches, their gradients accumulated (the global batch is "
-                        "unchanged); the checkpoint keeps this split", p.step + 1,
-                        batch_size(window[0]), parts)
-            state.optimizer.zero_grad(set_to_none=True)
-            for now, before in zip(state.epoch_sums, sums, strict=True):
-                now.copy_(before)
-            del error
-            if self.run.plan.device.type == "cuda":
-                torch.cuda.empty_cache()
+    def _recover(self, window: recovery.StepWindow, failure: str, n_batches: int) -> bool:
+        """The step of `window` ran out of memory: replay it as smaller micro-batches
+        (`run.recovery`). Returns whether the replayed step ended at a boundary."""
+        def before_replay() -> None:
+            recovery.discard_step(self.state, window, self.run.plan.device)
             self.timer.restart()  # the failed step's partial marks are dropped
-            try:
-                for offset, batch in enumerate(window):
-                    micro = first + offset
-                    stepped, _ = self.micro_step(batch, micro, last=micro == n_batches - 1)
-                return stepped
-            except torch.OutOfMemoryError as again:
-                error = again
+            if self.compiling is not None:
+                self.compiling.shape_changed()
 
-    def _beat(self, phase: str) -> None:
-        """Under launch: where this rank is, for a report that names a stuck rank."""
+        return recovery.replay_split(window, self.state.progress, failure, self.run.dist,
+                                     n_batches, before_replay, self.micro_step)
+
+    def _beat(self, phase: str) -> None:  # under launch: for a report that names a stuck rank
         if self.heartbeat is not None:
             self.heartbeat.beat(self.state.progress.step + 1, phase)
 
@@ -225,37 +182,8 @@ class Trainer:
         finally:
             self._close_compiling()
 
-    def _train_record(self) -> dict[str, float]:
-        """The epoch's training loss and metric so far (a host sync: at log points only)."""
-        loss_sum, metric_sum, n = run_state.epoch_totals(self.state, self.run)
-        finite.check_loss(loss_sum, self.state.progress.step, self._last_good())
-        record = {"loss": loss_sum / max(n, 1)}
-        metric = tasks.METRIC.get(self.run.step.task)
-        if metric:
-            record[metric] = metric_sum / max(n, 1)
-        return record
-
-    def _log_train(self, bar) -> None:
-        # float(): torchao's low-bit optimizers keep the LR as a tensor (no recompiles)
-        p, lr = self.state.progress, float(self.state.optimizer.param_groups[0]["lr"])
-        record = self._train_record()
-        self.log_file.log("train", p.step, epoch=p.epoch, **record, lr=lr)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}")
-
-    def _evaluate(self) -> dict[str, float]:
-        """Validation metrics now; records the time to the target when it is first met."""
-        run, p = self.run, self.state.progress
-        found = step.metrics(run.model, run.val_loader, run.step)
-        p.val_accuracy, p.val_loss, p.val_mae = (found[k] for k in
-                                                 ("val_accuracy", "val_loss", "val_mae"))
-        self.evaluated_at = p.step
-        if p.time_to_target is None and target_met(self.target, found):
-            p.time_to_target = p.train_seconds + (time.perf_counter() - self.loop_start)
-            p.stop_reason = f"target {self.target[0]}{self.target[1]}{self.target[2]:g} met"
-        found = {k: v for k, v in found.items() if v is not None}
-        if self.watcher is not None:
-            self.watcher.evaluated(p.step, found)
-        return found
+    def _seconds(self) -> float:  # training time so far: evaluation and checkpoints included
+        return self.state.progress.train_seconds + (time.perf_counter() - self.loop_start)
 
     def _after_step(self, bar, tick: float) -> float:
         """Logs and mid-epoch checkpoints after an optimizer step; returns the step clock."""
@@ -269,25 +197,25 @@ class Trainer:
             if moved != tick:  # eager steps ended, or a step compiled: a fresh breakdown
                 tick = moved
                 self.restart_timer().restart()
-            self.step_model = self.compiling.model
         if p.step % train.log_every == 0:
-            self._log_train(bar)
+            self.records.log_train(self.state, bar)
             self.timer.collect()
             self.timer.restart()
-        if self._stop_requested(p.step):
-            self._stop_on_signal()
+        if self.stop.agreed(p.step, self.run.dist, train.log_every, self.run.plan.device):
+            self.stop.stop(p.step, self.out_dir, lambda: self.checkpoints.save(self.state))
         if train.max_steps is not None and p.step >= train.max_steps:
             p.stop_reason = f"train.max_steps ({train.max_steps}) reached"
-        if self.watcher is not None and not p.stop_reason:
-            p.stop_reason = self.watcher.stop_reason()
+        if self.records.watcher is not None and not p.stop_reason:
+            p.stop_reason = self.records.watcher.stop_reason()
         eval_now = train.eval_every_steps and p.step % train.eval_every_steps == 0
         checkpoint = train.checkpoint_every and p.step % train.checkpoint_every == 0
         if (eval_now or checkpoint) and not p.stop_reason:
             p.step_seconds += time.perf_counter() - tick
             if eval_now:
-                self.log_file.log("eval", p.step, epoch=p.epoch, **self._evaluate())
+                found = self.records.evaluate(self.state, self._seconds())
+                self.records.log_file.log("eval", p.step, epoch=p.epoch, **found)
             if checkpoint:
-                self._save_checkpoint()
+                self.checkpoints.save(self.state)
             tick = time.perf_counter()
             self.timer.restart()
         return tick
@@ -295,29 +223,17 @@ class Trainer:
     def _run_epoch(self, epoch: int) -> None:
         run, p = self.run, self.state.progress
         n_batches = len(run.train_loader)
-        bar = tqdm(total=n_batches, initial=p.batch,
-                   desc=f"epoch {epoch + 1}/{run.cfg.train.epochs}",
-                   disable=None if self.progress_bar and run.dist.is_main else True,
-                   leave=False, unit="batch")
+        bar = self.records.bar(epoch, p.batch, self.progress_bar)
         tick = time.perf_counter()
         self.timer.restart()
-        window, sums = [], []  # the current optimizer step's batches, the tallies before it
+        window = recovery.StepWindow()  # what a replay after an out-of-memory error needs
         for micro, batch in enumerate(run.train_loader.batches(epoch, p.batch), start=p.batch):
-            if not window:
-                sums = [t.clone() for t in self.state.epoch_sums]
-            window.append(batch)
-            try:
-                stepped, _ = self.micro_step(batch, micro, last=micro == n_batches - 1)
-            except torch.OutOfMemoryError as error:
-                if run.dist.active:  # a rank that replays alone would leave the others
-                    # waiting in their collective: the job fails, naming the rank
-                    raise LeantrainError(
-                        f"out of memory at step {p.step + 1} on rank {run.dist.rank}; recovery "
-                        "splits batches in a single process only: lower data.batch_size or "
-                        "turn on plan.activation_checkpointing") from error
-                stepped = self._recover(window, micro - len(window) + 1, sums, n_batches, error)
+            window.add(batch, micro, self.state.epoch_sums)
+            done, failure = recovery.attempt(
+                functools.partial(self.micro_step, batch, micro, micro == n_batches - 1))
+            stepped = done[0] if failure is None else self._recover(window, failure, n_batches)
             if stepped:
-                window = []
+                window.close()
             p.batch, p.samples = micro + 1, p.samples + batch_size(batch)
             bar.update(1)
             if stepped:
@@ -331,29 +247,11 @@ class Trainer:
 
     def _end_epoch(self, epoch: int) -> bool:
         """Evaluate, log, checkpoint; True when the run should stop (target reached)."""
-        run, p = self.run, self.state.progress
-        train = run.cfg.train
-        record = {"epoch": epoch + 1,
-                  **{f"train_{k}": v for k, v in self._train_record().items()}}
-        last = epoch + 1 == train.epochs or p.stop_reason is not None
-        if ((epoch + 1) % train.eval_every_epochs == 0 or last) and self.evaluated_at != p.step:
-            record.update(self._evaluate())
-        if epoch == 0:
-            self._warn_data_wait()  # after the first epoch, not only at the end of a long run
-        self.log_file.log("epoch", p.step, **record)
-        log.info("epoch %d: %s", epoch + 1,
-                 ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+        p = self.state.progress
+        self.records.end_epoch(self.state, epoch, self._seconds(), self.timer)
         p.epoch, p.batch = epoch + 1, 0
-        self.state.epoch_sums = tasks.zeros(run.step.task, run.plan.device)
+        self.state.epoch_sums = tasks.zeros(self.run.step.task, self.run.plan.device)
         return p.stop_reason is not None
-
-    def _warn_data_wait(self) -> None:
-        breakdown = summary.step_breakdown(self.timer, self.run)
-        if breakdown and "advice" in breakdown and not self.data_wait_warned:
-            self.data_wait_warned = True
-            log.warning("waiting for data takes %.0f%% of each step (over %.0f%%); try: %s",
-                        100 * breakdown["fractions"]["data"], 100 * DATA_WAIT_WARNING,
-                        breakdown["advice"])
 
     def _loop(self) -> None:
         p, epochs = self.state.progress, self.run.cfg.train.epochs
@@ -365,63 +263,7 @@ class Trainer:
             self.loop_start = time.perf_counter()
             if stop or epoch + 1 == epochs:
                 return  # the finished checkpoint follows the run's artefacts (see `fit`)
-            self._save_checkpoint()
-
-    def _last_good(self) -> str:
-        if self.out_dir is None:
-            return "no run folder, so no checkpoint"
-        if self.saved_step is None:
-            return f"no checkpoint was written in {self.out_dir} before it"
-        return f"the last finite checkpoint (step {self.saved_step}) is kept in {self.out_dir}"
-
-    def _save_checkpoint(self, extra: dict[str, Any] | None = None) -> None:
-        if self.out_dir is None:
-            return
-        p = self.state.progress
-        finite.check_parameters(self.run.model, self.run.dist, p.step, self._last_good())
-        run_state.save(self.state, self.run, self.out_dir, extra)
-        self.saved_step = p.step
-
-    def _stop_requested(self, step: int) -> bool:
-        """A signal was received here (or, under launch, on any rank: the ranks agree at log
-        steps, so that all of them checkpoint the same step and none waits on another)."""
-        if not self.run.dist.active:
-            return self.stop.requested
-        if step % self.run.cfg.train.log_every:
-            return False
-        flag = torch.tensor([float(self.stop.requested)], device=self.run.plan.device)
-        return bool(distributed.all_reduce_sum([flag], self.run.dist)[0].item())
-
-    def _stop_on_signal(self) -> None:
-        name = signals.signal.Signals(self.stop.signum or signals.signal.SIGTERM)
-        p = self.state.progress
-        if self.out_dir is None:
-            raise signals.Stopped(f"stopped by {name.name} at step {p.step} (no run folder: "
-                                  "nothing saved)", name.value)
-        self._save_checkpoint()
-        raise signals.Stopped(f"stopped by {name.name} at step {p.step}; checkpoint written; "
-                              f"continue with: leantrain train --resume {self.out_dir}",
-                              name.value)
-
-    def _resume(self) -> dict[str, Any] | None:
-        """Restore the checkpoint; for a finished run, write the artefacts it lacks and return
-        its summary (None: training continues)."""
-        out = self.out_dir
-        remove_partial_writes(out)  # a run killed while writing leaves its temp file
-        saved = load_checkpoint(out / CHECKPOINT_NAME, self.run.plan.device)
-        run_state.restore(self.state, self.run, saved, out / CHECKPOINT_NAME)
-        p = self.state.progress
-        self.saved_step = p.step
-        if p.finished:
-            written = summary.write_missing(self.run, self.state, saved.get("summary"), out)
-            if not written:
-                raise LeantrainError(f"the run in {out} has already finished; nothing to resume")
-            log.info("the run in %s had finished; wrote what it lacked: %s", out,
-                     ", ".join(written))
-            return saved["summary"]
-        truncate_after(out, p.step)
-        log.info("resuming at epoch %d, batch %d (step %d)", p.epoch + 1, p.batch, p.step)
-        return None
+            self.checkpoints.save(self.state)
 
     def fit(self, resume: bool = False, plan_measurement: dict[str, Any] | None = None
             ) -> dict[str, Any]:
@@ -431,47 +273,28 @@ class Trainer:
         flops = summary.training_flops(run)  # before seeding: it draws no numbers after
         self._begin(eager_steps=EAGER_STEPS)
         if resume:
-            finished = self._resume()
+            finished = self.checkpoints.resume(self.state)
             if finished is not None:
                 self._close_compiling()
                 return finished
         else:
             self._start_fresh()
-        writes = out is not None and run.dist.is_main  # files and logs: rank 0 only
-        if writes:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / CONFIG_NAME,
-                              yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
-            self.log_file = RunLog(out)
+        self.records.open(out, lambda: self.state.progress.step)
         reset_peak(run.plan.device)
         self.first_step_pending = True
         self.restart_timer()
-        self.monitor = start_monitor(run, lambda sample: self.log_file.log(
-            "monitor", self.state.progress.step, **sample))
         run.model.train()
         try:
             with run.settings(), self.stop:
                 self._loop()
         finally:
-            if self.monitor:
-                self.monitor.stop()
-            self.log_file.close()
+            monitored = self.records.close()
             self._close_compiling()
             if self.heartbeat is not None:
                 self.heartbeat.close()
-        result = summary.build(run, self.state, self.timer, flops,
-                               self.monitor.summary() if self.monitor else None)
+        result = summary.build(run, self.state, self.timer, flops, monitored)
         if self.compiling is not None:
             result["compile"] = self.compiling.report(self.state.progress)
-        # 1, or how many micro-batches each batch became after an out-of-memory recovery
-        result["micro_split"] = self.state.progress.micro_split
         result["plan_measurement"] = plan_measurement
-        if out is not None:
-            # model.pt and summary.json first, then the checkpoint that says "finished": a run
-            # killed in between resumes from the previous checkpoint and writes them again
-            finite.check_parameters(run.model, run.dist, self.state.progress.step,
-                                    self._last_good())
-            summary.write(run, self.state, result, out)
-            self.state.progress.finished = True
-            self._save_checkpoint({"summary": result})
+        self.checkpoints.finish(self.state, result)
         return result

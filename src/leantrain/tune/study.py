@@ -134,7 +134,7 @@ def open_study(spec: StudySpec, worker: int = 0):
 
 class TrialWatcher:
     """Reports each validation to Optuna (which may prune the trial) and ends the trial's run
-    at the study's deadline or the trial's own time budget (`run.trainer.Watcher`)."""
+    at the study's deadline or the trial's own time budget (`run.records.Watcher`)."""
 
     def __init__(self, trial, objective: Objective, deadline: float | None,
                  trial_seconds: float | None):

@@ -1,0 +1,80 @@
+"""A run's checkpoints: each written only with finite weights, the last good one named when a
+run stops on NaN, and the resume from them.
+
+A run killed while writing leaves a temporary file (removed on resume); one killed after its
+artefacts but before its final checkpoint resumes from the previous checkpoint and writes
+them again; one that finished writes only what it lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_partial_writes
+from ..errors import LeantrainError
+from . import finite, summary
+from . import state as run_state
+from .logs import truncate_after
+from .plan import Run
+from .state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class Checkpoints:
+    """The checkpoints of one run in `out_dir` (None: a run without a folder saves none)."""
+
+    def __init__(self, run: Run, out_dir: Path | None):
+        self.run, self.out_dir = run, out_dir
+        self.saved_step: int | None = None  # the step of the last checkpoint written
+
+    def last_good(self) -> str:
+        """Where the last finite state is, for a message that stops the run."""
+        if self.out_dir is None:
+            return "no run folder, so no checkpoint"
+        if self.saved_step is None:
+            return f"no checkpoint was written in {self.out_dir} before it"
+        return f"the last finite checkpoint (step {self.saved_step}) is kept in {self.out_dir}"
+
+    def check_finite(self, step: int) -> None:
+        """Before anything holding the weights is written: NaN or inf stops the run."""
+        finite.check_parameters(self.run.model, self.run.dist, step, self.last_good())
+
+    def save(self, state: TrainState, extra: dict[str, Any] | None = None) -> None:
+        if self.out_dir is None:
+            return
+        self.check_finite(state.progress.step)
+        run_state.save(state, self.run, self.out_dir, extra)
+        self.saved_step = state.progress.step
+
+    def finish(self, state: TrainState, result: dict[str, Any]) -> None:
+        """model.pt and summary.json first, then the checkpoint that says "finished": a run
+        killed in between resumes from the previous checkpoint and writes them again."""
+        if self.out_dir is None:
+            return
+        self.check_finite(state.progress.step)
+        summary.write(self.run, state, result, self.out_dir)
+        state.progress.finished = True
+        self.save(state, {"summary": result})
+
+    def resume(self, state: TrainState) -> dict[str, Any] | None:
+        """Restore the checkpoint into `state` and the run's model. Returns a finished run's
+        summary once the artefacts it lacked are written, or None: training continues."""
+        run, out = self.run, self.out_dir
+        remove_partial_writes(out)
+        saved = load_checkpoint(out / CHECKPOINT_NAME, run.plan.device)
+        run_state.restore(state, run, saved, out / CHECKPOINT_NAME)
+        p = state.progress
+        self.saved_step = p.step
+        if p.finished:
+            written = summary.write_missing(run, state, saved.get("summary"), out)
+            if not written:
+                raise LeantrainError(f"the run in {out} has already finished; nothing to resume")
+            log.info("the run in %s had finished; wrote what it lacked: %s", out,
+                     ", ".join(written))
+            return saved["summary"]
+        truncate_after(out, p.step)  # metrics logged past the checkpoint are logged again
+        log.info("resuming at epoch %d, batch %d (step %d)", p.epoch + 1, p.batch, p.step)
+        return None
