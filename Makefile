@@ -41,7 +41,8 @@ bench: $(BIN)/leantrain
 
 bench-gpu: $(BIN)/leantrain  # on a CUDA machine: text-gpt 102 M per technique stack, ~380 M (fp8, states, estimate, OOM), GPU checks
 	$(BIN)/python benchmarks/gpt_gpu.py
-	$(BIN)/python benchmarks/gpu_scale.py --only large states estimate oom
+	$(BIN)/python benchmarks/gpu_scale.py --only large states estimate
+	$(BIN)/python benchmarks/oom_recovery.py
 	PYTHON=$(BIN)/python bash benchmarks/gpu_checks.sh runs/gpu_checks
 
 clean:

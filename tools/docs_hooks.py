@@ -20,7 +20,7 @@ MARKER = "<!-- benchmarks-table -->"
 
 
 def _machine(data) -> str:
-    found = data.get("machine") if isinstance(data, dict) else None
+    found = (data.get("machine") or data.get("device")) if isinstance(data, dict) else None
     if isinstance(found, dict):
         found = found.get("cpu") or found.get("gpu") or found.get("device")
     return str(found) if found else "machine not recorded in the file"
