@@ -12,6 +12,43 @@ def _quiet_and_seeded():
     logging.getLogger("leantrain").setLevel(logging.WARNING)
 
 
+class FakeClock:
+    """Injected time for timing tests: `now()` moves only when the test's model or data says
+    so (`advance`), so what a measurement finds is what the test set, on a loaded machine as on
+    a quiet one. No test of leantrain's timing logic asserts on the wall clock."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@pytest.fixture
+def fake_clock(monkeypatch) -> FakeClock:
+    """Every timing leantrain takes (`leantrain.measure.clock`) reads this clock instead."""
+    from leantrain.measure import clock
+
+    fake = FakeClock()
+    monkeypatch.setattr(clock, "now", fake.now)
+    return fake
+
+
+class Ticking(nn.Module):
+    """A model whose every forward takes `seconds` of injected time on `clock`."""
+
+    def __init__(self, inner: nn.Module, clock: FakeClock, seconds: float = 0.01):
+        super().__init__()
+        self.inner, self.clock, self.seconds = inner, clock, seconds
+
+    def forward(self, x):
+        self.clock.advance(self.seconds)
+        return self.inner(x)
+
+
 def blobs(n: int = 256, features: int = 8, classes: int = 3, seed: int = 0):
     """Separable Gaussian blobs: a tabular task an MLP learns in a few steps."""
     g = torch.Generator().manual_seed(seed)

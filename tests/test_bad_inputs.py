@@ -348,8 +348,18 @@ def test_a_folder_holding_other_files_is_not_trained_into(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]
 
 
+MARKS_ITS_LOADING = """
+from pathlib import Path
+
+def data():
+    Path(__file__).with_name("data_was_loaded").touch()
+    raise SystemExit(3)
+"""
+
+
 def test_a_second_run_on_a_folder_in_use_exits_2_at_once(tmp_path):
     out = tmp_path / "run"
+    (tmp_path / "marks.py").write_text(MARKS_ITS_LOADING)
     first = subprocess.Popen([sys.executable, "-m", "leantrain", "train", "--epochs", "200",
                               "--out", str(out), *FAST], stderr=subprocess.PIPE, text=True)
     try:
@@ -357,16 +367,17 @@ def test_a_second_run_on_a_folder_in_use_exits_2_at_once(tmp_path):
         while not (out / ".lock").exists() and time.time() < deadline:
             time.sleep(0.1)
         assert (out / ".lock").exists()
-        start = time.perf_counter()
+        # its data source writes a marker when loaded: "at once" is "before any data"
         second = subprocess.run([sys.executable, "-m", "leantrain", "train", "--epochs", "1",
-                                 "--out", str(out), *FAST], capture_output=True, text=True)
-        took = time.perf_counter() - start
+                                 "--data", "marks:data", "--out", str(out), *FAST],
+                                capture_output=True, text=True, cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": str(tmp_path)})
     finally:
         first.kill()
         first.wait()
     assert second.returncode == 2, second.stderr
     assert f"is in use by process {first.pid}" in second.stderr.strip().splitlines()[-1]
-    assert took < 20  # at once: no data loaded, nothing measured
+    assert not (tmp_path / "data_was_loaded").exists()  # no data loaded, nothing measured
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):

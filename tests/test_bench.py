@@ -2,13 +2,13 @@
 
 import json
 import math
-import time
+import random
 import types
 
 import pytest
 import torch
 import yaml
-from conftest import blobs, mlp
+from conftest import Ticking, blobs, mlp
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -58,13 +58,21 @@ def _fake_technique(lossless: bool):
     return types.SimpleNamespace(NAME="scramble", LOSSLESS=lossless, VARIANTS=(variant,))
 
 
+def ticking_mlp(clock, seconds: float = 0.01):
+    """The MLP builder the bench tests use: each forward takes `seconds` of injected time, so
+    budgets and rates are the same on a loaded machine as on a quiet one."""
+    return lambda: Ticking(mlp(), clock, seconds)
+
+
 @pytest.mark.parametrize("claims_lossless", [False, True])
-def test_numerical_check_flags_a_lossy_fake_technique(monkeypatch, claims_lossless):
+def test_numerical_check_flags_a_lossy_fake_technique(monkeypatch, claims_lossless,
+                                                      fake_clock):
     # beside one cheap lossless technique only, with room in the budget: no other trial can
-    # spend what its rounds need (it failed on loaded machines sharing 10 s with every one)
+    # spend what its rounds need
     monkeypatch.setattr(search, "REGISTRY", {"scramble": _fake_technique(claims_lossless),
                                              "optimizer_impl": REGISTRY["optimizer_impl"]})
-    result = run_bench(mlp, tabular_bundle(), small_cfg(), budget_s=60, tune_batch_size=False)
+    result = run_bench(ticking_mlp(fake_clock), tabular_bundle(), small_cfg(), budget_s=60,
+                       tune_batch_size=False)
     fake = result.trial("scramble")
     assert fake.status == "ok", fake.reason
     assert fake.check == "flagged"
@@ -74,19 +82,18 @@ def test_numerical_check_flags_a_lossy_fake_technique(monkeypatch, claims_lossle
     assert honest and all(t.check == "ok" for t in honest)  # lossless ones agree with baseline
 
 
-def test_budget_is_respected_within_ten_percent():
+def test_budget_is_respected_within_ten_percent(fake_clock):
     budget = 8.0
-    start = time.perf_counter()
-    result = run_bench(mlp, tabular_bundle(), small_cfg(), budget_s=budget)
-    took = time.perf_counter() - start
-    assert took <= 1.1 * budget, took
+    result = run_bench(ticking_mlp(fake_clock), tabular_bundle(), small_cfg(), budget_s=budget)
     assert result.elapsed_s <= 1.1 * budget
+    assert fake_clock.t <= 1.1 * budget  # every trial's time counted, the final check's too
     compile_trial = result.trial("compile")
     assert compile_trial.status == "skipped" and "budget" in compile_trial.reason
 
 
-def test_every_technique_is_listed_with_a_status_or_a_reason():
-    result = run_bench(mlp, tabular_bundle(), small_cfg(), budget_s=5, tune_batch_size=False)
+def test_every_technique_is_listed_with_a_status_or_a_reason(fake_clock):
+    result = run_bench(ticking_mlp(fake_clock), tabular_bundle(), small_cfg(), budget_s=5,
+                       tune_batch_size=False)
     names = {t.name for t in result.trials}
     for module in REGISTRY.values():
         if module.VARIANTS:
@@ -121,8 +128,8 @@ def test_interleave_reverses_order_and_drops_what_stops():
     assert [len(results[n]) for n in "abc"] == [3, 1, 3]
 
 
-def test_bench_outputs_and_the_plan_train_uses(tmp_path):
-    result = run_bench(mlp, tabular_bundle(), small_cfg(), budget_s=6)
+def test_bench_outputs_and_the_plan_train_uses(tmp_path, fake_clock):
+    result = run_bench(ticking_mlp(fake_clock), tabular_bundle(), small_cfg(), budget_s=6)
     write_bench(result, tmp_path, apply_to=tmp_path / "applied.yaml")
     raw = json.loads((tmp_path / "bench.json").read_text())
     assert raw["winner"] == result.winner and len(raw["trials"]) == len(result.trials)
@@ -346,8 +353,9 @@ def test_a_lossless_technique_neutral_alone_is_still_tried_in_combinations():
     assert measured == [["fast", "neutral"]]
 
 
-def test_a_trial_the_budget_cannot_pay_for_still_says_when_it_is_unsupported():
-    result = run_bench(mlp, tabular_bundle(), small_cfg(), budget_s=0.5, tune_batch_size=False)
+def test_a_trial_the_budget_cannot_pay_for_still_says_when_it_is_unsupported(fake_clock):
+    result = run_bench(ticking_mlp(fake_clock), tabular_bundle(), small_cfg(), budget_s=0.5,
+                       tune_batch_size=False)
     assert result.trial("channels_last").status == "unsupported"  # no convs: found without a run
     assert "no 2-D convolutions" in result.trial("channels_last").reason
     foreach = result.trial("foreach optimizer")
@@ -357,18 +365,19 @@ def test_a_trial_the_budget_cannot_pay_for_still_says_when_it_is_unsupported():
 # ---------------------------------------------------------------- statistics that hold
 
 
-_NOISE = __import__("random").Random(0)  # shared: every round's fresh model draws anew
+class _Timed(nn.Module):
+    """A conv model whose step takes injected time (`fake_clock`): `delay` seconds in its
+    forward, `fast` times less when its input is channels_last, plus `overhead` that
+    channels_last does not shorten. Each call's time varies by a seeded 3% (a machine's
+    jitter); under `noisy`, channels_last calls are also scaled by a factor drawn every 40
+    calls (about one per round), so their rounds disagree."""
 
-
-class _Sleepy(nn.Module):
-    """A conv model whose step time is a wait: `fast` times shorter when its input is
-    channels_last, and under `noisy` a random multiplier drawn every 40 calls (one per
-    round or so), so its rounds disagree."""
-
-    def __init__(self, fast: float = 1.0, noisy: bool = False, delay: float = 0.008):
+    def __init__(self, clock, draws: random.Random, fast: float = 1.0, noisy: bool = False,
+                 delay: float = 0.008, overhead: float = 0.001):
         super().__init__()
         self.conv, self.head = nn.Conv2d(2, 4, 3), nn.Linear(4 * 4 * 4, 3)
-        self.fast, self.noisy, self.delay = fast, noisy, delay
+        self.clock, self.draws = clock, draws
+        self.fast, self.noisy, self.delay, self.overhead = fast, noisy, delay, overhead
         self.calls, self.factor = 0, 1.0
 
     def forward(self, x):
@@ -377,18 +386,16 @@ class _Sleepy(nn.Module):
             delay *= self.fast
             if self.noisy:
                 if self.calls % 40 == 0:
-                    self.factor = 2 ** _NOISE.uniform(-2, 2)
+                    self.factor = 2 ** self.draws.uniform(-2, 2)
                 self.calls += 1
                 delay *= self.factor
-        start = time.perf_counter()
-        while time.perf_counter() - start < delay:  # a busy wait: sleep() overshoots
-            pass
+        self.clock.advance((delay + self.overhead) * (1 + 0.03 * self.draws.gauss(0, 1)))
         return self.head(self.conv(x).flatten(1))
 
 
 def _layout_technique():
     """channels_last as the only technique: a real, plannable plan key whose speed the
-    _Sleepy model sets."""
+    _Timed model sets."""
     variant = Variant("fake layout", {"plan": {"channels_last": True}})
     return types.SimpleNamespace(NAME="fake layout", LOSSLESS=True, VARIANTS=(variant,))
 
@@ -399,40 +406,43 @@ def _images() -> DataBundle:
     return DataBundle(TensorDataset(x[:320], y[:320]), TensorDataset(x[320:], y[320:]), 3, "x")
 
 
-def _sleepy_bench(monkeypatch, budget_s: float = 40, **model):
+def _timed_bench(monkeypatch, clock, budget_s: float = 40, **model):
     """The bench with one technique, channels_last, on a model it makes `fast` times faster."""
     monkeypatch.setattr(search, "REGISTRY", {"fake layout": _layout_technique()})
     cfg = small_cfg(plan={"device": "cpu", "precision": "fp32"})
+    draws = random.Random(0)  # one stream for every trial: their jitter differs
+
     def build():
         torch.manual_seed(0)  # the same initial weights in every trial
-        return _Sleepy(**model)
+        return _Timed(clock, draws, **model)
 
     return run_bench(build, _images(), cfg, budget_s=budget_s, tune_batch_size=False)
 
 
-def test_a_noisy_technique_is_flagged_and_cannot_win(monkeypatch):
-    result = _sleepy_bench(monkeypatch, fast=0.5, noisy=True)
+def test_a_noisy_technique_is_flagged_and_cannot_win(monkeypatch, fake_clock):
+    result = _timed_bench(monkeypatch, fake_clock, fast=0.5, noisy=True)
     fake = result.trial("fake layout")
     assert fake.noisy and fake.spread > search.NOISY_CV
     assert result.winner == "baseline"
     assert "NOISY" in format_bench(result)
 
 
-def test_a_steady_ten_percent_gain_wins_with_an_interval_above_one(monkeypatch):
-    # a 20 ms wait that channels_last shortens by 12% (the rest of the step, ~2 ms, is not):
-    # the whole step about 10% faster. Rounds of 0.75 s and 7 of them, so that a loaded
-    # 2-core machine's jitter (4% between rounds) cannot hide a 10% gain
-    monkeypatch.setattr(search, "ROUNDS", 7)
-    result = _sleepy_bench(monkeypatch, budget_s=90, fast=0.88, delay=0.02)
+def test_a_steady_ten_percent_gain_wins_with_an_interval_above_one(monkeypatch, fake_clock):
+    # 20 ms that channels_last shortens by 12%, 2 ms that it does not, 3% jitter per call:
+    # the whole step 0.022 / 0.0196 = 1.12x faster
+    result = _timed_bench(monkeypatch, fake_clock, fast=0.88, delay=0.02, overhead=0.002)
     fake = result.trial("fake layout")
-    assert not fake.noisy and fake.speedup_interval[0] > 1.0
+    assert not fake.noisy and 1.0 < fake.speedup_interval[0] <= fake.speedup_interval[1]
     assert result.winner == "fake layout"
-    assert fake.speedup == pytest.approx(1.1, rel=0.06)
+    assert fake.speedup == pytest.approx(0.022 / 0.0196, rel=0.02)
+    low, high = fake.speedup_interval
+    assert low <= 0.022 / 0.0196 * 1.01 and high >= 0.022 / 0.0196 * 0.99
 
 
-def test_a_winner_no_faster_than_the_default_plan_is_not_written(monkeypatch, tmp_path):
+def test_a_winner_no_faster_than_the_default_plan_is_not_written(monkeypatch, tmp_path,
+                                                                 fake_clock):
     # the default plan puts this conv model in channels_last too: the "winner" is the default
-    result = _sleepy_bench(monkeypatch, fast=0.9)
+    result = _timed_bench(monkeypatch, fake_clock, fast=0.9)
     assert result.winner == "fake layout" and result.keep_default
     assert result.versus_default["pairs"] >= 2
     assert result.versus_default["interval"][0] <= 1.0 <= result.versus_default["interval"][1] \

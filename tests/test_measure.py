@@ -32,24 +32,21 @@ def _cfg(*overrides):
 # ------------------------------------------------------------------ step-time breakdown
 
 
-def test_step_timer_phases_add_up_to_the_wall_time_and_match_known_durations():
+def test_step_timer_phases_add_up_to_the_wall_time_and_match_known_durations(fake_clock):
     timer = StepTimer(torch.device("cpu"))
-    sleeps = {"data": 0.02, "copy": 0.0, "forward": 0.03, "backward": 0.01, "optimizer": 0.0}
-    start = time.perf_counter()
+    takes = {"data": 0.02, "copy": 0.0, "forward": 0.03, "backward": 0.01, "optimizer": 0.005}
     timer.restart()
     for _ in range(3):
         for phase in PHASES:
-            time.sleep(sleeps[phase])
+            fake_clock.advance(takes[phase])
             timer.mark(phase)
-    wall = time.perf_counter() - start
     timer.finish()
     b = timer.breakdown()
     assert b["steps"] == 3
     assert sum(b["fractions"].values()) == pytest.approx(1.0, abs=1e-9)
-    assert sum(b["seconds"].values()) == pytest.approx(wall, rel=0.05)
-    for phase, seconds in sleeps.items():
-        assert b["seconds"][phase] >= 3 * seconds  # sleep never returns early
-    assert b["seconds"]["forward"] > b["seconds"]["data"] > b["seconds"]["backward"]
+    assert sum(b["seconds"].values()) == pytest.approx(fake_clock.t, rel=1e-9)
+    for phase, seconds in takes.items():
+        assert b["seconds"][phase] == pytest.approx(3 * seconds, abs=1e-12)
 
 
 def test_step_timer_rejects_phases_out_of_order():
@@ -71,25 +68,29 @@ def test_every_run_reports_a_breakdown_whose_fractions_sum_to_one(tabular, tmp_p
 
 
 class SlowItems(Dataset):
-    """Per-item work the main process must wait for: a sleep per sample."""
+    """Per-item work the loader must wait for: `delay` seconds per sample, slept, or with a
+    `clock` (a test's fake clock, main process only) injected, so the model's steps take none."""
 
-    def __init__(self, n: int = 64, delay: float = 0.004):
+    def __init__(self, n: int = 64, delay: float = 0.004, clock=None):
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, 8, generator=g)
         self.y = (self.x[:, 0] > 0).long()
-        self.delay = delay
+        self.clock, self.delay = clock, delay
 
     def __len__(self):
         return len(self.y)
 
     def __getitem__(self, i):
-        time.sleep(self.delay)
+        if self.clock is None:
+            time.sleep(self.delay)
+        else:
+            self.clock.advance(self.delay)
         return self.x[i], self.y[i]
 
 
-def test_a_run_waiting_on_data_warns_and_names_the_fix(tmp_path, caplog):
+def test_a_run_waiting_on_data_warns_and_names_the_fix(tmp_path, caplog, fake_clock):
     caplog.set_level(logging.WARNING, logger="leantrain")
-    summary = fit(mlp(classes=2), SlowItems(), SlowItems(16),
+    summary = fit(mlp(classes=2), SlowItems(clock=fake_clock), SlowItems(16, clock=fake_clock),
                   _cfg("data.num_workers=0", "train.epochs=1"), tmp_path / "run",
                   progress_bar=False)
     b = summary["step_breakdown"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ from torch import nn
 from ..config import TrainConfig, merge
 from ..data import DataBundle
 from ..errors import LeantrainError
+from ..measure import clock
 from ..measure.compile_watch import break_even_steps
 from ..measure.rounds import interval, paired_ratios, spread
 from ..run.plan import device_setting
@@ -146,7 +146,7 @@ class _Bench:
         self.build_model, self.bundle, self.cfg = build_model, bundle, cfg
         self.budget_s, self.loss_tol = budget_s, loss_tol
         self.base = baseline_overrides(cfg)
-        self.start = time.perf_counter()
+        self.start = clock.now()
         self.trials: list[TrialResult] = []
         self.round_seconds: list[float] = []  # wall time of each measured (non-compile) round
         self.compile_seconds: list[float] = []
@@ -155,7 +155,7 @@ class _Bench:
         self.round_s = min(max(budget_s / 120, 0.3), 1.5)  # timed part of one round of a trial
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return clock.now() - self.start
 
     def left(self, for_final_check: bool = False) -> float:
         """Seconds left; the trials leave enough for the final check against the default

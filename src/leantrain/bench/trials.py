@@ -11,7 +11,6 @@ steps are kept for the numerical check against the baseline.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 from ..config import TrainConfig, config_from_dict, merge
 from ..data import DataBundle
 from ..errors import LeantrainError, one_line
+from ..measure import clock
 from ..measure.memory import peak_bytes, reset_peak
 from ..measure.rounds import interleave as interleave_rounds
 from ..measure.rounds import paired_ratios
@@ -104,12 +104,12 @@ def _timed_steps(steps, device: torch.device, settings: TrialSettings, result: T
     _, result.first_step_seconds = timed_window(step, device, lambda k, t: k >= 1)
     timed_window(step, device, lambda k, t: result.steps >= min(1 + WARMUP_STEPS, limit))
     window_s = settings.seconds / (MIN_WINDOWS + 2)
-    timed_start = time.perf_counter()
+    timed_start = clock.now()
     while result.steps < limit:
         samples, seconds = timed_window(step, device,
                                         lambda k, t: t >= window_s or result.steps >= limit)
         result.window_rates.append(samples / seconds)
-        used = time.perf_counter() - timed_start
+        used = clock.now() - timed_start
         enough = len(result.window_rates) >= MIN_WINDOWS and result.steps >= settings.check_steps
         if (enough and used >= settings.seconds) or used >= 2 * settings.seconds:
             break
@@ -149,7 +149,7 @@ def run_trial(name: str, variants: list[Variant], base: dict[str, Any],
     result = TrialResult(name, [v.name for v in variants], overrides,
                          lossless=all(v.lossless for v in variants), status="ok",
                          plannable=all(v.wrap_model is None for v in variants))
-    start = time.perf_counter()
+    start = clock.now()
     try:
         trainer = _trainer(variants, overrides, build_model, bundle, cfg)
     except LeantrainError as exc:
@@ -172,7 +172,7 @@ def run_trial(name: str, variants: list[Variant], base: dict[str, Any],
         return result
     finally:
         steps.close()
-        result.seconds = time.perf_counter() - start
+        result.seconds = clock.now() - start
     result.samples_per_second = statistics.median(result.window_rates)
     result.samples_per_step = run.cfg.data.batch_size * run.plan.grad_accum
     if run.plan.compile:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..measure import clock
 from ..measure.rounds import interleave
 from .loaders import Batch, DataLoaderBatches, LoaderOptions, compute_threads
 from .loaders import batch_size as samples_in
@@ -129,24 +129,24 @@ def _measure(source: Source, options: LoaderOptions, consume: Callable[[Batch], 
              window_s: float, into: Measured) -> None:
     loader = source(options)
     batches = iter(loader.loader)  # host batches: the trainer's copy is inside consume
-    start = time.perf_counter()
+    start = clock.now()
     first = next(batches, None)
     if first is None:
         return
-    into.startup_s.append(time.perf_counter() - start)
+    into.startup_s.append(clock.now() - start)
     with compute_threads(options):
         consume(first)  # the first batch also warms the model up; it is not timed
-        samples, waiting, begin = 0, 0.0, time.perf_counter()
-        while not samples or time.perf_counter() - begin < window_s:  # one batch at least
-            ask = time.perf_counter()
+        samples, waiting, begin = 0, 0.0, clock.now()
+        while not samples or clock.now() - begin < window_s:  # one batch at least
+            ask = clock.now()
             batch = next(batches, None)
             if batch is None:  # an epoch shorter than the window: start another
                 batches = iter(loader.loader)
                 continue
-            waiting += time.perf_counter() - ask
+            waiting += clock.now() - ask
             consume(batch)
             samples += samples_in(batch)
-        elapsed = time.perf_counter() - begin
+        elapsed = clock.now() - begin
     into.samples_per_second.append(samples / elapsed)
     into.data_wait.append(waiting / elapsed)
     del batches  # shuts the workers down before the next candidate starts its own
@@ -161,10 +161,10 @@ def _rounds(source: Source, candidates: list[LoaderOptions], consume,
     def measure(index: int, r: int) -> bool:
         to_come = (rounds - r) * len(measured) + later
         window_s = window.window(to_come) if isinstance(window, Budget) else window
-        start = time.perf_counter()
+        start = clock.now()
         _measure(source, measured[index].options, consume, window_s, measured[index])
         if isinstance(window, Budget):
-            window.spend(time.perf_counter() - start, window_s)
+            window.spend(clock.now() - start, window_s)
         return True
 
     interleave(list(range(len(measured))), rounds, measure)
@@ -188,9 +188,9 @@ def budget_for(source: Source, samples: int, base: LoaderOptions,
     more is measured.
     """
     look = Measured(base)
-    start = time.perf_counter()
+    start = clock.now()
     _measure(source, base, consume, MIN_WINDOW_S, look)
-    look_s = time.perf_counter() - start
+    look_s = clock.now() - start
     if not look.samples_per_second:
         return None, "the dataset yielded no batch"
     run_s = epochs * samples / look.samples_per_second[0]
@@ -212,7 +212,7 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
 
     `window_s` None: sized from the projected run (see `budget_for`).
     """
-    began = time.perf_counter()
+    began = clock.now()
 
     def source(options: LoaderOptions) -> DataLoaderBatches:
         return DataLoaderBatches(dataset, batch_size, shuffle=True, seed=seed, options=options,
@@ -236,7 +236,7 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
         window, note = budget_for(source, len(dataset), base, consume, epochs,
                                   len(stage1) * rounds + followers)
         if window is None:
-            return LoaderTuning(base, [], time.perf_counter() - began, 0.0, note)
+            return LoaderTuning(base, [], clock.now() - began, 0.0, note)
     measured = _rounds(source, stage1, consume, window, rounds, followers)
     best = _pick(measured)
     variants = []
@@ -251,4 +251,4 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
     if "persistent_workers" in tunable:
         choice = replace(choice, persistent_workers=choice.num_workers > 0 and epochs > 1)
     used = statistics.median(window.windows) if isinstance(window, Budget) else window
-    return LoaderTuning(choice, measured, time.perf_counter() - began, used, note)
+    return LoaderTuning(choice, measured, clock.now() - began, used, note)

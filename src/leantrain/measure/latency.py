@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 from torch import nn
+
+from . import clock
 
 Sample = torch.Tensor | dict  # one sample: a tensor, or a dict of tensors (a model's kwargs)
 
@@ -54,7 +55,7 @@ def _median_forward(model: nn.Module, batch: Sample, repeats: int, warmup: int) 
         call(model, batch)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock.now()
         call(model, batch)
-        times.append(time.perf_counter() - start)
+        times.append(clock.now() - start)
     return statistics.median(times)

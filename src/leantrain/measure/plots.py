@@ -36,8 +36,10 @@ def bar_panels(labels: list[str], panels: list[tuple[str, list[float]]], path: P
                       if iv is not None]
             if marked:
                 ax.errorbar([v for _, v, _ in marked], [i for i, _, _ in marked],
-                            xerr=[[v - iv[0] for _, v, iv in marked],
-                                  [iv[1] - v for _, v, iv in marked]],
+                            # max(0): a median a rounding error outside its interval
+                            # (rounds that all agree) must not make matplotlib refuse
+                            xerr=[[max(v - iv[0], 0.0) for _, v, iv in marked],
+                                  [max(iv[1] - v, 0.0) for _, v, iv in marked]],
                             fmt="none", ecolor="black", capsize=3, linewidth=1)
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:.2f}", va="center", fontsize=FONT)

@@ -5,22 +5,24 @@ own, and a step starts where the previous one ended. So the phases of a step add
 step exactly, and the step times add up to the loop's time except where `restart` skipped
 something on purpose (compile warm-up, checkpoints, evaluation, logging).
 
-On CPU a mark is `time.perf_counter()`: CPU kernels run synchronously, so host time is the
-time. On CUDA a mark is a recorded CUDA event, which adds no synchronization to the hot path;
-events are read only once the GPU has passed them (`collect` never waits, `finish` does, at the
-end of the run). There the "data" phase is the time the GPU sat idle between the end of one
-step and the start of the next: waiting for the host, which is the loader plus Python
-overhead. Host time spent fetching while the GPU was still busy costs nothing and counts nothing.
+On CPU a mark is `clock.now()` (`time.perf_counter`): CPU kernels run synchronously, so host
+time is the time. On CUDA a mark is a recorded CUDA event, which adds no synchronization to the
+hot path; events are read only once the GPU has passed them (`collect` never waits, `finish`
+does, at the end of the run). There the "data" phase is the time the GPU sat idle between the
+end of one step and the start of the next: waiting for the host, which is the loader plus
+Python overhead. Host time spent fetching while the GPU was still busy costs nothing and counts
+nothing.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from . import clock
 
 PHASES = ("data", "copy", "forward", "backward", "optimizer")
 DATA_WAIT_WARNING = 0.20  # warn when waiting for data takes more than this share of a step
@@ -41,7 +43,7 @@ class StepTimer:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return clock.now()
 
     def restart(self) -> None:
         """The next step's data phase starts now (call after anything that is not a step)."""
@@ -105,10 +107,10 @@ def timed_window(step: Callable[[], int], device: torch.device,
     """Run `step()` (it returns its samples) until `stop(steps run, seconds)`; the device is
     synchronised once, at the end, so the host runs ahead as in training. Returns (samples,
     seconds). The one timed loop of the bench's trials, the finders and doctor."""
-    start, samples, steps = time.perf_counter(), 0, 0
-    while not stop(steps, time.perf_counter() - start):
+    start, samples, steps = clock.now(), 0, 0
+    while not stop(steps, clock.now() - start):
         samples += step()
         steps += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return samples, time.perf_counter() - start
+    return samples, clock.now() - start

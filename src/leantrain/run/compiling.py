@@ -10,13 +10,13 @@ takes over. The first compiled step carries the compile and is kept out of sampl
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..measure import clock
 from ..measure.compile_watch import CompileStats, CompileWatch, break_even_steps, describe
 from ..techniques.compile import apply_compile
 from ..techniques.compile_mode import uses_cuda_graphs
@@ -82,7 +82,7 @@ class CompiledStep:
         when the time since `tick` was booked here rather than as training steps."""
         if self.eager_left:
             return self._after_eager_step(p, tick)
-        now = time.perf_counter()
+        now = clock.now()
         if self.compile_pending:  # this step compiled: its time is compile time
             self.compile_pending = False
             p.compile_seconds += now - tick
@@ -94,7 +94,7 @@ class CompiledStep:
     def _after_eager_step(self, p: Progress, tick: float) -> float:
         self.eager_left -= 1
         _sync(self.device)
-        now = time.perf_counter()
+        now = clock.now()
         if self.eager_start is None:  # the first step warms up: not timed
             self.eager_start = now
         if self.eager_left:

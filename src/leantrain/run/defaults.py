@@ -40,6 +40,7 @@ from ..config import TrainConfig, config_from_dict, merge
 from ..distributed import DistContext
 from ..env import cpu_model
 from ..errors import one_line
+from ..measure import clock
 from ..measure.rounds import interleave, interval, paired_ratios
 from ..measure.timing import timed_window
 from ..techniques import optimizer, precision
@@ -155,7 +156,7 @@ class _Trials:
 
     def rate(self, name: str) -> tuple[float, float]:
         """(samples/s over a window after warm-up, wall seconds of the whole trial)."""
-        start = time.perf_counter()
+        start = clock.now()
         run = build(self.config(name), copy.deepcopy(self.model), self.train, self.val,
                     self.loss_fn, measure_loader=False, collate_fn=self.collate_fn)
         steps = Trainer(run, progress_bar=False).steps()
@@ -167,7 +168,7 @@ class _Trials:
                                             lambda k, t: k >= 2 and t >= self.window_s)
         finally:
             steps.close()
-        return samples / seconds, time.perf_counter() - start
+        return samples / seconds, clock.now() - start
 
 
 def _rule_notes(flips: dict[str, Any], why: str) -> dict[str, str]:
@@ -224,7 +225,7 @@ def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedP
     # which the run would pay at its first step anyway; the second is the look: the rule's
     # speed and what a trial costs
     cold_s = trials.rate("rule")[1]
-    began = time.perf_counter()
+    began = clock.now()
     rate, look_s = trials.rate("rule")
     samples = total_steps * cfg.data.batch_size * cfg.plan.grad_accum
     run_s = samples / rate
@@ -275,7 +276,7 @@ def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedP
         results[name] = {"rule": ruled, "tried": flipped, "ratios": ratios,
                          "median": median, "interval": list(found) if found else None,
                          "chosen": values[name]}
-    seconds = time.perf_counter() - began
+    seconds = clock.now() - began
     log.info("plan: measured in %.1f s (%.1f%% of the projected %.0f s run), after %.1f s of "
              "one-off kernel set-up", seconds, 100 * seconds / run_s, run_s, cold_s)
     return {"values": values, "notes": notes, "results": results, "rates": measured,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from .. import distributed
 from ..data.loaders import batch_size, split_batch
 from ..losses import tasks
+from ..measure import clock
 from ..measure.memory import reset_peak
 from ..measure.timing import StepTimer
 from ..techniques import accumulation, clipping, precision
@@ -183,7 +183,7 @@ class Trainer:
             self._close_compiling()
 
     def _seconds(self) -> float:  # training time so far: evaluation and checkpoints included
-        return self.state.progress.train_seconds + (time.perf_counter() - self.loop_start)
+        return self.state.progress.train_seconds + (clock.now() - self.loop_start)
 
     def _after_step(self, bar, tick: float) -> float:
         """Logs and mid-epoch checkpoints after an optimizer step; returns the step clock."""
@@ -210,13 +210,13 @@ class Trainer:
         eval_now = train.eval_every_steps and p.step % train.eval_every_steps == 0
         checkpoint = train.checkpoint_every and p.step % train.checkpoint_every == 0
         if (eval_now or checkpoint) and not p.stop_reason:
-            p.step_seconds += time.perf_counter() - tick
+            p.step_seconds += clock.now() - tick
             if eval_now:
                 found = self.records.evaluate(self.state, self._seconds())
                 self.records.log_file.log("eval", p.step, epoch=p.epoch, **found)
             if checkpoint:
                 self.checkpoints.save(self.state)
-            tick = time.perf_counter()
+            tick = clock.now()
             self.timer.restart()
         return tick
 
@@ -224,7 +224,7 @@ class Trainer:
         run, p = self.run, self.state.progress
         n_batches = len(run.train_loader)
         bar = self.records.bar(epoch, p.batch, self.progress_bar)
-        tick = time.perf_counter()
+        tick = clock.now()
         self.timer.restart()
         window = recovery.StepWindow()  # what a replay after an out-of-memory error needs
         for micro, batch in enumerate(run.train_loader.batches(epoch, p.batch), start=p.batch):
@@ -242,7 +242,7 @@ class Trainer:
                     break
         if run.plan.device.type == "cuda":
             torch.cuda.synchronize(run.plan.device)
-        p.step_seconds += time.perf_counter() - tick
+        p.step_seconds += clock.now() - tick
         bar.close()
 
     def _end_epoch(self, epoch: int) -> bool:
@@ -255,12 +255,12 @@ class Trainer:
 
     def _loop(self) -> None:
         p, epochs = self.state.progress, self.run.cfg.train.epochs
-        self.loop_start = time.perf_counter()
+        self.loop_start = clock.now()
         for epoch in range(p.epoch, epochs):
             self._run_epoch(epoch)
             stop = self._end_epoch(epoch)
-            p.train_seconds += time.perf_counter() - self.loop_start
-            self.loop_start = time.perf_counter()
+            p.train_seconds += clock.now() - self.loop_start
+            self.loop_start = clock.now()
             if stop or epoch + 1 == epochs:
                 return  # the finished checkpoint follows the run's artefacts (see `fit`)
             self.checkpoints.save(self.state)
