@@ -24,6 +24,14 @@ def model():
                                       n_positions=CONTEXT, bos_token_id=0, eos_token_id=0))
 
 
+def student():
+    """A quarter-width GPT-2 to distil `model()` into (`leantrain distill --student-model`)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2,
+                                      n_positions=CONTEXT, bos_token_id=0, eos_token_id=0))
+
+
 def data(max_bytes: int = 200_000):
     """Windows of CONTEXT bytes (their next-byte targets come from the model's shift)."""
     train, val, _ = load_text("python-stdlib", CONTEXT, 0.1, max_bytes)

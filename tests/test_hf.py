@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from leantrain import fit, load_config  # noqa: E402
 from leantrain.cli import main  # noqa: E402
 from leantrain.data.loaders import TensorDictDataset  # noqa: E402
+from leantrain.measure.report import format_summary  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 hf_logging.set_verbosity_error()
@@ -105,6 +106,8 @@ def test_multi_label_uses_bce_and_per_label_accuracy():
                   _cfg("optim.lr=1e-2", "train.epochs=8"), progress_bar=False)
     assert summary["task"] == "multi-label"
     assert summary["val_accuracy"] >= 0.9  # chance: 0.5
+    assert summary["metric"].startswith("per-label accuracy")  # said, not "accuracy"
+    assert "per-label accuracy" in format_summary(summary)
 
 
 def test_a_custom_loss_gets_the_logits_and_the_model_loss_is_not_used():
@@ -162,6 +165,22 @@ def test_a_resumed_hf_run_ends_bit_identical(tmp_path, monkeypatch, examples):
 HF_ARGS = ["--model", "hf_sequence_classification:model", "--data",
            "hf_sequence_classification:data", "--set", "optim.name=adamw", "--set",
            "optim.lr=3e-3", "--no-progress"]
+
+
+def test_distilling_a_stock_causal_lm_reports_loss_and_perplexity(examples, tmp_path, capsys):
+    args = ["--data", "hf_causal_lm:data", "--set", "optim.name=adamw", "--set",
+            "optim.lr=3e-3", "--set", "train.max_steps=8", "--no-progress"]
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--model", "hf_causal_lm:model", *args, "--out", str(teacher)]) == 0
+    out = tmp_path / "kd"
+    assert main(["distill", "--teacher-model", "hf_causal_lm:model", "--teacher", str(teacher),
+                 "--student-model", "hf_causal_lm:student", *args, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "causal-lm" and "a dataset of dicts" in report["cache"]
+    for row in ("teacher", "student_alone", "student_kd"):
+        assert report[row]["val_perplexity"] == pytest.approx(
+            math.exp(report[row]["val_loss"]), rel=1e-6)
+    assert "perplexity" in capsys.readouterr().out
 
 
 def test_train_on_a_stock_model_through_the_cli(examples, tmp_path, capsys):

@@ -40,6 +40,15 @@ def test_prepare_applies_the_plan_and_keeps_the_users_optimizer():
     assert not torch.equal(before, run.model[0].weight) and run.model[0].weight.grad is None
 
 
+def test_the_outcomes_say_the_users_optimizer_runs_as_it_was_built():
+    model = tiny_cnn()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    run = leantrain.prepare(model, optimizer, plan={"device": "cpu"})
+    said = run.outcomes["optimizer_impl"]
+    assert said.startswith("not applied: your AdamW runs as you built it (foreach=False")
+    assert "fused" not in said.split("(")[0]  # never "applied: fused" for kernels not chosen
+
+
 def test_prepare_refuses_what_cannot_run_here():
     with pytest.raises(LeantrainError, match="plan.precision 'fp16': cannot be applied"):
         leantrain.prepare(tiny_cnn(), plan={"device": "cpu", "precision": "fp16"})

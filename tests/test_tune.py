@@ -359,3 +359,59 @@ def test_tune_searches_a_stock_hugging_face_model_with_dict_batches(tmp_path, mo
         summary = json.loads(Path(trial["run"], "summary.json").read_text())
         assert summary["steps"] == 4 and trial["values"] == [summary["val_loss"]]
     assert "optim.momentum" not in report["space"]  # AdamW: no SGD momentum searched
+
+
+# ------------------------------------------------------------------ the metric fits the task
+
+
+REGRESSION = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    return TensorDataset(x[:256], y[:256]), TensorDataset(x[256:], y[256:])
+
+def model():
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+'''
+REGRESSION_SPACE = {"optim": {"lr": {"low": 0.01, "high": 0.05, "log": True}},
+                    "train.epochs": 1, "data.batch_size": 32}
+
+
+@pytest.fixture
+def regression(tmp_path, monkeypatch) -> list[str]:
+    (tmp_path / "reg.py").write_text(REGRESSION)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(REGRESSION_SPACE))
+    return ["--model", "reg:model", "--data", "reg:data", "--space", str(space), "--no-progress"]
+
+
+def test_a_regression_study_scores_its_own_metric_and_its_best_config_names_no_recipe(
+        tmp_path, regression):
+    out = tmp_path / "tune"
+    assert main(["tune", "--objective", "metric", "--trials", "2", "--out", str(out),
+                 *regression]) == 0
+    report = json.loads((out / "tune.json").read_text())
+    assert report["objective_names"] == ["val_mae"] and report["directions"] == ["minimize"]
+    assert report["counts"] == {"complete": 2}
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["model"] == "reg:model" and "recipe" not in best
+
+
+@pytest.mark.parametrize("flags, named", [(["--metric", "val_accuracy"], "'val_accuracy'"),
+                                          (["--metric", "banana"], "'banana'"),
+                                          (["--objective", "time-to-target", "--target",
+                                            "val_accuracy>=0.9"], "'val_accuracy'")])
+def test_a_metric_the_runs_never_report_is_refused_before_any_trial(tmp_path, regression,
+                                                                     capsys, flags, named):
+    out = tmp_path / "tune"
+    args = ["tune", *(["--objective", "metric"] if "--objective" not in flags else []), *flags]
+    assert main([*args, "--trials", "2", "--out", str(out), *regression]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and "val_mae, val_loss" in err[0]
+    assert not out.exists()  # nothing trained, nothing written

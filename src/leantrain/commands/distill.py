@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,10 +81,16 @@ def run(args: argparse.Namespace, dist) -> int:
     return 0
 
 
-def _describe(model, accuracy: float, sample) -> dict[str, Any]:
+def _describe(model, accuracy: float | None, loss: float | None, task: str, sample
+              ) -> dict[str, Any]:
+    """A row of the report: validation accuracy and loss (perplexity for a language model,
+    whose accuracy alone says little), size and CPU latency."""
     from ..measure.latency import latency_seconds
 
-    return {"val_accuracy": accuracy,
+    per_token = task in ("causal-lm", "seq2seq")
+    return {"val_accuracy": accuracy, "val_loss": loss,
+            "val_perplexity": math.exp(min(loss, 700.0)) if per_token and loss is not None
+            else None,
             "parameters": sum(p.numel() for p in model.parameters()),
             "cpu_latency_batch64_ms": 1e3 * latency_seconds(model, sample, 64,
                                                             channels_last=True)}
@@ -125,7 +132,7 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
     alpha = default_alpha if alpha is None else alpha
     if match is not None:
         match.attach_projections(student)
-    teacher_acc, _ = evaluate(teacher, val_loader, plan)
+    teacher_acc, teacher_loss = evaluate(teacher, val_loader, plan)
     train_data, cache_seconds, cache_note = bundle.train, None, "not asked (--no-cache)"
     if match is not None:
         cache_note = "feature distillation reads the teacher's hidden states: it runs live"
@@ -139,7 +146,9 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
         else:
             cache_note = "too large to cache: the teacher runs live every step"
     elif cache:
-        cache_note = "not a tensor dataset: the teacher runs live every step"
+        cache_note = ("a dataset of dicts: the cache holds (input, label) tensors, so the "
+                      "teacher runs live every step" if isinstance(tensors_of(bundle.train), dict)
+                      else "not a tensor dataset: the teacher runs live every step")
     alone = fit(build_student(), bundle.train, bundle.val, cfg, out / "student_alone",
                 progress_bar=progress_bar, collate_fn=bundle.collate_fn)
     with_kd = fit(student, train_data, bundle.val, cfg, out / "student_kd",
@@ -158,10 +167,12 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
         "feature_weight": feature_weight if feature_pairs else None,
         "teacher_logits_cached": cache_seconds is not None, "cache": cache_note,
         "cache_seconds": cache_seconds,
-        "teacher": _describe(teacher, teacher_acc, sample),
-        "student_alone": {**_describe(build_student(), alone["val_accuracy"], sample),
+        "teacher": _describe(teacher, teacher_acc, teacher_loss, task, sample),
+        "student_alone": {**_describe(build_student(), alone["val_accuracy"],
+                                      alone["val_loss"], task, sample),
                           "train_seconds": alone["train_seconds"]},
-        "student_kd": {**_describe(student, with_kd["val_accuracy"], sample),
+        "student_kd": {**_describe(student, with_kd["val_accuracy"], with_kd["val_loss"], task,
+                                   sample),
                        "train_seconds": with_kd["train_seconds"]},
     }
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2))
@@ -173,7 +184,8 @@ def _task_of_the_pair(teacher, student, loader, plan, task: str) -> str:
     checking that the student scores the same classes: before anything trains or is written."""
     from ..run.step import check_first_batch, step_for
 
-    found, classes = check_first_batch(teacher, loader, step_for(teacher, plan, task))
+    checked, classes = check_first_batch(teacher, loader, step_for(teacher, plan, task))
+    found = checked.task
     _, student_classes = check_first_batch(student, loader, step_for(student, plan, found))
     if student_classes != classes:
         raise LeantrainError(f"the student scores {student_classes} classes and the teacher "
@@ -187,9 +199,14 @@ def format_report(report: dict[str, Any]) -> str:
     rows = []
     for name in ("teacher", "student_alone", "student_kd"):
         r = report[name]
+        figures = [] if r.get("val_accuracy") is None else [f"acc {r['val_accuracy']:.2%}"]
+        if r.get("val_loss") is not None:
+            figures.append(f"loss {r['val_loss']:.4f}")
+        if r.get("val_perplexity") is not None:
+            figures.append(f"perplexity {r['val_perplexity']:.2f}")
         rows.append((name.replace("_", " "),
-                     f"acc {r['val_accuracy']:.2%}   params {r['parameters']:,}   "
-                     f"latency@64 {r['cpu_latency_batch64_ms']:.2f} ms"))
+                     "   ".join([*figures, f"params {r['parameters']:,}",
+                                 f"latency@64 {r['cpu_latency_batch64_ms']:.2f} ms"])))
     title = f"distillation (T={report['temperature']}, alpha={report['alpha']}"
     if report.get("feature_layers"):
         title += f", features {', '.join(report['feature_layers'])} x{report['feature_weight']}"

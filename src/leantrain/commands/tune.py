@@ -110,6 +110,14 @@ def worker_command(args: argparse.Namespace, out: Path, storage: str, index: int
     return command
 
 
+def _task(cfg, bundle, model) -> str:
+    """The task a trial's run will have, from one batch through the model."""
+    from ..run.plan import build
+
+    return build(cfg, model, bundle.train, bundle.val, measure_loader=False,
+                 collate_fn=bundle.collate_fn).step.task
+
+
 def _lr_center(args, cfg, bundle, build, space_file) -> float:
     """The LR finder's suggestion, the centre of the default space's LR range; the config's
     LR when the space file sets optim.lr (no sweep then)."""
@@ -140,7 +148,8 @@ def run(args: argparse.Namespace, dist) -> int:
     def build(trial_cfg):
         return common.build_model(trial_cfg, bundle)
 
-    build(cfg)  # a model that cannot be built fails before any trial
+    # a model that cannot be built, or a metric its runs never report, fails before any trial
+    objective = objective.for_task(_task(cfg, bundle, build(cfg)), args.metric is not None)
     _claim_out(args, out)
     storage = _storage_url(args, out)
     lr = _lr_center(args, cfg, bundle, build, args.space) if args.worker_index == 0 \

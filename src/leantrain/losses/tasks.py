@@ -5,9 +5,12 @@
   and accuracy per position.
 - causal-lm: the input_ids (or labels) are the targets, outputs (batch, T, vocab); next-token
   cross-entropy and accuracy (position t predicts token t + 1).
+- seq2seq: an encoder-decoder (`config.is_encoder_decoder`); labels (batch, T_target), outputs
+  (batch, T_target, vocab), the decoder fed from the labels; cross-entropy and accuracy per
+  target token (position t scores label t: the model shifted its decoder inputs itself).
 - regression: float labels, one per output value; MSE; MAE.
 - multi-label: float 0/1 labels (batch, labels), outputs (batch, labels); BCE with logits;
-  per-label accuracy.
+  per-label accuracy (reported as such: `METRIC_NAME`).
 - model-loss: no labels; the `loss` the model returns; no metric.
 
 Positions labelled -100 (`IGNORE_INDEX`, the Hugging Face convention) count in neither loss nor
@@ -23,10 +26,19 @@ from torch import nn
 from ..errors import LeantrainError
 
 IGNORE_INDEX = -100
-CLASS_TASKS = ("classification", "token-classification", "causal-lm")
+CLASS_TASKS = ("classification", "token-classification", "causal-lm", "seq2seq")
 TASKS = (*CLASS_TASKS, "regression", "multi-label", "model-loss")
 METRIC = {"classification": "accuracy", "token-classification": "accuracy",
-          "causal-lm": "accuracy", "multi-label": "accuracy", "regression": "mae"}
+          "causal-lm": "accuracy", "seq2seq": "accuracy", "multi-label": "accuracy",
+          "regression": "mae"}
+# what the metric is, in words: the reports say so beside the figure
+METRIC_NAME = {"classification": "accuracy", "token-classification": "accuracy per token",
+               "causal-lm": "next-token accuracy", "seq2seq": "accuracy per target token",
+               "multi-label": "per-label accuracy (share of sample-label pairs right)",
+               "regression": "mean absolute error"}
+LOSS_NAME = {"classification": "cross-entropy", "token-classification": "cross-entropy per token",
+             "causal-lm": "next-token cross-entropy", "seq2seq": "cross-entropy per target token",
+             "multi-label": "binary cross-entropy", "regression": "mean squared error"}
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -40,8 +52,10 @@ def _shape(t) -> tuple:
 
 
 def infer(logits: torch.Tensor | None, labels: torch.Tensor | None, model: nn.Module,
-          has_input_ids: bool, own_loss: bool) -> str:
+          has_input_ids: bool, own_loss: bool, encoder_decoder: bool = False) -> str:
     """The task for these outputs and labels (see the table above), or a one-line error."""
+    if encoder_decoder:
+        return _seq2seq(logits, labels)
     if logits is None:
         if own_loss:
             return "model-loss"
@@ -73,6 +87,18 @@ def infer(logits: torch.Tensor | None, labels: torch.Tensor | None, model: nn.Mo
     raise LeantrainError(f"float labels of shape {_shape(labels)} need one output each (a "
                          f"regression) or one per label (multi-label); the model returned "
                          f"{_shape(logits)}")
+
+
+def _seq2seq(logits: torch.Tensor | None, labels: torch.Tensor | None) -> str:
+    if labels is None:
+        raise LeantrainError("an encoder-decoder model needs labels in its batch (the target "
+                             "token ids): its decoder inputs are built from them")
+    if labels.is_floating_point() or logits is None or logits.dim() != 3 \
+            or labels.shape != logits.shape[:-1]:
+        raise LeantrainError(f"an encoder-decoder must return logits (batch, target length, "
+                             f"vocab) for labels (batch, target length); for labels of shape "
+                             f"{_shape(labels)} it returned {_shape(logits)}")
+    return "seq2seq"
 
 
 def zeros(task: str, device: torch.device) -> list[torch.Tensor]:

@@ -67,10 +67,13 @@ def _result_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """The validation figures the run's task has (accuracy, MAE, perplexity, bits per byte)."""
     rows = []
     if summary.get("val_accuracy") is not None or summary.get("task") in (None, "classification"):
-        rows.append(("validation accuracy", _fmt(summary["val_accuracy"], ".2%")))
+        metric = summary.get("metric") or "accuracy"  # e.g. "per-label accuracy (...)"
+        rows.append((f"validation {metric}", _fmt(summary["val_accuracy"], ".2%")))
     if summary.get("val_mae") is not None:
         rows.append(("validation MAE", f"{summary['val_mae']:.4f}"))
     rows.append(("validation loss", _fmt(summary["val_loss"], ".4f")))
+    if summary.get("loss"):
+        rows.append(("loss is", summary["loss"]))
     if summary.get("val_perplexity") is not None:
         rows.append(("validation perplexity", f"{summary['val_perplexity']:.2f}"))
     if summary.get("val_bits_per_byte") is not None:

@@ -306,9 +306,8 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
         if bad is not None:
             raise LeantrainError(f"the {name} set's sample {bad[0]} holds {bad[1]}; inputs "
                                  "must be finite numbers")
-    task, num_classes = step.check_first_batch(model, batches, contract,
-                                               _all_labels(whole, val_whole))
-    contract = replace(contract, task=task)
+    contract, num_classes = step.check_first_batch(model, batches, contract,
+                                                   _all_labels(whole, val_whole))
     tuning = None
     tunable = loader.auto_fields(data)
     # ranks measuring apart could choose apart: under launch, "auto" keeps the defaults

@@ -49,7 +49,10 @@ class Prepared:
 
     @property
     def outcomes(self) -> dict[str, str]:
-        return {o.name: o.describe() for o in self.plan.outcomes}
+        found = {o.name: o.describe() for o in self.plan.outcomes}
+        if "optimizer_impl" in found:  # the plan's kernels are for optimizers leantrain builds
+            found["optimizer_impl"] = _your_optimizer(self.optimizer)
+        return found
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return self.plan.autocast()
@@ -73,6 +76,16 @@ class Prepared:
     def close(self) -> None:
         """Restore the process-wide backend flags (cuDNN benchmark, TF32) the plan set."""
         self._flags.close()
+
+
+def _your_optimizer(optimizer: torch.optim.Optimizer | None) -> str:
+    if optimizer is None:
+        return "not applied: no optimizer given"
+    flags = {k: optimizer.defaults.get(k) for k in ("fused", "foreach")}
+    kernels = ", ".join(f"{k}={v}" for k, v in flags.items() if v is not None) or \
+        "its own default kernels"
+    return (f"not applied: your {type(optimizer).__name__} runs as you built it ({kernels}); "
+            "the plan's optimizer kernels apply to optimizers leantrain builds")
 
 
 def _refuse_optimizer_settings(plan: PlanConfig) -> None:

@@ -10,6 +10,12 @@ batch says:
   takes it, and every other key checked against `forward`'s parameters;
 - a tensor: `model(batch)` (the model must then return its own loss).
 
+A causal LM's batch without labels learns its `input_ids`, every position its
+`attention_mask` excludes (or, with no mask, the config's pad token) set to -100: padding is
+never a target. An encoder-decoder (`config.is_encoder_decoder`) is always called with its
+labels, in training, evaluation and under a custom loss alike: it builds its decoder inputs
+from them (task `seq2seq`, scored per target token).
+
 The output may be a tensor, a tuple, a dict or a `ModelOutput`: its `logits` are what a custom
 loss and the metrics see, its `loss` is used unless the user gives one, else the task's loss
 (`losses.tasks`, inferred from the first batch by `check_first_batch`).
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,8 +36,11 @@ from torch import nn
 from ..data.loaders import LABEL_KEYS, batch_size, labels_of
 from ..errors import LeantrainError, first_line, one_line
 from ..losses import tasks
-from ..losses.outputs import read_output
+from ..losses.outputs import loss_terms, read_output
+from ..losses.tasks import IGNORE_INDEX
 from ..techniques.memory_format import to_channels_last
+
+log = logging.getLogger(__name__)
 
 
 def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -45,11 +55,15 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
     return batch
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    module = getattr(model, "module", model)  # DDP
+    return getattr(module, "_orig_mod", module)  # torch.compile
+
+
 def forward_keys(model: nn.Module) -> tuple[frozenset[str] | None, bool]:
     """(the keyword names `forward` takes, or None if it takes anything; whether it takes
     `labels`). A **kwargs catch-all does not count: a key it would swallow is an error."""
-    module = getattr(model, "module", model)  # DDP
-    module = getattr(module, "_orig_mod", module)  # torch.compile
+    module = _unwrapped(model)
     try:
         params = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):
@@ -83,6 +97,23 @@ class Step:
     keys: frozenset[str] | None = None
     takes_labels: bool = False
     pass_labels: bool = True  # False when a custom loss makes the model's moot
+    encoder_decoder: bool = False  # called with its labels always: its decoder reads them
+    pad_token_id: int | None = None  # the config's, when it is no end-of-text token too
+    own_loss: bool = False  # the model returned a loss of its own on the first batch
+    loss_terms: tuple[str, ...] = ()  # ... as named terms, no `loss`: trained on their sum
+
+    @property
+    def loss_source(self) -> str:
+        """What the training and validation losses measure, in words (the summary says it)."""
+        task_loss = f"the task's {tasks.LOSS_NAME.get(self.task, 'loss')}"
+        if self.loss_fn is not None:
+            return f"your loss_fn in training; validation: {task_loss}"
+        if self.loss_terms:
+            return (f"the sum of the model's loss terms ({', '.join(self.loss_terms)}; it "
+                    "returns no 'loss'), in training and validation")
+        if self.own_loss or self.task == "model-loss":
+            return "the model's own loss, in training and validation"
+        return f"{task_loss}, in training and validation"
 
     def unpack(self, raw: Any) -> StepBatch:
         batch = to_device(raw, self.device, self.channels_last)
@@ -107,41 +138,71 @@ class Step:
                     f"takes: {', '.join(sorted(self.keys))} (drop the key in the dataset or "
                     f"collate_fn)")
         if labels is None and self.task == "causal-lm" and "input_ids" in inputs:
-            labels = inputs["input_ids"]  # a language model learns its own inputs, shifted
+            labels = lm_targets(inputs, self.pad_token_id)
         kwargs = dict(inputs)
-        if labels is not None and self.takes_labels and self.pass_labels:
+        if labels is not None and self.takes_labels and (self.pass_labels
+                                                         or self.encoder_decoder):
             kwargs["labels"] = labels
-        return StepBatch((), kwargs, labels, extras, inputs, size)
+        # a custom loss (distillation's teacher) sees what the model was called with: an
+        # encoder-decoder's labels too, or its decoder would be built from another input
+        shown = kwargs if self.encoder_decoder else inputs
+        return StepBatch((), kwargs, labels, extras, shown, size)
 
     def forward(self, model: nn.Module, sb: StepBatch
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(logits, the loss to train on, the model's own loss) under the plan's autocast."""
         with self.autocast():
-            logits, own = read_output(model(*sb.args, **sb.kwargs))
-            if self.loss_fn is not None:
-                return logits, self.loss_fn(logits, sb.labels, sb.inputs, *sb.extras), own
-            if own is not None:
-                return logits, own, own
-            return logits, tasks.loss(self.task, logits, sb.labels), None
+            return self.loss_of(model(*sb.args, **sb.kwargs), sb)
+
+    def loss_of(self, out: Any, sb: StepBatch
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(logits, the loss to train on, the model's own loss) of the model's output `out`:
+        the custom loss, else the model's own, else the task's."""
+        logits, own = read_output(out)
+        if self.loss_fn is not None:
+            return logits, self.loss_fn(logits, sb.labels, sb.inputs, *sb.extras), own
+        if own is not None:
+            return logits, own, own
+        return logits, tasks.loss(self.task, logits, sb.labels), None
 
     def probe(self, model: nn.Module, raw: Any) -> None:
         """Forward and backward without a step: what measuring the loader and FLOPs runs."""
         self.forward(model, self.unpack(raw))[1].backward()
 
 
+def lm_targets(inputs: Mapping[str, Any], pad_token_id: int | None) -> torch.Tensor:
+    """A causal LM's targets when its batch has none: its `input_ids`, with every position
+    the `attention_mask` excludes (or, without a mask, each `pad_token_id`) set to -100, so no
+    loss or metric counts padding."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+        return ids.masked_fill(mask == 0, IGNORE_INDEX)
+    if pad_token_id is not None:
+        return ids.masked_fill(ids == pad_token_id, IGNORE_INDEX)
+    return ids
+
+
 def step_for(model: nn.Module, plan, task: str = "auto", loss_fn=None) -> Step:
     keys, takes_labels = forward_keys(model)
+    config = getattr(_unwrapped(model), "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    ends = getattr(config, "eos_token_id", None)
+    if pad is not None and (pad == ends or (isinstance(ends, list) and pad in ends)):
+        pad = None  # a pad token that is also end-of-text: the mask must say which is which
     return Step(plan.device, plan.channels_last, plan.autocast, task, loss_fn, keys,
-                takes_labels, pass_labels=loss_fn is None)
+                takes_labels, pass_labels=loss_fn is None,
+                encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+                pad_token_id=pad if isinstance(pad, int) else None)
 
 
 @torch.no_grad()
 def metrics(model: nn.Module, loader, step: Step) -> dict[str, float | None]:
     """Loss and the task's metric over the loader, with one host sync at the end.
 
-    The loss is the task's (cross-entropy, MSE, BCE) whatever the training loss was, so runs
-    with a custom loss (distillation) are scored alike; only a model-loss task uses the
-    model's own.
+    The loss is the one training reports: the model's own when it returns one (averaged over
+    the counted targets, as training averages it), else the task's (cross-entropy, MSE, BCE).
+    Under a custom loss (distillation) it is the task's, so such runs are scored alike.
     """
     was_training = model.training
     model.eval()
@@ -151,7 +212,7 @@ def metrics(model: nn.Module, loader, step: Step) -> dict[str, float | None]:
         with step.autocast():
             logits, own = read_output(model(*sb.args, **sb.kwargs))
         metric, n = tasks.tally(step.task, logits, sb.labels, sb.size)
-        if step.task == "model-loss":
+        if step.task == "model-loss" or (own is not None and step.loss_fn is None):
             loss_sum += own.detach().float() * n
         else:
             with naming_label_errors(f"validation batch {number}"):
@@ -169,34 +230,48 @@ def evaluate(model: nn.Module, loader, plan, step: Step | None = None
              ) -> tuple[float | None, float]:
     """(accuracy, mean loss) over the loader; the task is inferred from its first batch."""
     if step is None:
-        step = step_for(model, plan)
-        step = replace(step, task=check_first_batch(model, loader, step)[0])
+        step = check_first_batch(model, loader, step_for(model, plan))[0]
     found = metrics(model, loader, step)
     return found["val_accuracy"], found["val_loss"]
 
 
 def check_first_batch(model: nn.Module, loader, step: Step,
-                      all_labels: torch.Tensor | None = None) -> tuple[str, int | None]:
+                      all_labels: torch.Tensor | None = None) -> tuple[Step, int | None]:
     """Run one batch (no gradients, weights and statistics untouched) before anything is
-    written, so bad shapes, keys, labels or outputs fail fast with one line. Returns the task
-    and the width of the logits (the number of classes).
+    written, so bad shapes, keys, labels or outputs fail fast with one line. Returns the step
+    with its task (inferred unless set) and whether the model has a loss of its own, and the
+    width of the logits (the number of classes).
 
     `all_labels`: every training label, when the dataset holds them as one tensor (their
     range is checked, not only the first batch's)."""
     raw = next(iter(loader.batches()))
     sb = step.unpack(raw)
-    plain = {k: v for k, v in sb.kwargs.items() if k != "labels"}  # labels are checked first
-    logits, own = _checked_call(model, lambda: model(*sb.args, **plain), sb, step)
+    # labels are checked before a model computes a loss on them; an encoder-decoder needs
+    # them to run at all (its decoder inputs are built from them)
+    call = sb.kwargs if step.encoder_decoder else \
+        {k: v for k, v in sb.kwargs.items() if k != "labels"}
+    logits, own = read_output(_checked_call(model, lambda: model(*sb.args, **call), sb, step))
     task = step.task if step.task != "auto" else tasks.infer(
         logits, sb.labels, model, "input_ids" in sb.kwargs, own is not None or (
-            step.takes_labels and sb.labels is not None))
+            step.takes_labels and sb.labels is not None), step.encoder_decoder)
     if task in tasks.CLASS_TASKS and logits is not None and sb.labels is not None:
         labels = all_labels if all_labels is not None and task != "causal-lm" else sb.labels
         _check_class_labels(task, logits, labels)
     checked = replace(step, task=task)
-    _checked_call(model, lambda: checked.forward(model, checked.unpack(raw))[1], sb, step,
-                  "the loss")
-    return task, logits.shape[-1] if logits is not None and logits.dim() else None
+    labelled = checked.unpack(raw)
+
+    def with_loss() -> tuple[Any, tuple]:
+        out = model(*labelled.args, **labelled.kwargs)
+        return out, checked.loss_of(out, labelled)
+
+    out, found = _checked_call(model, with_loss, sb, step, "the loss")
+    terms = tuple(loss_terms(out)) if isinstance(out, Mapping) and out.get("loss") is None \
+        else ()
+    checked = replace(checked, own_loss=found[2] is not None, loss_terms=terms)
+    if terms and step.loss_fn is None:
+        log.warning("the model returns no 'loss' but %s: training on their sum",
+                    " + ".join(terms))
+    return checked, logits.shape[-1] if logits is not None and logits.dim() else None
 
 
 def _checked_call(model: nn.Module, call: Callable[[], Any], sb: StepBatch, step: Step,
@@ -207,8 +282,7 @@ def _checked_call(model: nn.Module, call: Callable[[], Any], sb: StepBatch, step
     model.eval()
     try:
         with torch.no_grad(), step.autocast():
-            out = call()
-            return read_output(out) if what == "the model" else out
+            return call()
     except LeantrainError:
         raise
     except Exception as exc:

@@ -18,6 +18,7 @@ from .. import distributed
 from ..checkpoint import atomic_save, atomic_write_text
 from ..config import target_of
 from ..data.loaders import batch_size, data_wait_advice, split_batch
+from ..losses import tasks
 from ..measure.flops import count_flops, device_peak, mfu
 from ..measure.memory import peak_bytes
 from ..measure.probe import untouched
@@ -119,6 +120,8 @@ def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float
     target = target_of(cfg)
     summary = {
         "task": run.step.task,
+        "loss": run.step.loss_source,
+        "metric": tasks.METRIC_NAME.get(run.step.task),
         "val_accuracy": p.val_accuracy,
         "val_loss": p.val_loss,
         "val_mae": p.val_mae,

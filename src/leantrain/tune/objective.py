@@ -12,11 +12,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import parse_target
 from ..errors import LeantrainError
+from ..losses import tasks
 
 KINDS = ("time-to-target", "metric", "both")
 MISS_BASE_S = 3600.0  # a missed target scores after any hit, when the study has no budget
@@ -24,6 +25,16 @@ MISS_BASE_S = 3600.0  # a missed target scores after any hit, when the study has
 
 def higher_is_better(metric: str) -> bool:
     return metric.endswith("accuracy")
+
+
+def reported_metrics(task: str) -> list[str]:
+    """The validation figures a run of `task` reports, its metric first."""
+    metric = tasks.METRIC.get(task)
+    return [*([f"val_{metric}"] if metric else []), "val_loss"]
+
+
+def default_metric(task: str) -> str:
+    return reported_metrics(task)[0]
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,18 @@ class Objective:
                                  "--target 'val_accuracy>=0.97'")
         metric = metric or (parsed[0] if parsed else "val_accuracy")
         return cls(kind, metric, parsed, budget_s or MISS_BASE_S)
+
+    def for_task(self, task: str, metric_given: bool) -> Objective:
+        """This objective checked against what a run of `task` reports, before any trial: the
+        metric defaults to the task's own (MAE for a regression, the loss where the task has
+        no metric), and a metric or target the runs would never report is one line."""
+        reported = reported_metrics(task)
+        metric = self.metric if metric_given or self.target else default_metric(task)
+        for name in {metric, *([self.target[0]] if self.target else [])}:
+            if name not in reported:
+                raise LeantrainError(f"{name!r} is not reported by a {task} run; choose "
+                                     f"--metric or --target among {', '.join(reported)}")
+        return replace(self, metric=metric)
 
     @property
     def directions(self) -> list[str]:

@@ -98,11 +98,13 @@ def write_report(study, spec: StudySpec, workers: list[dict[str, Any]] | None = 
     }
     spec.out.mkdir(parents=True, exist_ok=True)
     if best:
-        cfg = trial_config(spec.base, {**spec.fixed, **best[0].params})
+        values = trial_config(spec.base, {**spec.fixed, **best[0].params}).to_dict()
+        if values.get("model"):  # the user's model: no recipe is involved
+            del values["recipe"]
         header = (f"# leantrain tune: trial {best[0].number} of study {spec.name} "
                   f"({spec.objective.kind}); run it with leantrain train --config {BEST_NAME}\n")
         atomic_write_text(spec.out / BEST_NAME,
-                          header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                          header + yaml.safe_dump(values, sort_keys=False))
         report["best_config"] = str(spec.out / BEST_NAME)
     study.set_user_attr("objective_names", spec.objective.names)
     report["plots"] = _plots(study, spec.out)

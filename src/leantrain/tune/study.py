@@ -215,7 +215,11 @@ def run_trial(trial, spec: StudySpec, bundle, build_model: Callable[[TrainConfig
     if watcher.cut and summary.get("time_to_target_seconds") is None:
         trial.set_user_attr("cut", "the study's budget ran out mid-trial")
         raise optuna.TrialPruned("cut: the study's budget ran out")
-    return spec.objective.values(summary, watcher.best_gap)
+    try:
+        return spec.objective.values(summary, watcher.best_gap)
+    except Exception as exc:  # recorded like a failed run's: tune.json says why
+        trial.set_user_attr("error", one_line(exc))
+        raise
 
 
 def finished_trials(study) -> int:
