@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import blobs, mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -630,3 +631,63 @@ def test_sigterm_to_a_real_train_process_exits_143_naming_the_resume_command(tmp
     step = _weights(out / "checkpoint.pt")["progress"]["step"]
     assert f"at step {step};" in last
     assert not (out / run_folder.LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------------ no code from a run folder
+
+
+HELPERS = """
+from pathlib import Path
+
+Path(__file__).with_name("code_ran").touch()  # importing it runs code
+
+def build():
+    import torch
+    return torch.nn.Sequential(torch.nn.Linear(8, 3))
+"""
+
+
+def _handed_folder(tmp_path: Path, **config) -> Path:
+    """A run folder someone handed over: its config names `helpers:build`, and helpers.py
+    sits beside it, in the folder the command runs from."""
+    folder = tmp_path / "handed"
+    folder.mkdir()
+    (folder / "helpers.py").write_text(HELPERS)
+    cfg = load_config(None, [f"{k}={v}" for k, v in config.items()])
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (folder / "checkpoint.pt").write_bytes(b"")
+    (folder / "model.pt").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize("command", [["train", "--resume", "."],
+                                     ["generate", "--checkpoint", ".", "--prompt", "x"]])
+def test_a_folder_whose_config_names_code_is_refused_without_importing_it(
+        tmp_path, monkeypatch, capsys, command):
+    folder = _handed_folder(tmp_path, model="helpers:build", **{"data.context": 16})
+    monkeypatch.chdir(folder)
+    code = main([*command, "--no-progress"] if command[0] == "train" else command)
+    _one_line_error(capsys, code, "names code to import (--model helpers:build)",
+                    "--trust-run-code")
+    assert not (folder / "code_ran").exists()
+    assert "helpers" not in sys.modules
+
+
+def test_a_data_function_named_by_a_folder_is_refused_too(tmp_path, monkeypatch, capsys):
+    folder = _handed_folder(tmp_path, **{"data.source": "helpers:build"})
+    monkeypatch.chdir(folder)
+    code = main(["train", "--resume", ".", "--no-progress"])
+    _one_line_error(capsys, code, "(--data helpers:build)")
+    assert not (folder / "code_ran").exists()
+
+
+@pytest.mark.parametrize("vouch", [["--model", "helpers:build"], ["--trust-run-code"]])
+def test_naming_the_model_again_or_trusting_the_folder_lets_it_run(tmp_path, monkeypatch,
+                                                                   capsys, vouch):
+    folder = _handed_folder(tmp_path, model="helpers:build", **{"data.context": 16})
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "helpers", raising=False)
+    main(["generate", "--checkpoint", ".", "--prompt", "x", *vouch])
+    assert (folder / "code_ran").exists()  # imported: the user vouched for it
+    assert "names code to import" not in capsys.readouterr().err

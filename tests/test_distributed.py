@@ -182,8 +182,10 @@ def test_fsdp2_trains_a_transformer_and_resumes_its_checkpoint(user_env, tmp_pat
     _kill_tree(proc.pid)
     proc.wait()
     assert not (killed / "summary.json").exists()  # killed in the second epoch
+    # the run's own model and data functions, named again: a folder alone imports no code
     _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--resume", str(killed),
-          "--no-progress"], env=user_env)
+          "--model", "fam:transformer", "--data", "fam:tokens_large", "--no-progress"],
+         env=user_env)
     resumed = json.loads((killed / "summary.json").read_text())
     assert resumed["steps"] == reference["steps"]
     assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)

@@ -65,6 +65,39 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "measurements of this model (plan.cache=false)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its last checkpoint (its own config)")
+    add_trust_flag(p)
+
+
+def add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-run-code", action="store_true",
+                   help="let a run folder's config.yaml name a model or data function to "
+                        "import (off: pass the same --model/--data again to vouch for it)")
+
+
+def refuse_folder_code(cfg: TrainConfig, folder: Path, args: argparse.Namespace,
+                       flags: tuple[str, ...] = ("--model", "--data")) -> None:
+    """A run folder may come from anyone, and its config.yaml names what to import: a model
+    or data function. Like `trust_remote_code`, none is imported unless it is leantrain's own,
+    the user names the same one again (`flags`: --model, --data), or says --trust-run-code."""
+    from ..data.sources import names_code
+
+    if vars(args).get("trust_run_code"):
+        return
+    named = {"--model": cfg.model,
+             "--data": cfg.data.source if names_code(cfg.data.source) else None}
+    for flag, spec in ((f, named[f]) for f in flags):
+        if spec and not spec.startswith("leantrain.") \
+                and vars(args).get(flag.lstrip("-")) != spec:
+            raise LeantrainError(
+                f"{folder / CONFIG_NAME} names code to import ({flag} {shorten(spec)}); "
+                f"leantrain runs no code a run folder names: pass {flag} {shorten(spec)} "
+                "again if you trust it, or --trust-run-code")
+
+
+def shorten(value: object, limit: int = 200) -> str:
+    """A value echoed in a one-line error, cut to `limit` characters."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _shortcut_overrides(args: argparse.Namespace) -> dict:
@@ -89,25 +122,34 @@ def _shortcut_overrides(args: argparse.Namespace) -> dict:
     return values
 
 
+def _resumed_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's own config; only --epochs and --target-acc change, and --model/--data may
+    only name again (vouch for) what the run already names."""
+    flag = vars(args).get
+    given = [name for name, value in [
+        ("--config", flag("config")), ("--set", flag("overrides")), ("--plan", flag("plan")),
+        ("--out", flag("out")), ("--device", flag("device")), ("--precision", flag("precision")),
+        ("--compile", flag("compile")), ("--compile-mode", flag("compile_mode")),
+        ("--no-plan-cache", flag("no_plan_cache"))] if value]
+    saved = load_config(Path(args.resume) / CONFIG_NAME) if not given else None
+    if saved is not None:
+        given = [name for name, value, before in [("--model", flag("model"), saved.model),
+                                                  ("--data", flag("data"), saved.data.source)]
+                 if value and value != before]
+    if given:
+        raise LeantrainError(f"--resume continues with the run's own config; drop "
+                             f"{', '.join(given)} (only --epochs and --target-acc may change "
+                             "on resume; --model and --data may name the run's own again)")
+    refuse_folder_code(saved, Path(args.resume), args)
+    honoured = {"train": {k: v for k, v in (("epochs", flag("epochs")),
+                                            ("target_acc", flag("target_acc"))) if v is not None}}
+    return load_config(None, (), merge(saved.to_dict(), honoured))
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """recipe < --config < --plan < --set < shortcut flags; --resume: the run's own config."""
     if vars(args).get("resume"):
-        flag = vars(args).get
-        given = [name for name, value in [
-            ("--config", flag("config")), ("--set", flag("overrides")), ("--model", flag("model")),
-            ("--data", flag("data")), ("--plan", flag("plan")), ("--out", flag("out")),
-            ("--device", flag("device")), ("--precision", flag("precision")),
-            ("--compile", flag("compile")), ("--compile-mode", flag("compile_mode")),
-            ("--no-plan-cache", flag("no_plan_cache"))] if value]
-        if given:
-            raise LeantrainError(f"--resume continues with the run's own config; drop "
-                                 f"{', '.join(given)} (only --epochs and --target-acc may change "
-                                 "on resume)")
-        cfg = load_config(Path(args.resume) / CONFIG_NAME)
-        honoured = {"train": {k: v for k, v in (("epochs", flag("epochs")),
-                                                ("target_acc", flag("target_acc")))
-                              if v is not None}}
-        return load_config(None, (), merge(cfg.to_dict(), honoured))
+        return _resumed_config(args)
     recipe = get_recipe(args.recipe)
     base = merge({"recipe": recipe.name}, recipe.config)
     if args.config:

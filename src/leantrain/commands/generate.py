@@ -25,6 +25,10 @@ def add_parser(sub) -> None:
                    help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, metavar="K")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", metavar="MOD:FN",
+                   help="the model function the run's config.yaml names, given again to vouch "
+                        "for it (a folder's config alone never makes leantrain import code)")
+    common.add_trust_flag(p)
 
 
 def run(args: argparse.Namespace, dist) -> int:
@@ -42,6 +46,7 @@ def run(args: argparse.Namespace, dist) -> int:
     if args.tokens < 1 or args.top_k < 1:
         raise LeantrainError("--tokens and --top-k must be >= 1")
     cfg = load_config(folder / CONFIG_NAME)
+    common.refuse_folder_code(cfg, folder, args, flags=("--model",))
     if cfg.data.context is None:
         raise LeantrainError(f"{folder} is not a text run (data.context is not set): generate "
                              "needs a byte-level language model, e.g. --recipe text-gpt")

@@ -292,6 +292,11 @@ def load_data(cfg: DataConfig) -> DataBundle:
         if path.suffix == ".csv":
             return csv_table(path, cfg)
         raise LeantrainError(f"data file {path}: unsupported type; use .npz, .csv or a folder")
-    if ":" in source and not source.startswith((".", "/")):
+    if names_code(source):
         return from_function(source)
     raise LeantrainError(f"data path not found: {source}")
+
+
+def names_code(source: str) -> bool:
+    """Whether a data source is a "module:function" to import and call (not a path here)."""
+    return ":" in source and not source.startswith((".", "/")) and not Path(source).exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_partial_writes
+from ..data.sources import names_code
 from ..errors import LeantrainError
 from . import finite, summary
 from . import state as run_state
@@ -37,6 +38,14 @@ class Checkpoints:
         if self.saved_step is None:
             return f"no checkpoint was written in {self.out_dir} before it"
         return f"the last finite checkpoint (step {self.saved_step}) is kept in {self.out_dir}"
+
+    def resume_command(self) -> str:
+        """The command that continues this run; it names the model and data functions the
+        run imports again, since a folder's config alone never makes leantrain import code."""
+        cfg = self.run.cfg
+        vouch = [f"--model {cfg.model}" if cfg.model and not cfg.model.startswith("leantrain.")
+                 else "", f"--data {cfg.data.source}" if names_code(cfg.data.source) else ""]
+        return " ".join(["leantrain train --resume", str(self.out_dir), *filter(None, vouch)])
 
     def check_finite(self, step: int) -> None:
         """Before anything holding the weights is written: NaN or inf stops the run."""

@@ -12,7 +12,6 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -79,13 +78,14 @@ class StopRequest:
         flag = torch.tensor([float(self.requested)], device=device)
         return bool(distributed.all_reduce_sum([flag], dist)[0].item())
 
-    def stop(self, step: int, out_dir: Path | None, save_checkpoint: Callable[[], None]
-             ) -> None:
-        """Write the checkpoint (with a run folder) and raise `Stopped` naming what next."""
+    def stop(self, step: int, resume_command: str | None,
+             save_checkpoint: Callable[[], None]) -> None:
+        """Write the checkpoint (with a run folder, whose `resume_command` continues it) and
+        raise `Stopped` naming what next."""
         name = signal.Signals(self.signum or signal.SIGTERM)
-        if out_dir is None:
+        if resume_command is None:
             raise Stopped(f"stopped by {name.name} at step {step} (no run folder: nothing "
                           "saved)", name.value)
         save_checkpoint()
         raise Stopped(f"stopped by {name.name} at step {step}; checkpoint written; continue "
-                      f"with: leantrain train --resume {out_dir}", name.value)
+                      f"with: {resume_command}", name.value)

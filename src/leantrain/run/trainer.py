@@ -45,8 +45,7 @@ class Trainer:
         self.compiling: CompiledStep | None = None  # made when training starts (`_begin`)
         self.state: TrainState | None = None
         self.timer = StepTimer(run.plan.device)
-        self.first_step_pending, self.loop_start = True, 0.0
-        self.stop = signals.StopRequest()
+        self.stop, self.first_step_pending, self.loop_start = signals.StopRequest(), True, 0.0
         self.heartbeat = Heartbeat(run.dist.rank) if run.dist.active else None
         self.checkpoints = Checkpoints(run, out_dir)
         self.records = Records(run, self.checkpoints.last_good, watcher)
@@ -202,7 +201,8 @@ class Trainer:
             self.timer.collect()
             self.timer.restart()
         if self.stop.agreed(p.step, self.run.dist, train.log_every, self.run.plan.device):
-            self.stop.stop(p.step, self.out_dir, lambda: self.checkpoints.save(self.state))
+            self.stop.stop(p.step, self.out_dir and self.checkpoints.resume_command(),
+                           lambda: self.checkpoints.save(self.state))
         if train.max_steps is not None and p.step >= train.max_steps:
             p.stop_reason = f"train.max_steps ({train.max_steps}) reached"
         if self.records.watcher is not None and not p.stop_reason:
