@@ -92,24 +92,25 @@ class Records:
         self.log_file.log("train", p.step, epoch=p.epoch, **record, lr=lr)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}")
 
-    def evaluate(self, state: TrainState, seconds: float) -> dict[str, float]:
-        """Validation metrics now, `seconds` into training; records the time to the target
-        when it is first met, and shows the metrics to the watcher."""
+    def evaluate(self, state: TrainState, seconds: Callable[[], float]) -> dict[str, float]:
+        """Validation metrics now; records the time to the target (`seconds()` of training,
+        this evaluation included) when it is first met, and shows the metrics to the
+        watcher."""
         run, p = self.run, state.progress
         found = step.metrics(run.model, run.val_loader, run.step)
         p.val_accuracy, p.val_loss, p.val_mae = (found[k] for k in
                                                  ("val_accuracy", "val_loss", "val_mae"))
         self.evaluated_at = p.step
         if p.time_to_target is None and target_met(self.target, found):
-            p.time_to_target = seconds
+            p.time_to_target = seconds()
             p.stop_reason = f"target {self.target[0]}{self.target[1]}{self.target[2]:g} met"
         found = {k: v for k, v in found.items() if v is not None}
         if self.watcher is not None:
             self.watcher.evaluated(p.step, found)
         return found
 
-    def end_epoch(self, state: TrainState, epoch: int, seconds: float, timer: StepTimer
-                  ) -> None:
+    def end_epoch(self, state: TrainState, epoch: int, seconds: Callable[[], float],
+                  timer: StepTimer) -> None:
         """The epoch's record, validated when it is due (and not already at this step)."""
         p, train = state.progress, self.run.cfg.train
         record = {"epoch": epoch + 1,

@@ -212,7 +212,7 @@ class Trainer:
         if (eval_now or checkpoint) and not p.stop_reason:
             p.step_seconds += clock.now() - tick
             if eval_now:
-                found = self.records.evaluate(self.state, self._seconds())
+                found = self.records.evaluate(self.state, self._seconds)
                 self.records.log_file.log("eval", p.step, epoch=p.epoch, **found)
             if checkpoint:
                 self.checkpoints.save(self.state)
@@ -248,7 +248,7 @@ class Trainer:
     def _end_epoch(self, epoch: int) -> bool:
         """Evaluate, log, checkpoint; True when the run should stop (target reached)."""
         p = self.state.progress
-        self.records.end_epoch(self.state, epoch, self._seconds(), self.timer)
+        self.records.end_epoch(self.state, epoch, self._seconds, self.timer)
         p.epoch, p.batch = epoch + 1, 0
         self.state.epoch_sums = tasks.zeros(self.run.step.task, self.run.plan.device)
         return p.stop_reason is not None
