@@ -691,3 +691,60 @@ def test_naming_the_model_again_or_trusting_the_folder_lets_it_run(tmp_path, mon
     main(["generate", "--checkpoint", ".", "--prompt", "x", *vouch])
     assert (folder / "code_ran").exists()  # imported: the user vouched for it
     assert "names code to import" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ killed before a checkpoint
+
+
+SLOW_UNTIL_TOLD = """
+import time
+from pathlib import Path
+
+import torch
+
+SLOW = Path(__file__).with_name("slow")
+
+def model():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                           torch.nn.Linear(16, 3))
+
+        def forward(self, x):
+            if self.training and SLOW.exists():
+                time.sleep(0.2)  # an epoch far longer than the test waits
+            return self.net(x)
+    return Net()
+"""
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh_with_the_same_command(
+        tmp_path, capsys):
+    (tmp_path / "slow_net.py").write_text(SLOW_UNTIL_TOLD)
+    (tmp_path / "slow").touch()
+    np.savez(tmp_path / "blobs.npz", x=blobs(256)[0].numpy(), y=blobs(256)[1].numpy())
+    out = tmp_path / "run"
+    command = ["train", "--model", "slow_net:model", "--data", str(tmp_path / "blobs.npz"),
+               "--epochs", "2", "--out", str(out), "--set", "train.log_every=1", *FAST]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    first = subprocess.Popen([sys.executable, "-m", "leantrain", *command], cwd=tmp_path,
+                             env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.05)
+    finally:
+        first.kill()  # SIGKILL mid-epoch: config.yaml, metrics, a lock, no checkpoint
+        first.wait()
+    assert not (out / "checkpoint.pt").exists() and (out / "config.yaml").exists()
+    (tmp_path / "slow").unlink()
+    done = subprocess.run([sys.executable, "-m", "leantrain", *command], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "starting afresh" in done.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == sorted(steps) and steps[0] == 1  # the killed run's records are gone
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
 
-from ..checkpoint import CHECKPOINT_NAME
+from ..checkpoint import CHECKPOINT_NAME, remove_partial_writes
+from ..config import CONFIG_NAME
 from ..errors import LeantrainError
+from .logs import METRICS_NAME, TENSORBOARD_NAME
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,35 @@ class RunLock:
         self.release()
 
 
+# what a run writes before its first checkpoint: a run killed (or failed) then leaves these
+LEFTOVERS = frozenset({CONFIG_NAME, METRICS_NAME, TENSORBOARD_NAME, LOCK_NAME})
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """The files of a run that ended before its first checkpoint (its config.yaml among them),
+    when the folder holds nothing else: the same command starts afresh over them, so a
+    scheduler that re-runs a pre-empted job is never stuck. Empty when there are none."""
+    if not folder.is_dir() or (folder / CHECKPOINT_NAME).exists():
+        return []
+    found = [p for p in folder.iterdir() if not (p.name.startswith(".") and
+                                                 p.name.endswith(".tmp"))]
+    names = {p.name for p in found}
+    return found if CONFIG_NAME in names and names <= LEFTOVERS else []
+
+
+def clear_leftovers(folder: Path) -> None:
+    stale = [p for p in leftovers(folder) if p.name != LOCK_NAME]
+    if stale:
+        log.warning("%s holds what a run left before its first checkpoint (%s): starting "
+                    "afresh over it", folder, ", ".join(sorted(p.name for p in stale)))
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    remove_partial_writes(folder)
+
+
 def check(folder: Path, resume: bool) -> None:
     """Refuse a folder this run may not train into (before anything is measured or written)."""
     if folder.exists() and not folder.is_dir():
@@ -105,12 +137,16 @@ def check(folder: Path, resume: bool) -> None:
     has_checkpoint = (folder / CHECKPOINT_NAME).is_file()
     if resume:
         if not has_checkpoint:
-            raise LeantrainError(f"resume {folder}: no {CHECKPOINT_NAME} in that folder")
+            hint = (": the run there ended before its first checkpoint; run the command that "
+                    "started it again (it starts afresh)" if leftovers(folder) else
+                    " in that folder")
+            raise LeantrainError(f"resume {folder}: no {CHECKPOINT_NAME}{hint}")
         return
     if has_checkpoint:
         raise LeantrainError(f"{folder} already holds a run; continue it with --resume {folder} "
                              "or choose another folder")
-    if folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir()):
+    if folder.is_dir() and not leftovers(folder) \
+            and any(p.name != LOCK_NAME for p in folder.iterdir()):
         raise LeantrainError(f"run folder {folder} holds files but no {CHECKPOINT_NAME}: it is "
                              "not a run to resume; choose an empty or new folder")
 
@@ -124,8 +160,11 @@ def claim(folder: Path, resume: bool) -> RunLock:
     except OSError as exc:  # read-only, under a file, no space
         raise LeantrainError(f"run folder {folder}: cannot create it ({exc.strerror})") from exc
     try:
-        return RunLock(folder, created).acquire()
+        lock = RunLock(folder, created).acquire()
     except LeantrainError:
         if created:
             folder.rmdir()
         raise
+    if not resume:
+        clear_leftovers(folder)  # under the lock: no other run is writing them
+    return lock

@@ -16,6 +16,7 @@ from ..measure.monitor import ResourceMonitor
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
+TENSORBOARD_NAME = "tensorboard"
 
 
 class RunLog:
@@ -26,7 +27,7 @@ class RunLog:
 
         self.path = out_dir / METRICS_NAME
         self.handle = self.path.open("a")
-        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(out_dir / TENSORBOARD_NAME))
         self.lock = threading.Lock()  # the resource monitor logs from its own thread
 
     def log(self, kind: str, step: int, **values: Any) -> None:
