@@ -113,10 +113,39 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
                 return self.net(x).nan_to_num()
             return self.net(x).nan_to_num()
 
-    with pytest.raises(NonFiniteError, match=r"step 10: parameter net\.0\.(weight|bias) holds NaN"):
+    with pytest.raises(NonFiniteError,
+                       match=r"step 10: parameter net\.0\.(weight|bias) holds NaN"):
         fit(Poisoned(), *_data(), _cfg("train.log_every=1000"), tmp_path / "run",
             progress_bar=False)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_non_finite_buffers_are_never_checkpointed_either(tmp_path):
+    """BatchNorm statistics gone inf while the outputs stay finite: the check before the
+    checkpoint names the buffer, and the last checkpoint kept holds finite buffers only."""
+    class PoisonedStatistics(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                                     nn.Linear(16, 3))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += self.training
+            if self.calls == 30:  # training normalises by the batch's statistics: still finite
+                with torch.no_grad():
+                    self.net[1].running_var.fill_(float("inf"))
+            return self.net(x)
+
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"buffer net\.1\.running_var holds NaN or inf"):
+        fit(PoisonedStatistics(), *_data(), _cfg("train.checkpoint_every=5"), out,
+            progress_bar=False)
+    saved = _weights(out / "checkpoint.pt")
+    assert 0 < saved["progress"]["step"] < 30
+    assert all(torch.isfinite(t).all() for t in saved["model"].values()
+               if t.is_floating_point())
 
 
 def test_the_cli_exits_2_on_a_run_that_goes_non_finite(tmp_path, capsys, monkeypatch):

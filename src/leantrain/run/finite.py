@@ -1,8 +1,9 @@
-"""The finite check: NaN or inf in the training loss or the weights stops the run.
+"""The finite check: NaN or inf in the training loss, the weights or the buffers stops the run.
 
 It runs where the run already waits on the device (the loss at log steps and epoch ends) and
-before every checkpoint (the weights), so it costs no extra host sync in the hot path and no
-checkpoint, nor `model.pt`, ever holds a non-finite weight: the last finite checkpoint is kept.
+before every checkpoint (the weights and floating-point buffers, such as BatchNorm's running
+statistics), so it costs no extra host sync in the hot path and no checkpoint, nor `model.pt`,
+ever holds a non-finite value: the last finite checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 def first_bad_parameter(model: nn.Module, dist: DistContext) -> str | None:
-    """The name of the first parameter holding NaN or inf (one host sync when all are
-    finite); under launch, a bad shard on any rank counts."""
-    params = [(name, _local(p).detach()) for name, p in model.named_parameters()]
+    """"parameter NAME" or "buffer NAME" of the first parameter or floating-point buffer
+    holding NaN or inf (one host sync when all are finite); under launch, a bad shard on any
+    rank counts."""
+    params = [(f"parameter {name}", _local(p).detach()) for name, p in model.named_parameters()]
+    params += [(f"buffer {name}", _local(b).detach()) for name, b in model.named_buffers()
+               if b.is_floating_point()]
     if not params:
         return None
     flags = torch.stack([torch.isfinite(p).all() for _, p in params])
@@ -41,7 +45,7 @@ def first_bad_parameter(model: nn.Module, dist: DistContext) -> str | None:
     if float(bad.item()) == 0:
         return None
     local = [name for (name, _), ok in zip(params, flags.tolist(), strict=True) if not ok]
-    return local[0] if local else "a parameter sharded on another rank"
+    return local[0] if local else "a parameter or buffer sharded on another rank"
 
 
 def check_loss(loss: float, step: int, last_good: str) -> None:
@@ -53,5 +57,5 @@ def check_loss(loss: float, step: int, last_good: str) -> None:
 def check_parameters(model: nn.Module, dist: DistContext, step: int, last_good: str) -> None:
     name = first_bad_parameter(model, dist)
     if name is not None:
-        raise NonFiniteError(f"step {step}: parameter {name} holds NaN or inf; training "
+        raise NonFiniteError(f"step {step}: {name} holds NaN or inf; training "
                              f"stopped. {last_good}; {FIXES}")
