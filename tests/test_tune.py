@@ -415,3 +415,15 @@ def test_a_metric_the_runs_never_report_is_refused_before_any_trial(tmp_path, re
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0] and "val_mae, val_loss" in err[0]
     assert not out.exists()  # nothing trained, nothing written
+
+
+def test_a_resumed_study_draws_new_parameters_not_its_first_trials_again(tmp_path,
+                                                                         regression):
+    out = tmp_path / "tune"
+    command = ["tune", "--objective", "metric", "--pruner", "none", "--out", str(out),
+               *regression]
+    assert main([*command, "--trials", "2"]) == 0  # as if killed after two trials
+    assert main([*command, "--trials", "4"]) == 0  # the same command, resumed
+    trials = json.loads((out / "tune.json").read_text())["trials"]
+    params = [tuple(sorted(t["params"].items())) for t in trials]
+    assert len(params) == 4 and len(set(params)) == 4

@@ -125,6 +125,11 @@ def open_study(spec: StudySpec, worker: int = 0):
     if [d.name.lower() for d in study.directions] != spec.objective.directions:
         raise LeantrainError(f"study {spec.name!r} on {spec.storage} was created with other "
                              f"objectives; give another --study name")
+    # a process joining or resuming a study draws from a stream of its own: seeded alike, a
+    # resumed study would repeat the trials it already has, parameter for parameter
+    known = len(study.get_trials(deepcopy=False))
+    if known:
+        study.sampler = optuna.samplers.TPESampler(seed=spec.seed + worker + 7919 * known)
     if study.user_attrs.get("objective") not in (None, spec.objective.kind):
         raise LeantrainError(f"study {spec.name!r} was created with --objective "
                              f"{study.user_attrs['objective']}; resume it with the same")
