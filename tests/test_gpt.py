@@ -123,6 +123,18 @@ def test_generate_on_a_non_text_run_is_a_clear_error(tmp_path, capsys):
     assert "is not a text run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_generate_refuses_a_temperature_it_cannot_sample_at(tmp_path, capsys, value):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}")
+    (run / "model.pt").write_bytes(b"")
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "x", "--temperature",
+                 value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--temperature must be >= 0 (0: greedy) and finite" in err[0]
+
+
 def test_tokens_per_step_errors_name_the_keys():
     from leantrain.config import PlanConfig
     from leantrain.run.plan import resolve_plan

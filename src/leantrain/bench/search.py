@@ -14,6 +14,7 @@ tolerance is flagged and cannot win.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -306,6 +307,14 @@ def _can_win(trial: TrialResult) -> bool:
     return _eligible(trial) and (trial.check == "reference" or significant(trial))
 
 
+def check_arguments(budget_s: float, loss_tol: float) -> None:
+    """The bench's own numbers, checked before anything is loaded or measured."""
+    if not 0 < budget_s < math.inf:  # NaN fails this too: a NaN budget never ran out
+        raise LeantrainError(f"--budget-s must be > 0 and finite, got {budget_s}")
+    if not loss_tol > 0:
+        raise LeantrainError(f"--loss-tol must be > 0, got {loss_tol}")
+
+
 def run_bench(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
               budget_s: float, loss_tol: float = LOSSY_TOL, tune_batch_size: bool = True
               ) -> BenchResult:
@@ -315,10 +324,7 @@ def run_bench(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Tra
     size (with its learning rate scaled by the stated rule) becomes the winner.
     `build_model()` must return the same initial weights on every call (seed inside it).
     """
-    if budget_s <= 0:
-        raise LeantrainError(f"--budget-s must be > 0, got {budget_s}")
-    if loss_tol <= 0:
-        raise LeantrainError(f"--loss-tol must be > 0, got {loss_tol}")
+    check_arguments(budget_s, loss_tol)
     bench = _Bench(build_model, bundle, cfg, budget_s, loss_tol)
     variants, notes = technique_variants()
     first = bench.measure([[]] + [[v] for v in variants])

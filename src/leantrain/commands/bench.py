@@ -33,8 +33,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace, dist) -> int:
     from ..bench.report import BENCH_JSON, BENCH_PNG, PLAN_YAML, format_bench, write_bench
-    from ..bench.search import run_bench
+    from ..bench.search import check_arguments, run_bench
 
+    check_arguments(args.budget_s, args.loss_tol)  # before the data and the model load
     cfg, out, bundle, builder = common.load_inputs(args, "bench")
     result = run_bench(builder, bundle, cfg, args.budget_s, args.loss_tol,
                        tune_batch_size=not args.keep_batch_size)

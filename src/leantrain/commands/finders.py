@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import LeantrainError
 from . import common
 
 
@@ -41,6 +42,8 @@ def _find_batch_size(args: argparse.Namespace) -> None:
     from ..bench.memory_estimate import estimate
     from ..bench.report import format_batch_sizes, write_batch_sizes
 
+    if args.max_size is not None and args.max_size < 1:
+        raise LeantrainError(f"--max-size must be >= 1, got {args.max_size}")
     cfg, out, bundle, builder = common.load_inputs(args, "batch-size")
     limit = int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None
     sizes = find_batch_size(builder, bundle, cfg, memory_limit=limit, max_size=args.max_size)

@@ -45,6 +45,9 @@ def run(args: argparse.Namespace, dist) -> int:
                                  "`leantrain train`)")
     if args.tokens < 1 or args.top_k < 1:
         raise LeantrainError("--tokens and --top-k must be >= 1")
+    if not 0 <= args.temperature < float("inf"):
+        raise LeantrainError(f"--temperature must be >= 0 (0: greedy) and finite, got "
+                             f"{args.temperature}")
     cfg = load_config(folder / CONFIG_NAME)
     common.refuse_folder_code(cfg, folder, args, flags=("--model",))
     if cfg.data.context is None:
