@@ -79,15 +79,13 @@ def refuse_folder_code(cfg: TrainConfig, folder: Path, args: argparse.Namespace,
     """A run folder may come from anyone, and its config.yaml names what to import: a model
     or data function. Like `trust_remote_code`, none is imported unless it is leantrain's own,
     the user names the same one again (`flags`: --model, --data), or says --trust-run-code."""
-    from ..data.sources import names_code
+    from ..data.sources import code_named_by
 
     if vars(args).get("trust_run_code"):
         return
-    named = {"--model": cfg.model,
-             "--data": cfg.data.source if names_code(cfg.data.source) else None}
-    for flag, spec in ((f, named[f]) for f in flags):
-        if spec and not spec.startswith("leantrain.") \
-                and vars(args).get(flag.lstrip("-")) != spec:
+    named = code_named_by(cfg.model, cfg.data.source)
+    for flag, spec in ((f, named[f]) for f in flags if f in named):
+        if vars(args).get(flag.lstrip("-")) != spec:
             raise LeantrainError(
                 f"{folder / CONFIG_NAME} names code to import ({flag} {shorten(spec)}); "
                 f"leantrain runs no code a run folder names: pass {flag} {shorten(spec)} "

@@ -300,3 +300,12 @@ def load_data(cfg: DataConfig) -> DataBundle:
 def names_code(source: str) -> bool:
     """Whether a data source is a "module:function" to import and call (not a path here)."""
     return ":" in source and not source.startswith((".", "/")) and not Path(source).exists()
+
+
+def code_named_by(model: str | None, source: str) -> dict[str, str]:
+    """The functions a run's config would have leantrain import, by the flag that names them
+    ("--model", "--data"); leantrain's own modules are left out. A run folder's config may
+    come from anyone: what is listed here is imported only when the user vouches for it."""
+    named = {"--model": model, "--data": source if names_code(source) else None}
+    return {flag: spec for flag, spec in named.items()
+            if spec and not spec.startswith("leantrain.")}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_partial_writes
-from ..data.sources import names_code
+from ..data.sources import code_named_by
 from ..errors import LeantrainError
 from . import finite, summary
 from . import state as run_state
@@ -43,9 +43,9 @@ class Checkpoints:
         """The command that continues this run; it names the model and data functions the
         run imports again, since a folder's config alone never makes leantrain import code."""
         cfg = self.run.cfg
-        vouch = [f"--model {cfg.model}" if cfg.model and not cfg.model.startswith("leantrain.")
-                 else "", f"--data {cfg.data.source}" if names_code(cfg.data.source) else ""]
-        return " ".join(["leantrain train --resume", str(self.out_dir), *filter(None, vouch)])
+        vouch = [f"{flag} {spec}" for flag, spec in
+                 code_named_by(cfg.model, cfg.data.source).items()]
+        return " ".join(["leantrain train --resume", str(self.out_dir), *vouch])
 
     def check_finite(self, step: int) -> None:
         """Before anything holding the weights is written: NaN or inf stops the run."""
