@@ -39,7 +39,7 @@ bench: $(BIN)/leantrain
 	$(BIN)/python benchmarks/quantize_mlp.py
 	$(BIN)/python benchmarks/gpt_cpu.py
 
-bench-gpu: $(BIN)/leantrain  # on a CUDA machine: text-gpt 102 M per technique stack, ~380 M (fp8, states, estimate, OOM), GPU checks
+bench-gpu: $(BIN)/leantrain  # on a CUDA machine: text-gpt 102 M per technique stack, ~380 M (fp8, states, estimate), OOM recovery, GPU checks
 	$(BIN)/python benchmarks/gpt_gpu.py
 	$(BIN)/python benchmarks/gpu_scale.py --only large states estimate
 	$(BIN)/python benchmarks/oom_recovery.py

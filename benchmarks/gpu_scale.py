@@ -18,8 +18,8 @@ device synchronizations) and records tokens/s per window, MFU and peak CUDA memo
    max-autotune, reduce-overhead (CUDA graphs), warm-up (compile) seconds counted.
 5. **Memory estimate vs measured peak**: `bench.memory_estimate` on the large model against
    `torch.cuda.max_memory_allocated` of the bf16 row (target: within 20%).
-6. **OOM recovery for real**: a run whose batch does not fit (the large model, batch 512 x
-   1024 tokens); the summary's `micro_split` says how many micro-batches it needed.
+6. OOM recovery for real is `benchmarks/oom_recovery.py` (the same large model at batch 512,
+   against a run started at the micro-batch size it finds).
 
 A row that cannot run here is recorded with the reason (`unsupported: ...`), so the same
 script on a CPU (`--quick`, tiny sizes) checks its own logic end to end:
@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from gpt_gpu import measure_stack, overrides
 from scipy.stats import bootstrap
 
-from leantrain import fit, load_config
+from leantrain import load_config
 from leantrain.bench.memory_estimate import estimate
 from leantrain.data import load_data
 from leantrain.errors import LeantrainError
@@ -139,26 +138,6 @@ def compare(rows: dict, faster: str, slower: str) -> dict | None:
     return ratio_interval(a["tokens_per_second_windows"], b["tokens_per_second_windows"])
 
 
-def oom_recovery(rows: Rows, size: dict, batch: int, out: Path) -> dict:
-    """Train with a batch that does not fit; the run recovers by splitting it."""
-    cfg = load_config(None, overrides({**size, **FAST, "data.batch_size": batch,
-                                       "train.max_steps": 3, "train.epochs": 1,
-                                       "train.monitor_interval_s": 0}), rows.base)
-    if not torch.cuda.is_available():
-        return {"skipped": "out-of-memory recovery needs a CUDA device to run out of"}
-    torch._dynamo.reset()
-    bundle = load_data(cfg.data)
-    start = time.perf_counter()
-    try:
-        summary = fit(rows.recipe.build_model(256, cfg), bundle.train, bundle.val, cfg,
-                      out / "oom_run", progress_bar=False)
-    except LeantrainError as exc:
-        return {"batch_size": batch, "failed": str(exc)}
-    return {"batch_size": batch, "micro_split": summary.get("micro_split"),
-            "steps": summary["steps"], "wall_seconds": time.perf_counter() - start,
-            "peak_memory_bytes": summary.get("peak_memory_bytes")}
-
-
 def memory_estimate_vs_peak(rows: Rows, size: dict, measured_gib: float | None) -> dict:
     cfg = load_config(None, overrides({**size, **STATE_STACKS["fp32 states"]}), rows.base)
     bundle = load_data(cfg.data)
@@ -186,8 +165,7 @@ def main() -> None:
                               "large": large, "small": small, "quick": args.quick,
                               "timing": dict(zip(("warmup", "windows", "steps"), timing,
                                                  strict=True))})
-    wanted = set(args.only or ("large", "fp8_sizes", "states", "compile_modes", "estimate",
-                               "oom"))
+    wanted = set(args.only or ("large", "fp8_sizes", "states", "compile_modes", "estimate"))
     sections = rows.result["sections"]
     if "large" in wanted:
         for name, stack in LARGE_STACKS.items():
@@ -219,9 +197,6 @@ def main() -> None:
         bf16 = sections.get("states", {}).get("fp32 states", {})
         rows.result["memory_estimate"] = memory_estimate_vs_peak(
             rows, large, bf16.get("peak_memory_gib"))
-    if "oom" in wanted:
-        rows.result["oom_recovery"] = oom_recovery(rows, large, 512 if not args.quick else 64,
-                                                   out)
     rows.save()
     print(json.dumps({k: v for k, v in rows.result.items() if k != "sections"}, indent=2,
                      default=str))
