@@ -38,6 +38,7 @@ bench: $(BIN)/leantrain
 	$(BIN)/python benchmarks/compress_digits.py
 	$(BIN)/python benchmarks/quantize_mlp.py
 	$(BIN)/python benchmarks/gpt_cpu.py
+	$(BIN)/python benchmarks/schedules.py
 
 bench-gpu: $(BIN)/leantrain  # on a CUDA machine: text-gpt 102 M per technique stack, ~380 M (fp8, states, estimate), OOM recovery, GPU checks
 	$(BIN)/python benchmarks/gpt_gpu.py

@@ -34,7 +34,8 @@ def tabular_bundle(n: int = 400) -> DataBundle:
 
 def small_cfg(**values) -> TrainConfig:
     """CPU, also where a GPU is present: these tests check the bench's logic and timings."""
-    base = {"data": {"batch_size": 16}, "optim": {"lr": 0.05}, "train": {"epochs": 2},
+    base = {"data": {"batch_size": 16}, "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+            "train": {"epochs": 2},
             "plan": {"device": "cpu"}}
     return load_config(None, [], {**base, **values})
 

@@ -83,3 +83,53 @@ def test_exponent_floats_without_a_dot_are_floats():
     assert cfg.optim.lr == 6e-4
     with pytest.raises(LeantrainError, match="optim.lr"):
         load_config(None, ["optim.lr=six"])
+
+
+# ------------------------------------------------------------------ defaults for the user's model
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_unset_optim_keys_are_torch_optims_own_defaults(name):
+    import inspect
+
+    import torch
+
+    from leantrain.config import TORCH_OPTIM_DEFAULTS, OptimConfig
+    from leantrain.techniques.optimizer import build_optimizer
+
+    signature = inspect.signature(getattr(torch.optim, {"sgd": "SGD", "adam": "Adam",
+                                                        "adamw": "AdamW"}[name]))
+    for key, value in TORCH_OPTIM_DEFAULTS[name].items():
+        if key in signature.parameters:
+            assert signature.parameters[key].default == value, key
+    group = build_optimizer(torch.nn.Linear(2, 2).parameters(),
+                            OptimConfig(name=name)).param_groups[0]
+    assert group["lr"] == TORCH_OPTIM_DEFAULTS[name]["lr"]
+    assert group["weight_decay"] == TORCH_OPTIM_DEFAULTS[name]["weight_decay"]
+    assert not group.get("nesterov") and not group.get("momentum")
+
+
+def _args(*argv):
+    from leantrain.cli import build_parser
+
+    return build_parser().parse_args(["train", *argv])
+
+
+def test_a_recipe_trains_its_model_with_its_tuned_settings_and_yours_with_the_defaults():
+    from leantrain.commands.common import config_from_args
+
+    digits = config_from_args(_args())
+    assert (digits.optim.name, digits.optim.lr, digits.optim.nesterov) == ("sgd", 0.1, True)
+    assert (digits.schedule.name, digits.schedule.warmup_fraction) == ("onecycle", 0.25)
+    yours = config_from_args(_args("--model", "mymod:build"))
+    assert yours.optim == load_config().optim and yours.schedule == load_config().schedule
+    assert yours.data.source == "digits"  # the recipe's data stays
+    text = config_from_args(_args("--recipe", "text-gpt", "--model", "mymod:build",
+                                  "--set", "optim.lr=3e-4"))
+    assert text.data.context == 128 and text.optim.lr == 3e-4 and text.schedule.name == "constant"
+
+
+def test_wsd_decay_must_fit_after_the_warm_up():
+    with pytest.raises(LeantrainError, match="schedule.decay_fraction' must be in"):
+        load_config(None, ["schedule.name=wsd", "schedule.warmup_fraction=0.5",
+                           "schedule.decay_fraction=0.6"])

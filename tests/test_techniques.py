@@ -17,6 +17,7 @@ from leantrain.techniques import (
     clipping,
     cudnn_benchmark,
     precision,
+    schedules,
     tf32,
 )
 from leantrain.techniques.base import Context
@@ -155,7 +156,7 @@ def test_unknown_init_scheme():
         init_weights(mlp(), "lecun")
 
 
-@pytest.mark.parametrize("name", ["constant", "step", "cosine", "onecycle"])
+@pytest.mark.parametrize("name", ["constant", "step", "cosine", "onecycle", "wsd"])
 def test_schedules_warm_up_then_follow_their_shape(name):
     cfg = ScheduleConfig(name=name, warmup_fraction=0.1, step_size=30, gamma=0.5)
     m = [lr_multiplier(s, cfg, 100, 10) for s in range(100)]
@@ -164,11 +165,22 @@ def test_schedules_warm_up_then_follow_their_shape(name):
         assert set(m[10:]) == {1.0}
     elif name == "step":
         assert m[39] == 1.0 and m[40] == 0.5 and m[70] == 0.25
-    else:
+    elif name != "wsd":
         assert m[10:] == sorted(m[10:], reverse=True)
         assert m[-1] < 1e-3
     if name == "onecycle":
         assert m[0] == pytest.approx(1 / 25 + (1 - 1 / 25) / 10)
+    if name == "wsd":  # the peak held until the last 20% of steps, then linear to zero
+        assert set(m[10:81]) == {1.0} and m[81] < 1 and m[-1] == pytest.approx(1 / 20)
+    assert max(m) <= 1.0  # optim.lr is the peak: no schedule exceeds it
+
+
+def test_the_schedule_is_described_and_the_default_says_where_it_comes_from():
+    assert schedules.describe(ScheduleConfig()) == ("constant: no warm-up, then the peak lr "
+                                                    "throughout (the default, from "
+                                                    "benchmarks/schedules.py)")
+    assert schedules.describe(ScheduleConfig(name="wsd", warmup_fraction=0.05)) == \
+        "wsd: 5% linear warm-up, then the peak lr, linear decay to zero over the last 20%"
 
 
 def test_scheduler_state_resumes_exactly():

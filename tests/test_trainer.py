@@ -134,3 +134,17 @@ def test_resuming_a_finished_run_is_refused(tmp_path):
     bundle = load_data(cfg.data)
     with pytest.raises(LeantrainError, match="already finished"):
         fit(tiny_cnn(), bundle.train, bundle.val, cfg, tmp_path / "done", resume=True)
+
+
+def test_a_run_without_an_lr_of_its_own_says_so_and_points_to_the_finders(tabular):
+    from leantrain.measure.report import format_summary
+
+    cfg = load_config(None, ["plan.device=cpu", "train.epochs=1", "train.monitor_interval_s=0"])
+    summary = fit(mlp(), *tabular, cfg, progress_bar=False)
+    assert summary["optimizer"].startswith("AdamW: lr 0.001,")
+    assert "find-lr" in summary["lr_advice"] and "tune" in summary["lr_advice"]
+    assert summary["schedule"].endswith("(the default, from benchmarks/schedules.py)")
+    assert "leantrain find-lr" in format_summary(summary)
+    chosen = fit(mlp(), *tabular, _cfg("train.epochs=1", "train.monitor_interval_s=0"),
+                 progress_bar=False)
+    assert chosen["lr_advice"] is None

@@ -47,7 +47,9 @@ def test_the_default_space_centres_the_lr_on_the_finder_and_holds_the_common_kno
     assert space["optim.lr"].low == pytest.approx(0.02) and space["optim.lr"].high == 2.0
     assert space["optim.lr"].log
     assert {"optim.weight_decay", "schedule.name", "schedule.warmup_fraction",
-            "data.batch_size", "train.epochs", "optim.momentum"} <= set(space)
+            "data.batch_size", "train.epochs"} <= set(space)
+    assert "optim.momentum" not in space  # AdamW has none; SGD's is searched
+    assert "optim.momentum" in default_space(load_config(None, ["optim.name=sgd"]), 0.2)
     assert 64 in space["data.batch_size"].choices and space["train.epochs"].integer
 
 

@@ -49,19 +49,41 @@ class DataConfig:
     max_bytes: int = 4_000_000  # text: at most this much train text (val: a tenth)
 
 
+# torch.optim's own defaults (tests/test_config.py checks them against torch's signatures):
+# an optim.* key left unset means what it means in the user's own torch.optim call
+TORCH_OPTIM_DEFAULTS = {"sgd": {"lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0},
+                        "adam": {"lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0},
+                        "adamw": {"lr": 1e-3, "momentum": 0.0, "weight_decay": 1e-2}}
+
+
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw", "adam"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
+    """The optimizer as the user would build it. The recipes set their tuned values; for
+    a model of the user's own, unset keys take torch.optim's defaults (`resolved()`)."""
+
+    name: Literal["sgd", "adamw", "adam"] = "adamw"
+    # the peak learning rate: no schedule exceeds it. Unset: torch's default (1e-3), and the
+    # run summary says so and points to `leantrain find-lr` / `leantrain tune`
+    lr: float | None = None
+    momentum: float | None = None  # sgd only; unset: torch's 0
+    nesterov: bool = False
+    weight_decay: float | None = None  # unset: torch's (adamw 0.01, sgd and adam 0)
+
+    def resolved(self) -> OptimConfig:
+        """The values the optimizer runs with: each unset key at torch.optim's default."""
+        found = TORCH_OPTIM_DEFAULTS[self.name]
+        return dataclasses.replace(self, **{k: found[k] for k in ("lr", "momentum",
+                                                                 "weight_decay")
+                                            if getattr(self, k) is None})
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["constant", "step", "cosine", "onecycle"] = "onecycle"
-    warmup_fraction: float = 0.25  # share of all steps spent warming up linearly
+    # the default is decided by benchmarks/schedules.py: over 7 model types, 2 lrs and 2 run
+    # lengths, every decaying schedule ended worse than constant somewhere beyond noise
+    name: Literal["constant", "step", "cosine", "onecycle", "wsd"] = "constant"
+    warmup_fraction: float = 0.0  # share of all steps spent warming up linearly
+    decay_fraction: float = 0.2  # wsd: share of all steps, at the end, decaying to zero
     step_size: int = 0  # step schedule: decay every N optimizer steps (0: every epoch)
     gamma: float = 0.1  # step schedule: decay factor
 
@@ -236,7 +258,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         "train.eval_every_epochs": cfg.train.eval_every_epochs,
         "plan.grad_accum": cfg.plan.grad_accum,
         "data.max_bytes": cfg.data.max_bytes,
-        "optim.lr": cfg.optim.lr,
+        "optim.lr": cfg.optim.resolved().lr,
         "gpt.depth": cfg.gpt.depth,
         "gpt.width": cfg.gpt.width,
         "gpt.heads": cfg.gpt.heads,
@@ -246,8 +268,10 @@ def _check_ranges(cfg: TrainConfig) -> None:
             raise LeantrainError(f"config key '{key}' must be > 0, got {value!r}")
     checks = [
         ("data.val_fraction", cfg.data.val_fraction, 0 < cfg.data.val_fraction < 1, "in (0, 1)"),
-        ("optim.momentum", cfg.optim.momentum, 0 <= cfg.optim.momentum < 1, "in [0, 1)"),
-        ("optim.weight_decay", cfg.optim.weight_decay, cfg.optim.weight_decay >= 0, ">= 0"),
+        ("optim.momentum", cfg.optim.momentum, 0 <= cfg.optim.resolved().momentum < 1,
+         "in [0, 1)"),
+        ("optim.weight_decay", cfg.optim.weight_decay, cfg.optim.resolved().weight_decay >= 0,
+         ">= 0"),
         ("schedule.gamma", cfg.schedule.gamma, cfg.schedule.gamma > 0, "> 0"),
         ("schedule.step_size", cfg.schedule.step_size, cfg.schedule.step_size >= 0, ">= 0"),
         ("train.seed", cfg.train.seed, 0 <= cfg.train.seed < 2**32,
@@ -258,6 +282,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
          cfg.train.monitor_interval_s >= 0, ">= 0"),
         ("schedule.warmup_fraction", cfg.schedule.warmup_fraction,
          0 <= cfg.schedule.warmup_fraction < 1, "in [0, 1)"),
+        ("schedule.decay_fraction", cfg.schedule.decay_fraction,
+         0 < cfg.schedule.decay_fraction <= 1 - cfg.schedule.warmup_fraction,
+         "in (0, 1 - schedule.warmup_fraction]"),
     ]
     if cfg.data.num_workers != "auto":
         checks.append(("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0,

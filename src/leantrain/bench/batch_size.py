@@ -202,7 +202,7 @@ def _recommend(start: int, reference: int, results: dict[int, TrialResult],
         notes.append("no comparison rounds ran: ranked on single search timings")
     best = max(speed.values())
     recommended = min(size for size, v in speed.items() if v >= (1 - NEAR) * best)
-    new_lr, lr_rule = scale_lr(cfg.optim.lr, cfg.optim.name, start, recommended)
+    new_lr, lr_rule = scale_lr(cfg.optim.resolved().lr, cfg.optim.name, start, recommended)
     if recommended == start:
         new_lr, lr_rule = cfg.optim.lr, "batch size unchanged: learning rate unchanged"
     tried = [{"batch_size": size, "fits": t.measured, "samples_per_second": t.samples_per_second,

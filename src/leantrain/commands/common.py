@@ -149,13 +149,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if vars(args).get("resume"):
         return _resumed_config(args)
     recipe = get_recipe(args.recipe)
-    base = merge({"recipe": recipe.name}, recipe.config)
+    user: dict = {}
     if args.config:
-        base = merge(base, read_yaml(args.config))
+        user = merge(user, read_yaml(args.config))
     if vars(args).get("plan"):
-        base = merge(base, read_plan_file(args.plan))
-    cfg = load_config(None, args.overrides, base)
-    return load_config(None, (), merge(cfg.to_dict(), _shortcut_overrides(args)))
+        user = merge(user, read_plan_file(args.plan))
+
+    def load(settings: dict) -> TrainConfig:
+        cfg = load_config(None, args.overrides, merge(merge({"recipe": recipe.name}, settings),
+                                                      user))
+        return load_config(None, (), merge(cfg.to_dict(), _shortcut_overrides(args)))
+
+    cfg = load(recipe.config)
+    if cfg.model is not None:  # the user's model: the recipe's tuned training is not theirs
+        cfg = load(recipe.untuned())
+    return cfg
 
 
 def build_from(spec: str, what: str, seed: int):

@@ -125,7 +125,7 @@ def _lr_center(args, cfg, bundle, build, space_file) -> float:
     from ..tune.space import read_space
 
     if "optim.lr" in read_space(space_file):
-        return cfg.optim.lr
+        return cfg.optim.resolved().lr
     result = find_lr(lambda: build(cfg), bundle, cfg)
     common.log.info("LR finder: %.3g (the default space searches a decade either side)",
                     result.suggestion)
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace, dist) -> int:
     _claim_out(args, out)
     storage = _storage_url(args, out)
     lr = _lr_center(args, cfg, bundle, build, args.space) if args.worker_index == 0 \
-        else cfg.optim.lr
+        else cfg.optim.resolved().lr
     space, fixed = load_space(args.space, cfg, default_space(cfg, lr))
     trials = args.trials if args.trials is not None or args.budget_s else DEFAULT_TRIALS
     spec = StudySpec(cfg, space, fixed, objective, storage, args.study, out, trials,

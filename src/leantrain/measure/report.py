@@ -113,8 +113,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         (f"peak memory ({summary['peak_memory_kind']})", human_bytes(summary["peak_memory_bytes"])),
         ("train loader", summary["train_loader"]),
     ]
-    if summary.get("optimizer"):
-        rows.append(("optimizer", summary["optimizer"]))
+    rows += [(label, summary[key]) for label, key in (
+        ("optimizer", "optimizer"), ("lr schedule", "schedule"), ("learning rate", "lr_advice"))
+        if summary.get(key)]
     rows += _visibility_rows(summary)
     if summary.get("compile_seconds") is not None:
         rows.append(("compile time", f"{summary['compile_seconds']:.1f} s (not in samples/s)"))

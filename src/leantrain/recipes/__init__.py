@@ -33,6 +33,16 @@ def _gpt(num_classes: int, cfg: TrainConfig):
                cfg.gpt.heads, cfg.gpt.tie_weights)
 
 
+# the settings a recipe tuned for its own model: a run of the user's model (--model) keeps the
+# recipe's data but not these (config.py's defaults, the evidence-backed ones, apply instead)
+TUNED_SECTIONS = ("optim", "schedule", "train")
+
+# the digits recipes' tuned training, explicit (the config defaults are for the user's model)
+DIGITS_TRAINING = {"optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True,
+                             "weight_decay": 5e-4},
+                   "schedule": {"name": "onecycle", "warmup_fraction": 0.25}}
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -40,6 +50,10 @@ class Recipe:
     build_model: Callable[[int, TrainConfig], Any]  # (num_classes, config) -> nn.Module
     config: dict[str, Any] = field(default_factory=dict)
     text: bool = False  # a language model: builds for any byte-text source (data.context set)
+
+    def untuned(self) -> dict[str, Any]:
+        """The recipe's config without the training it tuned for its own model."""
+        return {k: v for k, v in self.config.items() if k not in TUNED_SECTIONS}
 
 
 RECIPES = {
@@ -49,14 +63,14 @@ RECIPES = {
             "digits-cnn",
             "SmallCNN on scikit-learn's digits (32×32), SGD+nesterov, one-cycle, 8 epochs",
             _small_cnn,
-            {"data": {"source": "digits"}},
+            {"data": {"source": "digits"}, **DIGITS_TRAINING},
         ),
         Recipe(
             "digits-separable",
             "digits-cnn with its 3×3 convs (past the first) depthwise-separable, MobileNet "
             "style (BatchNorm + ReLU between depthwise and pointwise)",
             _separable_cnn,
-            {"data": {"source": "digits"}},
+            {"data": {"source": "digits"}, **DIGITS_TRAINING},
         ),
         Recipe(
             "text-gpt",

@@ -74,7 +74,7 @@ def new_state(run: Run, lr_at: Callable[[int], float] | None = None) -> TrainSta
                                     run.steps_per_epoch)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_at(step) / cfg.optim.lr)
+            optimizer, lambda step: lr_at(step) / cfg.optim.resolved().lr)
     return TrainState(optimizer, scheduler, precision.make_grad_scaler(plan.device,
                                                                        plan.precision),
                       tasks.zeros(run.step.task, plan.device))

@@ -23,6 +23,7 @@ from ..measure.flops import count_flops, device_peak, mfu
 from ..measure.memory import peak_bytes
 from ..measure.probe import untouched
 from ..measure.timing import DATA_WAIT_WARNING, StepTimer
+from ..techniques import schedules
 from ..techniques.checkpointing import recompute_paused
 from . import recovery
 from .plan import ResolvedPlan, Run
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "summary.json"
 MODEL_NAME = "model.pt"
+LR_ADVICE = ("optim.lr not set: torch's default ran; `leantrain find-lr` measures one for this "
+             "model, `leantrain tune` searches it")
 
 
 def training_flops(run: Run) -> float | None:
@@ -149,6 +152,9 @@ def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float
         "num_classes": run.num_classes,
         "parameters": sum(t.numel() for t in run.model.parameters()),
         "optimizer": describe_optimizer(state.optimizer),
+        "schedule": schedules.describe(cfg.schedule),
+        # no lr of the user's: torch's default ran, which fits no model in particular
+        "lr_advice": None if cfg.optim.lr is not None else LR_ADVICE,
         "plan": plan.to_dict(),
         # 1, or how many micro-batches each batch became after an out-of-memory recovery
         "micro_split": p.micro_split,

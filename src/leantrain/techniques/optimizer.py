@@ -63,6 +63,7 @@ def build_optimizer(
     """The optimizer `cfg` names, with the given kernel implementation; with 8bit, 4bit or
     bf16 `states`, torchao's Adam/AdamW for them (its own kernels: `impl` does not apply);
     `offload`ed, stepping on the CPU with fused CPU kernels (torchao's CPUOffloadOptimizer)."""
+    cfg = cfg.resolved()
     if states != "fp32":
         from .optimizer_states import torchao_optimizer
 

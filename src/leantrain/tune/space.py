@@ -20,7 +20,8 @@ from ..errors import LeantrainError
 RANGE_KEYS = {"low", "high", "log", "int", "choices"}
 # the data are loaded once for a study: a trial may change how they are batched, not which
 SEARCHABLE_DATA_KEYS = PLAN_FILE_KEYS["data"]
-SCHEDULES = ("onecycle", "cosine")
+# every shape benchmarks/schedules.py found to win somewhere (constant: the default)
+SCHEDULES = ("constant", "wsd", "cosine", "onecycle")
 
 
 @dataclass(frozen=True)
