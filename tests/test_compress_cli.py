@@ -38,6 +38,8 @@ def test_compress_prunes_reports_each_stage_and_saves_a_reloadable_model(trained
     (["--prune", "1.5"], r"must be in \(0, 1\)"),
     (["--prune", "0"], r"must be in \(0, 1\)"),
     ([], "nothing to do"),
+    (["--prune", "0.5", "--finetune-lr", "0"], "--finetune-lr must be a finite number > 0"),
+    (["--prune", "0.5", "--finetune-lr", "nan"], "--finetune-lr must be a finite number > 0"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(trained, tmp_path, capsys, extra, message):
     out = tmp_path / "c"
@@ -180,3 +182,13 @@ def test_int8_dynamic_on_a_stock_gpt2_from_the_cli_quantizes_its_conv1d(tmp_path
     assert after["parameters"] <= before["parameters"]  # the tied head stays tied
     assert after["verdict"] in ("keep", "not worth it", "harmful") and after["why"]
     assert torch.load(out / "model.pt", weights_only=True)  # a weights-only checkpoint
+
+
+def test_fine_tuning_runs_at_half_the_runs_lr_with_its_optimizer_unless_told():
+    from leantrain.commands.compress import CompressArgs
+    from leantrain.config import load_config
+
+    digits = load_config(None, ["optim.name=sgd", "optim.lr=0.1"])
+    assert CompressArgs(prune=0.5).tuning_lr(digits) == pytest.approx(0.05)
+    assert CompressArgs(prune=0.5).tuning_lr(load_config()) == pytest.approx(5e-4)  # AdamW
+    assert CompressArgs(prune=0.5, finetune_lr=0.02).tuning_lr(digits) == 0.02
