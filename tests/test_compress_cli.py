@@ -174,8 +174,9 @@ def test_int8_dynamic_on_a_stock_gpt2_from_the_cli_quantizes_its_conv1d(tmp_path
     pytest.importorskip("transformers")
     checkpoint, hf = _saved_hf(tmp_path, monkeypatch, "hf_causal_lm")
     out = tmp_path / "q"
+    # --keep-harmful: the int8 file is checked whatever this machine's latencies judge
     assert main(["compress", *hf, "--checkpoint", str(checkpoint), "--quantize", "int8-dynamic",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--keep-harmful", "--out", str(out), "--no-progress"]) == 0
     before, after = json.loads((out / "report.json").read_text())["stages"]
     assert after["stage"] == "int8-dynamic (Linear layers)"
     assert after["file_bytes"] < 0.8 * before["file_bytes"]  # its blocks' weights are int8
@@ -192,3 +193,54 @@ def test_fine_tuning_runs_at_half_the_runs_lr_with_its_optimizer_unless_told():
     assert CompressArgs(prune=0.5).tuning_lr(digits) == pytest.approx(0.05)
     assert CompressArgs(prune=0.5).tuning_lr(load_config()) == pytest.approx(5e-4)  # AdamW
     assert CompressArgs(prune=0.5, finetune_lr=0.02).tuning_lr(digits) == 0.02
+
+
+def test_a_regression_model_is_judged_by_its_validation_loss(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))  # model_types
+    source = ["--model", "model_types:mlp_1", "--data", "model_types:regression", "--set",
+              "optim.lr=1e-2", "--set", "train.monitor_interval_s=0", "--no-progress"]
+    run = tmp_path / "run"
+    assert main(["train", *source, "--epochs", "6", "--out", str(run)]) == 0
+    out = tmp_path / "small"
+    assert main(["compress", *source, "--checkpoint", str(run), "--quantize", "int8-dynamic",
+                 "--max-drop", "0.5", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [s["val_accuracy"] for s in report["stages"]] == [None, None]
+    assert all(s["val_loss"] > 0 for s in report["stages"])
+    quantized = report["stages"][1]
+    assert quantized["verdict"] in ("keep", "not worth it", "harmful") and quantized["why"]
+    assert "loss " in capsys.readouterr().out  # the table's quality column
+
+
+def test_without_an_accuracy_the_verdict_counts_the_validation_loss_rise():
+    from leantrain.compress.verdict import judge
+
+    before = {"val_accuracy": None, "val_loss": 0.2, "file_bytes": 100, "latency_b64_ms": 1.0}
+    worse = {**before, "val_loss": 0.3, "file_bytes": 50}
+    assert judge(worse, before, 0.1) == ("harmful", "validation loss rises 50.0%, more than "
+                                                    "--max-drop 10.0%")
+    fine = {**before, "val_loss": 0.201, "file_bytes": 50}
+    assert judge(fine, before, 0.1) == ("keep", "2.00x smaller file; validation loss +0.5%")
+
+
+def test_a_harmful_stage_leaves_the_report_and_no_model_unless_asked(trained, tmp_path,
+                                                                      capsys):
+    from leantrain.compress import verdict
+
+    stages = [{"stage": "trained", "val_accuracy": 0.9, "val_loss": 0.3, "file_bytes": 100,
+               "latency_b64_ms": 1.0},
+              {"stage": "pruned", "val_accuracy": 0.5, "val_loss": 1.3, "file_bytes": 50,
+               "latency_b64_ms": 0.5}]
+    assert verdict.judge_all(stages, 0.01)[1]["verdict"] == verdict.HARMFUL
+    out = tmp_path / "c"
+    # a pruning ratio this high on one fine-tuning epoch costs the digits CNN its accuracy
+    args = ["compress", "--checkpoint", str(trained), "--prune", "0.95", "--finetune-epochs",
+            "1", "--finetune-lr", "1e-4", "--max-drop", "0", "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recommend_against"] and report["model_file"] is None
+    assert not (out / "model.pt").exists()
+    assert "not written" in capsys.readouterr().out
+    kept = tmp_path / "kept"
+    assert main([*args, "--keep-harmful", "--out", str(kept)]) == 0
+    assert (kept / "model.pt").exists()

@@ -234,7 +234,7 @@ def test_compress_prunes_a_stock_bert_from_the_cli_and_the_result_reloads(tmp_pa
     run = tmp_path / "run"
     assert main(["train", *hf, "--epochs", "2", "--out", str(run)]) == 0
     out = tmp_path / "small"
-    assert main(["compress", *hf, "--checkpoint", str(run), "--prune", "0.5",
+    assert main(["compress", *hf, "--checkpoint", str(run), "--prune", "0.5", "--keep-harmful",
                  "--finetune-epochs", "1", "--finetune-lr", "1e-3", "--out", str(out)]) == 0
     before, after = json.loads((out / "report.json").read_text())["stages"]
     assert before["macs"] / after["macs"] >= 1.5

@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
                    help="peak lr of the fine-tuning (default: half the run's optim.lr, with "
                         "its optimizer: 0.05 for the digits recipe's SGD, 5e-4 for AdamW at "
                         "torch's default)")
+    p.add_argument("--keep-harmful", action="store_true",
+                   help="write the model even when a stage is judged harmful (default: the "
+                        "report only, so a broken model is never taken for a result)")
     p.add_argument("--max-drop", type=float, default=0.01, metavar="X",
                    help="accuracy a stage may cost before it is marked harmful (default 0.01 "
                         "= 1 point)")
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace, dist) -> int:
 
     quantize = QUANTIZE_ALIASES.get(args.quantize, args.quantize)
     options = CompressArgs(args.separable, args.prune, args.prune_method, quantize,
-                           args.finetune_epochs, args.finetune_lr, args.max_drop)
+                           args.finetune_epochs, args.finetune_lr, args.max_drop,
+                           args.keep_harmful)
     options.check()
     cfg = common.config_from_args(args)
     out = common.default_out(args, "compress")
@@ -74,8 +78,9 @@ def run(args: argparse.Namespace, dist) -> int:
     model = common.load_weights(common.build_model(cfg, bundle), args.checkpoint)
     report = run_compression(model, bundle, cfg, options, out, progress_bar=not args.no_progress)
     print(format_compression(report))
-    print(f"\nreport: {out / 'report.json'}, {out / 'report.png'}; model: "
-          f"{out / report['model_file']}")
+    model_line = f"model: {out / report['model_file']}" if report["model_file"] else \
+        "model: not written (a stage was judged harmful; --keep-harmful writes it anyway)"
+    print(f"\nreport: {out / 'report.json'}, {out / 'report.png'}; {model_line}")
     return 0
 
 
@@ -88,6 +93,7 @@ class CompressArgs:
     finetune_epochs: int = 4
     finetune_lr: float | None = None  # None: half the run's peak lr (FINETUNE_LR_SHARE)
     max_drop: float = 0.01
+    keep_harmful: bool = False
 
     def tuning_lr(self, cfg) -> float:
         """The fine-tuning's lr: as asked, else a share of the lr the model trained at, so
@@ -145,12 +151,13 @@ def measure_stage(name: str, model, bundle, note: str = "") -> dict[str, Any]:
     plan = resolve_plan(PlanConfig(device="cpu", precision="fp32", channels_last=conv), model)
     with torch.no_grad():
         macs = count_flops(lambda: call(model, batch_of(sample, 1))) // 2
-    accuracy, _ = evaluate(model, make_loader(bundle.val, 256, False,
-                                              collate_fn=bundle.collate_fn), plan)
+    accuracy, loss = evaluate(model, make_loader(bundle.val, 256, False,
+                                                 collate_fn=bundle.collate_fn), plan)
     return {
         "stage": name, "note": note,
         "parameters": sum(p.numel() for p in model.parameters()),
         "macs": macs, "file_bytes": state_bytes(model), "val_accuracy": accuracy,
+        "val_loss": loss,
         "latency_b1_ms": 1e3 * latency_seconds(model, sample, 1, channels_last=conv),
         "latency_b64_ms": 1e3 * latency_seconds(model, sample, 64, channels_last=conv),
     }
@@ -212,7 +219,9 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
     report = {"stages": stages, "args": args.__dict__,
               "recommend_against": [s["stage"] for s in stages if s["verdict"] == HARMFUL]}
     out.mkdir(parents=True, exist_ok=True)
-    if args.quantize == STATIC_METHOD:
+    if report["recommend_against"] and not args.keep_harmful:
+        report["model_file"] = None  # a harmful model is not written where a result would be
+    elif args.quantize == STATIC_METHOD:
         report["model_file"] = STATIC_MODEL_NAME
         # a batch of 2: with 1, export would fix the batch size at 1
         save_static(model, batch_of(common.sample_inputs(bundle), 2), out / STATIC_MODEL_NAME)
@@ -224,9 +233,20 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
     bar_panels(names, [("multiply-adds (M)", [s["macs"] / 1e6 for s in stages]),
                        ("latency b64 (ms)", [s["latency_b64_ms"] for s in stages]),
                        ("file size (KiB)", [s["file_bytes"] / 1024 for s in stages]),
-                       ("val accuracy (%)", [100 * s["val_accuracy"] for s in stages])],
+                       _quality_panel(stages)],
                out / "report.png", "leantrain compress: each stage", reference=None)
     return report
+
+
+def _quality_panel(stages: list[dict[str, Any]]) -> tuple[str, list[float]]:
+    if all(s["val_accuracy"] is not None for s in stages):
+        return "val accuracy (%)", [100 * s["val_accuracy"] for s in stages]
+    return "val loss", [s["val_loss"] for s in stages]
+
+
+def _quality(stage: dict[str, Any]) -> str:
+    return f"{stage['val_accuracy']:.2%}" if stage["val_accuracy"] is not None \
+        else f"loss {stage['val_loss']:.4g}"
 
 
 def check_static(bundle) -> None:
@@ -299,7 +319,7 @@ def format_compression(report: dict[str, Any]) -> str:
     """One row per stage with its verdict against the stage before, then the notes."""
     from ..measure.report import human_bytes
 
-    head = ("stage", "parameters", "multiply-adds", "file", "b1 / b64 ms", "accuracy",
+    head = ("stage", "parameters", "multiply-adds", "file", "b1 / b64 ms", "accuracy / loss",
             "verdict")
     rows = [head]
     for s in report["stages"]:
@@ -309,7 +329,7 @@ def format_compression(report: dict[str, Any]) -> str:
                        f"{s['latency_compiled_b64_ms_before']:.2f})"
         macs = f"{s['macs']:,}" + (" (float graph)" if s.get("macs_counted_on") else "")
         rows.append((s["stage"], f"{s['parameters']:,}", macs, human_bytes(s["file_bytes"]),
-                     latency, f"{s['val_accuracy']:.2%}", f"{s['verdict']}: {s['why']}"))
+                     latency, _quality(s), f"{s['verdict']}: {s['why']}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]

@@ -1,7 +1,9 @@
 """Whether a compression stage is worth applying, judged against the stage before it.
 
 A stage is **harmful** when it makes the model slower (latency at batch 64, compiled where the
-stage is measured compiled) or bigger (file), or costs more accuracy than `max_drop`; **not
+stage is measured compiled) or bigger (file), or costs more than `max_drop`: accuracy points
+where the task has an accuracy, else a relative rise of the validation loss (regression,
+language models, a model's own loss); **not
 worth it** when it makes the model neither smaller nor faster by `MIN_GAIN`; otherwise
 **keep**. Latency differences within `MIN_GAIN` count as equal: single latency figures on a
 shared machine vary by a few percent.
@@ -38,9 +40,9 @@ def judge(stage: dict[str, Any], before: dict[str, Any], max_drop: float) -> tup
         harms.append(f"slower: {latency:.2f} ms vs {was:.2f} ms ({kind})")
     if stage["file_bytes"] > before["file_bytes"] * (1 + MIN_GAIN):
         harms.append(f"bigger: {stage['file_bytes']:,} vs {before['file_bytes']:,} bytes")
-    drop = before["val_accuracy"] - stage["val_accuracy"]
+    drop, quality = _quality_cost(stage, before)
     if drop > max_drop:
-        harms.append(f"accuracy falls {drop:.1%}, more than --max-drop {max_drop:.1%}")
+        harms.append(f"{quality} {drop:.1%}, more than --max-drop {max_drop:.1%}")
     if harms:
         return HARMFUL, "; ".join(harms)
     faster = latency < was * (1 - MIN_GAIN)
@@ -50,7 +52,18 @@ def judge(stage: dict[str, Any], before: dict[str, Any], max_drop: float) -> tup
                               f"{was:.2f} ms {kind})")
     gains = ([f"{was / latency:.2f}x faster ({kind})"] if faster else []) + \
         ([f"{before['file_bytes'] / stage['file_bytes']:.2f}x smaller file"] if smaller else [])
-    return KEEP, ", ".join(gains) + f"; accuracy {-drop:+.1%}"
+    change = f"accuracy {-drop:+.1%}" if quality.startswith("accuracy") else \
+        f"validation loss {drop:+.1%}"
+    return KEEP, ", ".join(gains) + "; " + change
+
+
+def _quality_cost(stage: dict[str, Any], before: dict[str, Any]) -> tuple[float, str]:
+    """What the stage cost in quality, and how it is counted: accuracy points lost, or the
+    validation loss's relative rise where the task has no accuracy."""
+    if stage.get("val_accuracy") is not None and before.get("val_accuracy") is not None:
+        return before["val_accuracy"] - stage["val_accuracy"], "accuracy falls"
+    rise = stage["val_loss"] / max(before["val_loss"], 1e-12) - 1
+    return rise, "validation loss rises"
 
 
 def judge_all(stages: list[dict[str, Any]], max_drop: float) -> list[dict[str, Any]]:
