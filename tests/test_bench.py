@@ -455,3 +455,23 @@ def test_a_winner_no_faster_than_the_default_plan_is_not_written(monkeypatch, tm
     text = (tmp_path / "plan.yaml").read_text()
     assert "keep the default" in text
     assert yaml.safe_load(text) == {"plan": {"device": "cpu"}}
+
+
+def test_the_batch_size_table_shows_the_figures_it_decides_by_and_marks_its_choice():
+    from leantrain.bench.batch_size import BatchSizeResult
+    from leantrain.bench.report import format_batch_sizes
+
+    # the single search timings favour 128; the paired rounds that decide put 64 within 5%
+    tried = [{"batch_size": b, "fits": True, "samples_per_second": sps, "peak_memory_bytes": 1,
+              "status": "ok", "reason": ""} for b, sps in ((32, 200.0), (64, 278.0),
+                                                           (128, 428.0))]
+    sizes = BatchSizeResult(start=32, tried=tried, largest_fit=128, recommended=64,
+                            recommended_rule="the smallest size within 5% of the fastest",
+                            lr=1e-3, new_lr=1.4e-3, lr_rule="square-root scaling",
+                            memory_limit_bytes=None, memory_kind="RAM", cap=128,
+                            speed_vs_start={32: 1.0, 64: 1.52, 128: 1.55})
+    table = format_batch_sizes(sizes).splitlines()
+    assert "speed (decides)" in table[0]
+    row = {line.split()[0]: line for line in table[1:4]}
+    assert "1.52x" in row["64"] and row["64"].endswith("<- recommended")
+    assert "1.55x" in row["128"] and "recommended" not in row["128"]

@@ -198,13 +198,15 @@ def _recommend(start: int, reference: int, results: dict[int, TrialResult],
         if ratio is not None:
             speed[size] = ratio
     if not speed:  # no comparison round ran (budget): fall back on the search's own timings
-        speed = {size: t.samples_per_second for size, t in results.items() if t.measured}
+        base = results[reference].samples_per_second
+        speed = {size: t.samples_per_second / base for size, t in results.items() if t.measured}
         notes.append("no comparison rounds ran: ranked on single search timings")
     best = max(speed.values())
     recommended = min(size for size, v in speed.items() if v >= (1 - NEAR) * best)
-    new_lr, lr_rule = scale_lr(cfg.optim.resolved().lr, cfg.optim.name, start, recommended)
+    lr = cfg.optim.resolved().lr
+    new_lr, lr_rule = scale_lr(lr, cfg.optim.name, start, recommended)
     if recommended == start:
-        new_lr, lr_rule = cfg.optim.lr, "batch size unchanged: learning rate unchanged"
+        new_lr, lr_rule = lr, "batch size unchanged: learning rate unchanged"
     tried = [{"batch_size": size, "fits": t.measured, "samples_per_second": t.samples_per_second,
               "peak_memory_bytes": t.peak_memory_bytes, "status": t.status, "reason": t.reason}
              for size, t in sorted(results.items())]
@@ -213,6 +215,6 @@ def _recommend(start: int, reference: int, results: dict[int, TrialResult],
         recommended=recommended,
         recommended_rule=f"the smallest size within {NEAR:.0%} of the fastest (samples/s "
                          f"relative to batch {reference}, median of interleaved rounds)",
-        lr=cfg.optim.lr, new_lr=new_lr, lr_rule=lr_rule, memory_limit_bytes=limit,
+        lr=lr, new_lr=new_lr, lr_rule=lr_rule, memory_limit_bytes=limit,
         memory_kind=kind, cap=cap, speed_vs_start=speed, notes=notes,
         trials={size: merge_rounds(m) for size, m in compared.items()})

@@ -159,12 +159,17 @@ def write_bench(result: BenchResult, out_dir: Path, apply_to: Path | None = None
 
 
 def format_batch_sizes(sizes: BatchSizeResult) -> str:
-    lines = ["batch size  samples/s   peak memory   fits"]
+    # the search's samples/s are single timings; the choice is made on the paired, interleaved
+    # ratios of the last column, so the table shows both and marks the choice
+    lines = ["batch size  samples/s (search)  speed (decides)  peak memory   fits"]
     for t in sizes.tried:
         rate = f"{t['samples_per_second']:,.0f}" if t["samples_per_second"] else "-"
+        ratio = sizes.speed_vs_start.get(t["batch_size"])
+        speed = f"{ratio:.2f}x" if ratio is not None else "-"
         fits = "yes" if t["fits"] else f"no: {t['reason']}"
-        lines.append(f"{t['batch_size']:>10}  {rate:>9}   {human_bytes(t['peak_memory_bytes']):>11}"
-                     f"   {fits}")
+        chosen = "  <- recommended" if t["batch_size"] == sizes.recommended else ""
+        lines.append(f"{t['batch_size']:>10}  {rate:>18}  {speed:>15}  "
+                     f"{human_bytes(t['peak_memory_bytes']):>11}   {fits}{chosen}")
     lines.append(f"\nlargest that fits: {sizes.largest_fit}; memory limit: "
                  f"{human_bytes(sizes.memory_limit_bytes)} ({sizes.memory_kind})")
     lines.append(f"recommended: {sizes.recommended} ({sizes.recommended_rule})")
