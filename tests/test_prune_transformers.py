@@ -1,6 +1,8 @@
 """Structured pruning of stock Hugging Face transformers: whole heads and MLP channels go,
 the attention modules stay consistent, the pruned model runs, saves, reloads and fine-tunes."""
 
+import re
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -245,3 +247,57 @@ def test_compress_prunes_a_stock_bert_from_the_cli_and_the_result_reloads(tmp_pa
     assert max(heads) < max(original)
     batch = example.pad([example.data()[1][i] for i in range(4)])
     assert model(**{k: v for k, v in batch.items() if k != "labels"}).logits.shape[0] == 4
+
+
+# ------------------------------------------------------------------ refused, not broken
+
+
+def _gqa_llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16))
+
+
+def _distilbert():
+    return transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+        vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+        max_position_embeddings=32))
+
+
+def _bart():
+    return transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=20, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, max_position_embeddings=32))
+
+
+@pytest.mark.parametrize("build, fragment", [
+    (_gqa_llama, "grouped-query attention (2 query heads per key/value head)"),
+    (_distilbert, "DistilBertSelfAttention): an attention layout not known"),
+    (_bart, "BartAttention): an attention layout not known"),
+])
+def test_an_attention_layout_it_cannot_keep_consistent_is_refused_before_tracing(build,
+                                                                               fragment):
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LeantrainError, match=re.escape(fragment)) as err:
+        prune_channels(model.eval(), {"input_ids": torch.ones(1, 8, dtype=torch.long)}, 0.5)
+    assert len(str(err.value).splitlines()) == 1
+    after = model.state_dict()  # refused before any layer was touched
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_pruning_that_cuts_the_residual_stream_or_unties_weights_is_refused():
+    from leantrain.compress.prune import _check_interface, _interface
+
+    model = gpt2()
+    interface = _interface(model)
+    assert ["transformer.wte.weight", "lm_head.weight"] in interface[1]  # tied
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    with pytest.raises(LeantrainError, match="untied transformer.wte.weight and lm_head"):
+        _check_interface(model, interface)
+    model = gpt2()
+    interface = _interface(model)
+    model.transformer.ln_f.weight = torch.nn.Parameter(torch.ones(16))
+    with pytest.raises(LeantrainError, match=r"residual stream at transformer.ln_f \(\(32,\)"):
+        _check_interface(model, interface)

@@ -103,6 +103,27 @@ def find(model: nn.Module) -> list[Attention]:
     return found
 
 
+def refuse_unknown(model: nn.Module, found: list[Attention]) -> None:
+    """An attention module of a layout not known here is refused before any tracing: pruned
+    as plain channels, its model would lose width in the residual stream (and grouped keys
+    once sent Torch-Pruning's graph search into a hang)."""
+    covered = [a.name for a in found]
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if not kind.endswith("Attention") or isinstance(module, nn.MultiheadAttention):
+            continue  # (Torch-Pruning prunes nn.MultiheadAttention's heads itself)
+        if any(name == c or name.startswith(c + ".") or c.startswith(name + ".")
+               for c in covered):
+            continue  # a known module, or the wrapper around one (BertAttention)
+        groups = getattr(module, "num_key_value_groups", 1)
+        why = (f"grouped-query attention ({groups} query heads per key/value head)"
+               if isinstance(groups, int) and groups > 1 else "an attention layout not known")
+        raise LeantrainError(f"cannot prune {name} ({kind}): {why}; leantrain prunes heads of "
+                             "query/key/value or q_proj/k_proj/v_proj modules with "
+                             "num_attention_heads, and fused c_attn/qkv projections, and "
+                             "refuses the rest rather than cut the residual stream")
+
+
 def _fused_layout(name: str, module: nn.Module) -> Attention | None:
     for projection, output, heads in FUSED_LAYOUTS:
         layers = getattr(module, projection, None), getattr(module, output, None)

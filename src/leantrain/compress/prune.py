@@ -156,6 +156,7 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
     if importance == "taylor" and gradient_batches is None:
         raise LeantrainError("taylor importance needs batches to take gradients on")
     found = attention.find(model)
+    attention.refuse_unknown(model, found)  # before tracing: refused in seconds, no hang
     heads = [a for a in found if not a.fused]  # Torch-Pruning removes these heads itself
     fused = [a for a in found if a.fused]
     if fused:  # removed here, before tracing: the graph cannot map through the q/k/v split
@@ -192,11 +193,14 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
     finally:
         if cached:
             config.use_cache = cached
+    interface = _interface(model) if found else None
     for step in range(steps):
         if step < pruning_steps:
             if importance == "taylor":
                 _gradients(model, gradient_batches)
             pruner.step()
+            if interface is not None:
+                _check_interface(model, interface)
             for a in heads:
                 left = pruner.num_heads[a.projections[0]]
                 if left < 1:
@@ -207,6 +211,35 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
         if finetune is not None:
             finetune(model, step)
     return model
+
+
+def _interface(model: nn.Module) -> tuple[dict[str, tuple], list[list[str]]]:
+    """What pruning a transformer must leave as it was: the width of every embedding and
+    normalization layer (the residual stream), and which parameters are one tensor (tied
+    weights, such as an LM head sharing the token embedding)."""
+    widths = {name: tuple(m.weight.shape) for name, m in model.named_modules()
+              if (isinstance(m, nn.Embedding) or type(m).__name__.endswith("Norm"))
+              and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    shared: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    return widths, [names for names in shared.values() if len(names) > 1]
+
+
+def _check_interface(model: nn.Module, interface: tuple[dict[str, tuple], list[list[str]]]
+                     ) -> None:
+    """Refuse, naming the layer, a pruning that cut the residual stream or untied weights."""
+    widths, ties = interface
+    modules = dict(model.named_modules())
+    for name, shape in widths.items():
+        now = tuple(modules[name].weight.shape)
+        if now != shape:
+            raise LeantrainError(f"pruning changed the residual stream at {name} ({shape} -> "
+                                 f"{now}): refused, nothing written")
+    for names in ties:
+        if len({id(model.get_parameter(n)) for n in names}) > 1:
+            raise LeantrainError(f"pruning untied {' and '.join(names)}: refused, nothing "
+                                 "written")
 
 
 def _gradients(model: nn.Module, gradient_batches) -> None:
