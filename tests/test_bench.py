@@ -475,3 +475,15 @@ def test_the_batch_size_table_shows_the_figures_it_decides_by_and_marks_its_choi
     row = {line.split()[0]: line for line in table[1:4]}
     assert "1.52x" in row["64"] and row["64"].endswith("<- recommended")
     assert "1.55x" in row["128"] and "recommended" not in row["128"]
+
+
+def test_the_bench_reads_the_machines_load_while_it_times_and_flags_a_busy_one(monkeypatch,
+                                                                            fake_clock):
+    from leantrain.measure import load
+
+    readings = iter([load.Snapshot(0.0, 0.0, 0.0, 2, 2), load.Snapshot(10.0, 15.0, 5.0, 2, 2)])
+    monkeypatch.setattr(load, "snapshot", lambda: next(readings))  # a neighbour: 1 core
+    result = _timed_bench(monkeypatch, fake_clock, fast=0.5)
+    assert result.load["busy"] and result.load["others_share"] == pytest.approx(0.5)
+    assert "machine BUSY: other processes used 50%" in format_bench(result)
+    assert result.to_dict()["load"]["busy"]  # bench.json holds it

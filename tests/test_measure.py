@@ -218,3 +218,50 @@ def test_untouched_restores_batchnorm_statistics_gradients_mode_and_rng():
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert torch.equal(torch.rand(1), expected_draw)
+
+
+# ------------------------------------------------------------------ load of the machine
+
+
+def test_the_share_of_the_cores_other_processes_used_comes_from_two_snapshots():
+    from leantrain.measure.load import Snapshot, between
+
+    # 10 s on 2 cores: the machine was busy 15 core-seconds, this process 5 of them
+    reading = between(Snapshot(0.0, 100.0, 40.0, 2, 2), Snapshot(10.0, 115.0, 45.0, 2, 2))
+    assert reading.others_share == pytest.approx(0.5) and reading.busy
+    assert "machine BUSY: other processes used 50% of the 2 cores" in reading.describe()
+    quiet = between(Snapshot(0.0, 100.0, 40.0, 2, 2), Snapshot(10.0, 106.0, 45.0, 2, 2))
+    assert quiet.others_share == pytest.approx(0.05) and not quiet.busy
+    assert quiet.to_dict()["busy"] is False
+    assert between(Snapshot(1.0, 1, 1, 2, 2), Snapshot(1.0, 1, 1, 2, 2)).others_share == 0.0
+    # the same neighbour on 16 cores leaves torch's 8 threads their cores: not busy; with 16
+    # threads it oversubscribes them
+    on_16 = between(Snapshot(0.0, 0.0, 0.0, 16, 8), Snapshot(10.0, 10.0, 0.0, 16, 8))
+    assert not on_16.busy
+    assert between(Snapshot(0.0, 0.0, 0.0, 16, 16), Snapshot(10.0, 10.0, 0.0, 16, 16)).busy
+
+
+@pytest.mark.slow
+def test_a_cpu_heavy_neighbour_is_seen_as_other_processes_load():
+    import subprocess
+    import sys
+    import time
+
+    from leantrain.measure.load import LoadWatch
+
+    import os
+    import signal
+
+    # started through a shell that exits: the spinner is not our child (children's time is
+    # ours: a DataLoader's workers work for us), as a neighbour's process would not be
+    pid = int(subprocess.run(["sh", "-c", f"'{sys.executable}' -c 'while True: pass' "
+                              ">/dev/null 2>&1 & echo $!"], capture_output=True, text=True,
+                             check=True).stdout)
+    try:
+        time.sleep(0.5)  # let it start spinning
+        with LoadWatch() as watch:
+            time.sleep(2.0)  # this process idles: any busy core-time is someone else's
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    # one spinning process: most of one core's worth of time (more on a busier machine)
+    assert watch.reading.others_share >= 0.6 / watch.reading.cores

@@ -12,6 +12,7 @@ import yaml
 from ..checkpoint import atomic_write_text
 from ..config import PLAN_FILE_KEYS, merge, read_plan_file
 from ..measure.compile_watch import describe
+from ..measure.load import LoadReading
 from ..measure.plots import bar_panels, curve
 from ..measure.report import human_bytes
 from .batch_size import BatchSizeResult
@@ -101,6 +102,8 @@ def format_bench(result: BenchResult) -> str:
                  "(rates spread past 20%, twice) cannot win")
     if result.versus_default:
         lines.append(f"versus the default plan: {result.versus_default['verdict']}")
+    if result.load is not None:
+        lines.append(LoadReading.from_dict(result.load).describe())
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from ..data import DataBundle
 from ..errors import LeantrainError
 from ..measure import clock
 from ..measure.compile_watch import break_even_steps
+from ..measure.load import LoadWatch
 from ..measure.rounds import interval, paired_ratios, spread
 from ..run.plan import device_setting
 from ..techniques import REGISTRY
@@ -81,6 +82,8 @@ class BenchResult:
     # the winner paired with the plan `leantrain train` would use; keep_default when it does
     # not beat it beyond noise (the written plan then keeps the default)
     versus_default: dict[str, Any] | None = None
+    # what other processes used of the cores while the bench timed (measure.load)
+    load: dict[str, Any] | None = None
 
     @property
     def keep_default(self) -> bool:
@@ -325,6 +328,16 @@ def run_bench(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Tra
     `build_model()` must return the same initial weights on every call (seed inside it).
     """
     check_arguments(budget_s, loss_tol)
+    with LoadWatch() as watch:
+        result = _run(build_model, bundle, cfg, budget_s, loss_tol, tune_batch_size)
+    result.load = watch.reading.to_dict()
+    if watch.reading.busy:
+        log.warning(watch.reading.describe())
+    return result
+
+
+def _run(build_model, bundle: DataBundle, cfg: TrainConfig, budget_s: float, loss_tol: float,
+         tune_batch_size: bool) -> BenchResult:
     bench = _Bench(build_model, bundle, cfg, budget_s, loss_tol)
     variants, notes = technique_variants()
     first = bench.measure([[]] + [[v] for v in variants])
