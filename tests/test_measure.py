@@ -243,14 +243,13 @@ def test_the_share_of_the_cores_other_processes_used_comes_from_two_snapshots():
 
 @pytest.mark.slow
 def test_a_cpu_heavy_neighbour_is_seen_as_other_processes_load():
+    import os
+    import signal
     import subprocess
     import sys
     import time
 
     from leantrain.measure.load import LoadWatch
-
-    import os
-    import signal
 
     # started through a shell that exits: the spinner is not our child (children's time is
     # ours: a DataLoader's workers work for us), as a neighbour's process would not be
