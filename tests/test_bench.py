@@ -487,3 +487,16 @@ def test_the_bench_reads_the_machines_load_while_it_times_and_flags_a_busy_one(m
     assert result.load["busy"] and result.load["others_share"] == pytest.approx(0.5)
     assert "machine BUSY: other processes used 50%" in format_bench(result)
     assert result.to_dict()["load"]["busy"]  # bench.json holds it
+
+
+def test_two_agreeing_pairs_give_no_interval_and_the_table_says_so():
+    from leantrain.bench.report import _speedup_text
+    from leantrain.bench.trials import TrialResult
+    from leantrain.measure.rounds import MIN_ROUNDS, interval
+
+    assert interval([1.92, 1.94]) is None  # two pairs: a tight interval that says nothing
+    assert interval([1.92, 1.94, 0.88]) is not None and MIN_ROUNDS == 3
+    trial = TrialResult("fused optimizer", ["fused optimizer"], {}, True, "ok", "")
+    trial.speedup, trial.round_rates = 1.93, [10.0, 11.0]
+    assert _speedup_text(trial) == "1.93x (not enough rounds: 2 of 3)"
+    assert not search.significant(trial)  # and so it cannot win

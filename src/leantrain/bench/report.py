@@ -15,10 +15,11 @@ from ..measure.compile_watch import describe
 from ..measure.load import LoadReading
 from ..measure.plots import bar_panels, curve
 from ..measure.report import human_bytes
+from ..measure.rounds import MIN_ROUNDS
 from .batch_size import BatchSizeResult
 from .lr_finder import LRFinderResult
 from .memory_estimate import format_estimate
-from .search import BenchResult
+from .search import BASELINE_LABEL, BenchResult
 from .trials import TrialResult
 
 BENCH_JSON, BENCH_PNG, PLAN_YAML, BASELINE_YAML = ("bench.json", "bench.png", "plan.yaml",
@@ -48,6 +49,8 @@ def _speedup_text(t: TrialResult) -> str:
     text = f"{t.speedup:.2f}x"
     if t.speedup_interval is not None:
         text += f" ({t.speedup_interval[0]:.2f}-{t.speedup_interval[1]:.2f})"
+    elif t.name != BASELINE_LABEL:  # a median of one or two rounds: no interval, cannot win
+        text += f" (not enough rounds: {len(t.round_rates)} of {MIN_ROUNDS})"
     if t.noisy:
         text += f" NOISY (spread {t.spread:.0%})"
     return text

@@ -28,7 +28,7 @@ from ..errors import LeantrainError
 from ..measure import clock
 from ..measure.compile_watch import break_even_steps
 from ..measure.load import LoadWatch
-from ..measure.rounds import interval, paired_ratios, spread
+from ..measure.rounds import MIN_ROUNDS, interval, paired_ratios, spread
 from ..run.plan import device_setting
 from ..techniques import REGISTRY
 from ..techniques.variant import Variant
@@ -59,7 +59,7 @@ ROUNDS = 5  # each trial is measured in this many interleaved rounds
 # rounds of a steady trial vary by 3-10%; the issue that asked for this saw 58-1,164
 # samples/s inside one trial.
 NOISY_CV = 0.20
-FINAL_CHECK_ROUNDS = 2  # rounds of the winner against the default plan, at least
+FINAL_CHECK_ROUNDS = MIN_ROUNDS  # rounds of the winner against the default plan, at least
 # The bench moves the batch by one doubling at most: the LR scaling rule is an approximation
 # that holds near the batch the user tuned, and a bigger batch means fewer optimizer steps in
 # the same epochs, which can leave a fixed-epoch run short of its accuracy.
@@ -129,8 +129,11 @@ def _compiles(variants: list[Variant]) -> bool:
     return any(v.overrides.get("plan", {}).get("compile") is True for v in variants)
 
 
+BASELINE_LABEL = "baseline"  # the trial of no technique: the reference of every speed-up
+
+
 def _label(variants: list[Variant]) -> str:
-    return " + ".join(v.name for v in variants) or "baseline"
+    return " + ".join(v.name for v in variants) or BASELINE_LABEL
 
 
 def _break_even(trial: TrialResult, base: TrialResult) -> int | None:

@@ -43,11 +43,15 @@ def paired_ratios(measured: list[float], reference: list[float]) -> list[float]:
     return [m / r for m, r in zip(measured, reference, strict=False) if m and r]
 
 
+MIN_ROUNDS = 3  # paired rounds below which a ratio gets no interval (and so cannot win)
+
+
 def interval(ratios: list[float]) -> tuple[float, float] | None:
     """The 95% bootstrap interval (percentile method, fixed seed) of the median ratio; None
-    with fewer than two rounds. With five rounds the interval is coarse but honest: it spans
-    the rounds' disagreement, which a lone median hides."""
-    if len(ratios) < 2:
+    with fewer than MIN_ROUNDS rounds: two pairs that agree give a tight interval that says
+    nothing (1.92-1.94x from two pairs, where two whole runs gave 1.99x and 0.88x). With five
+    rounds the interval is coarse but honest: it spans the rounds' disagreement."""
+    if len(ratios) < MIN_ROUNDS:
         return None
     if max(ratios) - min(ratios) < 1e-12:
         return ratios[0], ratios[0]

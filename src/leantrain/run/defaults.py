@@ -41,7 +41,7 @@ from ..distributed import DistContext
 from ..env import cpu_model
 from ..errors import one_line
 from ..measure import clock
-from ..measure.rounds import interleave, interval, paired_ratios
+from ..measure.rounds import MIN_ROUNDS, interleave, interval, paired_ratios
 from ..measure.timing import timed_window
 from ..techniques import optimizer, precision
 from ..techniques.base import Context
@@ -57,7 +57,7 @@ BUDGET_SHARE = 0.03  # measuring may cost this share of the run
 # so only this part of the share is planned, to stay within it of the real run
 PROJECTION_MARGIN = 0.8
 MIN_STEPS = 300  # a run of fewer optimizer steps cannot pay for a single round: no look
-ROUNDS, MIN_ROUNDS = 5, 3
+ROUNDS = 5
 WARMUP_STEPS = 3
 WINDOW_S = (0.2, 1.0)  # timed seconds per candidate and round
 
