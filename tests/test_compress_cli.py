@@ -69,14 +69,27 @@ def _stage(name, latency=10.0, size=1000, accuracy=0.9, compiled=None):
     return stage
 
 
+def _paired(name, ratio, interval, size=500):
+    return {**_stage(name, latency=10.0, size=size),
+            "speedup_b64": {"ratio": ratio, "interval": interval, "rounds": 5, "kind": "b64"}}
+
+
 @pytest.mark.parametrize("stage, verdict, fragment", [
     (_stage("slower", latency=30.0, size=500), "harmful", "slower: 30.00 ms vs 10.00 ms"),
     (_stage("bigger", size=1200), "harmful", "bigger: 1,200 vs 1,000 bytes"),
     (_stage("lossy", latency=5.0, accuracy=0.85), "harmful", "accuracy falls 5.0%"),
     (_stage("same", latency=10.2), "not worth it", "neither 5% smaller nor faster"),
-    (_stage("faster", latency=5.0), "keep", "2.00x faster (b64)"),
+    (_stage("faster", latency=5.0), "keep", "faster: 5.00 ms vs 10.00 ms (b64)"),
     # int8 judged compiled against the model before it, compiled
-    (_stage("int8", latency=40.0, size=400, compiled=(31.0, 89.7)), "keep", "2.89x faster"),
+    (_stage("int8", latency=40.0, size=400, compiled=(31.0, 89.7)), "keep",
+     "faster: 31.00 ms vs 89.70 ms (compiled b64)"),
+    # paired rounds decide when there are: faster or slower only when the whole interval is
+    (_paired("paired", 2.0, [1.8, 2.2]), "keep",
+     "faster: 2.00x the speed of the stage before (95% 1.80-2.20, 5 paired rounds, b64)"),
+    (_paired("straddles", 1.6, [0.7, 2.5], size=1000), "not worth it",
+     "neither 5% smaller nor faster (1.60x"),
+    (_paired("too few", 3.0, None, size=1000), "not worth it", "(95% n/a, 5 paired rounds"),
+    (_paired("slower", 0.5, [0.4, 0.6]), "harmful", "slower: 0.50x the speed"),
     (_stage("int8", latency=5.0, size=400, compiled=(310.0, 89.7)), "harmful",
      "slower: 310.00 ms vs 89.70 ms (compiled b64)"),
 ])

@@ -264,3 +264,16 @@ def test_a_cpu_heavy_neighbour_is_seen_as_other_processes_load():
         os.kill(pid, signal.SIGKILL)
     # one spinning process: most of one core's worth of time (more on a busier machine)
     assert watch.reading.others_share >= 0.6 / watch.reading.cores
+
+
+def test_a_paired_speed_up_comes_from_interleaved_rounds_with_an_interval(fake_clock):
+    from conftest import Ticking
+
+    from leantrain.measure.latency import paired_speedup
+
+    fast = Ticking(nn.Linear(4, 2), fake_clock, seconds=0.001)
+    slow = Ticking(nn.Linear(4, 2), fake_clock, seconds=0.004)
+    found = paired_speedup(fast, slow, torch.randn(4), 8, rounds=5, repeats=3)
+    assert found["ratio"] == pytest.approx(4.0) and found["interval"] == pytest.approx([4, 4])
+    assert found["rounds"] == 5 and found["model_ms"] == pytest.approx(1.0)
+    assert paired_speedup(fast, slow, torch.randn(4), 8, rounds=2)["interval"] is None

@@ -188,6 +188,7 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
             collate_fn=bundle.collate_fn)
 
     if args.separable:
+        before = copy.deepcopy(model)
         model, changes = to_separable(model, norm=True, activation=True)
         if not changes:
             raise LeantrainError("--separable: no Conv2d qualifies (groups=1, kernel > 1, "
@@ -197,7 +198,9 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
         stages.append(measure_stage("separable", model, bundle,
                                     f"{len(changes)} convs converted, retrained "
                                     f"{cfg.train.epochs} epochs"))
+        _pair(stages[-1], model, before, bundle)
     if args.prune is not None:
+        before = copy.deepcopy(model)
         if args.prune_method == "structured":
             example = batch_of(probe(model, bundle)[0], 1)
             prune_channels(model.eval(), example, args.prune, steps=2, finetune=finetune)
@@ -209,6 +212,7 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
             note = (f"{args.prune:.0%} of weights zeroed (gradual, 3 steps): dense kernels "
                     "gain no speed from unstructured sparsity")
         stages.append(measure_stage(f"pruned ({args.prune_method})", model, bundle, note))
+        _pair(stages[-1], model, before, bundle)
     if args.quantize == STATIC_METHOD:
         model, stage = quantize_static_stage(model, bundle, stages[-1])
         stages.append(stage)
@@ -258,20 +262,33 @@ def check_static(bundle) -> None:
                              "int8-weight-only for transformers")
 
 
+def _pair(stage: dict[str, Any], model, before, bundle) -> None:
+    """The stage's speed-up over the model before it at batch 64, in interleaved rounds with
+    an interval (what the verdict judges by; the table's latencies are single figures)."""
+    from ..measure.latency import paired_speedup
+
+    sample, conv = probe(before, bundle)
+    found = paired_speedup(model, before, sample, 64, channels_last=conv)
+    stage["speedup_b64"] = {**found, "kind": "b64"}
+
+
 def _compiled_latencies(stage: dict[str, Any], model, before, bundle, channels_last: bool,
                         freezing: bool = False) -> None:
     """Batch-64 latency of the stage's model and of the one before it, both under
-    torch.compile (int8 pays compiled, if at all); with `freezing`, Inductor folds the weights
-    into constants (the pt2e x86 recipe: its int8 kernels are packed from them)."""
+    torch.compile (int8 pays compiled, if at all), paired in interleaved rounds; with
+    `freezing`, Inductor folds the weights into constants (the pt2e x86 recipe: its int8
+    kernels are packed from them)."""
     import torch
 
-    from ..measure.latency import latency_seconds
+    from ..measure.latency import paired_speedup
 
     sample = common.sample_inputs(bundle)
     with torch._inductor.config.patch(freezing=freezing):
-        for key, net in (("compiled_b64_ms", model), ("compiled_b64_ms_before", before)):
-            stage[f"latency_{key}"] = 1e3 * latency_seconds(torch.compile(net), sample, 64,
-                                                           channels_last=channels_last)
+        found = paired_speedup(torch.compile(model), torch.compile(before), sample, 64,
+                               channels_last=channels_last)
+    stage["latency_compiled_b64_ms"] = found["model_ms"]
+    stage["latency_compiled_b64_ms_before"] = found["reference_ms"]
+    stage["speedup_b64"] = {**found, "kind": "compiled b64"}
 
 
 def quantize_linear_stage(model, bundle, before: dict[str, Any], method: str):

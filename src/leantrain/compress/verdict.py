@@ -5,8 +5,10 @@ stage is measured compiled) or bigger (file), or costs more than `max_drop`: acc
 where the task has an accuracy, else a relative rise of the validation loss (regression,
 language models, a model's own loss); **not
 worth it** when it makes the model neither smaller nor faster by `MIN_GAIN`; otherwise
-**keep**. Latency differences within `MIN_GAIN` count as equal: single latency figures on a
-shared machine vary by a few percent.
+**keep**. Speed is judged on the paired, interleaved rounds of the stage against the model
+before it (`measure.latency.paired_speedup`): faster or slower by `MIN_GAIN` only when the
+whole 95% interval is. Two single latency figures (the fallback) count as equal within
+`MIN_GAIN`.
 """
 
 from __future__ import annotations
@@ -31,13 +33,29 @@ def _before_latency(stage: dict[str, Any], before: dict[str, Any]) -> float:
     return before["latency_b64_ms"]
 
 
-def judge(stage: dict[str, Any], before: dict[str, Any], max_drop: float) -> tuple[str, str]:
-    """(verdict, reason) of `stage` against `before`."""
+def _speed(stage: dict[str, Any], before: dict[str, Any]) -> tuple[bool, bool, str]:
+    """(faster, slower, how much) by MIN_GAIN: from the paired rounds' interval when the stage
+    was paired with the model before it (faster or slower only when the whole interval is),
+    else from the two latency figures."""
+    paired = stage.get("speedup_b64")
+    if paired is not None:
+        low, high = paired["interval"] or (1.0, 1.0)  # no interval: neither, beyond noise
+        text = (f"{paired['ratio']:.2f}x the speed of the stage before (95% "
+                + (f"{low:.2f}-{high:.2f}" if paired["interval"] else "n/a")
+                + f", {paired['rounds']} paired rounds, {paired['kind']})")
+        return low > 1 / (1 - MIN_GAIN), high < 1 / (1 + MIN_GAIN), text
     latency, kind = _latency(stage)
     was = _before_latency(stage, before)
+    return latency < was * (1 - MIN_GAIN), latency > was * (1 + MIN_GAIN), \
+        f"{latency:.2f} ms vs {was:.2f} ms ({kind})"
+
+
+def judge(stage: dict[str, Any], before: dict[str, Any], max_drop: float) -> tuple[str, str]:
+    """(verdict, reason) of `stage` against `before`."""
+    faster, slower, speed = _speed(stage, before)
     harms = []
-    if latency > was * (1 + MIN_GAIN):
-        harms.append(f"slower: {latency:.2f} ms vs {was:.2f} ms ({kind})")
+    if slower:
+        harms.append(f"slower: {speed}")
     if stage["file_bytes"] > before["file_bytes"] * (1 + MIN_GAIN):
         harms.append(f"bigger: {stage['file_bytes']:,} vs {before['file_bytes']:,} bytes")
     drop, quality = _quality_cost(stage, before)
@@ -45,12 +63,10 @@ def judge(stage: dict[str, Any], before: dict[str, Any], max_drop: float) -> tup
         harms.append(f"{quality} {drop:.1%}, more than --max-drop {max_drop:.1%}")
     if harms:
         return HARMFUL, "; ".join(harms)
-    faster = latency < was * (1 - MIN_GAIN)
     smaller = stage["file_bytes"] < before["file_bytes"] * (1 - MIN_GAIN)
     if not (faster or smaller):
-        return NOT_WORTH_IT, (f"neither {MIN_GAIN:.0%} smaller nor faster ({latency:.2f} vs "
-                              f"{was:.2f} ms {kind})")
-    gains = ([f"{was / latency:.2f}x faster ({kind})"] if faster else []) + \
+        return NOT_WORTH_IT, f"neither {MIN_GAIN:.0%} smaller nor faster ({speed})"
+    gains = ([f"faster: {speed}"] if faster else []) + \
         ([f"{before['file_bytes'] / stage['file_bytes']:.2f}x smaller file"] if smaller else [])
     change = f"accuracy {-drop:+.1%}" if quality.startswith("accuracy") else \
         f"validation loss {drop:+.1%}"
