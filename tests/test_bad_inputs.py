@@ -777,3 +777,40 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh_with_the_same_co
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps == sorted(steps) and steps[0] == 1  # the killed run's records are gone
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+
+
+# ------------------------------------------------------------------ config files, hostile
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"optim:\n  lr: 0.1\n  lr: 3e-4\n", "key 'lr' appears twice in one mapping"),
+    (b"optim: {lr: 0.1}\noptim: {name: sgd}\n", "key 'optim' appears twice"),
+    (b"optim:\n  name: \xff\xfeadamw\n", "is not UTF-8 text (byte"),
+    (b"optim: [1, 2\n", "is not valid YAML"),
+    # aliases nested nine deep: 9**9 elements to expand, a few shared objects in memory; the
+    # echo is bounded before it is built, the run never starts
+    (b"a: &a [x, x, x, x, x, x, x, x, x]\n" + b"".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n".encode()
+        for p, n in zip("abcdefgh", "bcdefghi", strict=True)) + b"optim: {lr: *i}\n",
+     "config key 'optim.lr' has value [[[[...], [...],"),
+    (b"optim:\n  lr: [" + b"1, " * 5000 + b"1]\n", "config key 'optim.lr' has value [1, 1,"),
+])
+def test_a_hostile_config_file_is_one_bounded_line_and_exit_2(tmp_path, capsys, content,
+                                                              fragment):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(path), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1 and len(err) < 500, err[:300]
+    assert not out.exists()
+
+
+def test_an_unreadable_config_file_is_named(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    path = tmp_path / "run.yaml"
+    path.write_text("optim: {lr: 0.1}\n")
+    path.chmod(0)
+    assert main(["train", "--config", str(path), "--no-progress"]) == 2
+    assert "cannot be read" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import LeantrainError
+from .errors import LeantrainError, bounded_repr, shorten
 
 Auto = Literal["auto"]
 CONFIG_NAME = "config.yaml"  # a run folder's config: what `--resume` continues with
@@ -220,29 +220,27 @@ def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise LeantrainError(
-            f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}"
-        )
+        where = prefix.rstrip(".") or "<root>"
+        raise LeantrainError(f"config section '{where}' must be a mapping, got "
+                             f"{bounded_repr(values)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise LeantrainError(
-                f"unknown config key '{prefix}{key}'; allowed keys here: {', '.join(fields)}"
-            )
+            raise LeantrainError(f"unknown config key '{prefix}{shorten(key, 80)}'; allowed keys "
+                                 f"here: {', '.join(fields)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
             continue
         ok, coerced = _coerce(tp, value)
+        shown = bounded_repr(value)  # a file's value may be megabytes
         if not ok:
-            raise LeantrainError(
-                f"config key '{prefix}{key}' has value {value!r} ({type(value).__name__}); "
-                f"allowed: {_describe(tp)}"
-            )
+            raise LeantrainError(f"config key '{prefix}{key}' has value {shown} "
+                                 f"({type(value).__name__}); allowed: {_describe(tp)}")
         if isinstance(coerced, float) and not math.isfinite(coerced):  # nan, inf, 1e400
-            raise LeantrainError(f"config key '{prefix}{key}' has value {value!r}; allowed: a "
+            raise LeantrainError(f"config key '{prefix}{key}' has value {shown}; allowed: a "
                                  "finite number")
         kwargs[key] = coerced
     return cls(**kwargs)
@@ -364,14 +362,36 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
 # ---------------------------------------------------------------- sources of values
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently: `lr: 0.1` above `lr: 3e-4` would train at the second without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise LeantrainError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeyLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise LeantrainError(f"config file {path} is not UTF-8 text (byte {exc.start})") \
+            from exc
+    except OSError as exc:
+        raise LeantrainError(f"config file {path} cannot be read: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise LeantrainError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise LeantrainError(f"config file {path} is not valid YAML: "
+                             f"{shorten(' '.join(str(exc).split()))}") from exc
     if not isinstance(values, dict):
         raise LeantrainError(f"config file {path} must hold a mapping at the top level")
     return values

@@ -20,3 +20,21 @@ def one_line(exc: BaseException) -> str:
     """"Type: first line of the message" (the type alone for an empty message)."""
     line = first_line(exc)
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def bounded_repr(value: object, limit: int = 200) -> str:
+    """repr(value) for an error message, bounded before it is built: a YAML alias nested nine
+    deep is a billion elements to repr() but a few shared objects in memory."""
+    import reprlib
+
+    shown = reprlib.Repr()  # (keyword arguments from Python 3.12 only)
+    shown.maxlevel, shown.maxstring, shown.maxother = 3, limit, limit
+    shown.maxlist = shown.maxdict = shown.maxtuple = shown.maxset = 6
+    return shorten(shown.repr(value), limit)
+
+
+def shorten(value: object, limit: int = 200) -> str:
+    """A value echoed in a one-line error, cut to `limit` characters (a hostile file's value
+    may be megabytes, or a YAML alias expanded without end)."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import CONFIG_NAME, TrainConfig, load_config, merge, read_plan_file, read_yaml
-from ..errors import LeantrainError
+from ..errors import LeantrainError, shorten
 from ..recipes import RECIPES, get_recipe
 
 log = logging.getLogger("leantrain")
@@ -90,12 +90,6 @@ def refuse_folder_code(cfg: TrainConfig, folder: Path, args: argparse.Namespace,
                 f"{folder / CONFIG_NAME} names code to import ({flag} {shorten(spec)}); "
                 f"leantrain runs no code a run folder names: pass {flag} {shorten(spec)} "
                 "again if you trust it, or --trust-run-code")
-
-
-def shorten(value: object, limit: int = 200) -> str:
-    """A value echoed in a one-line error, cut to `limit` characters."""
-    text = str(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _shortcut_overrides(args: argparse.Namespace) -> dict:
