@@ -4,6 +4,7 @@ sweep through the trainer's real step, with `--apply` to write the answer into a
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..errors import LeantrainError
@@ -44,8 +45,11 @@ def _find_batch_size(args: argparse.Namespace) -> None:
 
     if args.max_size is not None and args.max_size < 1:
         raise LeantrainError(f"--max-size must be >= 1, got {args.max_size}")
+    gib = args.memory_limit_gib
+    if gib is not None and not 0 < gib < math.inf:  # (NaN fails this too)
+        raise LeantrainError(f"--memory-limit-gib must be a finite number > 0, got {gib}")
     cfg, out, bundle, builder = common.load_inputs(args, "batch-size")
-    limit = int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None
+    limit = int(gib * 2**30) if gib is not None else None
     sizes = find_batch_size(builder, bundle, cfg, memory_limit=limit, max_size=args.max_size)
     sizes.memory = estimate(builder, bundle, cfg, room=limit)
     write_batch_sizes(sizes, out, Path(args.apply) if args.apply else None)
