@@ -594,6 +594,29 @@ def test_a_bit_flipped_checkpoint_is_refused(tmp_path):
     (out / "checkpoint.pt").write_bytes(bytes(data))
     with pytest.raises(LeantrainError, match="is corrupt: its SHA-256 differs"):
         fit(mlp(), *_data(), _cfg(), out, resume=True, progress_bar=False)
+    # its hash gone (copied without it, or deleted): refused too, unless the user says so
+    (out / "checkpoint.pt.sha256").write_text("")
+    with pytest.raises(LeantrainError, match=r"no SHA-256 recorded beside it .* --no-verify"):
+        fit(mlp(), *_data(), _cfg(), out, resume=True, progress_bar=False)
+    (out / "checkpoint.pt.sha256").unlink()
+    with pytest.raises(LeantrainError, match="no SHA-256 recorded beside it"):
+        fit(mlp(), *_data(), _cfg(), out, resume=True, progress_bar=False)
+
+
+def test_train_resume_without_a_recorded_hash_needs_no_verify(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--epochs", "2", "--set", "train.monitor_interval_s=0", "--no-progress"]
+    try:  # the CLI may turn the interrupt into its exit code 130
+        _interrupt_after_first_checkpoint(lambda: main([*args, "--out", str(out)]))
+    except KeyboardInterrupt:
+        pass
+    (out / "checkpoint.pt.sha256").unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-verify" in err[0]
+    assert main(["train", "--resume", str(out), "--no-verify", "--no-progress"]) == 0
+    assert (out / "model.pt").is_file()
 
 
 # ------------------------------------------------------------------ signals

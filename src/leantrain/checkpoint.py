@@ -43,6 +43,16 @@ def _checksum_file(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def require_recorded_hash(path: Path) -> None:
+    """Refuse a checkpoint of leantrain's own whose SHA-256 is not recorded beside it: every
+    file leantrain writes has one (written before the rename), so a missing or empty one means
+    the file was copied or changed without it, and a flipped bit would load unnoticed."""
+    if not _recorded(path):
+        raise LeantrainError(f"{path} has no SHA-256 recorded beside it "
+                             f"({_checksum_file(path).name} is missing or empty), so it cannot "
+                             "be checked; pass --no-verify to resume from it anyway")
+
+
 def _recorded(path: Path) -> list[str]:
     try:
         return _checksum_file(path).read_text().split()

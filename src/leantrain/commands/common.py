@@ -65,6 +65,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "measurements of this model (plan.cache=false)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its last checkpoint (its own config)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="resume from a checkpoint whose SHA-256 is not recorded beside it "
+                        "(checkpoint.pt.sha256 missing: a flipped bit would go unnoticed)")
     add_trust_flag(p)
 
 

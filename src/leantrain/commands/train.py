@@ -39,13 +39,14 @@ def run(args: argparse.Namespace, dist) -> int:
 
     out = run_folder(args)
     if dist.is_main:  # before the data loads: a wrong folder fails at once (rank 0 writes)
-        folder.check(out, bool(args.resume))
+        folder.check(out, bool(args.resume), verify=not args.no_verify)
     cfg = common.config_from_args(args)
     bundle = load_data(cfg.data)
     common.log.info("data: %s", bundle.description)
     model = common.build_model(cfg, bundle)
     summary = fit(model, bundle.train, bundle.val, cfg, out, resume=bool(args.resume),
-                  progress_bar=not args.no_progress, collate_fn=bundle.collate_fn)
+                  progress_bar=not args.no_progress, collate_fn=bundle.collate_fn,
+                  verify=not args.no_verify)
     if dist.is_main:
         print(format_summary(summary))
         print(f"\nrun folder: {out}")

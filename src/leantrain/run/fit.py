@@ -19,7 +19,7 @@ from .trainer import Trainer
 
 def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConfig | None = None,
         out_dir: str | Path | None = None, resume: bool = False, progress_bar: bool = True,
-        loss_fn=None, collate_fn=None, watcher=None) -> dict[str, Any]:
+        loss_fn=None, collate_fn=None, watcher=None, verify: bool = True) -> dict[str, Any]:
     """Train `model` with the plan in `cfg`; returns the run summary.
 
     Batches may be tensors, tuples, dicts or nested ones; the model's own loss is used when it
@@ -30,13 +30,15 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
     (with the measured choices explicit), checkpoint.pt, metrics.jsonl, tensorboard/, model.pt
     (plain state_dict) and summary.json; `resume=True` continues from its checkpoint.
     `watcher` (a `run.records.Watcher`) sees each validation and may end the run early.
+    `verify=False` resumes from a checkpoint whose SHA-256 is not recorded beside it.
     """
     cfg = cfg or TrainConfig()
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise LeantrainError("resume needs the run folder (out_dir) that holds the checkpoint")
     # the folder is checked and locked before anything is measured or written (rank 0 writes)
-    locked = folder.claim(out, resume) if out is not None and DistContext.from_env().is_main \
+    is_main = DistContext.from_env().is_main
+    locked = folder.claim(out, resume, verify) if out is not None and is_main \
         else contextlib.nullcontext()
     with locked:
         notes: dict[str, str] = {}

@@ -17,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-from ..checkpoint import CHECKPOINT_NAME, remove_partial_writes
+from ..checkpoint import CHECKPOINT_NAME, remove_partial_writes, require_recorded_hash
 from ..config import CONFIG_NAME
 from ..errors import LeantrainError
 from .logs import METRICS_NAME, TENSORBOARD_NAME
@@ -127,8 +127,9 @@ def clear_leftovers(folder: Path) -> None:
     remove_partial_writes(folder)
 
 
-def check(folder: Path, resume: bool) -> None:
-    """Refuse a folder this run may not train into (before anything is measured or written)."""
+def check(folder: Path, resume: bool, verify: bool = True) -> None:
+    """Refuse a folder this run may not train into (before anything is measured or written);
+    with `verify`, a checkpoint to resume needs its recorded SHA-256."""
     if folder.exists() and not folder.is_dir():
         raise LeantrainError(f"run folder {folder} is a file; choose another folder")
     lock = folder / LOCK_NAME
@@ -141,6 +142,8 @@ def check(folder: Path, resume: bool) -> None:
                     "started it again (it starts afresh)" if leftovers(folder) else
                     " in that folder")
             raise LeantrainError(f"resume {folder}: no {CHECKPOINT_NAME}{hint}")
+        if verify:
+            require_recorded_hash(folder / CHECKPOINT_NAME)
         return
     if has_checkpoint:
         raise LeantrainError(f"{folder} already holds a run; continue it with --resume {folder} "
@@ -151,9 +154,9 @@ def check(folder: Path, resume: bool) -> None:
                              "not a run to resume; choose an empty or new folder")
 
 
-def claim(folder: Path, resume: bool) -> RunLock:
+def claim(folder: Path, resume: bool, verify: bool = True) -> RunLock:
     """Check the folder, create it and lock it; release the lock (or use `with`) when done."""
-    check(folder, resume)
+    check(folder, resume, verify)
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
