@@ -506,3 +506,26 @@ def test_two_agreeing_pairs_give_no_interval_and_the_table_says_so():
     trial.speedup, trial.round_rates = 1.93, [10.0, 11.0]
     assert _speedup_text(trial) == "1.93x (not enough rounds: 2 of 3)"
     assert not search.significant(trial)  # and so it cannot win
+
+
+def test_the_batch_size_search_stops_before_a_trial_it_cannot_finish_in_time(monkeypatch,
+                                                                             fake_clock):
+    """Each size's trial takes 4 s (its model build and warm-up included), far more than the
+    timed part the caller asked for: the search plans by what a trial really took."""
+    from leantrain.bench import batch_size
+    from leantrain.bench.trials import TrialResult
+
+    ran = []
+
+    def four_seconds(size, *args):
+        fake_clock.advance(4.0)
+        ran.append(size)
+        return TrialResult(f"batch {size}", [], {}, True, "ok", samples_per_second=100.0 * size,
+                           round_rates=[100.0 * size], peak_memory_bytes=1)
+
+    monkeypatch.setattr(batch_size, "_run_size", four_seconds)
+    sizes = batch_size.find_batch_size(lambda: None, tabular_bundle(800), small_cfg(),
+                                       memory_limit=2**40, seconds_per_size=0.2,
+                                       time_left=lambda: 18.0 - fake_clock.now())
+    assert fake_clock.now() <= 18.0  # 4 trials of 4 s fit in 18 s; a fifth would not
+    assert len(ran) == 4 and sizes.recommended in ran

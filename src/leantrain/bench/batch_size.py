@@ -25,6 +25,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..data import DataBundle
 from ..errors import LeantrainError
+from ..measure import clock
 from ..measure.memory import MARGIN, available_ram_bytes, cuda_memory_bytes, current_rss_bytes
 from ..run.plan import select_device
 from ..techniques.variant import Variant
@@ -126,10 +127,17 @@ def find_batch_size(build_model: Callable[[], nn.Module], bundle: DataBundle, cf
         cap, cap_reason = max_size, "the largest size asked for"
     results: dict[int, TrialResult] = {}
     notes: list[str] = []
+    longest = [2 * seconds_per_size + 1]  # the wall time of a size's trial, as measured
+
+    def run_size(size: int) -> TrialResult:
+        began = clock.now()
+        trial = _run_size(size, build_model, bundle, cfg, overrides, seconds_per_size)
+        longest[0] = max(longest[0], clock.now() - began)
+        return trial
 
     def fits(size: int) -> bool:
         if size not in results:
-            trial = _run_size(size, build_model, bundle, cfg, overrides, seconds_per_size)
+            trial = run_size(size)
             if trial.measured and limit and trial.peak_memory_bytes > (1 - MARGIN) * limit:
                 trial.status = "too big"
                 trial.reason = (f"peak {trial.peak_memory_bytes / 2**20:.0f} MiB is over "
@@ -139,8 +147,8 @@ def find_batch_size(build_model: Callable[[], nn.Module], bundle: DataBundle, cf
                      if trial.measured else f"does not fit ({trial.status}: {trial.reason})")
         return results[size].measured
 
-    def out_of_time() -> bool:
-        return time_left is not None and time_left() < 2 * seconds_per_size + 1
+    def out_of_time() -> bool:  # another trial would not end within the time left
+        return time_left is not None and time_left() < longest[0]
 
     size = min(start, cap)
     while not fits(size):  # the starting size itself may not fit: halve until one does
@@ -167,21 +175,19 @@ def find_batch_size(build_model: Callable[[], nn.Module], bundle: DataBundle, cf
         notes.append(f"capped at {cap} ({cap_reason}); larger sizes were not tried")
     fitting = sorted(size for size, t in results.items() if t.measured)
     contenders = sorted({fitting[0]} | set(fitting[-COMPARED:]))
-    compared = _compare_sizes(contenders, build_model, bundle, cfg, overrides, seconds_per_size,
-                              out_of_time)
+    compared = _compare_sizes(contenders, run_size, out_of_time)
     if out_of_time():
         notes.append("the time budget ended the search; the answer comes from the sizes tried")
     return _recommend(start, fitting[0], results, compared, limit, kind, cap, cfg, notes)
 
 
-def _compare_sizes(sizes: list[int], build_model, bundle: DataBundle, cfg: TrainConfig,
-                   overrides: dict[str, Any], seconds: float, out_of_time: Callable[[], bool]
-                   ) -> dict[int, list[TrialResult]]:
+def _compare_sizes(sizes: list[int], run_size: Callable[[int], TrialResult],
+                   out_of_time: Callable[[], bool]) -> dict[int, list[TrialResult]]:
     """Time the contenders in interleaved rounds (machine speed drifts between trials)."""
     def measure(label: str, r: int) -> TrialResult | None:
         if out_of_time():
             return None
-        return _run_size(int(label), build_model, bundle, cfg, overrides, seconds)
+        return run_size(int(label))
 
     rounds = interleave([str(s) for s in sizes], ROUNDS, measure)
     return {int(label): measured for label, measured in rounds.items() if measured}

@@ -408,7 +408,7 @@ def _tune_batch_size(bench: _Bench, winner: TrialResult
     sizes = find_batch_size(
         bench.build_model, bench.bundle, bench.cfg, winner.overrides,
         seconds_per_size=bench.round_s, max_size=BATCH_GROWTH * bench.cfg.data.batch_size,
-        time_left=lambda: bench.budget_s - bench.elapsed() - reserve)
+        time_left=lambda: bench.left() - reserve)  # the final check's share kept back
     ratio = sizes.speed_vs_start
     start = bench.cfg.data.batch_size
     if sizes.recommended == start or start not in ratio or sizes.recommended not in sizes.trials \
