@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from leantrain import fit, load_config
+from leantrain.checkpoint import atomic_save
 from leantrain.cli import main
 from leantrain.errors import LeantrainError
 from leantrain.run import folder as run_folder
@@ -503,8 +504,7 @@ def test_resume_with_an_edited_lr_names_the_key(tmp_path, capsys):
     checkpoint = out / "checkpoint.pt"
     state = torch.load(checkpoint, weights_only=True)
     state["progress"]["finished"] = False  # as if killed before the end
-    torch.save(state, checkpoint)
-    (out / "checkpoint.pt.sha256").unlink()
+    atomic_save(state, checkpoint)  # (with its hash, as leantrain writes it)
     config = out / "config.yaml"
     config.write_text(config.read_text().replace("lr: 0.1", "lr: 0.05"))
     code = main(["train", "--resume", str(out), "--no-progress"])
@@ -577,8 +577,7 @@ def test_a_checkpoint_of_the_wrong_structure_is_one_line(tmp_path, saved, fragme
     with pytest.raises(KeyboardInterrupt):
         _interrupt_after_first_checkpoint(lambda: fit(mlp(), *_data(), _cfg(), out,
                                                       progress_bar=False))
-    torch.save(saved, out / "checkpoint.pt")
-    (out / "checkpoint.pt.sha256").unlink()
+    atomic_save(saved, out / "checkpoint.pt")  # a hash of its own: the structure is refused
     with pytest.raises(LeantrainError) as caught:
         fit(mlp(), *_data(), _cfg(), out, resume=True, progress_bar=False)
     assert fragment in str(caught.value)

@@ -32,6 +32,7 @@ def run_folder(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace, dist) -> int:
+    from ..checkpoint import CHECKPOINT_NAME, require_recorded_hash
     from ..data import load_data
     from ..measure.report import format_summary
     from ..run import folder
@@ -39,8 +40,10 @@ def run(args: argparse.Namespace, dist) -> int:
 
     out = run_folder(args)
     if dist.is_main:  # before the data loads: a wrong folder fails at once (rank 0 writes)
-        folder.check(out, bool(args.resume), verify=not args.no_verify)
-    cfg = common.config_from_args(args)
+        folder.check(out, bool(args.resume), verify=False)
+    cfg = common.config_from_args(args)  # flags and folder code refused before the hash
+    if args.resume and not args.no_verify:
+        require_recorded_hash(out / CHECKPOINT_NAME)  # before the data load
     bundle = load_data(cfg.data)
     common.log.info("data: %s", bundle.description)
     model = common.build_model(cfg, bundle)
