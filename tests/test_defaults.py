@@ -82,7 +82,8 @@ def test_no_cache_measures_again_and_explicit_choices_are_never_measured(measuri
     assert not again["plan_measurement"].get("from_cache")
     explicit = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1", "plan.precision=fp32",
                                                 "plan.channels_last=true",
-                                                "plan.optimizer_impl=foreach"),
+                                                "plan.optimizer_impl=foreach",
+                                                "plan.compile=false"),
                    progress_bar=False)
     assert explicit["plan_measurement"] is None
 
@@ -90,11 +91,12 @@ def test_no_cache_measures_again_and_explicit_choices_are_never_measured(measuri
 def test_measuring_leaves_the_model_and_the_random_stream_as_they_were(measuring):
     x, y = blobs(320)
     data = TensorDataset(x[:256], y[:256]), TensorDataset(x[256:], y[256:])
-    cfg = _cfg("train.epochs=2", "plan.precision=fp32", "plan.optimizer_impl=foreach")
+    cfg = _cfg("train.epochs=2", "plan.precision=fp32", "plan.optimizer_impl=foreach",
+               "plan.compile=false")
     plain = fit(mlp(), *data, cfg, progress_bar=False)  # nothing auto left to measure
     model = mlp()
-    measured = fit(model, *data, _cfg("train.epochs=2", "plan.precision=fp32"),
-                   progress_bar=False)
+    measured = fit(model, *data, _cfg("train.epochs=2", "plan.precision=fp32",
+                                      "plan.compile=false"), progress_bar=False)
     assert measured["plan_measurement"] is not None
     if measured["plan"]["optimizer_impl"] == "foreach":  # the same run as `plain`
         assert measured["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)

@@ -118,7 +118,8 @@ class PlanConfig:
     # capability >= 8.9, the other layers in bf16 autocast
     precision: Literal["auto", "fp32", "bf16", "fp16", "fp8", "fp8-rowwise"] = "auto"
     channels_last: Auto | bool = "auto"
-    compile: bool = False
+    # auto: eager unless measured to pay on this run (run.compile_choice)
+    compile: Auto | bool = "auto"
     # torch.compile's mode: max-autotune searches kernel configurations (and replays CUDA graphs
     # on a GPU); reduce-overhead replays CUDA graphs (CUDA only)
     compile_mode: Literal["default", "max-autotune", "max-autotune-no-cudagraphs",

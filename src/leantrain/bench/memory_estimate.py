@@ -179,7 +179,7 @@ def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Trai
         est.fits = est.peak_bytes <= limit
         est.largest_micro_batch = _largest_micro_batch(est, limit)
     est.options = _options(est, run, build_model, bundle, cfg, limit, shards_available)
-    if cfg.plan.compile:
+    if cfg.plan.compile is not False:
         est.notes.append("probed eagerly: compiled kernels usually hold less")
     return est
 

@@ -112,6 +112,12 @@ class CompileWatch:
         return found
 
 
+def graphs_compiled() -> int:
+    """Graphs Dynamo has compiled in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
 def break_even_steps(compile_seconds: float, eager_step_s: float, compiled_step_s: float
                      ) -> int | None:
     """Optimizer steps after which compiling has paid for its compile time; None: never

@@ -8,7 +8,9 @@ choice flipped, each a fresh copy of the model trained for real (`Trainer.steps`
 batches) in interleaved rounds (`measure.rounds`). A flip is taken only when its paired
 speed-up's 95% interval lies above 1. Measuring may cost `BUDGET_SHARE` of the run (a first
 look at the rule's plan projects its length, with `PROJECTION_MARGIN` for the projection's
-error); a shorter run keeps the rules and says so.
+error); a shorter run keeps the rules and says so. Then torch.compile ("auto": eager unless
+measured to pay, `run.compile_choice`) is probed on the chosen plan: the compiled and the eager
+step, each a copy of the model kept training across paired windows, after the compile.
 
 The decisions are cached under a key of the model's structure, the batch's shapes and dtypes,
 the device, the torch and leantrain versions and the plan settings, so the next run of the
@@ -41,11 +43,14 @@ from ..distributed import DistContext
 from ..env import cpu_model
 from ..errors import one_line
 from ..measure import clock
+from ..measure.compile_watch import graphs_compiled
 from ..measure.rounds import MIN_ROUNDS, interleave, interval, paired_ratios
 from ..measure.timing import timed_window
+from ..techniques import compile as compile_technique
 from ..techniques import optimizer, precision
 from ..techniques.base import Context
 from ..techniques.memory_format import has_conv2d
+from . import compile_choice
 from .plan import ResolvedPlan, build, resolve_plan
 from .trainer import Trainer
 
@@ -60,6 +65,7 @@ MIN_STEPS = 300  # a run of fewer optimizer steps cannot pay for a single round:
 ROUNDS = 5
 WARMUP_STEPS = 3
 WINDOW_S = (0.2, 1.0)  # timed seconds per candidate and round
+COMPILE_WARM_UP_WINDOWS = 6  # at most, until a window compiles no new graph
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,14 @@ def alternatives(cfg: TrainConfig, rule: ResolvedPlan, model: nn.Module) -> dict
         if optimizer.check(ctx, other)[0]:
             found["optimizer_impl"] = other
     return found
+
+
+def compile_considered(cfg: TrainConfig, rule: ResolvedPlan, model: nn.Module) -> bool:
+    """Whether compile is "auto" and could run here, so a probe may decide it."""
+    if cfg.plan.compile != "auto":
+        return False
+    ctx = Context(rule.device, model, cfg.optim.name, rule.distributed)
+    return compile_technique.check(ctx)[0]
 
 
 def _structure(value: Any) -> Any:
@@ -171,6 +185,68 @@ class _Trials:
         return samples / seconds, clock.now() - start
 
 
+class _Running:
+    """A copy of the model training under `cfg`, kept going across timed windows (a compiled
+    copy compiles once, at its first step)."""
+
+    def __init__(self, cfg: TrainConfig, trials: _Trials):
+        run = build(cfg, copy.deepcopy(trials.model), trials.train, trials.val, trials.loss_fn,
+                    measure_loader=False, collate_fn=trials.collate_fn)
+        self.device = run.plan.device
+        self.steps = Trainer(run, progress_bar=False).steps()
+
+    def window(self, stop: Callable[[int, float], bool]) -> tuple[int, float]:
+        return timed_window(lambda: next(self.steps)[0], self.device, stop)
+
+    def close(self) -> None:
+        self.steps.close()
+
+
+def _compile_warm_up(compiled: _Running) -> tuple[int, float]:
+    """(steps, seconds) from the first compiled step until a few steps pass with no new graph
+    (padded batches of a new length recompile once, then Dynamo marks the length dynamic)."""
+    steps, seconds = 0, 0.0
+    for _ in range(COMPILE_WARM_UP_WINDOWS):
+        before = graphs_compiled()
+        seconds += compiled.window(lambda k, t: k >= 1 + WARMUP_STEPS)[1]
+        steps += 1 + WARMUP_STEPS
+        if steps > 1 + WARMUP_STEPS and graphs_compiled() == before:
+            break
+    return steps, seconds
+
+
+def _probe_compile(trials: _Trials, cfg: TrainConfig, rounds: int) -> dict[str, Any]:
+    """Eager against compiled steps of the plan `cfg`, paired over `rounds` windows after the
+    compile; the compile's seconds are the warm-up's wall time beyond its steps' share."""
+    eager = _Running(config_from_dict(merge(cfg.to_dict(), {"plan": {"compile": False}})), trials)
+    compiled = None
+    try:
+        compiled = _Running(config_from_dict(merge(cfg.to_dict(), {"plan": {"compile": True}})),
+                            trials)
+        eager.window(lambda k, t: k >= WARMUP_STEPS)
+        warm_steps, warm_s = _compile_warm_up(compiled)
+        runners = {"eager": eager, "compile": compiled}
+
+        def rate(name: str, r: int) -> float:
+            samples, seconds = runners[name].window(lambda k, t: k >= 2 and t >= trials.window_s)
+            return samples / seconds
+
+        rates = interleave(["eager", "compile"], rounds, rate)
+    finally:
+        eager.close()
+        if compiled is not None:
+            compiled.close()
+    ratios = paired_ratios(rates["compile"], rates["eager"])
+    per_step = cfg.data.batch_size * cfg.plan.grad_accum
+    compiled_step_s = per_step / statistics.median(rates["compile"])
+    found = interval(ratios)
+    return {"ratios": ratios, "median": statistics.median(ratios), "rounds": len(ratios),
+            "interval": list(found) if found else None, "rates": rates,
+            "compile_s": max(warm_s - warm_steps * compiled_step_s, 0.0),
+            "eager_step_s": per_step / statistics.median(rates["eager"]),
+            "compiled_step_s": compiled_step_s, "window_s": trials.window_s}
+
+
 def _rule_notes(flips: dict[str, Any], why: str) -> dict[str, str]:
     return {name: f"rule ({why})" for name in flips}
 
@@ -185,32 +261,49 @@ def decide(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset, los
     rule = resolve_plan(cfg.plan, model, tokens, cfg.optim.name, dist,
                         clip_norm=cfg.train.clip_norm)
     flips = alternatives(cfg, rule, model)
-    if not flips:
+    compiling = compile_considered(cfg, rule, model)
+    undecided = {**flips, **({"compile": True} if compiling else {})}
+    if not undecided:
         return cfg, {}, None
     if dist.active:
-        return cfg, _rule_notes(flips, "not measured under launch: ranks could choose apart"), \
-            None
+        return cfg, _rule_notes(undecided, "not measured under launch: ranks could choose "
+                                           "apart"), None
     total = _total_steps(cfg, len(train))
     if total < MIN_STEPS:
-        return cfg, _rule_notes(flips, f"not measured: {total} steps is too short a run to pay "
-                                       f"for measuring, which needs {MIN_STEPS}"), None
+        return cfg, _rule_notes(undecided, f"not measured: {total} steps is too short a run to "
+                                           f"pay for measuring, which needs {MIN_STEPS}"), None
     key = cache_key(cfg, model, train[0], rule.device, collate_fn)
     cached = _from_cache(key) if cfg.plan.cache else None
     if cached is not None:
         log.info("plan: the measured choices come from the plan cache (%s)", _cache_file(key))
         notes = {k: f"{v} (from the plan cache)" for k, v in cached["notes"].items()}
-        return _explicit(cfg, cached["values"]), notes, {**cached, "from_cache": True}
+        values = dict(cached["values"])
+        if compiling:  # the cached measurement, judged against this run's length
+            values["compile"], notes["compile"] = _cached_compile(cached, total)
+        return _explicit(cfg, values), notes, {**cached, "from_cache": True}
     devices = [rule.device] if rule.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        record = _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule, total)
-    if record is None or record.get("skipped"):
-        why = record["skipped"] if record else "not measured"
-        return cfg, _rule_notes(flips, why), record
+        record = _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule, total,
+                          compiling)
+    if record.get("skipped"):
+        return cfg, _rule_notes(undecided, record["skipped"]), record
     if cfg.plan.cache:
         path = _cache_file(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(record, indent=2))
-    return _explicit(cfg, record["values"]), record["notes"], record
+    values = dict(record["values"])
+    if "compile" in record.get("results", {}):  # this run probed it: the compile is paid
+        values["compile"] = record["results"]["compile"]["chosen"]
+    return _explicit(cfg, values), record["notes"], record
+
+
+def _cached_compile(cached: dict[str, Any], total: int) -> tuple[bool, str]:
+    found = cached.get("results", {}).get("compile")
+    if not found:
+        why = cached["notes"].get("compile", "not measured")
+        return False, f"eager ({why}; plan.cache=false measures again)"
+    take, note = compile_choice.verdict(found, total, sunk=False)
+    return take, f"{note} (from the plan cache)"
 
 
 def _explicit(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
@@ -218,7 +311,7 @@ def _explicit(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
 
 
 def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedPlan,
-             total_steps: int) -> dict[str, Any]:
+             total_steps: int, compiling: bool) -> dict[str, Any]:
     trials = _Trials(cfg, model, train, val, loss_fn, collate_fn, flips)
     # the first trial carries the process's one-off kernel set-up (oneDNN primitives: 1.4 s
     # for the digits CNN in bf16, `cold_start_s` in benchmarks/results/default_plan.json),
@@ -230,18 +323,62 @@ def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedP
     samples = total_steps * cfg.data.batch_size * cfg.plan.grad_accum
     run_s = samples / rate
     budget = BUDGET_SHARE * PROJECTION_MARGIN * run_s - look_s
+    probing, why_not = compile_choice.worth_probing(rule.device.type, run_s) if compiling \
+        else (False, "")
+    # the compile probe's least windows (eager and compiled, MIN_ROUNDS each) are kept out of
+    # the flips' share; its compile is what the prior found worth risking on a run this long
+    reserve = 2 * MIN_ROUNDS * WINDOW_S[0] if probing else 0.0
     names = ["rule", *flips]
     overhead = max(look_s - trials.window_s, 0.0)
     per_round = len(names) * (overhead + trials.window_s)
-    rounds = min(ROUNDS, int(budget // per_round)) if per_round > 0 else 0
-    if rounds < MIN_ROUNDS:
+    rounds = min(ROUNDS, int((budget - reserve) // per_round)) if per_round > 0 else 0
+    if flips and rounds < MIN_ROUNDS:
         return {"skipped": f"not measured: the run is projected at {run_s:.0f} s; "
                            f"{MIN_ROUNDS} rounds of {len(names)} candidates need "
-                           f"~{MIN_ROUNDS * per_round + look_s:.0f} s, over "
+                           f"~{MIN_ROUNDS * per_round + look_s + reserve:.0f} s, over "
                            f"{BUDGET_SHARE:.0%} of it",
                 "projected_run_s": run_s, "look_s": look_s, "cold_start_s": cold_s}
-    spare = budget / rounds / len(names) - overhead  # longer windows where the budget allows
-    trials.window_s = min(WINDOW_S[1], max(WINDOW_S[0], spare))
+    values, notes, results, measured = {}, {}, {}, {}
+    if flips:  # longer windows where the budget allows
+        spare = (budget - reserve) / rounds / len(names) - overhead
+        trials.window_s = min(WINDOW_S[1], max(WINDOW_S[0], spare))
+        values, notes, results, measured = _measure_flips(trials, flips, rule, rounds)
+    if compiling and not probing:
+        notes["compile"] = f"eager ({why_not})"
+    elif compiling:
+        left = budget - (clock.now() - began - look_s)
+        notes["compile"], found = _decide_compile(trials, values, left, total_steps)
+        if found is not None:
+            results["compile"] = found
+    seconds = clock.now() - began
+    log.info("plan: measured in %.1f s (%.1f%% of the projected %.0f s run), after %.1f s of "
+             "one-off kernel set-up", seconds, 100 * seconds / run_s, run_s, cold_s)
+    return {"values": values, "notes": notes, "results": results, "rates": measured,
+            "rounds": rounds, "window_s": trials.window_s, "seconds": seconds,
+            "cold_start_s": cold_s, "projected_run_s": run_s,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _decide_compile(trials: _Trials, values: dict[str, Any], left_s: float,
+                    total_steps: int) -> tuple[str, dict[str, Any] | None]:
+    """The compile note and its probe's record (the choice under "chosen"), or None when the
+    probe failed; `left_s`: what remains of the measuring budget for its windows."""
+    rounds = max(MIN_ROUNDS, min(ROUNDS, int(left_s // (2 * WINDOW_S[0]))))
+    trials.window_s = min(WINDOW_S[1], max(WINDOW_S[0], left_s / rounds / 2))
+    log.info("plan: probing torch.compile against eager (%d rounds, %.1f s windows, after the "
+             "compile)", rounds, trials.window_s)
+    try:
+        found = _probe_compile(trials, _explicit(trials.cfg, values), rounds)
+    except Exception as exc:  # a model Dynamo cannot trace, a compiler that fails
+        why = one_line(exc)
+        log.warning("plan: the compiled step could not be measured (%s)", why)
+        return f"eager (compile failed when probed: {why})", None
+    found["chosen"], note = compile_choice.verdict(found, total_steps, sunk=True)
+    return note, found
+
+
+def _measure_flips(trials: _Trials, flips: dict[str, Any], rule: ResolvedPlan, rounds: int):
+    """(values, notes, results, rates) of the flipped choices against the rule's."""
     log.info("plan: measuring %s against the rule (%d rounds, %.1f s windows)",
              ", ".join(f"{k}={v}" for k, v in flips.items()), rounds, trials.window_s)
     failed: dict[str, str] = {}
@@ -254,7 +391,7 @@ def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedP
             log.warning("plan: %s could not be measured (%s)", name, failed[name])
             return None
 
-    measured = interleave(names, rounds, measure)
+    measured = interleave(["rule", *flips], rounds, measure)
     values, notes, results = {}, {}, {}
     for name, flipped in flips.items():
         ratios = paired_ratios(measured[name], measured["rule"])
@@ -276,13 +413,7 @@ def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedP
         results[name] = {"rule": ruled, "tried": flipped, "ratios": ratios,
                          "median": median, "interval": list(found) if found else None,
                          "chosen": values[name]}
-    seconds = clock.now() - began
-    log.info("plan: measured in %.1f s (%.1f%% of the projected %.0f s run), after %.1f s of "
-             "one-off kernel set-up", seconds, 100 * seconds / run_s, run_s, cold_s)
-    return {"values": values, "notes": notes, "results": results, "rates": measured,
-            "rounds": rounds, "window_s": trials.window_s, "seconds": seconds,
-            "cold_start_s": cold_s, "projected_run_s": run_s,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return values, notes, results, measured
 
 
 def _show(name: str, value: Any) -> str:

@@ -3,7 +3,8 @@
 Fusing elementwise ops into their producers cuts memory traffic and Python overhead, which
 pays off for models with many small ops and on GPUs. The first steps compile (tens of seconds,
 more on few cores), so it only pays for runs long enough to amortise that; leantrain reports the
-compile time apart from step time. Lossless up to float reassociation. Opt-in.
+compile time apart from step time. Lossless up to float reassociation. "auto" (the default) is
+eager by this rule and compiled where `run.compile_choice` measured it to pay.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def check(ctx: Context, value: bool = True) -> tuple[bool, str]:
 
 
 def decide(ctx: Context, plan: PlanConfig) -> tuple[bool, Outcome]:
-    """Opt-in: compile time only pays on runs long enough to amortise it."""
+    """The rule for "auto" is eager: whether compiling pays is measured (`run.defaults`)."""
     return switch(NAME, plan.compile, False, check(ctx))
 
 

@@ -52,11 +52,11 @@ def check(ctx: Context, mode: str) -> tuple[bool, str]:
 def decide(ctx: Context, plan: PlanConfig) -> tuple[str, Outcome]:
     """The mode asked for; it must run here, and only matters when compiling."""
     mode = plan.compile_mode
-    if mode != "default" and not plan.compile:
-        require(NAME, mode, (False, "it only applies with plan.compile=true"))
+    if mode != "default" and plan.compile is False:
+        require(NAME, mode, (False, "it only applies with plan.compile true or auto"))
     why = require(NAME, mode, check(ctx, mode))
-    return mode, Outcome(NAME, plan.compile and mode != "default", why if plan.compile
-                         else "not compiling")
+    return mode, Outcome(NAME, plan.compile is True and mode != "default",
+                         why if plan.compile is True else "not compiling")
 
 
 def uses_cuda_graphs(mode: str, device: torch.device) -> bool:
