@@ -452,6 +452,39 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_checkpoint(tmp_path, monkeyp
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs, where the machine lets this process mount one."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip() or 'not root'}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_real_full_disk_is_one_line_and_the_same_command_runs_once_there_is_room(
+        small_disk, capsys, tmp_path, monkeypatch):
+    # a 1 MB model (digits are 32x32): config.yaml and the metrics fit in 256 KiB, its
+    # first checkpoint does not
+    (tmp_path / "wide.py").write_text(
+        "from torch import nn\n"
+        "def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(1024, 256), "
+        "nn.ReLU(), nn.Linear(256, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = small_disk / "run"
+    command = ["train", "--model", "wide:model", "--epochs", "1", "--out", str(out), *FAST]
+    code = main(command)
+    line = _one_line_error(capsys, code, "no space left on the device")
+    assert len(line) < 300
+    assert not list(out.glob(".*.tmp"))  # nothing half-written
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    assert main(command) == 0  # the leftovers hold no checkpoint: the same command starts afresh
+    assert (out / "model.pt").is_file()
+
+
 # ------------------------------------------------------------------ resume
 
 

@@ -79,13 +79,28 @@ def _atomic_replace(path: Path, write, checksum: bool = False) -> None:
             hashes = [_sha256(Path(tmp))] + (_recorded(path)[:2] if path.is_file() else [])
             _atomic_replace(_checksum_file(path), lambda h: h.write(" ".join(hashes).encode()))
         os.replace(tmp, path)
-    except OSError as exc:  # a full disk, a folder made read-only mid-run: nothing half-written
-        Path(tmp).unlink(missing_ok=True)
-        why = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror
+    except (OSError, RuntimeError) as exc:  # a full disk, a folder made read-only mid-run
+        Path(tmp).unlink(missing_ok=True)  # nothing half-written
+        found = _os_error(exc)
+        if found is None:
+            raise
+        why = "no space left on the device" if found.errno == errno.ENOSPC else found.strerror
         raise LeantrainError(f"cannot write {path}: {why}") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`: torch.save's zip writer turns a full disk's ENOSPC into a
+    RuntimeError ("unexpected pos") raised while handling it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def remove_partial_writes(folder: str | Path) -> list[Path]:
