@@ -54,7 +54,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "fp8", "fp8-rowwise"],
                    help="mixed precision mode (default: auto = bf16 where native; fp8: GPUs of "
                         "compute capability >= 8.9)")
-    p.add_argument("--compile", action="store_true", help="use torch.compile (opt-in)")
+    p.add_argument("--compile", action="store_true",
+                   help="always use torch.compile (default: measured, taken where it pays)")
     p.add_argument("--compile-mode", metavar="MODE",
                    choices=["default", "max-autotune", "max-autotune-no-cudagraphs",
                             "reduce-overhead"],

@@ -25,10 +25,11 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
     Batches may be tensors, tuples, dicts or nested ones; the model's own loss is used when it
     returns one, else the task's (see `run.step`); `loss_fn(outputs, labels, inputs, *extras)`
     replaces both. `collate_fn` batches the samples (e.g. a padding collator). The "auto"
-    choices that can lose (precision, channels_last, optimizer kernels) are measured first on
-    runs long enough to pay (`run.defaults`). With `out_dir`, the run folder gets config.yaml
-    (with the measured choices explicit), checkpoint.pt, metrics.jsonl, tensorboard/, model.pt
-    (plain state_dict) and summary.json; `resume=True` continues from its checkpoint.
+    choices that can lose (precision, channels_last, optimizer kernels, then torch.compile) are
+    measured first on runs long enough to pay (`run.defaults`, `run.compile_choice`). With
+    `out_dir`, the run folder gets config.yaml (with the measured choices explicit),
+    checkpoint.pt, metrics.jsonl, tensorboard/, model.pt (plain state_dict) and summary.json;
+    `resume=True` continues from its checkpoint.
     `watcher` (a `run.records.Watcher`) sees each validation and may end the run early.
     `verify=False` resumes from a checkpoint whose SHA-256 is not recorded beside it.
     """

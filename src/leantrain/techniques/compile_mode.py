@@ -13,8 +13,9 @@ replayed as CUDA graphs.
   the graphs' memory pool.
 
 CUDA graphs are refused under `leantrain launch` (DDP's and FSDP2's communication hooks are
-not captured here) and off CUDA, with the reason. Opt-in, like compile: the bench measures each
-mode with its compile time counted, and the break-even says how long a run must be for it to pay.
+not captured here) and off CUDA, with the reason. The mode is opt-in (compile itself is
+measured by default, in the default mode): the bench measures each mode with its compile time
+counted, and the break-even says how long a run must be for it to pay.
 """
 
 from __future__ import annotations
