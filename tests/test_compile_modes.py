@@ -32,8 +32,12 @@ def test_cuda_graphs_are_refused_off_cuda_and_under_launch_with_the_reason():
         ok, why = compile_mode.check(_ctx("cuda", "ddp"), mode)
         assert not ok and "ddp" in why and "max-autotune-no-cudagraphs" in why
     assert compile_mode.check(_ctx("cuda", "fsdp"), "max-autotune-no-cudagraphs")[0]
-    with pytest.raises(LeantrainError, match="only applies with plan.compile=true"):
-        resolve_plan(PlanConfig(device="cpu", compile_mode="max-autotune"), nn.Linear(4, 4))
+    with pytest.raises(LeantrainError, match="only applies with plan.compile true or auto"):
+        resolve_plan(PlanConfig(device="cpu", compile=False, compile_mode="max-autotune"),
+                     nn.Linear(4, 4))
+    # compile auto: the mode is the one a measured compile would use; the rule stays eager
+    ruled = resolve_plan(PlanConfig(device="cpu", compile_mode="max-autotune"), nn.Linear(4, 4))
+    assert not ruled.compile and ruled.compile_mode == "max-autotune"
     plan = resolve_plan(PlanConfig(device="cpu", compile=True, compile_mode="max-autotune"),
                         nn.Linear(4, 4))
     assert plan.compile and plan.compile_mode == "max-autotune"

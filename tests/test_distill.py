@@ -63,6 +63,7 @@ def test_t_squared_keeps_soft_gradients_on_the_hard_scale():
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"temperature": -1.0}, "temperature must be > 0"),
+    ({"temperature": float("inf")}, "temperature must be > 0 and finite"),  # trained to NaN
     ({"alpha": 1.5}, "alpha must be in [0, 1]"),
     ({"alpha": -0.1}, "alpha must be in [0, 1]"),
 ])

@@ -89,6 +89,9 @@ def test_launch_arguments_and_their_errors():
     (["launch", "--nproc", "2", "--nnodes", "2", "--", "train"], "--master-addr"),
     (["launch", "--nproc", "2", "--nnodes", "2", "--node-rank", "2", "--", "train"],
      "--node-rank must be in 0..1"),
+    (["launch", "--nproc", "1", "--master-port", "99999", "--", "train"],
+     "--master-port must be a TCP port, 1..65535, got 99999"),  # it was ignored on one node
+    (["launch", "--nproc", "1", "--master-port", "0", "--", "train"], "--master-port must be"),
 ])
 def test_launch_rejects_bad_input_with_exit_2(argv, message, capsys):
     assert main(argv) == 2

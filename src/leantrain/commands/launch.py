@@ -28,6 +28,8 @@ def torchrun_args(nproc: int, nnodes: int, node_rank: int, master_addr: str | No
         raise LeantrainError(f"--nproc and --nnodes must be >= 1, got {nproc} and {nnodes}")
     if not 0 <= node_rank < nnodes:
         raise LeantrainError(f"--node-rank must be in 0..{nnodes - 1}, got {node_rank}")
+    if master_port is not None and not 1 <= master_port <= 65535:
+        raise LeantrainError(f"--master-port must be a TCP port, 1..65535, got {master_port}")
     if not command or command[0] not in LAUNCHABLE:
         raise LeantrainError(f"launch runs one of: {', '.join(LAUNCHABLE)}; e.g. leantrain "
                              f"launch --nproc 2 -- train --epochs 3 (got {command or 'nothing'})")

@@ -11,6 +11,7 @@ forward pass from every step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,8 +39,9 @@ def default_kd_args(task: str) -> tuple[float, float]:
 
 def check_kd_args(temperature: float | None, alpha: float | None) -> None:
     """Reject a bad temperature or alpha; None (not given: the task's default) passes."""
-    if temperature is not None and not temperature > 0:
-        raise LeantrainError(f"distillation temperature must be > 0, got {temperature!r}")
+    if temperature is not None and not 0 < temperature < math.inf:  # inf: a NaN loss at step 1
+        raise LeantrainError(f"distillation temperature must be > 0 and finite, got "
+                             f"{temperature!r}")
     if alpha is not None and not 0 <= alpha <= 1:
         raise LeantrainError(f"distillation alpha must be in [0, 1], got {alpha!r}")
 
