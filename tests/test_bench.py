@@ -317,7 +317,8 @@ def test_find_lr_cli_saves_the_curve_and_applies_it(tmp_path, capsys):
 @pytest.mark.parametrize("args, fragment", [
     (["bench", "--budget-s", "0"], "--budget-s must be > 0 and finite, got 0.0"),
     (["bench", "--budget-s", "nan"], "--budget-s must be > 0 and finite, got nan"),
-    (["bench", "--loss-tol", "nan"], "--loss-tol must be > 0, got nan"),
+    (["bench", "--loss-tol", "nan"], "--loss-tol must be > 0 and finite, got nan"),
+    (["bench", "--loss-tol", "inf"], "--loss-tol must be > 0 and finite, got inf"),
     (["find-batch-size", "--max-size", "0"], "--max-size must be >= 1, got 0"),
     (["find-batch-size", "--memory-limit-gib", "-5"],
      "--memory-limit-gib must be a finite number > 0, got -5.0"),
@@ -325,7 +326,7 @@ def test_find_lr_cli_saves_the_curve_and_applies_it(tmp_path, capsys):
      "--memory-limit-gib must be a finite number > 0, got 0.0"),
     (["find-batch-size", "--memory-limit-gib", "nan"],
      "--memory-limit-gib must be a finite number > 0, got nan"),
-    (["bench", "--loss-tol", "-1"], "--loss-tol must be > 0, got -1.0"),
+    (["bench", "--loss-tol", "-1"], "--loss-tol must be > 0 and finite, got -1.0"),
     (["find-lr", "--lr-min", "1", "--lr-max", "0.1"],
      "the LR sweep needs 0 < lr_min < lr_max, got 1.0, 0.1"),
     (["find-lr", "--steps", "2"], "the LR sweep needs at least 5 steps, got 2"),

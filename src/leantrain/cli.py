@@ -14,7 +14,7 @@ import sys
 
 from . import __version__
 from .commands import COMMANDS
-from .errors import LeantrainError, one_line
+from .errors import LeantrainError, one_line, shorten
 
 
 def _module(name: str):
@@ -48,8 +48,16 @@ def _tell_torchrun(line: str) -> None:
             pass  # the report falls back to torch's text
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as leantrain's: one bounded line and exit 2 (argparse printed
+    the whole usage block first, and echoed a bad value at any length)."""
+
+    def error(self, message: str):
+        self.exit(2, f"leantrain: error: {shorten(message, 240)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="leantrain", description="Faster, smaller, cheaper PyTorch training, measured.")
     parser.add_argument("--version", action="version", version=f"leantrain {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")

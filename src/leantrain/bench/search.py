@@ -317,8 +317,8 @@ def check_arguments(budget_s: float, loss_tol: float) -> None:
     """The bench's own numbers, checked before anything is loaded or measured."""
     if not 0 < budget_s < math.inf:  # NaN fails this too: a NaN budget never ran out
         raise LeantrainError(f"--budget-s must be > 0 and finite, got {budget_s}")
-    if not loss_tol > 0:
-        raise LeantrainError(f"--loss-tol must be > 0, got {loss_tol}")
+    if not 0 < loss_tol < math.inf:  # inf: any lossy candidate would pass, whatever it cost
+        raise LeantrainError(f"--loss-tol must be > 0 and finite, got {loss_tol}")
 
 
 def run_bench(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,

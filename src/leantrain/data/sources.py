@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from ..config import DataConfig
-from ..errors import LeantrainError
+from ..errors import LeantrainError, bounded_repr, shorten
 from ..imports import import_object
 from .text import VOCAB, load_text
 
@@ -126,14 +126,23 @@ def npz(path: Path, cfg: DataConfig) -> DataBundle:
 
 def csv_table(path: Path, cfg: DataConfig) -> DataBundle:
     """A CSV with a header; `label_column` holds class indices, every other column a number."""
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError as exc:
+        raise LeantrainError(f"{path}: byte {exc.start} is not UTF-8; a CSV must be UTF-8 "
+                             "text") from None
+    except csv.Error as exc:  # a NUL byte, a field over the csv module's size limit
+        raise LeantrainError(f"{path}: not a readable CSV: {shorten(exc)}") from None
+    except OSError as exc:
+        raise LeantrainError(f"{path}: cannot read it: {exc.strerror}") from None
     if len(rows) < 3:
         raise LeantrainError(f"{path}: a CSV needs a header and at least two rows")
     header, body = rows[0], rows[1:]
     if cfg.label_column not in header:
         raise LeantrainError(
-            f"{path}: no label column {cfg.label_column!r} (data.label_column); columns: {header}"
+            f"{path}: no label column {cfg.label_column!r} (data.label_column); columns: "
+            f"{bounded_repr(header)}"
         )
     label_at = header.index(cfg.label_column)
     table = _csv_numbers(path, header, body)
