@@ -345,3 +345,21 @@ def test_a_hung_rank_is_named_not_the_rank_that_timed_out_waiting(blobs_file, tm
     report = result.stderr[result.stderr.index("the job failed"):]
     assert "rank 1 stopped making progress at step" in report, report
     assert "the others failed waiting for it" in report
+
+
+def test_a_stopped_launch_names_the_launch_that_continues_it(monkeypatch):
+    from leantrain.commands.launch import _resume_command
+    from leantrain.distributed import DistContext
+    from leantrain.run.checkpoints import launch_prefix
+
+    # each rank's line: the same ranks again, not a one-process `train --resume`
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert launch_prefix(DistContext(1, 1, 2, True)) == "launch --nproc 2 -- "
+    assert launch_prefix(DistContext(0, 0, 4, True)).startswith("launch --nproc 2 --nnodes 2")
+    assert launch_prefix(DistContext()) == ""
+    # the launcher's line, from its own arguments and the command's --out
+    assert _resume_command(2, 1, 0, None, None, ["train", "--out", "runs/a", "--epochs", "3"]) \
+        == "leantrain launch --nproc 2 -- train --resume runs/a"
+    assert _resume_command(2, 2, 1, "10.0.0.1", 29500, ["train", "--out=runs/b"]) == \
+        ("leantrain launch --nproc 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 "
+         "--master-port 29500 -- train --resume runs/b")

@@ -150,6 +150,17 @@ def run(args: argparse.Namespace, dist) -> int:
                   command)
 
 
+def _resume_command(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
+                    master_port: int | None, command: list[str]) -> str:
+    """The same launch continuing the stopped run: `train --resume` on its `--out` folder."""
+    out = next((command[i + 1] for i, arg in enumerate(command[:-1]) if arg == "--out"),
+               next((arg.split("=", 1)[1] for arg in command if arg.startswith("--out=")),
+                    "DIR"))
+    nodes = f" --nnodes {nnodes} --node-rank {node_rank} --master-addr {master_addr} " \
+            f"--master-port {master_port}" if nnodes > 1 else ""
+    return f"leantrain launch --nproc {nproc}{nodes} -- train --resume {out}"
+
+
 def launch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
            master_port: int | None, command: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -171,9 +182,10 @@ def launch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
     except SignalException as exc:  # torchrun has passed the signal on to every rank
         import signal
         name = signal.Signals(exc.sigval).name
+        again = _resume_command(nproc, nnodes, node_rank, master_addr, master_port, command)
         raise Stopped(f"stopped by {name}: every rank was sent it; a training rank writes a "
-                      "checkpoint at the step it stops (continue with launch ... -- train "
-                      "--resume DIR)", int(exc.sigval)) from exc
+                      f"checkpoint at the step it stops (continue with: {again})",
+                      int(exc.sigval)) from exc
     finally:
         shutil.rmtree(beats, ignore_errors=True)
     return 0

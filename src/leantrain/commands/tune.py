@@ -4,6 +4,7 @@ scored by time to a target or by a metric, on one machine or many (see `tune.stu
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -71,8 +72,9 @@ def _check(args: argparse.Namespace) -> None:
             raise LeantrainError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("budget_s", "trial_seconds", "trial_steps"):
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise LeantrainError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if value is not None and not 0 < value < math.inf:  # leave it out for no limit
+            raise LeantrainError(f"--{name.replace('_', '-')} must be > 0 and finite, got "
+                                 f"{value}")
     if args.trial_steps is not None and args.trial_seconds is not None:
         raise LeantrainError("give --trial-steps or --trial-seconds, not both")
     if args.objective != "time-to-target" and args.target:

@@ -9,11 +9,13 @@ them again; one that finished writes only what it lacks.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_partial_writes
 from ..data.sources import code_named_by
+from ..distributed import DistContext
 from ..errors import LeantrainError
 from . import finite, summary
 from . import state as run_state
@@ -45,7 +47,8 @@ class Checkpoints:
         cfg = self.run.cfg
         vouch = [f"{flag} {spec}" for flag, spec in
                  code_named_by(cfg.model, cfg.data.source).items()]
-        return " ".join(["leantrain train --resume", str(self.out_dir), *vouch])
+        train = " ".join(["train --resume", str(self.out_dir), *vouch])
+        return f"leantrain {launch_prefix(self.run.dist)}{train}"
 
     def check_finite(self, step: int) -> None:
         """Before anything holding the weights is written: NaN or inf stops the run."""
@@ -87,3 +90,15 @@ class Checkpoints:
         truncate_after(out, p.step)  # metrics logged past the checkpoint are logged again
         log.info("resuming at epoch %d, batch %d (step %d)", p.epoch + 1, p.batch, p.step)
         return None
+
+
+def launch_prefix(dist: DistContext) -> str:
+    """Under `leantrain launch`, the launch that starts the same ranks again ("" otherwise): a
+    rank's own `train --resume` would continue in one process."""
+    if not dist.active:
+        return ""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+    nodes = max(1, dist.world_size // max(per_node, 1))
+    several = f" --nnodes {nodes} --node-rank R --master-addr A --master-port P" \
+        if nodes > 1 else ""
+    return f"launch --nproc {per_node}{several} -- "
