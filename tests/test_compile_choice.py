@@ -65,7 +65,7 @@ def probing(monkeypatch, tmp_path):
     probes = []
 
     def inject(found):
-        def probe(trials, cfg, rounds):
+        def probe(trials, cfg, rounds, modes=("default",)):
             probes.append(rounds)
             return dict(found)
         monkeypatch.setattr(defaults, "_probe_compile", probe)
@@ -125,7 +125,7 @@ def test_the_next_run_takes_the_cached_measurement_against_its_own_length(probin
 
 
 def test_a_compile_that_fails_in_the_probe_keeps_eager_and_says_why(probing, monkeypatch):
-    def broken(trials, cfg, rounds):
+    def broken(trials, cfg, rounds, modes=("default",)):
         raise RuntimeError("Dynamo cannot trace this model")
     monkeypatch.setattr(defaults, "_probe_compile", broken)
     summary = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
@@ -146,3 +146,25 @@ def test_a_real_probe_measures_the_compiled_step_and_the_run_follows_it(monkeypa
     assert found["rounds"] >= defaults.MIN_ROUNDS and found["compile_s"] >= 0
     assert summary["plan"]["compile"] is found["chosen"]
     assert summary["val_accuracy"] is not None
+
+
+def test_on_a_gpu_cuda_graphs_are_probed_beside_the_default_mode_and_taken_when_faster(
+        probing, monkeypatch):
+    from leantrain.techniques import compile_mode
+    inject, probes = probing
+    trials = defaults._Trials(_cfg(), tiny_cnn(), *_images(), None, None, {})
+    monkeypatch.setattr(compile_mode, "check", lambda ctx, mode: (True, "here"))
+    gpu = torch.device("cuda")
+    assert defaults._compile_modes(trials, {}, 1e6, gpu) == ("default", "reduce-overhead")
+    assert defaults._compile_modes(trials, {}, 1e6, torch.device("cpu")) == ("default",)
+    chosen = defaults._explicit(_cfg("plan.compile_mode=max-autotune"), {})
+    trials.cfg = chosen  # a mode the user chose is the only one probed
+    assert defaults._compile_modes(trials, {}, 1e6, gpu) == ("max-autotune",)
+    # the probe's fastest mode is the run's, and the cache keeps it
+    inject({**_found(), "mode": "reduce-overhead"})
+    summary = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
+    assert summary["plan"]["compile"] is True
+    assert "compiled steps (reduce-overhead) ran 1.50x" in summary["plan"]["outcomes"]["compile"]
+    assert defaults._compile_mode(summary["plan_measurement"]["results"]["compile"], True) == \
+        {"compile_mode": "reduce-overhead"}
+    assert defaults._compile_mode({"mode": "reduce-overhead"}, False) == {}

@@ -109,3 +109,56 @@ def test_a_measurement_that_cannot_pay_says_what_it_would_cost(monkeypatch, tmp_
     outcome = summary["plan"]["outcomes"]["channels_last"]
     assert "not measured: the run is projected at" in outcome and "over 3% of it" in outcome
     assert json.loads(json.dumps(summary["plan_measurement"]))["look_s"] > 0
+
+
+# ------------------------------------------------------------------ GPU candidates, on a CPU
+
+
+def _gpu_rule(**values):
+    from types import SimpleNamespace
+    return SimpleNamespace(device=torch.device("cuda"), distributed=None, precision="bf16",
+                           channels_last=False, optimizer_impl="fused", **values)
+
+
+def test_on_a_gpu_fp8_and_the_fused_loss_are_candidates_where_they_can_run(monkeypatch):
+    from torch import nn
+
+    from leantrain.techniques import fused_cross_entropy, optimizer, precision
+    monkeypatch.setattr(precision, "check", lambda ctx, value: (value != "fp32", "here"))
+    monkeypatch.setattr(optimizer, "check", lambda ctx, value: (False, "not here"))
+    monkeypatch.setattr(fused_cross_entropy, "check", lambda ctx, value=True: (True, "Liger"))
+    wide = nn.Sequential(nn.Linear(16, 4096), nn.Linear(4096, 4096), nn.Linear(4096, 16))
+    found = defaults.alternatives(_cfg(), _gpu_rule(), wide)
+    assert found == {"fp8": "fp8", "fp8-rowwise": "fp8-rowwise", "fused_cross_entropy": True}
+    narrow = nn.Sequential(nn.Linear(16, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 16))
+    assert "fp8" not in defaults.alternatives(_cfg(), _gpu_rule(), narrow)  # 0.96x at 1152
+    explicit = defaults.alternatives(_cfg("plan.precision=bf16",
+                                          "plan.fused_cross_entropy=false"), _gpu_rule(), wide)
+    assert explicit == {}
+
+
+class _InjectedTrials:
+    """Trials whose samples/s per round are given (no model is trained)."""
+
+    def __init__(self, rates):
+        self.rates = {name: iter(values) for name, values in rates.items()}
+        self.window_s = 0.1
+
+    def rate(self, name):
+        return next(self.rates[name]), 0.1
+
+
+def test_of_two_winners_for_one_key_the_faster_is_taken_and_both_are_reported():
+    trials = _InjectedTrials({"rule": [100, 101, 99, 100, 100],
+                              "precision": [60, 61, 59, 60, 60],
+                              "fp8": [130, 128, 131, 129, 130],
+                              "fp8-rowwise": [120, 119, 121, 120, 122]})
+    flips = {"precision": "fp32", "fp8": "fp8", "fp8-rowwise": "fp8-rowwise"}
+    values, notes, results, _ = defaults._measure_flips(trials, flips, _gpu_rule(), 5)
+    assert values == {"precision": "fp8"}
+    assert notes["precision"].count("measured:") == 3 and "fp32 kept" not in notes["precision"]
+    assert "fp32 ran 0.60x as fast as bf16" in notes["precision"]
+    assert all(r["chosen"] == "fp8" and r["key"] == "precision" for r in results.values())
+    losing = _InjectedTrials({"rule": [100] * 5, "fp8": [96, 95, 97, 96, 96]})
+    values, notes, _, _ = defaults._measure_flips(losing, {"fp8": "fp8"}, _gpu_rule(), 5)
+    assert values == {"precision": "bf16"} and "fp8 ran 0.96x" in notes["precision"]

@@ -133,7 +133,8 @@ class PlanConfig:
     # the optimizer's states and step on the CPU, the model on one GPU (torchao)
     optimizer_offload: bool = False
     # Hugging Face causal LMs on CUDA: Liger's fused linear cross-entropy (no logits tensor)
-    fused_cross_entropy: bool = False
+    # (auto: off unless measured faster on this run, on CUDA with Liger installed)
+    fused_cross_entropy: Auto | bool = "auto"
     grad_accum: int = 1
     # language models: accumulate micro-batches up to this many tokens per optimizer step
     # (sets grad_accum from data.batch_size x data.context x processes)

@@ -63,8 +63,9 @@ def verdict(found: dict[str, Any], steps: int, sunk: bool) -> tuple[bool, str]:
     speed = f"{found['median']:.2f}x as fast as eager"
     span = f"{found['rounds']} rounds, 95% interval {low:.2f}-{high:.2f}x" if low is not None \
         else f"{found['rounds']} rounds, no interval"
-    measured = f"measured: compiled steps ran {speed} ({span}) after a {found['compile_s']:.1f} s" \
-               " compile"
+    mode = found.get("mode", "default")
+    how = "compiled steps" if mode == "default" else f"compiled steps ({mode})"
+    measured = f"measured: {how} ran {speed} ({span}) after a {found['compile_s']:.1f} s compile"
     if low is None or low <= 1.0:
         return False, f"{measured}; eager kept"
     if sunk:

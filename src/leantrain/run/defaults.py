@@ -47,7 +47,7 @@ from ..measure.compile_watch import graphs_compiled
 from ..measure.rounds import MIN_ROUNDS, interleave, interval, paired_ratios
 from ..measure.timing import timed_window
 from ..techniques import compile as compile_technique
-from ..techniques import optimizer, precision
+from ..techniques import compile_mode, fused_cross_entropy, optimizer, precision
 from ..techniques.base import Context
 from ..techniques.memory_format import has_conv2d
 from . import compile_choice
@@ -75,7 +75,8 @@ class Candidate:
 
 
 def alternatives(cfg: TrainConfig, rule: ResolvedPlan, model: nn.Module) -> dict[str, Any]:
-    """For each "auto" choice that could lose, the value to try against the rule's."""
+    """For each "auto" choice that could lose, the value(s) to try against the rule's, by a
+    label: the plan key, or for a second value of one key a name `plan_key` maps (fp8)."""
     plan, ctx = cfg.plan, Context(rule.device, model, cfg.optim.name, rule.distributed)
     found: dict[str, Any] = {}
     if plan.precision == "auto":
@@ -88,7 +89,30 @@ def alternatives(cfg: TrainConfig, rule: ResolvedPlan, model: nn.Module) -> dict
         other = "foreach" if rule.optimizer_impl == "fused" else "fused"
         if optimizer.check(ctx, other)[0]:
             found["optimizer_impl"] = other
+    if plan.precision == "auto" and rule.precision == "bf16" and _wide_linears(model):
+        for recipe in ("fp8", "fp8-rowwise"):  # on GPUs that have it: tensorwise and rowwise
+            if precision.check(ctx, recipe)[0]:
+                found[recipe] = recipe
+    if plan.fused_cross_entropy == "auto" and fused_cross_entropy.check(ctx)[0]:
+        found["fused_cross_entropy"] = True
     return found
+
+
+# candidates measured against the rule whose label is not the plan key they set
+FLIP_KEYS = {"fp8": "precision", "fp8-rowwise": "precision"}
+# fp8 pays only on large matmuls: at width 1152 (text-gpt ~380 M on one H200) it ran 0.96x bf16
+# (issue 31), so a model whose widest fp8 layer is narrower is not worth the trial's time
+FP8_MIN_FEATURES = 2048
+
+
+def plan_key(name: str) -> str:
+    return FLIP_KEYS.get(name, name)
+
+
+def _wide_linears(model: nn.Module) -> bool:
+    modules = dict(model.named_modules())
+    return any(max(modules[name].in_features, modules[name].out_features) >= FP8_MIN_FEATURES
+               for name in precision.float8_layers(model))
 
 
 def compile_considered(cfg: TrainConfig, rule: ResolvedPlan, model: nn.Module) -> bool:
@@ -166,7 +190,8 @@ class _Trials:
     def config(self, name: str) -> TrainConfig:
         if name == "rule":
             return self.cfg
-        return config_from_dict(merge(self.cfg.to_dict(), {"plan": {name: self.flips[name]}}))
+        return config_from_dict(merge(self.cfg.to_dict(),
+                                      {"plan": {plan_key(name): self.flips[name]}}))
 
     def rate(self, name: str) -> tuple[float, float]:
         """(samples/s over a window after warm-up, wall seconds of the whole trial)."""
@@ -215,40 +240,53 @@ def _compile_warm_up(compiled: _Running) -> tuple[int, float]:
     return steps, seconds
 
 
-def _probe_compile(trials: _Trials, cfg: TrainConfig, rounds: int) -> dict[str, Any]:
-    """Eager against compiled steps of the plan `cfg`, paired over `rounds` windows after the
-    compile; the compile's seconds are the warm-up's wall time beyond its steps' share."""
-    eager = _Running(config_from_dict(merge(cfg.to_dict(), {"plan": {"compile": False}})), trials)
-    compiled = None
+def _probe_compile(trials: _Trials, cfg: TrainConfig, rounds: int,
+                   modes: tuple[str, ...] = ("default",)) -> dict[str, Any]:
+    """Eager against compiled steps of the plan `cfg` in each compile mode, paired over
+    `rounds` windows after the compiles; a compile's seconds are its warm-up's wall time beyond
+    its steps' share. Returns the fastest mode's record (its "mode"), every mode's under
+    "modes"."""
+    def plan(**values) -> TrainConfig:
+        return config_from_dict(merge(cfg.to_dict(), {"plan": values}))
+
+    runners = {"eager": _Running(plan(compile=False), trials)}
+    warm: dict[str, tuple[int, float]] = {}
     try:
-        compiled = _Running(config_from_dict(merge(cfg.to_dict(), {"plan": {"compile": True}})),
-                            trials)
-        eager.window(lambda k, t: k >= WARMUP_STEPS)
-        warm_steps, warm_s = _compile_warm_up(compiled)
-        runners = {"eager": eager, "compile": compiled}
+        for mode in modes:
+            runners[mode] = _Running(plan(compile=True, compile_mode=mode), trials)
+        runners["eager"].window(lambda k, t: k >= WARMUP_STEPS)
+        warm = {mode: _compile_warm_up(runners[mode]) for mode in modes}
 
         def rate(name: str, r: int) -> float:
             samples, seconds = runners[name].window(lambda k, t: k >= 2 and t >= trials.window_s)
             return samples / seconds
 
-        rates = interleave(["eager", "compile"], rounds, rate)
+        rates = interleave(list(runners), rounds, rate)
     finally:
-        eager.close()
-        if compiled is not None:
-            compiled.close()
-    ratios = paired_ratios(rates["compile"], rates["eager"])
+        for runner in runners.values():
+            runner.close()
     per_step = cfg.data.batch_size * cfg.plan.grad_accum
-    compiled_step_s = per_step / statistics.median(rates["compile"])
+    found = {mode: _compiled(rates[mode], rates["eager"], warm[mode], per_step)
+             for mode in modes}
+    best = max(modes, key=lambda m: (bool(found[m]["interval"] and found[m]["interval"][0] > 1),
+                                     found[m]["median"]))
+    return {**found[best], "mode": best, "modes": found, "rates": rates,
+            "eager_step_s": per_step / statistics.median(rates["eager"]),
+            "window_s": trials.window_s}
+
+
+def _compiled(rates: list[float], eager: list[float], warm: tuple[int, float], per_step: int
+              ) -> dict[str, Any]:
+    ratios = paired_ratios(rates, eager)
+    step_s = per_step / statistics.median(rates)
     found = interval(ratios)
     return {"ratios": ratios, "median": statistics.median(ratios), "rounds": len(ratios),
-            "interval": list(found) if found else None, "rates": rates,
-            "compile_s": max(warm_s - warm_steps * compiled_step_s, 0.0),
-            "eager_step_s": per_step / statistics.median(rates["eager"]),
-            "compiled_step_s": compiled_step_s, "window_s": trials.window_s}
+            "interval": list(found) if found else None, "compiled_step_s": step_s,
+            "compile_s": max(warm[1] - warm[0] * step_s, 0.0)}
 
 
 def _rule_notes(flips: dict[str, Any], why: str) -> dict[str, str]:
-    return {name: f"rule ({why})" for name in flips}
+    return {plan_key(name): f"rule ({why})" for name in flips}
 
 
 def decide(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset, loss_fn=None,
@@ -280,6 +318,8 @@ def decide(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset, los
         values = dict(cached["values"])
         if compiling:  # the cached measurement, judged against this run's length
             values["compile"], notes["compile"] = _cached_compile(cached, total)
+            values.update(_compile_mode(cached.get("results", {}).get("compile"),
+                                        values["compile"]))
         return _explicit(cfg, values), notes, {**cached, "from_cache": True}
     devices = [rule.device] if rule.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -293,8 +333,16 @@ def decide(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset, los
         atomic_write_text(path, json.dumps(record, indent=2))
     values = dict(record["values"])
     if "compile" in record.get("results", {}):  # this run probed it: the compile is paid
-        values["compile"] = record["results"]["compile"]["chosen"]
+        found = record["results"]["compile"]
+        values["compile"] = found["chosen"]
+        values.update(_compile_mode(found, found["chosen"]))
     return _explicit(cfg, values), record["notes"], record
+
+
+def _compile_mode(found: dict[str, Any] | None, compiling: bool) -> dict[str, str]:
+    """The measured compile mode, when compiling in one other than the default."""
+    mode = (found or {}).get("mode", "default")
+    return {"compile_mode": mode} if compiling and mode != "default" else {}
 
 
 def _cached_compile(cached: dict[str, Any], total: int) -> tuple[bool, str]:
@@ -347,7 +395,8 @@ def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedP
         notes["compile"] = f"eager ({why_not})"
     elif compiling:
         left = budget - (clock.now() - began - look_s)
-        notes["compile"], found = _decide_compile(trials, values, left, total_steps)
+        notes["compile"], found = _decide_compile(trials, values, left, total_steps, run_s,
+                                                  rule.device)
         if found is not None:
             results["compile"] = found
     seconds = clock.now() - began
@@ -359,16 +408,32 @@ def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedP
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def _compile_modes(trials: _Trials, values: dict[str, Any], run_s: float,
+                   device: torch.device) -> tuple[str, ...]:
+    """The default mode, and on a GPU CUDA graphs (reduce-overhead) too, where the user left the
+    mode alone and the run is long enough for a second compile: a launch-bound step (small
+    kernels, the host behind) is what it removes, and only a measurement tells."""
+    cfg = _explicit(trials.cfg, values)
+    if cfg.plan.compile_mode != "default" or device.type != "cuda":
+        return (cfg.plan.compile_mode,)
+    ctx = Context(device, trials.model, cfg.optim.name, None)
+    graphs = compile_mode.check(ctx, "reduce-overhead")[0] and \
+        compile_choice.worth_probing(device.type, run_s / 2)[0]
+    return ("default", "reduce-overhead") if graphs else ("default",)
+
+
 def _decide_compile(trials: _Trials, values: dict[str, Any], left_s: float,
-                    total_steps: int) -> tuple[str, dict[str, Any] | None]:
+                    total_steps: int, run_s: float, device: torch.device
+                    ) -> tuple[str, dict[str, Any] | None]:
     """The compile note and its probe's record (the choice under "chosen"), or None when the
     probe failed; `left_s`: what remains of the measuring budget for its windows."""
     rounds = max(MIN_ROUNDS, min(ROUNDS, int(left_s // (2 * WINDOW_S[0]))))
     trials.window_s = min(WINDOW_S[1], max(WINDOW_S[0], left_s / rounds / 2))
     log.info("plan: probing torch.compile against eager (%d rounds, %.1f s windows, after the "
              "compile)", rounds, trials.window_s)
+    modes = _compile_modes(trials, values, run_s, device)
     try:
-        found = _probe_compile(trials, _explicit(trials.cfg, values), rounds)
+        found = _probe_compile(trials, _explicit(trials.cfg, values), rounds, modes)
     except Exception as exc:  # a model Dynamo cannot trace, a compiler that fails
         why = one_line(exc)
         log.warning("plan: the compiled step could not be measured (%s)", why)
@@ -392,27 +457,32 @@ def _measure_flips(trials: _Trials, flips: dict[str, Any], rule: ResolvedPlan, r
             return None
 
     measured = interleave(["rule", *flips], rounds, measure)
-    values, notes, results = {}, {}, {}
+    values, notes, results, best = {}, {}, {}, {}
     for name, flipped in flips.items():
+        key = plan_key(name)
+        ruled = values.setdefault(key, getattr(rule, key))
         ratios = paired_ratios(measured[name], measured["rule"])
         if len(ratios) < MIN_ROUNDS:
-            values[name] = getattr(rule, name)
-            notes[name] = f"rule ({_show(name, flipped)} not measured: " \
-                          f"{failed.get(name) or failed.get('rule', 'too few rounds')})"
-            continue
-        found = interval(ratios)
-        median = statistics.median(ratios)
-        wins = found is not None and found[0] > 1.0
-        ruled = getattr(rule, name)
-        values[name] = flipped if wins else ruled
-        span = f"{len(ratios)} rounds, 95% interval {found[0]:.2f}-{found[1]:.2f}x" if found \
-            else f"{len(ratios)} rounds"
-        notes[name] = (f"measured: {_show(name, flipped)} ran {median:.2f}x as fast as "
-                       f"{_show(name, ruled)} ({span})" +
-                       ("" if wins else f"; {_show(name, ruled)} kept"))
-        results[name] = {"rule": ruled, "tried": flipped, "ratios": ratios,
-                         "median": median, "interval": list(found) if found else None,
-                         "chosen": values[name]}
+            note = f"rule ({_show(key, flipped)} not measured: " \
+                   f"{failed.get(name) or failed.get('rule', 'too few rounds')})"
+        else:
+            found = interval(ratios)
+            median = statistics.median(ratios)
+            wins = found is not None and found[0] > 1.0
+            span = f"{len(ratios)} rounds, 95% interval {found[0]:.2f}-{found[1]:.2f}x" \
+                if found else f"{len(ratios)} rounds"
+            note = (f"measured: {_show(key, flipped)} ran {median:.2f}x as fast as "
+                    f"{_show(key, ruled)} ({span})" + ("" if wins else
+                                                       f"; {_show(key, ruled)} kept"))
+            results[name] = {"key": key, "rule": ruled, "tried": flipped, "ratios": ratios,
+                             "median": median, "interval": list(found) if found else None}
+            if wins and median > best.get(key, (None, 0.0))[1]:  # the fastest winner per key
+                best[key] = (flipped, median)
+        notes[key] = f"{notes[key]}; {note}" if key in notes else note
+    for key, (flipped, _) in best.items():
+        values[key] = flipped
+    for result in results.values():
+        result["chosen"] = values[result["key"]]
     return values, notes, results, measured
 
 

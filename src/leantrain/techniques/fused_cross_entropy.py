@@ -13,7 +13,9 @@ evaluation computes them as usual.
 It applies to the Hugging Face causal LMs Liger patches (Llama, Mistral, Qwen, Gemma, Phi,
 ...; `liger_kernel.transformers.monkey_patch`), instance by instance, and only the loss: RoPE,
 RMSNorm and SwiGLU stay as the model has them. Its kernels are Triton kernels for CUDA GPUs.
-Optional dependency: `pip install "leantrain[liger]"`. Opt-in.
+Optional dependency: `pip install "leantrain[liger]"`. "auto" (the default) is off by this rule
+and taken where `run.defaults` measured it faster on the run (CUDA, Liger installed, a causal LM
+Liger patches).
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def check(ctx: Context, value: bool = True) -> tuple[bool, str]:
 
 
 def decide(ctx: Context, plan: PlanConfig) -> tuple[bool, Outcome]:
-    """Opt-in: whether it pays depends on the vocabulary and the batch: measured by the bench."""
+    """The rule for "auto" is off: whether it pays depends on the vocabulary and the batch, so
+    it is measured (`run.defaults`; the bench lists it too)."""
     return switch(NAME, plan.fused_cross_entropy, False, check(ctx))
 
 
