@@ -69,6 +69,15 @@ def mlp(features: int = 8, classes: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, classes))
 
 
+def small_images(n: int = 512):
+    """(train, val) of random 1x12x12 images with 10 classes, the last 64 for validation:
+    what `tiny_cnn` trains on when only the plan, not the learning, is under test."""
+    from torch.utils.data import TensorDataset
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 1, 12, 12, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return TensorDataset(x[:n - 64], y[:n - 64]), TensorDataset(x[n - 64:], y[n - 64:])
+
+
 def tiny_cnn(classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),

@@ -6,8 +6,7 @@ test probes a real compile end to end.
 
 import pytest
 import torch
-from conftest import tiny_cnn
-from torch.utils.data import TensorDataset
+from conftest import small_images, tiny_cnn
 
 from leantrain import fit, load_config
 from leantrain.run import compile_choice, defaults
@@ -41,12 +40,6 @@ def test_the_verdict_needs_the_interval_above_one_and_a_run_that_pays():
     assert not compile_choice.verdict(noisy, steps=10**9, sunk=True)[0]
 
 
-def _images(n=512):
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(n, 1, 12, 12, generator=g), torch.randint(0, 10, (n,), generator=g)
-    return TensorDataset(x[:n - 64], y[:n - 64]), TensorDataset(x[n - 64:], y[n - 64:])
-
-
 def _cfg(*extra):
     return load_config(None, ["plan.device=cpu", "train.monitor_interval_s=0",
                               "data.batch_size=32", "plan.precision=fp32",
@@ -68,14 +61,14 @@ def probing(monkeypatch, tmp_path):
         def probe(trials, cfg, rounds, modes=("default",)):
             probes.append(rounds)
             return dict(found)
-        monkeypatch.setattr(defaults, "_probe_compile", probe)
+        monkeypatch.setattr(compile_choice, "probe", probe)
     return inject, probes
 
 
 def test_a_faster_compile_is_taken_and_the_run_compiles(probing):
     inject, probes = probing
     inject(_found())
-    summary = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
+    summary = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1"), progress_bar=False)
     assert probes and summary["plan"]["compile"] is True
     assert "measured: compiled steps ran 1.50x" in summary["plan"]["outcomes"]["compile"]
     assert summary["compile"]["seconds"] is not None  # the run really compiled
@@ -84,7 +77,7 @@ def test_a_faster_compile_is_taken_and_the_run_compiles(probing):
 def test_a_slower_compile_keeps_eager(probing):
     inject, probes = probing
     inject(_found(median=0.9, interval=(0.85, 0.95)))
-    summary = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
+    summary = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1"), progress_bar=False)
     assert probes and summary["plan"]["compile"] is False
     assert "eager kept" in summary["plan"]["outcomes"]["compile"]
 
@@ -97,8 +90,8 @@ def test_a_run_too_short_to_pay_does_not_compile_and_says_when_it_would(monkeypa
 
     def never(*args):
         raise AssertionError("a run this short must not probe compile")
-    monkeypatch.setattr(defaults, "_probe_compile", never)
-    summary = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
+    monkeypatch.setattr(compile_choice, "probe", never)
+    summary = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1"), progress_bar=False)
     assert summary["plan"]["compile"] is False and summary.get("compile") is None
     assert "which pays on runs over" in summary["plan"]["outcomes"]["compile"]
 
@@ -108,18 +101,18 @@ def test_the_next_run_takes_the_cached_measurement_against_its_own_length(probin
     inject, probes = probing
     # 2 x (10 s / (0.1 s x (1 - 1/1.5))) = 600 steps to pay; one epoch here is 14 steps
     inject(_found())
-    first = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
+    first = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1"), progress_bar=False)
     assert first["plan"]["compile"] is True and len(probes) == 1
 
     def never(*args):
         raise AssertionError("the cached decision must not measure again")
     monkeypatch.setattr(defaults, "_measure", never)
-    short = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
+    short = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1"), progress_bar=False)
     outcome = short["plan"]["outcomes"]["compile"]
     assert short["plan"]["compile"] is False and "compile would pay after ~300 steps" in outcome
     assert "(from the plan cache)" in outcome and short["plan_measurement"]["from_cache"]
     # 50 epochs are 700 steps: the same cache entry now says compile (decided, not trained)
-    cfg, notes, record = defaults.decide(_cfg("train.epochs=50"), tiny_cnn(), *_images())
+    cfg, notes, record = defaults.decide(_cfg("train.epochs=50"), tiny_cnn(), *small_images())
     assert cfg.plan.compile is True and record["from_cache"]
     assert "pays after ~300 steps of this run's 700" in notes["compile"]
 
@@ -127,8 +120,8 @@ def test_the_next_run_takes_the_cached_measurement_against_its_own_length(probin
 def test_a_compile_that_fails_in_the_probe_keeps_eager_and_says_why(probing, monkeypatch):
     def broken(trials, cfg, rounds, modes=("default",)):
         raise RuntimeError("Dynamo cannot trace this model")
-    monkeypatch.setattr(defaults, "_probe_compile", broken)
-    summary = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
+    monkeypatch.setattr(compile_choice, "probe", broken)
+    summary = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1"), progress_bar=False)
     assert summary["plan"]["compile"] is False
     assert "compile failed when probed: RuntimeError: Dynamo cannot trace" in \
         summary["plan"]["outcomes"]["compile"]
@@ -141,7 +134,7 @@ def test_a_real_probe_measures_the_compiled_step_and_the_run_follows_it(monkeypa
     monkeypatch.setattr(defaults, "WINDOW_S", (0.05, 0.05))
     monkeypatch.setattr(compile_choice, "worth_probing", lambda device, run_s: (True, ""))
     monkeypatch.setenv("LEANTRAIN_CACHE", str(tmp_path))
-    summary = fit(tiny_cnn(), *_images(), _cfg("train.epochs=2"), progress_bar=False)
+    summary = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=2"), progress_bar=False)
     found = summary["plan_measurement"]["results"]["compile"]
     assert found["rounds"] >= defaults.MIN_ROUNDS and found["compile_s"] >= 0
     assert summary["plan"]["compile"] is found["chosen"]
@@ -152,17 +145,16 @@ def test_on_a_gpu_cuda_graphs_are_probed_beside_the_default_mode_and_taken_when_
         probing, monkeypatch):
     from leantrain.techniques import compile_mode
     inject, probes = probing
-    trials = defaults._Trials(_cfg(), tiny_cnn(), *_images(), None, None, {})
     monkeypatch.setattr(compile_mode, "check", lambda ctx, mode: (True, "here"))
-    gpu = torch.device("cuda")
-    assert defaults._compile_modes(trials, {}, 1e6, gpu) == ("default", "reduce-overhead")
-    assert defaults._compile_modes(trials, {}, 1e6, torch.device("cpu")) == ("default",)
-    chosen = defaults._explicit(_cfg("plan.compile_mode=max-autotune"), {})
-    trials.cfg = chosen  # a mode the user chose is the only one probed
-    assert defaults._compile_modes(trials, {}, 1e6, gpu) == ("max-autotune",)
+    gpu, cfg, model = torch.device("cuda"), _cfg(), tiny_cnn()
+    assert compile_choice.modes(cfg, model, 1e6, gpu) == ("default", "reduce-overhead")
+    assert compile_choice.modes(cfg, model, 1e6, torch.device("cpu")) == ("default",)
+    assert compile_choice.modes(cfg, model, 1.0, gpu) == ("default",)  # no time for two
+    chosen = _cfg("plan.compile_mode=max-autotune")  # a mode the user chose: the only one
+    assert compile_choice.modes(chosen, model, 1e6, gpu) == ("max-autotune",)
     # the probe's fastest mode is the run's, and the cache keeps it
     inject({**_found(), "mode": "reduce-overhead"})
-    summary = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
+    summary = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1"), progress_bar=False)
     assert summary["plan"]["compile"] is True
     assert "compiled steps (reduce-overhead) ran 1.50x" in summary["plan"]["outcomes"]["compile"]
     assert defaults._compile_mode(summary["plan_measurement"]["results"]["compile"], True) == \

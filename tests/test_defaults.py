@@ -5,17 +5,11 @@ import logging
 
 import pytest
 import torch
-from conftest import blobs, mlp, tiny_cnn
+from conftest import blobs, mlp, small_images, tiny_cnn
 from torch.utils.data import TensorDataset
 
 from leantrain import fit, load_config
 from leantrain.run import defaults
-
-
-def _images(n=512):
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(n, 1, 12, 12, generator=g), torch.randint(0, 10, (n,), generator=g)
-    return TensorDataset(x[:n - 64], y[:n - 64]), TensorDataset(x[n - 64:], y[n - 64:])
 
 
 def _cfg(*extra):
@@ -34,7 +28,7 @@ def measuring(monkeypatch, tmp_path):
 
 
 def test_a_short_run_keeps_the_rules_and_says_so():
-    summary = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
+    summary = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1"), progress_bar=False)
     outcome = summary["plan"]["outcomes"]["channels_last"]
     assert "rule (not measured:" in outcome and "too short" in outcome
     assert summary["plan_measurement"] is None
@@ -42,7 +36,7 @@ def test_a_short_run_keeps_the_rules_and_says_so():
 
 def test_the_measured_choices_are_in_the_summary_and_cached_for_the_next_run(measuring, caplog):
     caplog.set_level(logging.INFO, logger="leantrain")
-    first = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
+    first = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1"), progress_bar=False)
     record = first["plan_measurement"]
     assert set(record["results"]) >= {"channels_last", "optimizer_impl"}
     for name, result in record["results"].items():
@@ -55,7 +49,7 @@ def test_the_measured_choices_are_in_the_summary_and_cached_for_the_next_run(mea
     assert "measuring" in caplog.text
     assert len(list(measuring.glob("plans/*.json"))) == 1
     caplog.clear()
-    second = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
+    second = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1"), progress_bar=False)
     assert "measuring" not in caplog.text and "plan cache" in caplog.text
     assert second["plan_measurement"]["from_cache"]
     for name in record["results"]:
@@ -64,7 +58,7 @@ def test_the_measured_choices_are_in_the_summary_and_cached_for_the_next_run(mea
 
 
 def test_the_cache_key_follows_the_model_the_shapes_and_the_settings(measuring):
-    cfg, (train, _) = _cfg(), _images()
+    cfg, (train, _) = _cfg(), small_images()
     key = defaults.cache_key(cfg, tiny_cnn(), train[0], torch.device("cpu"), None)
     assert key == defaults.cache_key(cfg, tiny_cnn(), train[0], torch.device("cpu"), None)
     assert key != defaults.cache_key(cfg, tiny_cnn(classes=5), train[0], torch.device("cpu"),
@@ -76,11 +70,11 @@ def test_the_cache_key_follows_the_model_the_shapes_and_the_settings(measuring):
 
 
 def test_no_cache_measures_again_and_explicit_choices_are_never_measured(measuring):
-    fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
-    again = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1", "plan.cache=false"),
+    fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1"), progress_bar=False)
+    again = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1", "plan.cache=false"),
                 progress_bar=False)
     assert not again["plan_measurement"].get("from_cache")
-    explicit = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1", "plan.precision=fp32",
+    explicit = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1", "plan.precision=fp32",
                                                 "plan.channels_last=true",
                                                 "plan.optimizer_impl=foreach",
                                                 "plan.compile=false"),
@@ -105,7 +99,7 @@ def test_measuring_leaves_the_model_and_the_random_stream_as_they_were(measuring
 def test_a_measurement_that_cannot_pay_says_what_it_would_cost(monkeypatch, tmp_path):
     monkeypatch.setattr(defaults, "MIN_STEPS", 1)
     monkeypatch.setenv("LEANTRAIN_CACHE", str(tmp_path))
-    summary = fit(tiny_cnn(), *_images(), _cfg("train.epochs=1"), progress_bar=False)
+    summary = fit(tiny_cnn(), *small_images(), _cfg("train.epochs=1"), progress_bar=False)
     outcome = summary["plan"]["outcomes"]["channels_last"]
     assert "not measured: the run is projected at" in outcome and "over 3% of it" in outcome
     assert json.loads(json.dumps(summary["plan_measurement"]))["look_s"] > 0

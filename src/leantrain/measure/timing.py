@@ -25,6 +25,7 @@ import torch
 from . import clock
 
 PHASES = ("data", "copy", "forward", "backward", "optimizer")
+WARMUP_STEPS = 3  # steps a measured trial takes before its timed window (kernels, allocator)
 DATA_WAIT_WARNING = 0.20  # warn when waiting for data takes more than this share of a step
 
 

@@ -1,7 +1,8 @@
-"""Whether torch.compile pays on this run: decided by measurement, not assumed.
+"""Whether torch.compile pays on this run: the probe that measures it, and the verdict.
 
-Compiling can win or lose per model on the same machine (2-core AMD EPYC, torch 2.13, one step
-of the tiny HF examples: BERT 1.13x, the digits CNN 1.14x, GPT-2 0.93x), and it costs a compile
+Compiling can win or lose per model on the same machine (2-core AMD EPYC, torch 2.13: under
+the plan leantrain chose, this probe measured the tiny BERT example's steps at 1.09x, 95%
+1.04-1.13x, the tiny GPT-2's at 0.94x and the digits CNN's at 0.84x), and it costs a compile
 first (21-24 s cold for those HF models there; a new wrapper of the same model in the same
 process then compiles in under 0.1 s, Dynamo's and Inductor's caches). So `plan.compile`
 "auto" (the default) is eager unless the compiled step was measured faster on this model here,
@@ -20,12 +21,26 @@ itself within the run:
 
 from __future__ import annotations
 
+import copy
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..measure.compile_watch import break_even_steps
+import torch
+from torch import nn
+
+from ..config import TrainConfig, config_from_dict, merge
+from ..measure.compile_watch import break_even_steps, graphs_compiled
+from ..measure.rounds import interleave, interval, paired_ratios
+from ..measure.timing import WARMUP_STEPS, timed_window
+from ..techniques import compile_mode
+from ..techniques.base import Context
+from .plan import build
+from .trainer import Trainer
 
 MARGIN = 2.0  # a compile must pay back this many times over within the run
+WARM_UP_WINDOWS = 6  # at most, until a window of compiled steps compiles no new graph
 
 
 @dataclass(frozen=True)
@@ -77,3 +92,91 @@ def verdict(found: dict[str, Any], steps: int, sunk: bool) -> tuple[bool, str]:
     return False, (f"{measured}; eager kept: compile would pay after ~{steps_needed:,.0f} "
                    f"steps (x{MARGIN:g} margin: {MARGIN * steps_needed:,.0f}); this run has "
                    f"{steps:,}")
+
+
+def modes(cfg: TrainConfig, model: nn.Module, run_s: float, device: torch.device
+          ) -> tuple[str, ...]:
+    """The default mode, and on a GPU CUDA graphs (reduce-overhead) too, where the user left the
+    mode alone and the run is long enough for a second compile: a launch-bound step (small
+    kernels, the host behind) is what it removes, and only a measurement tells."""
+    if cfg.plan.compile_mode != "default" or device.type != "cuda":
+        return (cfg.plan.compile_mode,)
+    ctx = Context(device, model, cfg.optim.name, None)
+    graphs = compile_mode.check(ctx, "reduce-overhead")[0] and \
+        worth_probing(device.type, run_s / 2)[0]
+    return ("default", "reduce-overhead") if graphs else ("default",)
+
+
+class Running:
+    """A copy of the model training under `cfg`, kept going across timed windows (a compiled
+    copy compiles once, at its first step)."""
+
+    def __init__(self, cfg: TrainConfig, trials: Any):
+        run = build(cfg, copy.deepcopy(trials.model), trials.train, trials.val, trials.loss_fn,
+                    measure_loader=False, collate_fn=trials.collate_fn)
+        self.device = run.plan.device
+        self.steps = Trainer(run, progress_bar=False).steps()
+
+    def window(self, stop: Callable[[int, float], bool]) -> tuple[int, float]:
+        return timed_window(lambda: next(self.steps)[0], self.device, stop)
+
+    def close(self) -> None:
+        self.steps.close()
+
+
+def _warm_up(compiled: Running) -> tuple[int, float]:
+    """(steps, seconds) from the first compiled step until a few steps pass with no new graph
+    (padded batches of a new length recompile once, then Dynamo marks the length dynamic)."""
+    steps, seconds = 0, 0.0
+    for _ in range(WARM_UP_WINDOWS):
+        before = graphs_compiled()
+        seconds += compiled.window(lambda k, t: k >= 1 + WARMUP_STEPS)[1]
+        steps += 1 + WARMUP_STEPS
+        if steps > 1 + WARMUP_STEPS and graphs_compiled() == before:
+            break
+    return steps, seconds
+
+
+def probe(trials: Any, cfg: TrainConfig, rounds: int,
+                   modes: tuple[str, ...] = ("default",)) -> dict[str, Any]:
+    """Eager against compiled steps of the plan `cfg` in each compile mode, paired over
+    `rounds` windows after the compiles; a compile's seconds are its warm-up's wall time beyond
+    its steps' share. Returns the fastest mode's record (its "mode"), every mode's under
+    "modes"."""
+    def plan(**values) -> TrainConfig:
+        return config_from_dict(merge(cfg.to_dict(), {"plan": values}))
+
+    runners = {"eager": Running(plan(compile=False), trials)}
+    warm: dict[str, tuple[int, float]] = {}
+    try:
+        for mode in modes:
+            runners[mode] = Running(plan(compile=True, compile_mode=mode), trials)
+        runners["eager"].window(lambda k, t: k >= WARMUP_STEPS)
+        warm = {mode: _warm_up(runners[mode]) for mode in modes}
+
+        def rate(name: str, r: int) -> float:
+            samples, seconds = runners[name].window(lambda k, t: k >= 2 and t >= trials.window_s)
+            return samples / seconds
+
+        rates = interleave(list(runners), rounds, rate)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    per_step = cfg.data.batch_size * cfg.plan.grad_accum
+    found = {mode: _compiled(rates[mode], rates["eager"], warm[mode], per_step)
+             for mode in modes}
+    best = max(modes, key=lambda m: (bool(found[m]["interval"] and found[m]["interval"][0] > 1),
+                                     found[m]["median"]))
+    return {**found[best], "mode": best, "modes": found, "rates": rates,
+            "eager_step_s": per_step / statistics.median(rates["eager"]),
+            "window_s": trials.window_s}
+
+
+def _compiled(rates: list[float], eager: list[float], warm: tuple[int, float], per_step: int
+              ) -> dict[str, Any]:
+    ratios = paired_ratios(rates, eager)
+    step_s = per_step / statistics.median(rates)
+    found = interval(ratios)
+    return {"ratios": ratios, "median": statistics.median(ratios), "rounds": len(ratios),
+            "interval": list(found) if found else None, "compiled_step_s": step_s,
+            "compile_s": max(warm[1] - warm[0] * step_s, 0.0)}

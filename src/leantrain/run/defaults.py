@@ -43,11 +43,10 @@ from ..distributed import DistContext
 from ..env import cpu_model
 from ..errors import one_line
 from ..measure import clock
-from ..measure.compile_watch import graphs_compiled
 from ..measure.rounds import MIN_ROUNDS, interleave, interval, paired_ratios
-from ..measure.timing import timed_window
+from ..measure.timing import WARMUP_STEPS, timed_window
 from ..techniques import compile as compile_technique
-from ..techniques import compile_mode, fused_cross_entropy, optimizer, precision
+from ..techniques import fused_cross_entropy, optimizer, precision
 from ..techniques.base import Context
 from ..techniques.memory_format import has_conv2d
 from . import compile_choice
@@ -63,9 +62,7 @@ BUDGET_SHARE = 0.03  # measuring may cost this share of the run
 PROJECTION_MARGIN = 0.8
 MIN_STEPS = 300  # a run of fewer optimizer steps cannot pay for a single round: no look
 ROUNDS = 5
-WARMUP_STEPS = 3
 WINDOW_S = (0.2, 1.0)  # timed seconds per candidate and round
-COMPILE_WARM_UP_WINDOWS = 6  # at most, until a window compiles no new graph
 
 
 @dataclass(frozen=True)
@@ -210,81 +207,6 @@ class _Trials:
         return samples / seconds, clock.now() - start
 
 
-class _Running:
-    """A copy of the model training under `cfg`, kept going across timed windows (a compiled
-    copy compiles once, at its first step)."""
-
-    def __init__(self, cfg: TrainConfig, trials: _Trials):
-        run = build(cfg, copy.deepcopy(trials.model), trials.train, trials.val, trials.loss_fn,
-                    measure_loader=False, collate_fn=trials.collate_fn)
-        self.device = run.plan.device
-        self.steps = Trainer(run, progress_bar=False).steps()
-
-    def window(self, stop: Callable[[int, float], bool]) -> tuple[int, float]:
-        return timed_window(lambda: next(self.steps)[0], self.device, stop)
-
-    def close(self) -> None:
-        self.steps.close()
-
-
-def _compile_warm_up(compiled: _Running) -> tuple[int, float]:
-    """(steps, seconds) from the first compiled step until a few steps pass with no new graph
-    (padded batches of a new length recompile once, then Dynamo marks the length dynamic)."""
-    steps, seconds = 0, 0.0
-    for _ in range(COMPILE_WARM_UP_WINDOWS):
-        before = graphs_compiled()
-        seconds += compiled.window(lambda k, t: k >= 1 + WARMUP_STEPS)[1]
-        steps += 1 + WARMUP_STEPS
-        if steps > 1 + WARMUP_STEPS and graphs_compiled() == before:
-            break
-    return steps, seconds
-
-
-def _probe_compile(trials: _Trials, cfg: TrainConfig, rounds: int,
-                   modes: tuple[str, ...] = ("default",)) -> dict[str, Any]:
-    """Eager against compiled steps of the plan `cfg` in each compile mode, paired over
-    `rounds` windows after the compiles; a compile's seconds are its warm-up's wall time beyond
-    its steps' share. Returns the fastest mode's record (its "mode"), every mode's under
-    "modes"."""
-    def plan(**values) -> TrainConfig:
-        return config_from_dict(merge(cfg.to_dict(), {"plan": values}))
-
-    runners = {"eager": _Running(plan(compile=False), trials)}
-    warm: dict[str, tuple[int, float]] = {}
-    try:
-        for mode in modes:
-            runners[mode] = _Running(plan(compile=True, compile_mode=mode), trials)
-        runners["eager"].window(lambda k, t: k >= WARMUP_STEPS)
-        warm = {mode: _compile_warm_up(runners[mode]) for mode in modes}
-
-        def rate(name: str, r: int) -> float:
-            samples, seconds = runners[name].window(lambda k, t: k >= 2 and t >= trials.window_s)
-            return samples / seconds
-
-        rates = interleave(list(runners), rounds, rate)
-    finally:
-        for runner in runners.values():
-            runner.close()
-    per_step = cfg.data.batch_size * cfg.plan.grad_accum
-    found = {mode: _compiled(rates[mode], rates["eager"], warm[mode], per_step)
-             for mode in modes}
-    best = max(modes, key=lambda m: (bool(found[m]["interval"] and found[m]["interval"][0] > 1),
-                                     found[m]["median"]))
-    return {**found[best], "mode": best, "modes": found, "rates": rates,
-            "eager_step_s": per_step / statistics.median(rates["eager"]),
-            "window_s": trials.window_s}
-
-
-def _compiled(rates: list[float], eager: list[float], warm: tuple[int, float], per_step: int
-              ) -> dict[str, Any]:
-    ratios = paired_ratios(rates, eager)
-    step_s = per_step / statistics.median(rates)
-    found = interval(ratios)
-    return {"ratios": ratios, "median": statistics.median(ratios), "rounds": len(ratios),
-            "interval": list(found) if found else None, "compiled_step_s": step_s,
-            "compile_s": max(warm[1] - warm[0] * step_s, 0.0)}
-
-
 def _rule_notes(flips: dict[str, Any], why: str) -> dict[str, str]:
     return {plan_key(name): f"rule ({why})" for name in flips}
 
@@ -408,20 +330,6 @@ def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedP
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _compile_modes(trials: _Trials, values: dict[str, Any], run_s: float,
-                   device: torch.device) -> tuple[str, ...]:
-    """The default mode, and on a GPU CUDA graphs (reduce-overhead) too, where the user left the
-    mode alone and the run is long enough for a second compile: a launch-bound step (small
-    kernels, the host behind) is what it removes, and only a measurement tells."""
-    cfg = _explicit(trials.cfg, values)
-    if cfg.plan.compile_mode != "default" or device.type != "cuda":
-        return (cfg.plan.compile_mode,)
-    ctx = Context(device, trials.model, cfg.optim.name, None)
-    graphs = compile_mode.check(ctx, "reduce-overhead")[0] and \
-        compile_choice.worth_probing(device.type, run_s / 2)[0]
-    return ("default", "reduce-overhead") if graphs else ("default",)
-
-
 def _decide_compile(trials: _Trials, values: dict[str, Any], left_s: float,
                     total_steps: int, run_s: float, device: torch.device
                     ) -> tuple[str, dict[str, Any] | None]:
@@ -431,9 +339,9 @@ def _decide_compile(trials: _Trials, values: dict[str, Any], left_s: float,
     trials.window_s = min(WINDOW_S[1], max(WINDOW_S[0], left_s / rounds / 2))
     log.info("plan: probing torch.compile against eager (%d rounds, %.1f s windows, after the "
              "compile)", rounds, trials.window_s)
-    modes = _compile_modes(trials, values, run_s, device)
+    modes = compile_choice.modes(_explicit(trials.cfg, values), trials.model, run_s, device)
     try:
-        found = _probe_compile(trials, _explicit(trials.cfg, values), rounds, modes)
+        found = compile_choice.probe(trials, _explicit(trials.cfg, values), rounds, modes)
     except Exception as exc:  # a model Dynamo cannot trace, a compiler that fails
         why = one_line(exc)
         log.warning("plan: the compiled step could not be measured (%s)", why)
