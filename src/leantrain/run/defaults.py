@@ -270,8 +270,8 @@ def _compile_mode(found: dict[str, Any] | None, compiling: bool) -> dict[str, st
 def _cached_compile(cached: dict[str, Any], total: int) -> tuple[bool, str]:
     found = cached.get("results", {}).get("compile")
     if not found:
-        why = cached["notes"].get("compile", "not measured")
-        return False, f"eager ({why}; plan.cache=false measures again)"
+        why = cached["notes"].get("compile", "eager (not measured)")
+        return False, f"{why} (from the plan cache; plan.cache=false measures again)"
     take, note = compile_choice.verdict(found, total, sunk=False)
     return take, f"{note} (from the plan cache)"
 

@@ -62,7 +62,10 @@ def switch(name: str, setting: str | bool, auto_on: bool, check: Check) -> tuple
     on = ok and auto_on if setting == "auto" else bool(setting)
     if on:
         return True, Outcome(name, True, reason)
-    return False, Outcome(name, False, "switched off in the plan" if ok else reason)
+    if not ok:
+        return False, Outcome(name, False, reason)
+    return False, Outcome(name, False, "off by its rule for auto" if setting == "auto"
+                          else "switched off in the plan")
 
 
 def require(name: str, value: str, check: Check) -> str:
