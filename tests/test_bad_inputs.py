@@ -869,3 +869,45 @@ def test_an_unreadable_config_file_is_named(tmp_path, capsys):
     path.chmod(0)
     assert main(["train", "--config", str(path), "--no-progress"]) == 2
     assert "cannot be read" in capsys.readouterr().err
+
+
+def _damaged_npz(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.npz"
+    x, y = blobs(40)
+    np.savez(tmp_path / "good.npz", x=x.numpy(), y=y.numpy())
+    good = (tmp_path / "good.npz").read_bytes()
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "cut":
+        path.write_bytes(good[:len(good) // 2])
+    elif kind == "crc":
+        flipped = bytearray(good)
+        flipped[len(flipped) // 2] ^= 0xFF
+        path.write_bytes(bytes(flipped))
+    else:  # pickled objects, which a data file may never run
+        np.savez(path, x=np.array([{"a": 1}] * 40, dtype=object), y=y.numpy())
+    return path
+
+
+@pytest.mark.parametrize("kind, fragment", [("empty", "No data left"),
+                                            ("cut", "not a zip file"), ("crc", "CRC-32"),
+                                            ("objects", "Object arrays cannot be loaded")])
+def test_a_damaged_npz_is_one_line(kind, fragment, tmp_path, capsys):
+    path = _damaged_npz(tmp_path, kind)
+    code = main(["train", "--data", str(path), "--epochs", "1", "--out", str(tmp_path / "run"),
+                 *FAST])
+    _one_line_error(capsys, code, "not a readable .npz of numeric arrays", fragment)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["train"], ["bench"], ["doctor"], ["find-lr"],
+                                     ["find-batch-size"]])
+def test_an_out_that_is_a_file_or_too_long_a_name_is_refused_before_any_work(command, tmp_path,
+                                                                            capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code = main([*command, "--out", str(afile), *FAST])
+    _one_line_error(capsys, code, "is a file; give a folder")
+    assert afile.read_text() == "mine"
+    code = main([*command, "--out", str(tmp_path / ("x" * 300)), *FAST])
+    _one_line_error(capsys, code, "a name of 300 bytes; the file system allows 255")

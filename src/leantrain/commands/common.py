@@ -18,6 +18,7 @@ from ..errors import LeantrainError, shorten
 from ..recipes import RECIPES, get_recipe
 
 log = logging.getLogger("leantrain")
+NAME_MAX = 255  # bytes per file or folder name (ext4, xfs, btrfs, tmpfs)
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -209,18 +210,31 @@ def load_inputs(args: argparse.Namespace, prefix: str):
     from ..data import load_data
 
     cfg = config_from_args(args)
+    out = default_out(args, prefix)  # a bad --out is refused before the data and model load
     bundle = load_data(cfg.data)
     log.info("data: %s", bundle.description)
     build_model(cfg, bundle)
-    return cfg, default_out(args, prefix), bundle, lambda: build_model(cfg, bundle)
+    return cfg, out, bundle, lambda: build_model(cfg, bundle)
 
 
 def default_out(args: argparse.Namespace, prefix: str = "") -> Path:
-    """--out, or a fresh timestamped folder under runs/."""
+    """--out, or a fresh timestamped folder under runs/; a file or a name the file system
+    cannot hold is refused here, before any work."""
     if args.out:
-        return Path(args.out)
+        return check_out(Path(args.out))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / (f"{prefix}-{stamp}" if prefix else stamp)
+
+
+def check_out(folder: Path) -> Path:
+    """--out must be a folder (or not exist yet) whose every name fits the file system."""
+    longest = max((len(part.encode()) for part in folder.parts), default=0)
+    if longest > NAME_MAX:  # (checked first: exists() raises on such a name)
+        raise LeantrainError(f"--out {shorten(folder, 80)}: a name of {longest} bytes; the "
+                             f"file system allows {NAME_MAX}")
+    if folder.exists() and not folder.is_dir():
+        raise LeantrainError(f"--out {shorten(folder)} is a file; give a folder")
+    return folder
 
 
 def require_empty(folder: Path) -> None:

@@ -8,6 +8,7 @@ a lazily decoding Dataset that goes through a DataLoader.
 from __future__ import annotations
 
 import csv
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from ..config import DataConfig
-from ..errors import LeantrainError, bounded_repr, shorten
+from ..errors import LeantrainError, bounded_repr, one_line, shorten
 from ..imports import import_object
 from .text import VOCAB, load_text
 
@@ -111,6 +112,15 @@ def digits(cfg: DataConfig) -> DataBundle:
 
 
 def npz(path: Path, cfg: DataConfig) -> DataBundle:
+    try:
+        return _npz(path, cfg)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:  # empty, cut, damaged
+        # (ValueError: pickled object arrays, which are never loaded)
+        raise LeantrainError(f"{path}: not a readable .npz of numeric arrays: "
+                             f"{shorten(one_line(exc))}") from None
+
+
+def _npz(path: Path, cfg: DataConfig) -> DataBundle:
     with np.load(path) as arrays:
         missing = {"x", "y"} - set(arrays.files)
         if missing:
