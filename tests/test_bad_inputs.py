@@ -215,6 +215,14 @@ def test_csv_values_that_are_not_finite_numbers_name_line_and_column(tmp_path, c
      "labels must be integer class indices, found dtype <U3"),
     ({"x": np.zeros((30, 4)), "y": np.zeros(30, int), "x_val": np.zeros((0, 4)),
       "y_val": np.zeros(0, int)}, "the validation arrays are empty"),
+    ({"x": np.array(3.0), "y": np.array(1)}, "'x' is one number"),
+    ({"x": np.zeros((0, 4)), "y": np.zeros(0, int)}, "no samples"),
+    ({"x": np.zeros((1, 4)), "y": np.zeros(1, int)}, "1 sample; training needs at least 2"),
+    ({"x": np.zeros((30, 0)), "y": np.zeros(30, int)}, "the samples hold no values"),
+    ({"x": np.zeros((30, 4)), "y": np.full(30, 10**12)}, "sample 0's label is 1000000000000"),
+    ({"x": np.zeros((30, 4)), "y": np.full(30, 1e30)}, "sample 0's label is 1e+30"),
+    ({"x": np.zeros((30, 4)), "y": np.zeros(30, int), "x_val": np.zeros((5, 3)),
+      "y_val": np.zeros(5, int)}, "x_val's samples are (3,) but x's are (4,)"),
 ])
 def test_npz_inputs_are_checked_at_load_time(tmp_path, capsys, arrays, fragment):
     data = tmp_path / "d.npz"
@@ -313,6 +321,85 @@ def test_a_label_out_of_range_in_the_validation_set_fails_before_training(tmp_pa
     y[-1] = 9
     with pytest.raises(LeantrainError, match=r"labels out of range: found 0\.\.9"):
         fit(mlp(), train, TensorDataset(x, y), _cfg(), tmp_path / "run", progress_bar=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_one_image_folder_is_refused_before_any_work(tmp_path, capsys):
+    from PIL import Image
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a" / "only.png")
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(tmp_path / "images"), "--out", str(out), *FAST])
+    _one_line_error(capsys, code, "1 sample; training needs at least 2")
+    assert not out.exists()
+
+
+class _Named(Dataset):
+    """Class names as labels, as a dataset read from a folder of captions might give."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        return torch.randn(8), ("cat", "dog", "eel")[i % 3]
+
+
+def test_class_names_as_labels_are_one_line_before_anything_is_written(tmp_path):
+    with pytest.raises(LeantrainError, match=r"labels are a tuple of str .*map class names"):
+        fit(mlp(), _Named(), _Named(), _cfg("data.loader=dataloader", "data.num_workers=0"),
+            tmp_path / "run", progress_bar=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_validation_samples_of_another_shape_fail_before_training(tmp_path):
+    train, _ = _data()
+    with pytest.raises(LeantrainError, match=r"the validation set's first batch: the model "
+                                             r"cannot run on the data: input batch of shape "
+                                             r"\(40, 5\)"):
+        fit(mlp(), train, TensorDataset(torch.randn(40, 5), torch.zeros(40, dtype=torch.long)),
+            _cfg(), tmp_path / "run", progress_bar=False)
+    assert not (tmp_path / "run").exists()
+
+
+def _batchnorm_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def test_a_batchnorm_model_given_one_sample_batches_fails_before_training(tmp_path):
+    with pytest.raises(LeantrainError, match=r"cannot run on the data in training mode: input "
+                                             r"batch of shape \(1, 8\).*more than 1 value"):
+        fit(_batchnorm_mlp(), *_data(), _cfg("data.batch_size=1"), tmp_path / "run",
+            progress_bar=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_last_batch_of_one_sample_is_dropped_for_batchnorm_and_the_model_learns(tmp_path):
+    x, y = blobs(241)  # 201 training samples in batches of 20: the last one holds 1
+    train, val = TensorDataset(x[:201], y[:201]), TensorDataset(x[201:], y[201:])
+    summary = fit(_batchnorm_mlp(), train, val, _cfg(), tmp_path / "run", progress_bar=False)
+    assert summary["val_accuracy"] > 0.9
+    assert summary["steps"] == 6 * 10  # 10 full batches an epoch, the lone sample dropped
+
+
+class _NoisyInTraining(nn.Module):
+    """A training-only branch (noise on the hidden layer) with a shape bug that evaluation
+    never meets."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.last = nn.Linear(8, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        hidden = self.first(x)
+        if self.training:
+            hidden = hidden + 0.01 * torch.randn(16)  # (16,) cannot add to (batch, 32)
+        return self.last(torch.relu(hidden))
+
+
+def test_a_forward_that_differs_in_training_is_checked_in_training_mode(tmp_path):
+    with pytest.raises(LeantrainError, match="cannot run on the data in training mode"):
+        fit(_NoisyInTraining(), *_data(), _cfg(), tmp_path / "run", progress_bar=False)
     assert not (tmp_path / "run").exists()
 
 

@@ -10,6 +10,7 @@ import math
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -101,6 +102,51 @@ def random_bytes_as_a_csv_file(content, capsys):
         rerunnable(out)
 
 
+@st.composite
+def npz_arrays_with_one_defect(draw) -> dict[str, np.ndarray]:
+    """A well-formed (x, y) pair of random size with one thing wrong that a user's export can
+    get wrong: the shape, the sample count, a label, an input value, the dtype, the keys."""
+    n, k = draw(st.integers(2, 40)), draw(st.integers(1, 6))
+    x, y = np.zeros((n, k), np.float32), np.arange(n) % 3
+    i = draw(st.integers(0, n - 1))
+    bad_label = st.one_of(st.integers(max_value=-1), st.integers(2**20, 2**63 - 1),
+                          st.sampled_from([math.nan, math.inf, 0.5, 1e30, -2.0]))
+    defect = draw(st.sampled_from(["0-d", "empty", "one", "no features", "label", "input",
+                                   "complex", "text labels", "lengths", "val shape", "no y"]))
+    if defect == "0-d":
+        return {"x": np.array(draw(st.floats())), "y": np.array(1)}
+    if defect in ("empty", "one"):
+        m = 0 if defect == "empty" else 1
+        return {"x": x[:m], "y": y[:m]}
+    if defect == "no features":
+        return {"x": np.zeros((n, 0), np.float32), "y": y}
+    if defect == "label":
+        y = y.astype(float) if isinstance(label := draw(bad_label), float) else y
+        y[i] = label
+    elif defect == "input":
+        x[i, draw(st.integers(0, k - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    elif defect == "complex":
+        x = x + 1j
+    elif defect == "text labels":
+        y = np.array(["cat", "dog", "eel"])[y]
+    elif defect == "lengths":
+        y = np.resize(y, n + draw(st.sampled_from([-1, 1, 5])))
+    elif defect == "val shape":
+        return {"x": x, "y": y, "x_val": np.zeros((3, k + 1), np.float32), "y_val": y[:3]}
+    else:
+        return {"x": x}
+    return {"x": x, "y": y}
+
+
+def npz_files_with_a_defect(arrays, capsys):
+    with tempfile.TemporaryDirectory() as tmp:
+        path, out = Path(tmp) / "given.npz", Path(tmp) / "run"
+        np.savez(path, **arrays)
+        refused(capsys, ["train", "--data", str(path), "--epochs", "1", "--out", str(out),
+                         *FAST], "given.npz")
+        rerunnable(out)
+
+
 # ------------------------------------------------------------------ numbers on the command line
 
 
@@ -173,6 +219,8 @@ test_yaml_structures_that_are_not_a_config, test_yaml_structures_longer = both(
     yaml_structures_that_are_not_a_config)
 test_random_bytes_as_a_csv_file, test_random_csv_bytes_longer = both(
     content=st.binary(min_size=1, max_size=300))(random_bytes_as_a_csv_file)
+test_npz_files_with_a_defect, test_npz_files_longer = both(
+    arrays=npz_arrays_with_one_defect())(npz_files_with_a_defect)
 test_numbers_a_command_cannot_use, test_numbers_longer = both(
     case=st.sampled_from(NUMERIC_FLAGS).flatmap(
         lambda c: st.tuples(st.just(c[0]), st.just(c[1]), c[2])))(

@@ -120,10 +120,11 @@ def test_the_failed_attempts_memory_is_freed_before_the_retry_and_the_result_is_
     train, val = _data()
     plain = RunsOutOfMemory(limit=None)
     fit(plain, train, val, _cfg(), progress_bar=False)
-    # 32 -> 16 -> 8 samples, twice: in the FLOP count, then in training
-    model = LeavesActivationsBehind(limit=10, calls_that_fail=4)
+    # 32 samples once in the first batch's check in training mode (an out-of-memory error
+    # there is left to the loop), then 32 -> 16 -> 8, twice: in the FLOP count, in training
+    model = LeavesActivationsBehind(limit=10, calls_that_fail=5)
     summary = fit(model, train, val, _cfg(), progress_bar=False)
-    assert model.alive_at_retry == [False] * 4  # nothing of any failed attempt survived
+    assert model.alive_at_retry == [False] * 5  # nothing of any failed attempt survived
     assert summary["micro_split"] == 4
     assert torch.allclose(_weights(model.net), _weights(plain.net), atol=1e-5)
 
@@ -131,8 +132,9 @@ def test_the_failed_attempts_memory_is_freed_before_the_retry_and_the_result_is_
 def test_flops_are_counted_on_a_micro_batch_that_fits_after_freeing_the_one_that_did_not():
     train, val = _data()
     plain = fit(RunsOutOfMemory(limit=None), train, val, _cfg(), progress_bar=False)
-    model = LeavesActivationsBehind(limit=10, calls_that_fail=2)  # the FLOP count's: 32, 16
+    # the first batch's check in training mode: 32, then the FLOP count's: 32, 16
+    model = LeavesActivationsBehind(limit=10, calls_that_fail=3)
     summary = fit(model, train, val, _cfg(), progress_bar=False)
-    assert model.alive_at_retry == [False, False]
+    assert model.alive_at_retry == [False] * 3
     assert summary["micro_split"] == 1  # only the count ran out: training never did
     assert summary["flops_per_sample"] == plain["flops_per_sample"] > 0

@@ -127,7 +127,7 @@ def _trainer(variants: list[Variant], overrides: dict[str, Any],
         if variant.wrap_model is not None:
             model = variant.wrap_model(model)
     return Trainer(build(trial_cfg, model, bundle.train, bundle.val, measure_loader=False,
-                         collate_fn=bundle.collate_fn), progress_bar=False)
+                         collate_fn=bundle.collate_fn, evaluates=False), progress_bar=False)
 
 
 def unsupported_reason(variants: list[Variant], base: dict[str, Any],

@@ -117,7 +117,7 @@ def _task(cfg, bundle, model) -> str:
     from ..run.plan import build
 
     return build(cfg, model, bundle.train, bundle.val, measure_loader=False,
-                 collate_fn=bundle.collate_fn).step.task
+                 collate_fn=bundle.collate_fn, evaluates=False).step.task
 
 
 def _lr_center(args, cfg, bundle, build, space_file) -> float:

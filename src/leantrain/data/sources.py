@@ -25,6 +25,9 @@ from ..imports import import_object
 from .text import VOCAB, load_text
 
 SPLIT_SEED = 0  # fixed, so every run (and every resume) sees the same split
+# the most classes a label may imply: the default model's head holds one row per class, so a
+# stray id (1e12) would be a petabyte allocation; 2**20 is above any real label set we know
+MAX_CLASSES = 2**20
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -47,9 +50,12 @@ def _numbers(values: np.ndarray, where: str, what: str) -> torch.Tensor:
     """`values` as a float tensor whose every entry is a finite number, or one line naming the
     first sample that is not."""
     array = np.asarray(values)
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+    if not _real(array):
         raise LeantrainError(f"{where}: {what} must be numbers, found dtype {array.dtype} "
                              f"(e.g. {array.reshape(-1)[:1].tolist()})")
+    if array.ndim == 0:
+        raise LeantrainError(f"{where}: {what} is one number; give an array with one row per "
+                             "sample")
     x = torch.as_tensor(array).float()
     bad = ~torch.isfinite(x)
     if bad.any():
@@ -60,29 +66,54 @@ def _numbers(values: np.ndarray, where: str, what: str) -> torch.Tensor:
     return x
 
 
+def _real(array: np.ndarray) -> bool:
+    """Real numbers or booleans (complex values would silently lose their imaginary part)."""
+    return array.dtype == np.bool_ or (np.issubdtype(array.dtype, np.number)
+                                       and not np.issubdtype(array.dtype, np.complexfloating))
+
+
 def _labels(y: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
+    """The labels as class indices (int64), or one line naming the first sample whose label is
+    not an integer in 0..MAX_CLASSES-1."""
     array = np.asarray(y)
-    if not np.issubdtype(array.dtype, np.number):
+    if not _real(array):
         raise LeantrainError(f"{where}: labels must be integer class indices, found dtype "
                              f"{array.dtype} (e.g. {array.reshape(-1)[:1].tolist()}); map "
                              "class names to 0..classes-1")
-    y = torch.as_tensor(array)
+    y = torch.as_tensor(array).reshape(-1)
+    values = y.double() if y.is_floating_point() else y.long()
+    bad = (values < 0) | (values >= MAX_CLASSES) | (values != values.round()) \
+        if y.is_floating_point() else (values < 0) | (values >= MAX_CLASSES)
     if y.is_floating_point():
-        if not torch.equal(y, y.round()):
-            raise LeantrainError(f"{where}: labels must be integer class indices, found fractions")
-        y = y.round()
-    y = y.long().reshape(-1)
-    if len(y) and y.min() < 0:
-        raise LeantrainError(f"{where}: labels must be >= 0, found {int(y.min())}")
-    return y
+        bad |= ~torch.isfinite(values)
+    if bad.any():
+        at = int(bad.nonzero()[0])
+        value = values[at].item()
+        shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+        raise LeantrainError(f"{where}: sample {at}'s label is {shown}; labels must be "
+                             f"integer class indices 0..classes-1, below {MAX_CLASSES:,} (an "
+                             "id or a regression target is not a class)")
+    return values.long()
 
 
 def _array_bundle(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, what: str,
                   val: tuple[torch.Tensor, torch.Tensor] | None = None) -> DataBundle:
     if len(x) != len(y):
         raise LeantrainError(f"{what}: {len(x)} samples but {len(y)} labels")
-    if val is not None and len(val[0]) == 0:
-        raise LeantrainError(f"{what}: the validation arrays are empty")
+    if len(x) and x[0].numel() == 0:
+        raise LeantrainError(f"{what}: the samples hold no values (inputs of shape "
+                             f"{tuple(x.shape)}); give at least one feature column")
+    if val is not None:
+        if len(val[0]) != len(val[1]):
+            raise LeantrainError(f"{what}: the validation arrays need one row per label "
+                                 f"(x_val {tuple(val[0].shape)}, y_val {tuple(val[1].shape)})")
+        if len(val[0]) == 0:
+            raise LeantrainError(f"{what}: the validation arrays are empty")
+        if val[0].shape[1:] != x.shape[1:]:
+            raise LeantrainError(f"{what}: x_val's samples are {tuple(val[0].shape[1:])} but "
+                                 f"x's are {tuple(x.shape[1:])}; they must match")
+    check_sample_count(len(x) + (len(val[0]) if val is not None else 0), what,
+                       split=val is None)
     if val is None:
         train_idx, val_idx = _split(len(x), cfg.val_fraction)
         (xt, yt), (xv, yv) = (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx])
@@ -157,14 +188,30 @@ def csv_table(path: Path, cfg: DataConfig) -> DataBundle:
     label_at = header.index(cfg.label_column)
     table = _csv_numbers(path, header, body)
     y = _labels(table[:, label_at], str(path))
-    x = torch.tensor(np.delete(table, label_at, axis=1), dtype=torch.float32)
+    x = torch.tensor(np.delete(table, label_at, axis=1), dtype=torch.float64)
     bundle = _array_bundle(x, y, cfg, f"csv {path.name}")
     xt, yt = bundle.train.tensors
     xv, yv = bundle.val.tensors
-    mean, std = xt.mean(0), xt.std(0).clamp_min(1e-8)  # tabular features: standardise per column
-    bundle.train = TensorDataset((xt - mean) / std, yt)
-    bundle.val = TensorDataset((xv - mean) / std, yv)
+    standardise = _standardiser(xt)  # tabular features: per column, from the training rows
+    bundle.train = TensorDataset(standardise(xt), yt)
+    bundle.val = TensorDataset(standardise(xv), yv)
     return bundle
+
+
+def _standardiser(train: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per column: (x - mean) / std of the training rows, as float32. Any finite float64 value
+    stays finite: columns are first divided by their largest magnitude (a sum of values near
+    1e308 would overflow), and a constant column (or a single row) is centred, not divided
+    by zero."""
+    scale = train.abs().amax(0).clamp_min(torch.finfo(torch.float64).tiny)
+    mean = (train / scale).mean(0)
+    std = (train / scale).std(0, correction=0)
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+
+    def standardise(x: torch.Tensor) -> torch.Tensor:
+        z = ((x / scale - mean) / std).clamp(-1e6, 1e6)  # a validation outlier stays finite
+        return z.float()
+    return standardise
 
 
 def _csv_numbers(path: Path, header: list[str], body: list[list[str]]) -> np.ndarray:
@@ -222,6 +269,15 @@ class ImageFolder(Dataset):
         return tensor, label
 
 
+def check_sample_count(n: int, what: str, split: bool = True) -> None:
+    """Refuse a dataset too small to train and validate on, in one line, before any work."""
+    if n == 0:
+        raise LeantrainError(f"{what}: no samples")
+    if split and n < 2:
+        raise LeantrainError(f"{what}: 1 sample; training needs at least 2 (one to train on, "
+                             "one to validate with)")
+
+
 def _scan(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
     return [
         (file, label)
@@ -259,7 +315,10 @@ def image_folder(path: Path, cfg: DataConfig) -> DataBundle:
                              f"{file_b} is {b[0]}x{b[1]}); set data.image_size")
     if split:
         train_items, val_items = items, _scan(path / "val", classes)
+        if not val_items:
+            raise LeantrainError(f"{path / 'val'}: no images in the class subfolders")
     else:
+        check_sample_count(len(items), f"{path}: images")
         train_idx, val_idx = _split(len(items), cfg.val_fraction)
         train_items = [items[i] for i in train_idx.tolist()]
         val_items = [items[i] for i in val_idx.tolist()]

@@ -114,7 +114,7 @@ class Running:
 
     def __init__(self, cfg: TrainConfig, trials: Any):
         run = build(cfg, copy.deepcopy(trials.model), trials.train, trials.val, trials.loss_fn,
-                    measure_loader=False, collate_fn=trials.collate_fn)
+                    measure_loader=False, collate_fn=trials.collate_fn, evaluates=False)
         self.device = run.plan.device
         self.steps = Trainer(run, progress_bar=False).steps()
 

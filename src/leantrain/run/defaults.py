@@ -194,7 +194,8 @@ class _Trials:
         """(samples/s over a window after warm-up, wall seconds of the whole trial)."""
         start = clock.now()
         run = build(self.config(name), copy.deepcopy(self.model), self.train, self.val,
-                    self.loss_fn, measure_loader=False, collate_fn=self.collate_fn)
+                    self.loss_fn, measure_loader=False, collate_fn=self.collate_fn,
+                    evaluates=False)
         steps = Trainer(run, progress_bar=False).steps()
         try:
             step: Callable[[], int] = lambda: next(steps)[0]  # noqa: E731

@@ -34,10 +34,11 @@ import torch
 from torch import nn
 
 from ..data.loaders import LABEL_KEYS, batch_size, labels_of
-from ..errors import LeantrainError, first_line, one_line
+from ..errors import LeantrainError, bounded_repr, first_line, one_line, shorten
 from ..losses import tasks
 from ..losses.outputs import loss_terms, read_output
 from ..losses.tasks import IGNORE_INDEX
+from ..measure.probe import untouched
 from ..techniques.memory_format import to_channels_last
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,23 @@ def metrics(model: nn.Module, loader, step: Step) -> dict[str, float | None]:
             "val_mae": hits.item() / n if name == "mae" else None}
 
 
+def check_evaluation(model: nn.Module, loader, step: Step) -> None:
+    """Evaluate the loader's first batch as `metrics` will (nothing learnt), before anything
+    is written: validation samples of another shape, or that the model cannot take, fail here
+    in one line and not at the first evaluation, after the first epoch."""
+    raw = next(iter(loader.batches()))
+    _checked_call(model, lambda: metrics(model, _OneBatch(raw), step), step.unpack(raw), step,
+                  where="the validation set's first batch")
+
+
+@dataclass
+class _OneBatch:
+    raw: Any
+
+    def batches(self) -> list[Any]:
+        return [self.raw]
+
+
 def evaluate(model: nn.Module, loader, plan, step: Step | None = None
              ) -> tuple[float | None, float]:
     """(accuracy, mean loss) over the loader; the task is inferred from its first batch."""
@@ -237,10 +255,12 @@ def evaluate(model: nn.Module, loader, plan, step: Step | None = None
 
 def check_first_batch(model: nn.Module, loader, step: Step,
                       all_labels: torch.Tensor | None = None) -> tuple[Step, int | None]:
-    """Run one batch (no gradients, weights and statistics untouched) before anything is
-    written, so bad shapes, keys, labels or outputs fail fast with one line. Returns the step
-    with its task (inferred unless set) and whether the model has a loss of its own, and the
-    width of the logits (the number of classes).
+    """Run one batch (no gradients, weights, statistics and random state untouched) before
+    anything is written, so bad shapes, keys, labels or outputs fail fast with one line:
+    in eval mode as evaluation sees it, then in train mode as training does (a BatchNorm
+    given one sample, a model whose training forward returns other outputs). Returns the
+    step with its task (inferred unless set) and whether the model has a loss of its own,
+    and the width of the logits (the number of classes).
 
     `all_labels`: every training label, when the dataset holds them as one tensor (their
     range is checked, not only the first batch's)."""
@@ -251,6 +271,8 @@ def check_first_batch(model: nn.Module, loader, step: Step,
     call = sb.kwargs if step.encoder_decoder else \
         {k: v for k, v in sb.kwargs.items() if k != "labels"}
     logits, own = read_output(_checked_call(model, lambda: model(*sb.args, **call), sb, step))
+    if step.loss_fn is None and own is None:
+        _check_label_type(sb.labels)
     task = step.task if step.task != "auto" else tasks.infer(
         logits, sb.labels, model, "input_ids" in sb.kwargs, own is not None or (
             step.takes_labels and sb.labels is not None), step.encoder_decoder)
@@ -258,44 +280,70 @@ def check_first_batch(model: nn.Module, loader, step: Step,
         labels = all_labels if all_labels is not None and task != "causal-lm" else sb.labels
         _check_class_labels(task, logits, labels)
     checked = replace(step, task=task)
-    labelled = checked.unpack(raw)
+    found = check_loss(model, raw, checked)
+    from . import recovery  # (here: recovery's import of the run state imports this module)
 
-    def with_loss() -> tuple[Any, tuple]:
-        out = model(*labelled.args, **labelled.kwargs)
-        return out, checked.loss_of(out, labelled)
-
-    out, found = _checked_call(model, with_loss, sb, step, "the loss")
-    terms = tuple(loss_terms(out)) if isinstance(out, Mapping) and out.get("loss") is None \
-        else ()
-    checked = replace(checked, own_loss=found[2] is not None, loss_terms=terms)
+    _, out_of_memory = recovery.attempt(lambda: check_loss(model, raw, checked, training=True))
+    if out_of_memory:  # not the data's fault: the loop replays such a step in smaller parts
+        recovery.release(step.device)
+    terms = tuple(loss_terms(found[0])) if isinstance(found[0], Mapping) \
+        and found[0].get("loss") is None else ()
+    checked = replace(checked, own_loss=found[1][2] is not None, loss_terms=terms)
     if terms and step.loss_fn is None:
         log.warning("the model returns no 'loss' but %s: training on their sum",
                     " + ".join(terms))
     return checked, logits.shape[-1] if logits is not None and logits.dim() else None
 
 
+def check_loss(model: nn.Module, raw: Any, step: Step, training: bool = False
+               ) -> tuple[Any, tuple]:
+    """(output, loss_of(output)) for one batch with its labels, in eval or train mode, with
+    nothing learnt (no gradients; statistics and random state restored); a failure is one
+    line naming the batch."""
+    sb = step.unpack(raw)
+    out = _checked_call(model, lambda: model(*sb.args, **sb.kwargs), sb, step, training=training)
+    return out, _checked_call(model, lambda: step.loss_of(out, sb), sb, step, "the loss",
+                              training)
+
+
+def _check_label_type(labels: Any) -> None:
+    """Labels that leantrain's own losses take: a tensor (a list of class names is not)."""
+    if labels is None or isinstance(labels, torch.Tensor):
+        return
+    items = labels if isinstance(labels, (list, tuple)) else [labels]
+    kind = type(items[0]).__name__ if items else "nothing"
+    raise LeantrainError(
+        f"the first batch's labels are a {type(labels).__name__} of {kind} (e.g. "
+        f"{bounded_repr(items[0] if items else labels, 40)}); labels must be numbers: map "
+        "class names to 0..classes-1 in the dataset, or give a loss that takes them")
+
+
 def _checked_call(model: nn.Module, call: Callable[[], Any], sb: StepBatch, step: Step,
-                  what: str = "the model") -> Any:
-    """`call()` in eval mode without gradients (weights and statistics untouched); any
-    failure becomes one line naming the batch."""
-    was_training = model.training
-    model.eval()
+                  what: str = "the model", training: bool = False, where: str = "") -> Any:
+    """`call()` without gradients, in eval mode (or train mode), with the weights, buffers
+    (BatchNorm statistics) and random state as they were; any failure becomes one line
+    naming the batch."""
     try:
-        with torch.no_grad(), step.autocast():
+        with untouched(model), torch.no_grad(), step.autocast():
+            model.train(training)
             return call()
     except LeantrainError:
         raise
     except Exception as exc:
+        if training and isinstance(exc, torch.OutOfMemoryError):
+            raise
         if sb.kwargs:
             shown = "input batch with " + ", ".join(f"{k} {_shape(v)}" for k, v in
                                                     sb.kwargs.items())
         else:
             shown = "input batch of shape " + ", ".join(str(_shape(a)) for a in sb.args)
         verb = "cannot run on the data" if what == "the model" else "has a loss that fails"
-        raise LeantrainError(f"the model {verb}: {shown} failed with "
-                             f"{one_line(exc)}") from exc
-    finally:
-        model.train(was_training)
+        mode = " in training mode" if training else ""
+        prefix = f"{where}: " if where else ""
+        hint = "; lower data.batch_size or data.eval_batch_size" \
+            if isinstance(exc, torch.OutOfMemoryError) else ""
+        raise LeantrainError(f"{prefix}the model {verb}{mode}: {shown} failed with "
+                             f"{shorten(one_line(exc), 160)}{hint}") from exc
 
 
 @contextlib.contextmanager
