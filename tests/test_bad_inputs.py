@@ -208,6 +208,22 @@ def test_csv_values_that_are_not_finite_numbers_name_line_and_column(tmp_path, c
     assert not out.exists()
 
 
+@pytest.mark.parametrize("rows", [
+    [f"{1.7e308 if i % 2 else -1.7e308},{i},{i % 2}" for i in range(40)],  # sums overflow
+    ["3,1,0", "5,2,1"],  # one training row: its std is 0 (or NaN, unbiased)
+])
+def test_finite_csv_values_stay_finite_once_standardised(tmp_path, rows):
+    from leantrain.config import DataConfig
+    from leantrain.data.sources import csv_table
+
+    bundle = csv_table(_csv(tmp_path / "t.csv", rows), DataConfig())
+    for part in (bundle.train, bundle.val):
+        assert torch.isfinite(part.tensors[0]).all()
+    if len(rows) > 2:  # the sign still tells the class apart
+        x, y = bundle.train.tensors
+        assert torch.equal(x[:, 0] > 0, y.bool())
+
+
 @pytest.mark.parametrize("arrays, fragment", [
     ({"x": np.full((30, 4), np.nan, dtype=np.float32), "y": np.zeros(30, int)},
      "'x' of sample 0 at position (0,) is nan"),
