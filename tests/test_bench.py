@@ -92,6 +92,35 @@ def test_budget_is_respected_within_ten_percent(fake_clock):
     assert compile_trial.status == "skipped" and "budget" in compile_trial.reason
 
 
+def test_the_budget_counts_from_the_commands_start_and_keeps_time_to_write(fake_clock):
+    budget, start_up = 8.0, 3.0
+    fake_clock.advance(start_up)  # the command's imports, data and model, before the bench
+    result = run_bench(ticking_mlp(fake_clock), tabular_bundle(), small_cfg(), budget_s=budget,
+                       started=0.0)
+    assert result.elapsed_s >= start_up  # the report's time is the user's stopwatch's
+    assert fake_clock.t <= budget - search.WRITE_RESERVE_S + 0.1 * budget
+
+
+def test_the_command_line_budget_starts_with_the_process(fake_clock, monkeypatch, tmp_path):
+    """`leantrain bench` run as a command counts its interpreter's start-up; a call of
+    `main([...])` in a running process counts from the call."""
+    from leantrain.measure import clock
+
+    seen = []
+
+    def stop(*args, started=None, **kwargs):
+        seen.append(started)
+        raise LeantrainError("stopped by the test")
+
+    monkeypatch.setattr(search, "run_bench", stop)
+    monkeypatch.setattr(clock, "process_age", lambda: 4.5)
+    fake_clock.advance(100.0)
+    argv = ["bench", "--budget-s", "9", "--out", str(tmp_path / "bench"), "--no-progress"]
+    monkeypatch.setattr("sys.argv", ["leantrain", *argv])
+    assert main() == 2 and main(argv) == 2
+    assert seen == [95.5, 100.0]
+
+
 def test_every_technique_is_listed_with_a_status_or_a_reason(fake_clock):
     result = run_bench(ticking_mlp(fake_clock), tabular_bundle(), small_cfg(), budget_s=5,
                        tune_batch_size=False)

@@ -71,7 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI. With no `argv` it is this process's command (argv from the command line):
+    a budget then counts from the process's start, imports included, as a stopwatch does;
+    an in-process call counts from the call."""
+    from .measure.clock import now, process_age
+
+    started = now() - (process_age() if argv is None else 0.0)
     args = build_parser().parse_args(argv)
+    args.started = started
     try:
         from .commands.common import session
 

@@ -60,6 +60,8 @@ ROUNDS = 5  # each trial is measured in this many interleaved rounds
 # samples/s inside one trial.
 NOISY_CV = 0.20
 FINAL_CHECK_ROUNDS = MIN_ROUNDS  # rounds of the winner against the default plan, at least
+# kept back for writing bench.json, the chart and the plans after the last trial
+WRITE_RESERVE_S = 2.0
 # The bench moves the batch by one doubling at most: the LR scaling rule is an approximation
 # that holds near the batch the user tuned, and a bigger batch means fewer optimizer steps in
 # the same epochs, which can leave a fixed-epoch run short of its accuracy.
@@ -149,11 +151,11 @@ class _Bench:
     """The state of one bench run: clock, budget, and trials so far."""
 
     def __init__(self, build_model: Callable[[], nn.Module], bundle: DataBundle,
-                 cfg: TrainConfig, budget_s: float, loss_tol: float):
+                 cfg: TrainConfig, budget_s: float, loss_tol: float, started: float):
         self.build_model, self.bundle, self.cfg = build_model, bundle, cfg
-        self.budget_s, self.loss_tol = budget_s, loss_tol
+        self.budget_s, self.loss_tol = budget_s - WRITE_RESERVE_S, loss_tol
         self.base = baseline_overrides(cfg)
-        self.start = clock.now()
+        self.start = started
         self.trials: list[TrialResult] = []
         self.round_seconds: list[float] = []  # wall time of each measured (non-compile) round
         self.compile_seconds: list[float] = []
@@ -322,17 +324,20 @@ def check_arguments(budget_s: float, loss_tol: float) -> None:
 
 
 def run_bench(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
-              budget_s: float, loss_tol: float = LOSSY_TOL, tune_batch_size: bool = True
-              ) -> BenchResult:
+              budget_s: float, loss_tol: float = LOSSY_TOL, tune_batch_size: bool = True,
+              started: float | None = None) -> BenchResult:
     """Measure the baseline, each technique alone, then combinations; pick the winner.
 
     With `tune_batch_size`, the batch-size finder then runs under the winning plan; a faster
     size (with its learning rate scaled by the stated rule) becomes the winner.
     `build_model()` must return the same initial weights on every call (seed inside it).
+    The budget counts from `started` (on `clock.now()`; default: now): the command's start,
+    its loading included, and it keeps back the seconds that writing the results takes.
     """
     check_arguments(budget_s, loss_tol)
     with LoadWatch() as watch:
-        result = _run(build_model, bundle, cfg, budget_s, loss_tol, tune_batch_size)
+        result = _run(build_model, bundle, cfg, budget_s, loss_tol, tune_batch_size,
+                      clock.now() if started is None else started)
     result.load = watch.reading.to_dict()
     if watch.reading.busy:
         log.warning(watch.reading.describe())
@@ -340,8 +345,8 @@ def run_bench(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Tra
 
 
 def _run(build_model, bundle: DataBundle, cfg: TrainConfig, budget_s: float, loss_tol: float,
-         tune_batch_size: bool) -> BenchResult:
-    bench = _Bench(build_model, bundle, cfg, budget_s, loss_tol)
+         tune_batch_size: bool, started: float) -> BenchResult:
+    bench = _Bench(build_model, bundle, cfg, budget_s, loss_tol, started)
     variants, notes = technique_variants()
     first = bench.measure([[]] + [[v] for v in variants])
     baseline = first[0]

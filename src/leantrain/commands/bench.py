@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, dist) -> int:
     check_arguments(args.budget_s, args.loss_tol)  # before the data and the model load
     cfg, out, bundle, builder = common.load_inputs(args, "bench")
     result = run_bench(builder, bundle, cfg, args.budget_s, args.loss_tol,
-                       tune_batch_size=not args.keep_batch_size)
+                       tune_batch_size=not args.keep_batch_size, started=args.started)
     apply_to = Path(args.apply) if args.apply else None
     write_bench(result, out, apply_to)
     print(format_bench(result))

@@ -14,3 +14,11 @@ import time
 def now() -> float:
     """Seconds on a monotonic clock (`time.perf_counter`)."""
     return time.perf_counter()
+
+
+def process_age() -> float:
+    """Seconds since this process started (its interpreter, imports, data and model loading
+    included): a command's budget counts them too, as the user's stopwatch does."""
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..errors import LeantrainError, one_line
+from ..measure.clock import process_age
 from .objective import Objective
 from .space import Param, trial_config
 
@@ -61,9 +62,7 @@ class StudySpec:
 def process_start() -> float:
     """When this process started, on the monotonic clock: a worker's budget counts its
     interpreter, torch and data start-up too."""
-    import psutil
-
-    return time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
+    return time.monotonic() - process_age()
 
 
 @functools.cache
