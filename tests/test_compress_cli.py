@@ -257,3 +257,32 @@ def test_a_harmful_stage_leaves_the_report_and_no_model_unless_asked(trained, tm
     kept = tmp_path / "kept"
     assert main([*args, "--keep-harmful", "--out", str(kept)]) == 0
     assert (kept / "model.pt").exists()
+
+
+def test_a_head_used_only_by_the_loss_is_pruned_with_the_rest_and_still_trains(tmp_path,
+                                                                               monkeypatch):
+    """examples/named_losses.py: an auxiliary head that only the loss terms read (the model
+    computes them when given labels). Traced without labels, the head was left out of the
+    graph: its input was pruned, its weight was not, and fine-tuning failed."""
+    from pathlib import Path
+
+    examples = Path(__file__).parents[1] / "examples"
+    monkeypatch.syspath_prepend(str(examples))
+    from named_losses import TwoTerms
+
+    source = ["--model", "named_losses:model", "--data", "named_losses:data", "--set",
+              "optim.lr=3e-2", "--set", "train.monitor_interval_s=0", "--no-progress"]
+    run = tmp_path / "run"
+    assert main(["train", *source, "--epochs", "8", "--out", str(run)]) == 0
+    out = tmp_path / "small"
+    assert main(["compress", *source, "--checkpoint", str(run), "--prune", "0.5",
+                 "--finetune-epochs", "2", "--keep-harmful", "--out", str(out)]) == 0
+    before, after = json.loads((out / "report.json").read_text())["stages"]
+    assert after["parameters"] < before["parameters"]
+    assert before["val_accuracy"] > 0.8
+    assert after["val_accuracy"] > 0.7  # it still tells its classes apart
+    model = load_pruned(TwoTerms(), out / "model.pt")
+    assert model.aux.in_features == model.classes.in_features < 32
+    x = torch.randn(4, 8)
+    found = model(x, labels=torch.zeros(4, dtype=torch.long))
+    assert found["logits"].shape == (4, 3) and torch.isfinite(found["loss_aux"])

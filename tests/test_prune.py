@@ -125,3 +125,32 @@ def test_loading_a_pruned_file_into_another_architecture_is_a_clear_error(tmp_pa
     save_pruned(model, tmp_path / "p.pt")
     with pytest.raises(LeantrainError, match="has no place in this model|does not fit"):
         load_pruned(nn.Sequential(nn.Linear(4, 2)), tmp_path / "p.pt")
+
+
+class _TwoOutputs(nn.Module):
+    """Class scores, a regression value from a second head, and a penalty on the hidden layer:
+    every layer an output reads first keeps its width (a penalty's layer too: pruning is
+    conservative there), the layers before them are pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.classes, self.value = nn.Linear(32, 3), nn.Linear(32, 1)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"logits": self.classes(h), "value": self.value(h).squeeze(-1),
+                "penalty": h.pow(2).mean()}
+
+
+def test_every_output_head_is_found_and_kept_while_the_layers_before_them_shrink():
+    from leantrain.compress.prune import output_heads
+
+    model = _TwoOutputs()
+    found = {id(m) for m in output_heads(model, torch.randn(2, 8))}
+    assert found == {id(model.classes), id(model.value), id(model.body[2])}
+    prune_channels(model.eval(), torch.randn(1, 8), 0.5)
+    assert (model.classes.out_features, model.value.out_features) == (3, 1)
+    assert model.body[0].out_features == model.body[2].in_features < 32
+    out = model(torch.randn(4, 8))
+    assert out["logits"].shape == (4, 3) and out["value"].shape == (4,)

@@ -133,6 +133,22 @@ def probe(model, bundle) -> tuple[Any, bool]:
     return common.sample_inputs(bundle), has_conv2d(model)
 
 
+def traced_inputs(model, bundle) -> Any:
+    """One validation sample as training calls the model: a dict sample keeps its labels when
+    the forward takes them, so a head that only the loss terms read (computed when labels
+    are given) is in the graph pruning traces, and is resized with the layers it reads."""
+    import torch
+
+    from ..data.loaders import labels_of
+    from ..run.step import forward_keys
+
+    inputs, sample = common.sample_inputs(bundle), bundle.val[0]
+    labels = labels_of(sample) if isinstance(sample, dict) else None
+    if labels is None or not forward_keys(model)[1]:
+        return inputs
+    return {**inputs, "labels": torch.as_tensor(labels)}
+
+
 def measure_stage(name: str, model, bundle, note: str = "") -> dict[str, Any]:
     import torch
 
@@ -202,7 +218,7 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
     if args.prune is not None:
         before = copy.deepcopy(model)
         if args.prune_method == "structured":
-            example = batch_of(probe(model, bundle)[0], 1)
+            example = batch_of(traced_inputs(model, bundle), 1)
             prune_channels(model.eval(), example, args.prune, steps=2, finetune=finetune)
             note = f"{args.prune:.0%} of channels removed in 2 steps, fine-tuned after each"
         else:

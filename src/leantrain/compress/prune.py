@@ -16,7 +16,7 @@ weights-only.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +169,9 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
     if heads:  # a transformer: whole heads and MLP channels go, the residual stream stays
         extra = {"num_heads": attention.num_heads(heads), "prune_num_heads": True,
                  "prune_head_dims": False, "head_pruning_ratio": ratio}
-    ignored = [keep, *attention.residual_writers(model, found),
-               *(a.projections[0] for a in fused)] if found else [keep]
+    outputs = [keep, *(h for h in output_heads(model, example_inputs) if h is not keep)]
+    ignored = [*outputs, *attention.residual_writers(model, found),
+               *(a.projections[0] for a in fused)] if found else outputs
     config = getattr(model, "config", None)
     cached = getattr(config, "use_cache", None)
     if cached:  # a KV cache concatenates keys of unknown width: the graph cannot be traced
@@ -249,9 +250,56 @@ def _gradients(model: nn.Module, gradient_batches) -> None:
         nn.functional.cross_entropy(model(x), y).backward()
 
 
-def _logits(out: Any) -> torch.Tensor:
-    """The tensor the dependency graph is traced from: a ModelOutput's logits, else `out`."""
-    return out.logits if hasattr(out, "logits") else out
+def _logits(out: Any) -> Any:
+    """What the dependency graph is traced from: a ModelOutput's logits, else every tensor
+    the model returned (a custom model's loss terms too, so a head only they read is in the
+    graph), a 0-d one as a 1x1 (the graph counts an output's channels along dim 1)."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, torch.Tensor):
+        return out.reshape(1, 1) if out.dim() == 0 else out
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    return [_logits(o) for o in out] if isinstance(out, (tuple, list)) else out
+
+
+def output_heads(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
+    """The prunable layers that the model's outputs read first, found by walking each
+    output's autograd graph back: their outputs are what the model returns (the classes, a
+    regression value, an auxiliary head that only a loss term reads), so their width stays."""
+    made: dict[Any, nn.Module] = {}
+
+    def record(module: nn.Module, _inputs: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            made.setdefault(out.grad_fn, module)
+
+    hooks = [m.register_forward_hook(record) for _, m in prunable(model)]
+    try:
+        with torch.enable_grad():
+            out = model(**example_inputs) if isinstance(example_inputs, Mapping) \
+                else model(example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    found, seen = [], set()
+    stack = [t.grad_fn for t in _flat(_logits(out)) if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        if fn in made:
+            if made[fn] not in found:
+                found.append(made[fn])
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    return found
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _flat(o)] if isinstance(out, (tuple, list)) else []
 
 
 def channel_counts(model: nn.Module) -> dict[str, int]:
