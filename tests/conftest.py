@@ -1,9 +1,15 @@
 import logging
+import os
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+
+# The commands tests start as processes keep torch's default threads (a command from the
+# command line fits them to the cores others leave free): a run and its resume then compute
+# alike on a loaded machine. tests/test_measure.py tests the fitting itself.
+os.environ["LEANTRAIN_FIT_THREADS"] = "0"
 
 
 @pytest.fixture(autouse=True)

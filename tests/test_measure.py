@@ -241,6 +241,57 @@ def test_the_share_of_the_cores_other_processes_used_comes_from_two_snapshots():
     assert between(Snapshot(0.0, 0.0, 0.0, 16, 16), Snapshot(10.0, 10.0, 0.0, 16, 16)).busy
 
 
+def test_a_neighbour_on_a_quarter_of_the_cores_flags_busy_even_with_threads_fitted():
+    from leantrain.measure.load import Snapshot, between
+
+    # 2 cores, a neighbour on one of them, torch already down to 1 thread: not oversubscribed,
+    # but the machine is shared (caches, memory bandwidth): still busy
+    fitted = between(Snapshot(0.0, 0.0, 0.0, 2, 1), Snapshot(10.0, 10.0, 0.0, 2, 1))
+    assert not fitted.oversubscribed and fitted.busy
+    assert "(1 torch thread)" in fitted.describe()
+    crowded = between(Snapshot(0.0, 0.0, 0.0, 2, 2), Snapshot(10.0, 10.0, 0.0, 2, 2))
+    assert "2 torch threads on ~1.0 free cores: oversubscribed, set OMP_NUM_THREADS=1" in \
+        crowded.describe()
+
+
+@pytest.mark.parametrize("neighbours, cores, threads, expected", [
+    (1.0, 2, 2, 1),  # a hog on one of 2 cores: one thread, on the free core
+    (0.05, 2, 2, None),  # quiet: torch's default
+    (3.0, 16, 16, 13),
+    (2.0, 2, 2, 1),  # nothing free: still one thread
+    (1.0, 16, 8, None),  # enough free cores for every thread
+])
+def test_torch_threads_are_fitted_to_the_cores_others_leave_free(monkeypatch, neighbours,
+                                                                 cores, threads, expected):
+    from leantrain.measure import load
+
+    readings = iter([load.Snapshot(0.0, 0.0, 0.0, cores, threads),
+                     load.Snapshot(1.0, neighbours, 0.0, cores, threads)])
+    monkeypatch.setattr(load, "snapshot", lambda: next(readings))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LEANTRAIN_FIT_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        said = load.fit_threads(sample_s=0.0)
+        if expected is None:
+            assert said is None and torch.get_num_threads() == before
+        else:
+            assert torch.get_num_threads() == expected
+            assert f"torch runs {expected} thread" in said and f"instead of {threads}" in said
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("variable, value", [("OMP_NUM_THREADS", "2"),
+                                             ("LEANTRAIN_FIT_THREADS", "0")])
+def test_threads_the_user_chose_are_kept(monkeypatch, variable, value):
+    from leantrain.measure import load
+
+    monkeypatch.setattr(load, "snapshot", lambda: pytest.fail("no reading is taken"))
+    monkeypatch.setenv(variable, value)
+    assert load.fit_threads(sample_s=0.0) is None
+
+
 @pytest.mark.slow
 def test_a_cpu_heavy_neighbour_is_seen_as_other_processes_load():
     import os
@@ -277,3 +328,17 @@ def test_a_paired_speed_up_comes_from_interleaved_rounds_with_an_interval(fake_c
     assert found["ratio"] == pytest.approx(4.0) and found["interval"] == pytest.approx([4, 4])
     assert found["rounds"] == 5 and found["model_ms"] == pytest.approx(1.0)
     assert paired_speedup(fast, slow, torch.randn(4), 8, rounds=2)["interval"] is None
+
+
+def test_only_a_command_started_from_the_command_line_fits_threads(monkeypatch, tmp_path):
+    """A user's process calling main([...]) (or fit) owns its threads; `leantrain ...` from a
+    shell is a process of its own."""
+    from leantrain.cli import main
+    from leantrain.measure import load
+
+    calls = []
+    monkeypatch.setattr(load, "fit_threads", lambda: calls.append(1) or None)
+    argv = ["train", "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "r")]
+    assert main(argv) == 2 and calls == []
+    monkeypatch.setattr("sys.argv", ["leantrain", *argv])
+    assert main() == 2 and calls == [1]

@@ -280,10 +280,13 @@ def load_weights(model, checkpoint: str | Path, role: str = ""):
 
 
 @contextmanager
-def session(debug: bool) -> Iterator[object]:
-    """The process around a command: logging (rank 0 reports progress), and under torchrun a
-    rank that dies with its launcher and leaves the process group when done."""
+def session(debug: bool, own_process: bool = False) -> Iterator[object]:
+    """The process around a command: logging (rank 0 reports progress), under torchrun a rank
+    that dies with its launcher and leaves the process group when done, and, when the command
+    is this process's own (`own_process`: started from the command line, one process),
+    torch's threads fitted to the cores other processes leave free."""
     from ..distributed import DistContext, die_with_launcher, teardown
+    from ..measure.load import fit_threads
 
     dist = DistContext.from_env()
     logging.basicConfig(level=logging.DEBUG if debug else
@@ -291,6 +294,8 @@ def session(debug: bool) -> Iterator[object]:
                         format="%(levelname)s %(name)s: %(message)s")
     if dist.active:
         die_with_launcher()
+    elif own_process and (fitted := fit_threads()):
+        log.warning(fitted)
     succeeded = False
     try:
         yield dist

@@ -6,8 +6,15 @@ machine's busy CPU time and of this process's own (its live children included) g
 of all cores' time that *other* processes used meanwhile. A VM's steal time (the host taking
 cores back) counts as others'. When the cores the others left free are fewer than torch's
 threads (by more than OVERSUBSCRIBED cores), torch's threads were oversubscribed: the slowest
-thread sets an op's time, so one neighbour slows every step. The measurement is then flagged
-busy, in the JSON and the printed report: its figures are noisier than a quiet machine's.
+thread sets an op's time, so one neighbour slows every step. A measurement is flagged busy
+when they were, or when others used BUSY_SHARE of the cores or more (caches and memory
+bandwidth are shared even when the threads are not), in the JSON and the printed report: its
+figures are noisier than a quiet machine's.
+
+A command started from the command line fits torch's threads to the cores others leave free
+(`fit_threads`): under one CPU hog on 2 cores, 1 thread stepped a tiny BERT 3.9x faster than 2
+(benchmarks/busy.py). An explicit OMP_NUM_THREADS is the user's choice and is kept;
+LEANTRAIN_FIT_THREADS=0 keeps torch's default.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import torch
 from . import clock
 
 OVERSUBSCRIBED = 0.5  # cores short of one per torch thread, on average, that count as busy
+BUSY_SHARE = 0.25  # of all cores' time used by others: a shared machine, threads fitted or not
+FIT_SAMPLE_S = 0.25  # how long a command watches the cores before fitting its threads
 
 
 @dataclass(frozen=True)
@@ -39,14 +48,24 @@ class LoadReading:
     seconds: float
 
     @property
+    def free_cores(self) -> float:
+        return self.cores * (1 - self.others_share)
+
+    @property
+    def oversubscribed(self) -> bool:
+        return self.free_cores < self.threads - OVERSUBSCRIBED
+
+    @property
     def busy(self) -> bool:
-        free = self.cores * (1 - self.others_share)
-        return free < self.threads - OVERSUBSCRIBED
+        return self.oversubscribed or self.others_share >= BUSY_SHARE
 
     def describe(self) -> str:
         state = "BUSY" if self.busy else "quiet"
+        threads = f"{self.threads} torch thread{'s' if self.threads > 1 else ''}"
+        how = (f"{threads} on ~{self.free_cores:.1f} free cores: oversubscribed, set "
+               f"OMP_NUM_THREADS={fitted_threads(self)}" if self.oversubscribed else threads)
         return (f"machine {state}: other processes used {self.others_share:.0%} of the "
-                f"{self.cores} cores' time while timing ({self.threads} torch threads)"
+                f"{self.cores} cores' time while timing ({how})"
                 + ("; figures are noisier than on a quiet machine, re-run there to rely on "
                    "them" if self.busy else ""))
 
@@ -98,3 +117,29 @@ class LoadWatch:
 
     def __exit__(self, *exc) -> None:
         self.reading = between(self.start, snapshot())
+
+
+def fitted_threads(reading: LoadReading) -> int:
+    """One torch thread per core the others left free (at least one)."""
+    return max(1, int(reading.free_cores + 0.5))
+
+
+def fit_threads(sample_s: float = FIT_SAMPLE_S) -> str | None:
+    """Watch the cores for `sample_s` while idle, and when torch's threads outnumber the free
+    ones, run one per free core. Returns what was done, for the log (None: nothing)."""
+    import os
+    import time
+
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("LEANTRAIN_FIT_THREADS") == "0":
+        return None  # the user's (or the launcher's) choice
+    with LoadWatch() as watch:
+        time.sleep(sample_s)
+    reading = watch.reading
+    if not reading.oversubscribed:
+        return None
+    fitted = fitted_threads(reading)
+    torch.set_num_threads(fitted)
+    return (f"other processes use {reading.others_share:.0%} of the {reading.cores} cores: "
+            f"torch runs {fitted} thread{'s' if fitted > 1 else ''} instead of "
+            f"{reading.threads}, so that none waits on a busy core (set OMP_NUM_THREADS to "
+            "choose)")
