@@ -53,6 +53,8 @@ RESULTS = Path(__file__).parent / "results" / "peers.json"
 LONG_RESULTS = RESULTS.with_name("peers_long.json")
 MODELS = ["gpt2-causal-lm", "bert-classifier", "cnn-sgd"]
 TRAINERS = ["plain", "lightning", "accelerate", "leantrain"]
+if torch.cuda.is_available():  # what a GPU user of Lightning sets: bf16 autocast
+    TRAINERS.insert(2, "lightning-bf16")
 MIN_STEPS = 300
 
 
@@ -145,6 +147,7 @@ def _leantrain(case, train, val, collate, epochs: int, extra: tuple[str, ...] = 
 
 
 RUNNERS = {"plain": _plain, "accelerate": _accelerate, "lightning": _lightning,
+           "lightning-bf16": functools.partial(_lightning, precision="bf16-mixed"),
            "leantrain": _leantrain,
            # --long: validation every 100 epochs of the tiny BERT's 8 steps
            "leantrain-long": functools.partial(_leantrain, extra=("train.eval_every_epochs=100",)),
