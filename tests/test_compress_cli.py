@@ -30,6 +30,7 @@ def test_compress_prunes_reports_each_stage_and_saves_a_reloadable_model(trained
         "file_bytes"]
     assert all(s["latency_b1_ms"] > 0 and s["latency_b64_ms"] > 0 for s in report["stages"])
     assert (out / "report.png").stat().st_size > 0
+    assert 0 <= report["load"]["others_share"] <= 1  # what else ran while stages were timed
     model = load_pruned(SmallCNN(1, 10), out / "model.pt").eval()
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
 
@@ -286,3 +287,26 @@ def test_a_head_used_only_by_the_loss_is_pruned_with_the_rest_and_still_trains(t
     x = torch.randn(4, 8)
     found = model(x, labels=torch.zeros(4, dtype=torch.long))
     assert found["logits"].shape == (4, 3) and torch.isfinite(found["loss_aux"])
+
+
+def test_a_gqa_llama_is_refused_in_one_line_before_any_stage_is_measured(tmp_path, monkeypatch,
+                                                                         capsys):
+    from pathlib import Path
+
+    from leantrain.commands import compress
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
+    source = ["--model", "hf_padded_causal_lm:model", "--data", "hf_padded_causal_lm:data",
+              "--set", "train.monitor_interval_s=0", "--no-progress"]
+    run = tmp_path / "run"
+    assert main(["train", *source, "--epochs", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(compress, "measure_stage",
+                        lambda *a, **k: pytest.fail("a stage was measured before the refusal"))
+    out = tmp_path / "small"
+    assert main(["compress", *source, "--checkpoint", str(run), "--prune", "0.5",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "grouped-query attention (2 query heads per key/value head)" in err[-1]
+    assert len(err[-1]) < 300 and not any("Traceback" in line for line in err)
+    assert not out.exists()

@@ -342,3 +342,85 @@ def test_only_a_command_started_from_the_command_line_fits_threads(monkeypatch, 
     assert main(argv) == 2 and calls == []
     monkeypatch.setattr("sys.argv", ["leantrain", *argv])
     assert main() == 2 and calls == [1]
+
+
+class _FakeNvml:
+    """pynvml's per-process utilisation samples, as the driver would give them."""
+
+    class NVMLError_NotFound(Exception):  # noqa: N801 (pynvml's name)
+        pass
+
+    def __init__(self, samples):
+        self.samples, self.asked = samples, []
+
+    def nvmlDeviceGetProcessUtilization(self, handle, since_us):  # noqa: N802
+        self.asked.append(since_us)
+        if not self.samples:
+            raise self.NVMLError_NotFound()
+        return self.samples
+
+
+def _sample(pid, sm, at):
+    import types
+
+    return types.SimpleNamespace(pid=pid, smUtil=sm, timeStamp=at)
+
+
+def test_other_processes_on_the_gpu_in_use_are_read_from_nvml_and_flag_busy(monkeypatch):
+    import os
+
+    from leantrain.measure import load
+
+    me = os.getpid()
+    nvml = _FakeNvml([_sample(me, 90, 2_000), _sample(4242, 30, 2_000), _sample(4242, 50, 3_000),
+                      _sample(777, 20, 900)])  # 777's sample is from before the watch began
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(load, "nvml_handle", lambda index: (nvml, "handle"))
+    assert load.gpu_others_percent(1_000) == pytest.approx(40.0)  # 4242's mean; ours left out
+    reading = load.LoadReading(0.0, 2, 2, 1.0, load.gpu_others_percent(1_000))
+    assert reading.busy and not reading.oversubscribed
+    assert "kept the GPU's SMs busy 40% of the time" in reading.describe()
+    assert load.LoadReading.from_dict(reading.to_dict()) == reading
+    nvml.samples = []  # nobody ran since: NVML says "not found"
+    assert load.gpu_others_percent(5_000) == 0.0
+    assert not load.LoadReading(0.0, 2, 2, 1.0, 0.0).busy
+
+
+def test_a_cpu_run_reads_no_gpu_and_never_initialises_cuda(monkeypatch):
+    from leantrain.measure import load
+
+    monkeypatch.setattr(load, "nvml_handle", lambda index: pytest.fail("NVML was asked"))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert load.gpu_others_percent(0) is None
+    with load.LoadWatch() as watch:
+        pass
+    assert watch.reading.gpu_others_percent is None
+
+
+def test_a_run_on_a_busy_machine_says_so_in_its_summary(monkeypatch):
+    import itertools
+
+    from conftest import blobs, mlp
+    from torch.utils.data import TensorDataset
+
+    from leantrain import fit, load_config
+    from leantrain.measure import load
+    from leantrain.measure.report import format_summary
+
+    ticks = itertools.count()  # every reading: the machine busy on 1 of 2 cores, not by us
+
+    def busy_snapshot():
+        t = float(next(ticks))
+        return load.Snapshot(t, t, 0.0, 2, 2)
+
+    monkeypatch.setattr(load, "snapshot", busy_snapshot)
+    x, y = blobs(120)
+    cfg = load_config(None, ["plan.device=cpu", "train.epochs=1", "train.monitor_interval_s=0"])
+    summary = fit(mlp(), TensorDataset(x[:100], y[:100]), TensorDataset(x[100:], y[100:]), cfg,
+                  progress_bar=False)
+    assert summary["load"]["busy"] and summary["load"]["others_share"] == pytest.approx(0.5)
+    assert "machine BUSY: other processes used 50% of the 2 cores" in format_summary(summary)
+    summary["load"] = {**summary["load"], "others_share": 0.0, "busy": False}
+    assert "machine BUSY" not in format_summary(summary)

@@ -129,9 +129,11 @@ def test_doctor_and_find_batch_size_print_the_estimate(tmp_path, capsys):
     assert "memory estimate (one probe step, micro-batch 64)" in printed
     report = json.loads((tmp_path / "doctor" / "doctor.json").read_text())
     assert report["memory"]["peak_bytes"] > 0 and report["memory"]["fits"] is True
+    assert 0 <= report["load"]["others_share"] <= 1  # what else used the machine meanwhile
     assert main(["find-batch-size", "--epochs", "1", "--max-size", "128",
                  "--out", str(tmp_path / "sizes")]) == 0
     printed = capsys.readouterr().out
     assert "memory estimate" in printed and "estimated peak at the recommended batch" in printed
     saved = json.loads((tmp_path / "sizes" / "batch_size.json").read_text())
     assert saved["memory"]["micro_batch"] == 64
+    assert 0 <= saved["load"]["others_share"] <= 1

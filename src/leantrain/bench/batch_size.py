@@ -65,6 +65,7 @@ class BatchSizeResult:
     notes: list[str] = field(default_factory=list)
     memory: MemoryEstimate | None = None  # the estimate at the starting size, when asked
     trials: dict[int, TrialResult] = field(default_factory=dict, repr=False)  # the comparison
+    load: dict[str, Any] | None = None  # what else used the machine while it timed
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

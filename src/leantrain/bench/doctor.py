@@ -22,6 +22,7 @@ from ..data import DataBundle
 from ..data.loaders import data_wait_advice
 from ..env import bf16_supported, compiler_available, machine_facts
 from ..measure.compile_watch import break_even_steps, describe
+from ..measure.load import busy_line
 from ..measure.profile import profile_steps
 from ..measure.timing import DATA_WAIT_WARNING, timed_window
 from ..run import summary
@@ -232,4 +233,7 @@ def format_doctor(report: dict[str, Any]) -> str:
     lines += [f"  {i}. {r['text']}" for i, r in enumerate(report["recommendations"], 1)] or \
         ["  none: nothing stands out"]
     lines.append("  `leantrain bench` measures every technique on this model")
+    busy = busy_line(report.get("load"))
+    if busy:
+        lines.append(busy)
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import yaml
 from ..checkpoint import atomic_write_text
 from ..config import PLAN_FILE_KEYS, merge, read_plan_file
 from ..measure.compile_watch import describe
-from ..measure.load import LoadReading
+from ..measure.load import LoadReading, busy_line
 from ..measure.plots import bar_panels, curve
 from ..measure.report import human_bytes
 from ..measure.rounds import MIN_ROUNDS
@@ -186,7 +186,8 @@ def format_batch_sizes(sizes: BatchSizeResult) -> str:
         lines += ["", *format_estimate(est.to_dict()),
                   f"  estimated peak at the recommended batch {sizes.recommended}: "
                   f"{human_bytes(est.peak_at(sizes.recommended))}"]
-    return "\n".join(lines)
+    busy = busy_line(sizes.load)
+    return "\n".join(lines + ([busy] if busy else []))
 
 
 def write_batch_sizes(sizes: BatchSizeResult, out_dir: Path, apply_to: Path | None) -> None:

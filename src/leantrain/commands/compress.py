@@ -182,18 +182,28 @@ def measure_stage(name: str, model, bundle, note: str = "") -> dict[str, Any]:
 def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
                     progress_bar: bool = True) -> dict[str, Any]:
     from ..checkpoint import atomic_write_text
-    from ..compress.prune import finalize, prune_channels, prune_unstructured, save_pruned
+    from ..compress.prune import (
+        check_structured,
+        finalize,
+        prune_channels,
+        prune_unstructured,
+        save_pruned,
+    )
     from ..compress.quantize import save_static
     from ..compress.separable import to_separable
     from ..compress.verdict import HARMFUL, judge_all
     from ..config import config_from_dict, merge
     from ..measure.latency import batch_of
+    from ..measure.load import LoadWatch
     from ..measure.plots import bar_panels
     from ..run.fit import fit
     from ..run.summary import MODEL_NAME
 
     if args.quantize == STATIC_METHOD:
         check_static(bundle)  # before any stage trains
+    if args.prune is not None and args.prune_method == "structured":
+        check_structured(model)  # an attention layout it cannot prune: before any measuring
+    load = LoadWatch().__enter__()  # read at the verdicts: what else ran while they timed
     stages = [measure_stage("trained", model, bundle)]
     tune_cfg = config_from_dict(merge(cfg.to_dict(), {
         "train": {"epochs": args.finetune_epochs, "monitor_interval_s": 0},
@@ -236,7 +246,8 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
         model, stage = quantize_linear_stage(model, bundle, stages[-1], args.quantize)
         stages.append(stage)
     judge_all(stages, args.max_drop)
-    report = {"stages": stages, "args": args.__dict__,
+    load.__exit__()
+    report = {"stages": stages, "args": args.__dict__, "load": load.reading.to_dict(),
               "recommend_against": [s["stage"] for s in stages if s["verdict"] == HARMFUL]}
     out.mkdir(parents=True, exist_ok=True)
     if report["recommend_against"] and not args.keep_harmful:
@@ -350,6 +361,7 @@ def quantize_static_stage(model, bundle, before: dict[str, Any]):
 
 def format_compression(report: dict[str, Any]) -> str:
     """One row per stage with its verdict against the stage before, then the notes."""
+    from ..measure.load import busy_line
     from ..measure.report import human_bytes
 
     head = ("stage", "parameters", "multiply-adds", "file", "b1 / b64 ms", "accuracy / loss",
@@ -370,4 +382,5 @@ def format_compression(report: dict[str, Any]) -> str:
     if report.get("recommend_against"):
         lines.append("recommendation: do not apply " + ", ".join(report["recommend_against"]) +
                      " (harmful: see its verdict)")
-    return "\n".join(lines)
+    busy = busy_line(report.get("load"))
+    return "\n".join(lines + ([busy] if busy else []))

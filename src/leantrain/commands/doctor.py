@@ -31,12 +31,15 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace, dist) -> int:
     from ..bench.doctor import format_doctor, run_doctor
     from ..checkpoint import atomic_write_text
+    from ..measure.load import LoadWatch
 
     if args.steps < 1:
         raise LeantrainError(f"--steps must be >= 1, got {args.steps}")
     cfg, out, bundle, builder = common.load_inputs(args, "doctor")
-    report = run_doctor(builder, bundle, cfg, out, steps=args.steps,
-                        profile=not args.no_profile, check_compile=not args.no_compile_check)
+    with LoadWatch() as load:
+        report = run_doctor(builder, bundle, cfg, out, steps=args.steps,
+                            profile=not args.no_profile, check_compile=not args.no_compile_check)
+    report["load"] = load.reading.to_dict()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "doctor.json", json.dumps(report, indent=2, default=str))
     print(format_doctor(report))

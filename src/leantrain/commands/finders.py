@@ -42,6 +42,7 @@ def _find_batch_size(args: argparse.Namespace) -> None:
     from ..bench.batch_size import find_batch_size
     from ..bench.memory_estimate import estimate
     from ..bench.report import format_batch_sizes, write_batch_sizes
+    from ..measure.load import LoadWatch
 
     if args.max_size is not None and args.max_size < 1:
         raise LeantrainError(f"--max-size must be >= 1, got {args.max_size}")
@@ -50,7 +51,9 @@ def _find_batch_size(args: argparse.Namespace) -> None:
         raise LeantrainError(f"--memory-limit-gib must be a finite number > 0, got {gib}")
     cfg, out, bundle, builder = common.load_inputs(args, "batch-size")
     limit = int(gib * 2**30) if gib is not None else None
-    sizes = find_batch_size(builder, bundle, cfg, memory_limit=limit, max_size=args.max_size)
+    with LoadWatch() as load:
+        sizes = find_batch_size(builder, bundle, cfg, memory_limit=limit, max_size=args.max_size)
+    sizes.load = load.reading.to_dict()
     sizes.memory = estimate(builder, bundle, cfg, room=limit)
     write_batch_sizes(sizes, out, Path(args.apply) if args.apply else None)
     print(format_batch_sizes(sizes))

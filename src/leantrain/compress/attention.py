@@ -118,10 +118,9 @@ def refuse_unknown(model: nn.Module, found: list[Attention]) -> None:
         groups = getattr(module, "num_key_value_groups", 1)
         why = (f"grouped-query attention ({groups} query heads per key/value head)"
                if isinstance(groups, int) and groups > 1 else "an attention layout not known")
-        raise LeantrainError(f"cannot prune {name} ({kind}): {why}; leantrain prunes heads of "
-                             "query/key/value or q_proj/k_proj/v_proj modules with "
-                             "num_attention_heads, and fused c_attn/qkv projections, and "
-                             "refuses the rest rather than cut the residual stream")
+        raise LeantrainError(f"cannot prune {name} ({kind}): {why}; only query/key/value, "
+                             "q/k/v_proj and fused c_attn/qkv heads are pruned (others would "
+                             "cut the residual stream)")
 
 
 def _fused_layout(name: str, module: nn.Module) -> Attention | None:

@@ -15,6 +15,7 @@ weights-only.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -126,6 +127,14 @@ def _importance(name: str):
     if name == "taylor":
         return tp.importance.TaylorImportance()
     raise LeantrainError(f"importance {name!r}: allowed {', '.join(IMPORTANCES)}")
+
+
+def check_structured(model: nn.Module) -> None:
+    """Refuse, before any work, what `prune_channels` would refuse before tracing (an
+    attention layout it cannot keep consistent); checked on a copy, the model untouched."""
+    probe = copy.deepcopy(model)
+    attention.conv1d_to_linear(probe)  # (as prune_channels sees GPT-2's Conv1D)
+    attention.refuse_unknown(probe, attention.find(probe))
 
 
 def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,

@@ -9,7 +9,9 @@ threads (by more than OVERSUBSCRIBED cores), torch's threads were oversubscribed
 thread sets an op's time, so one neighbour slows every step. A measurement is flagged busy
 when they were, or when others used BUSY_SHARE of the cores or more (caches and memory
 bandwidth are shared even when the threads are not), in the JSON and the printed report: its
-figures are noisier than a quiet machine's.
+figures are noisier than a quiet machine's. On a GPU in use, NVML's per-process samples give
+the share of the time other processes kept its SMs busy (a neighbour's kernels queue with
+ours); GPU_BUSY_PERCENT or more flags the reading busy as well.
 
 A command started from the command line fits torch's threads to the cores others leave free
 (`fit_threads`): under one CPU hog on 2 cores, 1 thread stepped a tiny BERT 3.9x faster than 2
@@ -19,16 +21,21 @@ LEANTRAIN_FIT_THREADS=0 keeps torch's default.
 
 from __future__ import annotations
 
+import os
+import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import psutil
 import torch
 
+from ..env import nvml_handle
 from . import clock
 
 OVERSUBSCRIBED = 0.5  # cores short of one per torch thread, on average, that count as busy
 BUSY_SHARE = 0.25  # of all cores' time used by others: a shared machine, threads fitted or not
 FIT_SAMPLE_S = 0.25  # how long a command watches the cores before fitting its threads
+GPU_BUSY_PERCENT = 10.0  # of the time other processes kept the GPU's SMs busy
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,8 @@ class LoadReading:
     cores: int
     threads: int
     seconds: float
+    # SM utilisation by other processes on the GPU in use (None: no GPU in use, or no NVML)
+    gpu_others_percent: float | None = None
 
     @property
     def free_cores(self) -> float:
@@ -56,16 +65,22 @@ class LoadReading:
         return self.free_cores < self.threads - OVERSUBSCRIBED
 
     @property
+    def gpu_shared(self) -> bool:
+        return (self.gpu_others_percent or 0.0) >= GPU_BUSY_PERCENT
+
+    @property
     def busy(self) -> bool:
-        return self.oversubscribed or self.others_share >= BUSY_SHARE
+        return self.oversubscribed or self.others_share >= BUSY_SHARE or self.gpu_shared
 
     def describe(self) -> str:
         state = "BUSY" if self.busy else "quiet"
         threads = f"{self.threads} torch thread{'s' if self.threads > 1 else ''}"
         how = (f"{threads} on ~{self.free_cores:.1f} free cores: oversubscribed, set "
                f"OMP_NUM_THREADS={fitted_threads(self)}" if self.oversubscribed else threads)
+        gpu = "" if self.gpu_others_percent is None else \
+            f" and kept the GPU's SMs busy {self.gpu_others_percent:.0f}% of the time"
         return (f"machine {state}: other processes used {self.others_share:.0%} of the "
-                f"{self.cores} cores' time while timing ({how})"
+                f"{self.cores} cores' time{gpu} while timing ({how})"
                 + ("; figures are noisier than on a quiet machine, re-run there to rely on "
                    "them" if self.busy else ""))
 
@@ -74,7 +89,8 @@ class LoadReading:
 
     @classmethod
     def from_dict(cls, found: dict) -> LoadReading:
-        return cls(found["others_share"], found["cores"], found["threads"], found["seconds"])
+        return cls(found["others_share"], found["cores"], found["threads"], found["seconds"],
+                   found.get("gpu_others_percent"))
 
 
 def snapshot() -> Snapshot:
@@ -108,15 +124,44 @@ def between(start: Snapshot, end: Snapshot) -> LoadReading:
     return LoadReading(share, end.cores, end.threads, seconds)
 
 
+def busy_line(found: dict | None) -> str | None:
+    """The line a report prints for a reading (`LoadReading.to_dict()`) that was busy."""
+    if not found:
+        return None
+    reading = LoadReading.from_dict(found)
+    return reading.describe() if reading.busy else None
+
+
+def gpu_others_percent(since_us: int) -> float | None:
+    """How busy other processes kept the SMs of the CUDA device in use since `since_us` (epoch
+    microseconds, NVML's clock): each one's mean sampled SM utilisation, summed. None when no
+    GPU is in use here or NVML cannot tell (no driver library, no per-process accounting)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None  # (reading it must not initialise CUDA for a CPU run)
+    try:
+        nvml, handle = nvml_handle(torch.cuda.current_device())
+        samples = nvml.nvmlDeviceGetProcessUtilization(handle, since_us)
+    except Exception as exc:  # NVML raises one class per cause
+        return 0.0 if type(exc).__name__ == "NVMLError_NotFound" else None  # (no samples)
+    by_process = defaultdict(list)
+    for sample in samples:
+        if sample.pid != os.getpid() and sample.timeStamp >= since_us:
+            by_process[sample.pid].append(sample.smUtil)
+    return float(sum(sum(v) / len(v) for v in by_process.values()))
+
+
 class LoadWatch:
     """`with LoadWatch() as watch: ...` then `watch.reading`."""
 
     def __enter__(self) -> LoadWatch:
         self.start, self.reading = snapshot(), None
+        self.since_us = int(time.time() * 1e6)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.reading = between(self.start, snapshot())
+        reading = between(self.start, snapshot())
+        self.reading = LoadReading(reading.others_share, reading.cores, reading.threads,
+                                   reading.seconds, gpu_others_percent(self.since_us))
 
 
 def fitted_threads(reading: LoadReading) -> int:
@@ -127,9 +172,6 @@ def fitted_threads(reading: LoadReading) -> int:
 def fit_threads(sample_s: float = FIT_SAMPLE_S) -> str | None:
     """Watch the cores for `sample_s` while idle, and when torch's threads outnumber the free
     ones, run one per free core. Returns what was done, for the log (None: nothing)."""
-    import os
-    import time
-
     if os.environ.get("OMP_NUM_THREADS") or os.environ.get("LEANTRAIN_FIT_THREADS") == "0":
         return None  # the user's (or the launcher's) choice
     with LoadWatch() as watch:

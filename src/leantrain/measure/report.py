@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .load import busy_line
 from .timing import format_breakdown
 
 
@@ -129,6 +130,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                      else "not reached"))
     if summary.get("stop_reason"):
         rows.append(("stopped", summary["stop_reason"]))
+    busy = busy_line(summary.get("load"))
+    if busy:
+        rows.append(("machine", busy))
     rows.append(("techniques", ""))
     rows += [(f"  {name}", outcome) for name, outcome in summary["plan"]["outcomes"].items()]
     return table(rows, "leantrain run summary")

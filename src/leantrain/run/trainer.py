@@ -22,6 +22,7 @@ from .. import distributed
 from ..data.loaders import batch_size, split_batch
 from ..losses import tasks
 from ..measure import clock
+from ..measure.load import LoadWatch
 from ..measure.memory import reset_peak
 from ..measure.timing import StepTimer
 from ..techniques import accumulation, clipping, precision
@@ -285,7 +286,7 @@ class Trainer:
         self.restart_timer()
         run.model.train()
         try:
-            with run.settings(), self.stop:
+            with run.settings(), self.stop, LoadWatch() as load:
                 self._loop()
         finally:
             monitored = self.records.close()
@@ -296,5 +297,6 @@ class Trainer:
         if self.compiling is not None:
             result["compile"] = self.compiling.report(self.state.progress)
         result["plan_measurement"] = plan_measurement
+        result["load"] = load.reading.to_dict()  # samples/s on a busy machine says so
         self.checkpoints.finish(self.state, result)
         return result
