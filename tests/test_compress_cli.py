@@ -209,14 +209,20 @@ def test_fine_tuning_runs_at_half_the_runs_lr_with_its_optimizer_unless_told():
     assert CompressArgs(prune=0.5, finetune_lr=0.02).tuning_lr(digits) == 0.02
 
 
+def _trained(source: list[str], epochs: int, tmp_path) -> str:
+    """A run folder of `leantrain train` on the model and data `source` names."""
+    run = tmp_path / "run"
+    assert main(["train", *source, "--epochs", str(epochs), "--out", str(run)]) == 0
+    return str(run)
+
+
 def test_a_regression_model_is_judged_by_its_validation_loss(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))  # model_types
     source = ["--model", "model_types:mlp_1", "--data", "model_types:regression", "--set",
               "optim.lr=1e-2", "--set", "train.monitor_interval_s=0", "--no-progress"]
-    run = tmp_path / "run"
-    assert main(["train", *source, "--epochs", "6", "--out", str(run)]) == 0
+    run = _trained(source, 6, tmp_path)
     out = tmp_path / "small"
-    assert main(["compress", *source, "--checkpoint", str(run), "--quantize", "int8-dynamic",
+    assert main(["compress", *source, "--checkpoint", run, "--quantize", "int8-dynamic",
                  "--max-drop", "0.5", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert [s["val_accuracy"] for s in report["stages"]] == [None, None]
@@ -273,10 +279,9 @@ def test_a_head_used_only_by_the_loss_is_pruned_with_the_rest_and_still_trains(t
 
     source = ["--model", "named_losses:model", "--data", "named_losses:data", "--set",
               "optim.lr=3e-2", "--set", "train.monitor_interval_s=0", "--no-progress"]
-    run = tmp_path / "run"
-    assert main(["train", *source, "--epochs", "8", "--out", str(run)]) == 0
+    run = _trained(source, 8, tmp_path)
     out = tmp_path / "small"
-    assert main(["compress", *source, "--checkpoint", str(run), "--prune", "0.5",
+    assert main(["compress", *source, "--checkpoint", run, "--prune", "0.5",
                  "--finetune-epochs", "2", "--keep-harmful", "--out", str(out)]) == 0
     before, after = json.loads((out / "report.json").read_text())["stages"]
     assert after["parameters"] < before["parameters"]
@@ -298,13 +303,12 @@ def test_a_gqa_llama_is_refused_in_one_line_before_any_stage_is_measured(tmp_pat
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
     source = ["--model", "hf_padded_causal_lm:model", "--data", "hf_padded_causal_lm:data",
               "--set", "train.monitor_interval_s=0", "--no-progress"]
-    run = tmp_path / "run"
-    assert main(["train", *source, "--epochs", "1", "--out", str(run)]) == 0
+    run = _trained(source, 1, tmp_path)
     capsys.readouterr()
     monkeypatch.setattr(compress, "measure_stage",
                         lambda *a, **k: pytest.fail("a stage was measured before the refusal"))
     out = tmp_path / "small"
-    assert main(["compress", *source, "--checkpoint", str(run), "--prune", "0.5",
+    assert main(["compress", *source, "--checkpoint", run, "--prune", "0.5",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "grouped-query attention (2 query heads per key/value head)" in err[-1]
