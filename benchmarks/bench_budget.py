@@ -60,13 +60,20 @@ def run(case: str, budget_s: float) -> dict:
                              if t["status"] != "ok"}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def budget_arguments(description: str, quick_budget_s: float) -> tuple[float, int, bool]:
+    """(budget, repeats, quick) from --budget-s, --repeats and --quick (a short budget, once)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--budget-s", type=float, default=60.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    budget, repeats = (10.0, 1) if args.quick else (args.budget_s, args.repeats)
+    if args.quick:
+        return quick_budget_s, 1, True
+    return args.budget_s, args.repeats, False
+
+
+def main() -> None:
+    budget, repeats, quick = budget_arguments(__doc__.splitlines()[0], 10.0)
     runs = []
     for r in range(repeats):
         for case in CASES:
@@ -82,7 +89,7 @@ def main() -> None:
               "all_within_bound": all(f["within_bound"] for f in runs)}
     print(f"worst: {worst:.2f}x the budget; all within {BOUND:.2f}x: "
           f"{record['all_within_bound']}")
-    if not args.quick:
+    if not quick:
         RESULTS.write_text(json.dumps(record, indent=1))
 
 

@@ -17,7 +17,6 @@ interval) is what the busy flag's advice rests on.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from bench_budget import budget_arguments
 
 from leantrain.env import cpu_model
 from leantrain.measure.load import LoadWatch
@@ -125,12 +125,7 @@ def threads_under_hog(rounds: int, seconds: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-s", type=float, default=60.0)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    budget, repeats = (15.0, 1) if args.quick else (args.budget_s, args.repeats)
+    budget, repeats, quick = budget_arguments(__doc__.splitlines()[0], 15.0)
     runs = []
     for r in range(repeats):
         for busy in (False, True):
@@ -148,7 +143,7 @@ def main() -> None:
                "quiet_worst": worst_quiet.get(name, 0.0)}
               for f in runs if f["busy"] for name, t in f["trials"].items()
               if t["excludes_one_by"] > worst_quiet.get(name, 0.0) + SLACK]
-    threads = threads_under_hog(3 if args.quick else 8, 1.0 if args.quick else 3.0)
+    threads = threads_under_hog(3 if quick else 8, 1.0 if quick else 3.0)
     print(f"under the hog: {threads['free_core_threads']} thread(s) ran at "
           f"{threads['ratio_median']:.2f}x the default {threads['default_threads']} "
           f"(95% {threads['ratio_interval']})")
@@ -161,7 +156,7 @@ def main() -> None:
               "beyond_quiet": beyond, "threads_under_hog": threads}
     print(f"busy runs flagged: {record['busy_runs_flagged']}; quiet runs not flagged: "
           f"{record['quiet_runs_not_flagged']}; candidates beyond the quiet runs: {beyond}")
-    if not args.quick:
+    if not quick:
         RESULTS.write_text(json.dumps(record, indent=1))
 
 
