@@ -626,6 +626,9 @@ def test_a_kill_before_the_final_checkpoint_resumes_to_the_same_model(tmp_path, 
     fit(mlp(), *_data(), load_config(out / "config.yaml"), out, resume=True, progress_bar=False)
     assert _same(_weights(out / "model.pt"), reference)
     assert _weights(out / "checkpoint.pt")["progress"]["finished"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["kind"], r["step"], r.get("epoch")) for r in records]
+    assert len(logged) == len(set(logged))  # nothing the killed run logged is logged twice
 
 
 def test_resuming_a_finished_run_with_everything_there_is_refused(tmp_path):

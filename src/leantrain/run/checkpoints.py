@@ -19,7 +19,7 @@ from ..distributed import DistContext
 from ..errors import LeantrainError
 from . import finite, summary
 from . import state as run_state
-from .logs import truncate_after
+from .logs import logged_lines, truncate_after
 from .plan import Run
 from .state import TrainState
 
@@ -58,6 +58,7 @@ class Checkpoints:
         if self.out_dir is None:
             return
         self.check_finite(state.progress.step)
+        state.progress.logged = logged_lines(self.out_dir)
         run_state.save(state, self.run, self.out_dir, extra)
         self.saved_step = state.progress.step
 
@@ -87,7 +88,7 @@ class Checkpoints:
             log.info("the run in %s had finished; wrote what it lacked: %s", out,
                      ", ".join(written))
             return saved["summary"]
-        truncate_after(out, p.step)  # metrics logged past the checkpoint are logged again
+        truncate_after(out, p.step, p.logged)  # what was logged after it is logged again
         log.info("resuming at epoch %d, batch %d (step %d)", p.epoch + 1, p.batch, p.step)
         return None
 

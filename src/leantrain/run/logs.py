@@ -56,20 +56,35 @@ class NullLog:
         pass
 
 
-def truncate_after(out_dir: Path, step: int) -> None:
-    """Drop records past `step`: a resumed run re-logs the steps after its checkpoint."""
+def logged_lines(out_dir: Path) -> int:
+    """The complete records in metrics.jsonl now (a line the monitor's thread is still
+    writing is not one)."""
+    path = out_dir / METRICS_NAME
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def truncate_after(out_dir: Path, step: int, lines: int | None = None) -> None:
+    """Keep what was logged up to the checkpoint a run resumes from: its first `lines`
+    records, or (a checkpoint that did not count them) the records up to `step`. The
+    resumed run logs the rest again, each once: an epoch's record logged just after a
+    checkpoint at the same step was kept by the step rule and logged twice."""
     path = out_dir / METRICS_NAME
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the half-written last line of a killed run
-            continue
-        if record["step"] <= step:
-            kept.append(line)
+    complete = path.read_text().split("\n")[:-1]  # (the half-written last line of a kill)
+    if lines is not None:
+        kept = complete[:lines]
+    else:
+        kept = [line for line in complete if _step_of(line) is not None
+                and _step_of(line) <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def start_monitor(run, sink: Callable[[dict[str, Any]], None]) -> ResourceMonitor | None:

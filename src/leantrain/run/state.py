@@ -47,6 +47,9 @@ class Progress:
     # each loader batch runs as this many micro-batches, their gradients accumulated: raised
     # by out-of-memory recovery (run.recovery), and kept by checkpoints so a resume keeps it
     micro_split: int = 1
+    # metrics.jsonl's complete lines when the checkpoint was saved: a resume drops exactly
+    # what was logged after it (None: a checkpoint from before this was kept; steps decide)
+    logged: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
