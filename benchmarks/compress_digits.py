@@ -30,7 +30,7 @@ from leantrain.config import DataConfig
 from leantrain.data import load_data
 from leantrain.env import cpu_model
 from leantrain.measure.flops import count_flops
-from leantrain.measure.latency import latency_seconds
+from leantrain.measure.latency import latency_seconds, repeated
 from leantrain.measure.plots import bar_panels
 from leantrain.recipes import get_recipe
 
@@ -85,8 +85,8 @@ def main() -> None:
         pairs = [("before", original), ("after", model)]
         for name, net in pairs if r % 2 == 0 else pairs[::-1]:
             for batch in (1, 64):
-                latency[name][batch].append(latency_seconds(net, sample, batch,
-                                                            channels_last=True))
+                latency[name][batch].append(latency_seconds(
+                    net, repeated(sample, batch, channels_last=True), channels_last=True))
     for name, row in (("before", before), ("after", after)):
         for batch in (1, 64):
             row[f"latency_b{batch}_ms"] = 1e3 * statistics.median(latency[name][batch])

@@ -35,7 +35,7 @@ from leantrain.compress.quantize import quantize_pt2e, state_bytes  # noqa: E402
 from leantrain.config import DataConfig  # noqa: E402
 from leantrain.data import load_data  # noqa: E402
 from leantrain.env import cpu_model  # noqa: E402
-from leantrain.measure.latency import latency_seconds  # noqa: E402
+from leantrain.measure.latency import latency_seconds, repeated  # noqa: E402
 from leantrain.measure.rounds import interleave, interval, paired_ratios  # noqa: E402
 from leantrain.recipes.models import SmallCNN  # noqa: E402
 
@@ -80,7 +80,7 @@ def main() -> None:
             net(sample.unsqueeze(0).expand(64, *sample.shape).contiguous())
             compile_s[name] = time.perf_counter() - tick
     rounds = interleave(list(variants), args.rounds,
-                        lambda name, r: 1e3 * latency_seconds(variants[name], sample, 64))
+                        lambda name, r: 1e3 * latency_seconds(variants[name], repeated(sample, 64)))
     result = {"machine": cpu_model(), "torch": torch.__version__, "rounds": args.rounds,
               "inductor_freezing": True,
               "date": time.strftime("%Y-%m-%d"), "val_accuracy": acc,

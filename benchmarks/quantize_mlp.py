@@ -28,7 +28,7 @@ from leantrain.compress.quantize import METHODS, output_error, quantize_linear, 
 from leantrain.config import DataConfig
 from leantrain.data import load_data
 from leantrain.env import cpu_model
-from leantrain.measure.latency import latency_seconds
+from leantrain.measure.latency import latency_seconds, repeated
 from leantrain.measure.plots import bar_panels
 from leantrain.recipes.models import MLP
 
@@ -70,7 +70,8 @@ def main() -> None:
         for name in order:
             for mode, net in (("eager", variants[name]), ("compiled", compiled[name])):
                 for batch in (1, 64):
-                    times[name][f"{mode}_b{batch}"].append(latency_seconds(net, sample, batch))
+                    call = repeated(sample, batch)
+                    times[name][f"{mode}_b{batch}"].append(latency_seconds(net, call))
     for name in variants:
         for key, values in times[name].items():
             rows[name][f"latency_{key}_ms"] = 1e3 * statistics.median(values)

@@ -320,14 +320,14 @@ def test_a_cpu_heavy_neighbour_is_seen_as_other_processes_load():
 def test_a_paired_speed_up_comes_from_interleaved_rounds_with_an_interval(fake_clock):
     from conftest import Ticking
 
-    from leantrain.measure.latency import paired_speedup
+    from leantrain.measure.latency import paired_speedup, repeated
 
     fast = Ticking(nn.Linear(4, 2), fake_clock, seconds=0.001)
     slow = Ticking(nn.Linear(4, 2), fake_clock, seconds=0.004)
-    found = paired_speedup(fast, slow, torch.randn(4), 8, rounds=5, repeats=3)
+    found = paired_speedup(fast, slow, repeated(torch.randn(4), 8), rounds=5, repeats=3)
     assert found["ratio"] == pytest.approx(4.0) and found["interval"] == pytest.approx([4, 4])
     assert found["rounds"] == 5 and found["model_ms"] == pytest.approx(1.0)
-    assert paired_speedup(fast, slow, torch.randn(4), 8, rounds=2)["interval"] is None
+    assert paired_speedup(fast, slow, repeated(torch.randn(4), 8), rounds=2)["interval"] is None
 
 
 def test_only_a_command_started_from_the_command_line_fits_threads(monkeypatch, tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 
 from leantrain.compress.quantize import METHODS, output_error, quantize_linear, state_bytes
 from leantrain.errors import LeantrainError
-from leantrain.measure.latency import latency_seconds
+from leantrain.measure.latency import latency_seconds, repeated
 
 
 def _mlp():
@@ -27,7 +27,7 @@ def test_int8_linear_weights_are_4x_smaller_and_outputs_stay_close(method, toler
     x = torch.randn(32, 256)
     error = output_error(base, quantized, x)
     assert error["max_rel_error"] < tolerance
-    assert latency_seconds(quantized, x[0], 8, repeats=3, warmup=1) > 0
+    assert latency_seconds(quantized, repeated(x[0], 8), repeats=3, warmup=1) > 0
     buffer = io.BytesIO()
     torch.save(quantized.state_dict(), buffer)
     buffer.seek(0)

@@ -125,28 +125,15 @@ class CompressArgs:
             raise LeantrainError(f"--max-drop must be in [0, 1), got {self.max_drop}")
 
 
-def probe(model, bundle) -> tuple[Any, bool]:
-    """One validation sample's inputs (`common.sample_inputs`), and whether the model runs
-    fastest channels_last (has convs)."""
+def probe(model, bundle, size: int) -> tuple[Any, bool]:
+    """A validation batch of `size` samples as training calls `model` on it
+    (`run.measuring.measuring_call`: collated, labels passed where the forward takes them),
+    and whether the model runs fastest channels_last (has convs)."""
+    from ..run.measuring import measuring_call
     from ..techniques.memory_format import has_conv2d
 
-    return common.sample_inputs(bundle), has_conv2d(model)
-
-
-def traced_inputs(model, bundle) -> Any:
-    """One validation sample as training calls the model: a dict sample keeps its labels when
-    the forward takes them, so a head that only the loss terms read (computed when labels
-    are given) is in the graph pruning traces, and is resized with the layers it reads."""
-    import torch
-
-    from ..data.loaders import labels_of
-    from ..run.step import forward_keys
-
-    inputs, sample = common.sample_inputs(bundle), bundle.val[0]
-    labels = labels_of(sample) if isinstance(sample, dict) else None
-    if labels is None or not forward_keys(model)[1]:
-        return inputs
-    return {**inputs, "labels": torch.as_tensor(labels)}
+    conv = has_conv2d(model)
+    return measuring_call(model, bundle.val, size, bundle.collate_fn, conv), conv
 
 
 def measure_stage(name: str, model, bundle, note: str = "") -> dict[str, Any]:
@@ -156,17 +143,17 @@ def measure_stage(name: str, model, bundle, note: str = "") -> dict[str, Any]:
     from ..config import PlanConfig
     from ..data import make_loader
     from ..measure.flops import count_flops
-    from ..measure.latency import batch_of, call, latency_seconds
+    from ..measure.latency import latency_seconds
     from ..run.plan import resolve_plan
     from ..run.step import evaluate
 
     model.eval()  # (not reassigned: an exported graph's eval returns None)
     if any(p.device.type != "cpu" for p in model.parameters()):
         model.cpu()
-    sample, conv = probe(model, bundle)
+    one, conv = probe(model, bundle, 1)
     plan = resolve_plan(PlanConfig(device="cpu", precision="fp32", channels_last=conv), model)
     with torch.no_grad():
-        macs = count_flops(lambda: call(model, batch_of(sample, 1))) // 2
+        macs = count_flops(lambda: one(model)) // 2
     accuracy, loss = evaluate(model, make_loader(bundle.val, 256, False,
                                                  collate_fn=bundle.collate_fn), plan)
     return {
@@ -174,8 +161,9 @@ def measure_stage(name: str, model, bundle, note: str = "") -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "macs": macs, "file_bytes": state_bytes(model), "val_accuracy": accuracy,
         "val_loss": loss,
-        "latency_b1_ms": 1e3 * latency_seconds(model, sample, 1, channels_last=conv),
-        "latency_b64_ms": 1e3 * latency_seconds(model, sample, 64, channels_last=conv),
+        "latency_b1_ms": 1e3 * latency_seconds(model, one, channels_last=conv),
+        "latency_b64_ms": 1e3 * latency_seconds(model, probe(model, bundle, 64)[0],
+                                                channels_last=conv),
     }
 
 
@@ -228,7 +216,7 @@ def run_compression(model, bundle, cfg, args: CompressArgs, out: Path,
     if args.prune is not None:
         before = copy.deepcopy(model)
         if args.prune_method == "structured":
-            example = batch_of(traced_inputs(model, bundle), 1)
+            example = probe(model, bundle, 1)[0].example()
             prune_channels(model.eval(), example, args.prune, steps=2, finetune=finetune)
             note = f"{args.prune:.0%} of channels removed in 2 steps, fine-tuned after each"
         else:
@@ -294,8 +282,8 @@ def _pair(stage: dict[str, Any], model, before, bundle) -> None:
     an interval (what the verdict judges by; the table's latencies are single figures)."""
     from ..measure.latency import paired_speedup
 
-    sample, conv = probe(before, bundle)
-    found = paired_speedup(model, before, sample, 64, channels_last=conv)
+    call, conv = probe(before, bundle, 64)
+    found = paired_speedup(model, before, call, channels_last=conv)
     stage["speedup_b64"] = {**found, "kind": "b64"}
 
 
@@ -309,9 +297,9 @@ def _compiled_latencies(stage: dict[str, Any], model, before, bundle, channels_l
 
     from ..measure.latency import paired_speedup
 
-    sample = common.sample_inputs(bundle)
+    call = probe(before, bundle, 64)[0]
     with torch._inductor.config.patch(freezing=freezing):
-        found = paired_speedup(torch.compile(model), torch.compile(before), sample, 64,
+        found = paired_speedup(torch.compile(model), torch.compile(before), call,
                                channels_last=channels_last)
     stage["latency_compiled_b64_ms"] = found["model_ms"]
     stage["latency_compiled_b64_ms_before"] = found["reference_ms"]
@@ -321,6 +309,7 @@ def _compiled_latencies(stage: dict[str, Any], model, before, bundle, channels_l
 def quantize_linear_stage(model, bundle, before: dict[str, Any], method: str):
     """torchao int8 (`method`) on a copy of `model`'s Linear and Conv1D layers, measured."""
     from ..compress.quantize import quantize_linear
+    from ..techniques.memory_format import has_conv2d
 
     quantized = quantize_linear(copy.deepcopy(model), method)
     stage = measure_stage(f"{method} (Linear layers)", quantized, bundle,
@@ -329,7 +318,7 @@ def quantize_linear_stage(model, bundle, before: dict[str, Any], method: str):
                           "and for the model before it. Multiply-adds are counted on the "
                           "float graph (the counter does not see int8 matmuls)")
     stage["macs"], stage["macs_counted_on"] = before["macs"], "the float graph"
-    _compiled_latencies(stage, quantized, model, bundle, probe(model, bundle)[1])
+    _compiled_latencies(stage, quantized, model, bundle, has_conv2d(model))
     return quantized, stage
 
 

@@ -4,6 +4,8 @@ speed-up of one model over another."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from . import clock
 from .rounds import interval
 
 Sample = torch.Tensor | dict  # one sample: a tensor, or a dict of tensors (a model's kwargs)
+Call = Callable[[nn.Module], Any]  # runs a model on one fixed batch (run.measuring.ModelCall)
 
 
 def batch_of(sample: Sample, batch_size: int, channels_last: bool = False) -> Sample:
@@ -25,43 +28,45 @@ def batch_of(sample: Sample, batch_size: int, channels_last: bool = False) -> Sa
     return batch
 
 
-def call(model: nn.Module, batch: Sample):
-    """The forward pass the way its batch says: `model(x)`, or `model(**inputs)`."""
-    return model(**batch) if isinstance(batch, dict) else model(batch)
+def repeated(sample: Sample, batch_size: int, channels_last: bool = False) -> Call:
+    """A call of a model on `sample` repeated `batch_size` times: `model(x)`, or
+    `model(**inputs)` for a dict (for a model called on its inputs alone; a run's model is
+    measured on `run.measuring.measuring_call`, its batches as training unpacks them)."""
+    batch = batch_of(sample, batch_size, channels_last)
+    return lambda model: model(**batch) if isinstance(batch, dict) else model(batch)
 
 
-def latency_seconds(model: nn.Module, sample: Sample, batch_size: int,
-                    repeats: int = 30, warmup: int = 5, channels_last: bool = False) -> float:
-    """Median over `repeats` timed forward passes on CPU, after `warmup` untimed ones.
+def latency_seconds(model: nn.Module, call: Call, repeats: int = 30, warmup: int = 5,
+                    channels_last: bool = False) -> float:
+    """Median over `repeats` timed forward passes `call(model)` on CPU, after `warmup`
+    untimed ones.
 
-    `sample` is one input (a tensor, or a dict of tensors for a model called with keywords).
-    `channels_last` puts the model and the batch in NHWC (the memory format conv models run
-    fastest in on CPU); otherwise both are NCHW, so comparisons never mix formats.
+    `channels_last` puts the model's convs in NHWC (the memory format conv models run
+    fastest in on CPU; the call's batch must be built alike); otherwise NCHW, so comparisons
+    never mix formats.
     """
     _prepare(model, channels_last)
-    batch = batch_of(sample, batch_size, channels_last)
     with torch.inference_mode():
-        return _median_forward(model, batch, repeats, warmup)
+        return _median_forward(model, call, repeats, warmup)
 
 
-def paired_speedup(model: nn.Module, reference: nn.Module, sample: Sample, batch_size: int,
+def paired_speedup(model: nn.Module, reference: nn.Module, call: Call,
                    rounds: int = 5, repeats: int = 10, warmup: int = 3,
                    channels_last: bool = False) -> dict:
-    """How much faster `model` runs than `reference` (their forward times' ratio, > 1:
-    faster), from `rounds` interleaved rounds, each the median of `repeats` forwards of both
-    in alternating order, so machine noise hits both alike: the median ratio, its 95%
-    interval (None below `rounds.MIN_ROUNDS`) and the rounds' ratios. Two separate latency
-    figures taken minutes apart once made int8 look 259x faster."""
+    """How much faster `model` runs than `reference` on the same `call` (their forward
+    times' ratio, > 1: faster), from `rounds` interleaved rounds, each the median of
+    `repeats` forwards of both in alternating order, so machine noise hits both alike: the
+    median ratio, its 95% interval (None below `rounds.MIN_ROUNDS`) and the rounds' ratios.
+    Two separate latency figures taken minutes apart once made int8 look 259x faster."""
     for net in (model, reference):
         _prepare(net, channels_last)
-    batch = batch_of(sample, batch_size, channels_last)
     ratios, times = [], {id(model): [], id(reference): []}
     with torch.inference_mode():
         for net in (model, reference):
-            _median_forward(net, batch, 0, warmup)
+            _median_forward(net, call, 0, warmup)
         for r in range(rounds):
             for net in (model, reference) if r % 2 == 0 else (reference, model):
-                times[id(net)].append(_median_forward(net, batch, repeats, 0))
+                times[id(net)].append(_median_forward(net, call, repeats, 0))
             ratios.append(times[id(reference)][-1] / max(times[id(model)][-1], 1e-12))
     found = interval(ratios)
     return {"ratio": statistics.median(ratios), "interval": list(found) if found else None,
@@ -83,12 +88,12 @@ def _prepare(model: nn.Module, channels_last: bool) -> None:
             module.to(memory_format=fmt)
 
 
-def _median_forward(model: nn.Module, batch: Sample, repeats: int, warmup: int) -> float:
+def _median_forward(model: nn.Module, call: Call, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
-        call(model, batch)
+        call(model)
     times = []
     for _ in range(repeats):
         start = clock.now()
-        call(model, batch)
+        call(model)
         times.append(clock.now() - start)
     return statistics.median(times) if times else 0.0
