@@ -274,7 +274,6 @@ def _bart():
 @pytest.mark.parametrize("build, fragment", [
     (_gqa_llama, "grouped-query attention (2 query heads per key/value head)"),
     (_distilbert, "DistilBertSelfAttention): an attention layout not known"),
-    (_bart, "BartAttention): an attention layout not known"),
 ])
 def test_an_attention_layout_it_cannot_keep_consistent_is_refused_before_tracing(build,
                                                                                fragment):
@@ -285,6 +284,27 @@ def test_an_attention_layout_it_cannot_keep_consistent_is_refused_before_tracing
     assert len(str(err.value).splitlines()) == 1
     after = model.state_dict()  # refused before any layer was touched
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_encoder_decoders_self_and_cross_attention_heads_are_pruned_and_reload(tmp_path):
+    """BART's attention modules keep `num_heads` and `head_dim` (transformers 5 reshapes by -1
+    heads); its cross-attention's keys and values come from the encoder."""
+    model = _bart().eval()
+    ids = torch.randint(3, 20, (2, 8), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "labels": ids[:, :4].clone()}
+    with torch.no_grad():
+        before = count_flops(lambda: model(**batch))
+    prune_channels(model, batch, 0.5)
+    found = attention.find(model)
+    assert len(found) == 3 and all(attention.heads_of(a) == 1 for a in found)  # 2 -> 1 each
+    assert all(a.module.num_heads == 1 for a in found)
+    with torch.no_grad():
+        assert count_flops(lambda: model(**batch)) < 0.6 * before
+        loss = model(**batch).loss
+    save_pruned(model, tmp_path / "bart.pt")
+    again = load_pruned(_bart().eval(), tmp_path / "bart.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).loss, loss)
 
 
 def test_a_pruning_that_cuts_the_residual_stream_or_unties_weights_is_refused():

@@ -43,12 +43,16 @@ LINEAR_KEY = "__leantrain__.conv1d_as_linear"  # marks a model whose Conv1D beca
 FUSED_LAYOUTS = (("c_attn", "c_proj", "num_heads"), ("qkv", "proj", "heads"))
 
 
+HEAD_COUNTS = ("num_attention_heads", "num_heads", "n_heads")  # what modules call theirs
+HEAD_WIDTHS = ("head_dim", "attention_head_size")
+
+
 @dataclass
 class Attention:
     name: str
     module: nn.Module
     projections: list[nn.Linear]  # the layers whose outputs are heads
-    heads_attribute: str  # the module's head count
+    heads_attribute: str | None  # the module's head count (None: transformers 5 keeps none)
     output: nn.Linear | None = None  # a fused layout's output projection
 
     @property
@@ -90,23 +94,36 @@ def find(model: nn.Module) -> list[Attention]:
     for name, module in model.named_modules():
         separate = _separate_projections(name, module)
         if separate:
-            found.append(Attention(name, module, separate, "num_attention_heads"))
+            found.append(Attention(name, module, separate, _heads_attribute(module)))
             continue
         fused = _fused_layout(name, module)
         if fused:
             found.append(fused)
-        elif hasattr(module, "num_attention_heads") and any(
-                isinstance(c, nn.Linear) for c in module.children()):
-            raise LeantrainError(f"cannot prune the heads of {name} ({type(module).__name__}): "
-                                 "leantrain knows query/key/value or q_proj/k_proj/v_proj "
-                                 "layers and a fused c_attn (GPT-2) or qkv projection")
     return found
 
 
+def _heads_attribute(module: nn.Module) -> str | None:
+    return next((a for a in HEAD_COUNTS if isinstance(getattr(module, a, None), int)), None)
+
+
+def _head_width(module: nn.Module) -> int | None:
+    """A module's head width: its own attribute (transformers 5 keeps `head_dim` and reshapes
+    by -1 heads), else its config's hidden size over its head count."""
+    width = next((getattr(module, a) for a in HEAD_WIDTHS
+                  if isinstance(getattr(module, a, None), int)), None)
+    if width is not None:
+        return width
+    config = getattr(module, "config", None)
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads",
+                                                                  None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads \
+        else None
+
+
 def refuse_unknown(model: nn.Module, found: list[Attention]) -> None:
-    """An attention module of a layout not known here is refused before any tracing: pruned
-    as plain channels, its model would lose width in the residual stream (and grouped keys
-    once sent Torch-Pruning's graph search into a hang)."""
+    """An attention module of a layout not known here is refused before any tracing, with
+    the reason it is not known: pruned as plain channels, its model would lose width in the
+    residual stream (and grouped keys once sent Torch-Pruning's graph search into a hang)."""
     covered = [a.name for a in found]
     for name, module in model.named_modules():
         kind = type(module).__name__
@@ -115,12 +132,24 @@ def refuse_unknown(model: nn.Module, found: list[Attention]) -> None:
         if any(name == c or name.startswith(c + ".") or c.startswith(name + ".")
                for c in covered):
             continue  # a known module, or the wrapper around one (BertAttention)
-        groups = getattr(module, "num_key_value_groups", 1)
-        why = (f"grouped-query attention ({groups} query heads per key/value head)"
-               if isinstance(groups, int) and groups > 1 else "an attention layout not known")
-        raise LeantrainError(f"cannot prune {name} ({kind}): {why}; only query/key/value, "
-                             "q/k/v_proj and fused c_attn/qkv heads are pruned (others would "
-                             "cut the residual stream)")
+        raise LeantrainError(f"cannot prune {name} ({kind}): {_unknown_because(module)}; "
+                             "heads are pruned in query/key/value, q/k/v_proj and fused "
+                             "c_attn/qkv layouts only (others would cut the residual stream)")
+
+
+def _unknown_because(module: nn.Module) -> str:
+    """Why an attention module's heads cannot be pruned, in words that are true of it (or of
+    the attention inside a wrapper such as T5's layer)."""
+    inner = list(module.modules())
+    groups = next((g for m in inner if isinstance(g := getattr(m, "num_key_value_groups", 1),
+                                                     int) and g > 1), None)
+    if groups:
+        return f"grouped-query attention ({groups} query heads per key/value head)"
+    if any(hasattr(m, "has_relative_attention_bias") for m in inner):
+        return "T5-style attention (a learned position bias per head, shared across layers)"
+    if any(getattr(m, "is_cross_attention", False) for m in inner):
+        return "cross-attention (q_attn) is not handled"
+    return "an attention layout not known"
 
 
 def _fused_layout(name: str, module: nn.Module) -> Attention | None:
@@ -137,22 +166,27 @@ def _fused_layout(name: str, module: nn.Module) -> Attention | None:
 
 def _separate_projections(name: str, module: nn.Module) -> list[nn.Linear]:
     """The q, k, v Linear layers of an attention module with separate projections (none if
-    it has another layout)."""
-    if not hasattr(module, "num_attention_heads"):
+    it has another layout). The head count is the module's own attribute where it keeps one,
+    else the q projection's width over the head width (transformers 5 modules keep only
+    `head_dim`, and the config's)."""
+    if _heads_attribute(module) is None and _head_width(module) is None:
         return []
     for names in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj")):
         layers = [getattr(module, n, None) for n in names]
         if all(isinstance(p, nn.Linear) for p in layers):
             if len({p.out_features for p in layers}) > 1:
-                raise LeantrainError(f"cannot prune the heads of {name}: its keys and values "
-                                     "have fewer heads than its queries (grouped-query "
-                                     "attention is not handled)")
+                groups = layers[0].out_features // max(layers[1].out_features, 1)
+                raise LeantrainError(f"cannot prune {name} ({type(module).__name__}): grouped-"
+                                     f"query attention ({groups} query heads per key/value "
+                                     "head) is not handled")
             return layers
     return []
 
 
 def heads_of(attention: Attention) -> int:
-    return getattr(attention.module, attention.heads_attribute)
+    if attention.heads_attribute is not None:
+        return getattr(attention.module, attention.heads_attribute)
+    return attention.projections[0].out_features // _head_width(attention.module)
 
 
 def head_dim(attention: Attention) -> int:
@@ -168,7 +202,10 @@ def num_heads(attentions: list[Attention]) -> dict[nn.Module, int]:
 def set_heads(attention: Attention, heads: int) -> None:
     """Bring the module's attributes in line with its (pruned) projections' widths."""
     module, width = attention.module, attention.projections[0].out_features
-    setattr(module, attention.heads_attribute, heads)
+    names = {attention.heads_attribute, *HEAD_COUNTS} - {None}
+    for name in names:  # (each count a module keeps: Whisper's cross-attention reads num_heads)
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, heads)
     if hasattr(module, "split_size"):  # GPT-2: q, k and v are split by width
         module.split_size = width // 3
         module.head_dim = module.split_size // heads

@@ -130,11 +130,34 @@ def _importance(name: str):
 
 
 def check_structured(model: nn.Module) -> None:
-    """Refuse, before any work, what `prune_channels` would refuse before tracing (an
-    attention layout it cannot keep consistent); checked on a copy, the model untouched."""
+    """Refuse, before any work, what `prune_channels` would refuse before tracing (adapters,
+    experts, an attention layout it cannot keep consistent); checked on a copy, the model
+    untouched."""
+    refuse_unprunable(model)
     probe = copy.deepcopy(model)
     attention.conv1d_to_linear(probe)  # (as prune_channels sees GPT-2's Conv1D)
     attention.refuse_unknown(probe, attention.find(probe))
+
+
+def refuse_unprunable(model: nn.Module) -> None:
+    """Layers whose channels Torch-Pruning cannot remove consistently, refused in one line
+    that says what they are: a LoRA adapter wrapped around a layer (pruning the base would
+    leave its adapter's shapes behind), and mixture-of-experts weights held as one 3-D tensor
+    per layer (transformers 5 runs the experts by grouped matmuls, which the dependency graph
+    does not know)."""
+    for name, module in model.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+            raise LeantrainError(
+                f"cannot prune {name}: a LoRA adapter (PEFT) wraps it, and pruning its base "
+                "would leave the adapter's shapes behind; merge the adapters first "
+                "(model.merge_and_unload()) and prune the merged model")
+        experts = [p for p in module.parameters(recurse=False) if p.dim() == 3]
+        if experts and ("expert" in type(module).__name__.lower()
+                        or hasattr(module, "num_experts")):  # (a ViT's class token is 3-D)
+            raise LeantrainError(
+                f"cannot prune {name} ({type(module).__name__}): mixture-of-experts weights "
+                f"held as one 3-D tensor ({experts[0].shape[0]} experts) and run by grouped "
+                "matmuls; structured pruning removes channels of Linear and Conv2d layers only")
 
 
 def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
@@ -164,6 +187,7 @@ def prune_channels(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
                              "layer, whose outputs are the classes")
     if importance == "taylor" and gradient_batches is None:
         raise LeantrainError("taylor importance needs batches to take gradients on")
+    refuse_unprunable(model)
     found = attention.find(model)
     attention.refuse_unknown(model, found)  # before tracing: refused in seconds, no hang
     heads = [a for a in found if not a.fused]  # Torch-Pruning removes these heads itself
@@ -377,8 +401,11 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     for found in attention.find(model):
         if found.name in heads:
             attention.set_heads(found, heads[found.name])
+    # torchao's quantized weights are tensor subclasses: they replace the float parameters
+    # (assigned) rather than being copied into them, which torch cannot do
+    quantized = any(type(t) not in (torch.Tensor, nn.Parameter) for t in state.values())
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=quantized)
     except RuntimeError as exc:
         raise LeantrainError(f"{path} does not fit this model: {exc}") from exc
     return model
