@@ -64,15 +64,52 @@ def _count_cpu_attention() -> None:
              ("_scaled_dot_product_flash_attention_for_cpu_backward", backward)]
     for name, formula in pairs:
         op = getattr(aten, name, None)
-        if op is not None and op.default not in flop_counter.flop_registry:
+        if op is not None and op not in flop_counter.flop_registry:
             flop_counter.register_flop_formula(op)(formula)
 
 
 _count_cpu_attention()
 
 
+def grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """A grouped matrix multiply (MoE experts: each row of `a`, or each group of `a`, times
+    one expert's matrix): 2 x rows x the contraction x the output width, per layout."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # rows grouped by offs, one (K, N) each
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 3 and len(b_shape) == 3:  # batched: (G, M, K) x (G, K, N)
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # the contraction split by offs
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * a_shape[-2] * a_shape[-1] * b_shape[-1]  # (G, M, K) x (K, N) split by columns
+
+
+def grouped_mm_backward_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """The gradients of both operands: twice the forward's multiply-adds."""
+    return 2 * grouped_mm_flops(a_shape, b_shape)
+
+
+def _count_grouped_mm() -> None:
+    """Teach the counter the grouped matrix multiplies that run MoE experts, which it has no
+    formula for: transformers 5 runs experts through `torch._grouped_mm` (or its own fallback
+    op where that has no kernel), and their FLOPs were missing, a Mixtral's MFU 3x low.
+
+    Called at every count: transformers registers its fallback op when it is imported,
+    which may be after leantrain's import."""
+    pairs = [(getattr(torch.ops.aten, "_grouped_mm", None), grouped_mm_flops)]
+    if hasattr(torch.ops, "transformers"):
+        ops = torch.ops.transformers
+        pairs += [(getattr(ops, "grouped_mm_fallback", None), grouped_mm_flops),
+                  (getattr(ops, "grouped_mm_fallback_backward", None),
+                   grouped_mm_backward_flops)]
+    for op, formula in pairs:
+        if op is not None and op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)
+
+
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs that `fn()` dispatches (matmuls and convolutions, forward and backward)."""
+    """FLOPs that `fn()` dispatches (matmuls, convolutions, attention and grouped expert
+    matmuls, forward and backward)."""
+    _count_grouped_mm()
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
