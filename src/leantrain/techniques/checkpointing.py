@@ -76,6 +76,13 @@ def _enable_own(model: nn.Module) -> None:
         enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def users_checkpointing(model: nn.Module) -> bool:
+    """The model already checkpoints its layers: the user turned on its own gradient
+    checkpointing (a Hugging Face module's `gradient_checkpointing` flag), or a plan did."""
+    return any(getattr(m, "gradient_checkpointing", False) is True
+               or getattr(m, "checkpointed", False) for m in model.modules())
+
+
 def check(ctx: Context, value: bool = True) -> tuple[bool, str]:
     if own_checkpointing(ctx.model):
         return True, f"the model's own {_own(ctx.model, 'enable').__name__}() (Hugging Face)"
@@ -86,7 +93,12 @@ def check(ctx: Context, value: bool = True) -> tuple[bool, str]:
 
 
 def decide(ctx: Context, plan: PlanConfig) -> tuple[bool, Outcome]:
-    """Opt-in: it buys memory with speed, which only the user can weigh."""
+    """Opt-in: it buys memory with speed, which only the user can weigh. A model that already
+    checkpoints (the user's own setting) keeps it exactly as it is, whatever the plan says:
+    its variant (`use_reentrant`) and layers are the user's."""
+    if users_checkpointing(ctx.model):
+        return False, Outcome(NAME, True, "the model's own, as you set it (kept unchanged: "
+                                          "leantrain neither re-applies nor turns it off)")
     return switch(NAME, plan.activation_checkpointing, False, check(ctx))
 
 
@@ -105,12 +117,14 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 @contextmanager
 def recompute_paused(model: nn.Module) -> Iterator[None]:
     """Checkpointed blocks run plainly inside: counting FLOPs for MFU wants the model's FLOPs,
-    not the recomputation's (counting those too would be hardware FLOPs utilization)."""
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
-        else "is_gradient_checkpointing"
-    own = own_checkpointing(model) and getattr(model, flag, False)
-    if own:
-        _own(model, "disable")()
+    not the recomputation's (counting those too would be hardware FLOPs utilization).
+
+    A Hugging Face model's layers are paused by their own flags and the flags put back, so
+    the checkpoint function the user chose (`use_reentrant=True`) is never replaced: disabling
+    and re-enabling through the model's API had turned it into `use_reentrant=False`."""
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in flagged:
+        m.gradient_checkpointing = False
     swapped = [m for m in model.modules() if getattr(m, "checkpointed", False)]
     for m in swapped:
         m.__class__ = type(m).__mro__[1]
@@ -119,5 +133,5 @@ def recompute_paused(model: nn.Module) -> Iterator[None]:
     finally:
         for m in swapped:
             m.__class__ = _checkpointed_class(type(m))
-        if own:
-            _enable_own(model)
+        for m in flagged:
+            m.gradient_checkpointing = True
