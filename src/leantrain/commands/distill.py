@@ -81,19 +81,29 @@ def run(args: argparse.Namespace, dist) -> int:
     return 0
 
 
-def _describe(model, accuracy: float | None, loss: float | None, task: str, sample
-              ) -> dict[str, Any]:
-    """A row of the report: validation accuracy and loss (perplexity for a language model,
-    whose accuracy alone says little), size and CPU latency."""
+def _describe(model, found: dict[str, Any], task: str, bundle) -> dict[str, Any]:
+    """A row of the report: validation accuracy and the task's loss (perplexity for a
+    language model, whose accuracy alone says little), size and CPU latency. The loss is the
+    task's alone for every row: a model's own loss may hold auxiliary terms (a MoE's router
+    loss) that the KD student's validation loss does not, and the rows must compare alike."""
+    accuracy, loss = found["val_accuracy"], task_loss(found)
     from ..measure.latency import latency_seconds
+    from ..run.measuring import measuring_call
 
+    call = measuring_call(model, bundle.val, 64, bundle.collate_fn, channels_last=True)
     per_token = task in ("causal-lm", "seq2seq")
     return {"val_accuracy": accuracy, "val_loss": loss,
+            "val_aux_loss": found.get("val_aux_loss"),
             "val_perplexity": math.exp(min(loss, 700.0)) if per_token and loss is not None
             else None,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "cpu_latency_batch64_ms": 1e3 * latency_seconds(model, sample, 64,
-                                                            channels_last=True)}
+            "cpu_latency_batch64_ms": 1e3 * latency_seconds(model, call, channels_last=True)}
+
+
+def task_loss(found: dict[str, Any]) -> float | None:
+    """The task's validation loss alone: a model's own loss less its auxiliary terms."""
+    loss = found.get("val_task_loss")
+    return found.get("val_loss") if loss is None else loss
 
 
 def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out: Path,
@@ -111,7 +121,7 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
     from ..losses.features import FeatureMatch, detach_projections
     from ..run.fit import fit
     from ..run.plan import resolve_plan
-    from ..run.step import evaluate
+    from ..run.step import metrics
     from ..run.summary import MODEL_NAME
 
     kd.check_kd_args(temperature, alpha)
@@ -124,7 +134,8 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
     match = FeatureMatch(student, teacher, feature_pairs, feature_weight) \
         if feature_pairs else None
     # one batch through both: the task, the classes, and the hidden states' shapes
-    task = _task_of_the_pair(teacher, student, val_loader, plan, cfg.train.task)
+    teacher_step = _teacher_step(teacher, student, val_loader, plan, cfg.train.task)
+    task = teacher_step.task
     defaulted = [name for name, value in (("temperature", temperature), ("alpha", alpha))
                  if value is None]
     default_temperature, default_alpha = kd.default_kd_args(task)
@@ -132,7 +143,7 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
     alpha = default_alpha if alpha is None else alpha
     if match is not None:
         match.attach_projections(student)
-    teacher_acc, teacher_loss = evaluate(teacher, val_loader, plan)
+    taught = metrics(teacher, val_loader, teacher_step)
     train_data, cache_seconds, cache_note = bundle.train, None, "not asked (--no-cache)"
     if match is not None:
         cache_note = "feature distillation reads the teacher's hidden states: it runs live"
@@ -159,7 +170,6 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
         detach_projections(student)
         atomic_save({k: v.detach().cpu() for k, v in student.state_dict().items()},
                     out / "student_kd" / MODEL_NAME)
-    sample = common.sample_inputs(bundle)
     report = {
         "temperature": temperature, "alpha": alpha, "task": task,
         "defaulted": defaulted,  # the task's measured default, not given
@@ -167,30 +177,35 @@ def run_distillation(teacher, build_student: Callable[[], Any], bundle, cfg, out
         "feature_weight": feature_weight if feature_pairs else None,
         "teacher_logits_cached": cache_seconds is not None, "cache": cache_note,
         "cache_seconds": cache_seconds,
-        "teacher": _describe(teacher, teacher_acc, teacher_loss, task, sample),
-        "student_alone": {**_describe(build_student(), alone["val_accuracy"],
-                                      alone["val_loss"], task, sample),
+        "teacher": _describe(teacher, taught, task, bundle),
+        "student_alone": {**_describe(build_student(), alone, task, bundle),
                           "train_seconds": alone["train_seconds"]},
-        "student_kd": {**_describe(student, with_kd["val_accuracy"], with_kd["val_loss"], task,
-                                   sample),
+        "student_kd": {**_describe(student, with_kd, task, bundle),
                        "train_seconds": with_kd["train_seconds"]},
     }
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2))
     return report
 
 
-def _task_of_the_pair(teacher, student, loader, plan, task: str) -> str:
-    """The task, from the teacher's outputs on one batch (as the trainer infers it), after
-    checking that the student scores the same classes: before anything trains or is written."""
+def _teacher_step(teacher, student, loader, plan, task: str):
+    """The teacher's step contract with its task (inferred from one batch, as the trainer
+    infers it), after checking that the task has class scores to distil and that the student
+    scores the same classes: before anything trains or is written."""
+    from ..losses import tasks
     from ..run.step import check_first_batch, step_for
 
     checked, classes = check_first_batch(teacher, loader, step_for(teacher, plan, task))
-    found = checked.task
-    _, student_classes = check_first_batch(student, loader, step_for(student, plan, found))
+    if checked.task not in tasks.CLASS_TASKS:
+        what = "returns its own loss and no class scores ('logits')" \
+            if checked.task == "model-loss" else f"is a {checked.task} model"
+        raise LeantrainError(f"the teacher {what}: distillation matches class scores (tasks "
+                             f"{', '.join(tasks.CLASS_TASKS)}), so there is nothing to distil")
+    _, student_classes = check_first_batch(student, loader, step_for(student, plan,
+                                                                     checked.task))
     if student_classes != classes:
         raise LeantrainError(f"the student scores {student_classes} classes and the teacher "
                              f"{classes}; distillation needs the same classes")
-    return found
+    return checked
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -103,7 +103,11 @@ class DistillationLoss:
     plus the feature-matching term when `features` pairs hidden states (`losses.features`).
 
     Called inside the trainer's autocast, so the live teacher runs in the plan's precision.
+    The student's own auxiliary terms (a MoE's router balancing loss) stay in its objective:
+    `keeps_auxiliary` has the step add them (`run.step.Step.auxiliary`).
     """
+
+    keeps_auxiliary = True
 
     def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9,
                  task: str = "classification", features=None):

@@ -18,10 +18,13 @@ def loss_terms(out: Mapping) -> list[str]:
 
 
 def read_output(out: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(logits, loss) of a tensor, a tuple (a leading 0-d tensor is a loss), a dict or a
+    """(logits, loss) of a tensor (a 0-d floating-point one is a loss: the diffusers
+    training-script style), a tuple (a leading 0-d tensor is a loss), a dict or a
     ModelOutput. A dict without `loss` but with loss terms (`loss_terms`) trains on their
     sum: a model that names its losses is trained on all of them, never on its logits alone."""
     if isinstance(out, torch.Tensor):
+        if out.dim() == 0 and out.is_floating_point():
+            return None, out
         return out, None
     if isinstance(out, Mapping):
         own = out.get("loss")

@@ -27,6 +27,7 @@ from ..errors import LeantrainError
 
 IGNORE_INDEX = -100
 CLASS_TASKS = ("classification", "token-classification", "causal-lm", "seq2seq")
+PER_TOKEN = ("causal-lm", "seq2seq")  # scored per token: a perplexity means something
 TASKS = (*CLASS_TASKS, "regression", "multi-label", "model-loss")
 METRIC = {"classification": "accuracy", "token-classification": "accuracy",
           "causal-lm": "accuracy", "seq2seq": "accuracy", "multi-label": "accuracy",

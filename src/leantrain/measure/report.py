@@ -73,8 +73,13 @@ def _result_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     if summary.get("val_mae") is not None:
         rows.append(("validation MAE", f"{summary['val_mae']:.4f}"))
     rows.append(("validation loss", _fmt(summary["val_loss"], ".4f")))
+    if summary.get("val_task_loss") is not None:
+        rows.append(("  of which the task's", f"{summary['val_task_loss']:.4f} (auxiliary "
+                                              f"terms {summary['val_aux_loss']:.4f})"))
     if summary.get("loss"):
         rows.append(("loss is", summary["loss"]))
+    if summary.get("evaluation"):
+        rows.append(("evaluation", summary["evaluation"]))
     if summary.get("val_perplexity") is not None:
         rows.append(("validation perplexity", f"{summary['val_perplexity']:.2f}"))
     if summary.get("val_bits_per_byte") is not None:

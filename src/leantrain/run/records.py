@@ -100,6 +100,7 @@ class Records:
         found = step.metrics(run.model, run.val_loader, run.step)
         p.val_accuracy, p.val_loss, p.val_mae = (found[k] for k in
                                                  ("val_accuracy", "val_loss", "val_mae"))
+        p.val_task_loss, p.val_aux_loss = found.get("val_task_loss"), found.get("val_aux_loss")
         self.evaluated_at = p.step
         if p.time_to_target is None and target_met(self.target, found):
             p.time_to_target = seconds()

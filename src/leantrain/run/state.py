@@ -42,6 +42,8 @@ class Progress:
     val_accuracy: float | None = None
     val_loss: float | None = None
     val_mae: float | None = None
+    val_task_loss: float | None = None  # the task's loss alone, when the model's holds more
+    val_aux_loss: float | None = None  # ... and the rest: the model's auxiliary terms
     stop_reason: str | None = None  # a target met, or train.max_steps reached
     finished: bool = False
     # each loader batch runs as this many micro-batches, their gradients accumulated: raised

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -38,7 +39,7 @@ from ..errors import LeantrainError, bounded_repr, first_line, one_line, shorten
 from ..losses import tasks
 from ..losses.outputs import loss_terms, read_output
 from ..losses.tasks import IGNORE_INDEX
-from ..measure.probe import untouched
+from ..measure.probe import EVAL_SEED, random_states, seeded, untouched
 from ..techniques.memory_format import to_channels_last
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
     module = getattr(model, "module", model)  # DDP
-    return getattr(module, "_orig_mod", module)  # torch.compile
+    module = getattr(module, "_orig_mod", module)  # torch.compile
+    base = getattr(module, "get_base_model", None)  # PEFT: forward(*args, **kwargs) passes
+    return base() if callable(base) else module  # every keyword to the model it adapts
 
 
 def forward_keys(model: nn.Module) -> tuple[frozenset[str] | None, bool]:
@@ -102,18 +105,27 @@ class Step:
     pad_token_id: int | None = None  # the config's, when it is no end-of-text token too
     own_loss: bool = False  # the model returned a loss of its own on the first batch
     loss_terms: tuple[str, ...] = ()  # ... as named terms, no `loss`: trained on their sum
+    # terms the model returns beside its `loss` (a MoE's router `aux_loss`): that loss holds
+    # them, so validation also reports the task's loss alone, and perplexity comes from it
+    aux_terms: tuple[str, ...] = ()
+    keeps_auxiliary: bool = False  # a custom loss (KD) that adds the model's auxiliary part
+    draws_random: bool = False  # the forward draws random numbers in eval mode: seeded
 
     @property
     def loss_source(self) -> str:
         """What the training and validation losses measure, in words (the summary says it)."""
         task_loss = f"the task's {tasks.LOSS_NAME.get(self.task, 'loss')}"
         if self.loss_fn is not None:
-            return f"your loss_fn in training; validation: {task_loss}"
+            kept = f" plus the model's auxiliary {', '.join(self.aux_terms)}" \
+                if self.keeps_auxiliary and self.aux_terms else ""
+            return f"your loss_fn{kept} in training; validation: {task_loss}"
         if self.loss_terms:
             return (f"the sum of the model's loss terms ({', '.join(self.loss_terms)}; it "
                     "returns no 'loss'), in training and validation")
         if self.own_loss or self.task == "model-loss":
-            return "the model's own loss, in training and validation"
+            aux = (f" (with its auxiliary {', '.join(self.aux_terms)}; validation also reports "
+                   f"{task_loss} alone)") if self.aux_terms else ""
+            return f"the model's own loss{aux}, in training and validation"
         return f"{task_loss}, in training and validation"
 
     def unpack(self, raw: Any) -> StepBatch:
@@ -160,11 +172,20 @@ class Step:
         """(logits, the loss to train on, the model's own loss) of the model's output `out`:
         the custom loss, else the model's own, else the task's."""
         logits, own = read_output(out)
-        if self.loss_fn is not None:
-            return logits, self.loss_fn(logits, sb.labels, sb.inputs, *sb.extras), own
+        if self.loss_fn is not None:  # the logits, or what the model returned when it has none
+            shown = logits if logits is not None else out
+            loss = self.loss_fn(shown, sb.labels, sb.inputs, *sb.extras)
+            if self.keeps_auxiliary and self.aux_terms and own is not None:
+                loss = loss + self.auxiliary(own, logits, sb)  # (KD keeps the router's balance)
+            return logits, loss, own
         if own is not None:
             return logits, own, own
         return logits, tasks.loss(self.task, logits, sb.labels), None
+
+    def auxiliary(self, own: torch.Tensor, logits: torch.Tensor, sb: StepBatch) -> torch.Tensor:
+        """The part of the model's own loss that is not the task's: its auxiliary terms as the
+        model weighs them (Mixtral: router_aux_loss_coef x aux_loss)."""
+        return own - tasks.loss(self.task, logits, sb.labels)
 
     def probe(self, model: nn.Module, raw: Any) -> None:
         """Forward and backward without a step: what measuring the loader and FLOPs runs."""
@@ -193,6 +214,7 @@ def step_for(model: nn.Module, plan, task: str = "auto", loss_fn=None) -> Step:
         pad = None  # a pad token that is also end-of-text: the mask must say which is which
     return Step(plan.device, plan.channels_last, plan.autocast, task, loss_fn, keys,
                 takes_labels, pass_labels=loss_fn is None,
+                keeps_auxiliary=bool(getattr(loss_fn, "keeps_auxiliary", False)),
                 encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
                 pad_token_id=pad if isinstance(pad, int) else None)
 
@@ -203,28 +225,43 @@ def metrics(model: nn.Module, loader, step: Step) -> dict[str, float | None]:
 
     The loss is the one training reports: the model's own when it returns one (averaged over
     the counted targets, as training averages it), else the task's (cross-entropy, MSE, BCE).
-    Under a custom loss (distillation) it is the task's, so such runs are scored alike.
+    Under a custom loss (distillation) it is the task's, so such runs are scored alike. A model
+    whose own loss holds auxiliary terms (`Step.aux_terms`) also gets the task's loss alone
+    (`val_task_loss`) and the rest (`val_aux_loss`); a per-token task's perplexity comes from
+    the task's loss alone. Every evaluation draws the same random numbers (`seeded`).
     """
     was_training = model.training
     model.eval()
     loss_sum, hits, count = tasks.zeros(step.task, step.device)
-    for number, raw in enumerate(loader.batches()):
-        sb = step.unpack(raw)
-        with step.autocast():
-            logits, own = read_output(model(*sb.args, **sb.kwargs))
-        metric, n = tasks.tally(step.task, logits, sb.labels, sb.size)
-        if step.task == "model-loss" or (own is not None and step.loss_fn is None):
-            loss_sum += own.detach().float() * n
-        else:
+    task_sum = torch.zeros((), device=step.device)
+    apart = bool(step.aux_terms) and step.loss_fn is None and step.task in tasks.CLASS_TASKS
+    with seeded(step.device):
+        for number, raw in enumerate(loader.batches()):
+            sb = step.unpack(raw)
+            with step.autocast():
+                logits, own = read_output(model(*sb.args, **sb.kwargs))
+            metric, n = tasks.tally(step.task, logits, sb.labels, sb.size)
             with naming_label_errors(f"validation batch {number}"):
-                loss_sum += tasks.loss_sum(step.task, logits, sb.labels)
-        hits += metric
-        count += n
+                if step.task == "model-loss" or (own is not None and step.loss_fn is None):
+                    loss_sum += own.detach().float() * n
+                    if apart:
+                        task_sum += tasks.loss_sum(step.task, logits, sb.labels)
+                else:
+                    loss_sum += tasks.loss_sum(step.task, logits, sb.labels)
+            hits += metric
+            count += n
     model.train(was_training)
     n, name = max(count.item(), 1), tasks.METRIC.get(step.task)
-    return {"val_loss": loss_sum.item() / n,
-            "val_accuracy": hits.item() / n if name == "accuracy" else None,
-            "val_mae": hits.item() / n if name == "mae" else None}
+    found = {"val_loss": loss_sum.item() / n,
+             "val_accuracy": hits.item() / n if name == "accuracy" else None,
+             "val_mae": hits.item() / n if name == "mae" else None}
+    if apart:
+        found["val_task_loss"] = task_sum.item() / n
+        found["val_aux_loss"] = found["val_loss"] - found["val_task_loss"]
+    if step.task in tasks.PER_TOKEN:
+        found["val_perplexity"] = math.exp(min(found.get("val_task_loss", found["val_loss"]),
+                                               700.0))
+    return found
 
 
 def check_evaluation(model: nn.Module, loader, step: Step) -> None:
@@ -232,12 +269,14 @@ def check_evaluation(model: nn.Module, loader, step: Step) -> None:
     is written: validation samples of another shape, or that the model cannot take, fail here
     in one line and not at the first evaluation, after the first epoch."""
     raw = next(iter(loader.batches()))
-    _checked_call(model, lambda: metrics(model, _OneBatch(raw), step), step.unpack(raw), step,
+    _checked_call(model, lambda: metrics(model, OneBatch(raw), step), step.unpack(raw), step,
                   where="the validation set's first batch")
 
 
 @dataclass
-class _OneBatch:
+class OneBatch:
+    """A loader of one batch (what `metrics` evaluates to check or to probe one batch)."""
+
     raw: Any
 
     def batches(self) -> list[Any]:
@@ -270,7 +309,16 @@ def check_first_batch(model: nn.Module, loader, step: Step,
     # them to run at all (its decoder inputs are built from them)
     call = sb.kwargs if step.encoder_decoder else \
         {k: v for k, v in sb.kwargs.items() if k != "labels"}
-    logits, own = read_output(_checked_call(model, lambda: model(*sb.args, **call), sb, step))
+    drew = []
+
+    def first_call() -> Any:  # (and whether evaluation draws random numbers: it is seeded)
+        before = random_states(step.device)
+        out = model(*sb.args, **call)
+        drew.append(any(not torch.equal(a, b) for a, b in
+                        zip(before, random_states(step.device), strict=True)))
+        return out
+
+    logits, own = read_output(_checked_call(model, first_call, sb, step))
     if step.loss_fn is None and own is None:
         _check_label_type(sb.labels)
     task = step.task if step.task != "auto" else tasks.infer(
@@ -279,7 +327,9 @@ def check_first_batch(model: nn.Module, loader, step: Step,
     if task in tasks.CLASS_TASKS and logits is not None and sb.labels is not None:
         labels = all_labels if all_labels is not None and task != "causal-lm" else sb.labels
         _check_class_labels(task, logits, labels)
-    checked = replace(step, task=task)
+    # a custom loss that keeps the model's auxiliary terms needs the model's own loss
+    checked = replace(step, task=task, draws_random=drew[0],
+                      pass_labels=step.pass_labels or step.keeps_auxiliary)
     found = check_loss(model, raw, checked)
     from . import recovery  # (here: recovery's import of the run state imports this module)
 
@@ -288,10 +338,18 @@ def check_first_batch(model: nn.Module, loader, step: Step,
         recovery.release(step.device)
     terms = tuple(loss_terms(found[0])) if isinstance(found[0], Mapping) \
         and found[0].get("loss") is None else ()
-    checked = replace(checked, own_loss=found[1][2] is not None, loss_terms=terms)
+    aux = tuple(loss_terms(found[0])) if task in tasks.CLASS_TASKS and isinstance(
+        found[0], Mapping) and found[0].get("loss") is not None else ()
+    checked = replace(checked, own_loss=found[1][2] is not None, loss_terms=terms,
+                      aux_terms=aux, pass_labels=checked.pass_labels and (
+                          step.pass_labels or bool(aux)))
     if terms and step.loss_fn is None:
         log.warning("the model returns no 'loss' but %s: training on their sum",
                     " + ".join(terms))
+    if checked.draws_random:
+        log.info("the model's forward draws random numbers in eval mode: every evaluation "
+                 "draws the same ones (seed %d), so compared models see the same noise",
+                 EVAL_SEED)
     return checked, logits.shape[-1] if logits is not None and logits.dim() else None
 
 
