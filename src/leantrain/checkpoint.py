@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,36 @@ def _os_error(exc: BaseException) -> OSError | None:
 
 
 def remove_partial_writes(folder: str | Path) -> list[Path]:
-    """Delete the temp files of writes that never finished (the process was killed)."""
-    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    """Delete the temp files and folders of writes that never finished (the process was
+    killed)."""
+    stale = list(Path(folder).glob(".*.tmp"))
     for p in stale:
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return stale
+
+
+def atomic_folder(path: str | Path, write) -> None:
+    """`write(folder)` into a temp folder beside `path`, then rename it to `path` (replacing
+    an older one), so that `path` is always a complete folder or none."""
+    path = Path(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise LeantrainError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        write(tmp)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except OSError as exc:
+        why = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror
+        raise LeantrainError(f"cannot write {path}: {why}") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -21,12 +21,13 @@ from ..data.loaders import batch_size, data_wait_advice, split_batch
 from ..losses import tasks
 from ..measure.flops import count_flops, device_peak, mfu
 from ..measure.memory import peak_bytes
-from ..measure.probe import untouched
+from ..measure.probe import EVAL_SEED, untouched
 from ..measure.timing import DATA_WAIT_WARNING, StepTimer
 from ..techniques import schedules
 from ..techniques.checkpointing import recompute_paused
 from . import recovery
 from .plan import ResolvedPlan, Run
+from .pretrained import folder_name, write_pretrained
 from .state import TrainState
 
 log = logging.getLogger(__name__)
@@ -159,9 +160,15 @@ def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float
         # 1, or how many micro-batches each batch became after an out-of-memory recovery
         "micro_split": p.micro_split,
     }
-    if run.step.task == "causal-lm" and p.val_loss is not None:
-        summary["val_perplexity"] = math.exp(min(p.val_loss, 700.0))
-        summary["val_bits_per_token"] = p.val_loss / math.log(2)
+    if run.step.aux_terms:  # the task's loss alone, and the model's auxiliary terms
+        summary["val_task_loss"], summary["val_aux_loss"] = p.val_task_loss, p.val_aux_loss
+    task_loss = p.val_task_loss if p.val_task_loss is not None else p.val_loss
+    if run.step.task in tasks.PER_TOKEN and task_loss is not None:
+        summary["val_perplexity"] = math.exp(min(task_loss, 700.0))
+        summary["val_bits_per_token"] = task_loss / math.log(2)
+    if run.step.draws_random:
+        summary["evaluation"] = (f"seeded (seed {EVAL_SEED}): the model's forward draws random "
+                                 "numbers, and every evaluation draws the same ones")
     if cfg.data.context is not None:  # a byte-level language model: per-token figures
         summary["tokens_per_second"] = samples_per_second * cfg.data.context \
             if samples_per_second else None
@@ -178,10 +185,12 @@ def write(run: Run, state: TrainState, summary: dict[str, Any], out_dir: Path) -
 
 
 def _write_weights(run: Run, state: TrainState, out_dir: Path) -> None:
+    """model.pt, and a Hugging Face model's `save_pretrained` folder (`run.pretrained`)."""
     weights, _ = distributed.full_state(run.model, state.optimizer, run.plan.distributed)
     if run.dist.is_main:
-        atomic_save({k: v.detach().cpu().contiguous() for k, v in weights.items()},
-                    out_dir / MODEL_NAME)
+        weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        atomic_save(weights, out_dir / MODEL_NAME)
+        write_pretrained(run.model, weights, out_dir)
 
 
 def write_missing(run: Run, state: TrainState, saved_summary: dict[str, Any] | None,
@@ -189,7 +198,8 @@ def write_missing(run: Run, state: TrainState, saved_summary: dict[str, Any] | N
     """For a finished run (its final checkpoint restored into `run` and `state`): write
     model.pt and summary.json where they are missing; returns the names written."""
     written = []
-    if not (out_dir / MODEL_NAME).is_file():
+    folder = folder_name(run.model)
+    if not (out_dir / MODEL_NAME).is_file() or (folder and not (out_dir / folder).is_dir()):
         _write_weights(run, state, out_dir)
         written.append(MODEL_NAME)
     if not (out_dir / SUMMARY_NAME).is_file() and saved_summary is not None:

@@ -1,0 +1,55 @@
+"""The run's model in the layout the Hugging Face ecosystem loads: beside `model.pt` (a plain
+state_dict for `load_state_dict`), a Hugging Face model gets `pretrained/` (config and
+safetensors, for `AutoModel...from_pretrained(DIR)`) and a PEFT model `adapter/` (the
+adapter's config and weights, for `PeftModel.from_pretrained(base, DIR)`). A LoRA run's
+`model.pt` holds the whole PEFT state dict, frozen base included, which PEFT cannot read.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..checkpoint import atomic_folder
+
+log = logging.getLogger(__name__)
+
+PRETRAINED_DIR = "pretrained"
+ADAPTER_DIR = "adapter"
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    module = getattr(model, "module", model)  # DDP
+    return getattr(module, "_orig_mod", module)  # torch.compile
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(_plain(model), "peft_config")
+
+
+def folder_name(model: nn.Module) -> str | None:
+    """`adapter` for a PEFT model, `pretrained` for a Hugging Face model, else None."""
+    model = _plain(model)
+    if is_peft(model):
+        return ADAPTER_DIR
+    if callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config"):
+        return PRETRAINED_DIR
+    return None
+
+
+def write_pretrained(model: nn.Module, weights: dict[str, Any], out_dir: Path) -> str | None:
+    """The model's `save_pretrained` folder in `out_dir`, from `weights` (the full state_dict,
+    as gathered for model.pt), written whole or not at all; returns its name, or None for a
+    model with no `save_pretrained`."""
+    name = folder_name(model)
+    if name is None:
+        return None
+    plain = _plain(model)
+    atomic_folder(out_dir / name, lambda tmp: plain.save_pretrained(str(tmp), state_dict=weights))
+    how = "PeftModel.from_pretrained(base_model, DIR)" if name == ADAPTER_DIR \
+        else f"{type(plain).__name__}.from_pretrained(DIR)"
+    log.info("%s: load it with %s", out_dir / name, how)
+    return name
