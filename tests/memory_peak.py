@@ -46,8 +46,23 @@ def bert():
         intermediate_size=1024, max_position_embeddings=128, num_labels=2))
 
 
+def lora():
+    """GPT-2 with a LoRA adapter: its memory is mostly the frozen base (weights without
+    gradients or optimizer states)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=8192, n_positions=128, n_embd=512, n_layer=2,
+                                      n_head=8))
+    return get_peft_model(base, LoraConfig(r=8, target_modules=["c_attn"], fan_in_fan_out=True))
+
+
 def data(kind: str, n: int = 1024):
     g = torch.Generator().manual_seed(0)
+    if kind == "lora":
+        ids = torch.randint(0, 8192, (n, 128), generator=g)
+        return TensorDictDataset(input_ids=ids, labels=ids)
     if kind == "bert":
         ids = torch.randint(1, 8192, (n, 128), generator=g)
         return TensorDictDataset(input_ids=ids, labels=torch.randint(0, 2, (n,), generator=g))
@@ -56,7 +71,8 @@ def data(kind: str, n: int = 1024):
                                                                               generator=g))
 
 
-SETTINGS = {"mlp": (mlp, 256, "adamw"), "cnn": (cnn, 64, "sgd"), "bert": (bert, 32, "adamw")}
+SETTINGS = {"mlp": (mlp, 256, "adamw"), "cnn": (cnn, 64, "sgd"), "bert": (bert, 32, "adamw"),
+            "lora": (lora, 8, "adamw")}
 
 
 def main(kind: str) -> None:

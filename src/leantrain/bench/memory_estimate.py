@@ -33,6 +33,7 @@ from ..config import TrainConfig, config_from_dict, merge
 from ..data import DataBundle
 from ..measure.memory import MARGIN, available_ram_bytes, cuda_memory_bytes
 from ..run.plan import Run, build
+from ..run.step import OneBatch, metrics
 from ..run.trainer import Trainer
 from ..techniques import checkpointing, optimizer_offload, optimizer_states
 from ..techniques.base import Context
@@ -55,6 +56,8 @@ class MemoryEstimate:
     micro_batch: int  # samples per forward/backward
     forward_backward: dict[str, int]  # bytes by kind at the peak up to the optimizer step
     optimizer_step: dict[str, int]  # bytes by kind at the optimizer step's own peak
+    evaluation: dict[str, int]  # bytes by kind at an evaluation batch's peak (no gradients)
+    eval_batch: int  # samples per evaluation batch (data.eval_batch_size)
     peak_bytes: int
     peak_phase: str
     bytes_per_sample: float
@@ -77,7 +80,8 @@ class MemoryEstimate:
         fixed = fwbw["total"] - self.bytes_per_sample * self.micro_batch
         at_fwbw = fixed + (self.bytes_per_sample - saved_per_sample) * micro_batch - saved(fwbw)
         at_step = self.optimizer_step["total"] - saved(self.optimizer_step)
-        return int(max(at_fwbw, at_step))
+        at_eval = self.evaluation["total"] - saved(self.evaluation)
+        return int(max(at_fwbw, at_step, at_eval))
 
 
 def device_room(device: torch.device) -> tuple[int | None, str]:
@@ -109,21 +113,60 @@ def _probe_run(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Tr
                  bundle.val, measure_loader=False, collate_fn=bundle.collate_fn)
 
 
-def probe(run: Run) -> tuple[dict[str, int], dict[str, int], int]:
-    """(bytes by kind at the forward/backward peak, at the optimizer step's peak, micro-batch)."""
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def _tracker(model: nn.Module):
+    """torch's MemTracker, told not to hook the gradients of frozen parameters.
+
+    Its module hooks register a gradient hook on every parameter a forward touches, and torch
+    refuses one on a tensor that needs no gradient: every LoRA/PEFT model (a frozen base) and
+    Whisper (frozen positions) failed. A frozen parameter is a weight with no gradient and no
+    optimizer state, which is what the tracker then counts it as."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    tracker = MemTracker()
+    hooks = getattr(tracker, "_param_to_grad_hook_handles", None)
+    if hooks is not None:  # (where torch renames it, a frozen model fails as before)
+        for param in model.parameters():
+            if not param.requires_grad:
+                hooks[param] = (_NoHook(), _NoHook())
+    return tracker
+
+
+def probe(run: Run) -> tuple[dict[str, int], dict[str, int], int]:
+    """(bytes by kind at the forward/backward peak, at the optimizer step's peak, micro-batch)."""
+    return _probe(run)[:3]
+
+
+def _evaluation(run: Run, optimizer) -> dict[str, int]:
+    """Bytes by kind while the first validation batch is evaluated as `metrics` evaluates it,
+    with the optimizer's states alive, as they are at every evaluation. A language model's
+    logits over a large vocabulary at data.eval_batch_size can outgrow the training step."""
+    raw = next(iter(run.val_loader.batches()))
+    tracker = _tracker(run.model)
+    tracker.track_external(run.model, optimizer)
+    with tracker:
+        metrics(run.model, OneBatch(raw), run.step)
+    return _by_kind(tracker.get_tracker_snapshot("peak"), run.plan.device)
+
+
+def _probe(run: Run) -> tuple[dict[str, int], dict[str, int], int, dict[str, int]]:
+    """`probe`'s answer and the evaluation's bytes by kind."""
     trainer = Trainer(run, progress_bar=False)
     steps = trainer.steps()
     try:
         next(steps)  # creates the optimizer's states: not what a step holds afterwards
         optimizer = trainer.state.optimizer
-        tracker, in_step, seen = MemTracker(), MemTracker(), {}
+        tracker, in_step, seen = _tracker(run.model), _tracker(run.model), {}
         if run.plan.optimizer_offload:  # states and step on the host: the model's side only
             tracker.track_external(run.model)
             with tracker:
                 next(steps)
-            return _tracked(tracker.get_tracker_snapshot("peak"), None, run, trainer)
+            return (*_tracked(tracker.get_tracker_snapshot("peak"), None, run, trainer),
+                    _evaluation(run, None))
         tracker.track_external(run.model, optimizer)
 
         def before_step(*_) -> None:  # forward and backward are over: their peak is known
@@ -145,10 +188,11 @@ def probe(run: Run) -> tuple[dict[str, int], dict[str, int], int]:
         finally:
             for hook in hooks:
                 hook.remove()
+        evaluation = _evaluation(run, optimizer)
     finally:
         steps.close()
-    return _tracked(seen.get("fwbw", tracker.get_tracker_snapshot("peak")), seen.get("step"),
-                    run, trainer)
+    return (*_tracked(seen.get("fwbw", tracker.get_tracker_snapshot("peak")), seen.get("step"),
+                      run, trainer), evaluation)
 
 
 def _tracked(fwbw: dict, in_step: dict | None, run: Run, trainer: Trainer
@@ -164,14 +208,16 @@ def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Trai
              room: int | None = None, shards_available: int | None = None) -> MemoryEstimate:
     """Probe the plan and price the options; `room` overrides the device's memory (bytes)."""
     run = _probe_run(build_model, bundle, cfg, {})
-    fwbw, in_step, micro = probe(run)
+    fwbw, in_step, micro, evaluation = _probe(run)
     device = run.plan.device
     room, kind = (room, "given limit") if room else device_room(device)
     per_sample = sum(fwbw[k] for k in _PER_SAMPLE) / micro
+    phases = {"forward/backward": fwbw["total"], "optimizer step": in_step["total"],
+              "evaluation": evaluation["total"]}
     est = MemoryEstimate(
         device=str(device), micro_batch=micro, forward_backward=fwbw, optimizer_step=in_step,
-        peak_bytes=max(in_step["total"], fwbw["total"]),
-        peak_phase="optimizer step" if in_step["total"] > fwbw["total"] else "forward/backward",
+        evaluation=evaluation, eval_batch=min(cfg.data.eval_batch_size, len(bundle.val)),
+        peak_bytes=max(phases.values()), peak_phase=max(phases, key=phases.get),
         bytes_per_sample=per_sample, room_bytes=room, room_kind=kind, fits=None,
         largest_micro_batch=None)
     limit = None if room is None else (1 - MARGIN) * room
@@ -220,6 +266,8 @@ def _options(est: MemoryEstimate, run: Run, build_model, bundle: DataBundle, cfg
     plan, opts = run.plan, []
     if est.micro_batch > 1:
         opts.append(_micro_batch_option(est, cfg, plan.grad_accum, limit))
+    if est.peak_phase == "evaluation" and est.eval_batch > 1:
+        opts.append(_eval_batch_option(est, limit))
     ckpt = _checkpointing_saving(est, run, build_model, bundle, cfg)
     if ckpt is not None:
         opts.append(_option(est, limit, "activation checkpointing "
@@ -250,6 +298,23 @@ def _micro_batch_option(est: MemoryEstimate, cfg: TrainConfig, grad_accum: int,
                                f"plan.grad_accum={accum} keeps the global batch)", micro=micro)
 
 
+def _eval_batch_option(est: MemoryEstimate, limit: float | None) -> dict[str, Any]:
+    """Evaluating in smaller batches: the evaluation's activations shrink with its batch (the
+    training step's peak is then what remains)."""
+    evaluation = est.evaluation
+    per_sample = sum(evaluation[k] for k in _PER_SAMPLE) / est.eval_batch
+    size = est.eval_batch // 2
+    while limit is not None and size > 1 and \
+            evaluation["total"] - per_sample * (est.eval_batch - size) > limit:
+        size //= 2
+    saved = per_sample * (est.eval_batch - size)
+    trained = est.peak_at(est.micro_batch, lambda kinds: saved if kinds is evaluation else 0.0)
+    return {"advice": f"evaluation in batches of {size} (data.eval_batch_size={size}; it "
+                      "changes no result)", "peak_bytes": trained,
+            "saves_bytes": est.peak_bytes - trained,
+            "fits": None if limit is None else trained <= limit, "measured": False}
+
+
 def _state_options(est: MemoryEstimate, model: nn.Module, optimizer: str,
                    limit: float | None) -> list[dict[str, Any]]:
     """Low-bit moments (torchao's layout) and, for AdamW, bf16 weights and moments (half of
@@ -270,8 +335,8 @@ def _state_options(est: MemoryEstimate, model: nn.Module, optimizer: str,
 def _checkpointing_saving(est: MemoryEstimate, run: Run, build_model, bundle: DataBundle,
                           cfg: TrainConfig) -> float | None:
     """Per-sample bytes that activation checkpointing saves, from a second probe with it on."""
-    if run.plan.activation_checkpointing:
-        return None
+    if run.plan.activation_checkpointing or checkpointing.users_checkpointing(run.model):
+        return None  # already on (the plan's, or the user's own): nothing more to save
     ok, why = checkpointing.check(Context(run.plan.device, run.model, cfg.optim.name))
     if not ok:
         log.info("memory estimate: activation checkpointing not priced: %s", why)
@@ -313,6 +378,9 @@ def format_estimate(est: dict[str, Any]) -> list[str]:
              f"{mib(est['peak_bytes'])} in the {est['peak_phase']}",
              f"  at the forward/backward peak: {parts}",
              f"  grows by {mib(est['bytes_per_sample'])} per sample of micro-batch"]
+    if est.get("evaluation"):
+        lines.append(f"  evaluating a batch of {est['eval_batch']}: "
+                     f"{mib(est['evaluation']['total'])}")
     if est["room_bytes"]:
         verdict = "fits" if est["fits"] else "does NOT fit"
         largest = est["largest_micro_batch"]
