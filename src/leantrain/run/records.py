@@ -61,6 +61,14 @@ class Records:
         self.monitor = start_monitor(self.run, lambda sample: self.log_file.log(
             "monitor", step(), **sample))
 
+    def stop_reason(self, step: int) -> str | None:
+        """Why the run stops after optimizer step `step`: train.max_steps reached, or the
+        watcher's reason (a tune pruner); None to go on."""
+        max_steps = self.run.cfg.train.max_steps
+        if max_steps is not None and step >= max_steps:
+            return f"train.max_steps ({max_steps}) reached"
+        return self.watcher.stop_reason() if self.watcher is not None else None
+
     def close(self) -> dict[str, Any] | None:
         """Stop the monitor and close the log; returns the monitor's summary."""
         if self.monitor:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,7 +22,9 @@ from ..losses import tasks
 from ..techniques import precision
 from ..techniques.optimizer import build_optimizer
 from ..techniques.schedules import build_scheduler
-from .plan import Run
+
+if TYPE_CHECKING:  # (a type only: plan builds the run and imports the step, which imports
+    from .plan import Run  # recovery, which imports this module)
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ from ..losses.outputs import loss_terms, read_output
 from ..losses.tasks import IGNORE_INDEX
 from ..measure.probe import EVAL_SEED, random_states, seeded, untouched
 from ..techniques.memory_format import to_channels_last
+from . import recovery
 
 log = logging.getLogger(__name__)
 
@@ -331,8 +332,6 @@ def check_first_batch(model: nn.Module, loader, step: Step,
     checked = replace(step, task=task, draws_random=drew[0],
                       pass_labels=step.pass_labels or step.keeps_auxiliary)
     found = check_loss(model, raw, checked)
-    from . import recovery  # (here: recovery's import of the run state imports this module)
-
     _, out_of_memory = recovery.attempt(lambda: check_loss(model, raw, checked, training=True))
     if out_of_memory:  # not the data's fault: the loop replays such a step in smaller parts
         recovery.release(step.device)

@@ -204,10 +204,7 @@ class Trainer:
         if self.stop.agreed(p.step, self.run.dist, train.log_every, self.run.plan.device):
             self.stop.stop(p.step, self.out_dir and self.checkpoints.resume_command(),
                            lambda: self.checkpoints.save(self.state))
-        if train.max_steps is not None and p.step >= train.max_steps:
-            p.stop_reason = f"train.max_steps ({train.max_steps}) reached"
-        if self.records.watcher is not None and not p.stop_reason:
-            p.stop_reason = self.records.watcher.stop_reason()
+        p.stop_reason = p.stop_reason or self.records.stop_reason(p.step)
         eval_now = train.eval_every_steps and p.step % train.eval_every_steps == 0
         checkpoint = train.checkpoint_every and p.step % train.checkpoint_every == 0
         if (eval_now or checkpoint) and not p.stop_reason:
