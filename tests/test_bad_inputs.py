@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -869,6 +870,61 @@ def test_a_data_function_named_by_a_folder_is_refused_too(tmp_path, monkeypatch,
     code = main(["train", "--resume", ".", "--no-progress"])
     _one_line_error(capsys, code, "(--data helpers:build)")
     assert not (folder / "code_ran").exists()
+
+
+HOSTILE_NAMES = [  # each reaches code through a leantrain module's namespace, or is not a builder
+    "leantrain.checkpoint:os.abort", "leantrain.checkpoint:tempfile.mkdtemp",
+    "leantrain.cli:main", "leantrain.recipes.models:torch.manual_seed",
+    "leantrain.recipes.models:nn.Module", "leantrain.recipes:get_recipe.__globals__",
+    "leantrain.recipes.models:__import__", "leantrain.recipes.models:os",
+    "leantrain.recipes.models.torch:load", "leantrain.recipes.models:default_model.__call__",
+    "leantrain:__builtins__", "leantrain.:x", "leantrain.recipes..models:digits_cnn",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+@pytest.mark.parametrize("key", ["model", "data.source"])
+def test_a_folder_naming_code_through_leantrain_is_refused_without_running_it(
+        tmp_path, monkeypatch, capsys, name, key):
+    folder = _handed_folder(tmp_path, **{"data.context": 16})
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    section, _, field = key.rpartition(".")
+    (cfg[section] if section else cfg)[field] = name
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(folder)
+    before = set(os.listdir(tempfile.gettempdir()))
+    code = main(["train", "--resume", ".", "--no-progress"])
+    flag = "--model" if key == "model" else "--data"
+    _one_line_error(capsys, code, f"names code to import ({flag} ", "--trust-run-code")
+    assert set(os.listdir(tempfile.gettempdir())) <= before  # (mkdtemp did not run)
+
+
+def test_leantrains_own_model_builders_are_trusted_by_their_module():
+    from leantrain.data.sources import code_named_by
+
+    assert code_named_by("leantrain.recipes.models:digits_student", "digits") == {}
+    assert code_named_by("leantrain.checkpoint:os.abort", "digits") == {
+        "--model": "leantrain.checkpoint:os.abort"}
+
+
+def test_a_config_file_that_names_code_says_which_module_and_file_it_imports(tmp_path, caplog,
+                                                                             monkeypatch):
+    import logging
+
+    from leantrain.cli import build_parser
+    from leantrain.commands import common
+
+    (tmp_path / "helpers.py").write_text(HELPERS)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"model": "helpers:build"}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = build_parser().parse_args(["doctor", "--config", "run.yaml"])
+    with caplog.at_level(logging.INFO, logger="leantrain"):
+        assert common.config_from_args(args).model == "helpers:build"
+    lines = [r.getMessage() for r in caplog.records if "names code to import" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert f"module helpers, file {tmp_path / 'helpers.py'}" in lines[0]
+    assert not (tmp_path / "code_ran").exists()  # said before anything imports it
 
 
 @pytest.mark.parametrize("vouch", [["--model", "helpers:build"], ["--trust-run-code"]])

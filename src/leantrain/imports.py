@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import LeantrainError
+
+OWN_BUILDERS = "leantrain.recipes."  # the modules that define leantrain's own model builders
 
 
 def import_object(spec: str, what: str) -> Any:
@@ -33,3 +37,30 @@ def import_object(spec: str, what: str) -> Any:
     if not callable(obj):
         raise LeantrainError(f"{what} {spec!r} is not callable")
     return obj
+
+
+def own_builder(spec: str) -> bool:
+    """Whether `spec` names a model builder leantrain defines (a function in
+    `leantrain.recipes`, by its own name): what a run folder's config may name without the
+    user vouching for it. The name must resolve to a function whose `__module__` is the
+    module named; an attribute path or a name a leantrain module imported (`os.abort`, as
+    `leantrain.checkpoint:os.abort` once reached) never does."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name.startswith(OWN_BUILDERS) or not attr.isidentifier():
+        return False
+    try:
+        module = importlib.import_module(module_name)  # (leantrain's own: no other code runs)
+    except Exception:
+        return False
+    found = vars(module).get(attr)
+    return inspect.isfunction(found) and found.__module__ == module_name
+
+
+def module_file(spec: str) -> str:
+    """The file a "module:function" spec would import, found without importing it."""
+    module_name = spec.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        found = None
+    return found.origin if found is not None and found.origin else "not found on the path"

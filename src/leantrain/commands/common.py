@@ -162,7 +162,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = load(recipe.config)
     if cfg.model is not None:  # the user's model: the recipe's tuned training is not theirs
         cfg = load(recipe.untuned())
+    if args.config:
+        _say_config_code(args, cfg)
     return cfg
+
+
+def _say_config_code(args: argparse.Namespace, cfg: TrainConfig) -> None:
+    """A config file that names code is code: say which module and file it has imported."""
+    from ..data.sources import code_named_by
+    from ..imports import module_file
+
+    flag = vars(args).get
+    named = code_named_by(cfg.model, cfg.data.source)
+    given = {"--model": flag("model"), "--data": flag("data")}
+    for option, spec in named.items():
+        if given[option] != spec:  # (named on the command line: the user's own choice)
+            log.info("%s names code to import (%s %s): module %s, file %s", args.config,
+                     option, shorten(spec), spec.partition(":")[0], module_file(spec))
 
 
 def build_from(spec: str, what: str, seed: int):

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..config import DataConfig
 from ..errors import LeantrainError, bounded_repr, one_line, shorten
-from ..imports import import_object
+from ..imports import import_object, own_builder
 from .text import VOCAB, load_text
 
 SPLIT_SEED = 0  # fixed, so every run (and every resume) sees the same split
@@ -382,8 +382,9 @@ def names_code(source: str) -> bool:
 
 def code_named_by(model: str | None, source: str) -> dict[str, str]:
     """The functions a run's config would have leantrain import, by the flag that names them
-    ("--model", "--data"); leantrain's own modules are left out. A run folder's config may
-    come from anyone: what is listed here is imported only when the user vouches for it."""
+    ("--model", "--data"); leantrain's own model builders are left out (`own_builder`: a
+    function defined in leantrain.recipes, never a name under `leantrain.` in general). A run
+    folder's config may come from anyone: what is listed here is imported only when the user
+    vouches for it."""
     named = {"--model": model, "--data": source if names_code(source) else None}
-    return {flag: spec for flag, spec in named.items()
-            if spec and not spec.startswith("leantrain.")}
+    return {flag: spec for flag, spec in named.items() if spec and not own_builder(spec)}
