@@ -270,6 +270,31 @@ def test_a_study_killed_mid_trial_resumes_and_finishes_its_planned_trials(tmp_pa
     assert killed["state"] in ("running", "fail")  # failed once its heartbeat is stale
 
 
+def test_one_sigterm_stops_a_study_with_its_report_and_the_same_command_continues(
+        tmp_path, tiny_space):
+    """Schedulers send one TERM, then KILL: the study stops after the trial it interrupts
+    (whose run writes its checkpoint), writes its report and exits 143."""
+    out = tmp_path / "tune"
+    command = _tune(out, tiny_space, "--trials", "3")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "trials" / "0000").exists():  # the study has begun its first trial
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(1.0)
+    stopped_at = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert time.monotonic() - stopped_at < 30
+    assert "the same command continues study" in err
+    report = json.loads((out / "tune.json").read_text())
+    assert len(report["trials"]) <= 2  # not the 30-trial run-on of one TERM ignored
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(_finished_runs(out)) >= 3
+
+
 # ------------------------------------------------------------------ PostgreSQL
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -135,6 +136,13 @@ def _lr_center(args, cfg, bundle, build, space_file) -> float:
 
 
 def run(args: argparse.Namespace, dist) -> int:
+    from ..run.signals import StopRequest
+
+    with StopRequest("after this trial") as stop:  # one signal stops the study, any time
+        return _study(args, stop)
+
+
+def _study(args: argparse.Namespace, stop) -> int:
     from ..data import load_data
     from ..tune.objective import Objective
     from ..tune.report import format_report, write_report
@@ -167,21 +175,24 @@ def run(args: argparse.Namespace, dist) -> int:
         if saved and "optim.lr" in space:
             low, high, log = saved
             space["optim.lr"] = replace(space["optim.lr"], low=low, high=high, log=log)
-        work(spec, bundle, build, args.worker_index, study)
-        return 0
+        stopped = work(spec, bundle, build, args.worker_index, study, stop)
+        return 128 + stopped if stopped else 0
     if "optim.lr" in space:  # the workers search the LR range this worker's finder set
         lr_range = space["optim.lr"]
         study.set_user_attr("space_lr", [lr_range.low, lr_range.high, lr_range.log])
     children = [subprocess.Popen(worker_command(args, out, storage, i))
                 for i in range(1, args.workers)]
+    stopped = None
     try:
-        work(spec, bundle, build, 0, study)
+        stopped = work(spec, bundle, build, 0, study, stop)
     except KeyboardInterrupt:
         print(f"leantrain: tune interrupted; the same command resumes study {args.study} "
               f"from {storage}", file=sys.stderr)
         return 130
     finally:
         for child in children:
+            if stopped and child.poll() is None:  # (a signal sent to this process alone)
+                child.send_signal(signal.SIGTERM)
             child.wait()
     workers = [{"worker": i, "exit_code": c.returncode} for i, c in enumerate(children, 1)]
     report = write_report(study, spec, workers)
@@ -191,4 +202,8 @@ def run(args: argparse.Namespace, dist) -> int:
         print(f"workers that failed: {failed}", file=sys.stderr)
     print(f"\nstudy: {storage} ({args.study}); trials: {out / 'trials'}; report: "
           f"{out / 'tune.json'}")
+    if stopped:
+        print(f"leantrain: tune stopped by {signal.Signals(stopped).name}; the same command "
+              f"continues study {args.study}", file=sys.stderr)
+        return 128 + stopped
     return 0

@@ -35,8 +35,9 @@ class Stopped(LeantrainError):
 class StopRequest:
     """Installs the handlers for its `with` block (main thread only: elsewhere Python cannot)."""
 
-    def __init__(self) -> None:
+    def __init__(self, when: str = "after this step, writing a checkpoint") -> None:
         self.signum: int | None = None
+        self.when = when  # what the first signal does, in the warning it logs
         self._previous: dict[int, object] = {}
 
     @property
@@ -48,8 +49,8 @@ class StopRequest:
             self._restore()
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning("%s received: stopping after this step, writing a checkpoint (send it "
-                    "again to stop at once)", signal.Signals(signum).name)
+        log.warning("%s received: stopping %s (send it again to stop at once)",
+                    signal.Signals(signum).name, self.when)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

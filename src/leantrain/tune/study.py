@@ -10,8 +10,10 @@ the grace period passes, then the next trial to start on the storage marks it FA
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from typing import Any
 from ..config import TrainConfig
 from ..errors import LeantrainError, one_line
 from ..measure.clock import process_age
+from ..run.signals import Stopped, StopRequest
 from .objective import Objective
 from .space import Param, trial_config
 
@@ -200,6 +203,10 @@ def run_trial(trial, spec: StudySpec, bundle, build_model: Callable[[TrainConfig
     try:
         summary = fit(build_model(cfg), bundle.train, bundle.val, cfg, folder,
                       progress_bar=False, collate_fn=bundle.collate_fn, watcher=watcher)
+    except Stopped as exc:  # a signal in the trial's run: its checkpoint is written; the
+        trial.set_user_attr("error", f"interrupted: {exc}")  # study stops after it
+        trial.set_user_attr("interrupted", exc.exit_code - 128)
+        raise
     except optuna.TrialPruned:
         per_eval = watcher.seconds() / max(watcher.evaluations, 1)
         trial.set_user_attr("pruned_after_evaluations", watcher.evaluations)
@@ -231,15 +238,20 @@ def finished_trials(study) -> int:
 
 
 def work(spec: StudySpec, bundle, build_model: Callable[[TrainConfig], Any],
-         worker: int = 0, study=None) -> None:
+         worker: int = 0, study=None, stop: StopRequest | None = None) -> int | None:
     """Run trials on the study until it has `spec.trials` finished ones or the budget ends.
     A trial that raises is recorded FAIL with its error, and the study goes on. `study`: the
-    one `open_study` gave this worker (opened here when None)."""
+    one `open_study` gave this worker (opened here when None).
+
+    One SIGTERM or SIGINT stops the study: in a trial's run, the run writes its checkpoint and
+    the trial is recorded interrupted; between trials, once the current one ends. Returns the
+    signal's number then (the same command continues the study), else None. `stop`: the
+    command's own, installed since it started (one signal before the first trial counts)."""
     optuna = _optuna()
     study = study if study is not None else open_study(spec, worker)
     if spec.trials is not None and finished_trials(study) >= spec.trials:
         log.info("study %s already has %d finished trials", spec.name, spec.trials)
-        return
+        return None
     deadline = spec.deadline()
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
 
@@ -253,7 +265,23 @@ def work(spec: StudySpec, bundle, build_model: Callable[[TrainConfig], Any],
             outcome = trial.user_attrs.get("error") or trial.user_attrs.get("cut") or ""
         log.info("trial %d %s %s (%s)", trial.number, trial.state.name.lower(), outcome, shown)
 
-    callbacks = [tell]
+    owned, interrupted = stop is None, []
+    stop = StopRequest("after this trial") if owned else stop
+
+    def halt(study, trial) -> None:  # (a signal inside a trial's run: that run raised Stopped)
+        signum = trial.user_attrs.get("interrupted") or stop.signum
+        if signum:
+            interrupted.append(signum)
+            study.stop()
+
+    def trial_or_stop(trial) -> list[float]:
+        if stop.requested:  # (the signal came between two trials)
+            trial.set_user_attr("interrupted", stop.signum)
+            raise Stopped(f"stopped by {signal.Signals(stop.signum).name} before the trial "
+                          "started", stop.signum)
+        return run_trial(trial, spec, bundle, build_model)
+
+    callbacks = [tell, halt]
     if spec.trials is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(spec.trials, states=tuple(
             getattr(optuna.trial.TrialState, s) for s in FINISHED)))
@@ -261,8 +289,9 @@ def work(spec: StudySpec, bundle, build_model: Callable[[TrainConfig], Any],
     level = run_log.level
     run_log.setLevel(max(level, logging.WARNING))  # a line per trial, not one per epoch
     try:
-        study.optimize(lambda trial: run_trial(trial, spec, bundle, build_model),
-                       timeout=timeout, catch=(Exception,), gc_after_trial=True,
-                       callbacks=callbacks)
+        with stop if owned else contextlib.nullcontext():
+            study.optimize(trial_or_stop, timeout=timeout, catch=(Exception,),
+                           gc_after_trial=True, callbacks=callbacks)
     finally:
         run_log.setLevel(level)
+    return interrupted[0] if interrupted else None
