@@ -1073,3 +1073,58 @@ def test_an_out_that_is_a_file_or_too_long_a_name_is_refused_before_any_work(com
     assert afile.read_text() == "mine"
     code = main([*command, "--out", str(tmp_path / ("x" * 300)), *FAST])
     _one_line_error(capsys, code, "a name of 300 bytes; the file system allows 255")
+
+
+# ------------------------------------------------------------------ nothing overwritten
+
+
+@pytest.mark.parametrize("command", [["bench"], ["find-lr"], ["find-batch-size"], ["doctor"]])
+def test_a_folder_the_command_did_not_write_is_refused_and_left_as_it_was(tmp_path, capsys,
+                                                                          command):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "plan.yaml").write_text("# my own plan\nplan:\n  precision: bf16\n")
+    code = main([*command, "--out", str(out), "--no-progress"])
+    _one_line_error(capsys, code, "files leantrain", "give a new or empty folder")
+    assert (out / "plan.yaml").read_text() == "# my own plan\nplan:\n  precision: bf16\n"
+    assert sorted(p.name for p in out.iterdir()) == ["plan.yaml"]
+
+
+def test_find_lr_and_doctor_do_not_write_into_a_training_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-progress", "--set",
+                 "train.max_steps=2"]) == 0
+    before = sorted(p.name for p in run.iterdir())
+    capsys.readouterr()
+    for command in (["find-lr", "--steps", "5"], ["doctor", "--steps", "1", "--no-profile"]):
+        code = main([*command, "--out", str(run), "--no-progress"])
+        _one_line_error(capsys, code, "give a new or empty folder")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_the_same_command_writes_into_its_own_folder_again_and_another_does_not(tmp_path,
+                                                                                capsys):
+    out = tmp_path / "lr"
+    for _ in range(2):
+        assert main(["find-lr", "--steps", "5", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    code = main(["doctor", "--out", str(out), "--no-progress"])
+    _one_line_error(capsys, code, "holds `leantrain find-lr`'s results")
+
+
+@pytest.mark.parametrize("target, fragment", [
+    ("folder", "is a folder; give a plan file"),
+    ("missing/plan.yaml", "does not exist"),
+    ("notes.txt", "notes.txt"),
+])
+@pytest.mark.parametrize("command", [["bench"], ["find-lr"], ["find-batch-size"]])
+def test_a_bad_apply_target_is_refused_before_any_work(tmp_path, capsys, command, target,
+                                                       fragment):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("my notes, not a plan: [\n")
+    out = tmp_path / "out"
+    code = main([*command, "--apply", str(tmp_path / target), "--out", str(out),
+                 "--no-progress"])
+    _one_line_error(capsys, code, fragment)
+    assert not out.exists()
+    assert (tmp_path / "notes.txt").read_text() == "my notes, not a plan: [\n"

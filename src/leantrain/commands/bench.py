@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..bench.tolerances import LOSSY_TOL
 from . import common
@@ -36,11 +35,12 @@ def run(args: argparse.Namespace, dist) -> int:
     from ..bench.search import check_arguments, run_bench
 
     check_arguments(args.budget_s, args.loss_tol)  # before the data and the model load
+    apply_to = common.check_apply(args.apply)
     cfg, out, bundle, builder = common.load_inputs(args, "bench")
     result = run_bench(builder, bundle, cfg, args.budget_s, args.loss_tol,
                        tune_batch_size=not args.keep_batch_size, started=args.started)
-    apply_to = Path(args.apply) if args.apply else None
     write_bench(result, out, apply_to)
+    common.mark_out(out, args.command)
     print(format_bench(result))
     print(f"\nresults: {out / BENCH_JSON}, {out / BENCH_PNG}\nwinning plan: {out / PLAN_YAML}"
           + (f" and {apply_to}" if apply_to else "")

@@ -227,6 +227,7 @@ def load_inputs(args: argparse.Namespace, prefix: str):
 
     cfg = config_from_args(args)
     out = default_out(args, prefix)  # a bad --out is refused before the data and model load
+    claim_out(out, args.command)
     bundle = load_data(cfg.data)
     log.info("data: %s", bundle.description)
     build_model(cfg, bundle)
@@ -251,6 +252,55 @@ def check_out(folder: Path) -> Path:
     if folder.exists() and not folder.is_dir():
         raise LeantrainError(f"--out {shorten(folder)} is a file; give a folder")
     return folder
+
+
+OWNER_NAME = ".leantrain-command"  # in an --out folder: the command that wrote it
+
+
+def claim_out(folder: Path, command: str) -> None:
+    """An --out that is new, empty, or written before by the same command (`mark_out`): a
+    folder of anything else (a training run, another command's results, your own files) is
+    refused before any work, so that nothing there is overwritten (`bench --out` once
+    replaced a hand-written plan.yaml, and find-lr and doctor wrote into a run folder)."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    mark = folder / OWNER_NAME
+    try:
+        owner = mark.read_text(errors="replace").strip() if mark.is_file() else None
+    except OSError:
+        owner = None
+    if owner != command:
+        whose = f"`leantrain {shorten(owner, 40)}`'s results" if owner else \
+            "files leantrain " + command + " did not write"
+        raise LeantrainError(f"--out {shorten(folder)} holds {whose}; give a new or empty "
+                             f"folder (or one an earlier `leantrain {command}` wrote)")
+
+
+def mark_out(folder: Path, command: str) -> None:
+    """Mark `folder` as `command`'s (after its results are written): the same command may
+    write there again."""
+    from ..checkpoint import atomic_write_text
+
+    atomic_write_text(folder / OWNER_NAME, command + "\n")
+
+
+def check_apply(path: str | None) -> Path | None:
+    """An --apply target that can take a plan, checked before any work: a plan file to
+    update (it must read as one), or a new file in an existing folder."""
+    if path is None:
+        return None
+    target = Path(path)
+    if any(len(part.encode()) > NAME_MAX for part in target.parts):
+        raise LeantrainError(f"--apply {shorten(target, 80)}: a name longer than the file "
+                             f"system's {NAME_MAX} bytes")
+    if target.is_dir():
+        raise LeantrainError(f"--apply {shorten(target)} is a folder; give a plan file")
+    if target.exists():
+        read_plan_file(target)  # a file that is not a plan is one line, and stays as it is
+    elif not target.parent.is_dir():
+        raise LeantrainError(f"--apply {shorten(target)}: folder {shorten(target.parent)} does "
+                             "not exist")
+    return target
 
 
 def require_empty(folder: Path) -> None:

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace, dist) -> int:
     report["load"] = load.reading.to_dict()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "doctor.json", json.dumps(report, indent=2, default=str))
+    common.mark_out(out, args.command)
     print(format_doctor(report))
     print(f"\nreport: {out / 'doctor.json'}")
     return 0

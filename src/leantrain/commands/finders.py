@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 from ..errors import LeantrainError
 from . import common
@@ -49,13 +48,15 @@ def _find_batch_size(args: argparse.Namespace) -> None:
     gib = args.memory_limit_gib
     if gib is not None and not 0 < gib < math.inf:  # (NaN fails this too)
         raise LeantrainError(f"--memory-limit-gib must be a finite number > 0, got {gib}")
+    apply_to = common.check_apply(args.apply)
     cfg, out, bundle, builder = common.load_inputs(args, "batch-size")
     limit = int(gib * 2**30) if gib is not None else None
     with LoadWatch() as load:
         sizes = find_batch_size(builder, bundle, cfg, memory_limit=limit, max_size=args.max_size)
     sizes.load = load.reading.to_dict()
     sizes.memory = estimate(builder, bundle, cfg, room=limit)
-    write_batch_sizes(sizes, out, Path(args.apply) if args.apply else None)
+    write_batch_sizes(sizes, out, apply_to)
+    common.mark_out(out, args.command)
     print(format_batch_sizes(sizes))
     print(f"\nresults: {out / 'batch_size.json'}")
 
@@ -64,10 +65,12 @@ def _find_lr(args: argparse.Namespace) -> None:
     from ..bench.lr_finder import find_lr
     from ..bench.report import format_lr, write_lr
 
+    apply_to = common.check_apply(args.apply)
     cfg, out, bundle, builder = common.load_inputs(args, "lr")
     result = find_lr(builder, bundle, cfg, lr_min=args.lr_min, lr_max=args.lr_max,
                      steps=args.steps)
-    write_lr(result, out, Path(args.apply) if args.apply else None)
+    write_lr(result, out, apply_to)
+    common.mark_out(out, args.command)
     print(format_lr(result))
     print(f"\nresults: {out / 'lr_finder.json'}, curve: {out / 'lr_finder.png'}")
 
