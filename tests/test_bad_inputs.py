@@ -1128,3 +1128,15 @@ def test_a_bad_apply_target_is_refused_before_any_work(tmp_path, capsys, command
     _one_line_error(capsys, code, fragment)
     assert not out.exists()
     assert (tmp_path / "notes.txt").read_text() == "my notes, not a plan: [\n"
+
+
+@pytest.mark.parametrize("argv", [["--set", "optim.lr=[1"], ["--set", "optim.lr={a: [1"],
+                                  ["--config", "bad.yaml"]])
+def test_yaml_that_does_not_parse_is_one_line_saying_where(tmp_path, monkeypatch, capsys, argv):
+    """PyYAML's message spans lines, with a caret drawing: the whole stderr was 8 lines."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("train:\n  epochs: [1\n")
+    code = main(["train", *argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "is not valid YAML" in err[0] and re.search(r"at line \d+, column \d+", err[0])

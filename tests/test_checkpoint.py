@@ -74,3 +74,36 @@ def test_resume_clears_the_temp_file_of_a_write_that_was_killed(tmp_path):
     assert [p.name for p in remove_partial_writes(tmp_path)] == [".checkpoint.pt.ab12cd.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.pt.sha256",
                                                           "notes.tmp"]
+
+
+def test_a_torchao_whose_import_fails_with_a_warning_made_an_error_does_not_break_loading(
+        tmp_path, monkeypatch):
+    """The loader imported torchao's optimizer-state types catching ImportError only: under
+    `-W error` a deprecation warning at import broke every checkpoint load."""
+    import sys
+    import types
+
+    from leantrain.checkpoint import atomic_save, load_checkpoint
+
+    class Deprecated(types.ModuleType):
+        def __getattr__(self, name):
+            raise DeprecationWarning(f"{name} is deprecated")
+
+    for name in ("torchao.optim.subclass_4bit", "torchao.optim.subclass_8bit"):
+        monkeypatch.setitem(sys.modules, name, Deprecated(name))
+    atomic_save({"w": torch.ones(2)}, tmp_path / "model.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "model.pt")["w"], torch.ones(2))
+
+
+def test_loading_a_checkpoint_keeps_torchaos_import_chatter_off_the_terminal(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+              "from leantrain.checkpoint import atomic_save, load_checkpoint\n"
+              f"atomic_save({{'w': torch.ones(2)}}, {str(tmp_path / 'm.pt')!r})\n"
+              f"load_checkpoint({str(tmp_path / 'm.pt')!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torchao" not in done.stderr and "_pytree" not in done.stderr, done.stderr[-2000:]

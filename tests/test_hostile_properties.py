@@ -43,7 +43,7 @@ def refused(capsys, argv: list[str], *fragments: str) -> str:
         code = stop.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, (argv, err)
-    assert err and err[-1].startswith("leantrain: error:"), err
+    assert len(err) == 1 and err[-1].startswith("leantrain: error:"), err  # the whole stderr
     assert len(err[-1]) < 300, err[-1]
     assert not any("Traceback" in line for line in err), err
     for fragment in fragments:

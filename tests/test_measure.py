@@ -424,3 +424,27 @@ def test_a_run_on_a_busy_machine_says_so_in_its_summary(monkeypatch):
     assert "machine BUSY: other processes used 50% of the 2 cores" in format_summary(summary)
     summary["load"] = {**summary["load"], "others_share": 0.0, "busy": False}
     assert "machine BUSY" not in format_summary(summary)
+
+
+def test_the_thread_fitting_line_waits_for_the_commands_first_log_line():
+    """A refusal before any work is the error line alone; a command that works says the
+    fitted threads first."""
+    import io
+    import logging
+
+    from leantrain.commands.common import _SaidFirst
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        held = _SaidFirst("torch runs 1 thread instead of 2")
+        assert stream.getvalue() == ""  # nothing said yet: a refusal now prints alone
+        logging.getLogger("leantrain.data").warning("data: digits")
+        held.remove()
+        logging.getLogger("leantrain").warning("later")
+    finally:
+        root.removeHandler(handler)
+    assert stream.getvalue().splitlines() == ["torch runs 1 thread instead of 2",
+                                              "data: digits", "later"]

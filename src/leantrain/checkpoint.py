@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import LeantrainError, first_line
+from .quiet import quiet_imports
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -195,10 +196,11 @@ def _trusted_tensor_types() -> list[type]:
     quantized moments of torchao's low-bit optimizers (plan.optimizer_states). Only types:
     the weights-only unpickler still runs no code of the file's choosing."""
     try:
-        from torchao.optim.subclass_4bit import OptimState4bit
-        from torchao.optim.subclass_8bit import OptimState8bit
-    except ImportError:  # no torchao: no such states were written here either
-        return []
+        with quiet_imports():
+            from torchao.optim.subclass_4bit import OptimState4bit
+            from torchao.optim.subclass_8bit import OptimState8bit
+    except Exception:  # no torchao (or one whose import fails, a warning made an error):
+        return []  # no such states were written with it here either
     return [OptimState4bit, OptimState8bit]
 
 

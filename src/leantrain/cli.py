@@ -29,7 +29,7 @@ def _message(exc: LeantrainError) -> str:
         last = text.strip().splitlines()[-1]
         return last.split(": ", 1)[1] if last.startswith("leantrain.") and ": " in last \
             else last
-    return text
+    return " ".join(text.split())  # one line, whatever a message built from others' holds
 
 
 def _tell_torchrun(line: str) -> None:

@@ -393,7 +393,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise LeantrainError(f"config file {path} cannot be read: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise LeantrainError(f"config file {path} is not valid YAML: "
-                             f"{shorten(' '.join(str(exc).split()))}") from exc
+                             f"{_yaml_problem(exc)}") from exc
     if not isinstance(values, dict):
         raise LeantrainError(f"config file {path} must hold a mapping at the top level")
     return values
@@ -437,6 +437,16 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, in one line (PyYAML's own text spans several, with a
+    caret drawing)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem is None:
+        return shorten(" ".join(str(exc).split()), 160)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return shorten(" ".join(problem.split()), 120) + where
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """Turn 'optim.lr=0.1' into {'optim': {'lr': 0.1}}; the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
@@ -445,7 +455,8 @@ def parse_override(text: str) -> dict[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise LeantrainError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+        raise LeantrainError(f"override {shorten(repr(text), 80)}: value is not valid YAML: "
+                             f"{_yaml_problem(exc)}") from exc
     return nest(key.strip(), value)
 
 

@@ -12,8 +12,6 @@ from typing import Any
 from .errors import LeantrainError
 
 OWN_BUILDERS = "leantrain.recipes."  # the modules that define leantrain's own model builders
-
-
 def import_object(spec: str, what: str) -> Any:
     """Import `module:attr`; the current directory is importable, as with `python -m`."""
     module_name, sep, attr = spec.partition(":")

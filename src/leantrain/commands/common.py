@@ -353,18 +353,46 @@ def session(debug: bool, own_process: bool = False) -> Iterator[object]:
     torch's threads fitted to the cores other processes leave free."""
     from ..distributed import DistContext, die_with_launcher, teardown
     from ..measure.load import fit_threads
+    from ..quiet import IMPORT_NOISE
 
     dist = DistContext.from_env()
     logging.basicConfig(level=logging.DEBUG if debug else
                         logging.INFO if dist.is_main else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    for name in IMPORT_NOISE:  # third-party import chatter: not the user's business
+        logging.getLogger(name).setLevel(logging.ERROR)
+    held = None
     if dist.active:
         die_with_launcher()
     elif own_process and (fitted := fit_threads()):
-        log.warning(fitted)
+        held = _SaidFirst(fitted)  # a refusal before any work stays one line
     succeeded = False
     try:
         yield dist
         succeeded = True
     finally:
+        if held is not None:
+            held.remove()
         teardown(dist, succeeded=succeeded)
+
+
+class _SaidFirst(logging.Filter):
+    """Holds a warning until the command first logs (its work has begun), then says it before
+    that record: a command that refuses its input at once prints its one error line alone."""
+
+    def __init__(self, line: str):
+        super().__init__()
+        self.line: str | None = line
+        self.handlers = list(logging.getLogger().handlers)
+        for handler in self.handlers:
+            handler.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.line is not None:
+            line, self.line = self.line, None
+            log.warning(line)
+        return True
+
+    def remove(self) -> None:
+        for handler in self.handlers:
+            handler.removeFilter(self)
