@@ -344,11 +344,74 @@ def test_a_label_out_of_range_in_the_validation_set_fails_before_training(tmp_pa
 def test_a_one_image_folder_is_refused_before_any_work(tmp_path, capsys):
     from PIL import Image
     (tmp_path / "images" / "a").mkdir(parents=True)
+    (tmp_path / "images" / "b").mkdir()  # (a second class, with no image)
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a" / "only.png")
     out = tmp_path / "run"
     code = main(["train", "--data", str(tmp_path / "images"), "--out", str(out), *FAST])
     _one_line_error(capsys, code, "1 sample; training needs at least 2")
     assert not out.exists()
+
+
+def _png_folder(root: Path, layout: dict[str, int], mode: str = "RGB") -> Path:
+    from PIL import Image
+
+    for name, count in layout.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            value = (i * 37) % 200 + 20
+            array = np.full((8, 8), value * (257 if mode == "I;16" else 1),
+                            dtype=np.uint16 if mode == "I;16" else np.uint8)
+            image = Image.fromarray(array) if mode == "I;16" else \
+                Image.fromarray(array).convert(mode)
+            image.save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("layout, fragment", [
+    ({"cats": 6}, "one class (cats); a classifier needs at least 2 class subfolders"),
+    ({"train/cats": 4, "train/dogs": 4, "val/cats": 2, "val/dogs": 2, "val/eels": 2},
+     "class eels has images but no subfolder in"),
+])
+def test_a_folder_with_one_class_or_val_classes_train_lacks_is_refused(tmp_path, capsys,
+                                                                       layout, fragment):
+    images = _png_folder(tmp_path / "images", layout)
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(images), "--out", str(out), *FAST])
+    _one_line_error(capsys, code, fragment)
+    assert not out.exists()
+
+
+def test_every_label_one_class_is_refused(tmp_path, capsys):
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    np.savez(tmp_path / "zeros.npz", x=x, y=np.zeros(64, dtype=np.int64))
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(tmp_path / "zeros.npz"), "--out", str(out), *FAST])
+    _one_line_error(capsys, code, "every label is 0", "one class")
+    assert not out.exists()
+
+
+def test_16_bit_pngs_keep_their_range():
+    """Converted to 8 bits, every 16-bit pixel above 255 was clipped: blank images."""
+    from PIL import Image
+
+    from leantrain.data.sources import pixels
+
+    deep = Image.fromarray((np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8))
+    assert deep.mode == "I;16"
+    values = pixels(deep, 1, None)
+    assert values.min() == 0.0 and 0.95 < values.max() < 0.97
+    assert len(np.unique(values)) == 64  # not clipped to one value
+    assert pixels(deep, 3, 4).shape == (4, 4, 3)
+
+
+def test_a_16_bit_png_folder_trains_on_what_the_images_show(tmp_path):
+    from leantrain.config import DataConfig
+    from leantrain.data import load_data
+
+    images = _png_folder(tmp_path / "images", {"dark": 4, "light": 4}, mode="I;16")
+    bundle = load_data(DataConfig(source=str(images)))
+    first = bundle.train[0][0]
+    assert first.shape[0] == 1 and 0.0 < float(first.max()) < 1.0
 
 
 class _Named(Dataset):

@@ -258,15 +258,36 @@ class ImageFolder(Dataset):
                     raise LeantrainError(
                         f"{path} is {img.size[0]}x{img.size[1]} while the other images are "
                         f"{self.expected[0]}x{self.expected[1]}; set data.image_size")
-                img = img.convert("L" if self.channels == 1 else "RGB")
-                if self.size:
-                    img = img.resize((self.size, self.size))
-                array = np.asarray(img, dtype=np.float32) / 255.0
+                array = pixels(img, self.channels, self.size)
         except OSError as exc:  # PIL's UnidentifiedImageError, a truncated file
             raise LeantrainError(f"{path} cannot be read as an image: {exc}") from None
         tensor = torch.from_numpy(array.copy())
         tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
         return tensor, label
+
+
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+GRAY_MODES = {"L", "1", "I", "F", "LA", *SIXTEEN_BIT}
+
+
+def pixels(img, channels: int, size: int | None) -> np.ndarray:
+    """An image's pixels as float32 in [0, 1] (H x W, or H x W x 3), resized when `size` is
+    set. 16- and 32-bit grayscale keep their range: converting them to 8 bits clipped every
+    pixel above 255 to white, and a 16-bit PNG folder trained on blank images."""
+    deep = img.mode in SIXTEEN_BIT or img.mode == "I"
+    if deep or img.mode == "F":
+        img = img.convert("F") if img.mode == "F" else img.convert("I")
+        if size:
+            img = img.resize((size, size))
+        array = np.asarray(img, dtype=np.float64)
+        if deep:  # 16-bit sources (PIL may open them as "I"), else the 32-bit range
+            array = array / (65535.0 if array.max(initial=0) <= 65535 else 2.0 ** 32 - 1)
+        array = np.clip(array, 0.0, 1.0).astype(np.float32)
+        return array if channels == 1 else np.repeat(array[..., None], 3, axis=2)
+    img = img.convert("L" if channels == 1 else "RGB")
+    if size:
+        img = img.resize((size, size))
+    return np.asarray(img, dtype=np.float32) / 255.0
 
 
 def check_sample_count(n: int, what: str, split: bool = True) -> None:
@@ -294,6 +315,17 @@ def image_folder(path: Path, cfg: DataConfig) -> DataBundle:
     classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
     if not classes:
         raise LeantrainError(f"{path}: an image folder needs one subfolder per class")
+    if len(classes) == 1:
+        raise LeantrainError(f"{train_root}: one class ({shorten(classes[0], 60)}); a "
+                             "classifier needs at least 2 class subfolders (one would score "
+                             "100% by answering it always)")
+    if split:
+        extra = sorted(p.name for p in (path / "val").iterdir() if p.is_dir()
+                       and p.name not in classes and _scan(path / "val", [p.name]))
+        if extra:
+            raise LeantrainError(f"{path / 'val'}: class {shorten(extra[0], 60)} has images "
+                                 f"but no subfolder in {train_root} ({len(extra)} such); "
+                                 "the model cannot learn a class it never sees")
     items = _scan(train_root, classes)
     if not items:
         raise LeantrainError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
@@ -307,7 +339,7 @@ def image_folder(path: Path, cfg: DataConfig) -> DataBundle:
                 modes.add(img.mode)
         except OSError as exc:
             raise LeantrainError(f"{file} cannot be read as an image: {exc}") from None
-    channels = 1 if modes <= {"L", "1", "I", "F"} else 3
+    channels = 1 if modes <= GRAY_MODES else 3
     size = cfg.image_size
     if size is None and len(sizes) > 1:
         (a, file_a), (b, file_b) = list(sizes.items())[:2]

@@ -328,6 +328,8 @@ def check_first_batch(model: nn.Module, loader, step: Step,
     if task in tasks.CLASS_TASKS and logits is not None and sb.labels is not None:
         labels = all_labels if all_labels is not None and task != "causal-lm" else sb.labels
         _check_class_labels(task, logits, labels)
+        if task == "classification" and all_labels is not None:
+            _check_classes_vary(all_labels)
     # a custom loss that keeps the model's auxiliary terms needs the model's own loss
     checked = replace(step, task=task, draws_random=drew[0],
                       pass_labels=step.pass_labels or step.keeps_auxiliary)
@@ -421,6 +423,16 @@ def naming_label_errors(where: str):
 
 def _shape(t: Any) -> tuple | str:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_classes_vary(labels: torch.Tensor) -> None:
+    """Every label one class: answering it always scores 100%, and a run would report that
+    as a result."""
+    kept = labels[labels != tasks.IGNORE_INDEX]
+    if kept.numel() > 1 and bool((kept == kept[0]).all()):
+        raise LeantrainError(f"every label is {int(kept[0])} (training and validation, "
+                             f"{kept.numel()} samples): one class; a classifier needs at least "
+                             "2, or it scores 100% by always answering the one")
 
 
 def _check_class_labels(task: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
