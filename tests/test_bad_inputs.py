@@ -1203,3 +1203,94 @@ def test_yaml_that_does_not_parse_is_one_line_saying_where(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "is not valid YAML" in err[0] and re.search(r"at line \d+, column \d+", err[0])
+
+
+# ------------------------------------------------------------------ the user's code fails later
+
+USER_CODE = """
+import sys
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+
+class Breaks(Dataset):
+    def __len__(self):
+        return 256
+
+    def __getitem__(self, i):
+        if i == 200:
+            raise ValueError("corrupt record 200")
+        return torch.randn(8), i % 3
+
+
+class Lies(Dataset):
+    def __len__(self):
+        return 10**12
+
+    def __getitem__(self, i):
+        return torch.randn(8), i % 3
+
+
+def _val():
+    return TensorDataset(torch.randn(32, 8), torch.arange(32) % 3)
+
+
+def breaks():
+    return Breaks(), _val()
+
+
+def lies():
+    return Lies(), _val()
+
+
+def good():
+    return TensorDataset(torch.randn(256, 8), torch.arange(256) % 3), _val()
+
+
+def raises():
+    raise RuntimeError("cannot reach the bucket")
+
+
+def exits():
+    sys.exit(0)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+class Doubles(nn.Module):
+    def forward(self, x):
+        return x[:, :3] * 2
+
+
+def no_parameters():
+    return Doubles()
+
+
+def frozen():
+    return mlp().requires_grad_(False)
+"""
+
+
+@pytest.mark.parametrize("data, model, fragment", [
+    ("breaks", "mlp", "Breaks[200] raised ValueError: corrupt record 200"),
+    ("lies", "mlp", "Lies says it holds 1,000,000,000,000 samples (its __len__)"),
+    ("raises", "mlp", "--data usercode:raises raised RuntimeError: cannot reach the bucket"),
+    ("exits", "mlp", "--data usercode:exits called sys.exit(0) instead of returning"),
+    ("good", "raises", "--model usercode:raises raised RuntimeError"),
+    ("good", "exits", "--model usercode:exits called sys.exit(0)"),
+    ("good", "no_parameters", "has no parameters: nothing to train"),
+    ("good", "frozen", "is frozen (requires_grad=False): nothing to train"),
+])
+def test_user_code_that_fails_later_is_one_line_naming_it(tmp_path, monkeypatch, capsys, data,
+                                                         model, fragment):
+    (tmp_path / "usercode.py").write_text(USER_CODE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "usercode", raising=False)
+    code = main(["train", "--data", f"usercode:{data}", "--model", f"usercode:{model}",
+                 "--out", str(tmp_path / "run"), "--set", "data.loader=dataloader",
+                 "--set", "train.epochs=1", "--no-progress"])
+    _one_line_error(capsys, code, fragment)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import LeantrainError
+from .errors import LeantrainError, one_line, shorten
 
 OWN_BUILDERS = "leantrain.recipes."  # the modules that define leantrain's own model builders
 def import_object(spec: str, what: str) -> Any:
@@ -21,7 +23,8 @@ def import_object(spec: str, what: str) -> Any:
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(module_name)
+        with user_code(f"{what} {shorten(spec, 80)}: importing module {module_name!r}"):
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise LeantrainError(
             f"{what} {spec!r}: cannot import module {module_name!r} ({exc})"
@@ -35,6 +38,30 @@ def import_object(spec: str, what: str) -> Any:
     if not callable(obj):
         raise LeantrainError(f"{what} {spec!r} is not callable")
     return obj
+
+
+@contextlib.contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run the user's code (a data or model function, a module it imports): its failure is
+    one line naming `what` and the exception (`--debug` shows the user's own traceback), and
+    a `sys.exit` inside it is a failure too, never the command's success."""
+    try:
+        yield
+    except (LeantrainError, ModuleNotFoundError, KeyboardInterrupt):
+        raise
+    except SystemExit as exc:
+        raise LeantrainError(f"{what} called sys.exit({shorten(exc.code, 40)}) instead of "
+                             "returning; nothing was run") from exc
+    except Exception as exc:
+        raise LeantrainError(f"{what} raised {shorten(one_line(exc), 160)} (--debug shows "
+                             "its traceback)") from exc
+
+
+def call_user(spec: str, what: str) -> Any:
+    """Import the user's `module:function` and call it, its failures one line each."""
+    function = import_object(spec, what)
+    with user_code(f"{what} {shorten(spec, 80)}"):
+        return function()
 
 
 def own_builder(spec: str) -> bool:

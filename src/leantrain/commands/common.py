@@ -186,10 +186,10 @@ def build_from(spec: str, what: str, seed: int):
     import torch
     from torch import nn
 
-    from ..imports import import_object
+    from ..imports import call_user
 
     torch.manual_seed(seed)
-    model = import_object(spec, what)()
+    model = call_user(spec, what)
     if not isinstance(model, nn.Module):
         raise LeantrainError(f"{what} {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model

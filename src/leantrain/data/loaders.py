@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset, default_collate
 
 from ..errors import LeantrainError, one_line
+from ..measure.memory import available_ram_bytes
 
 DEVICE_RESIDENT_FRACTION = 0.25  # move data to the GPU once if it takes < 25% of free memory
 Batch = Any  # (inputs, labels, *extras), a dict of tensors, or any nesting of them
@@ -297,6 +298,54 @@ def _naming_samples(batches: Iterator[Batch], indices: Callable[[int], list[int]
         yield batch
 
 
+def checked_length(dataset: Dataset) -> int:
+    """`len(dataset)`, refused in one line when it cannot be true: not a count, or more
+    samples than an epoch's order (8 bytes each) could be held in this machine's memory (a
+    `__len__` of 1e12 asked for an 8 TB permutation)."""
+    name = type(dataset).__name__
+    try:
+        count = len(dataset)
+    except Exception as exc:
+        raise LeantrainError(f"{name}'s __len__ raised {one_line(exc)}") from exc
+    room = available_ram_bytes()
+    if room is not None and 8 * count > room:
+        raise LeantrainError(f"{name} says it holds {count:,} samples (its __len__): an "
+                             f"epoch's order of them needs {8 * count / 2**30:,.0f} GiB, more "
+                             "than this machine has; check __len__, or stream the data")
+    return count
+
+
+class SampleErrors(Dataset):
+    """The user's dataset, whose failure on a sample (a corrupt record mid-epoch) is one line
+    naming the dataset and the index, not a traceback from inside the loader (`--debug`
+    shows the user's own)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset, self.name = dataset, type(dataset).__name__
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except LeantrainError:
+            raise
+        except Exception as exc:
+            raise LeantrainError(f"{self.name}[{index}] raised {one_line(exc)} (--debug shows "
+                                 "its traceback)") from exc
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        many = getattr(self.dataset, "__getitems__", None)  # (a Hugging Face dataset's)
+        if many is None:
+            return [self[i] for i in indices]
+        try:
+            return many(indices)
+        except Exception as exc:
+            raise LeantrainError(f"{self.name}[{indices[0]}..{indices[-1]}] raised "
+                                 f"{one_line(exc)} (--debug shows its traceback)") from exc
+
+
 class DataLoaderBatches:
     """A DataLoader over any map-style Dataset, with the same resumable order.
 
@@ -312,7 +361,9 @@ class DataLoaderBatches:
                  collate_fn: Callable[[list], Any] | None = None):
         options = options or LoaderOptions()
         self.shard, self.drop_last = shard, drop_last
-        self.sampler = _EpochSampler(len(dataset), batch_size, shuffle, seed, shard, drop_last)
+        count = checked_length(dataset)
+        dataset = SampleErrors(dataset)
+        self.sampler = _EpochSampler(count, batch_size, shuffle, seed, shard, drop_last)
         self.batch_size, self.options, self.device = batch_size, options, device
         workers = options.num_workers
         # the DataLoader draws its workers' base seed from this generator, not from torch's

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..config import DataConfig
 from ..errors import LeantrainError, bounded_repr, one_line, shorten
-from ..imports import import_object, own_builder
+from ..imports import call_user, own_builder
 from .text import VOCAB, load_text
 
 SPLIT_SEED = 0  # fixed, so every run (and every resume) sees the same split
@@ -363,8 +363,7 @@ def image_folder(path: Path, cfg: DataConfig) -> DataBundle:
 def from_function(spec: str) -> DataBundle:
     """(train, val) or (train, val, collate_fn) from the user's function; a Hugging Face
     `datasets.Dataset` counts as a Dataset (it has __getitem__ and __len__)."""
-    fn = import_object(spec, "--data")
-    result = fn()
+    result = call_user(spec, "--data")
     if isinstance(result, DataBundle):
         return result
     datasets = result[:2] if isinstance(result, tuple) else ()

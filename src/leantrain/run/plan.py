@@ -278,6 +278,19 @@ def _all_labels(*tensor_sets) -> torch.Tensor | None:
     return torch.cat(found)
 
 
+def check_trainable(model: nn.Module) -> None:
+    """A model with nothing to train fails at its first backward, deep in autograd: say so
+    before any work (a model with no parameters, or every one frozen)."""
+    total = sum(p.numel() for p in model.parameters())
+    if total == 0:
+        raise LeantrainError(f"the model ({type(model).__name__}) has no parameters: nothing "
+                             "to train")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise LeantrainError(f"every parameter of the model ({type(model).__name__}, {total:,} "
+                             "values) is frozen (requires_grad=False): nothing to train; "
+                             "unfreeze the ones to learn")
+
+
 def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dataset,
           loss_fn: LossFn | None = None, measure_loader: bool = True,
           collate_fn: Callable[[list], object] | None = None,
@@ -287,6 +300,7 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     `measure_loader=False` resolves "auto" loader settings to defaults without measuring
     (short trials that measure something else pass it); a run that `evaluates` checks its
     validation set's first batch too (trials never evaluate)."""
+    check_trainable(model)
     dist = DistContext.from_env()
     data = cfg.data
     tokens = data.batch_size * data.context if data.context else None
