@@ -1294,3 +1294,104 @@ def test_user_code_that_fails_later_is_one_line_naming_it(tmp_path, monkeypatch,
                  "--out", str(tmp_path / "run"), "--set", "data.loader=dataloader",
                  "--set", "train.epochs=1", "--no-progress"])
     _one_line_error(capsys, code, fragment)
+
+
+# ------------------------------------------------------------------ crafted checkpoints
+
+
+@pytest.fixture(scope="module")
+def mid_run(tmp_path_factory) -> Path:
+    """A digits run stopped after 8 steps (its checkpoint is then re-marked unfinished)."""
+    out = tmp_path_factory.mktemp("crafted") / "base"
+    assert main(["train", "--out", str(out), "--no-progress", "--set", "train.max_steps=8",
+                 "--set", "train.epochs=2"]) == 0
+    return out
+
+
+def _rng(saved):
+    return saved["rng"][0] if isinstance(saved["rng"], list) else saved["rng"]
+
+
+CRAFTED = {  # each keeps a valid .sha256: the hash proves the file, not its author
+    "rng.torch is not a generator state": lambda s: _rng(s).__setitem__("torch", "x"),
+    "rng.torch is not a generator state of": lambda s: _rng(s).__setitem__(
+        "torch", torch.zeros(3, dtype=torch.uint8)),
+    "optimizer has 0 parameter groups": lambda s: s.__setitem__(
+        "optimizer", {"state": {}, "param_groups": []}),
+    "optimizer state 'momentum_buffer' has another shape": lambda s: s["optimizer"][
+        "state"].__setitem__(0, {"momentum_buffer": torch.zeros(1)}),  # (aborted the process)
+    "scheduler.last_epoch is 'x'": lambda s: s["scheduler"].__setitem__("last_epoch", "x"),
+    "epoch_sums are not three finite numbers": lambda s: s.__setitem__(
+        "epoch_sums", [[torch.zeros(())]]),
+    "progress.step is 'x'": lambda s: s["progress"].__setitem__("step", "x"),
+    "progress.epoch is -3": lambda s: s["progress"].__setitem__("epoch", -3),
+    "progress.batch is 1,000,000,000, past the epoch's": lambda s: s["progress"].__setitem__(
+        "batch", 10**9),
+    "model lacks entry": lambda s: s["model"].pop(next(iter(s["model"]))),
+    "holds NaN or inf; leantrain writes finite checkpoints only": lambda s: next(
+        iter(s["model"].values())).fill_(float("nan")),
+    "is not a tensor of shape": lambda s: s["model"].__setitem__(
+        next(iter(s["model"])), torch.zeros(2, dtype=torch.int64)),
+    "marked finished but holds no summary": lambda s: (
+        s["progress"].__setitem__("finished", True), s.pop("summary", None)),
+}
+
+
+@pytest.mark.parametrize("fragment", list(CRAFTED))
+def test_a_crafted_checkpoint_with_a_valid_hash_is_one_line_and_nothing_is_applied(
+        tmp_path, capsys, mid_run, fragment):
+    import shutil
+
+    from leantrain.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(mid_run, out)
+    saved = load_checkpoint(out / "checkpoint.pt")
+    saved["progress"]["finished"] = False
+    CRAFTED[fragment](saved)
+    (out / "checkpoint.pt.sha256").unlink()
+    atomic_save(saved, out / "checkpoint.pt")
+    if "finished" in fragment:
+        (out / "summary.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    code = main(["train", "--resume", str(out), "--no-progress"])
+    line = _one_line_error(capsys, code, fragment)
+    assert len(line) < 300 + len(str(out))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written
+
+
+def _unfinish(out: Path) -> None:
+    """The run as a kill before its end leaves it: the checkpoint not marked finished."""
+    from leantrain.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(out / "checkpoint.pt")
+    saved["progress"]["finished"] = False
+    saved.pop("summary", None)
+    atomic_save(saved, out / "checkpoint.pt")
+    for name in ("summary.json", "model.pt", "model.pt.sha256"):
+        (out / name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("change", ["shrunk", "extended", "edited"])
+def test_a_resume_on_changed_data_is_refused_unless_asked(tmp_path, capsys, change):
+    rng = np.random.default_rng(0)
+    rows = [[*rng.normal(size=4).round(4), i % 3] for i in range(120)]
+    table = tmp_path / "table.csv"
+
+    def write(rows):
+        table.write_text("a,b,c,d,label\n" + "".join(",".join(map(str, r)) + "\n"
+                                                      for r in rows))
+
+    write(rows)
+    out = tmp_path / "run"
+    args = ["--data", str(table), "--set", "data.label_column=label", "--no-progress"]
+    assert main(["train", *args, "--out", str(out), "--set", "train.max_steps=3"]) == 0
+    _unfinish(out)
+    changed = {"shrunk": rows[:100], "extended": rows + rows[:20],
+               "edited": [[99.0, *rows[0][1:]], *rows[1:]]}[change]
+    write(changed)
+    capsys.readouterr()
+    code = main(["train", "--resume", str(out), *args[:2], "--no-progress"])
+    _one_line_error(capsys, code, "data changed since the checkpoint", "--data-changed")
+    assert main(["train", "--resume", str(out), *args[:2], "--no-progress",
+                 "--data-changed"]) == 0

@@ -67,6 +67,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "measurements of this model (plan.cache=false)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its last checkpoint (its own config)")
+    p.add_argument("--data-changed", action="store_true",
+                   help="resume on data other than the run started with (its sizes or "
+                        "samples differ; refused otherwise)")
     p.add_argument("--no-verify", action="store_true",
                    help="resume from a checkpoint whose SHA-256 is not recorded beside it "
                         "(checkpoint.pt.sha256 missing: a flipped bit would go unnoticed)")

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, dist) -> int:
     model = common.build_model(cfg, bundle)
     summary = fit(model, bundle.train, bundle.val, cfg, out, resume=bool(args.resume),
                   progress_bar=not args.no_progress, collate_fn=bundle.collate_fn,
-                  verify=not args.no_verify)
+                  verify=not args.no_verify, data_changed=args.data_changed)
     if dist.is_main:
         print(format_summary(summary))
         print(f"\nrun folder: {out}")

@@ -32,6 +32,7 @@ class Checkpoints:
     def __init__(self, run: Run, out_dir: Path | None):
         self.run, self.out_dir = run, out_dir
         self.saved_step: int | None = None  # the step of the last checkpoint written
+        self.data_changed = False  # a resume may continue on changed data (--data-changed)
 
     def last_good(self) -> str:
         """Where the last finite state is, for a message that stops the run."""
@@ -78,7 +79,7 @@ class Checkpoints:
         run, out = self.run, self.out_dir
         remove_partial_writes(out)
         saved = load_checkpoint(out / CHECKPOINT_NAME, run.plan.device)
-        run_state.restore(state, run, saved, out / CHECKPOINT_NAME)
+        run_state.restore(state, run, saved, out / CHECKPOINT_NAME, self.data_changed)
         p = state.progress
         self.saved_step = p.step
         if p.finished:

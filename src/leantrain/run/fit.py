@@ -19,7 +19,8 @@ from .trainer import Trainer
 
 def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConfig | None = None,
         out_dir: str | Path | None = None, resume: bool = False, progress_bar: bool = True,
-        loss_fn=None, collate_fn=None, watcher=None, verify: bool = True) -> dict[str, Any]:
+        loss_fn=None, collate_fn=None, watcher=None, verify: bool = True,
+        data_changed: bool = False) -> dict[str, Any]:
     """Train `model` with the plan in `cfg`; returns the run summary.
 
     Batches may be tensors, tuples, dicts or nested ones; the model's own loss is used when it
@@ -31,7 +32,8 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
     checkpoint.pt, metrics.jsonl, tensorboard/, model.pt (plain state_dict) and summary.json;
     `resume=True` continues from its checkpoint.
     `watcher` (a `run.records.Watcher`) sees each validation and may end the run early.
-    `verify=False` resumes from a checkpoint whose SHA-256 is not recorded beside it.
+    `verify=False` resumes from a checkpoint whose SHA-256 is not recorded beside it;
+    `data_changed=True` resumes on data other than the run started with (refused otherwise).
     """
     cfg = cfg or TrainConfig()
     out = Path(out_dir) if out_dir is not None else None
@@ -49,5 +51,6 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
                                                  collate_fn)
         run = build(cfg, model, train_data, val_data, loss_fn, collate_fn=collate_fn,
                     notes=notes)
-        return Trainer(run, out, progress_bar, watcher).fit(resume=resume,
-                                                            plan_measurement=record)
+        trainer = Trainer(run, out, progress_bar, watcher)
+        trainer.checkpoints.data_changed = data_changed
+        return trainer.fit(resume=resume, plan_measurement=record)

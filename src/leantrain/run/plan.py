@@ -13,11 +13,13 @@ run summary tells the user exactly what was changed and why (no silent magic).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +27,7 @@ from torch.utils.data import Dataset
 
 from .. import distributed, env
 from ..config import PlanConfig, TrainConfig
+from ..data.fingerprint import fingerprint
 from ..data.loaders import (
     LoaderOptions,
     batch_count,
@@ -213,6 +216,15 @@ class Run:
     # the same for a compiled or autotuned run (which drops the short last batch) as for a plain
     # one, so the bench can compare their first losses step by step
     steps_per_epoch: int
+    train_data: Dataset | None = None  # (what a checkpoint fingerprints: `data_fingerprint`)
+    val_data: Dataset | None = None
+
+    @functools.cached_property
+    def data_fingerprint(self) -> dict[str, Any]:
+        """The training and validation sets' lengths and digests (taken once): a resume
+        checks them."""
+        return {"train": fingerprint(self.train_data), "val": fingerprint(self.val_data)} \
+            if self.train_data is not None and self.val_data is not None else {}
 
     @property
     def total_steps(self) -> int:
@@ -360,4 +372,4 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     kept = batch_count(len(train_data), data.batch_size, shard)
     return Run(cfg, plan, dist, model, wrapped, contract, batches, val, options, tuning,
                num_classes, whole is not None,
-               math.ceil(kept / plan.grad_accum))
+               math.ceil(kept / plan.grad_accum), train_data, val_data)

@@ -17,46 +17,18 @@ import torch
 
 from .. import distributed
 from ..checkpoint import CHECKPOINT_NAME, atomic_save, capture_rng, restore_rng
-from ..errors import LeantrainError
+from ..errors import LeantrainError, one_line
 from ..losses import tasks
 from ..techniques import precision
 from ..techniques.optimizer import build_optimizer
 from ..techniques.schedules import build_scheduler
+from . import saved as saved_checkpoint
+from .progress import Progress
 
 if TYPE_CHECKING:  # (a type only: plan builds the run and imports the step, which imports
     from .plan import Run  # recovery, which imports this module)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Progress:
-    """Everything besides weights and optimizer state that a resume must restore."""
-
-    epoch: int = 0
-    batch: int = 0  # next micro-batch of `epoch` to run
-    step: int = 0  # optimizer steps taken
-    samples: int = 0
-    step_seconds: float = 0.0  # time inside training steps (compile warm-up excluded)
-    train_seconds: float = 0.0  # wall time of the loop: steps, evaluation, checkpoints
-    compile_seconds: float = 0.0
-    time_to_target: float | None = None
-    val_accuracy: float | None = None
-    val_loss: float | None = None
-    val_mae: float | None = None
-    val_task_loss: float | None = None  # the task's loss alone, when the model's holds more
-    val_aux_loss: float | None = None  # ... and the rest: the model's auxiliary terms
-    stop_reason: str | None = None  # a target met, or train.max_steps reached
-    finished: bool = False
-    # each loader batch runs as this many micro-batches, their gradients accumulated: raised
-    # by out-of-memory recovery (run.recovery), and kept by checkpoints so a resume keeps it
-    micro_split: int = 1
-    # metrics.jsonl's complete lines when the checkpoint was saved: a resume drops exactly
-    # what was logged after it (None: a checkpoint from before this was kept; steps decide)
-    logged: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -135,13 +107,16 @@ def fingerprint(run: Run) -> dict[str, Any]:
     model's parameter names and shapes."""
     return {"config": _flat(run.cfg.to_dict()),
             "parameters": {name: list(p.shape) for name, p in run.model.state_dict().items()
-                           if isinstance(p, torch.Tensor)}}
+                           if isinstance(p, torch.Tensor)},
+            "data": run.data_fingerprint}
 
 
-def check_fingerprint(saved: dict[str, Any], run: Run, path: Path) -> None:
+def check_fingerprint(saved: dict[str, Any], run: Run, path: Path,
+                      data_changed: bool = False) -> None:
     """One line naming what changed since the checkpoint; the changes a resume may make are
-    logged and honoured."""
+    logged and honoured. Changed data is refused unless `data_changed` (the user says so)."""
     now = fingerprint(run)
+    _check_data(saved.get("data"), now["data"], path, data_changed)
     before = saved.get("config", {})
     changed = sorted(k for k in set(before) | set(now["config"])
                      if before.get(k) != now["config"].get(k))
@@ -164,6 +139,24 @@ def check_fingerprint(saved: dict[str, Any], run: Run, path: Path) -> None:
                 "resume with the model the run was started with")
 
 
+def _check_data(before: dict[str, Any] | None, now: dict[str, Any], path: Path,
+                allowed: bool) -> None:
+    """The training and validation sets the run started with (lengths and sample digests)."""
+    if not before or not now or before == now:
+        return
+    split = next(s for s in ("train", "val") if before.get(s) != now.get(s))
+    had, has = before.get(split, {}), now.get(split, {})
+    how = (f"{had.get('samples', 0):,} -> {has.get('samples', 0):,} samples"
+           if had.get("samples") != has.get("samples") else "the same length, other samples")
+    if allowed:
+        log.warning("resume %s: the %s data changed since the checkpoint (%s); continuing on "
+                    "it, as --data-changed asks", path.parent, split, how)
+        return
+    raise LeantrainError(f"resume {path.parent}: the {split} data changed since the checkpoint "
+                         f"({how}); resume on the data the run started with, or pass "
+                         "--data-changed to continue on this")
+
+
 def save(state: TrainState, run: Run, out_dir: Path, extra: dict[str, Any] | None = None
          ) -> None:
     saved = checkpoint(state, run)
@@ -183,32 +176,29 @@ def _check_structure(saved: Any, path: Path) -> None:
                                  f"{key!r} entry is {what}")
 
 
-def restore(state: TrainState, run: Run, saved: dict[str, Any], path: Path) -> None:
+def restore(state: TrainState, run: Run, saved: dict[str, Any], path: Path,
+            data_changed: bool = False) -> None:
     """Load a checkpoint into `state` and the run's model, and this rank's RNG, after checking
-    that it is one and that the run has not changed since (`check_fingerprint`)."""
+    that it is one, that the run has not changed since (`check_fingerprint`) and that every
+    entry is what this run would have written (`run.saved`): nothing is applied before."""
     _check_structure(saved, path)
     if "fingerprint" in saved:
-        check_fingerprint(saved["fingerprint"], run, path)
+        check_fingerprint(saved["fingerprint"], run, path, data_changed)
     else:
         log.warning("resume %s: the checkpoint predates fingerprints; changes to the config "
                     "cannot be detected", path.parent)
+    saved_checkpoint.check(saved, state, run, path)
     try:
-        Progress(**saved["progress"])
-    except TypeError as exc:
-        raise LeantrainError(f"{path}: its progress entry is not a leantrain run's "
-                             f"({exc})") from exc
-    ranks = len(saved["rng"]) if isinstance(saved["rng"], list) else 1
-    if ranks != run.dist.world_size:
-        raise LeantrainError(f"the checkpoint was written by {ranks} process(es); resume it "
-                             f"with as many (now {run.dist.world_size})")
-    distributed.load_full_state(run.model, state.optimizer, run.plan.distributed,
-                                saved["model"], saved["optimizer"])
-    state.scheduler.load_state_dict(saved["scheduler"])
-    if state.scaler and saved["scaler"]:
-        state.scaler.load_state_dict(saved["scaler"])
-    rank = run.dist.rank
-    restore_rng(saved["rng"][rank] if isinstance(saved["rng"], list) else saved["rng"])
+        distributed.load_full_state(run.model, state.optimizer, run.plan.distributed,
+                                    saved["model"], saved["optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
+        if state.scaler and saved["scaler"]:
+            state.scaler.load_state_dict(saved["scaler"])
+        rank = run.dist.rank
+        restore_rng(saved["rng"][rank] if isinstance(saved["rng"], list) else saved["rng"])
+    except Exception as exc:  # (what the checks above do not foresee: still one line)
+        raise LeantrainError(f"{path} cannot be resumed: {one_line(exc)}") from exc
     state.progress = Progress(**saved["progress"])
     sums = saved["epoch_sums"]
-    sums = sums[rank] if isinstance(sums[0], list) else sums
+    sums = sums[run.dist.rank] if isinstance(sums[0], list) else sums
     state.epoch_sums = [t.to(run.plan.device) for t in sums]
