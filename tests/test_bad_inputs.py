@@ -1395,3 +1395,26 @@ def test_a_resume_on_changed_data_is_refused_unless_asked(tmp_path, capsys, chan
     _one_line_error(capsys, code, "data changed since the checkpoint", "--data-changed")
     assert main(["train", "--resume", str(out), *args[:2], "--no-progress",
                  "--data-changed"]) == 0
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["launch", "--nproc", "100000", "--", "train"], "--nproc must be in 1.."),
+    (["tune", "--objective", "metric", "--workers", "100000"], "--workers must be in 1.."),
+    (["train", "--set", "data.num_workers=100000"], "'data.num_workers' must be in 0.."),
+    (["train", "--set", "data.image_size=-5"], "'data.image_size' must be in 1..8192"),
+    (["train", "--set", "data.image_size=100000"], "'data.image_size' must be in 1..8192"),
+    (["train", "--set", "a.b=" + "[" * 5000], "nests too deep to read"),
+    (["train", "--config", "deep.yaml"], "nests collections too deep to read"),
+    (["train", "--out", "/tmp/" + "/".join(["d" * 200] * 25)], "a path of 5,029 bytes"),
+])
+def test_absurd_sizes_and_depths_are_one_line_before_any_work(tmp_path, monkeypatch, capsys,
+                                                               argv, fragment):
+    """100000 launch ranks forked until the machine stopped answering; YAML nested 10,000 deep
+    was a RecursionError; an --out over 4,096 bytes an OSError."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "deep.yaml").write_text("a: " + "{b: " * 10000 + "1" + "}" * 10000)
+    if "--out" not in argv and argv[0] != "launch":
+        argv = [*argv, "--out", str(tmp_path / "out")]
+    code = main([*argv, "--no-progress"] if argv[0] != "launch" else argv)
+    _one_line_error(capsys, code, fragment)
+    assert not (tmp_path / "out").exists()

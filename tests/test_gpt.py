@@ -114,6 +114,13 @@ def test_text_gpt_trains_below_the_first_loss_and_generates(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(out), "--prompt", "def ", "--tokens",
                  "10"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    raw = b"caf\xe9 ".decode("utf-8", "surrogateescape")  # (a Latin-1 byte on the command line)
+    assert main(["generate", "--checkpoint", str(out), "--prompt", raw, "--tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("caf")
+    for bad, said in (([""], "--prompt is empty"), (["x", "--seed", str(10**23)], "--seed")):
+        assert main(["generate", "--checkpoint", str(out), "--prompt", *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
 
 
 def test_generate_on_a_non_text_run_is_a_clear_error(tmp_path, capsys):

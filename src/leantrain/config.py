@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -248,6 +249,19 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# processes a command may start on one machine (loader workers, launch ranks, tune workers):
+# 4 per core, at least 8; 100000 once forked until the machine stopped answering
+MAX_PROCESSES = max(8, 4 * (os.cpu_count() or 1))
+MAX_IMAGE_SIZE = 8192  # pixels a side: 100000 asked for 120 GB an image
+
+
+def check_processes(name: str, value: int, low: int = 1) -> None:
+    """A count of processes to start: from `low` to MAX_PROCESSES, in one line otherwise."""
+    if not low <= value <= MAX_PROCESSES:
+        raise LeantrainError(f"{name} must be in {low}..{MAX_PROCESSES} on this machine (4 per "
+                             f"core, at least 8), got {value}")
+
+
 def _check_ranges(cfg: TrainConfig) -> None:
     positive = {
         "data.batch_size": cfg.data.batch_size,
@@ -287,8 +301,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
          "in (0, 1 - schedule.warmup_fraction]"),
     ]
     if cfg.data.num_workers != "auto":
-        checks.append(("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0,
-                       ">= 0 or auto"))
+        checks.append(("data.num_workers", cfg.data.num_workers,
+                       0 <= cfg.data.num_workers <= MAX_PROCESSES,
+                       f"in 0..{MAX_PROCESSES} or auto"))
+    if cfg.data.image_size is not None:
+        checks.append(("data.image_size", cfg.data.image_size,
+                       1 <= cfg.data.image_size <= MAX_IMAGE_SIZE, f"in 1..{MAX_IMAGE_SIZE}"))
     if cfg.data.context is not None:
         checks.append(("data.context", cfg.data.context, cfg.data.context >= 1, ">= 1"))
     if cfg.data.prefetch_factor != "auto":
@@ -394,6 +412,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise LeantrainError(f"config file {path} is not valid YAML: "
                              f"{_yaml_problem(exc)}") from exc
+    except RecursionError as exc:  # (PyYAML composes nested collections by recursion)
+        raise LeantrainError(f"config file {path} nests collections too deep to read; a "
+                             "config is a few levels of sections and keys") from exc
     if not isinstance(values, dict):
         raise LeantrainError(f"config file {path} must hold a mapping at the top level")
     return values
@@ -457,6 +478,9 @@ def parse_override(text: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise LeantrainError(f"override {shorten(repr(text), 80)}: value is not valid YAML: "
                              f"{_yaml_problem(exc)}") from exc
+    except RecursionError as exc:
+        raise LeantrainError(f"override {shorten(repr(text), 80)}: the value nests too deep "
+                             "to read") from exc
     return nest(key.strip(), value)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from ..recipes import RECIPES, get_recipe
 
 log = logging.getLogger("leantrain")
 NAME_MAX = 255  # bytes per file or folder name (ext4, xfs, btrfs, tmpfs)
+PATH_MAX = 4096  # bytes in a whole path, its end included (Linux)
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -252,6 +254,10 @@ def check_out(folder: Path) -> Path:
     if longest > NAME_MAX:  # (checked first: exists() raises on such a name)
         raise LeantrainError(f"--out {shorten(folder, 80)}: a name of {longest} bytes; the "
                              f"file system allows {NAME_MAX}")
+    whole = len(os.path.abspath(folder).encode())
+    if whole >= PATH_MAX:  # (checked before exists(), which raises on such a path too)
+        raise LeantrainError(f"--out {shorten(folder, 80)}: a path of {whole:,} bytes; the "
+                             f"file system allows {PATH_MAX - 1:,}")
     if folder.exists() and not folder.is_dir():
         raise LeantrainError(f"--out {shorten(folder)} is a file; give a folder")
     return folder

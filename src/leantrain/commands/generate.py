@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..config import CONFIG_NAME, load_config
-from ..errors import LeantrainError
+from ..errors import LeantrainError, shorten
 from ..recipes import get_recipe
 from . import common
 
@@ -45,6 +45,10 @@ def run(args: argparse.Namespace, dist) -> int:
                                  "`leantrain train`)")
     if args.tokens < 1 or args.top_k < 1:
         raise LeantrainError("--tokens and --top-k must be >= 1")
+    if not args.prompt:
+        raise LeantrainError("--prompt is empty: give the text to continue")
+    if not 0 <= args.seed < 2**63:
+        raise LeantrainError(f"--seed must be in 0..2**63-1, got {shorten(args.seed, 40)}")
     if not 0 <= args.temperature < float("inf"):
         raise LeantrainError(f"--temperature must be >= 0 (0: greedy) and finite, got "
                              f"{args.temperature}")
@@ -56,7 +60,10 @@ def run(args: argparse.Namespace, dist) -> int:
     model = common.build_from(cfg.model, "--model", cfg.train.seed) if cfg.model \
         else get_recipe(cfg.recipe).build_model(VOCAB, cfg)
     common.load_weights(model, folder / MODEL_NAME)
-    prompt = torch.tensor(list(args.prompt.encode()), dtype=torch.long)
+    # the prompt's own bytes, as the command line gave them (not UTF-8 ones too: the model
+    # reads bytes)
+    prompt = torch.tensor(list(args.prompt.encode("utf-8", "surrogateescape")),
+                          dtype=torch.long)
     out = generate(model, prompt, args.tokens, cfg.data.context, args.temperature, args.top_k,
                    torch.Generator().manual_seed(args.seed))
     print(bytes(out.tolist()).decode("utf-8", errors="replace"))

@@ -15,6 +15,7 @@ import shutil
 import signal
 import tempfile
 
+from ..config import check_processes
 from ..errors import LeantrainError
 from . import common
 
@@ -26,6 +27,7 @@ def torchrun_args(nproc: int, nnodes: int, node_rank: int, master_addr: str | No
     """torchrun's command line for running `leantrain <command>` on every rank."""
     if nproc < 1 or nnodes < 1:
         raise LeantrainError(f"--nproc and --nnodes must be >= 1, got {nproc} and {nnodes}")
+    check_processes("--nproc", nproc)
     if not 0 <= node_rank < nnodes:
         raise LeantrainError(f"--node-rank must be in 0..{nnodes - 1}, got {node_rank}")
     if master_port is not None and not 1 <= master_port <= 65535:

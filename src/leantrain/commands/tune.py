@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ..config import check_processes
 from ..errors import LeantrainError
 from . import common
 
@@ -71,6 +72,7 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("trials", "workers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise LeantrainError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_processes("--workers", args.workers)
     for name in ("budget_s", "trial_seconds", "trial_steps"):
         value = getattr(args, name)
         if value is not None and not 0 < value < math.inf:  # leave it out for no limit
