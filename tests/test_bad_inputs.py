@@ -1418,3 +1418,36 @@ def test_absurd_sizes_and_depths_are_one_line_before_any_work(tmp_path, monkeypa
     code = main([*argv, "--no-progress"] if argv[0] != "launch" else argv)
     _one_line_error(capsys, code, fragment)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_npz_header_asking_for_more_than_the_file_holds_is_refused_before_allocating(
+        tmp_path, capsys):
+    """A crafted header asked numpy for 1.82 TiB (a MemoryError traceback)."""
+    import io
+    import zipfile
+
+    np.savez(tmp_path / "ok.npz", x=np.zeros((10, 4), np.float32), y=np.arange(10) % 2)
+    with zipfile.ZipFile(tmp_path / "ok.npz") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (500000, 1000000)})
+    body = members["x.npy"]
+    members["x.npy"] = header.getvalue() + body[10 + int.from_bytes(body[8:10], "little"):]
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    code = main(["train", "--data", str(tmp_path / "bomb.npz"), "--out", str(tmp_path / "o"),
+                 *FAST])
+    _one_line_error(capsys, code, "array 'x' says it is (500000, 1000000) of float32",
+                    "a damaged or crafted file")
+
+
+def test_a_decompression_bomb_image_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    images = _png_folder(tmp_path / "images", {"small": 2, "other": 2}, mode="L")
+    Image.new("L", (12000, 12000)).save(images / "small" / "big.png")  # 144 M pixels
+    code = main(["train", "--data", str(images), "--set", "data.image_size=8",
+                 "--out", str(tmp_path / "o"), *FAST])
+    _one_line_error(capsys, code, "big.png cannot be read as an image", "decompression bomb")

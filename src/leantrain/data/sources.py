@@ -7,7 +7,9 @@ a lazily decoding Dataset that goes through a DataLoader.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -151,7 +153,29 @@ def npz(path: Path, cfg: DataConfig) -> DataBundle:
                              f"{shorten(one_line(exc))}") from None
 
 
+def _check_npz_headers(path: Path) -> None:
+    """Each array's header against the bytes its member holds, before numpy allocates what a
+    header asks for (a crafted header asked for 1.82 TiB)."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(member)
+                room = info.file_size - member.tell()
+            wanted = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if wanted > room:
+                raise LeantrainError(
+                    f"{path}: array {shorten(info.filename[:-4], 40)!r} says it is "
+                    f"{tuple(shape)} of {dtype} ({wanted:,} bytes) but holds {room:,} bytes: "
+                    "a damaged or crafted file")
+
+
 def _npz(path: Path, cfg: DataConfig) -> DataBundle:
+    _check_npz_headers(path)
     with np.load(path) as arrays:
         missing = {"x", "y"} - set(arrays.files)
         if missing:
@@ -253,17 +277,33 @@ class ImageFolder(Dataset):
 
         path, label = self.items[index]
         try:
-            with Image.open(path) as img:
+            with bombs_refused(), Image.open(path) as img:
                 if not self.size and self.expected and img.size != self.expected:
                     raise LeantrainError(
                         f"{path} is {img.size[0]}x{img.size[1]} while the other images are "
                         f"{self.expected[0]}x{self.expected[1]}; set data.image_size")
                 array = pixels(img, self.channels, self.size)
-        except OSError as exc:  # PIL's UnidentifiedImageError, a truncated file
+        except (OSError, *image_bombs()) as exc:  # unidentified, truncated, a bomb
             raise LeantrainError(f"{path} cannot be read as an image: {exc}") from None
         tensor = torch.from_numpy(array.copy())
         tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
         return tensor, label
+
+
+def image_bombs() -> tuple[type, ...]:
+    """PIL's refusals of an image whose header claims too many pixels (a decompression bomb)."""
+    from PIL import Image
+
+    return Image.DecompressionBombError, Image.DecompressionBombWarning
+
+
+@contextlib.contextmanager
+def bombs_refused():
+    """PIL only warns about an image of more pixels than its limit (up to twice it): here
+    that is refused too, before the image is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", image_bombs()[1])
+        yield
 
 
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -334,10 +374,10 @@ def image_folder(path: Path, cfg: DataConfig) -> DataBundle:
     sizes, modes = {}, set()
     for file, _ in items[:50]:  # a sample (the rest are checked as they load: ImageFolder)
         try:
-            with Image.open(file) as img:
+            with bombs_refused(), Image.open(file) as img:
                 sizes.setdefault(img.size, file)
                 modes.add(img.mode)
-        except OSError as exc:
+        except (OSError, *image_bombs()) as exc:
             raise LeantrainError(f"{file} cannot be read as an image: {exc}") from None
     channels = 1 if modes <= GRAY_MODES else 3
     size = cfg.image_size
