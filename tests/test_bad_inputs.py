@@ -1451,3 +1451,98 @@ def test_a_decompression_bomb_image_is_one_line(tmp_path, capsys):
     code = main(["train", "--data", str(images), "--set", "data.image_size=8",
                  "--out", str(tmp_path / "o"), *FAST])
     _one_line_error(capsys, code, "big.png cannot be read as an image", "decompression bomb")
+
+
+# ------------------------------------------------------------------ file-system faults
+
+
+def test_a_plan_cache_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, monkeypatch,
+                                                                        caplog):
+    """A read-only $HOME (clusters) failed the run after its measuring."""
+    import logging
+
+    from leantrain.run import defaults
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LEANTRAIN_CACHE", str(tmp_path / "file" / "cache"))  # (not a folder)
+    with caplog.at_level(logging.WARNING, logger="leantrain"):
+        defaults._to_cache("k", {"values": {}})
+    assert "plan cache" in caplog.text and "measures again" in caplog.text
+
+
+def test_a_sha256_file_that_is_not_text_is_a_corrupt_checkpoint_not_a_traceback(tmp_path):
+    from leantrain.checkpoint import load_checkpoint
+
+    atomic_save({"w": torch.ones(2)}, tmp_path / "checkpoint.pt")
+    (tmp_path / "checkpoint.pt.sha256").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(LeantrainError, match="is corrupt"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def test_a_metrics_log_that_is_not_utf8_is_truncated_like_any_other(tmp_path):
+    from leantrain.run.logs import truncate_after
+
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe broken\n{"step": 3}\n')
+    truncate_after(tmp_path, step=2)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == b'{"step": 1}\n'
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe broken\n{"step": 3}\n')
+    truncate_after(tmp_path, step=9, lines=2)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == b'{"step": 1}\n\xff\xfe broken\n'
+
+
+def test_a_leftover_tensorboard_link_is_removed_and_what_it_points_to_is_kept(tmp_path):
+    """rmtree on a link raised; following it would have emptied the user's folder."""
+    run, shared = tmp_path / "run", tmp_path / "shared"
+    run.mkdir()
+    shared.mkdir()
+    (shared / "keep.txt").write_text("mine")
+    (run / "config.yaml").write_text("{}")
+    (run / "tensorboard").symlink_to(shared, target_is_directory=True)
+    run_folder.clear_leftovers(run)
+    assert not (run / "tensorboard").exists() and (shared / "keep.txt").read_text() == "mine"
+
+
+def test_a_full_disk_while_logging_stops_the_run_in_one_line(tmp_path):
+    import errno
+    import threading
+
+    from leantrain.run.logs import RunLog
+
+    log = RunLog(tmp_path)
+
+    class Full:
+        closed = False
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log.handle = Full()
+    monitor = threading.Thread(target=lambda: log.log("monitor", 1, cpu=50.0))
+    monitor.start()
+    monitor.join()  # the monitor's thread only notes it
+    assert log.failed and "no space left on the device" in log.failed
+    with pytest.raises(LeantrainError, match="no space left on the device; the last checkpoint"):
+        log.log("train", 2, loss=1.0)
+    log.close()  # (a close that fails too is quiet)
+
+
+def test_stdout_on_a_full_device_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from leantrain import cli
+
+    def full(args, dist):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from leantrain.commands import doctor
+
+    monkeypatch.setattr(doctor, "run", full)
+    assert cli.main(["doctor", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["leantrain: error: cannot write the output: no space left on the device"]

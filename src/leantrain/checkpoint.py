@@ -56,8 +56,8 @@ def require_recorded_hash(path: Path) -> None:
 
 
 def _recorded(path: Path) -> list[str]:
-    try:
-        return _checksum_file(path).read_text().split()
+    try:  # (bytes that are not text are no hash: the file then differs from the record)
+        return _checksum_file(path).read_bytes().decode("ascii", errors="replace").split()
     except OSError:
         return []
 
@@ -149,7 +149,11 @@ def atomic_export(program: torch.export.ExportedProgram, path: str | Path) -> No
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_replace(Path(path), lambda handle: handle.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_replace(Path(path), lambda handle: handle.write(data))
 
 
 def capture_rng() -> dict[str, Any]:

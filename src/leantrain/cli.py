@@ -9,6 +9,7 @@ other exception keeps its traceback: it is a bug.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -90,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leantrain: error: {_message(exc)}", file=sys.stderr)
         _tell_torchrun(_message(exc))
         return getattr(exc, "exit_code", 2)  # 2: bad input; 128 + N: stopped by signal N
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC or args.debug:
+            _tell_torchrun(one_line(exc))
+            raise
+        # (stdout or a log on a full device: what was written before stays)
+        print("leantrain: error: cannot write the output: no space left on the device",
+              file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug: its traceback follows; under launch, its line first
         _tell_torchrun(one_line(exc))
         raise

@@ -41,7 +41,7 @@ from ..checkpoint import atomic_write_text
 from ..config import TrainConfig, config_from_dict, merge
 from ..distributed import DistContext
 from ..env import cpu_model
-from ..errors import one_line
+from ..errors import LeantrainError, one_line
 from ..measure import clock
 from ..measure.rounds import MIN_ROUNDS, interleave, interval, paired_ratios
 from ..measure.timing import WARMUP_STEPS, timed_window
@@ -170,6 +170,19 @@ def _from_cache(key: str) -> dict[str, Any] | None:
         else None
 
 
+def _to_cache(key: str, record: dict[str, Any]) -> None:
+    """Keep a measurement for the next run; a cache that cannot be written (a read-only
+    $HOME, common on clusters) costs the next run a measurement, not this one its result."""
+    path = _cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, indent=2))
+    except (OSError, LeantrainError) as exc:
+        log.warning("plan cache %s not written (%s): the next run measures again; set "
+                    "LEANTRAIN_CACHE to a writable folder to keep it", path.parent,
+                    getattr(exc, "strerror", None) or exc)
+
+
 def _total_steps(cfg: TrainConfig, samples: int) -> int:
     per_epoch = math.ceil(math.ceil(samples / cfg.data.batch_size) / cfg.plan.grad_accum)
     return min(per_epoch * cfg.train.epochs, cfg.train.max_steps or per_epoch * cfg.train.epochs)
@@ -251,9 +264,7 @@ def decide(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset, los
     if record.get("skipped"):
         return cfg, _rule_notes(undecided, record["skipped"]), record
     if cfg.plan.cache:
-        path = _cache_file(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(record, indent=2))
+        _to_cache(key, record)
     values = dict(record["values"])
     if "compile" in record.get("results", {}):  # this run probed it: the compile is paid
         found = record["results"]["compile"]

@@ -120,9 +120,9 @@ def clear_leftovers(folder: Path) -> None:
         log.warning("%s holds what a run left before its first checkpoint (%s): starting "
                     "afresh over it", folder, ", ".join(sorted(p.name for p in stale)))
     for path in stale:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        else:
+        else:  # a file, or a link (to a folder too: the link goes, never what it points to)
             path.unlink(missing_ok=True)
     remove_partial_writes(folder)
 

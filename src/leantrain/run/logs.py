@@ -3,6 +3,7 @@ resource monitor that samples CPU/GPU use into them."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -10,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_bytes
+from ..errors import LeantrainError
 from ..measure.monitor import ResourceMonitor
 
 log = logging.getLogger(__name__)
@@ -29,21 +31,34 @@ class RunLog:
         self.handle = self.path.open("a")
         self.writer = SummaryWriter(log_dir=str(out_dir / TENSORBOARD_NAME))
         self.lock = threading.Lock()  # the resource monitor logs from its own thread
+        self.failed: str | None = None  # why a write failed (a full disk): the run stops
 
     def log(self, kind: str, step: int, **values: Any) -> None:
+        """Append a record; a write that fails (a full disk) stops the run in one line, at
+        the training thread's next record (the monitor's thread only notes it)."""
         with self.lock:
-            if self.handle.closed:
-                return
-            self.handle.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
-            self.handle.flush()
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{kind}/{name}", value, step)
+            if self.failed is None and not self.handle.closed:
+                try:
+                    self.handle.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+                    self.handle.flush()
+                    for name, value in values.items():
+                        if isinstance(value, (int, float)) and not isinstance(value, bool):
+                            self.writer.add_scalar(f"{kind}/{name}", value, step)
+                except OSError as exc:
+                    why = "no space left on the device" if exc.errno == errno.ENOSPC \
+                        else exc.strerror or str(exc)
+                    self.failed = f"cannot write {self.path} or its TensorBoard log: {why}"
+            if self.failed and threading.current_thread() is threading.main_thread():
+                raise LeantrainError(f"{self.failed}; the last checkpoint is kept: free some "
+                                     "space and continue with --resume")
 
     def close(self) -> None:
         with self.lock:
-            self.handle.close()
-            self.writer.close()
+            for closing in (self.handle.close, self.writer.close):
+                try:
+                    closing()
+                except OSError:  # (a full disk: already said by `log`, or by the next write)
+                    pass
 
 
 class NullLog:
@@ -71,20 +86,22 @@ def truncate_after(out_dir: Path, step: int, lines: int | None = None) -> None:
     path = out_dir / METRICS_NAME
     if not path.exists():
         return
-    complete = path.read_text().split("\n")[:-1]  # (the half-written last line of a kill)
+    # bytes, not text: a record that is not UTF-8 (a damaged or edited log) is kept or
+    # dropped like any other, never a traceback
+    complete = path.read_bytes().split(b"\n")[:-1]  # (the half-written last line of a kill)
     if lines is not None:
         kept = complete[:lines]
     else:
-        kept = [line for line in complete if _step_of(line) is not None
-                and _step_of(line) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+        kept = [line for line in complete if (at := _step_of(line)) is not None and at <= step]
+    atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
 
 
-def _step_of(line: str) -> int | None:
+def _step_of(line: bytes) -> int | None:
     try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # (UnicodeDecodeError is a ValueError)
         return None
+    return step if isinstance(step, int) else None
 
 
 def start_monitor(run, sink: Callable[[dict[str, Any]], None]) -> ResourceMonitor | None:
