@@ -295,6 +295,22 @@ def test_one_sigterm_stops_a_study_with_its_report_and_the_same_command_continue
     assert len(_finished_runs(out)) >= 3
 
 
+def test_a_second_study_in_the_same_folder_keeps_its_own_trial_runs(tmp_path, tiny_space):
+    """Two studies in one --out shared trials/0000: 2 of 4 trials failed, exit 0."""
+    out = tmp_path / "tune"
+    first = subprocess.run(_tune(out, tiny_space, "--trials", "1"), capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = (out / "trials" / "0000" / "summary.json").read_bytes()
+    second = subprocess.run(_tune(out, tiny_space, "--trials", "1", "--study", "other/one"),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert (out / "trials" / "other_one" / "0000" / "summary.json").is_file()
+    assert (out / "trials" / "0000" / "summary.json").read_bytes() == before
+    report = json.loads((out / "tune.json").read_text())
+    assert all(t["state"] == "complete" for t in report["trials"])
+
+
 # ------------------------------------------------------------------ PostgreSQL
 
 

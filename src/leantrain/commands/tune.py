@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import check_processes
 from ..errors import LeantrainError
+from ..tune import DEFAULT_STUDY
 from . import common
 
 EXAMPLES = """examples:
@@ -25,7 +26,6 @@ EXAMPLES = """examples:
 then: leantrain train --config runs/tune/best.yaml --target-acc 0.97
 """
 STUDY_DB = "study.db"
-DEFAULT_STUDY = "leantrain-tune"
 DEFAULT_TRIALS = 20  # without a budget
 
 

@@ -25,6 +25,7 @@ from ..config import TrainConfig
 from ..errors import LeantrainError, one_line
 from ..measure.clock import process_age
 from ..run.signals import Stopped, StopRequest
+from . import DEFAULT_STUDY
 from .objective import Objective
 from .space import Param, trial_config
 
@@ -182,6 +183,20 @@ class TrialWatcher:
         return time.monotonic() - self.start
 
 
+def trial_folder(spec: StudySpec, number: int) -> Path:
+    """out/trials/NNNN for the default study; another study in the same folder (--study
+    NAME) keeps its runs in out/trials/NAME/NNNN: two studies once shared trials/0000."""
+    trials = spec.out / "trials"
+    return (trials if spec.name == DEFAULT_STUDY else trials / _safe(spec.name)) / \
+        f"{number:04d}"
+
+
+def _safe(name: str) -> str:
+    """A study name as one folder name."""
+    kept = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".")
+    return kept[:100] or "study"
+
+
 def run_trial(trial, spec: StudySpec, bundle, build_model: Callable[[TrainConfig], Any]
               ) -> list[float]:
     """One trial: draw its values, train a real run in out/trials/NNNN, score it."""
@@ -196,7 +211,7 @@ def run_trial(trial, spec: StudySpec, bundle, build_model: Callable[[TrainConfig
     if spec.trial_steps is not None:
         extra["train.max_steps"] = spec.trial_steps
     cfg = trial_config(spec.base, {**spec.fixed, **values, **extra})
-    folder = spec.out / "trials" / f"{trial.number:04d}"
+    folder = trial_folder(spec, trial.number)
     trial.set_user_attr("run", str(folder))
     watcher = TrialWatcher(trial, spec.objective, spec.deadline(), spec.trial_seconds)
     evals_planned = max(1, cfg.train.epochs // cfg.train.eval_every_epochs)
