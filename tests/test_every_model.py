@@ -323,3 +323,18 @@ def test_every_shape_through_every_command(name, tmp_path):
     for number, command in enumerate(commands):
         code = main([*command, *_source(name), *BASE, "--out", str(tmp_path / str(number))])
         assert code in (0, 2), command
+
+
+def test_int8_skips_linears_too_narrow_for_it_and_saves_a_gqa_model(tmp_path):
+    """torchao failed on a diffusion model's Linear(1, 32) time embedding, and saving a
+    quantized GQA Llama asked for head counts it has no use for ("cannot prune")."""
+    from leantrain.compress.quantize import quantize_linear
+
+    denoiser = quantize_linear(shapes.denoiser(), "int8-dynamic")
+    assert type(denoiser.embed[0].weight) is torch.nn.Parameter  # narrow: left in float
+    assert type(denoiser.embed[2].weight) is not torch.nn.Parameter  # 32 x 32: quantized
+    with torch.no_grad():
+        assert torch.isfinite(denoiser(torch.rand(2, 1, 12, 12)))
+    gqa = quantize_linear(shapes.llama_gqa(), "int8-dynamic")
+    save_pruned(gqa, tmp_path / "model.pt")
+    assert load_pruned(shapes.llama_gqa(), tmp_path / "model.pt") is not None

@@ -174,12 +174,9 @@ def _separate_projections(name: str, module: nn.Module) -> list[nn.Linear]:
     for names in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj")):
         layers = [getattr(module, n, None) for n in names]
         if all(isinstance(p, nn.Linear) for p in layers):
-            if len({p.out_features for p in layers}) > 1:
-                groups = layers[0].out_features // max(layers[1].out_features, 1)
-                raise LeantrainError(f"cannot prune {name} ({type(module).__name__}): grouped-"
-                                     f"query attention ({groups} query heads per key/value "
-                                     "head) is not handled")
-            return layers
+            # grouped keys: not a layout known here (`refuse_unknown` says why, when pruning;
+            # saving or quantizing such a model needs no head counts)
+            return layers if len({p.out_features for p in layers}) == 1 else []
     return []
 
 
