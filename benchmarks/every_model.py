@@ -10,6 +10,7 @@ with the figures the issue named (MoE task and auxiliary loss, the int8 verdicts
 
     python benchmarks/every_model.py            # every shape and command (about 25 minutes)
     python benchmarks/every_model.py --quick    # two shapes, no bench or launch
+    python benchmarks/every_model.py --shapes denoiser llama_gqa   # again, rows replaced
 """
 
 from __future__ import annotations
@@ -98,11 +99,19 @@ def figures(name: str, folder: Path) -> dict:
     return found
 
 
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent)
+    return done.stdout.strip() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES),
+                        help="run these shapes again, their rows replaced in the results")
     args = parser.parse_args()
-    names = ["gpt2_lora", "t5"] if args.quick else list(SHAPES)
+    names = ["gpt2_lora", "t5"] if args.quick else args.shapes or list(SHAPES)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -117,11 +126,19 @@ def main() -> None:
                 rows[name][label] = execute(argv, folder / label)
                 print(f"{name:20s} {label:16s} {rows[name][label]}", flush=True)
             rows[name]["figures"] = figures(name, folder)
+    machine = {"cpu": cpu_model(), "arch": platform.machine(), "cores": os.cpu_count(),
+               "torch": torch.__version__}
+    for row in rows.values():
+        row["commit"] = _commit()
+    if args.shapes and RESULTS.is_file():  # a re-run of some shapes: the others are kept
+        earlier = json.loads(RESULTS.read_text())
+        if earlier["machine"] != machine:
+            raise SystemExit(f"{RESULTS} was measured on {earlier['machine']}; re-run all")
+        rows = {**earlier["shapes"], **rows}
     tracebacks = [f"{n} {c}" for n, row in rows.items() for c, r in row.items()
-                  if c != "figures" and (r["traceback"] or r["rc"] not in (0, 2))]
-    record = {"machine": {"cpu": cpu_model(), "arch": platform.machine(),
-                          "cores": os.cpu_count(), "torch": torch.__version__},
-              "date": time.strftime("%Y-%m-%d"), "quick": args.quick,
+                  if isinstance(r, dict) and c != "figures"
+                  and (r["traceback"] or r["rc"] not in (0, 2))]
+    record = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "quick": args.quick,
               "failures": tracebacks, "shapes": rows}
     if not args.quick:
         RESULTS.write_text(json.dumps(record, indent=2) + "\n")
