@@ -1177,7 +1177,7 @@ def test_the_same_command_writes_into_its_own_folder_again_and_another_does_not(
 
 @pytest.mark.parametrize("target, fragment", [
     ("folder", "is a folder; give a plan file"),
-    ("missing/plan.yaml", "does not exist"),
+    ("notes.txt/plan.yaml", "notes.txt is a file, not a folder"),
     ("notes.txt", "notes.txt"),
 ])
 @pytest.mark.parametrize("command", [["bench"], ["find-lr"], ["find-batch-size"]])

@@ -378,7 +378,8 @@ def test_two_workers_share_a_study_on_a_real_postgresql_server(postgres, tmp_pat
     assert len(finished) >= 4
     runs = [t.user_attrs["run"] for t in study.get_trials()]
     assert len(runs) == len(set(runs))
-    assert {Path(r).parent.parent.name for r in runs} == {"machine0", "machine1"}
+    assert {Path(r).relative_to(tmp_path).parts[0] for r in runs} == {"machine0", "machine1"}
+    assert all(Path(r).parent.name == "shared" for r in runs)  # trials/shared/NNNN
 
 
 def test_tune_searches_a_stock_hugging_face_model_with_dict_batches(tmp_path, monkeypatch,

@@ -306,9 +306,11 @@ def check_apply(path: str | None) -> Path | None:
         raise LeantrainError(f"--apply {shorten(target)} is a folder; give a plan file")
     if target.exists():
         read_plan_file(target)  # a file that is not a plan is one line, and stays as it is
-    elif not target.parent.is_dir():
-        raise LeantrainError(f"--apply {shorten(target)}: folder {shorten(target.parent)} does "
-                             "not exist")
+    else:  # (a missing folder is made when the plan is written)
+        above = next((p for p in target.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise LeantrainError(f"--apply {shorten(target)}: {shorten(above)} is a file, not "
+                                 "a folder")
     return target
 
 

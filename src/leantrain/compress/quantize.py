@@ -50,7 +50,7 @@ def linear_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-# a Linear narrower than this stays float: int8 gains it nothing, and torchao's per-row
+# a Linear with fewer inputs stays float: int8 gains it nothing, and torchao's per-row
 # scales fail on one input feature (a diffusion model's time embedding, Linear(1, 32))
 MIN_FEATURES = 16
 
@@ -61,7 +61,7 @@ def quantize_linear(model: nn.Module, method: str = "int8-dynamic") -> nn.Module
     Hugging Face `Conv1D` layers (GPT-2) are converted to the equal `nn.Linear` first, so they
     are quantized too. A Linear whose weight is tied to an embedding (an LM head) is left in
     float: quantizing it would untie it, storing the embedding twice (GPT-2 grew from 124,672
-    to 141,056 parameters that way); so is one narrower than MIN_FEATURES."""
+    to 141,056 parameters that way); so is one with fewer than MIN_FEATURES inputs."""
     from .attention import conv1d_to_linear
 
     config = _config(method)
@@ -78,11 +78,11 @@ def quantize_linear(model: nn.Module, method: str = "int8-dynamic") -> nn.Module
 
     def quantized(module: nn.Module, fqn: str) -> bool:
         return isinstance(module, nn.Linear) and id(module.weight) not in tied \
-            and min(module.in_features, module.out_features) >= MIN_FEATURES
+            and module.in_features >= MIN_FEATURES
 
     if not any(quantized(m, "") for m in model.modules()):
         raise LeantrainError(f"nothing to quantize: every nn.Linear has fewer than "
-                             f"{MIN_FEATURES} inputs or outputs (or is tied to an embedding)")
+                             f"{MIN_FEATURES} inputs (or is tied to an embedding)")
     quantize_(model.eval().cpu(), config, filter_fn=quantized)
     return model
 
