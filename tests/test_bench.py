@@ -467,6 +467,28 @@ def test_a_noisy_technique_is_flagged_and_cannot_win(monkeypatch, fake_clock):
     assert "NOISY" in format_bench(result)
 
 
+def test_a_second_take_cut_short_by_the_budget_does_not_replace_the_noisy_first(
+        monkeypatch, fake_clock):
+    """A winner once came from one re-measured round after five noisy ones: the second take
+    counts only when it has as many rounds as the first."""
+    takes = []
+    full = search.interleave
+
+    def budget_runs_out(labels, rounds, one_round):
+        found = full(labels, rounds, one_round)
+        takes.append(found)
+        if len(takes) > 1:  # the re-measurement: one round of the noisy one, then no budget
+            found = {label: measured if label == labels[0] else measured[:1]
+                     for label, measured in found.items()}
+        return found
+
+    monkeypatch.setattr(search, "interleave", budget_runs_out)
+    result = _timed_bench(monkeypatch, fake_clock, fast=0.5, noisy=True)
+    assert len(takes) >= 2  # it was measured again
+    fake = result.trial("fake layout")
+    assert fake.noisy and result.winner == "baseline"
+
+
 def test_a_steady_ten_percent_gain_wins_with_an_interval_above_one(monkeypatch, fake_clock):
     # 20 ms that channels_last shortens by 12%, 2 ms that it does not, 3% jitter per call:
     # the whole step 0.022 / 0.0196 = 1.12x faster
