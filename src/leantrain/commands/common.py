@@ -250,14 +250,7 @@ def default_out(args: argparse.Namespace, prefix: str = "") -> Path:
 
 def check_out(folder: Path) -> Path:
     """--out must be a folder (or not exist yet) whose every name fits the file system."""
-    longest = max((len(part.encode()) for part in folder.parts), default=0)
-    if longest > NAME_MAX:  # (checked first: exists() raises on such a name)
-        raise LeantrainError(f"--out {shorten(folder, 80)}: a name of {longest} bytes; the "
-                             f"file system allows {NAME_MAX}")
-    whole = len(os.path.abspath(folder).encode())
-    if whole >= PATH_MAX:  # (checked before exists(), which raises on such a path too)
-        raise LeantrainError(f"--out {shorten(folder, 80)}: a path of {whole:,} bytes; the "
-                             f"file system allows {PATH_MAX - 1:,}")
+    fits_file_system(folder, "--out")
     if folder.exists() and not folder.is_dir():
         raise LeantrainError(f"--out {shorten(folder)} is a file; give a folder")
     return folder
@@ -299,9 +292,7 @@ def check_apply(path: str | None) -> Path | None:
     if path is None:
         return None
     target = Path(path)
-    if any(len(part.encode()) > NAME_MAX for part in target.parts):
-        raise LeantrainError(f"--apply {shorten(target, 80)}: a name longer than the file "
-                             f"system's {NAME_MAX} bytes")
+    fits_file_system(target, "--apply")
     if target.is_dir():
         raise LeantrainError(f"--apply {shorten(target)} is a folder; give a plan file")
     if target.exists():
@@ -312,6 +303,19 @@ def check_apply(path: str | None) -> Path | None:
             raise LeantrainError(f"--apply {shorten(target)}: {shorten(above)} is a file, not "
                                  "a folder")
     return target
+
+
+def fits_file_system(path: Path, flag: str) -> None:
+    """Every name of `path` and the whole of it within the file system's limits, checked
+    before anything touches it (exists() itself raises on a name or path too long)."""
+    longest = max((len(part.encode()) for part in path.parts), default=0)
+    if longest > NAME_MAX:
+        raise LeantrainError(f"{flag} {shorten(path, 80)}: a name of {longest} bytes; the "
+                             f"file system allows {NAME_MAX}")
+    whole = len(os.path.abspath(path).encode())
+    if whole >= PATH_MAX:
+        raise LeantrainError(f"{flag} {shorten(path, 80)}: a path of {whole:,} bytes; the "
+                             f"file system allows {PATH_MAX - 1:,}")
 
 
 def require_empty(folder: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..checkpoint import atomic_folder
+from .step import plain_module
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +22,13 @@ PRETRAINED_DIR = "pretrained"
 ADAPTER_DIR = "adapter"
 
 
-def _plain(model: nn.Module) -> nn.Module:
-    module = getattr(model, "module", model)  # DDP
-    return getattr(module, "_orig_mod", module)  # torch.compile
-
-
 def is_peft(model: nn.Module) -> bool:
-    return hasattr(_plain(model), "peft_config")
+    return hasattr(plain_module(model), "peft_config")
 
 
 def folder_name(model: nn.Module) -> str | None:
     """`adapter` for a PEFT model, `pretrained` for a Hugging Face model, else None."""
-    model = _plain(model)
+    model = plain_module(model)
     if is_peft(model):
         return ADAPTER_DIR
     if callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config"):
@@ -47,7 +43,7 @@ def write_pretrained(model: nn.Module, weights: dict[str, Any], out_dir: Path) -
     name = folder_name(model)
     if name is None:
         return None
-    plain = _plain(model)
+    plain = plain_module(model)
     atomic_folder(out_dir / name, lambda tmp: plain.save_pretrained(str(tmp), state_dict=weights))
     how = "PeftModel.from_pretrained(base_model, DIR)" if name == ADAPTER_DIR \
         else f"{type(plain).__name__}.from_pretrained(DIR)"

@@ -58,9 +58,14 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
     return batch
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
+def plain_module(model: nn.Module) -> nn.Module:
+    """The user's module under the run's wrappers: DDP's, then torch.compile's."""
     module = getattr(model, "module", model)  # DDP
-    module = getattr(module, "_orig_mod", module)  # torch.compile
+    return getattr(module, "_orig_mod", module)  # torch.compile
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    module = plain_module(model)
     base = getattr(module, "get_base_model", None)  # PEFT: forward(*args, **kwargs) passes
     return base() if callable(base) else module  # every keyword to the model it adapts
 
