@@ -35,11 +35,13 @@ class FakeClock:
 
 @pytest.fixture
 def fake_clock(monkeypatch) -> FakeClock:
-    """Every timing leantrain takes (`leantrain.measure.clock`) reads this clock instead."""
-    from leantrain.measure import clock
+    """Every timing leantrain takes (`leantrain.measure.clock`) reads this clock instead, and
+    the machine reads as quiet (`measure.load.slowdown`): budgets plan alike on a loaded one."""
+    from leantrain.measure import clock, load
 
     fake = FakeClock()
     monkeypatch.setattr(clock, "now", fake.now)
+    monkeypatch.setattr(load, "slowdown", lambda: 1.0)
     return fake
 
 

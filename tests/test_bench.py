@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import time
 import types
 
 import pytest
@@ -394,7 +395,7 @@ def test_a_lossless_technique_neutral_alone_is_still_tried_in_combinations():
 
 
 def test_a_trial_the_budget_cannot_pay_for_still_says_when_it_is_unsupported(fake_clock):
-    result = run_bench(ticking_mlp(fake_clock), tabular_bundle(), small_cfg(), budget_s=0.5,
+    result = run_bench(ticking_mlp(fake_clock), tabular_bundle(), small_cfg(), budget_s=3.5,
                        tune_batch_size=False)
     assert result.trial("channels_last").status == "unsupported"  # no convs: found without a run
     assert "no 2-D convolutions" in result.trial("channels_last").reason
@@ -515,6 +516,53 @@ def test_a_winner_no_faster_than_the_default_plan_is_not_written(monkeypatch, tm
     assert yaml.safe_load(text) == {"plan": {"device": "cpu"}}
 
 
+def test_a_trial_the_load_makes_slower_than_measured_is_cut_at_the_budget(monkeypatch,
+                                                                         fake_clock):
+    """Load arrives with the technique's trial: its steps take 4 s where the baseline's took
+    9 ms, so its rounds would run far past the budget. It is cut at the deadline (a step past
+    it at most), the bench ends within its budget, and the cut trial cannot win."""
+    budget, step_s = 30.0, 4.0
+    result = _timed_bench(monkeypatch, fake_clock, budget_s=budget, fast=step_s / 0.008,
+                          overhead=0.0)
+    fake = result.trial("fake layout")
+    assert fake.status == "skipped" and "cut at the deadline" in fake.reason
+    assert result.winner == "baseline"
+    assert fake_clock.now() <= budget - search.WRITE_RESERVE_S + step_s
+
+
+class _Hangs(nn.Module):
+    """A technique whose first forward never returns to the step (a compile that hangs on a
+    loaded machine): only an interruption ends it (the cap bounds a broken test)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            pass
+        return self.inner(x)
+
+
+def test_work_that_never_reaches_a_step_boundary_is_interrupted_at_the_budget(monkeypatch):
+    """On the real clock: the hung trial is interrupted by the deadline's timer, the bench
+    goes on to its final check and reports it, and a trial after it still runs."""
+    hangs = Variant("hangs", wrap_model=_Hangs)
+    monkeypatch.setattr(search, "REGISTRY", {
+        "hangs": types.SimpleNamespace(NAME="hangs", LOSSLESS=True, VARIANTS=(hangs,))})
+    result = run_bench(lambda: mlp(), tabular_bundle(), small_cfg(), budget_s=15,
+                       tune_batch_size=False)
+    trial = result.trial("hangs")
+    assert trial.status == "skipped" and "cut at the deadline" in trial.reason
+    assert result.winner == "baseline" and result.versus_default["pairs"] >= 1
+
+
+def test_a_budget_too_small_for_the_baseline_says_so_in_one_line(fake_clock):
+    with pytest.raises(LeantrainError, match="ended before the baseline's first round"):
+        run_bench(ticking_mlp(fake_clock), tabular_bundle(), small_cfg(), budget_s=1.0)
+
+
 def test_the_batch_size_table_shows_the_figures_it_decides_by_and_marks_its_choice():
     from leantrain.bench.batch_size import BatchSizeResult
     from leantrain.bench.report import format_batch_sizes
@@ -581,3 +629,13 @@ def test_the_batch_size_search_stops_before_a_trial_it_cannot_finish_in_time(mon
                                        time_left=lambda: 18.0 - fake_clock.now())
     assert fake_clock.now() <= 18.0  # 4 trials of 4 s fit in 18 s; a fifth would not
     assert len(ran) == 4 and sizes.recommended in ran
+
+
+def test_the_time_kept_to_write_the_results_grows_with_the_load(monkeypatch):
+    from leantrain.measure import load
+
+    monkeypatch.setattr(load.os, "cpu_count", lambda: 2)
+    for average, running, times in ((1.0, "1/300", 1), (6.0, "2/300", 3), (0.5, "6/300", 3)):
+        monkeypatch.setattr(load.os, "getloadavg", lambda a=average: (a, a, a))
+        monkeypatch.setattr(load.Path, "read_text", lambda self, r=running: f"1 1 1 {r} 99")
+        assert search.write_reserve() == pytest.approx(times * search.WRITE_RESERVE_S)

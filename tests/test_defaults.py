@@ -105,6 +105,42 @@ def test_a_measurement_that_cannot_pay_says_what_it_would_cost(monkeypatch, tmp_
     assert json.loads(json.dumps(summary["plan_measurement"]))["look_s"] > 0
 
 
+class _LoadArrives(torch.nn.Module):
+    """tiny_cnn whose forward takes injected time: `fast` seconds until `slow_after` forwards,
+    then 40 times that, as when a neighbour's job lands on the cores after the look measured
+    the run. The clock and the count are the class's: measuring trains deep copies."""
+
+    clock, calls = None, 0
+
+    def __init__(self, fast: float, slow_after: int):
+        super().__init__()
+        self.inner, self.fast, self.slow_after = tiny_cnn(), fast, slow_after
+
+    def forward(self, x):
+        type(self).calls += 1
+        type(self).clock.advance(self.fast * (40 if type(self).calls > self.slow_after else 1))
+        return self.inner(x)
+
+
+def test_measuring_stops_at_its_share_of_the_run_when_the_machine_slows(monkeypatch,
+                                                                        tmp_path, fake_clock):
+    monkeypatch.setattr(defaults, "MIN_STEPS", 1)
+    monkeypatch.setenv("LEANTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(_LoadArrives, "calls", 0)
+    monkeypatch.setattr(_LoadArrives, "clock", fake_clock)
+    train, val = small_images()
+    cfg = _cfg("train.epochs=1500")  # 14 steps an epoch: a run long enough to measure
+    fast = 0.01
+    model = _LoadArrives(fast, slow_after=60)  # the look ran at full speed
+    began = fake_clock.now()
+    _, notes, record = defaults.decide(cfg, model, train, val)
+    assert record.get("skipped") is None, record
+    share = defaults.BUDGET_SHARE * record["projected_run_s"]
+    step_s = 40 * fast  # one slowed step: the deadline is checked between steps
+    assert fake_clock.now() - began <= record["cold_start_s"] + share + step_s
+    assert any(defaults.SPENT in note for note in notes.values()), notes
+
+
 # ------------------------------------------------------------------ GPU candidates, on a CPU
 
 

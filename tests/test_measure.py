@@ -448,3 +448,70 @@ def test_the_thread_fitting_line_waits_for_the_commands_first_log_line():
         root.removeHandler(handler)
     assert stream.getvalue().splitlines() == ["torch runs 1 thread instead of 2",
                                               "data: digits", "later"]
+
+
+# ---------------------------------------------------------------- deadlines (budgets that hold)
+
+
+def _spin(seconds_cap: float = 120.0) -> None:
+    """Python work that never reaches a step boundary (a compile, a hung first step); the cap
+    only bounds a broken test."""
+    end = time.monotonic() + seconds_cap
+    while time.monotonic() < end:
+        pass
+    raise AssertionError("the deadline never interrupted the work")
+
+
+def test_a_deadline_interrupts_work_that_never_checks_it():
+    from leantrain.measure import clock, deadline
+
+    with pytest.raises(deadline.BudgetSpent):
+        with deadline.until(clock.now() + 0.2):
+            _spin()
+    assert deadline.current() is None
+    time.sleep(0.3)  # no alarm is left behind to fire later
+
+
+def test_deadlines_nest_the_inner_ends_first_and_the_outer_timer_comes_back():
+    from leantrain.measure import clock, deadline
+
+    with pytest.raises(deadline.BudgetSpent):
+        with deadline.until(clock.now() + 0.3):
+            with deadline.until(clock.now() + 60):  # the outer one ends first
+                assert deadline.current() < clock.now() + 1
+            _spin()  # the outer block's own timer was re-armed when the inner one left
+    with deadline.until(clock.now() + 60), pytest.raises(deadline.BudgetSpent):
+        with deadline.until(clock.now() + 0.2):
+            _spin()
+
+
+def test_a_deadline_on_a_fake_clock_ends_at_the_next_check_and_the_timer_waits_for_it(
+        fake_clock):
+    from leantrain.measure import clock, deadline
+
+    with deadline.until(clock.now() + 10.0):
+        fake_clock.advance(9.0)
+        deadline.check()  # 1 s left on the (fake) clock
+        fake_clock.advance(2.0)
+        with pytest.raises(deadline.BudgetSpent):
+            deadline.check()
+
+
+def test_a_deadline_gives_back_someone_elses_timer():
+    import signal
+
+    from leantrain.measure import clock, deadline
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)
+        with deadline.until(clock.now() + 10):
+            pass
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 30.0
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        assert signal.getsignal(signal.SIGALRM) is not deadline._alarm
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not fired

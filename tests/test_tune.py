@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from leantrain.cli import main
@@ -169,6 +170,42 @@ def test_a_trial_that_raises_is_recorded_failed_with_its_error_and_the_study_goe
     trials = open_study(spec).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert trials[1].user_attrs["error"] == "RuntimeError: the second model could not be built"
+
+
+class _HangsWhenTraining(torch.nn.Module):
+    """The digits CNN, whose first training forward never returns to the step (a compile or
+    a kernel stuck on a loaded machine; the cap only bounds a broken test)."""
+
+    def __init__(self):
+        super().__init__()
+        from leantrain.recipes.models import SmallCNN
+        self.inner = SmallCNN(1, 10)
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            end = time.monotonic() + 120
+            while time.monotonic() < end:
+                pass
+        return self.inner(x)
+
+
+def test_a_trial_still_running_at_the_studys_deadline_is_interrupted(tmp_path, monkeypatch):
+    from leantrain.data import load_data
+    from leantrain.measure import clock
+    from leantrain.tune import study as tune_study
+    from leantrain.tune.study import open_study, work
+
+    monkeypatch.setattr(tune_study, "REPORT_RESERVE_S", 0.5)
+    monkeypatch.setattr(tune_study, "FINISH_RESERVE_S", 0.5)
+    bundle = load_data(TrainConfig().data)
+    spec = _spec(tmp_path, trials=5)
+    spec.budget_s, spec.started = 6.0, clock.now()
+    work(spec, bundle, lambda cfg: _HangsWhenTraining())
+    trials = open_study(spec).get_trials()
+    assert [t.state.name for t in trials] == ["PRUNED"]  # no trial started after it
+    # interrupted by the deadline's timer: left alone, the hang would end after 120 s and the
+    # watcher would stop the run at a step instead (a cut without "interrupted")
+    assert "interrupted" in trials[0].user_attrs["cut"]
 
 
 # ------------------------------------------------------------------ the command

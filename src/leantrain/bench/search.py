@@ -20,12 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import TrainConfig, merge
 from ..data import DataBundle
 from ..errors import LeantrainError
-from ..measure import clock
+from ..measure import clock, deadline, load
 from ..measure.compile_watch import break_even_steps
 from ..measure.load import LoadWatch
 from ..measure.rounds import MIN_ROUNDS, interval, paired_ratios, spread
@@ -39,10 +40,10 @@ from .trials import (
     TrialSettings,
     interleave,
     merge_rounds,
+    plan_refusal,
     round_ratios,
     run_trial,
     skipped,
-    unsupported_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ ROUNDS = 5  # each trial is measured in this many interleaved rounds
 # samples/s inside one trial.
 NOISY_CV = 0.20
 FINAL_CHECK_ROUNDS = MIN_ROUNDS  # rounds of the winner against the default plan, at least
-# kept back for writing bench.json, the chart and the plans after the last trial
+# kept back for writing bench.json, the chart and the plans after the last trial, and for the
+# process's exit, on a quiet machine; as many times more as the machine is slower now
+# (`measure.load.slowdown`): beside 4 spinning processes on 2 cores, that tail took 5.9 s
 WRITE_RESERVE_S = 2.0
 # The bench moves the batch by one doubling at most: the LR scaling rule is an approximation
 # that holds near the batch the user tuned, and a bigger batch means fewer optimizer steps in
@@ -147,15 +150,22 @@ def _break_even(trial: TrialResult, base: TrialResult) -> int | None:
     return break_even_steps(trial.compile_seconds or 0.0, base_step, base_step / trial.speedup)
 
 
+def write_reserve() -> float:
+    """Seconds kept back for writing the results and exiting, on the machine as loaded now."""
+    return WRITE_RESERVE_S * load.slowdown()
+
+
 class _Bench:
     """The state of one bench run: clock, budget, and trials so far."""
 
     def __init__(self, build_model: Callable[[], nn.Module], bundle: DataBundle,
                  cfg: TrainConfig, budget_s: float, loss_tol: float, started: float):
         self.build_model, self.bundle, self.cfg = build_model, bundle, cfg
-        self.budget_s, self.loss_tol = budget_s - WRITE_RESERVE_S, loss_tol
+        self.budget_s, self.loss_tol = budget_s, loss_tol
         self.base = baseline_overrides(cfg)
         self.start = started
+        self.cut: dict[str, float] = {}  # trials the deadline interrupted: seconds they had run
+        self.refused: dict[str, str] = {}  # plans that cannot run here, and why
         self.trials: list[TrialResult] = []
         self.round_seconds: list[float] = []  # wall time of each measured (non-compile) round
         self.compile_seconds: list[float] = []
@@ -168,10 +178,29 @@ class _Bench:
 
     def left(self, for_final_check: bool = False) -> float:
         """Seconds left; the trials leave enough for the final check against the default
-        plan (its first rounds: two trials each, at the median measured round)."""
-        reserve = 0.0 if for_final_check else \
-            FINAL_CHECK_ROUNDS * 2 * statistics.median(self.round_seconds or [0.0])
-        return self.budget_s - self.elapsed() - reserve
+        plan (its first rounds: two trials each, at the median measured round, and a compile
+        once a compiling plan has been measured: it may win, and the check compiles it)."""
+        reserve = 0.0
+        if not for_final_check:
+            reserve = FINAL_CHECK_ROUNDS * 2 * statistics.median(self.round_seconds or [0.0]) \
+                + max(self.compile_seconds, default=0.0)
+        return self.budget_s - write_reserve() - self.elapsed() - reserve
+
+    def bounded(self, work: Callable[[], Any], for_final_check: bool = False, what: str = ""
+                ) -> Any:
+        """`work()`, interrupted where the time left ends (`measure.deadline`): None then.
+        A compile or a round that the load made slower than measured stops at the deadline
+        instead of running past the budget."""
+        started = clock.now()
+        try:
+            with deadline.until(started + self.left(for_final_check)):
+                return work()
+        except deadline.BudgetSpent:
+            self.cut[what] = clock.now() - started
+            log.info("%s: cut at the budget's deadline after %.0f s", what or "measuring",
+                     self.cut[what])
+            torch._dynamo.reset()  # a compile cut midway leaves nothing behind for the next
+            return None
 
     def _estimate(self, variants: list[Variant]) -> float:
         estimate = max(self.round_seconds[-5:], default=1.5 * self.round_s + 1.0)
@@ -183,21 +212,42 @@ class _Bench:
         """One round of one trial, or None when the budget cannot pay for it."""
         if not required and self._estimate(variants) > self.left():
             return None
-        settings = TrialSettings(seconds=self.round_s)
-        result = run_trial(_label(variants), variants, self.base, self.build_model, self.bundle,
-                           self.cfg, settings)
+        settings, label = TrialSettings(seconds=self.round_s), _label(variants)
+        # the baseline's first round may use the final check's share: nothing runs without it
+        result = self.bounded(lambda: run_trial(label, variants, self.base, self.build_model,
+                                                self.bundle, self.cfg, settings),
+                              for_final_check=required, what=label)
+        if result is None:
+            return None
         if result.compile_seconds is not None:
             self.compile_seconds.append(result.compile_seconds)
         elif result.measured:
             self.round_seconds.append(result.seconds)
         return result
 
+    def find_refusals(self, groups: list[list[Variant]]) -> None:
+        """Plans that cannot run here, found from their decisions on one shared model before
+        anything is timed: they cost no round, and a trial the budget later cannot pay for
+        still says when it could not have run anyway."""
+        def find() -> None:
+            model = self.build_model()
+            for variants in groups:
+                if variants and all(v.wrap_model is None for v in variants):
+                    reason = plan_refusal(variants, self.base, model, self.bundle, self.cfg)
+                    if reason is not None:
+                        self.refused[_label(variants)] = reason
+
+        self.bounded(find, for_final_check=True, what="finding the plans that cannot run here")
+
     def _not_run(self, label: str, variants: list[Variant]) -> TrialResult:
-        """A trial the budget could not pay for: unsupported if it could not run anyway."""
-        reason = unsupported_reason(variants, self.base, self.build_model, self.bundle, self.cfg)
-        if reason is not None:
+        """A trial that did not run: refused here, cut at the deadline, or not paid for."""
+        if label in self.refused:
             return TrialResult(label, [v.name for v in variants], {},
-                               all(v.lossless for v in variants), "unsupported", reason)
+                               all(v.lossless for v in variants), "unsupported",
+                               self.refused[label])
+        if label in self.cut:
+            return skipped(label, variants, f"budget: cut at the deadline after "
+                           f"{self.cut[label]:.0f} s (the machine ran slower than measured)")
         return skipped(label, variants, f"budget: {max(self.left(), 0.0):.0f} s left, one "
                        f"round needs ~{self._estimate(variants):.0f} s")
 
@@ -213,7 +263,7 @@ class _Bench:
 
         def one_round(label: str, r: int) -> TrialResult | None:
             variants = by_label[label]
-            if r > 0 and _compiles(variants):
+            if label in self.refused or r > 0 and _compiles(variants):
                 return None
             return self._round(variants, required=reference is None and not variants and r == 0)
 
@@ -349,8 +399,13 @@ def _run(build_model, bundle: DataBundle, cfg: TrainConfig, budget_s: float, los
          tune_batch_size: bool, started: float) -> BenchResult:
     bench = _Bench(build_model, bundle, cfg, budget_s, loss_tol, started)
     variants, notes = technique_variants()
+    bench.find_refusals([[v] for v in variants])
     first = bench.measure([[]] + [[v] for v in variants])
     baseline = first[0]
+    if not baseline.measured and BASELINE_LABEL in bench.cut:
+        raise LeantrainError(f"--budget-s {budget_s:g} ended before the baseline's first round "
+                             f"did ({bench.elapsed():.0f} s in, {write_reserve():.0f} s kept to "
+                             "write the results): give a larger budget")
     if not baseline.measured:
         raise LeantrainError(f"the baseline trial could not run: {baseline.reason}")
     _greedy_combinations(bench, variants, {t.name: t for t in first[1:]})
@@ -374,7 +429,8 @@ DEFAULT_LABEL = "default plan (leantrain train)"
 
 def _versus_default(bench: _Bench, winner: TrialResult) -> dict[str, Any]:
     """Pair the winner with the plan `leantrain train` resolves by itself, in interleaved
-    rounds (at least two, past the budget if need be: a plan is never written unchecked)."""
+    rounds, within the budget: a winner the budget left unchecked is not written as the plan
+    (the default is kept, and the verdict says why)."""
     compiles = winner.overrides.get("plan", {}).get("compile") is True
     settings = TrialSettings(seconds=bench.round_s)
 
@@ -383,8 +439,9 @@ def _versus_default(bench: _Bench, winner: TrialResult) -> dict[str, Any]:
                                         bench.left(for_final_check=True) < 2 * bench._estimate([])):
             return None
         overrides = {} if label == DEFAULT_LABEL else winner.overrides
-        return run_trial(label, [], overrides, bench.build_model, bench.bundle, bench.cfg,
-                         settings)
+        return bench.bounded(lambda: run_trial(label, [], overrides, bench.build_model,
+                                               bench.bundle, bench.cfg, settings),
+                             for_final_check=True, what=label)
 
     rounds = interleave([DEFAULT_LABEL, winner.name], ROUNDS, one_round)
     ratios = round_ratios(rounds[winner.name], rounds[DEFAULT_LABEL])
@@ -394,6 +451,8 @@ def _versus_default(bench: _Bench, winner: TrialResult) -> dict[str, Any]:
     text = "not measured" if median is None else (
         f"{median:.2f}x the default's samples/s (95% interval "
         + (f"{found[0]:.2f}-{found[1]:.2f}x" if found else "n/a") + f", {len(ratios)} pairs)")
+    if found is None and bench.left(for_final_check=True) <= 0:
+        text += f"; the budget ended before the {MIN_ROUNDS} pairs a verdict needs"
     return {
         "ratio": median, "interval": list(found) if found else None, "pairs": len(ratios),
         "default_rates": [t.samples_per_second for t in rounds[DEFAULT_LABEL] if t.measured],
@@ -411,10 +470,12 @@ def _tune_batch_size(bench: _Bench, winner: TrialResult
     if bench.left() < 8 * bench.round_s:
         log.info("batch-size finder skipped: not enough budget left")
         return None, None
-    sizes = find_batch_size(
+    sizes = bench.bounded(lambda: find_batch_size(
         bench.build_model, bench.bundle, bench.cfg, winner.overrides,
         seconds_per_size=bench.round_s, max_size=BATCH_GROWTH * bench.cfg.data.batch_size,
-        time_left=lambda: bench.left() - reserve)  # the final check's share kept back
+        time_left=lambda: bench.left() - reserve), what="batch-size finder")
+    if sizes is None:
+        return None, None
     ratio = sizes.speed_vs_start
     start = bench.cfg.data.batch_size
     if sizes.recommended == start or start not in ratio or sizes.recommended not in sizes.trials \

@@ -21,12 +21,12 @@ from torch import nn
 from ..config import TrainConfig, config_from_dict, merge
 from ..data import DataBundle
 from ..errors import LeantrainError, one_line
-from ..measure import clock
+from ..measure import clock, deadline
 from ..measure.memory import peak_bytes, reset_peak
 from ..measure.rounds import interleave as interleave_rounds
 from ..measure.rounds import paired_ratios
 from ..measure.timing import timed_window
-from ..run.plan import build
+from ..run.plan import build, decide
 from ..run.trainer import Trainer
 from ..techniques.variant import Variant
 
@@ -114,6 +114,7 @@ def _timed_steps(steps, device: torch.device, settings: TrialSettings, result: T
         if (enough and used >= settings.seconds) or used >= 2 * settings.seconds:
             break
     while len(loss_tensors) < settings.check_steps and result.steps < limit:
+        deadline.check()
         step()  # a very slow model: finish the steps the numerical check compares
 
 
@@ -128,6 +129,19 @@ def _trainer(variants: list[Variant], overrides: dict[str, Any],
             model = variant.wrap_model(model)
     return Trainer(build(trial_cfg, model, bundle.train, bundle.val, measure_loader=False,
                          collate_fn=bundle.collate_fn, evaluates=False), progress_bar=False)
+
+
+def plan_refusal(variants: list[Variant], base: dict[str, Any], model: nn.Module,
+                 bundle: DataBundle, cfg: TrainConfig) -> str | None:
+    """Why the plan cannot run here, found from its decisions alone (`run.plan.decide`): no
+    data loaded, no step run. `model`: built by the caller, shared by plans that do not wrap
+    it (deciding only reads it). None: no refusal found this way (the trial may still be)."""
+    trial_cfg = config_from_dict(merge(cfg.to_dict(), plan_overrides(base, variants)))
+    try:
+        decide(trial_cfg, model, bundle.train, bundle.collate_fn)
+    except LeantrainError as exc:
+        return str(exc)
+    return None
 
 
 def unsupported_reason(variants: list[Variant], base: dict[str, Any],

@@ -25,6 +25,7 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -162,6 +163,20 @@ class LoadWatch:
         reading = between(self.start, snapshot())
         self.reading = LoadReading(reading.others_share, reading.cores, reading.threads,
                                    reading.seconds, gpu_others_percent(self.since_us))
+
+
+def slowdown() -> float:
+    """How many times longer than alone a single-threaded piece of work takes now: processes
+    running or waiting per core, the larger of now's count and the last minute's average
+    (the average lags a neighbour that just started), at least 1. On 2 cores beside 4
+    spinning processes it is about 3."""
+    cores = os.cpu_count() or 1
+    average = os.getloadavg()[0]
+    try:  # Linux: "0.50 0.40 0.30 2/345 12345", the 4th field's first number runs now
+        now = float(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        now = 0.0
+    return max(1.0, max(average, now) / cores)
 
 
 def fitted_threads(reading: LoadReading) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import clock
+from . import clock, deadline
 
 PHASES = ("data", "copy", "forward", "backward", "optimizer")
 WARMUP_STEPS = 3  # steps a measured trial takes before its timed window (kernels, allocator)
@@ -107,9 +107,11 @@ def timed_window(step: Callable[[], int], device: torch.device,
                  stop: Callable[[int, float], bool]) -> tuple[int, float]:
     """Run `step()` (it returns its samples) until `stop(steps run, seconds)`; the device is
     synchronised once, at the end, so the host runs ahead as in training. Returns (samples,
-    seconds). The one timed loop of the bench's trials, the finders and doctor."""
+    seconds). The one timed loop of the bench's trials, the finders and doctor; a budget's
+    deadline (`measure.deadline`) ends it between two steps."""
     start, samples, steps = clock.now(), 0, 0
     while not stop(steps, clock.now() - start):
+        deadline.check()
         samples += step()
         steps += 1
     if device.type == "cuda":

@@ -42,7 +42,7 @@ from ..config import TrainConfig, config_from_dict, merge
 from ..distributed import DistContext
 from ..env import cpu_model
 from ..errors import LeantrainError, one_line
-from ..measure import clock
+from ..measure import clock, deadline
 from ..measure.rounds import MIN_ROUNDS, interleave, interval, paired_ratios
 from ..measure.timing import WARMUP_STEPS, timed_window
 from ..techniques import compile as compile_technique
@@ -63,6 +63,7 @@ PROJECTION_MARGIN = 0.8
 MIN_STEPS = 300  # a run of fewer optimizer steps cannot pay for a single round: no look
 ROUNDS = 5
 WINDOW_S = (0.2, 1.0)  # timed seconds per candidate and round
+SPENT = f"the measuring budget ({BUDGET_SHARE:.0%} of the run) ran out"
 
 
 @dataclass(frozen=True)
@@ -321,18 +322,20 @@ def _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule: ResolvedP
                            f"{BUDGET_SHARE:.0%} of it",
                 "projected_run_s": run_s, "look_s": look_s, "cold_start_s": cold_s}
     values, notes, results, measured = {}, {}, {}, {}
-    if flips:  # longer windows where the budget allows
-        spare = (budget - reserve) / rounds / len(names) - overhead
-        trials.window_s = min(WINDOW_S[1], max(WINDOW_S[0], spare))
-        values, notes, results, measured = _measure_flips(trials, flips, rule, rounds)
-    if compiling and not probing:
-        notes["compile"] = f"eager ({why_not})"
-    elif compiling:
-        left = budget - (clock.now() - began - look_s)
-        notes["compile"], found = _decide_compile(trials, values, left, total_steps, run_s,
-                                                  rule.device)
-        if found is not None:
-            results["compile"] = found
+    # planned within the margin; held to the whole share whatever the load (measure.deadline)
+    with deadline.until(began + BUDGET_SHARE * run_s):
+        if flips:  # longer windows where the budget allows
+            spare = (budget - reserve) / rounds / len(names) - overhead
+            trials.window_s = min(WINDOW_S[1], max(WINDOW_S[0], spare))
+            values, notes, results, measured = _measure_flips(trials, flips, rule, rounds)
+        if compiling and not probing:
+            notes["compile"] = f"eager ({why_not})"
+        elif compiling:
+            left = budget - (clock.now() - began - look_s)
+            notes["compile"], found = _decide_compile(trials, values, left, total_steps,
+                                                      run_s, rule.device)
+            if found is not None:
+                results["compile"] = found
     seconds = clock.now() - began
     log.info("plan: measured in %.1f s (%.1f%% of the projected %.0f s run), after %.1f s of "
              "one-off kernel set-up", seconds, 100 * seconds / run_s, run_s, cold_s)
@@ -347,6 +350,8 @@ def _decide_compile(trials: _Trials, values: dict[str, Any], left_s: float,
                     ) -> tuple[str, dict[str, Any] | None]:
     """The compile note and its probe's record (the choice under "chosen"), or None when the
     probe failed; `left_s`: what remains of the measuring budget for its windows."""
+    if deadline.left() <= 0:
+        return f"eager ({SPENT} before the compile probe)", None
     rounds = max(MIN_ROUNDS, min(ROUNDS, int(left_s // (2 * WINDOW_S[0]))))
     trials.window_s = min(WINDOW_S[1], max(WINDOW_S[0], left_s / rounds / 2))
     log.info("plan: probing torch.compile against eager (%d rounds, %.1f s windows, after the "
@@ -354,6 +359,10 @@ def _decide_compile(trials: _Trials, values: dict[str, Any], left_s: float,
     modes = compile_choice.modes(_explicit(trials.cfg, values), trials.model, run_s, device)
     try:
         found = compile_choice.probe(trials, _explicit(trials.cfg, values), rounds, modes)
+    except deadline.BudgetSpent:  # a compile slower than its prior on a loaded machine
+        torch._dynamo.reset()
+        log.warning("plan: the compile probe ran past the measuring budget; eager kept")
+        return f"eager (the compile probe ran past {BUDGET_SHARE:.0%} of the run)", None
     except Exception as exc:  # a model Dynamo cannot trace, a compiler that fails
         why = one_line(exc)
         log.warning("plan: the compiled step could not be measured (%s)", why)
@@ -369,8 +378,14 @@ def _measure_flips(trials: _Trials, flips: dict[str, Any], rule: ResolvedPlan, r
     failed: dict[str, str] = {}
 
     def measure(name: str, r: int) -> float | None:
+        if deadline.left() <= 0:
+            failed.setdefault(name, SPENT)
+            return None
         try:
             return trials.rate(name)[0]
+        except deadline.BudgetSpent:  # slower than the look measured: what ran counts
+            failed[name] = SPENT
+            return None
         except Exception as exc:  # e.g. out of memory: that candidate is not measured
             failed[name] = one_line(exc)
             log.warning("plan: %s could not be measured (%s)", name, failed[name])

@@ -303,6 +303,21 @@ def check_trainable(model: nn.Module) -> None:
                              "unfreeze the ones to learn")
 
 
+def decide(cfg: TrainConfig, model: nn.Module, train_data: Dataset,
+           collate_fn: Callable[[list], object] | None = None, dist: DistContext | None = None,
+           notes: dict[str, str] | None = None) -> tuple[ResolvedPlan, bool]:
+    """The plan's decisions and whether batches come from memory, from the model's structure
+    and the config alone: nothing moved, loaded or run. Raises the LeantrainError of a plan
+    that cannot run here (what most refusals are: a CUDA-only setting on a CPU, NHWC for a
+    model without convolutions), so the bench can find them before it times anything."""
+    check_trainable(model)
+    data = cfg.data
+    tokens = data.batch_size * data.context if data.context else None
+    plan = resolve_plan(cfg.plan, model, tokens, cfg.optim.name, dist, notes,
+                        cfg.train.clip_norm)
+    return plan, loader.in_memory(data.loader, train_data, collate_fn)
+
+
 def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dataset,
           loss_fn: LossFn | None = None, measure_loader: bool = True,
           collate_fn: Callable[[list], object] | None = None,
@@ -312,18 +327,14 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     `measure_loader=False` resolves "auto" loader settings to defaults without measuring
     (short trials that measure something else pass it); a run that `evaluates` checks its
     validation set's first batch too (trials never evaluate)."""
-    check_trainable(model)
     dist = DistContext.from_env()
     data = cfg.data
-    tokens = data.batch_size * data.context if data.context else None
-    plan = resolve_plan(cfg.plan, model, tokens, cfg.optim.name, dist, notes,
-                        cfg.train.clip_norm)
+    plan, in_memory = decide(cfg, model, train_data, collate_fn, dist, notes)
     distributed.setup(dist, plan.device, cfg.train.dist_timeout_s)
     model = prepare_model(model, plan)
     on_cuda, shard = plan.device.type == "cuda", (dist.rank, dist.world_size)
     drop = _drops_short_batch(plan, model, len(train_data), data.batch_size,
                               dist.world_size)
-    in_memory = loader.in_memory(data.loader, train_data, collate_fn)
 
     def train_loader(options: LoaderOptions):
         return make_loader(train_data, data.batch_size, True, cfg.train.seed, plan.device,

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..errors import LeantrainError, one_line
+from ..measure import clock, deadline, load
 from ..measure.clock import process_age
 from ..run.signals import Stopped, StopRequest
 from . import DEFAULT_STUDY
@@ -35,7 +36,12 @@ HEARTBEAT_S, GRACE_S = 5, 20  # a dead worker's trial is failed ~20 s after its 
 PRUNERS = ("median", "hyperband", "none")
 FINISHED = ("COMPLETE", "PRUNED")  # the states that count towards --trials
 STORAGE_ATTEMPTS = 5
-BUDGET_RESERVE = 0.03  # of the budget, kept for the report and plots after the last trial
+# kept back for the report and plots after the last trial: this share of the budget, or
+# REPORT_RESERVE_S on a quiet machine, as many times more as it is slower now (measure.load)
+BUDGET_RESERVE, REPORT_RESERVE_S = 0.03, 2.0
+# a trial stopped by the study's deadline evaluates and writes its run after: it is asked to
+# stop this long before (times the slowdown), and interrupted at the deadline itself
+FINISH_RESERVE_S = 2.0
 
 
 @dataclass
@@ -58,15 +64,23 @@ class StudySpec:
     started: float = field(default_factory=lambda: process_start())
 
     def deadline(self) -> float | None:
+        """When the trials must end (on `clock.now()`), the report's time kept back."""
         if self.budget_s is None:
             return None
-        return self.started + self.budget_s * (1 - BUDGET_RESERVE)
+        reserve = max(BUDGET_RESERVE * self.budget_s, REPORT_RESERVE_S * load.slowdown())
+        return self.started + self.budget_s - reserve
+
+    def wind_down(self) -> float | None:
+        """From when no trial starts and a running one is asked to stop: its run's final
+        evaluation and files then fit before the deadline."""
+        ends = self.deadline()
+        return None if ends is None else ends - FINISH_RESERVE_S * load.slowdown()
 
 
 def process_start() -> float:
-    """When this process started, on the monotonic clock: a worker's budget counts its
+    """When this process started, on `clock.now()`: a worker's budget counts its
     interpreter, torch and data start-up too."""
-    return time.monotonic() - process_age()
+    return clock.now() - process_age()
 
 
 @functools.cache
@@ -142,17 +156,18 @@ def open_study(spec: StudySpec, worker: int = 0):
 
 class TrialWatcher:
     """Reports each validation to Optuna (which may prune the trial) and ends the trial's run
-    at the study's deadline or the trial's own time budget (`run.records.Watcher`)."""
+    at `ends` (the study's wind-down) or the trial's own time budget (`run.records.Watcher`),
+    at a step's boundary."""
 
-    def __init__(self, trial, objective: Objective, deadline: float | None,
+    def __init__(self, trial, objective: Objective, ends: float | None,
                  trial_seconds: float | None):
         self.trial, self.objective = trial, objective
-        self.start = time.monotonic()
-        self.deadline = deadline
+        self.start = clock.now()
+        self.deadline = ends
         if trial_seconds is not None:
             own = self.start + trial_seconds
-            self.deadline_is_budget = deadline is None or own < deadline
-            self.deadline = min(own, deadline) if deadline is not None else own
+            self.deadline_is_budget = ends is None or own < ends
+            self.deadline = min(own, ends) if ends is not None else own
         else:
             self.deadline_is_budget = False
         self.evaluations, self.best_gap, self.cut = 0, None, False
@@ -172,7 +187,7 @@ class TrialWatcher:
             raise optuna.TrialPruned(f"pruned at evaluation {self.evaluations}: {value:.4g}")
 
     def stop_reason(self) -> str | None:
-        if self.deadline is None or time.monotonic() < self.deadline:
+        if self.deadline is None or clock.now() < self.deadline:
             return None
         if self.deadline_is_budget:
             return "the trial's time budget (--trial-seconds) ran out"
@@ -180,7 +195,7 @@ class TrialWatcher:
         return "the study's budget ran out"
 
     def seconds(self) -> float:
-        return time.monotonic() - self.start
+        return clock.now() - self.start
 
 
 def trial_folder(spec: StudySpec, number: int) -> Path:
@@ -213,11 +228,18 @@ def run_trial(trial, spec: StudySpec, bundle, build_model: Callable[[TrainConfig
     cfg = trial_config(spec.base, {**spec.fixed, **values, **extra})
     folder = trial_folder(spec, trial.number)
     trial.set_user_attr("run", str(folder))
-    watcher = TrialWatcher(trial, spec.objective, spec.deadline(), spec.trial_seconds)
+    ends = spec.deadline()
+    watcher = TrialWatcher(trial, spec.objective, spec.wind_down(), spec.trial_seconds)
     evals_planned = max(1, cfg.train.epochs // cfg.train.eval_every_epochs)
-    try:
-        summary = fit(build_model(cfg), bundle.train, bundle.val, cfg, folder,
-                      progress_bar=False, collate_fn=bundle.collate_fn, watcher=watcher)
+    try:  # interrupted at the study's deadline whatever it is doing (a compile, a slow eval)
+        with deadline.until(ends) if ends is not None else contextlib.nullcontext():
+            summary = fit(build_model(cfg), bundle.train, bundle.val, cfg, folder,
+                          progress_bar=False, collate_fn=bundle.collate_fn, watcher=watcher)
+    except deadline.BudgetSpent:
+        trial.set_user_attr("cut", "the study's budget ran out mid-trial (interrupted; its "
+                                   "last checkpoint is in its run folder)")
+        trial.set_user_attr("seconds", watcher.seconds())
+        raise optuna.TrialPruned("cut: the study's budget ran out") from None
     except Stopped as exc:  # a signal in the trial's run: its checkpoint is written; the
         trial.set_user_attr("error", f"interrupted: {exc}")  # study stops after it
         trial.set_user_attr("interrupted", exc.exit_code - 128)
@@ -267,8 +289,8 @@ def work(spec: StudySpec, bundle, build_model: Callable[[TrainConfig], Any],
     if spec.trials is not None and finished_trials(study) >= spec.trials:
         log.info("study %s already has %d finished trials", spec.name, spec.trials)
         return None
-    deadline = spec.deadline()
-    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    ends = spec.wind_down()
+    timeout = None if ends is None else max(0.0, ends - clock.now())
 
     def tell(study, trial) -> None:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
