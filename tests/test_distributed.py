@@ -363,3 +363,128 @@ def test_a_stopped_launch_names_the_launch_that_continues_it(monkeypatch):
     assert _resume_command(2, 2, 1, "10.0.0.1", 29500, ["train", "--out=runs/b"]) == \
         ("leantrain launch --nproc 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 "
          "--master-port 29500 -- train --resume runs/b")
+
+
+# ------------------------------------------------------------------ sharded checkpoints (DCP)
+
+
+def _two_process_run(blobs_file: Path, out: Path) -> Path:
+    """A finished two-rank DDP run of 2 epochs (a checkpoint after each), then its folder as a
+    kill in the second epoch leaves it: the first epoch's checkpoint latest, no final files."""
+    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--data", str(blobs_file),
+          "--epochs", "2", "--no-progress", "--precision", "fp32", "--set",
+          "data.batch_size=16", "--set", "train.monitor_interval_s=0", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    x, y = blobs(n=512)
+    data = root / "blobs.npz"
+    np.savez(data, x=x.numpy(), y=y.numpy())
+    return data, _two_process_run(data, root / "whole")
+
+
+def _as_killed(whole: Path, into: Path) -> Path:
+    import shutil
+
+    shutil.copytree(whole, into)
+    steps = sorted((into / "checkpoints").glob("step-*"))
+    shutil.rmtree(steps[-1])
+    (into / "checkpoints" / "latest").write_text(steps[0].name)
+    for name in ("summary.json", "model.pt", "model.pt.sha256"):
+        (into / name).unlink()
+    return into
+
+
+def test_each_rank_writes_its_own_shards_and_rank_0_the_small_state(sharded_run):
+    from leantrain.checkpoint import load_checkpoint
+
+    _, whole = sharded_run
+    assert not (whole / "checkpoint.pt").exists()  # no rank gathered the full state
+    latest = whole / "checkpoints" / (whole / "checkpoints" / "latest").read_text()
+    assert {p.name for p in latest.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    state = load_checkpoint(latest / "state.pt")
+    assert "model" not in state and "optimizer" not in state
+    assert set(state["shards"]) == {"__0_0.distcp", "__1_0.distcp", ".metadata"}
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert len(list((whole / "checkpoints").glob("step-*"))) == 2  # the last KEEP
+
+
+def _run_model(run: Path) -> torch.nn.Module:
+    """The model `train` built for the run (its config, its data's shapes), fresh."""
+    from leantrain.commands.common import build_model
+    from leantrain.config import load_config
+    from leantrain.data import load_data
+
+    cfg = load_config(run / "config.yaml")
+    return build_model(cfg, load_data(cfg.data))
+
+
+def test_a_two_process_checkpoint_loads_into_one_process_exactly(sharded_run, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from leantrain.run import sharded
+
+    _, whole = sharded_run
+    folder = sorted((whole / "checkpoints").glob("step-*"))[0]
+    dcp_to_torch_save(folder, tmp_path / "full.pt")  # torch's own consolidation: the reference
+    reference = torch.load(tmp_path / "full.pt", weights_only=False)
+    model = _run_model(whole)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sharded.load(model, optimizer, folder)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    assert set(model_state) == set(reference["model"])
+    for name, tensor in reference["model"].items():
+        assert torch.equal(model_state[name], tensor), name  # difference 0
+    for name, states in reference["optimizer"]["state"].items():
+        for key, value in states.items():
+            assert torch.equal(optimizer_state["state"][name][key], value), (name, key)
+
+
+def test_a_killed_two_process_run_resumes_on_one_process_and_ends_like_the_whole(
+        sharded_run, tmp_path, capsys):
+    _, whole = sharded_run
+    killed = _as_killed(whole, tmp_path / "killed")
+    assert main(["train", "--resume", str(killed), "--no-progress", "--set",
+                 "data.batch_size=16"]) == 2  # 1 x 16 is not the run's global batch of 32
+    err = capsys.readouterr().err
+    assert "global batch changed: 2 x 16 = 32" in err and "data.batch_size=32" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["train", "--resume", str(killed), "--no-progress", "--set",
+                 "data.batch_size=32"]) == 0
+    ended = json.loads((killed / "summary.json").read_text())
+    reference = json.loads((whole / "summary.json").read_text())
+    assert ended["steps"] >= reference["steps"]
+    assert abs(ended["val_loss"] - reference["val_loss"]) < 1e-3
+    assert (killed / "checkpoint.pt").is_file()  # one process writes its single file
+
+
+def test_a_corrupt_shard_is_refused_in_one_line_naming_it(sharded_run, tmp_path, capsys):
+    _, whole = sharded_run
+    killed = _as_killed(whole, tmp_path / "killed")
+    shard = next((killed / "checkpoints").glob("step-*/__1_0.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["train", "--resume", str(killed), "--no-progress", "--set",
+                 "data.batch_size=32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "__1_0.distcp is missing or corrupt" in err and len(err.splitlines()) == 1
+
+
+def test_export_writes_the_model_of_any_sharded_checkpoint_in_one_file(sharded_run, tmp_path,
+                                                                      capsys):
+    _, whole = sharded_run
+    assert main(["export", str(whole), "--out", str(tmp_path / "last.pt")]) == 0
+    exported = torch.load(tmp_path / "last.pt", weights_only=True)
+    final = torch.load(whole / "model.pt", weights_only=True)
+    assert set(exported) == set(final)
+    assert all(torch.equal(exported[k], final[k]) for k in final)  # the run's own model.pt
+    first = sorted((whole / "checkpoints").glob("step-*"))[0].name
+    assert main(["export", str(whole), "--step", str(int(first[5:]))]) == 0
+    assert (whole / f"export-{first}.pt").is_file()
+    assert main(["export", str(whole), "--step", "999999"]) == 2
+    assert "no checkpoint of step 999999" in capsys.readouterr().err

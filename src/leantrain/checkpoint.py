@@ -169,6 +169,13 @@ def capture_rng() -> dict[str, Any]:
     return state
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every RNG `capture_rng` captures (Python's, NumPy's, torch's on every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def restore_rng(state: dict[str, Any]) -> None:
     """RNG states are CPU byte tensors, wherever the checkpoint was loaded to (a resumed CUDA
     run loads straight onto the GPU: setting a state from there fails)."""

@@ -6,8 +6,8 @@ process group: NCCL on GPUs (one GPU per local rank), gloo on CPU. A plain proce
 context of world size 1, and every function here is then a no-op, so the trainer has one code
 path.
 
-Checkpoints hold full (unsharded) state either way, written by rank 0 and read by every rank:
-a DDP checkpoint and an FSDP2 checkpoint both load into a single-process run, and back.
+A run on several processes checkpoints in shards (`run.sharded`, torch.distributed.checkpoint);
+one process writes a single file of full state. Either loads into the other's layout.
 """
 
 from __future__ import annotations
@@ -174,6 +174,17 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
             get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def full_model_state(model: nn.Module, strategy: str | None) -> dict[str, Any]:
+    """The model's unsharded weights on the CPU, the optimizer left alone (a collective under
+    FSDP2: call it on every rank)."""
+    if strategy != "fsdp":
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str | None,

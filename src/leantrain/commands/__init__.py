@@ -10,5 +10,5 @@ run folders and the one weights loader.
 COMMANDS = {
     "train": "train", "distill": "distill", "bench": "bench", "find-batch-size": "finders",
     "find-lr": "finders", "doctor": "doctor", "launch": "launch", "compress": "compress",
-    "generate": "generate", "tune": "tune",
+    "generate": "generate", "tune": "tune", "export": "export",
 }

@@ -127,9 +127,15 @@ def _shortcut_overrides(args: argparse.Namespace) -> dict:
 def _resumed_config(args: argparse.Namespace) -> TrainConfig:
     """The run's own config; only --epochs and --target-acc change, and --model/--data may
     only name again (vouch for) what the run already names."""
+    from ..run.state import RESUMABLE_KEYS
+
     flag = vars(args).get
+    changes = flag("overrides") or []
+    fixed = [text.split("=", 1)[0].strip() for text in changes]
+    fixed = [key for key in fixed if key not in RESUMABLE_KEYS | {"data.batch_size"}]
     given = [name for name, value in [
-        ("--config", flag("config")), ("--set", flag("overrides")), ("--plan", flag("plan")),
+        ("--config", flag("config")), (f"--set {fixed[0] if fixed else ''}", fixed),
+        ("--plan", flag("plan")),
         ("--out", flag("out")), ("--device", flag("device")), ("--precision", flag("precision")),
         ("--compile", flag("compile")), ("--compile-mode", flag("compile_mode")),
         ("--no-plan-cache", flag("no_plan_cache"))] if value]
@@ -140,12 +146,14 @@ def _resumed_config(args: argparse.Namespace) -> TrainConfig:
                  if value and value != before]
     if given:
         raise LeantrainError(f"--resume continues with the run's own config; drop "
-                             f"{', '.join(given)} (only --epochs and --target-acc may change "
-                             "on resume; --model and --data may name the run's own again)")
+                             f"{', '.join(given)} (only --epochs, --target-acc and --set of how "
+                             "the run stops, logs, saves and loads batches may change on resume,"
+                             " and data.batch_size where the global batch stays; --model and "
+                             "--data may name the run's own again)")
     refuse_folder_code(saved, Path(args.resume), args)
     honoured = {"train": {k: v for k, v in (("epochs", flag("epochs")),
                                             ("target_acc", flag("target_acc"))) if v is not None}}
-    return load_config(None, (), merge(saved.to_dict(), honoured))
+    return load_config(None, changes, merge(saved.to_dict(), honoured))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

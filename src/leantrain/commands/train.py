@@ -32,7 +32,7 @@ def run_folder(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace, dist) -> int:
-    from ..checkpoint import CHECKPOINT_NAME, require_recorded_hash
+    from ..checkpoint import require_recorded_hash
     from ..data import load_data
     from ..measure.report import format_summary
     from ..run import folder
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, dist) -> int:
         folder.check(out, bool(args.resume), verify=False)
     cfg = common.config_from_args(args)  # flags and folder code refused before the hash
     if args.resume and not args.no_verify:
-        require_recorded_hash(out / CHECKPOINT_NAME)  # before the data load
+        require_recorded_hash(folder.checkpoint_of(out) or out)  # before the data load
     bundle = load_data(cfg.data)
     common.log.info("data: %s", bundle.description)
     model = common.build_model(cfg, bundle)

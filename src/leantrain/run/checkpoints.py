@@ -17,7 +17,7 @@ from ..checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_partial_writes
 from ..data.sources import code_named_by
 from ..distributed import DistContext
 from ..errors import LeantrainError
-from . import finite, summary
+from . import finite, sharded, summary
 from . import state as run_state
 from .logs import logged_lines, truncate_after
 from .plan import Run
@@ -78,8 +78,16 @@ class Checkpoints:
         summary once the artefacts it lacked are written, or None: training continues."""
         run, out = self.run, self.out_dir
         remove_partial_writes(out)
-        saved = load_checkpoint(out / CHECKPOINT_NAME, run.plan.device)
-        run_state.restore(state, run, saved, out / CHECKPOINT_NAME, self.data_changed)
+        if run.dist.is_main and (out / sharded.FOLDER).is_dir():
+            remove_partial_writes(out / sharded.FOLDER)  # a sharded save killed midway
+        shards = newest_shards(out)
+        if shards is not None:
+            path = shards / sharded.STATE
+            saved = sharded.load_state(shards)
+        else:
+            path = out / CHECKPOINT_NAME
+            saved = load_checkpoint(path, run.plan.device)
+        run_state.restore(state, run, saved, path, self.data_changed, shards)
         p = state.progress
         self.saved_step = p.step
         if p.finished:
@@ -92,6 +100,17 @@ class Checkpoints:
         truncate_after(out, p.step, p.logged)  # what was logged after it is logged again
         log.info("resuming at epoch %d, batch %d (step %d)", p.epoch + 1, p.batch, p.step)
         return None
+
+
+def newest_shards(out: Path) -> Path | None:
+    """The sharded checkpoint to resume from, or None for the single file: whichever was
+    written last (a run on 1 process resumed on 2 writes shards after its file, and back)."""
+    shards = sharded.latest(out)
+    single = out / CHECKPOINT_NAME
+    if shards is None or not single.is_file():
+        return shards
+    pointer = out / sharded.FOLDER / sharded.LATEST
+    return shards if pointer.stat().st_mtime_ns >= single.stat().st_mtime_ns else None
 
 
 def launch_prefix(dist: DistContext) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..checkpoint import CHECKPOINT_NAME, remove_partial_writes, require_recorded_hash
 from ..config import CONFIG_NAME
 from ..errors import LeantrainError
+from . import sharded
 from .logs import METRICS_NAME, TENSORBOARD_NAME
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ def leftovers(folder: Path) -> list[Path]:
     """The files of a run that ended before its first checkpoint (its config.yaml among them),
     when the folder holds nothing else: the same command starts afresh over them, so a
     scheduler that re-runs a pre-empted job is never stuck. Empty when there are none."""
-    if not folder.is_dir() or (folder / CHECKPOINT_NAME).exists():
+    if not folder.is_dir() or (folder / CHECKPOINT_NAME).exists() \
+            or (folder / sharded.FOLDER).exists():
         return []
     found = [p for p in folder.iterdir() if not (p.name.startswith(".") and
                                                  p.name.endswith(".tmp"))]
@@ -127,6 +129,15 @@ def clear_leftovers(folder: Path) -> None:
     remove_partial_writes(folder)
 
 
+def checkpoint_of(folder: Path) -> Path | None:
+    """The file that says the folder holds a run to resume: its checkpoint.pt, or the state
+    of its last sharded checkpoint (`run.sharded`); None when it has neither."""
+    if (folder / CHECKPOINT_NAME).is_file():
+        return folder / CHECKPOINT_NAME
+    shards = sharded.latest(folder)
+    return shards / sharded.STATE if shards is not None else None
+
+
 def check(folder: Path, resume: bool, verify: bool = True) -> None:
     """Refuse a folder this run may not train into (before anything is measured or written);
     with `verify`, a checkpoint to resume needs its recorded SHA-256."""
@@ -135,17 +146,17 @@ def check(folder: Path, resume: bool, verify: bool = True) -> None:
     lock = folder / LOCK_NAME
     if lock.exists():
         RunLock(folder)._refuse_or_clear()  # in use: one line naming the holder
-    has_checkpoint = (folder / CHECKPOINT_NAME).is_file()
+    found = checkpoint_of(folder) if folder.is_dir() else None
     if resume:
-        if not has_checkpoint:
+        if found is None:
             hint = (": the run there ended before its first checkpoint; run the command that "
                     "started it again (it starts afresh)" if leftovers(folder) else
                     " in that folder")
             raise LeantrainError(f"resume {folder}: no {CHECKPOINT_NAME}{hint}")
         if verify:
-            require_recorded_hash(folder / CHECKPOINT_NAME)
+            require_recorded_hash(found)
         return
-    if has_checkpoint:
+    if found is not None:
         raise LeantrainError(f"{folder} already holds a run; continue it with --resume {folder} "
                              "or choose another folder")
     if folder.is_dir() and not leftovers(folder) \

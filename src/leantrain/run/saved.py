@@ -30,16 +30,20 @@ COUNTS = ("epoch", "batch", "step", "samples")  # Progress fields that count fro
 SECONDS = ("step_seconds", "train_seconds", "compile_seconds")
 
 
-def check(saved: dict[str, Any], state: TrainState, run: Run, path: Path) -> None:
-    """Refuse, in one line naming the entry, a checkpoint this run would not have written."""
+def check(saved: dict[str, Any], state: TrainState, run: Run, path: Path,
+          weights: bool = True) -> None:
+    """Refuse, in one line naming the entry, a checkpoint this run would not have written.
+    `weights`: it holds the model and optimizer (a sharded one's are checked by DCP against
+    its metadata, and by the fingerprint's names and shapes)."""
     progress = saved["progress"]
     _progress(progress, len(run.train_loader), path)
     if progress.get("finished") and not isinstance(saved.get("summary"), dict):
         raise LeantrainError(f"{path}: marked finished but holds no summary; it was not "
                              "written by a finished run")
-    _per_rank(saved, run.dist.world_size, path)
-    _model(saved["model"], run, path)
-    _optimizer(saved["optimizer"], state.optimizer, path)
+    _per_rank(saved, path)
+    if weights:
+        _model(saved["model"], run, path)
+        _optimizer(saved["optimizer"], state.optimizer, path)
     _scheduler(saved["scheduler"], state.scheduler.state_dict(), path)
 
 
@@ -75,12 +79,13 @@ def _progress(progress: dict[str, Any], batches: int, path: Path) -> None:
                                            f"{batches:,} batches")
 
 
-def _per_rank(saved: dict[str, Any], ranks: int, path: Path) -> None:
-    """RNG states and partial epoch sums, one per rank, each as this process would save."""
+def _per_rank(saved: dict[str, Any], path: Path) -> None:
+    """RNG states and partial epoch sums, one per rank that wrote the checkpoint (as many as
+    there are now, or not: a resume may reshard), each as this process would save."""
     rng = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
-    if len(rng) != ranks:
-        raise LeantrainError(f"the checkpoint was written by {len(rng)} process(es); resume "
-                             f"it with as many (now {ranks})")
+    ranks = len(rng)
+    if not 1 <= ranks <= 1 << 16:
+        raise _bad(path, "rng", f"holds {ranks} states, not one per process")
     mine = capture_rng()
     for state in rng:
         if not isinstance(state, dict) or set(state) - {"cuda"} != set(mine) - {"cuda"}:

@@ -16,13 +16,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import distributed
-from ..checkpoint import CHECKPOINT_NAME, atomic_save, capture_rng, restore_rng
+from ..checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_save,
+    capture_rng,
+    restore_rng,
+    seed_everything,
+)
 from ..errors import LeantrainError, one_line
 from ..losses import tasks
 from ..techniques import precision
 from ..techniques.optimizer import build_optimizer
 from ..techniques.schedules import build_scheduler
 from . import saved as saved_checkpoint
+from . import sharded
 from .progress import Progress
 
 if TYPE_CHECKING:  # (a type only: plan builds the run and imports the step, which imports
@@ -69,9 +76,12 @@ def checkpoint(state: TrainState, run: Run) -> dict[str, Any]:
     """Full (unsharded) state; RNG and partial epoch sums per rank. Every rank calls it."""
     model_state, optimizer_state = distributed.full_state(run.model, state.optimizer,
                                                           run.plan.distributed)
+    return {"model": model_state, "optimizer": optimizer_state, **small_state(state, run)}
+
+
+def small_state(state: TrainState, run: Run) -> dict[str, Any]:
+    """All but the model and optimizer: what rank 0 writes beside a sharded checkpoint."""
     return {
-        "model": model_state,
-        "optimizer": optimizer_state,
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict() if state.scaler else None,
         "rng": distributed.gather_objects(capture_rng(), run.dist),
@@ -87,6 +97,7 @@ RESUMABLE_KEYS = frozenset({
     "train.checkpoint_every", "train.eval_every_steps", "train.eval_every_epochs",
     "train.monitor_interval_s", "train.dist_timeout_s", "data.num_workers", "data.pin_memory",
     "data.prefetch_factor", "data.persistent_workers", "data.eval_batch_size", "plan.cache",
+    "plan.distributed",  # DDP or FSDP2: a checkpoint holds tensors by name either way
 })
 _REQUIRED = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": (dict, list),
              "progress": dict, "epoch_sums": list}
@@ -108,7 +119,7 @@ def fingerprint(run: Run) -> dict[str, Any]:
     return {"config": _flat(run.cfg.to_dict()),
             "parameters": {name: list(p.shape) for name, p in run.model.state_dict().items()
                            if isinstance(p, torch.Tensor)},
-            "data": run.data_fingerprint}
+            "data": run.data_fingerprint, "world_size": run.dist.world_size}
 
 
 def check_fingerprint(saved: dict[str, Any], run: Run, path: Path,
@@ -120,7 +131,8 @@ def check_fingerprint(saved: dict[str, Any], run: Run, path: Path,
     before = saved.get("config", {})
     changed = sorted(k for k in set(before) | set(now["config"])
                      if before.get(k) != now["config"].get(k))
-    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    _check_global_batch(before, saved.get("world_size"), run, path)
+    refused = [k for k in changed if k not in RESUMABLE_KEYS and k != "data.batch_size"]
     if refused:
         shown = ", ".join(f"{k} ({before.get(k)!r} -> {now['config'].get(k)!r})"
                           for k in refused[:4])
@@ -137,6 +149,24 @@ def check_fingerprint(saved: dict[str, Any], run: Run, path: Path,
                 f"resume {path.parent}: the model differs from the checkpoint's at {name} "
                 f"(checkpoint {had.get(name) or 'absent'}, model {has.get(name) or 'absent'}); "
                 "resume with the model the run was started with")
+
+
+def _check_global_batch(before: dict[str, Any], world: int | None, run: Run,
+                        path: Path) -> None:
+    """A resume on another number of processes keeps the global batch (processes x
+    data.batch_size): the schedule, the data position and what a step learns follow it."""
+    world = world or run.dist.world_size
+    had = before.get("data.batch_size")
+    if not isinstance(had, int) or not isinstance(world, int):
+        return
+    now = run.cfg.data.batch_size * run.dist.world_size
+    if had * world != now:
+        fits = "" if (had * world) % run.dist.world_size else \
+            f"; on {run.dist.world_size} process(es) pass --set data.batch_size=" \
+            f"{had * world // run.dist.world_size}"
+        raise LeantrainError(f"resume {path.parent}: the global batch changed: {world} x "
+                             f"{had} = {had * world} at the checkpoint, {run.dist.world_size} x "
+                             f"{run.cfg.data.batch_size} = {now} now{fits}")
 
 
 def _check_data(before: dict[str, Any] | None, now: dict[str, Any], path: Path,
@@ -159,17 +189,24 @@ def _check_data(before: dict[str, Any] | None, now: dict[str, Any], path: Path,
 
 def save(state: TrainState, run: Run, out_dir: Path, extra: dict[str, Any] | None = None
          ) -> None:
+    """The checkpoint: in shards on several processes (`run.sharded`), else one file."""
+    if sharded.wanted(run.dist):
+        sharded.save(run.model, state.optimizer, {**small_state(state, run), "fingerprint":
+                     fingerprint(run), **(extra or {})}, out_dir, run.dist, state.progress.step)
+        return
     saved = checkpoint(state, run)
     if run.dist.is_main:
         atomic_save({**saved, "fingerprint": fingerprint(run), **(extra or {})},
                     out_dir / CHECKPOINT_NAME)
 
 
-def _check_structure(saved: Any, path: Path) -> None:
+def _check_structure(saved: Any, path: Path, weights: bool = True) -> None:
     if not isinstance(saved, dict):
         raise LeantrainError(f"{path} is not a leantrain training checkpoint (it holds a "
                              f"{type(saved).__name__}, not the run's state)")
     for key, kind in _REQUIRED.items():
+        if not weights and key in ("model", "optimizer"):
+            continue  # (in the shards beside it)
         if not isinstance(saved.get(key), kind):
             what = "missing" if key not in saved else f"a {type(saved[key]).__name__}"
             raise LeantrainError(f"{path} is not a leantrain training checkpoint: its "
@@ -177,28 +214,56 @@ def _check_structure(saved: Any, path: Path) -> None:
 
 
 def restore(state: TrainState, run: Run, saved: dict[str, Any], path: Path,
-            data_changed: bool = False) -> None:
+            data_changed: bool = False, shards: Path | None = None) -> None:
     """Load a checkpoint into `state` and the run's model, and this rank's RNG, after checking
     that it is one, that the run has not changed since (`check_fingerprint`) and that every
-    entry is what this run would have written (`run.saved`): nothing is applied before."""
-    _check_structure(saved, path)
+    entry is what this run would have written (`run.saved`): nothing is applied before.
+    `shards`: the folder of a sharded checkpoint (`run.sharded`), whose model and optimizer
+    are read into this run's layout, whatever the layout that wrote them."""
+    _check_structure(saved, path, weights=shards is None)
     if "fingerprint" in saved:
         check_fingerprint(saved["fingerprint"], run, path, data_changed)
     else:
         log.warning("resume %s: the checkpoint predates fingerprints; changes to the config "
                     "cannot be detected", path.parent)
-    saved_checkpoint.check(saved, state, run, path)
+    saved_checkpoint.check(saved, state, run, path, weights=shards is None)
+    if shards is not None:
+        sharded.verify(shards, saved.get("shards"), run.dist)
     try:
-        distributed.load_full_state(run.model, state.optimizer, run.plan.distributed,
-                                    saved["model"], saved["optimizer"])
+        if shards is None:
+            distributed.load_full_state(run.model, state.optimizer, run.plan.distributed,
+                                        saved["model"], saved["optimizer"])
+        else:
+            sharded.load(run.model, state.optimizer, shards)
         state.scheduler.load_state_dict(saved["scheduler"])
         if state.scaler and saved["scaler"]:
             state.scaler.load_state_dict(saved["scaler"])
-        rank = run.dist.rank
-        restore_rng(saved["rng"][rank] if isinstance(saved["rng"], list) else saved["rng"])
+        state.progress = Progress(**saved["progress"])
+        _restore_streams(state, run, saved, path)
+    except LeantrainError:
+        raise
     except Exception as exc:  # (what the checks above do not foresee: still one line)
         raise LeantrainError(f"{path} cannot be resumed: {one_line(exc)}") from exc
-    state.progress = Progress(**saved["progress"])
+
+
+def _restore_streams(state: TrainState, run: Run, saved: dict[str, Any], path: Path) -> None:
+    """This rank's RNG and partial epoch sums. On another number of processes than wrote the
+    checkpoint, the streams are seeded afresh per rank and the epoch's sums are carried by
+    rank 0: the model and optimizer continue exactly, the random draws do not."""
+    rng = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
     sums = saved["epoch_sums"]
-    sums = sums[run.dist.rank] if isinstance(sums[0], list) else sums
-    state.epoch_sums = [t.to(run.plan.device) for t in sums]
+    sums = sums if isinstance(sums[0], list) else [sums]
+    rank, world = run.dist.rank, run.dist.world_size
+    device = run.plan.device
+    if len(rng) == world:
+        restore_rng(rng[rank])
+        state.epoch_sums = [t.to(device) for t in sums[rank]]
+        return
+    seed_everything(run.cfg.train.seed * 1_000_003 + state.progress.step * 101 + rank)
+    totals = [sum(part[i] for part in sums) for i in range(len(sums[0]))]
+    state.epoch_sums = [(t if rank == 0 else torch.zeros_like(t)).to(device) for t in totals]
+    if run.dist.is_main:
+        log.warning("resume %s: written by %d process(es), resumed on %d: the model and "
+                    "optimizer are resharded exactly and the data continues at the same "
+                    "sample, but the random streams are seeded afresh, so the run is no longer "
+                    "bit-identical to one never interrupted", path.parent, len(rng), world)

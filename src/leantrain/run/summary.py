@@ -186,7 +186,7 @@ def write(run: Run, state: TrainState, summary: dict[str, Any], out_dir: Path) -
 
 def _write_weights(run: Run, state: TrainState, out_dir: Path) -> None:
     """model.pt, and a Hugging Face model's `save_pretrained` folder (`run.pretrained`)."""
-    weights, _ = distributed.full_state(run.model, state.optimizer, run.plan.distributed)
+    weights = distributed.full_model_state(run.model, run.plan.distributed)
     if run.dist.is_main:
         weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         atomic_save(weights, out_dir / MODEL_NAME)

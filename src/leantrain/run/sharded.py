@@ -1,0 +1,159 @@
+"""A distributed run's checkpoint: every rank writes and reads only its own shards.
+
+A run on several processes checkpoints through `torch.distributed.checkpoint` (DCP): the model
+and optimizer state as each rank holds it (FSDP2's shards, DDP's replicas written once), keyed
+by parameter name, so no rank gathers the full state at a save and none loads it whole at a
+resume. What is small (schedule, progress, RNG and partial sums per rank, the config's
+fingerprint) is written by rank 0 beside it in `state.pt`, with the SHA-256 of every shard
+file (each rank hashes what it wrote; at a resume each hashes a share of the files).
+
+A checkpoint is a folder `checkpoints/step-NNNNNNNN`, made complete under a temporary name and
+renamed, then named in `checkpoints/latest` (written atomically): a kill at any instant leaves
+the previous checkpoint loadable. The last KEEP are kept.
+
+DCP stores every tensor by name and global shape, so a checkpoint loads into another layout:
+2 processes to 1 or 4, DDP to FSDP2 and back; the model and the optimizer are resharded
+exactly (the caller says what is lost: the ranks' random streams and the data order's bits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from ..distributed import DistContext
+from ..errors import LeantrainError, one_line
+
+log = logging.getLogger(__name__)
+
+FOLDER, LATEST, STATE = "checkpoints", "latest", "state.pt"
+KEEP = 2  # checkpoints kept: the last one, and the one before in case the last is damaged
+
+
+def wanted(dist: DistContext) -> bool:
+    """Runs on several processes checkpoint in shards; one process keeps its single file."""
+    return dist.active and dist.world_size > 1
+
+
+def latest(out_dir: Path) -> Path | None:
+    """The run's last complete sharded checkpoint, None when it has none."""
+    pointer = out_dir / FOLDER / LATEST
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    folder = pointer.parent / name
+    if "/" in name or name.startswith(".") or not (folder / STATE).is_file():
+        raise LeantrainError(f"{pointer} names {name[:60]!r}, which is not a complete "
+                             f"checkpoint in {pointer.parent}")
+    return folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, optimizer)
+
+
+def save(model: nn.Module, optimizer: torch.optim.Optimizer, small: dict[str, Any],
+         out_dir: Path, dist: DistContext, step: int) -> Path:
+    """Every rank calls it: its shards, then rank 0's state and the commit."""
+    import torch.distributed as torch_dist
+    import torch.distributed.checkpoint as dcp
+
+    root = out_dir / FOLDER
+    name = f"step-{step:08d}"
+    tmp = root / f".{name}.tmp"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed at this step before
+        tmp.mkdir(parents=True)
+    torch_dist.barrier()
+    model_state, optimizer_state = _state_dicts(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    written = sorted(tmp.glob(f"__{dist.rank}_*.distcp")) + \
+        ([tmp / ".metadata"] if dist.is_main else [])  # (DCP's coordinator writes it)
+    mine = {p.name: _sha256(p) for p in written}
+    hashes = {k: v for part in distributed.gather_objects(mine, dist) for k, v in part.items()}
+    if dist.is_main:
+        atomic_save({**small, "world_size": dist.world_size, "shards": hashes}, tmp / STATE)
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)  # (a folder of this step from a killed run)
+        tmp.rename(final)
+        atomic_write_text(root / LATEST, name)
+        for old in sorted(root.glob("step-*"))[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+    torch_dist.barrier()
+    return root / name
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    """Rank 0's small state of the checkpoint in `folder` (its SHA-256 checked)."""
+    return load_checkpoint(folder / STATE)
+
+
+def verify(folder: Path, hashes: dict[str, str], dist: DistContext) -> None:
+    """Each rank hashes its share of the shard files (none hashes them all); a difference
+    anywhere stops every rank with one line naming the file."""
+    if not isinstance(hashes, dict):
+        raise LeantrainError(f"{folder / STATE}: holds no shard hashes: not a checkpoint "
+                             "leantrain wrote")
+    names = sorted(hashes)
+    bad = [n for n in names[dist.rank::max(dist.world_size, 1)]
+           if not (folder / n).is_file() or _sha256(folder / n) != hashes[n]]
+    found = [b for part in distributed.gather_objects(bad, dist) for b in part]
+    if found:
+        raise LeantrainError(f"{folder / found[0]} is missing or corrupt: its SHA-256 differs "
+                             f"from the one recorded when it was written")
+
+
+def load(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Read the model and optimizer state into this rank's layout (resharded as needed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    model_state, optimizer_state = _state_dicts(model, optimizer)
+    try:
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint (a resume
+            warnings.simplefilter("ignore")  # on 1 of 2) is warned of its missing group
+            dcp.load({"model": model_state, "optimizer": optimizer_state},
+                     checkpoint_id=str(folder))
+    except Exception as exc:  # another model or optimizer than the checkpoint's
+        raise LeantrainError(f"{folder} cannot be resumed: {one_line(exc)}") from exc
+    set_state_dict(model, optimizer, model_state_dict=model_state,
+                   optim_state_dict=optimizer_state)
+
+
+def model_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The model's full tensors from a sharded checkpoint, read in one process with no group:
+    the optimizer's state is never loaded (an export needs the weights only)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    except Exception as exc:
+        raise LeantrainError(f"{folder} is not a sharded checkpoint: {one_line(exc)}") from exc
+    weights = {key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
+               for key, entry in metadata.state_dict_metadata.items()
+               if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"model": weights}, checkpoint_id=str(folder), no_dist=True)
+    return weights
