@@ -83,6 +83,45 @@ def test_launch_arguments_and_their_errors():
     assert "--standalone" not in multi
 
 
+def test_elastic_and_restartable_launches_go_through_torchrun():
+    restarted = torchrun_args(2, "1", 0, None, None, ["train", "--out", "runs/a"],
+                              max_restarts=3)
+    assert "--max-restarts=3" in restarted
+    assert restarted[-5:] == ["train", "--out", "runs/a", "--resume", "auto"]
+    elastic = torchrun_args(2, "1:4", 0, None, None, ["train"], rdzv_endpoint="node0:29400",
+                            rdzv_id="job7")
+    assert {"--nnodes=1:4", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
+            "--rdzv-id=job7"} <= set(elastic)
+    assert "--standalone" not in elastic and not any("--node-rank" in a for a in elastic)
+    for bad, message in [({"max_restarts": 1}, "--max-restarts needs the train command's --out"),
+                         ({"nnodes": "2:1"}, "--nnodes must be M or MIN:MAX"),
+                         ({"nnodes": "1:2"}, "needs --rdzv-endpoint"),
+                         ({"rdzv_endpoint": "node0"}, "--rdzv-endpoint must be HOST:PORT"),
+                         ({"max_restarts": -1}, "--max-restarts must be in 0..100")]:
+        values = {"nnodes": "1", "max_restarts": 0, "rdzv_endpoint": None, **bad}
+        with pytest.raises(LeantrainError, match=message):
+            torchrun_args(2, values["nnodes"], 0, None, None, ["train"],
+                          max_restarts=values["max_restarts"],
+                          rdzv_endpoint=values["rdzv_endpoint"])
+
+
+def test_resume_auto_starts_a_run_then_continues_it_from_its_checkpoint(blobs_file, tmp_path,
+                                                                       monkeypatch):
+    from conftest import snapshot_first_checkpoint
+
+    command = ["train", "--data", str(blobs_file), "--epochs", "2", "--no-progress",
+               "--precision", "fp32", "--set", "train.monitor_interval_s=0"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    snapshot_first_checkpoint(
+        monkeypatch, lambda: main([*command, "--out", str(whole), "--resume", "auto"]), killed)
+    assert (whole / "summary.json").is_file()  # no checkpoint there: it started the run
+    assert not (killed / "summary.json").exists()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert main([*command, "--out", str(killed), "--resume", "auto"]) == 0  # continued
+    assert _train_losses(killed) == _train_losses(whole)
+    assert main([*command, "--resume", "auto"]) == 2  # (no --out: nothing to continue)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["launch", "--nproc", "2", "--", "bench"], "launch runs one of: train"),
     (["launch", "--nproc", "0", "--", "train"], "--nproc and --nnodes must be >= 1"),
@@ -177,7 +216,7 @@ def test_fsdp2_trains_a_transformer_and_resumes_its_checkpoint(user_env, tmp_pat
     assert losses[-1] < 0.5 * losses[0]  # it learns
     proc = subprocess.Popen(_fsdp_args(killed), env=user_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    checkpoint = killed / "checkpoint.pt"  # written at the end of the first epoch
+    checkpoint = killed / "checkpoints" / "latest"  # (sharded) at the end of the first epoch
     deadline = time.monotonic() + 120
     while not checkpoint.exists():
         assert time.monotonic() < deadline and proc.poll() is None
@@ -191,8 +230,9 @@ def test_fsdp2_trains_a_transformer_and_resumes_its_checkpoint(user_env, tmp_pat
          env=user_env)
     resumed = json.loads((killed / "summary.json").read_text())
     assert resumed["steps"] == reference["steps"]
-    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
-    # the checkpoint holds full tensors: the final weights load into one plain model
+    assert _train_losses(killed) == losses  # bit-identical to the uninterrupted run
+    assert resumed["val_loss"] == reference["val_loss"]
+    # model.pt holds full tensors: the final weights load into one plain model
     sys.path.insert(0, str(tmp_path))
     try:
         import fam
@@ -200,6 +240,20 @@ def test_fsdp2_trains_a_transformer_and_resumes_its_checkpoint(user_env, tmp_pat
         fam.transformer().load_state_dict(torch.load(killed / "model.pt", weights_only=True))
     finally:
         sys.path.remove(str(tmp_path))
+    # the same kill resumed on 1 process and on 4 (the global batch kept): it reshards the
+    # FSDP2 shards and finishes close to the uninterrupted run
+    first = sorted((killed / "checkpoints").glob("step-*"))[0]
+    for nproc in (1, 4):
+        again = tmp_path / f"on{nproc}"
+        _as_killed_at(killed, again, first.name)
+        launch = [*LEANTRAIN, "launch", "--nproc", str(nproc), "--"] if nproc > 1 else \
+            [*LEANTRAIN]  # (one process runs unsharded: DDP or FSDP2 need several)
+        layout = ["--set", "plan.distributed=auto"] if nproc == 1 else []
+        _run([*launch, "train", "--resume", str(again), "--model", "fam:transformer",
+              "--data", "fam:tokens_large", "--no-progress", "--set",
+              f"data.batch_size={32 // nproc}", *layout], env=user_env)
+        ended = json.loads((again / "summary.json").read_text())
+        assert abs(ended["val_loss"] - reference["val_loss"]) < 1e-3, nproc
 
 
 def _launch_until_training(blobs_file: Path, out: Path,
@@ -306,8 +360,10 @@ def test_sigterm_to_launch_checkpoints_every_rank_and_exits_143(blobs_file, tmp_
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM" in err.strip().splitlines()[-1]
     assert "Traceback" not in err
-    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text()
+    saved = torch.load(latest / "state.pt", weights_only=True)  # (sharded: both ranks wrote)
     assert not saved["progress"]["finished"] and saved["progress"]["step"] > 0
+    assert {p.name for p in latest.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
 
 
 HANGING_MODULE = """
@@ -387,14 +443,21 @@ def sharded_run(tmp_path_factory):
 
 
 def _as_killed(whole: Path, into: Path) -> Path:
+    return _as_killed_at(whole, into, sorted((whole / "checkpoints").glob("step-*"))[0].name)
+
+
+def _as_killed_at(run: Path, into: Path, step: str) -> Path:
+    """A copy of `run` as a kill just after checkpoint `step` leaves it."""
     import shutil
 
-    shutil.copytree(whole, into)
-    steps = sorted((into / "checkpoints").glob("step-*"))
-    shutil.rmtree(steps[-1])
-    (into / "checkpoints" / "latest").write_text(steps[0].name)
-    for name in ("summary.json", "model.pt", "model.pt.sha256"):
-        (into / name).unlink()
+    shutil.copytree(run, into)
+    for later in sorted((into / "checkpoints").glob("step-*")):
+        if later.name > step:
+            shutil.rmtree(later)
+    (into / "checkpoints" / "latest").write_text(step)
+    for name in ("summary.json", "model.pt", "model.pt.sha256", "checkpoint.pt",
+                 "checkpoint.pt.sha256"):
+        (into / name).unlink(missing_ok=True)
     return into
 
 
@@ -488,3 +551,38 @@ def test_export_writes_the_model_of_any_sharded_checkpoint_in_one_file(sharded_r
     assert (whole / f"export-{first}.pt").is_file()
     assert main(["export", str(whole), "--step", "999999"]) == 2
     assert "no checkpoint of step 999999" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_restartable_launch_survives_a_killed_rank_and_ends_as_if_never_killed(blobs_file,
+                                                                                tmp_path):
+    common = ["train", "--data", str(blobs_file), "--epochs", "6", "--no-progress",
+              "--precision", "fp32", "--set", "data.batch_size=8", "--set",
+              "train.monitor_interval_s=0"]
+    whole, restarted = tmp_path / "whole", tmp_path / "restarted"
+    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", *common, "--out", str(whole)])
+    proc = subprocess.Popen([*LEANTRAIN, "launch", "--nproc", "2", "--max-restarts", "1", "--",
+                             *common, "--out", str(restarted)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    latest = restarted / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while not latest.exists():  # the first epoch's checkpoint, then a kill mid-run
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    victim = next(w for w in psutil.Process(proc.pid).children(recursive=True)
+                  if w.environ().get("LOCAL_RANK") == "1")
+    victim.kill()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]  # the job finished by itself
+    assert "restart 1 of the job" in err
+    final, reference = (torch.load(run / "model.pt", weights_only=True)
+                        for run in (restarted, whole))
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_fsdp2_under_bf16_gathers_bf16_parameters_and_reduces_in_fp32():
+    from leantrain.distributed import mixed_precision
+
+    policy = mixed_precision("bf16")
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    assert mixed_precision("fp32") is None and mixed_precision("fp16") is None

@@ -88,7 +88,13 @@ def setup(ctx: DistContext, device: torch.device, timeout_s: float) -> None:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+        store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+        # a job torchrun restarted meets in the same store: the failed attempt's keys (gloo's
+        # peer addresses) must not be read as this one's, so each attempt has its own prefix
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"leantrain/{attempt}", store),
+                                rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
 
 
@@ -110,10 +116,13 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def wrap(model: nn.Module, strategy: str | None, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, strategy: str | None, device: torch.device,
+         precision: str = "fp32") -> nn.Module:
     """The module the training step calls: DDP around the model, or the model FSDP2-sharded.
 
     FSDP2 shards in place (parameters become DTensors), so build the optimizer afterwards.
+    Under bf16 it gathers the parameters in bf16 for compute and reduces the gradients in
+    fp32 (`mixed_precision`): half the bytes of an fp32 all-gather, as torchtitan does.
     """
     if strategy is None:
         return model
@@ -122,10 +131,21 @@ def wrap(model: nn.Module, strategy: str | None, device: torch.device) -> nn.Mod
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
+    policy = mixed_precision(precision)
+    options = {"mp_policy": policy} if policy is not None else {}
     for block in _blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
     return model
+
+
+def mixed_precision(precision: str):
+    """FSDP2's MixedPrecisionPolicy for the plan's precision (None: fp32 all through)."""
+    if precision != "bf16":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def gradient_sync(step_model: nn.Module, strategy: str | None, sync: bool):

@@ -67,8 +67,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plan-cache", action="store_true",
                    help="measure the plan's auto choices again instead of reusing earlier "
                         "measurements of this model (plan.cache=false)")
-    p.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR from its last checkpoint (its own config)")
+    p.add_argument("--resume", metavar="DIR|auto",
+                   help="continue the run in DIR from its last checkpoint (its own config); "
+                        "auto (with --out DIR): continue DIR's run if it has a checkpoint, "
+                        "else start it there (what a restarted job runs)")
     p.add_argument("--data-changed", action="store_true",
                    help="resume on data other than the run started with (its sizes or "
                         "samples differ; refused otherwise)")

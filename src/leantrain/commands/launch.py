@@ -1,7 +1,8 @@
 """`leantrain launch`: start a training job on several processes with torchrun.
 
 This is torch.distributed.run (torchrun) itself, called in-process with leantrain's defaults:
-no restarts (a failure is reported, not retried), and its failure report turned into one line
+no restarts unless `--max-restarts N` (each restart then continues from the run's last
+checkpoint: `train --resume auto`), and its failure report turned into one line
 that names the rank that failed and why. When any rank dies, torchrun's agent stops the
 others, so the job ends within seconds rather than hanging in a collective; a rank that is
 alive but stuck fails at `train.dist_timeout_s`.
@@ -22,30 +23,76 @@ from . import common
 LAUNCHABLE = ("train",)
 
 
-def torchrun_args(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
-                  master_port: int | None, command: list[str]) -> list[str]:
+def nodes_range(text: str) -> tuple[int, int]:
+    """--nnodes: "M" (a fixed number of nodes) or "MIN:MAX" (elastic: the job starts with MIN
+    and admits nodes up to MAX)."""
+    parts = str(text).split(":")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        low = high = 0
+    if not 1 <= low <= high:
+        raise LeantrainError(f"--nnodes must be M or MIN:MAX with 1 <= MIN <= MAX, got {text}")
+    return low, high
+
+
+def _endpoint(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise LeantrainError(f"--rdzv-endpoint must be HOST:PORT (a TCP port 1..65535), got "
+                             f"{text}")
+    return text
+
+
+def torchrun_args(nproc: int, nnodes: int | str, node_rank: int, master_addr: str | None,
+                  master_port: int | None, command: list[str], max_restarts: int = 0,
+                  rdzv_endpoint: str | None = None, rdzv_id: str = "leantrain") -> list[str]:
     """torchrun's command line for running `leantrain <command>` on every rank."""
-    if nproc < 1 or nnodes < 1:
+    low, high = nodes_range(str(nnodes))
+    if nproc < 1:
         raise LeantrainError(f"--nproc and --nnodes must be >= 1, got {nproc} and {nnodes}")
     check_processes("--nproc", nproc)
-    if not 0 <= node_rank < nnodes:
-        raise LeantrainError(f"--node-rank must be in 0..{nnodes - 1}, got {node_rank}")
+    if not 0 <= max_restarts <= 100:
+        raise LeantrainError(f"--max-restarts must be in 0..100, got {max_restarts}")
+    if rdzv_endpoint is None and low != high:
+        raise LeantrainError("an elastic --nnodes MIN:MAX needs --rdzv-endpoint HOST:PORT (a "
+                             "c10d rendezvous every node reaches)")
+    if rdzv_endpoint is None and not 0 <= node_rank < high:
+        raise LeantrainError(f"--node-rank must be in 0..{high - 1}, got {node_rank}")
     if master_port is not None and not 1 <= master_port <= 65535:
         raise LeantrainError(f"--master-port must be a TCP port, 1..65535, got {master_port}")
     if not command or command[0] not in LAUNCHABLE:
         raise LeantrainError(f"launch runs one of: {', '.join(LAUNCHABLE)}; e.g. leantrain "
                              f"launch --nproc 2 -- train --epochs 3 (got {command or 'nothing'})")
-    args = [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", "--max-restarts=0",
+    if max_restarts:
+        command = restartable(command)
+    span = str(low) if low == high else f"{low}:{high}"
+    args = [f"--nproc-per-node={nproc}", f"--nnodes={span}", f"--max-restarts={max_restarts}",
             "--monitor-interval=0.5"]
-    if nnodes == 1 and master_addr is None:
+    if rdzv_endpoint is not None:  # c10d: any node may host it; ranks are given on arrival
+        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={_endpoint(rdzv_endpoint)}",
+                 f"--rdzv-id={rdzv_id}"]
+    elif high == 1 and master_addr is None:
         args.append("--standalone")  # a free local port, no address to give
     else:
         if master_addr is None or master_port is None:
             raise LeantrainError("several nodes need --master-addr and --master-port (the "
-                                 "address of node 0, reachable from every node)")
+                                 "address of node 0, reachable from every node), or "
+                                 "--rdzv-endpoint HOST:PORT")
         args += [f"--node-rank={node_rank}", f"--master-addr={master_addr}",
                  f"--master-port={master_port}"]
     return [*args, "-m", "leantrain.cli", *command]
+
+
+def restartable(command: list[str]) -> list[str]:
+    """`train` as a restarted job runs it: `--resume auto` on its --out folder (continue from
+    its last checkpoint when there is one, start there otherwise)."""
+    if any(arg == "--resume" or arg.startswith("--resume=") for arg in command):
+        return command
+    if not any(arg == "--out" or arg.startswith("--out=") for arg in command):
+        raise LeantrainError("--max-restarts needs the train command's --out DIR: the folder a "
+                             "restarted job continues from")
+    return [*command, "--resume", "auto"]
 
 
 def _why(failure) -> str:
@@ -138,10 +185,19 @@ def add_parser(sub) -> None:
         formatter_class=common.RAW)
     p.add_argument("--nproc", type=int, required=True, metavar="N",
                    help="processes per node (one per GPU on GPU machines)")
-    p.add_argument("--nnodes", type=int, default=1, metavar="M")
+    p.add_argument("--nnodes", default="1", metavar="M|MIN:MAX",
+                   help="nodes (MIN:MAX: elastic, with --rdzv-endpoint)")
     p.add_argument("--node-rank", type=int, default=0, metavar="R")
     p.add_argument("--master-addr", metavar="A", help="address of node 0")
     p.add_argument("--master-port", type=int, metavar="P")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="a c10d rendezvous instead of --master-addr/--node-rank: nodes join "
+                        "in any order and get their ranks on arrival")
+    p.add_argument("--rdzv-id", default="leantrain", metavar="ID",
+                   help="the job's id at the rendezvous (default leantrain)")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                   help="restart the job up to N times when a rank fails; each restart "
+                        "continues from the run's last checkpoint (train --resume auto)")
     p.add_argument("launched", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="-- then the leantrain command to run, e.g. -- train --epochs 3")
 
@@ -149,22 +205,23 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace, dist) -> int:
     command = args.launched[1:] if args.launched[:1] == ["--"] else args.launched
     return launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port,
-                  command)
+                  command, args.max_restarts, args.rdzv_endpoint, args.rdzv_id)
 
 
-def _resume_command(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
+def _resume_command(nproc: int, nnodes: int | str, node_rank: int, master_addr: str | None,
                     master_port: int | None, command: list[str]) -> str:
     """The same launch continuing the stopped run: `train --resume` on its `--out` folder."""
     out = next((command[i + 1] for i, arg in enumerate(command[:-1]) if arg == "--out"),
                next((arg.split("=", 1)[1] for arg in command if arg.startswith("--out=")),
                     "DIR"))
     nodes = f" --nnodes {nnodes} --node-rank {node_rank} --master-addr {master_addr} " \
-            f"--master-port {master_port}" if nnodes > 1 else ""
+            f"--master-port {master_port}" if str(nnodes) != "1" else ""
     return f"leantrain launch --nproc {nproc}{nodes} -- train --resume {out}"
 
 
-def launch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
-           master_port: int | None, command: list[str]) -> int:
+def launch(nproc: int, nnodes: int | str, node_rank: int, master_addr: str | None,
+           master_port: int | None, command: list[str], max_restarts: int = 0,
+           rdzv_endpoint: str | None = None, rdzv_id: str = "leantrain") -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -173,7 +230,7 @@ def launch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
     from ..run.signals import Stopped
 
     args = parse_args(torchrun_args(nproc, nnodes, node_rank, master_addr, master_port,
-                                    command))
+                                    command, max_restarts, rdzv_endpoint, rdzv_id))
     beats = tempfile.mkdtemp(prefix="leantrain-heartbeats-")
     os.environ[heartbeat.HEARTBEATS_ENV] = beats  # the ranks inherit it
     try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+from ..errors import LeantrainError
 from . import common
 
 EXAMPLES = """examples:
@@ -14,6 +16,7 @@ EXAMPLES = """examples:
   leantrain train --model mypkg.nets:build --data mypkg.data:load --out runs/mine
   leantrain train --data features.csv --set data.label_column=target
   leantrain train --resume runs/mine                # continue a killed run
+  leantrain train --out runs/mine --resume auto     # continue it if it has a checkpoint
 """
 
 
@@ -31,6 +34,25 @@ def run_folder(args: argparse.Namespace) -> Path:
     return Path(args.resume) if args.resume else common.default_out(args)
 
 
+def _auto_resume(args: argparse.Namespace) -> bool:
+    """`--resume auto --out DIR`: the command that started the run continues it when DIR holds
+    a checkpoint (the config from its flags, which a resume may not change), else starts it.
+    A job torchrun restarts (`launch --max-restarts`) runs exactly this."""
+    from ..run import folder
+
+    if not args.out:
+        raise LeantrainError("--resume auto needs --out DIR: the folder whose run to continue "
+                             "or start")
+    args.resume = None
+    found = folder.checkpoint_of(Path(args.out)) if Path(args.out).is_dir() else None
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restarts != "0":
+        common.log.warning("restart %s of the job (torchrun): %s", restarts,
+                           f"continuing from {found}" if found else "no checkpoint yet: "
+                           "starting the run afresh")
+    return found is not None
+
+
 def run(args: argparse.Namespace, dist) -> int:
     from ..checkpoint import require_recorded_hash
     from ..data import load_data
@@ -38,16 +60,17 @@ def run(args: argparse.Namespace, dist) -> int:
     from ..run import folder
     from ..run.fit import fit
 
+    resume = _auto_resume(args) if args.resume == "auto" else bool(args.resume)
     out = run_folder(args)
     if dist.is_main:  # before the data loads: a wrong folder fails at once (rank 0 writes)
-        folder.check(out, bool(args.resume), verify=False)
+        folder.check(out, resume, verify=False)
     cfg = common.config_from_args(args)  # flags and folder code refused before the hash
-    if args.resume and not args.no_verify:
+    if resume and not args.no_verify:
         require_recorded_hash(folder.checkpoint_of(out) or out)  # before the data load
     bundle = load_data(cfg.data)
     common.log.info("data: %s", bundle.description)
     model = common.build_model(cfg, bundle)
-    summary = fit(model, bundle.train, bundle.val, cfg, out, resume=bool(args.resume),
+    summary = fit(model, bundle.train, bundle.val, cfg, out, resume=resume,
                   progress_bar=not args.no_progress, collate_fn=bundle.collate_fn,
                   verify=not args.no_verify, data_changed=args.data_changed)
     if dist.is_main:

@@ -113,6 +113,14 @@ def newest_shards(out: Path) -> Path | None:
     return shards if pointer.stat().st_mtime_ns >= single.stat().st_mtime_ns else None
 
 
+def written_by_several(out: Path) -> bool:
+    """The checkpoint a resume of `out` continues was written by several processes: their
+    epochs dropped the short last batch, so a resume on one process drops it too (the same
+    steps per epoch, the same schedule, the same samples in each step)."""
+    shards = newest_shards(out)
+    return shards is not None and sharded.load_state(shards).get("world_size", 1) > 1
+
+
 def launch_prefix(dist: DistContext) -> str:
     """Under `leantrain launch`, the launch that starts the same ranks again ("" otherwise): a
     rank's own `train --resume` would continue in one process."""

@@ -13,6 +13,7 @@ from ..config import TrainConfig
 from ..distributed import DistContext
 from ..errors import LeantrainError
 from . import defaults, folder
+from .checkpoints import written_by_several
 from .plan import build
 from .trainer import Trainer
 
@@ -50,7 +51,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
             cfg, notes, record = defaults.decide(cfg, model, train_data, val_data, loss_fn,
                                                  collate_fn)
         run = build(cfg, model, train_data, val_data, loss_fn, collate_fn=collate_fn,
-                    notes=notes)
+                    notes=notes, drop_last=resume and written_by_several(out))
         trainer = Trainer(run, out, progress_bar, watcher)
         trainer.checkpoints.data_changed = data_changed
         return trainer.fit(resume=resume, plan_measurement=record)

@@ -321,20 +321,22 @@ def decide(cfg: TrainConfig, model: nn.Module, train_data: Dataset,
 def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dataset,
           loss_fn: LossFn | None = None, measure_loader: bool = True,
           collate_fn: Callable[[list], object] | None = None,
-          notes: dict[str, str] | None = None, evaluates: bool = True) -> Run:
+          notes: dict[str, str] | None = None, evaluates: bool = True,
+          drop_last: bool = False) -> Run:
     """Decide the run. `loss_fn` replaces the model's own loss and the task's; `collate_fn`
     batches samples (e.g. a padding collator: a DataLoader then, never the in-memory loader).
     `measure_loader=False` resolves "auto" loader settings to defaults without measuring
     (short trials that measure something else pass it); a run that `evaluates` checks its
-    validation set's first batch too (trials never evaluate)."""
+    validation set's first batch too (trials never evaluate); `drop_last` drops each epoch's
+    short last batch whatever the plan (a resume of a run several processes started)."""
     dist = DistContext.from_env()
     data = cfg.data
     plan, in_memory = decide(cfg, model, train_data, collate_fn, dist, notes)
     distributed.setup(dist, plan.device, cfg.train.dist_timeout_s)
     model = prepare_model(model, plan)
     on_cuda, shard = plan.device.type == "cuda", (dist.rank, dist.world_size)
-    drop = _drops_short_batch(plan, model, len(train_data), data.batch_size,
-                              dist.world_size)
+    drop = drop_last or _drops_short_batch(plan, model, len(train_data), data.batch_size,
+                                           dist.world_size)
 
     def train_loader(options: LoaderOptions):
         return make_loader(train_data, data.batch_size, True, cfg.train.seed, plan.device,
@@ -379,8 +381,8 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
         step.check_evaluation(model, val, contract)
     if plan.distributed == "fsdp":  # sharded parameters are initialised whole, first
         init_weights(model, cfg.train.init)
-    wrapped = distributed.wrap(model, plan.distributed, plan.device)
-    kept = batch_count(len(train_data), data.batch_size, shard)
+    wrapped = distributed.wrap(model, plan.distributed, plan.device, plan.precision)
+    kept = batch_count(len(train_data), data.batch_size, shard, drop_last)
     return Run(cfg, plan, dist, model, wrapped, contract, batches, val, options, tuning,
                num_classes, whole is not None,
                math.ceil(kept / plan.grad_accum), train_data, val_data)
