@@ -583,6 +583,64 @@ def test_a_restartable_launch_survives_a_killed_rank_and_ends_as_if_never_killed
 def test_fsdp2_under_bf16_gathers_bf16_parameters_and_reduces_in_fp32():
     from leantrain.distributed import mixed_precision
 
-    policy = mixed_precision("bf16")
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    policy = mixed_precision("bf16", mlp)
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
-    assert mixed_precision("fp32") is None and mixed_precision("fp16") is None
+    assert mixed_precision("fp32", mlp) is None and mixed_precision("fp16", mlp) is None
+    # BatchNorm's running statistics stay fp32: its model keeps fp32 parameters under autocast
+    assert mixed_precision("bf16", torch.nn.Sequential(torch.nn.BatchNorm1d(4))) is None
+
+
+def test_slurm_and_pytorchjob_nodes_reach_torchrun_never_a_silent_world_of_one(monkeypatch):
+    from leantrain.commands.launch import cluster_settings, first_host
+
+    assert first_host("node[03-05,9],gpu1") == "node03" and first_host("gpu7,gpu8") == "gpu7"
+    where, found = cluster_settings({"SLURM_JOB_ID": "812", "SLURM_NNODES": "2",
+                                     "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[12-13]"})
+    assert where == "SLURM job 812"
+    assert found == {"nnodes": "2", "node_rank": "1", "master_addr": "gpu12",
+                     "master_port": "29500", "rdzv_id": "812"}
+    where, found = cluster_settings({"PET_NNODES": "2", "PET_NODE_RANK": "0",
+                                     "PET_MASTER_ADDR": "job-master-0", "PET_MASTER_PORT": "23456"})
+    assert found == {"nnodes": "2", "node_rank": "0", "master_addr": "job-master-0",
+                     "master_port": "23456"}
+    # what launch passes torchrun there: two nodes, never --standalone
+    args = torchrun_args(2, found["nnodes"], int(found["node_rank"]), found["master_addr"],
+                         int(found["master_port"]), ["train"])
+    assert "--nnodes=2" in args and "--standalone" not in args
+    assert "--master-addr=job-master-0" in args
+    assert cluster_settings({"HOME": "/root"}) == ("", {})
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}, "task 1 of 2 that srun started"),
+    ({"PET_NNODES": "2"}, "PyTorchJob of 2 nodes"),
+])
+def test_tasks_a_cluster_started_without_torchrun_are_refused(env, message, monkeypatch,
+                                                              tmp_path, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_a_rank_cannot_see_is_named_before_training(tmp_path, monkeypatch):
+    from leantrain import distributed
+    from leantrain.distributed import DistContext
+    from leantrain.run import folder
+
+    def node_1_elsewhere(value, ctx):  # rank 1's view of the folder: another machine's disk
+        if isinstance(value[0], bool):
+            return [value, (False, "node1")]
+        nonce, probe = value
+        return [value, (None, str(tmp_path / "elsewhere" / Path(probe).name))]
+
+    monkeypatch.setattr(distributed, "gather_objects", node_1_elsewhere)
+    with pytest.raises(LeantrainError, match="rank 1 on node1 cannot see"):
+        folder.check_shared(tmp_path, DistContext(0, 0, 2, True))
+    assert not list(tmp_path.glob(".shared-*"))  # the probe is gone either way
+    monkeypatch.setattr(distributed, "gather_objects", lambda value, ctx: [value, value])
+    folder.check_shared(tmp_path, DistContext(0, 0, 2, True))  # both see it: no word

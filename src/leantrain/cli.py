@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .commands.common import session
 
-        with session(args.debug, own_process=argv is None) as dist:
+        with session(args.debug, own_process=argv is None, command=args.command) as dist:
             return _module(COMMANDS[args.command]).run(args, dist)
     except LeantrainError as exc:
         if args.debug:

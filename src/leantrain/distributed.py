@@ -56,6 +56,24 @@ class DistContext:
         return DistContext(rank, local, world, "WORLD_SIZE" in os.environ)
 
 
+def refuse_unlaunched_tasks(env: dict[str, str]) -> None:
+    """A process a cluster started as one of several tasks, without torchrun, would train
+    alone at world size 1 beside the others: refused, naming the way that works."""
+    if "WORLD_SIZE" in env:
+        return
+    tasks = env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")
+    if tasks and tasks.isdigit() and int(tasks) > 1 and "SLURM_PROCID" in env:
+        raise LeantrainError(
+            f"this is task {env['SLURM_PROCID']} of {tasks} that srun started, without torchrun:"
+            " each would train alone; run one launcher per node (srun --ntasks-per-node=1 "
+            "leantrain launch --nproc GPUS_PER_NODE -- train ...), which reads SLURM's nodes")
+    nodes = env.get("PET_NNODES", "1")
+    if nodes not in ("1", "1:1"):
+        raise LeantrainError(f"this pod is one of a PyTorchJob of {nodes} nodes (PET_NNODES) "
+                             "but was not started by torchrun: run leantrain launch --nproc "
+                             "GPUS_PER_NODE -- train ..., which reads the PET_* variables")
+
+
 def die_with_launcher() -> None:
     """Linux: this rank gets SIGTERM when its launcher dies, even by SIGKILL.
 
@@ -131,7 +149,7 @@ def wrap(model: nn.Module, strategy: str | None, device: torch.device,
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
-    policy = mixed_precision(precision)
+    policy = mixed_precision(precision, model)
     options = {"mp_policy": policy} if policy is not None else {}
     for block in _blocks(model):
         fully_shard(block, **options)
@@ -139,9 +157,12 @@ def wrap(model: nn.Module, strategy: str | None, device: torch.device,
     return model
 
 
-def mixed_precision(precision: str):
-    """FSDP2's MixedPrecisionPolicy for the plan's precision (None: fp32 all through)."""
-    if precision != "bf16":
+def mixed_precision(precision: str, model: nn.Module):
+    """FSDP2's MixedPrecisionPolicy for the plan's precision (None: fp32 parameters, autocast
+    alone). Not for a model with BatchNorm: its running statistics stay fp32 buffers, which
+    batch_norm refuses beside bf16 weights (the digits CNN failed so on 2 ranks)."""
+    if precision != "bf16" or any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                  for m in model.modules()):
         return None
     from torch.distributed.fsdp import MixedPrecisionPolicy
 

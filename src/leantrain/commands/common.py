@@ -371,16 +371,18 @@ def load_weights(model, checkpoint: str | Path, role: str = ""):
 
 
 @contextmanager
-def session(debug: bool, own_process: bool = False) -> Iterator[object]:
+def session(debug: bool, own_process: bool = False, command: str = "") -> Iterator[object]:
     """The process around a command: logging (rank 0 reports progress), under torchrun a rank
     that dies with its launcher and leaves the process group when done, and, when the command
     is this process's own (`own_process`: started from the command line, one process),
     torch's threads fitted to the cores other processes leave free."""
-    from ..distributed import DistContext, die_with_launcher, teardown
+    from ..distributed import DistContext, die_with_launcher, refuse_unlaunched_tasks, teardown
     from ..measure.load import fit_threads
     from ..quiet import IMPORT_NOISE
 
     dist = DistContext.from_env()
+    if command != "launch":  # (the launcher itself runs outside torchrun, as one task)
+        refuse_unlaunched_tasks(dict(os.environ))
     logging.basicConfig(level=logging.DEBUG if debug else
                         logging.INFO if dist.is_main else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

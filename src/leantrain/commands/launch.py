@@ -171,6 +171,56 @@ def describe_failure(exc, heartbeats: dict[int, dict] | None = None) -> str:
     return "\n".join(lines)
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "node[03-05,9],gpu1" -> "node03"."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else \
+        nodelist[:nodelist.index("]") + 1]
+    if "[" not in head:
+        return head.strip()
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+
+
+def cluster_settings(env: dict[str, str]) -> tuple[str, dict[str, object]]:
+    """(where from, launch settings) a cluster's scheduler gives this node: a Kubeflow
+    PyTorchJob's PET_* variables, or a SLURM job's (srun, one launch per node); ("", {})
+    elsewhere. Flags given on the command line win over them."""
+    if "PET_NNODES" in env:
+        found = {"nnodes": env["PET_NNODES"], "node_rank": env.get("PET_NODE_RANK"),
+                 "master_addr": env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR"),
+                 "master_port": env.get("PET_MASTER_PORT") or env.get("MASTER_PORT"),
+                 "rdzv_endpoint": env.get("PET_RDZV_ENDPOINT"),
+                 "rdzv_id": env.get("PET_RDZV_ID")}
+        return "a PyTorchJob (PET_*)", {k: v for k, v in found.items() if v is not None}
+    if "SLURM_JOB_ID" in env and "SLURM_NODEID" in env and "SLURM_JOB_NODELIST" in env:
+        found = {"nnodes": env.get("SLURM_NNODES", "1"), "node_rank": env["SLURM_NODEID"],
+                 "master_addr": env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
+                 "master_port": env.get("MASTER_PORT", "29500"),
+                 "rdzv_id": env["SLURM_JOB_ID"]}
+        return f"SLURM job {env['SLURM_JOB_ID']}", found
+    return "", {}
+
+
+def _settings(args: argparse.Namespace) -> None:
+    """Fill the flags the user left out from the cluster's variables, then the defaults."""
+    where, found = cluster_settings(dict(os.environ))
+    for key, default in (("nnodes", "1"), ("node_rank", 0), ("master_addr", None),
+                         ("master_port", None), ("rdzv_endpoint", None),
+                         ("rdzv_id", "leantrain")):
+        if getattr(args, key) is None:
+            value = found.get(key, default)
+            if key in ("node_rank", "master_port") and value is not None:
+                try:
+                    value = int(value)
+                except ValueError as exc:
+                    raise LeantrainError(f"{where}: {key} {value!r} is not a number") from exc
+            setattr(args, key, value)
+    if where:
+        common.log.info("launch: %s: node %s of %s, %s", where, args.node_rank, args.nnodes,
+                        f"rendezvous {args.rdzv_endpoint}" if args.rdzv_endpoint else
+                        f"master {args.master_addr}:{args.master_port}")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "launch", help="run `train` on several processes (torchrun: DDP or FSDP2)",
@@ -185,15 +235,16 @@ def add_parser(sub) -> None:
         formatter_class=common.RAW)
     p.add_argument("--nproc", type=int, required=True, metavar="N",
                    help="processes per node (one per GPU on GPU machines)")
-    p.add_argument("--nnodes", default="1", metavar="M|MIN:MAX",
-                   help="nodes (MIN:MAX: elastic, with --rdzv-endpoint)")
-    p.add_argument("--node-rank", type=int, default=0, metavar="R")
+    p.add_argument("--nnodes", metavar="M|MIN:MAX",
+                   help="nodes (MIN:MAX: elastic, with --rdzv-endpoint); default 1, or what "
+                        "SLURM (SLURM_NNODES) or a PyTorchJob (PET_NNODES) says")
+    p.add_argument("--node-rank", type=int, metavar="R")
     p.add_argument("--master-addr", metavar="A", help="address of node 0")
     p.add_argument("--master-port", type=int, metavar="P")
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
                    help="a c10d rendezvous instead of --master-addr/--node-rank: nodes join "
                         "in any order and get their ranks on arrival")
-    p.add_argument("--rdzv-id", default="leantrain", metavar="ID",
+    p.add_argument("--rdzv-id", metavar="ID",
                    help="the job's id at the rendezvous (default leantrain)")
     p.add_argument("--max-restarts", type=int, default=0, metavar="N",
                    help="restart the job up to N times when a rank fails; each restart "
@@ -204,6 +255,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace, dist) -> int:
     command = args.launched[1:] if args.launched[:1] == ["--"] else args.launched
+    _settings(args)
     return launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port,
                   command, args.max_restarts, args.rdzv_endpoint, args.rdzv_id)
 

@@ -52,6 +52,8 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
                                                  collate_fn)
         run = build(cfg, model, train_data, val_data, loss_fn, collate_fn=collate_fn,
                     notes=notes, drop_last=resume and written_by_several(out))
+        if out is not None:  # (the process group is up: every rank checks it sees the folder)
+            folder.check_shared(out, run.dist)
         trainer = Trainer(run, out, progress_bar, watcher)
         trainer.checkpoints.data_changed = data_changed
         return trainer.fit(resume=resume, plan_measurement=record)

@@ -15,10 +15,13 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from pathlib import Path
 
+from .. import distributed
 from ..checkpoint import CHECKPOINT_NAME, remove_partial_writes, require_recorded_hash
 from ..config import CONFIG_NAME
+from ..distributed import DistContext
 from ..errors import LeantrainError
 from . import sharded
 from .logs import METRICS_NAME, TENSORBOARD_NAME
@@ -163,6 +166,32 @@ def check(folder: Path, resume: bool, verify: bool = True) -> None:
             and any(p.name != LOCK_NAME for p in folder.iterdir()):
         raise LeantrainError(f"run folder {folder} holds files but no {CHECKPOINT_NAME}: it is "
                              "not a run to resume; choose an empty or new folder")
+
+
+def check_shared(folder: Path, dist: DistContext) -> None:
+    """Every rank must see the run folder rank 0 writes: each writes its checkpoint shards
+    there and reads them back at a resume. Rank 0 writes a nonce there, every rank reads it
+    back; the ranks that cannot are named at once (a resume on folders that were not shared
+    once failed on node 1 at once and on node 0 only after 60 s, blaming itself)."""
+    if not dist.active or dist.world_size == 1:
+        return
+    nonce = uuid.uuid4().hex if dist.is_main else None
+    probe = folder / f".shared-{os.getpid()}.tmp"  # (.tmp: a kill leaves nothing a resume keeps)
+    if dist.is_main:
+        probe.write_text(nonce)
+    nonce, probe = distributed.gather_objects((nonce, str(probe)), dist)[0]  # (a barrier)
+    try:
+        seen = Path(probe).read_text() == nonce
+    except OSError:
+        seen = False
+    views = distributed.gather_objects((seen, socket.gethostname()), dist)
+    if dist.is_main:
+        Path(probe).unlink(missing_ok=True)
+    blind = [f"rank {rank} on {host}" for rank, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise LeantrainError(f"run folder {folder} is not shared: {', '.join(blind)} cannot "
+                             f"see what rank 0 on {views[0][1]} writes there; give --out a "
+                             "folder on a file system every node mounts")
 
 
 def claim(folder: Path, resume: bool, verify: bool = True) -> RunLock:
