@@ -644,3 +644,28 @@ def test_a_run_folder_a_rank_cannot_see_is_named_before_training(tmp_path, monke
     assert not list(tmp_path.glob(".shared-*"))  # the probe is gone either way
     monkeypatch.setattr(distributed, "gather_objects", lambda value, ctx: [value, value])
     folder.check_shared(tmp_path, DistContext(0, 0, 2, True))  # both see it: no word
+
+
+def test_a_second_save_at_the_same_step_never_replaces_the_checkpoint_latest_names(tmp_path):
+    """A kill between removing a folder and renaming its successor once could leave `latest`
+    naming nothing: a save at a step that has a checkpoint gets a new name, and the older one
+    goes only after `latest` names the new."""
+    import torch.distributed as dist
+
+    from leantrain.distributed import DistContext
+    from leantrain.run import sharded
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        out, ctx = tmp_path / "run", DistContext(0, 0, 1, True)
+        for step in (3, 5, 5, 7):
+            sharded.save(model, optimizer, {"step": step}, out, ctx, step)
+            assert (sharded.latest(out) / sharded.STATE).is_file()
+        kept = sorted(p.name for p in (out / sharded.FOLDER).glob("step-*"))
+        assert kept == ["step-00000005-1", "step-00000007"]  # the last 2 steps, newest state
+        assert sharded.latest(out).name == "step-00000007"
+    finally:
+        dist.destroy_process_group()

@@ -79,7 +79,7 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, small: dict[str, An
     import torch.distributed.checkpoint as dcp
 
     root = out_dir / FOLDER
-    name = f"step-{step:08d}"
+    name = _free_name(root, f"step-{step:08d}")
     tmp = root / f".{name}.tmp"
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed at this step before
@@ -93,14 +93,25 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, small: dict[str, An
     hashes = {k: v for part in distributed.gather_objects(mine, dist) for k, v in part.items()}
     if dist.is_main:
         atomic_save({**small, "world_size": dist.world_size, "shards": hashes}, tmp / STATE)
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)  # (a folder of this step from a killed run)
-        tmp.rename(final)
+        tmp.rename(root / name)
         atomic_write_text(root / LATEST, name)
-        for old in sorted(root.glob("step-*"))[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
+        superseded = [p for p in root.glob(f"step-{step:08d}*") if p.name != name]
+        for old in superseded + sorted(root.glob("step-*"))[:-KEEP - len(superseded)]:
+            shutil.rmtree(old, ignore_errors=True)  # (this step's older state, then the oldest)
     torch_dist.barrier()
     return root / name
+
+
+def _free_name(root: Path, name: str) -> str:
+    """`name`, or `name-1`, `name-2`... when a checkpoint of this step exists (a run's last
+    epoch and its end save at the same step): the one `latest` names is never replaced in
+    place, where a kill between removing and renaming would leave it pointing at nothing.
+    The suffixes sort after their step and before the next one."""
+    found, k = name, 0
+    while (root / found).exists():
+        k += 1
+        found = f"{name}-{k}"
+    return found
 
 
 def load_state(folder: Path) -> dict[str, Any]:
