@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -669,3 +670,23 @@ def test_a_second_save_at_the_same_step_never_replaces_the_checkpoint_latest_nam
         assert sharded.latest(out).name == "step-00000007"
     finally:
         dist.destroy_process_group()
+
+
+def test_a_node_waiting_for_a_missing_node_says_so(tmp_path, monkeypatch):
+    with socket.socket() as probe:  # a free port for node 0's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([*LEANTRAIN, "launch", "--nproc", "1", "--nnodes", "2",
+                             "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port",
+                             str(port), "--", "train", "--out", str(tmp_path / "run")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "waiting at" not in line:  # node 1 never comes
+            assert time.monotonic() < deadline and proc.poll() is None
+            line = proc.stderr.readline()
+        assert f"waiting at 127.0.0.1:{port} for the job's 2 nodes (this is node 0)" in line
+    finally:
+        _kill_tree(proc.pid)
+        proc.wait()

@@ -285,6 +285,8 @@ def launch(nproc: int, nnodes: int | str, node_rank: int, master_addr: str | Non
                                     command, max_restarts, rdzv_endpoint, rdzv_id))
     beats = tempfile.mkdtemp(prefix="leantrain-heartbeats-")
     os.environ[heartbeat.HEARTBEATS_ENV] = beats  # the ranks inherit it
+    where = rdzv_endpoint or f"{master_addr}:{master_port}"
+    waiting = WaitingNote(str(nnodes), node_rank, where) if str(nnodes) != "1" else None
     try:
         run(args)
     except ChildFailedError as exc:
@@ -298,5 +300,41 @@ def launch(nproc: int, nnodes: int | str, node_rank: int, master_addr: str | Non
                       f"checkpoint at the step it stops (continue with: {again})",
                       int(exc.sigval)) from exc
     finally:
+        if waiting is not None:
+            waiting.cancel()
         shutil.rmtree(beats, ignore_errors=True)
     return 0
+
+
+WAIT_NOTE_S = 5.0  # a rendezvous still waiting this long says what for, then every minute
+
+
+class WaitingNote:
+    """While the nodes meet, a line now and then saying what this node waits for: a missing
+    node once left node 0 waiting without a word until it was killed 150 s later. Silent as
+    soon as this node's ranks run (the rendezvous is complete)."""
+
+    def __init__(self, nodes: str, node_rank: int, where: str):
+        import threading
+
+        self.text = (f"leantrain: launch: waiting at {where} for the job's {nodes} nodes (this "
+                     f"is node {node_rank}); every node runs this launch with its own "
+                     "--node-rank (or the same --rdzv-endpoint)")
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._note, daemon=True)
+        self.thread.start()
+
+    def _note(self) -> None:
+        import sys
+
+        import psutil
+
+        wait = WAIT_NOTE_S
+        while not self.done.wait(wait):
+            if psutil.Process().children(recursive=True):
+                return  # the ranks were started: the nodes have met
+            print(self.text, file=sys.stderr, flush=True)
+            wait = 60.0
+
+    def cancel(self) -> None:
+        self.done.set()
