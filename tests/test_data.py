@@ -154,3 +154,21 @@ def test_the_in_memory_loader_on_a_dataset_of_items_is_a_clear_error(tabular):
                  SlowItems(16, delay=0), tabular[1])
     assert auto.train_loader.kind.startswith("DataLoader")  # "auto": the only loader it can use
     assert auto.val_loader.kind == "in-memory batched"  # the validation set is tensors
+
+
+def test_the_digits_are_read_without_importing_scikit_learn_and_match_its_loader():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from leantrain.data.sources import _digits_arrays
+
+    images, target = _digits_arrays()
+    reference = load_digits()
+    assert np.array_equal(images, reference.images) and np.array_equal(target, reference.target)
+    code = ("import sys; from leantrain.data.sources import _digits_arrays; _digits_arrays(); "
+            "print('sklearn' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "False"  # 1.07 s of a 9.7 s digits run, no longer paid
