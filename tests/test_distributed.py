@@ -425,12 +425,12 @@ def test_a_stopped_launch_names_the_launch_that_continues_it(monkeypatch):
 # ------------------------------------------------------------------ sharded checkpoints (DCP)
 
 
-def _two_process_run(blobs_file: Path, out: Path) -> Path:
-    """A finished two-rank DDP run of 2 epochs (a checkpoint after each), then its folder as a
-    kill in the second epoch leaves it: the first epoch's checkpoint latest, no final files."""
+def _two_process_run(blobs_file: Path, out: Path, *extra: str) -> Path:
+    """A finished two-rank DDP run of 2 epochs (a checkpoint after each)."""
     _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--data", str(blobs_file),
           "--epochs", "2", "--no-progress", "--precision", "fp32", "--set",
-          "data.batch_size=16", "--set", "train.monitor_interval_s=0", "--out", str(out)])
+          "data.batch_size=16", "--set", "train.monitor_interval_s=0", "--out", str(out),
+          *extra])
     return out
 
 
@@ -690,3 +690,54 @@ def test_a_node_waiting_for_a_missing_node_says_so(tmp_path, monkeypatch):
     finally:
         _kill_tree(proc.pid)
         proc.wait()
+
+
+def test_checkpoints_written_in_the_background_change_nothing_the_run_computes(sharded_run):
+    from leantrain.checkpoint import load_checkpoint
+
+    data, whole = sharded_run
+    background = _two_process_run(data, whole.parent / "background", "--set",
+                                  "train.async_checkpoint=true")
+    final, reference = (torch.load(run / "model.pt", weights_only=True)
+                        for run in (background, whole))
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+    folders = sorted((background / "checkpoints").glob("step-*"))
+    assert [f.name for f in folders] == \
+        [f.name for f in sorted((whole / "checkpoints").glob("step-*"))]
+    for folder in folders:  # each committed: its state, and every shard's hash
+        state = load_checkpoint(folder / "state.pt")
+        assert set(state["shards"]) == {"__0_0.distcp", "__1_0.distcp", ".metadata"}
+    assert not list((background / "checkpoints").glob(".*.tmp"))
+
+
+def test_a_background_save_killed_before_its_commit_leaves_the_previous_one_latest(tmp_path):
+    """Whatever instant a kill comes before `commit()` (the shards half-written or all), the
+    previous checkpoint is the one `latest` names, and it loads exactly."""
+    import torch.distributed as dist
+
+    from leantrain.distributed import DistContext
+    from leantrain.run import sharded
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        out, ctx = tmp_path / "run", DistContext(0, 0, 1, True)
+        sharded.save(model, optimizer, {}, out, ctx, 3)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        pending = sharded.save(model, optimizer, {}, out, ctx, 5, asynchronous=True)
+        pending.future.result()  # (written, never committed: the process dies here)
+        assert sharded.latest(out).name == "step-00000003"
+        assert list((out / sharded.FOLDER).glob(".step-00000005.tmp"))
+        restored = torch.nn.Linear(3, 2)
+        sharded.load(restored, torch.optim.SGD(restored.parameters(), lr=0.1),
+                     sharded.latest(out))
+        assert all(torch.equal(restored.state_dict()[k], before[k]) for k in before)
+        assert pending.commit().name == "step-00000005"  # (alive after all: it commits)
+        assert sharded.latest(out).name == "step-00000005"
+    finally:
+        dist.destroy_process_group()

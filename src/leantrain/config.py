@@ -104,6 +104,10 @@ class TrainLoopConfig:
     clip_norm: float | None = None
     init: Literal["default", "kaiming", "xavier", "orthogonal", "dirac"] = "default"
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: end of each epoch only
+    # several processes: write the periodic checkpoints' shards in the background while
+    # training goes on (each waits for the previous; the last one and a stop's are written
+    # at once)
+    async_checkpoint: bool = False
     log_every: int = 10  # optimizer steps between logged training metrics
     eval_every_epochs: int = 1
     monitor_interval_s: float = 1.0  # CPU/GPU utilization sampling period; 0 turns it off

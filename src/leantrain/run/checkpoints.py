@@ -33,6 +33,7 @@ class Checkpoints:
         self.run, self.out_dir = run, out_dir
         self.saved_step: int | None = None  # the step of the last checkpoint written
         self.data_changed = False  # a resume may continue on changed data (--data-changed)
+        self.pending: sharded.Pending | None = None  # a save still writing in the background
 
     def last_good(self) -> str:
         """Where the last finite state is, for a message that stops the run."""
@@ -55,13 +56,28 @@ class Checkpoints:
         """Before anything holding the weights is written: NaN or inf stops the run."""
         finite.check_parameters(self.run.model, self.run.dist, step, self.last_good())
 
-    def save(self, state: TrainState, extra: dict[str, Any] | None = None) -> None:
+    def save(self, state: TrainState, extra: dict[str, Any] | None = None,
+             background: bool = False) -> None:
+        """A checkpoint now; `background`: its shards written while training goes on (a
+        stop's and the last one are written at once, after the one still writing)."""
         if self.out_dir is None:
             return
+        self.commit_pending()
         self.check_finite(state.progress.step)
         state.progress.logged = logged_lines(self.out_dir)
-        run_state.save(state, self.run, self.out_dir, extra)
-        self.saved_step = state.progress.step
+        self.pending = run_state.save(state, self.run, self.out_dir, extra, background)
+        if self.pending is None:
+            self.saved_step = state.progress.step
+
+    def save_periodic(self, state: TrainState) -> None:
+        """The checkpoint every epoch or train.checkpoint_every steps."""
+        self.save(state, background=self.run.cfg.train.async_checkpoint)
+
+    def commit_pending(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.commit()
+            self.saved_step = pending.step
 
     def finish(self, state: TrainState, result: dict[str, Any]) -> None:
         """model.pt and summary.json first, then the checkpoint that says "finished": a run

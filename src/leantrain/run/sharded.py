@@ -22,6 +22,7 @@ import hashlib
 import logging
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,35 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):
     return get_state_dict(model, optimizer)
 
 
+@dataclass
+class Pending:
+    """A save whose shards are still being written in the background (`save(...,
+    asynchronous=True)`): `commit()` waits for them, then hashes, writes rank 0's state and
+    names the checkpoint in `latest`. Every rank calls it before the next save and at the
+    end; a kill before it leaves the previous checkpoint the latest."""
+
+    future: Any
+    tmp: Path
+    name: str
+    small: dict[str, Any]
+    dist: DistContext
+    step: int
+
+    def commit(self) -> Path:
+        self.future.result()  # this rank's shards are on disk
+        return _commit(self.tmp, self.name, self.small, self.dist, self.step)
+
+
+_background_group: list[Any] = []  # (the job's group, the group async saves talk on)
+
+
 def save(model: nn.Module, optimizer: torch.optim.Optimizer, small: dict[str, Any],
-         out_dir: Path, dist: DistContext, step: int) -> Path:
-    """Every rank calls it: its shards, then rank 0's state and the commit."""
+         out_dir: Path, dist: DistContext, step: int, asynchronous: bool = False
+         ) -> Path | Pending:
+    """Every rank calls it: its shards, then rank 0's state and the commit. `asynchronous`:
+    the shards are copied now and written by a background thread while training goes on (on
+    a process group of their own: a thread's collectives must not interleave with the
+    training's on one group); the returned `Pending` commits them."""
     import torch.distributed as torch_dist
     import torch.distributed.checkpoint as dcp
 
@@ -86,7 +113,25 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, small: dict[str, An
         tmp.mkdir(parents=True)
     torch_dist.barrier()
     model_state, optimizer_state = _state_dicts(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if not asynchronous:
+        dcp.save(state, checkpoint_id=str(tmp))
+        return _commit(tmp, name, small, dist, step)
+    world = torch_dist.group.WORLD
+    if not _background_group or _background_group[0][0] is not world:  # (a new job's group)
+        _background_group[:] = [(world, torch_dist.new_group(backend="gloo"))]
+    future = dcp.async_save(state, checkpoint_id=str(tmp),
+                            process_group=_background_group[0][1])
+    log.info("checkpoint %s: its shards are being written in the background", name)
+    return Pending(future, tmp, name, small, dist, step)
+
+
+def _commit(tmp: Path, name: str, small: dict[str, Any], dist: DistContext, step: int) -> Path:
+    """Hash each rank's shards; rank 0 writes its state, renames the folder, names it in
+    `latest` and removes what it supersedes."""
+    import torch.distributed as torch_dist
+
+    root = tmp.parent
     written = sorted(tmp.glob(f"__{dist.rank}_*.distcp")) + \
         ([tmp / ".metadata"] if dist.is_main else [])  # (DCP's coordinator writes it)
     mine = {p.name: _sha256(p) for p in written}

@@ -98,6 +98,7 @@ RESUMABLE_KEYS = frozenset({
     "train.monitor_interval_s", "train.dist_timeout_s", "data.num_workers", "data.pin_memory",
     "data.prefetch_factor", "data.persistent_workers", "data.eval_batch_size", "plan.cache",
     "plan.distributed",  # DDP or FSDP2: a checkpoint holds tensors by name either way
+    "train.async_checkpoint",
 })
 _REQUIRED = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": (dict, list),
              "progress": dict, "epoch_sums": list}
@@ -187,13 +188,15 @@ def _check_data(before: dict[str, Any] | None, now: dict[str, Any], path: Path,
                          "--data-changed to continue on this")
 
 
-def save(state: TrainState, run: Run, out_dir: Path, extra: dict[str, Any] | None = None
-         ) -> None:
-    """The checkpoint: in shards on several processes (`run.sharded`), else one file."""
+def save(state: TrainState, run: Run, out_dir: Path, extra: dict[str, Any] | None = None,
+         background: bool = False) -> sharded.Pending | None:
+    """The checkpoint: in shards on several processes (`run.sharded`; with `background`, a
+    Pending to commit), else one file."""
     if sharded.wanted(run.dist):
-        sharded.save(run.model, state.optimizer, {**small_state(state, run), "fingerprint":
-                     fingerprint(run), **(extra or {})}, out_dir, run.dist, state.progress.step)
-        return
+        written = sharded.save(run.model, state.optimizer, {
+            **small_state(state, run), "fingerprint": fingerprint(run), **(extra or {})},
+            out_dir, run.dist, state.progress.step, asynchronous=background)
+        return written if isinstance(written, sharded.Pending) else None
     saved = checkpoint(state, run)
     if run.dist.is_main:
         atomic_save({**saved, "fingerprint": fingerprint(run), **(extra or {})},

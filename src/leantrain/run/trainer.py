@@ -213,7 +213,7 @@ class Trainer:
                 found = self.records.evaluate(self.state, self._seconds)
                 self.records.log_file.log("eval", p.step, epoch=p.epoch, **found)
             if checkpoint:
-                self.checkpoints.save(self.state)
+                self.checkpoints.save_periodic(self.state)
             tick = clock.now()
             self.timer.restart()
         return tick
@@ -261,7 +261,7 @@ class Trainer:
             self.loop_start = clock.now()
             if stop or epoch + 1 == epochs:
                 return  # the finished checkpoint follows the run's artefacts (see `fit`)
-            self.checkpoints.save(self.state)
+            self.checkpoints.save_periodic(self.state)
 
     def fit(self, resume: bool = False, plan_measurement: dict[str, Any] | None = None
             ) -> dict[str, Any]:
