@@ -101,8 +101,8 @@ def snapshot_first_checkpoint(monkeypatch, train, snapshot):
 
     original = Checkpoints.save
 
-    def save_and_snapshot_first(self, *args):
-        original(self, *args)
+    def save_and_snapshot_first(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         if not snapshot.exists():
             # a killed run's lock names a dead process (stale, taken over on resume); this
             # live one's is left out

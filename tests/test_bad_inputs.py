@@ -677,10 +677,10 @@ def test_a_kill_before_the_final_checkpoint_resumes_to_the_same_model(tmp_path, 
     out = tmp_path / "killed"
     original = Checkpoints.save
 
-    def killed_at_the_finished_checkpoint(self, state, extra=None):
+    def killed_at_the_finished_checkpoint(self, state, extra=None, **kwargs):
         if extra is not None:  # the artefacts are written; the finished checkpoint is next
             raise KeyboardInterrupt
-        original(self, state, extra)
+        original(self, state, extra, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(Checkpoints, "save", killed_at_the_finished_checkpoint)
@@ -759,8 +759,8 @@ def test_resume_with_another_architecture_names_the_parameter(tmp_path):
 def _interrupt_after_first_checkpoint(train):
     original = Checkpoints.save
 
-    def save_then_stop(self, state, extra=None):
-        original(self, state, extra)
+    def save_then_stop(self, state, *args, **kwargs):
+        original(self, state, *args, **kwargs)
         raise KeyboardInterrupt
 
     Checkpoints.save = save_then_stop
