@@ -33,7 +33,8 @@ def _umask() -> int:
     return mask
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -78,7 +79,7 @@ def _atomic_replace(path: Path, write, checksum: bool = False) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # as any file the user creates (mkstemp makes 0600)
         if checksum:
-            hashes = [_sha256(Path(tmp))] + (_recorded(path)[:2] if path.is_file() else [])
+            hashes = [sha256_file(Path(tmp))] + (_recorded(path)[:2] if path.is_file() else [])
             _atomic_replace(_checksum_file(path), lambda h: h.write(" ".join(hashes).encode()))
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # a full disk, a folder made read-only mid-run
@@ -222,7 +223,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise LeantrainError(f"checkpoint not found: {path}")
     recorded = _recorded(path)
-    if recorded and _sha256(path) not in recorded:
+    if recorded and sha256_file(path) not in recorded:
         raise LeantrainError(f"{path} is corrupt: its SHA-256 differs from the one recorded "
                              f"when it was written ({_checksum_file(path).name})")
     try:

@@ -18,7 +18,6 @@ exactly (the caller says what is lost: the ranks' random streams and the data or
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import warnings
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from ..checkpoint import atomic_save, atomic_write_text, load_checkpoint, sha256_file
 from ..distributed import DistContext
 from ..errors import LeantrainError, one_line
 
@@ -57,14 +56,6 @@ def latest(out_dir: Path) -> Path | None:
         raise LeantrainError(f"{pointer} names {name[:60]!r}, which is not a complete "
                              f"checkpoint in {pointer.parent}")
     return folder
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -134,7 +125,7 @@ def _commit(tmp: Path, name: str, small: dict[str, Any], dist: DistContext, step
     root = tmp.parent
     written = sorted(tmp.glob(f"__{dist.rank}_*.distcp")) + \
         ([tmp / ".metadata"] if dist.is_main else [])  # (DCP's coordinator writes it)
-    mine = {p.name: _sha256(p) for p in written}
+    mine = {p.name: sha256_file(p) for p in written}
     hashes = {k: v for part in distributed.gather_objects(mine, dist) for k, v in part.items()}
     if dist.is_main:
         atomic_save({**small, "world_size": dist.world_size, "shards": hashes}, tmp / STATE)
@@ -172,7 +163,7 @@ def verify(folder: Path, hashes: dict[str, str], dist: DistContext) -> None:
                              "leantrain wrote")
     names = sorted(hashes)
     bad = [n for n in names[dist.rank::max(dist.world_size, 1)]
-           if not (folder / n).is_file() or _sha256(folder / n) != hashes[n]]
+           if not (folder / n).is_file() or sha256_file(folder / n) != hashes[n]]
     found = [b for part in distributed.gather_objects(bad, dist) for b in part]
     if found:
         raise LeantrainError(f"{folder / found[0]} is missing or corrupt: its SHA-256 differs "
