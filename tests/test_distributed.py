@@ -473,7 +473,7 @@ def test_each_rank_writes_its_own_shards_and_rank_0_the_small_state(sharded_run)
     assert "model" not in state and "optimizer" not in state
     assert set(state["shards"]) == {"__0_0.distcp", "__1_0.distcp", ".metadata"}
     assert state["world_size"] == 2 and len(state["rng"]) == 2
-    assert len(list((whole / "checkpoints").glob("step-*"))) == 2  # the last KEEP
+    assert len(list((whole / "checkpoints").glob("step-*"))) == 2  # train.keep_checkpoints
 
 
 def _run_model(run: Path) -> torch.nn.Module:
@@ -668,6 +668,10 @@ def test_a_second_save_at_the_same_step_never_replaces_the_checkpoint_latest_nam
         kept = sorted(p.name for p in (out / sharded.FOLDER).glob("step-*"))
         assert kept == ["step-00000005-1", "step-00000007"]  # the last 2 steps, newest state
         assert sharded.latest(out).name == "step-00000007"
+        for step in (8, 9):  # train.keep_checkpoints=3
+            sharded.save(model, optimizer, {"step": step}, out, ctx, step, keep=3)
+        kept = sorted(p.name for p in (out / sharded.FOLDER).glob("step-*"))
+        assert kept == ["step-00000007", "step-00000008", "step-00000009"]
     finally:
         dist.destroy_process_group()
 

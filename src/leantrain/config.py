@@ -108,6 +108,9 @@ class TrainLoopConfig:
     # training goes on (each waits for the previous; the last one and a stop's are written
     # at once)
     async_checkpoint: bool = False
+    # several processes: sharded checkpoints kept (the last, and older ones in case it is
+    # damaged); one process keeps its single file
+    keep_checkpoints: int = 2
     log_every: int = 10  # optimizer steps between logged training metrics
     eval_every_epochs: int = 1
     monitor_interval_s: float = 1.0  # CPU/GPU utilization sampling period; 0 turns it off
@@ -296,6 +299,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
          "in [0, 2**32) (numpy's seed range)"),
         ("train.checkpoint_every", cfg.train.checkpoint_every, cfg.train.checkpoint_every >= 0,
          ">= 0"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints, cfg.train.keep_checkpoints >= 1,
+         ">= 1"),
         ("train.monitor_interval_s", cfg.train.monitor_interval_s,
          cfg.train.monitor_interval_s >= 0, ">= 0"),
         ("schedule.warmup_fraction", cfg.schedule.warmup_fraction,

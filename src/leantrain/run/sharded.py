@@ -9,7 +9,7 @@ file (each rank hashes what it wrote; at a resume each hashes a share of the fil
 
 A checkpoint is a folder `checkpoints/step-NNNNNNNN`, made complete under a temporary name and
 renamed, then named in `checkpoints/latest` (written atomically): a kill at any instant leaves
-the previous checkpoint loadable. The last KEEP are kept.
+the previous checkpoint loadable. The last `keep` are kept (`train.keep_checkpoints`).
 
 DCP stores every tensor by name and global shape, so a checkpoint loads into another layout:
 2 processes to 1 or 4, DDP to FSDP2 and back; the model and the optimizer are resharded
@@ -36,7 +36,6 @@ from ..errors import LeantrainError, one_line
 log = logging.getLogger(__name__)
 
 FOLDER, LATEST, STATE = "checkpoints", "latest", "state.pt"
-KEEP = 2  # checkpoints kept: the last one, and the one before in case the last is damaged
 
 
 def wanted(dist: DistContext) -> bool:
@@ -77,22 +76,24 @@ class Pending:
     small: dict[str, Any]
     dist: DistContext
     step: int
+    keep: int
 
     def commit(self) -> Path:
         self.future.result()  # this rank's shards are on disk
-        return _commit(self.tmp, self.name, self.small, self.dist, self.step)
+        return _commit(self.tmp, self.name, self.small, self.dist, self.step, self.keep)
 
 
 _background_group: list[Any] = []  # (the job's group, the group async saves talk on)
 
 
 def save(model: nn.Module, optimizer: torch.optim.Optimizer, small: dict[str, Any],
-         out_dir: Path, dist: DistContext, step: int, asynchronous: bool = False
-         ) -> Path | Pending:
+         out_dir: Path, dist: DistContext, step: int, asynchronous: bool = False,
+         keep: int = 2) -> Path | Pending:
     """Every rank calls it: its shards, then rank 0's state and the commit. `asynchronous`:
     the shards are copied now and written by a background thread while training goes on (on
     a process group of their own: a thread's collectives must not interleave with the
-    training's on one group); the returned `Pending` commits them."""
+    training's on one group); the returned `Pending` commits them. The last `keep` checkpoints
+    are kept once it is committed."""
     import torch.distributed as torch_dist
     import torch.distributed.checkpoint as dcp
 
@@ -107,17 +108,18 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, small: dict[str, An
     state = {"model": model_state, "optimizer": optimizer_state}
     if not asynchronous:
         dcp.save(state, checkpoint_id=str(tmp))
-        return _commit(tmp, name, small, dist, step)
+        return _commit(tmp, name, small, dist, step, keep)
     world = torch_dist.group.WORLD
     if not _background_group or _background_group[0][0] is not world:  # (a new job's group)
         _background_group[:] = [(world, torch_dist.new_group(backend="gloo"))]
     future = dcp.async_save(state, checkpoint_id=str(tmp),
                             process_group=_background_group[0][1])
     log.info("checkpoint %s: its shards are being written in the background", name)
-    return Pending(future, tmp, name, small, dist, step)
+    return Pending(future, tmp, name, small, dist, step, keep)
 
 
-def _commit(tmp: Path, name: str, small: dict[str, Any], dist: DistContext, step: int) -> Path:
+def _commit(tmp: Path, name: str, small: dict[str, Any], dist: DistContext, step: int,
+            keep: int) -> Path:
     """Hash each rank's shards; rank 0 writes its state, renames the folder, names it in
     `latest` and removes what it supersedes."""
     import torch.distributed as torch_dist
@@ -132,7 +134,7 @@ def _commit(tmp: Path, name: str, small: dict[str, Any], dist: DistContext, step
         tmp.rename(root / name)
         atomic_write_text(root / LATEST, name)
         superseded = [p for p in root.glob(f"step-{step:08d}*") if p.name != name]
-        for old in superseded + sorted(root.glob("step-*"))[:-KEEP - len(superseded)]:
+        for old in superseded + sorted(root.glob("step-*"))[:-keep - len(superseded)]:
             shutil.rmtree(old, ignore_errors=True)  # (this step's older state, then the oldest)
     torch_dist.barrier()
     return root / name

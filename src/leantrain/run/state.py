@@ -195,7 +195,8 @@ def save(state: TrainState, run: Run, out_dir: Path, extra: dict[str, Any] | Non
     if sharded.wanted(run.dist):
         written = sharded.save(run.model, state.optimizer, {
             **small_state(state, run), "fingerprint": fingerprint(run), **(extra or {})},
-            out_dir, run.dist, state.progress.step, asynchronous=background)
+            out_dir, run.dist, state.progress.step, asynchronous=background,
+            keep=run.cfg.train.keep_checkpoints)
         return written if isinstance(written, sharded.Pending) else None
     saved = checkpoint(state, run)
     if run.dist.is_main:
