@@ -199,8 +199,12 @@ def _fsdp_args(out: Path) -> list[str]:
 
 def _kill_tree(pid: int) -> None:
     """SIGKILL the launcher and its workers (torchrun starts each in its own session)."""
-    root = psutil.Process(pid)
-    for proc in [*root.children(recursive=True), root]:
+    try:
+        root = psutil.Process(pid)
+        family = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:  # ended, and reaped
+        return
+    for proc in family:
         try:
             proc.kill()
         except psutil.NoSuchProcess:  # it ended on its own in the meantime
@@ -676,24 +680,72 @@ def test_a_second_save_at_the_same_step_never_replaces_the_checkpoint_latest_nam
         dist.destroy_process_group()
 
 
-def test_a_node_waiting_for_a_missing_node_says_so(tmp_path, monkeypatch):
+def _free_port() -> int:
     with socket.socket() as probe:  # a free port for node 0's store
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen([*LEANTRAIN, "launch", "--nproc", "1", "--nnodes", "2",
-                             "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port",
-                             str(port), "--", "train", "--out", str(tmp_path / "run")],
+        return probe.getsockname()[1]
+
+
+def _environ(process: psutil.Process) -> dict[str, str]:
+    try:
+        return process.environ()
+    except psutil.Error:  # gone (a short-lived helper process)
+        return {}
+
+
+def _node(node_rank: int, port: int, train: list[str]) -> subprocess.Popen:
+    """One node's launcher of a 2-node job on this machine (one process per node)."""
+    return subprocess.Popen([*LEANTRAIN, "launch", "--nproc", "1", "--nnodes", "2",
+                             "--node-rank", str(node_rank), "--master-addr", "127.0.0.1",
+                             "--master-port", str(port), "--", "train", *train],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_node_waiting_for_a_missing_node_says_so(tmp_path, monkeypatch):
+    port = _free_port()
+    proc = _node(0, port, ["--out", str(tmp_path / "run")])
     try:
         deadline = time.monotonic() + 60
         line = ""
         while "waiting at" not in line:  # node 1 never comes
             assert time.monotonic() < deadline and proc.poll() is None
             line = proc.stderr.readline()
-        assert f"waiting at 127.0.0.1:{port} for the job's 2 nodes (this is node 0)" in line
+        assert f"waiting at 127.0.0.1:{port} for the job's 2 nodes: 1 arrived (this is node 0)" \
+            in line
     finally:
         _kill_tree(proc.pid)
         proc.wait()
+
+
+def test_two_nodes_both_name_the_rank_killed_on_one_of_them(blobs_file, tmp_path):
+    """Two launchers on this machine as the 2 nodes of a job: a rank SIGKILLed on node 1 ends
+    both within 30 s, and node 0, whose own rank only saw a closed connection, names the
+    killed rank too (from node 1's report in the shared run folder), not its own."""
+    port, out = _free_port(), tmp_path / "run"
+    train = ["--data", str(blobs_file), "--epochs", "1000", "--no-progress", "--set",
+             "data.batch_size=8", "--out", str(out)]
+    nodes = [_node(rank, port, train) for rank in (0, 1)]
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes)
+            time.sleep(0.05)
+        victim = next(w for w in psutil.Process(nodes[1].pid).children(recursive=True)
+                      if _environ(w).get("RANK") == "1")
+        killed_at = time.monotonic()
+        victim.kill()
+        errors = [n.communicate(timeout=30)[1] for n in nodes]
+        assert time.monotonic() - killed_at < 30
+        assert all(n.returncode != 0 for n in nodes)
+        for err in errors:
+            first = next(line for line in err.splitlines() if "failed first" in line)
+            assert "rank 1 (" in first and f"pid {victim.pid}) failed first" in first, first
+            assert "SIGKILL" in first
+        assert "rank 1 (on " in errors[0]  # node 0 names the rank another node ran
+    finally:
+        for n in nodes:
+            _kill_tree(n.pid)
+            n.wait()
 
 
 def test_checkpoints_written_in_the_background_change_nothing_the_run_computes(sharded_run):

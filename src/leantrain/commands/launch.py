@@ -15,9 +15,12 @@ import os
 import shutil
 import signal
 import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import check_processes
-from ..errors import LeantrainError
+from ..errors import LeantrainError, one_line
 from . import common
 
 LAUNCHABLE = ("train",)
@@ -95,6 +98,29 @@ def restartable(command: list[str]) -> list[str]:
     return [*command, "--resume", "auto"]
 
 
+@dataclass(frozen=True)
+class Failure:
+    """One failed rank as a launcher saw it (a record other nodes' launchers can read)."""
+
+    rank: int
+    local_rank: int
+    pid: int
+    exitcode: int
+    why: str  # its own error line, else torch's
+    timestamp: float
+    host: str = ""  # set for a rank of another node
+
+    @staticmethod
+    def of(rank: int, failure) -> Failure:
+        """From torchrun's ProcessFailure."""
+        return Failure(rank, failure.local_rank, failure.pid, failure.exitcode, _why(failure),
+                       float(failure.timestamp))
+
+    def name(self) -> str:
+        where = f"on {self.host}, " if self.host else ""
+        return f"rank {self.rank} ({where}local rank {self.local_rank}, pid {self.pid})"
+
+
 def _why(failure) -> str:
     """The failed rank's own error line (`cli._tell_torchrun` leaves it), else torch's."""
     message = failure.message
@@ -114,60 +140,69 @@ _PEER_WORDS = ("peer", "remote", "connection", "broken pipe", "gloo", "nccl", "t
                "timeout")
 
 
-def _blame(failure) -> tuple[int, float]:
+def _blame(failure: Failure) -> tuple[int, float]:
     """Sort key of the likely cause: a rank killed by a signal other than the agent's SIGTERM
     (SIGKILL, a segfault, the OOM killer) first, then a rank with its own error, then those
     that failed on their peers; earliest first within each."""
     if failure.exitcode < 0 and -failure.exitcode != signal.SIGTERM:
         rank = 0
+    elif failure.exitcode < 0:  # stopped by its agent: never the cause
+        rank = 3
     else:
-        rank = 2 if any(w in _why(failure).lower() for w in _PEER_WORDS) else 1
+        rank = 2 if any(w in failure.why.lower() for w in _PEER_WORDS) else 1
     return rank, failure.timestamp
 
 
-def _stuck(exc, heartbeats: dict[int, dict]) -> tuple[int, str] | None:
+def _stuck(failures: dict[int, Failure], heartbeats: dict[int, dict]
+           ) -> tuple[int, str] | None:
     """(rank, line) for the rank that stopped making progress, from the ranks' heartbeats, when
     others failed waiting on a peer (a timeout, a closed connection): the agent then kills the
     stuck rank, which alone would look like any SIGKILL."""
     from ..run.heartbeat import furthest_behind
 
-    if not any(_blame(f)[0] == 2 for f in exc.failures.values()):
+    if not any(_blame(f)[0] == 2 for f in failures.values()):
         return None  # nobody failed waiting on a peer: the failures speak for themselves
     found = furthest_behind(heartbeats)
     if found is None:
         return None
     rank, record = found
     ahead = max(r["time"] for r in heartbeats.values())
-    end = exc.failures.get(rank)
+    end = failures.get(rank)
     if end is not None and end.timestamp - record["time"] < _DIED_AT_WORK_S:
         return None
-    how = f"; it then ended with exit code {end.exitcode}: {_why(end)}" if end else ""
-    return rank, (f"rank {rank} stopped making progress at step {record['step']} (in its "
-                  f"{record['phase']} phase, {ahead - record['time']:.0f} s before the "
+    how = f"; it then ended with exit code {end.exitcode}: {end.why}" if end else ""
+    where = f" on {record['host']}" if record.get("host") and end is None else ""
+    return rank, (f"rank {rank}{where} stopped making progress at step {record['step']} (in "
+                  f"its {record['phase']} phase, {ahead - record['time']:.0f} s before the "
                   f"furthest rank's last step); the others failed waiting for it{how}")
 
 
-def describe_failure(exc, heartbeats: dict[int, dict] | None = None) -> str:
+def describe_failure(exc, heartbeats: dict[int, dict] | None = None,
+                     elsewhere: list[Failure] = ()) -> str:
     """The rank that failed first and why, then the ranks stopped because of it.
 
-    `exc` is torchrun's ChildFailedError. Once a rank fails, the others fail on it (a closed
-    connection) or are stopped by the agent (SIGTERM), and may even report first: the cause is
-    the rank `_blame` puts first.
+    `exc` is torchrun's ChildFailedError; `elsewhere`, the failures other nodes' launchers
+    reported. Once a rank fails, the others fail on it (a closed connection) or are stopped by
+    their agent (SIGTERM), and may even report first: the cause is the rank `_blame` puts
+    first, on whichever node it ran.
     """
-    first_rank, first = min(exc.failures.items(), key=lambda item: _blame(item[1]))
-    lines = [f"rank {first_rank} (local rank {first.local_rank}, pid {first.pid}) failed "
-             f"first, with exit code {first.exitcode}: {_why(first)}"]
-    stuck = _stuck(exc, heartbeats or {})
+    failures = {**{f.rank: f for f in elsewhere},
+                **{rank: Failure.of(rank, f) for rank, f in exc.failures.items()}}
+    first = min(failures.values(), key=_blame)
+    first_rank = first.rank
+    lines = [f"{first.name()} failed first, with exit code {first.exitcode}: {first.why}"]
+    stuck = _stuck(failures, heartbeats or {})
     # a rank killed from outside is the cause wherever it stood; a hung rank is killed by the
     # agent only after the others failed: then it is also the one furthest behind
     if stuck is not None and (stuck[0] == first_rank or _blame(first)[0] > 0):
         first_rank, line = stuck
         lines = [line]
-    others = [f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(exc.failures.items())
+    others = [f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(failures.items())
               if rank != first_rank]
     if others:
         lines.append(f"stopped after it: {', '.join(others)}")
-    lines.append("each rank's own output is above")
+    lines.append("each rank's own output is above" + (" (and in the other nodes' logs)"
+                                                       if elsewhere else ""))
     return "\n".join(lines)
 
 
@@ -260,12 +295,27 @@ def run(args: argparse.Namespace, dist) -> int:
                   command, args.max_restarts, args.rdzv_endpoint, args.rdzv_id)
 
 
+def _option(command: list[str], flag: str) -> str | None:
+    """The value of `flag` in the train command (`--out DIR` or `--out=DIR`), None if absent."""
+    for i, arg in enumerate(command):
+        if arg == flag and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def run_folder(command: list[str]) -> Path | None:
+    """The train command's run folder (--out, or the folder --resume continues)."""
+    resume = _option(command, "--resume")
+    found = _option(command, "--out") or (resume if resume != "auto" else None)
+    return Path(found) if found else None
+
+
 def _resume_command(nproc: int, nnodes: int | str, node_rank: int, master_addr: str | None,
                     master_port: int | None, command: list[str]) -> str:
     """The same launch continuing the stopped run: `train --resume` on its `--out` folder."""
-    out = next((command[i + 1] for i, arg in enumerate(command[:-1]) if arg == "--out"),
-               next((arg.split("=", 1)[1] for arg in command if arg.startswith("--out=")),
-                    "DIR"))
+    out = run_folder(command) or "DIR"
     nodes = f" --nnodes {nnodes} --node-rank {node_rank} --master-addr {master_addr} " \
             f"--master-port {master_port}" if str(nnodes) != "1" else ""
     return f"leantrain launch --nproc {nproc}{nodes} -- train --resume {out}"
@@ -283,17 +333,20 @@ def launch(nproc: int, nnodes: int | str, node_rank: int, master_addr: str | Non
 
     args = parse_args(torchrun_args(nproc, nnodes, node_rank, master_addr, master_port,
                                     command, max_restarts, rdzv_endpoint, rdzv_id))
-    beats = tempfile.mkdtemp(prefix="leantrain-heartbeats-")
-    os.environ[heartbeat.HEARTBEATS_ENV] = beats  # the ranks inherit it
+    started = time.time()
+    shared = _shared_notes(nnodes, command)
+    beats = shared or Path(tempfile.mkdtemp(prefix="leantrain-heartbeats-"))
+    os.environ[heartbeat.HEARTBEATS_ENV] = str(beats)  # the ranks inherit it
     where = rdzv_endpoint or f"{master_addr}:{master_port}"
-    waiting = WaitingNote(str(nnodes), node_rank, where) if str(nnodes) != "1" else None
+    waiting = WaitingNote(str(nnodes), node_rank, where, shared) if str(nnodes) != "1" \
+        else None
     try:
         run(args)
     except ChildFailedError as exc:
-        raise LeantrainError(f"the job failed:\n{describe_failure(exc, heartbeat.read(beats))}"
-                             ) from exc
+        elsewhere = _failures_elsewhere(exc, shared, started)
+        report = describe_failure(exc, heartbeat.read(beats, started - 1), elsewhere)
+        raise LeantrainError(f"the job failed:\n{report}") from exc
     except SignalException as exc:  # torchrun has passed the signal on to every rank
-        import signal
         name = signal.Signals(exc.sigval).name
         again = _resume_command(nproc, nnodes, node_rank, master_addr, master_port, command)
         raise Stopped(f"stopped by {name}: every rank was sent it; a training rank writes a "
@@ -302,39 +355,102 @@ def launch(nproc: int, nnodes: int | str, node_rank: int, master_addr: str | Non
     finally:
         if waiting is not None:
             waiting.cancel()
-        shutil.rmtree(beats, ignore_errors=True)
+        if shared is None:
+            shutil.rmtree(beats, ignore_errors=True)
     return 0
+
+
+def _shared_notes(nnodes: int | str, command: list[str]) -> Path | None:
+    """Where a multi-node job's launchers keep their notes (`run.heartbeat`): the run folder's
+    `.launch`, which every node sees; None on one node, or without --out (each launcher
+    then knows only its own ranks)."""
+    from ..run.heartbeat import LAUNCH_NAME
+
+    folder = run_folder(command)
+    if str(nnodes) == "1" or folder is None:
+        return None
+    try:
+        (folder / LAUNCH_NAME).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LeantrainError(f"cannot write the run folder {folder}: {one_line(exc)}") from exc
+    return folder / LAUNCH_NAME
+
+
+ELSEWHERE_WAIT_S = 10.0  # how long a node whose ranks failed on a peer waits for its report
+
+
+def _failures_elsewhere(exc, shared: Path | None, started: float) -> list[Failure]:
+    """Report this node's failed ranks to the other launchers; when none of them is a cause
+    (each failed on a peer, or was stopped), read the other nodes' reports, waiting up to
+    ELSEWHERE_WAIT_S for one that names a cause: the node where a rank was killed sees it
+    first, but may write after this one."""
+    from ..run import heartbeat
+
+    if shared is None:
+        return []
+    mine = [Failure.of(rank, f) for rank, f in exc.failures.items()]
+    me = heartbeat.host()
+    heartbeat.report_failures(shared, [{**vars(f), "host": me} for f in mine])
+    if any(_blame(f)[0] < 2 for f in mine):
+        return []  # the cause is here
+    deadline = time.monotonic() + ELSEWHERE_WAIT_S
+    while True:
+        found = [Failure(**record) for record in heartbeat.others_failures(shared, started - 1)
+                 if set(record) == set(Failure.__dataclass_fields__)]
+        if any(_blame(f)[0] < 2 for f in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 WAIT_NOTE_S = 5.0  # a rendezvous still waiting this long says what for, then every minute
 
 
 class WaitingNote:
-    """While the nodes meet, a line now and then saying what this node waits for: a missing
-    node once left node 0 waiting without a word until it was killed 150 s later. Silent as
-    soon as this node's ranks run (the rendezvous is complete)."""
+    """While the nodes meet, a line now and then saying what this node waits for and, where the
+    run folder holds the launchers' notes, how many nodes have arrived: a missing node once left
+    node 0 waiting without a word until it was killed 150 s later. Silent as soon as this
+    node's ranks run (the rendezvous is complete)."""
 
-    def __init__(self, nodes: str, node_rank: int, where: str):
+    def __init__(self, nodes: str, node_rank: int, where: str, shared: Path | None = None):
         import threading
 
-        self.text = (f"leantrain: launch: waiting at {where} for the job's {nodes} nodes (this "
-                     f"is node {node_rank}); every node runs this launch with its own "
-                     "--node-rank (or the same --rdzv-endpoint)")
+        self.nodes, self.node_rank, self.where, self.shared = nodes, node_rank, where, shared
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._note, daemon=True)
         self.thread.start()
+
+    def text(self) -> str:
+        from ..run.heartbeat import arrived
+
+        here = f": {arrived(self.shared)} arrived" if self.shared is not None else ""
+        return (f"leantrain: launch: waiting at {self.where} for the job's {self.nodes} "
+                f"nodes{here} (this is node {self.node_rank}); every node runs this launch "
+                "with its own --node-rank (or the same --rdzv-endpoint)")
 
     def _note(self) -> None:
         import sys
 
         import psutil
 
-        wait = WAIT_NOTE_S
-        while not self.done.wait(wait):
-            if psutil.Process().children(recursive=True):
-                return  # the ranks were started: the nodes have met
-            print(self.text, file=sys.stderr, flush=True)
-            wait = 60.0
+        from ..run import heartbeat
+
+        next_note = time.monotonic() + WAIT_NOTE_S
+        try:
+            while True:
+                if self.shared is not None:
+                    heartbeat.mark_arrived(self.shared)
+                if self.done.wait(REFRESH_S) or psutil.Process().children(recursive=True):
+                    return  # the ranks were started: the nodes have met
+                if time.monotonic() >= next_note:
+                    print(self.text(), file=sys.stderr, flush=True)
+                    next_note = time.monotonic() + 60.0
+        finally:
+            if self.shared is not None:
+                heartbeat.leave(self.shared)
 
     def cancel(self) -> None:
         self.done.set()
+        self.thread.join(timeout=5)
+
+
+REFRESH_S = 1.0  # a waiting node's mark is refreshed this often (heartbeat.ARRIVED_FRESH_S)

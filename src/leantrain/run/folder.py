@@ -24,6 +24,7 @@ from ..config import CONFIG_NAME
 from ..distributed import DistContext
 from ..errors import LeantrainError
 from . import sharded
+from .heartbeat import LAUNCH_NAME
 from .logs import METRICS_NAME, TENSORBOARD_NAME
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ def leftovers(folder: Path) -> list[Path]:
             or (folder / sharded.FOLDER).exists():
         return []
     found = [p for p in folder.iterdir() if not (p.name.startswith(".") and
-                                                 p.name.endswith(".tmp"))]
+                                                 p.name.endswith(".tmp")) and
+             p.name != LAUNCH_NAME]
     names = {p.name for p in found}
     return found if CONFIG_NAME in names and names <= LEFTOVERS else []
 
@@ -163,7 +165,7 @@ def check(folder: Path, resume: bool, verify: bool = True) -> None:
         raise LeantrainError(f"{folder} already holds a run; continue it with --resume {folder} "
                              "or choose another folder")
     if folder.is_dir() and not leftovers(folder) \
-            and any(p.name != LOCK_NAME for p in folder.iterdir()):
+            and any(p.name not in (LOCK_NAME, LAUNCH_NAME) for p in folder.iterdir()):
         raise LeantrainError(f"run folder {folder} holds files but no {CHECKPOINT_NAME}: it is "
                              "not a run to resume; choose an empty or new folder")
 
