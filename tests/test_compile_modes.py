@@ -1,6 +1,7 @@
 """torch.compile's modes (`plan.compile_mode`): max-autotune runs everywhere Inductor does;
 CUDA graphs (reduce-overhead) are refused off CUDA and under launch, with the reason."""
 
+import copy
 import json
 
 import pytest
@@ -93,3 +94,29 @@ def test_max_autotune_trains_and_counts_its_compile_time(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["plan"]["compile_mode"] == "max-autotune"
     assert summary["compile"]["seconds"] > 0
+
+
+def test_repeated_blocks_compile_once_in_place_and_compute_as_eager():
+    """FSDP2's per-block compile (`CompiledStep(per_block=True)`): the repeated blocks'
+    forwards compiled in place share one graph, the parameter names stay plain, and the
+    outputs and gradients equal the eager model's."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.Linear(4, 16), nn.TransformerEncoder(layer, 3,
+                                                                  enable_nested_tensor=False))
+    eager = copy.deepcopy(model)
+    step = CompiledStep(model, torch.device("cpu"), 0, per_block=True)
+    assert [type(b) for b in step.blocks] == [nn.TransformerEncoderLayer] * 3  # not the Linear
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(2, 5, 4)
+    out = step.model(x)
+    assert step.model is model and list(model.state_dict()) == list(eager.state_dict())
+    assert counters["stats"]["unique_graphs"] == 1  # three blocks, one graph
+    torch.testing.assert_close(out, eager(x), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    eager(x).sum().backward()
+    for (name, a), b in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)

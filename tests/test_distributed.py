@@ -190,6 +190,55 @@ def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(blobs_fil
     assert summary["world_size"] == 2 and summary["plan"]["distributed"] == "ddp"
 
 
+@pytest.mark.slow
+def test_hybrid_sharding_on_four_processes_matches_one_process(blobs_file, tmp_path):
+    """plan.parallel.dp_replicate=2 on 4 processes: 2 replicas, each sharded over 2 ranks
+    (a 2-D mesh); the same global batch trains as one process does, step for step."""
+    common = ["--data", str(blobs_file), "--epochs", "1", "--no-progress", "--precision",
+              "fp32", "--set", "train.log_every=1", "--set", "train.monitor_interval_s=0"]
+    one, hybrid = tmp_path / "one", tmp_path / "hybrid"
+    _run([*LEANTRAIN, "train", *common, "--set", "data.batch_size=32", "--out", str(one)])
+    _run([*LEANTRAIN, "launch", "--nproc", "4", "--", "train", *common, "--set",
+          "data.batch_size=8", "--set", "plan.distributed=fsdp", "--set",
+          "plan.parallel.dp_replicate=2", "--out", str(hybrid)])
+    a, b = _train_losses(one)[:5], _train_losses(hybrid)[:5]
+    assert len(a) == len(b) == 5
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    plan = json.loads((hybrid / "summary.json").read_text())["plan"]
+    assert plan["distributed"] == "fsdp" and plan["replicas"] == 2
+
+
+@pytest.mark.slow
+def test_fsdp2_compiles_each_block_without_graph_breaks_and_trains_as_eager(user_env, tmp_path):
+    """Under FSDP2 the repeated blocks are compiled one by one (FSDP2's hooks between their
+    graphs): no graph break, and the losses of the eager run."""
+    common = [*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--model", "fam:transformer",
+              "--data", "fam:tokens", "--epochs", "1", "--no-progress", "--precision", "fp32",
+              "--set", "plan.distributed=fsdp", "--set", "data.batch_size=16", "--set",
+              "train.log_every=1", "--set", "train.monitor_interval_s=0"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    _run([*common, "--out", str(eager)], env=user_env)
+    _run([*common, "--set", "plan.compile=true", "--out", str(compiled)], env=user_env)
+    stats = json.loads((compiled / "summary.json").read_text())["compile"]
+    assert stats["graphs"] >= 1 and stats["graph_breaks"] == {}
+    a, b = _train_losses(eager), _train_losses(compiled)
+    assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
+
+
+def test_the_parallel_layout_must_fit_the_processes_and_fsdp():
+    from leantrain.distributed import replica_groups
+
+    assert replica_groups(1, "auto", "ddp", 4) == 1 and replica_groups(2, "auto", "fsdp", 4) == 2
+    assert replica_groups(2, 2, "fsdp", 4) == 2 and replica_groups(1, 4, "fsdp", 4) == 1
+    for layout, message in [((3, "auto", "fsdp", 4), r"dp_replicate \(3\) x dp_shard \(auto\) "
+                                                     "must equal the 4 processes"),
+                            ((2, 3, "fsdp", 4), "must equal the 4 processes"),
+                            ((2, "auto", "ddp", 4), "plan.distributed=fsdp .this run is ddp"),
+                            ((2, "auto", None, 1), "plan.parallel.dp_replicate=1")]:
+        with pytest.raises(LeantrainError, match=message):
+            replica_groups(*layout)
+
+
 def _fsdp_args(out: Path) -> list[str]:
     return [*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--model", "fam:transformer",
             "--data", "fam:tokens_large", "--epochs", "2", "--no-progress", "--precision", "fp32",

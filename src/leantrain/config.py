@@ -118,6 +118,17 @@ class TrainLoopConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the processes of `leantrain launch` lay out the model under FSDP2."""
+
+    # hybrid sharding: groups of ranks that each hold a whole sharded copy of the model and
+    # all-reduce gradients between them (replicate across nodes, shard within one); 1 shards
+    # over every process
+    dp_replicate: int = 1
+    dp_shard: Auto | int = "auto"  # ranks one copy is sharded over; auto: the rest
+
+
+@dataclass
 class PlanConfig:
     """Which runtime techniques to use. "auto" lets leantrain decide for this machine."""
 
@@ -151,6 +162,7 @@ class PlanConfig:
     # under `leantrain launch`: auto = DDP; fsdp = FSDP2 (fully_shard) for models that do not
     # fit one device
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # reuse "auto" choices measured earlier for the same model, data shapes, machine and
     # versions (run.defaults); false measures again
     cache: bool = True
@@ -278,6 +290,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         "train.dist_timeout_s": cfg.train.dist_timeout_s,
         "train.eval_every_epochs": cfg.train.eval_every_epochs,
         "plan.grad_accum": cfg.plan.grad_accum,
+        "plan.parallel.dp_replicate": cfg.plan.parallel.dp_replicate,
         "data.max_bytes": cfg.data.max_bytes,
         "optim.lr": cfg.optim.resolved().lr,
         "gpt.depth": cfg.gpt.depth,
@@ -324,6 +337,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
     if cfg.train.target_acc is not None:
         checks.append(("train.target_acc", cfg.train.target_acc,
                        0 < cfg.train.target_acc <= 1, "in (0, 1]"))
+    if cfg.plan.parallel.dp_shard != "auto":
+        checks.append(("plan.parallel.dp_shard", cfg.plan.parallel.dp_shard,
+                       cfg.plan.parallel.dp_shard >= 1, ">= 1 or auto"))
     if cfg.plan.tokens_per_step is not None:
         checks.append(("plan.tokens_per_step", cfg.plan.tokens_per_step,
                        cfg.plan.tokens_per_step >= 1, ">= 1"))

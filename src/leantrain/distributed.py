@@ -116,7 +116,7 @@ def setup(ctx: DistContext, device: torch.device, timeout_s: float) -> None:
                                 device_id=device if device.type == "cuda" else None)
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
+def blocks(model: nn.Module) -> list[nn.Module]:
     """The units FSDP2 shards one by one: a Hugging Face model's transformer blocks (the
     classes it names in `_no_split_modules`), else the entries of containers, or the top
     children."""
@@ -134,13 +134,33 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def replica_groups(replicate: int, shard: int | str, strategy: str | None, world: int) -> int:
+    """How many hybrid-sharding replicas `plan.parallel` asks for (1: FSDP2 over every
+    process, or DDP), checked against the strategy and the number of processes."""
+    if replicate == 1 and (shard == "auto" or (strategy == "fsdp" and shard == world)):
+        return 1
+    if strategy != "fsdp":
+        here = f"this run is {strategy}" if strategy else \
+            "this is one process: pass --set plan.parallel.dp_replicate=1"
+        raise LeantrainError("plan.parallel.dp_replicate and dp_shard lay out FSDP2's shards "
+                             f"under leantrain launch with plan.distributed=fsdp ({here})")
+    shards = world // replicate
+    if world % replicate or shard not in ("auto", shards):
+        raise LeantrainError(f"plan.parallel: dp_replicate ({replicate}) x dp_shard ({shard}) "
+                             f"must equal the {world} processes")
+    return replicate
+
+
 def wrap(model: nn.Module, strategy: str | None, device: torch.device,
-         precision: str = "fp32") -> nn.Module:
+         precision: str = "fp32", replicas: int = 1) -> nn.Module:
     """The module the training step calls: DDP around the model, or the model FSDP2-sharded.
 
     FSDP2 shards in place (parameters become DTensors), so build the optimizer afterwards.
     Under bf16 it gathers the parameters in bf16 for compute and reduces the gradients in
     fp32 (`mixed_precision`): half the bytes of an fp32 all-gather, as torchtitan does.
+    With `replicas` > 1 it shards over groups of world / replicas processes and all-reduces
+    the gradients between the groups (hybrid sharding, on a 2-D mesh): all-gathers stay
+    within a group (a node), only the gradient all-reduce crosses them.
     """
     if strategy is None:
         return model
@@ -150,8 +170,14 @@ def wrap(model: nn.Module, strategy: str | None, device: torch.device,
     from torch.distributed.fsdp import fully_shard
 
     policy = mixed_precision(precision, model)
-    options = {"mp_policy": policy} if policy is not None else {}
-    for block in _blocks(model):
+    options: dict[str, Any] = {"mp_policy": policy} if policy is not None else {}
+    if replicas > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = dist.get_world_size()
+        options["mesh"] = init_device_mesh(device.type, (replicas, world // replicas),
+                                           mesh_dim_names=("dp_replicate", "dp_shard"))
+    for block in blocks(model):
         fully_shard(block, **options)
     fully_shard(model, **options)
     return model

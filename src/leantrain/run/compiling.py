@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..measure import clock
 from ..measure.compile_watch import CompileStats, CompileWatch, break_even_steps, describe
-from ..techniques.compile import apply_compile
+from ..techniques.compile import apply_compile, compile_blocks, repeated
 from ..techniques.compile_mode import uses_cuda_graphs
 from .state import Progress
 
@@ -37,8 +38,10 @@ class CompiledStep:
     """Which model takes the next step (eager, then compiled) and what compiling cost."""
 
     def __init__(self, eager: nn.Module, device: torch.device, eager_steps: int = 0,
-                 mode: str = "default"):
+                 mode: str = "default", per_block: bool = False):
         self.eager, self.device, self.mode = eager, device, mode
+        # FSDP2: the repeated blocks compiled in place (`compile_blocks`), if it has some
+        self.blocks = repeated(distributed.blocks(eager)) if per_block else []
         self.cuda_graphs = uses_cuda_graphs(mode, device)
         self.compiled: nn.Module | None = None
         self.eager_steps, self.eager_left = eager_steps, eager_steps
@@ -54,7 +57,10 @@ class CompiledStep:
     def model(self) -> nn.Module:
         if self.eager_left:
             return self.eager
-        if self.compiled is None:
+        if self.compiled is None and self.blocks:
+            compile_blocks(self.blocks, self.mode)
+            self.compiled = self.eager
+        elif self.compiled is None:
             self.compiled = apply_compile(self.eager, self.mode)
         return self.compiled
 

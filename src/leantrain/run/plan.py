@@ -129,6 +129,7 @@ class ResolvedPlan:
     grad_accum: int
     outcomes: list[Outcome] = field(default_factory=list)
     distributed: str | None = None  # "ddp" | "fsdp" under `leantrain launch`, else None
+    replicas: int = 1  # FSDP2's hybrid-sharding replicas (plan.parallel.dp_replicate)
     activation_checkpointing: bool = False
     optimizer_states: str = "fp32"
     compile_mode: str = "default"
@@ -157,6 +158,7 @@ class ResolvedPlan:
             "fused_cross_entropy": self.fused_cross_entropy,
             "grad_accum": self.grad_accum,
             "distributed": self.distributed,
+            "replicas": self.replicas,
             "activation_checkpointing": self.activation_checkpointing,
             "outcomes": {o.name: o.describe() for o in self.outcomes},
         }
@@ -180,6 +182,8 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
         else choice.reason
     outcomes = [Outcome("device", True, f"{device} ({reason})")]
     strategy = resolve_strategy(cfg.distributed, dist)
+    replicas = distributed.replica_groups(cfg.parallel.dp_replicate, cfg.parallel.dp_shard,
+                                          strategy, dist.world_size)
     ctx = Context(device, model, optimizer_name, strategy, dist.world_size, tokens_per_batch,
                   clip_norm)
     values = {}
@@ -187,10 +191,14 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
         values[technique.NAME], outcome = technique.decide(ctx, cfg)
         note = (notes or {}).get(technique.NAME)
         outcomes.append(replace(outcome, detail=f"{outcome.detail}; {note}") if note else outcome)
+    hybrid = f" (hybrid: {replicas} replicas x {dist.world_size // replicas} shards)" \
+        if replicas > 1 else ""
     outcomes.append(Outcome("distributed", strategy is not None,
-                            f"{strategy} over {dist.world_size} process(es), rank {dist.rank}"
-                            if strategy else "one process (start several with leantrain launch)"))
-    return ResolvedPlan(device=device, outcomes=outcomes, distributed=strategy, **values)
+                            f"{strategy} over {dist.world_size} process(es){hybrid}, rank "
+                            f"{dist.rank}" if strategy else
+                            "one process (start several with leantrain launch)"))
+    return ResolvedPlan(device=device, outcomes=outcomes, distributed=strategy,
+                        replicas=replicas, **values)
 
 
 LossFn = Callable[..., torch.Tensor]
@@ -381,7 +389,8 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
         step.check_evaluation(model, val, contract)
     if plan.distributed == "fsdp":  # sharded parameters are initialised whole, first
         init_weights(model, cfg.train.init)
-    wrapped = distributed.wrap(model, plan.distributed, plan.device, plan.precision)
+    wrapped = distributed.wrap(model, plan.distributed, plan.device, plan.precision,
+                               plan.replicas)
     kept = batch_count(len(train_data), data.batch_size, shard, drop_last)
     return Run(cfg, plan, dist, model, wrapped, contract, batches, val, options, tuning,
                num_classes, whole is not None,

@@ -97,7 +97,8 @@ RESUMABLE_KEYS = frozenset({
     "train.checkpoint_every", "train.eval_every_steps", "train.eval_every_epochs",
     "train.monitor_interval_s", "train.dist_timeout_s", "data.num_workers", "data.pin_memory",
     "data.prefetch_factor", "data.persistent_workers", "data.eval_batch_size", "plan.cache",
-    "plan.distributed",  # DDP or FSDP2: a checkpoint holds tensors by name either way
+    # DDP or FSDP2, hybrid or not: a checkpoint holds tensors by name either way
+    "plan.distributed", "plan.parallel.dp_replicate", "plan.parallel.dp_shard",
     "train.async_checkpoint",
 })
 _REQUIRED = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": (dict, list),

@@ -63,8 +63,9 @@ class Trainer:
         self.state = run_state.new_state(self.run, lr_at)
         # evaluation uses the eager module: compiling a second (eval) graph would not pay off
         if self.run.plan.compile and self.compiling is None:
-            self.compiling = CompiledStep(self.run.wrapped, self.run.plan.device, eager_steps,
-                                          self.run.plan.compile_mode)
+            plan = self.run.plan
+            self.compiling = CompiledStep(self.run.wrapped, plan.device, eager_steps,
+                                          plan.compile_mode, plan.distributed == "fsdp")
 
     def _close_compiling(self) -> None:
         if self.compiling is not None:

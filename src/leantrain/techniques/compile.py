@@ -9,6 +9,9 @@ eager by this rule and compiled where `run.compile_choice` measured it to pay.
 
 from __future__ import annotations
 
+import types
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -38,6 +41,29 @@ def apply_compile(model: nn.Module, mode: str = "default") -> nn.Module:
     """Return a compiled wrapper in `mode` (`compile_mode.MODES`); the original module keeps
     the (shared) parameters."""
     return torch.compile(model, mode=torch_mode(mode))
+
+
+def repeated(blocks: list[nn.Module]) -> list[nn.Module]:
+    """The blocks whose class occurs more than once (a transformer's layers): compiling those
+    pays once for all of them; an embedding or a head alone is left eager, as torchtitan
+    leaves them."""
+    counts = Counter(type(block) for block in blocks)
+    return [block for block in blocks if counts[type(block)] > 1]
+
+
+def compile_blocks(blocks: list[nn.Module], mode: str = "default") -> None:
+    """Compile each block in place, as torchtitan does under FSDP2: FSDP2's hooks (all-gather
+    before a block, reduce-scatter after) run eagerly between the blocks' graphs, where one
+    graph of the whole model would break at every hook. Blocks of one class share their
+    compiled forward (one per class, the block passed as `self`), so a model of 24 blocks
+    compiles about once. (The forward is compiled, not the module: `nn.Module.compile` traced
+    nothing in torch 2.13, and a `torch.compile` wrapper would rename every parameter.)"""
+    compiled: dict[type, object] = {}
+    for block in blocks:
+        cls = type(block)
+        if cls not in compiled:
+            compiled[cls] = torch.compile(cls.forward, mode=torch_mode(mode))
+        block.forward = types.MethodType(compiled[cls], block)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
