@@ -1546,3 +1546,17 @@ def test_stdout_on_a_full_device_is_one_line(tmp_path, monkeypatch, capsys):
     assert cli.main(["doctor", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["leantrain: error: cannot write the output: no space left on the device"]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--ranks", "1"], "--ranks prices a launch of several processes: 2.."),
+    (["--ranks", "6", "--set", "plan.distributed=fsdp", "--set",
+      "plan.parallel.dp_replicate=4"], "dp_replicate (4) x dp_shard (auto) must equal the 6"),
+    (["--ranks", "4", "--set", "plan.parallel.dp_replicate=2"], "plan.distributed=fsdp"),
+])
+def test_doctor_per_rank_layouts_that_cannot_launch_are_one_line(tmp_path, capsys, extra,
+                                                                 fragment):
+    out = tmp_path / "doctor"
+    code = main(["doctor", "--steps", "1", "--no-profile", "--out", str(out), *extra])
+    _one_line_error(capsys, code, fragment)
+    assert not out.exists()  # before any work

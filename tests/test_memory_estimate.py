@@ -85,6 +85,43 @@ def test_parameters_and_optimizer_states_are_counted_exactly():
     assert not any(a.startswith("FSDP2") for a in by_advice)  # on a CPU, and it fits
 
 
+def test_a_launch_is_priced_per_rank_and_fits_is_the_ranks(monkeypatch):
+    from leantrain.bench.memory_estimate import Layout
+
+    model = _small_mlp()
+    params = sum(p.numel() * 4 for p in model.parameters())
+    one = estimate(_small_mlp, _bundle("mlp"), _cfg(64))
+    states = one.forward_backward["optimizer_states"]
+    sharded = sum(one.forward_backward[k] for k in ("parameters", "gradients",
+                                                   "optimizer_states"))
+    fsdp = estimate(_small_mlp, _bundle("mlp"), _cfg(64), layout=Layout(4, "fsdp")).per_rank
+    assert fsdp["layout"] == "4 processes, FSDP2 over 4 shards"
+    assert fsdp["checkpoint_bytes"] == (params + states) // 4  # each rank writes its shards
+    assert fsdp["at_save_bytes"] == fsdp["at_resume_bytes"] == 0
+    assert fsdp["rank0_at_end_bytes"] == params  # model.pt's weights, gathered on rank 0
+    # the forward/backward peak less three quarters of what FSDP2 shards (same probe sizes),
+    # plus the largest block's weights gathered twice (the one computing, the one prefetched)
+    largest = max(layer.weight.numel() + layer.bias.numel() for layer in model
+                  if isinstance(layer, nn.Linear)) * 4
+    assert fsdp["training_peak_bytes"] == pytest.approx(
+        one.forward_backward["total"] - sharded * 3 / 4 + 2 * largest, rel=0.05)
+    hybrid = estimate(_small_mlp, _bundle("mlp"), _cfg(64),
+                      layout=Layout(4, "fsdp", replicas=2, async_save=True)).per_rank
+    assert hybrid["shards"] == 2 and hybrid["checkpoint_bytes"] == (params + states) // 4
+    assert hybrid["at_save_bytes"] == (params + states) // 2  # the async staging copy
+    ddp = estimate(_small_mlp, _bundle("mlp"), _cfg(64), layout=Layout(2, "ddp")).per_rank
+    assert ddp["training_peak_bytes"] > one.peak_bytes  # DDP's gradient buckets besides
+    # a rank too small for one process's step but large enough for its shard: "fits"
+    room = int((fsdp["training_peak_bytes"] + one.peak_bytes) / 2 / (1 - memory_estimate.MARGIN))
+    monkeypatch.setattr(memory_estimate, "device_room", lambda device: (room, "a fake GPU"))
+    sharded_run = estimate(_small_mlp, _bundle("mlp"), _cfg(64), layout=Layout(4, "fsdp"))
+    assert sharded_run.fits is True and sharded_run.per_rank["fits"] is True
+    assert estimate(_small_mlp, _bundle("mlp"), _cfg(64)).fits is False
+    lines = "\n".join(format_estimate(sharded_run.to_dict()))
+    assert "per rank (4 processes, FSDP2 over 4 shards): training peak" in lines
+    assert "at a save +0 (written from the tensors)" in lines
+
+
 def test_on_a_device_too_small_it_says_so_and_prices_what_would_fit(monkeypatch):
     bundle, cfg = _bundle("cnn", 96), _cfg(32, "sgd")
     probe = estimate(memory_peak.cnn, bundle, cfg)
@@ -138,11 +175,15 @@ def test_activation_checkpointing_is_priced_by_a_second_probe_on_a_stock_bert():
 
 def test_doctor_and_find_batch_size_print_the_estimate(tmp_path, capsys):
     assert main(["doctor", "--steps", "2", "--no-profile", "--no-compile-check",
-                 "--epochs", "1", "--out", str(tmp_path / "doctor")]) == 0
+                 "--epochs", "1", "--out", str(tmp_path / "doctor"), "--ranks", "4",
+                 "--set", "plan.distributed=fsdp", "--set", "plan.parallel.dp_replicate=2"]
+                ) == 0
     printed = capsys.readouterr().out
     assert "memory estimate (one probe step, micro-batch 64)" in printed
+    assert "per rank (4 processes, FSDP2 over 2 copies x 2 shards): training peak" in printed
     report = json.loads((tmp_path / "doctor" / "doctor.json").read_text())
     assert report["memory"]["peak_bytes"] > 0 and report["memory"]["fits"] is True
+    assert report["memory"]["per_rank"]["shards"] == 2
     assert 0 <= report["load"]["others_share"] <= 1  # what else used the machine meanwhile
     assert main(["find-batch-size", "--epochs", "1", "--max-size", "128",
                  "--out", str(tmp_path / "sizes")]) == 0

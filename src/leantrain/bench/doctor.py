@@ -29,7 +29,7 @@ from ..run import summary
 from ..run.plan import Run, build
 from ..run.trainer import Trainer
 from ..techniques.memory_format import has_conv2d
-from .memory_estimate import MARGIN, MemoryEstimate, estimate, format_estimate
+from .memory_estimate import MARGIN, Layout, MemoryEstimate, estimate, format_estimate
 
 WARMUP_STEPS = 3
 OPTIMIZER_SHARE = 0.15  # an optimizer phase above this share of the step is worth fusing
@@ -142,7 +142,7 @@ def memory_recommendations(memory: MemoryEstimate) -> list[Recommendation]:
 
 def run_doctor(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
                out: Path, steps: int = 20, profile: bool = True,
-               check_compile: bool = True) -> dict[str, Any]:
+               check_compile: bool = True, layout: Layout | None = None) -> dict[str, Any]:
     facts = machine_facts(check_compile)
     run = build(cfg, build_model(), bundle.train, bundle.val, measure_loader=False,
                 collate_fn=bundle.collate_fn)
@@ -164,7 +164,8 @@ def run_doctor(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Tr
                               measure_loader=False, collate_fn=bundle.collate_fn),
                         progress_bar=False)
         measured["compile"] = _compile_accounting(trainer, measured, steps, eager)
-    memory = estimate(build_model, bundle, cfg, shards_available=len(facts["gpus"]) or None)
+    memory = estimate(build_model, bundle, cfg, shards_available=len(facts["gpus"]) or None,
+                      layout=layout)
     recs = recommend(run, measured, facts, memory)
     return {
         "facts": facts,

@@ -13,9 +13,13 @@ Each option is priced from this breakdown: a smaller micro-batch (gradient accum
 the global batch), activation checkpointing (measured by a second probe with it on), 8-bit or
 4-bit Adam states (torchao's layout: 1 or 1/2 byte per value plus an fp32 scale per block, for
 tensors of at least 4096 values), and FSDP2 across N GPUs (weights, gradients and states
-sharded N ways). Not counted: the CUDA context and the caching allocator's slack on a GPU, the
-interpreter and libraries on a CPU; the fit check leaves `MARGIN` for them, as the batch-size
-finder does. A compiled plan is probed eagerly (compiled kernels usually hold less).
+sharded N ways). For a launch (`Layout`: N ranks under DDP or FSDP2, hybrid or not) it prices
+each rank: its share of the training step, what each rank writes at a checkpoint and holds
+besides at a save (the async staging copy) and a resume, and rank 0's gathered weights at the
+end; "fits" is then the rank's. Not counted: the CUDA context and the caching allocator's
+slack on a GPU, the interpreter and libraries on a CPU; the fit check leaves `MARGIN` for
+them, as the batch-size finder does. A compiled plan is probed eagerly (compiled kernels
+usually hold less).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..config import TrainConfig, config_from_dict, merge
 from ..data import DataBundle
 from ..measure.memory import MARGIN, available_ram_bytes, cuda_memory_bytes
@@ -67,6 +72,7 @@ class MemoryEstimate:
     largest_micro_batch: int | None
     options: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    per_rank: dict[str, Any] | None = None  # for a launch (`Layout`): what each rank holds
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +88,63 @@ class MemoryEstimate:
         at_step = self.optimizer_step["total"] - saved(self.optimizer_step)
         at_eval = self.evaluation["total"] - saved(self.evaluation)
         return int(max(at_fwbw, at_step, at_eval))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A launch to price per rank: `processes` ranks in all, DDP or FSDP2 (`replicas` hybrid
+    copies of the model, each sharded over processes / replicas ranks)."""
+
+    processes: int
+    strategy: str  # "ddp" | "fsdp"
+    replicas: int = 1
+    async_save: bool = False
+
+    @property
+    def shards(self) -> int:
+        return self.processes // self.replicas if self.strategy == "fsdp" else 1
+
+    def saved(self, kinds: dict[str, int]) -> float:
+        """Bytes a rank holds less than one process: FSDP2 shards the weights, gradients and
+        states; DDP holds more, its gradient buckets (a second copy of the gradients)."""
+        if self.strategy == "ddp":
+            return -kinds["gradients"]
+        return sum(kinds[k] for k in _SHARDED) * (1 - 1 / self.shards)
+
+    def describe(self) -> str:
+        if self.strategy == "ddp":
+            return f"{self.processes} processes, DDP"
+        hybrid = f"{self.replicas} copies x " if self.replicas > 1 else ""
+        return f"{self.processes} processes, FSDP2 over {hybrid}{self.shards} shards"
+
+
+def per_rank(est: MemoryEstimate, layout: Layout, limit: float | None, gathered: int = 0
+             ) -> dict[str, Any]:
+    """What each rank of `layout` holds: training (its share of the step's peak, plus under
+    FSDP2 the `gathered` bytes of whole blocks it all-gathers at once), what it
+    writes at a checkpoint (DCP: its own shards; replicas written once) and holds besides at
+    a save (an async save's staging copy of its state; a synchronous one writes from the
+    tensors) and at a resume (read into the tensors), and rank 0 at the end (the full weights
+    gathered on the host for model.pt, the optimizer not)."""
+    fwbw = est.forward_backward
+    state = fwbw["parameters"] + fwbw["optimizer_states"]
+    training = est.peak_at(est.micro_batch, layout.saved) + \
+        (gathered if layout.strategy == "fsdp" else 0)
+    return {"layout": layout.describe(), "processes": layout.processes,
+            "shards": layout.shards, "replicas": layout.replicas,
+            "training_peak_bytes": training,
+            "fits": None if limit is None else training <= limit,
+            "checkpoint_bytes": int(state / layout.processes),
+            "at_save_bytes": int(state / layout.shards) if layout.async_save else 0,
+            "at_resume_bytes": 0, "rank0_at_end_bytes": fwbw["parameters"]}
+
+
+def gathered_bytes(model: nn.Module) -> int:
+    """FSDP2 holds a block's whole weights while it computes and prefetches the next one's:
+    twice the largest block's, at the plan's parameter dtype."""
+    sizes = [sum(p.numel() * p.element_size() for p in block.parameters())
+             for block in distributed.blocks(model)]
+    return 2 * max(sizes, default=0)
 
 
 def device_room(device: torch.device) -> tuple[int | None, str]:
@@ -205,8 +268,10 @@ def _tracked(fwbw: dict, in_step: dict | None, run: Run, trainer: Trainer
 
 
 def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: TrainConfig,
-             room: int | None = None, shards_available: int | None = None) -> MemoryEstimate:
-    """Probe the plan and price the options; `room` overrides the device's memory (bytes)."""
+             room: int | None = None, shards_available: int | None = None,
+             layout: Layout | None = None) -> MemoryEstimate:
+    """Probe the plan and price the options; `room` overrides the device's memory (bytes);
+    with a `layout`, each of its ranks is priced and "fits" is a rank's."""
     run = _probe_run(build_model, bundle, cfg, {})
     fwbw, in_step, micro, evaluation = _probe(run)
     device = run.plan.device
@@ -224,17 +289,26 @@ def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Trai
     if limit is not None:
         est.fits = est.peak_bytes <= limit
         est.largest_micro_batch = _largest_micro_batch(est, limit)
+    if layout is not None:
+        est.per_rank = per_rank(est, layout, limit, gathered_bytes(run.model))
+        if limit is not None:
+            est.fits = est.per_rank["fits"]
+            est.largest_micro_batch = _largest_micro_batch(est, limit, layout.saved)
     est.options = _options(est, run, build_model, bundle, cfg, limit, shards_available)
     if cfg.plan.compile is not False:
         est.notes.append("probed eagerly: compiled kernels usually hold less")
     return est
 
 
-def _largest_micro_batch(est: MemoryEstimate, limit: float) -> int | None:
+def _largest_micro_batch(est: MemoryEstimate, limit: float, saved=None) -> int | None:
+    """The largest micro-batch whose step fits `limit`, less what `saved(bytes by kind)`
+    says a rank holds less."""
     if est.bytes_per_sample <= 0:
         return None
-    fixed = est.forward_backward["total"] - est.bytes_per_sample * est.micro_batch
-    if max(fixed, est.optimizer_step["total"]) > limit:
+    saved = saved or (lambda kinds: 0.0)
+    fwbw = est.forward_backward
+    fixed = fwbw["total"] - est.bytes_per_sample * est.micro_batch - saved(fwbw)
+    if max(fixed, est.optimizer_step["total"] - saved(est.optimizer_step)) > limit:
         return 0
     return int((limit - fixed) // est.bytes_per_sample)
 
@@ -392,5 +466,16 @@ def format_estimate(est: dict[str, Any]) -> list[str]:
         how = "measured" if o["measured"] else "computed"
         lines.append(f"  option: {o['advice']}: peak {mib(o['peak_bytes'])} "
                      f"({mib(o['saves_bytes'])} less, {how}){fits}")
+    if est.get("per_rank"):
+        rank = est["per_rank"]
+        fits = "" if rank["fits"] is None else (" (fits)" if rank["fits"] else
+                                                " (does NOT fit)")
+        save = f"+{mib(rank['at_save_bytes'])} (async staging copy)" if rank["at_save_bytes"] \
+            else "+0 (written from the tensors)"
+        lines += [f"  per rank ({rank['layout']}): training peak "
+                  f"{mib(rank['training_peak_bytes'])}{fits}",
+                  f"    a checkpoint writes {mib(rank['checkpoint_bytes'])} per rank; at a save "
+                  f"{save}, at a resume +0 (read into the tensors); at the end rank 0 gathers "
+                  f"the weights for model.pt: +{mib(rank['rank0_at_end_bytes'])} on the host"]
     lines += [f"  note: {n}" for n in est["notes"]]
     return lines

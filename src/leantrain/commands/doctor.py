@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-profile", action="store_true", help="skip the profiler and trace")
     p.add_argument("--no-compile-check", action="store_true",
                    help="do not compile a test function to check torch.compile")
+    p.add_argument("--ranks", type=int, metavar="N",
+                   help="price memory per rank for a launch of N processes in all (nodes x "
+                        "--nproc), under the plan's plan.distributed and plan.parallel")
 
 
 def run(args: argparse.Namespace, dist) -> int:
@@ -36,9 +39,11 @@ def run(args: argparse.Namespace, dist) -> int:
     if args.steps < 1:
         raise LeantrainError(f"--steps must be >= 1, got {args.steps}")
     cfg, out, bundle, builder = common.load_inputs(args, "doctor")
+    cfg, layout = launch_layout(cfg, args.ranks)
     with LoadWatch() as load:
         report = run_doctor(builder, bundle, cfg, out, steps=args.steps,
-                            profile=not args.no_profile, check_compile=not args.no_compile_check)
+                            profile=not args.no_profile, check_compile=not args.no_compile_check,
+                            layout=layout)
     report["load"] = load.reading.to_dict()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "doctor.json", json.dumps(report, indent=2, default=str))
@@ -46,3 +51,30 @@ def run(args: argparse.Namespace, dist) -> int:
     print(format_doctor(report))
     print(f"\nreport: {out / 'doctor.json'}")
     return 0
+
+
+MAX_RANKS = 1 << 20  # a launch priced per rank may span a cluster, not this machine
+
+
+def launch_layout(cfg, ranks: int | None):
+    """(the config doctor runs in this one process, the launch of `ranks` processes to price
+    per rank): the plan's distributed settings describe the launch, so the probe runs
+    without them."""
+    from dataclasses import replace
+
+    from ..bench.memory_estimate import Layout
+    from ..config import ParallelConfig
+    from ..distributed import replica_groups
+
+    if ranks is None:
+        return cfg, None
+    if not 2 <= ranks <= MAX_RANKS:
+        raise LeantrainError(f"--ranks prices a launch of several processes: 2..{MAX_RANKS}, "
+                             f"got {ranks}")
+    strategy = "fsdp" if cfg.plan.distributed == "fsdp" else "ddp"
+    parallel = cfg.plan.parallel
+    layout = Layout(ranks, strategy, replica_groups(parallel.dp_replicate, parallel.dp_shard,
+                                                    strategy, ranks),
+                    cfg.train.async_checkpoint)
+    plan = replace(cfg.plan, distributed="auto", parallel=ParallelConfig())
+    return replace(cfg, plan=plan), layout
