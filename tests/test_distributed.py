@@ -815,6 +815,37 @@ def test_checkpoints_written_in_the_background_change_nothing_the_run_computes(s
     assert not list((background / "checkpoints").glob(".*.tmp"))
 
 
+@pytest.mark.slow
+def test_a_job_sigkilled_while_a_background_save_is_uncommitted_resumes_exactly(sharded_run,
+                                                                              tmp_path):
+    """A checkpoint at every step, written in the background: the job is SIGKILLed (every
+    process) while a save is written but not committed; the previous checkpoint is the
+    latest, and the resume ends with the uninterrupted run's losses and weights."""
+    data, whole = sharded_run
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--data",
+                             str(data), "--epochs", "2", "--no-progress", "--precision", "fp32",
+                             "--set", "data.batch_size=16", "--set", "train.monitor_interval_s=0",
+                             "--set", "train.async_checkpoint=true", "--set",
+                             "train.checkpoint_every=1", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root, deadline = out / "checkpoints", time.monotonic() + 120
+    while not ((root / "latest").exists() and list(root.glob(".step-*.tmp"))
+               and len(list(root.glob("step-*"))) >= 2):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.001)
+    _kill_tree(proc.pid)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    latest = root / (root / "latest").read_text()
+    assert (latest / "state.pt").is_file()  # the committed one, never the one being written
+    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--resume", str(out),
+          "--no-progress"])
+    assert _train_losses(out) == _train_losses(whole)
+    final, reference = (torch.load(run / "model.pt", weights_only=True) for run in (out, whole))
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
 def test_a_background_save_killed_before_its_commit_leaves_the_previous_one_latest(tmp_path):
     """Whatever instant a kill comes before `commit()` (the shards half-written or all), the
     previous checkpoint is the one `latest` names, and it loads exactly."""
