@@ -688,9 +688,8 @@ def test_a_run_folder_a_rank_cannot_see_is_named_before_training(tmp_path, monke
 
     def node_1_elsewhere(value, ctx):  # rank 1's view of the folder: another machine's disk
         if isinstance(value[0], bool):
-            return [value, (False, "node1")]
-        nonce, probe = value
-        return [value, (None, str(tmp_path / "elsewhere" / Path(probe).name))]
+            return [value, (False, "node1", str(tmp_path))]
+        return [value, (None, value[1])]
 
     monkeypatch.setattr(distributed, "gather_objects", node_1_elsewhere)
     with pytest.raises(LeantrainError, match="rank 1 on node1 cannot see"):
@@ -698,6 +697,27 @@ def test_a_run_folder_a_rank_cannot_see_is_named_before_training(tmp_path, monke
     assert not list(tmp_path.glob(".shared-*"))  # the probe is gone either way
     monkeypatch.setattr(distributed, "gather_objects", lambda value, ctx: [value, value])
     folder.check_shared(tmp_path, DistContext(0, 0, 2, True))  # both see it: no word
+
+
+def test_two_nodes_given_folders_that_are_not_one_are_stopped_in_one_line(blobs_file,
+                                                                          tmp_path):
+    """Two launchers on this machine as 2 nodes, each given its own --out (as two machines'
+    local disks would be): every checkpoint would be split between them. Both stop before
+    training, naming the rank that cannot see rank 0's folder."""
+    port = _free_port()
+    train = ["--data", str(blobs_file), "--epochs", "1", "--no-progress"]
+    nodes = [_node(rank, port, [*train, "--out", str(tmp_path / f"node{rank}")])
+             for rank in (0, 1)]
+    try:
+        errors = [n.communicate(timeout=120)[1] for n in nodes]
+        assert all(n.returncode != 0 for n in nodes)
+        for err in errors:
+            assert "is not shared: rank 1 on" in err and "its run folder:" in err, err[-2000:]
+        assert not (tmp_path / "node0" / "metrics.jsonl").exists()  # before training
+    finally:
+        for n in nodes:
+            _kill_tree(n.pid)
+            n.wait()
 
 
 def test_a_second_save_at_the_same_step_never_replaces_the_checkpoint_latest_names(tmp_path):

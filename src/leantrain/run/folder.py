@@ -173,27 +173,31 @@ def check(folder: Path, resume: bool, verify: bool = True) -> None:
 def check_shared(folder: Path, dist: DistContext) -> None:
     """Every rank must see the run folder rank 0 writes: each writes its checkpoint shards
     there and reads them back at a resume. Rank 0 writes a nonce there, every rank reads it
-    back; the ranks that cannot are named at once (a resume on folders that were not shared
-    once failed on node 1 at once and on node 0 only after 60 s, blaming itself)."""
+    back from its own run folder; the ranks that cannot are named at once (a resume on folders
+    that were not shared once failed on node 1 at once and on node 0 only after 60 s, blaming
+    itself; nodes given different --out folders split every checkpoint between them)."""
     if not dist.active or dist.world_size == 1:
         return
     nonce = uuid.uuid4().hex if dist.is_main else None
     probe = folder / f".shared-{os.getpid()}.tmp"  # (.tmp: a kill leaves nothing a resume keeps)
     if dist.is_main:
         probe.write_text(nonce)
-    nonce, probe = distributed.gather_objects((nonce, str(probe)), dist)[0]  # (a barrier)
+    nonce, name = distributed.gather_objects((nonce, probe.name), dist)[0]  # (a barrier)
     try:
-        seen = Path(probe).read_text() == nonce
+        seen = (folder / name).read_text() == nonce
     except OSError:
         seen = False
-    views = distributed.gather_objects((seen, socket.gethostname()), dist)
+    views = distributed.gather_objects((seen, socket.gethostname(), str(folder)), dist)
     if dist.is_main:
-        Path(probe).unlink(missing_ok=True)
-    blind = [f"rank {rank} on {host}" for rank, (ok, host) in enumerate(views) if not ok]
+        probe.unlink(missing_ok=True)
+    main_folder = views[0][2]  # (what rank 0 was given: the others must see it)
+    blind = [f"rank {rank} on {host}" + (f" (its run folder: {where})" if where != main_folder
+                                         else "")
+             for rank, (ok, host, where) in enumerate(views) if not ok]
     if blind:
-        raise LeantrainError(f"run folder {folder} is not shared: {', '.join(blind)} cannot "
-                             f"see what rank 0 on {views[0][1]} writes there; give --out a "
-                             "folder on a file system every node mounts")
+        raise LeantrainError(f"run folder {main_folder} is not shared: {', '.join(blind)} cannot "
+                             f"see what rank 0 on {views[0][1]} writes there; give every node "
+                             "the same --out, a folder on a file system every node mounts")
 
 
 def claim(folder: Path, resume: bool, verify: bool = True) -> RunLock:
