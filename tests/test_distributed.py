@@ -897,3 +897,76 @@ def test_a_background_save_killed_before_its_commit_leaves_the_previous_one_late
         assert sharded.latest(out).name == "step-00000005"
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ tensor parallel
+
+
+def test_the_tensor_parallel_plan_is_the_models_own_and_checked_for_tp():
+    import shapes
+
+    from leantrain.tensor_parallel import layer_plan
+
+    plan = layer_plan(shapes.llama_gqa(), 2)
+    assert plan["model.layers.0.self_attn.q_proj"] == "colwise"
+    assert plan["model.layers.1.self_attn.o_proj"] == "rowwise"
+    assert plan["model.layers.1.mlp.down_proj"] == "rowwise"
+    assert plan["lm_head"] == "colwise_gather_output"  # logits gathered for the loss
+    assert plan["model.embed_tokens"] == "embedding_rowwise"
+    assert len(plan) == 16  # 7 projections in each of 2 blocks, the embedding and the head
+    with pytest.raises(LeantrainError, match="4 attention heads and 2 key/value heads "
+                                             r"\(grouped-query\) must divide by tp"):
+        layer_plan(shapes.llama_gqa(), 4)
+    with pytest.raises(LeantrainError, match="Sequential declares no tensor-parallel plan"):
+        layer_plan(torch.nn.Sequential(torch.nn.Linear(4, 4)), 2)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4,
+                                        tie_word_embeddings=True))
+    assert "lm_head" not in layer_plan(tied, 2)  # a tied head and embedding stay one tensor
+    assert "model.embed_tokens" not in layer_plan(tied, 2)
+
+
+def test_tensor_parallel_outside_launch_or_under_ddp_is_one_line(tmp_path, capsys):
+    from leantrain.cli import main
+
+    code = main(["train", "--no-progress", "--set", "plan.parallel.tp=2", "--out",
+                 str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "plan.parallel.tp=2 splits layers across processes" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_on_a_stock_llama_with_grouped_query_attention_matches_one_process(
+        tmp_path):
+    """tp=2 on 2 processes: both see every batch, each holds half of every split projection
+    (the shards its checkpoint holds), and the losses of 20 steps equal one process's."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    common = ["--model", "shapes:llama_gqa", "--data", "shapes:lm_data", "--epochs", "1",
+              "--no-progress", "--precision", "fp32", "--set", "train.log_every=1", "--set",
+              "train.monitor_interval_s=0", "--set", "train.max_steps=20", "--set",
+              "data.batch_size=8"]
+    one, split = tmp_path / "one", tmp_path / "tp"
+    _run([*LEANTRAIN, "train", *common, "--out", str(one)], env=env)
+    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",
+          "plan.parallel.tp=2", "--out", str(split)], env=env)
+    a, b = _train_losses(one), _train_losses(split)
+    assert len(a) == len(b) == 20
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    plan = json.loads((split / "summary.json").read_text())["plan"]
+    assert plan["tp"] == 2 and plan["distributed"] == "fsdp"
+    latest = split / "checkpoints" / (split / "checkpoints" / "latest").read_text()
+    tensors = FileSystemReader(str(latest)).read_metadata().state_dict_metadata
+    for name, local in [("model.model.layers.0.self_attn.q_proj.weight", [16, 32]),
+                        ("model.model.layers.0.self_attn.k_proj.weight", [8, 32]),
+                        ("model.model.layers.0.self_attn.o_proj.weight", [32, 16]),
+                        ("model.model.layers.1.mlp.down_proj.weight", [32, 32])]:
+        assert [list(c.sizes) for c in tensors[name].chunks] == [local, local], name
+    import shapes  # model.pt: the whole weights, for the plain model
+
+    shapes.llama_gqa().load_state_dict(torch.load(split / "model.pt", weights_only=True))

@@ -126,6 +126,9 @@ class ParallelConfig:
     # over every process
     dp_replicate: int = 1
     dp_shard: Auto | int = "auto"  # ranks one copy is sharded over; auto: the rest
+    # tensor parallel: ranks that split each planned layer (attention heads, MLP channels)
+    # and see the same batch; needs FSDP2 (auto picks it) and the model's plan
+    tp: int = 1
 
 
 @dataclass
@@ -291,6 +294,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         "train.eval_every_epochs": cfg.train.eval_every_epochs,
         "plan.grad_accum": cfg.plan.grad_accum,
         "plan.parallel.dp_replicate": cfg.plan.parallel.dp_replicate,
+        "plan.parallel.tp": cfg.plan.parallel.tp,
         "data.max_bytes": cfg.data.max_bytes,
         "optim.lr": cfg.optim.resolved().lr,
         "gpt.depth": cfg.gpt.depth,

@@ -36,10 +36,23 @@ class DistContext:
     world_size: int = 1
 
     launched: bool = False  # started by torchrun (any world size, 1 included)
+    # tensor parallel: groups of `tp` consecutive ranks share one batch (`with_mesh`)
+    tp: int = 1
+    mesh: Any = None  # the job's DeviceMesh (dp_replicate, dp_shard, tp), when it has one
+    data_group: Any = None  # the ranks that see different batches (None: the world)
 
     @property
     def active(self) -> bool:
         return self.launched
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's place among the ranks that see different batches."""
+        return self.rank // self.tp
+
+    @property
+    def data_world(self) -> int:
+        return self.world_size // self.tp
 
     @property
     def is_main(self) -> bool:
@@ -134,33 +147,76 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def replica_groups(replicate: int, shard: int | str, strategy: str | None, world: int) -> int:
+def replica_groups(replicate: int, shard: int | str, strategy: str | None, world: int,
+                   tp: int = 1) -> int:
     """How many hybrid-sharding replicas `plan.parallel` asks for (1: FSDP2 over every
-    process, or DDP), checked against the strategy and the number of processes."""
-    if replicate == 1 and (shard == "auto" or (strategy == "fsdp" and shard == world)):
+    data-parallel process, or DDP), checked against the strategy, the tensor-parallel degree
+    and the number of processes: dp_replicate x dp_shard x tp must be the world."""
+    if tp > 1 and strategy != "fsdp":
+        here = f"this run is {strategy}" if strategy else "this is one process"
+        raise LeantrainError(f"plan.parallel.tp={tp} splits layers across processes: it needs "
+                             f"leantrain launch and FSDP2 (plan.distributed=fsdp or auto; {here})")
+    if world % tp:
+        raise LeantrainError(f"plan.parallel.tp ({tp}) must divide the {world} processes")
+    data = world // tp
+    if replicate == 1 and (shard == "auto" or (strategy == "fsdp" and shard == data)):
         return 1
     if strategy != "fsdp":
         here = f"this run is {strategy}" if strategy else \
             "this is one process: pass --set plan.parallel.dp_replicate=1"
         raise LeantrainError("plan.parallel.dp_replicate and dp_shard lay out FSDP2's shards "
                              f"under leantrain launch with plan.distributed=fsdp ({here})")
-    shards = world // replicate
-    if world % replicate or shard not in ("auto", shards):
-        raise LeantrainError(f"plan.parallel: dp_replicate ({replicate}) x dp_shard ({shard}) "
-                             f"must equal the {world} processes")
+    shards = data // replicate
+    if data % replicate or shard not in ("auto", shards):
+        tensor = f" x tp ({tp})" if tp > 1 else ""
+        raise LeantrainError(f"plan.parallel: dp_replicate ({replicate}) x dp_shard ({shard})"
+                             f"{tensor} must equal the {world} processes")
     return replicate
 
 
+def with_mesh(ctx: DistContext, device: torch.device, replicas: int, tp: int) -> DistContext:
+    """The context with the job's DeviceMesh, when the layout needs one (hybrid sharding or
+    tensor parallel): named dimensions dp_replicate (when > 1), dp_shard and tp (when > 1),
+    tp innermost, so a tensor-parallel group is consecutive ranks (one node). Sums of metrics
+    then run over the data-parallel ranks only: a tensor-parallel group's ranks computed one
+    batch's loss together and would count it `tp` times."""
+    if not ctx.active or (replicas == 1 and tp == 1):
+        return ctx
+    from dataclasses import replace
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = {"dp_replicate": replicas, "dp_shard": ctx.world_size // replicas // tp, "tp": tp}
+    names = tuple(n for n, size in shape.items() if size > 1 or n == "dp_shard")
+    mesh = init_device_mesh(device.type, tuple(shape[n] for n in names), mesh_dim_names=names)
+    group = None
+    if tp > 1:  # every rank creates every group (a collective), keeps its own
+        groups = [dist.new_group(list(range(t, ctx.world_size, tp))) for t in range(tp)]
+        group = groups[ctx.rank % tp]
+    return replace(ctx, tp=tp, mesh=mesh, data_group=group)
+
+
+def data_mesh(ctx: DistContext):
+    """The mesh FSDP2 shards over: the data-parallel dimensions of the job's mesh (None: all
+    the processes, FSDP2's default)."""
+    if ctx.mesh is None:
+        return None
+    names = ctx.mesh.mesh_dim_names
+    return ctx.mesh[("dp_replicate", "dp_shard")] if "dp_replicate" in names else \
+        ctx.mesh["dp_shard"]
+
+
 def wrap(model: nn.Module, strategy: str | None, device: torch.device,
-         precision: str = "fp32", replicas: int = 1) -> nn.Module:
+         precision: str = "fp32", mesh=None) -> nn.Module:
     """The module the training step calls: DDP around the model, or the model FSDP2-sharded.
 
     FSDP2 shards in place (parameters become DTensors), so build the optimizer afterwards.
     Under bf16 it gathers the parameters in bf16 for compute and reduces the gradients in
     fp32 (`mixed_precision`): half the bytes of an fp32 all-gather, as torchtitan does.
-    With `replicas` > 1 it shards over groups of world / replicas processes and all-reduces
-    the gradients between the groups (hybrid sharding, on a 2-D mesh): all-gathers stay
-    within a group (a node), only the gradient all-reduce crosses them.
+    On a 2-D `mesh` (`data_mesh`: dp_replicate x dp_shard) it shards within each replica
+    group and all-reduces the gradients between the groups (hybrid sharding): all-gathers stay
+    within a group (a node), only the gradient all-reduce crosses them. A tensor-parallel
+    model is sharded over the data-parallel dimensions only.
     """
     if strategy is None:
         return model
@@ -171,12 +227,8 @@ def wrap(model: nn.Module, strategy: str | None, device: torch.device,
 
     policy = mixed_precision(precision, model)
     options: dict[str, Any] = {"mp_policy": policy} if policy is not None else {}
-    if replicas > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        world = dist.get_world_size()
-        options["mesh"] = init_device_mesh(device.type, (replicas, world // replicas),
-                                           mesh_dim_names=("dp_replicate", "dp_shard"))
+    if mesh is not None:
+        options["mesh"] = mesh
     for block in blocks(model):
         fully_shard(block, **options)
     fully_shard(model, **options)
@@ -207,14 +259,16 @@ def gradient_sync(step_model: nn.Module, strategy: str | None, sync: bool):
     return nullcontext()
 
 
-def all_reduce_sum(tensors: list[torch.Tensor], ctx: DistContext) -> list[torch.Tensor]:
-    """Sums across ranks (copies; the inputs keep their per-rank values)."""
+def all_reduce_sum(tensors: list[torch.Tensor], ctx: DistContext, everywhere: bool = False
+                   ) -> list[torch.Tensor]:
+    """Sums across the data-parallel ranks, or `everywhere` (a flag every rank must see);
+    copies: the inputs keep their per-rank values."""
     if not ctx.active:
         return tensors
     out = []
     for t in tensors:
         t = t.clone()
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=None if everywhere else ctx.data_group)
         out.append(t)
     return out
 

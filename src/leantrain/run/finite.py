@@ -41,7 +41,7 @@ def first_bad_parameter(model: nn.Module, dist: DistContext) -> str | None:
     flags = torch.stack([torch.isfinite(p).all() for _, p in params])
     bad = (~flags).float().sum().reshape(1)
     if dist.active:
-        bad = distributed.all_reduce_sum([bad], dist)[0]
+        bad = distributed.all_reduce_sum([bad], dist, everywhere=True)[0]
     if float(bad.item()) == 0:
         return None
     local = [name for (name, _), ok in zip(params, flags.tolist(), strict=True) if not ok]

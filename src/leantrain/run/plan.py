@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .. import distributed, env
+from .. import distributed, env, tensor_parallel
 from ..config import PlanConfig, TrainConfig
 from ..data.fingerprint import fingerprint
 from ..data.loaders import (
@@ -107,14 +107,17 @@ def device_setting(requested: str) -> str:
     return select_device(requested).device.type if requested == "auto" else requested
 
 
-def resolve_strategy(requested: str, ctx: DistContext) -> str | None:
-    """None outside torchrun; "auto" is DDP (FSDP2 is for models that do not fit a device)."""
+def resolve_strategy(requested: str, ctx: DistContext, tp: int = 1) -> str | None:
+    """None outside torchrun; "auto" is DDP (FSDP2 is for models that do not fit a device),
+    FSDP2 under tensor parallelism (DDP cannot wrap its split layers)."""
     if not ctx.active:
         if requested != "auto":
             raise LeantrainError(f"plan.distributed {requested!r} needs processes started by "
                                  "`leantrain launch --nproc N -- train ...` (torchrun)")
         return None
-    return "ddp" if requested == "auto" else requested
+    if requested == "auto":
+        return "fsdp" if tp > 1 else "ddp"
+    return requested
 
 
 @dataclass
@@ -130,6 +133,8 @@ class ResolvedPlan:
     outcomes: list[Outcome] = field(default_factory=list)
     distributed: str | None = None  # "ddp" | "fsdp" under `leantrain launch`, else None
     replicas: int = 1  # FSDP2's hybrid-sharding replicas (plan.parallel.dp_replicate)
+    tp: int = 1  # tensor-parallel degree (plan.parallel.tp)
+    tp_layers: dict[str, str] = field(default_factory=dict)  # module -> split (tp > 1)
     activation_checkpointing: bool = False
     optimizer_states: str = "fp32"
     compile_mode: str = "default"
@@ -159,6 +164,7 @@ class ResolvedPlan:
             "grad_accum": self.grad_accum,
             "distributed": self.distributed,
             "replicas": self.replicas,
+            "tp": self.tp,
             "activation_checkpointing": self.activation_checkpointing,
             "outcomes": {o.name: o.describe() for o in self.outcomes},
         }
@@ -181,9 +187,11 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
     reason = f"one GPU per local rank ({dist.local_rank})" if device != choice.device \
         else choice.reason
     outcomes = [Outcome("device", True, f"{device} ({reason})")]
-    strategy = resolve_strategy(cfg.distributed, dist)
+    tp = cfg.parallel.tp
+    strategy = resolve_strategy(cfg.distributed, dist, tp)
     replicas = distributed.replica_groups(cfg.parallel.dp_replicate, cfg.parallel.dp_shard,
-                                          strategy, dist.world_size)
+                                          strategy, dist.world_size, tp)
+    tp_layers = tensor_parallel.layer_plan(model, tp) if tp > 1 else {}
     ctx = Context(device, model, optimizer_name, strategy, dist.world_size, tokens_per_batch,
                   clip_norm)
     values = {}
@@ -191,14 +199,17 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
         values[technique.NAME], outcome = technique.decide(ctx, cfg)
         note = (notes or {}).get(technique.NAME)
         outcomes.append(replace(outcome, detail=f"{outcome.detail}; {note}") if note else outcome)
-    hybrid = f" (hybrid: {replicas} replicas x {dist.world_size // replicas} shards)" \
+    data = dist.world_size // tp
+    hybrid = f" (hybrid: {replicas} replicas x {data // replicas} shards)" \
         if replicas > 1 else ""
+    hybrid += f", tensor parallel over {tp} ranks ({len(tp_layers)} layers split)" \
+        if tp > 1 else ""
     outcomes.append(Outcome("distributed", strategy is not None,
                             f"{strategy} over {dist.world_size} process(es){hybrid}, rank "
                             f"{dist.rank}" if strategy else
                             "one process (start several with leantrain launch)"))
     return ResolvedPlan(device=device, outcomes=outcomes, distributed=strategy,
-                        replicas=replicas, **values)
+                        replicas=replicas, tp=tp, tp_layers=tp_layers, **values)
 
 
 LossFn = Callable[..., torch.Tensor]
@@ -341,10 +352,11 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     data = cfg.data
     plan, in_memory = decide(cfg, model, train_data, collate_fn, dist, notes)
     distributed.setup(dist, plan.device, cfg.train.dist_timeout_s)
+    dist = distributed.with_mesh(dist, plan.device, plan.replicas, plan.tp)
     model = prepare_model(model, plan)
-    on_cuda, shard = plan.device.type == "cuda", (dist.rank, dist.world_size)
+    on_cuda, shard = plan.device.type == "cuda", (dist.data_rank, dist.data_world)
     drop = drop_last or _drops_short_batch(plan, model, len(train_data), data.batch_size,
-                                           dist.world_size)
+                                           dist.data_world)
 
     def train_loader(options: LoaderOptions):
         return make_loader(train_data, data.batch_size, True, cfg.train.seed, plan.device,
@@ -355,7 +367,7 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     if len(batches) == 0:
         raise LeantrainError(
             f"{len(train_data)} training samples make no full batch of "
-            f"{data.batch_size} x {dist.world_size} processes; lower data.batch_size")
+            f"{data.batch_size} x {dist.data_world} processes; lower data.batch_size")
     if len(val_data) == 0:
         raise LeantrainError("the validation set is empty; give it samples (or, for a single "
                              "dataset, a data.val_fraction that leaves some)")
@@ -389,8 +401,10 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
         step.check_evaluation(model, val, contract)
     if plan.distributed == "fsdp":  # sharded parameters are initialised whole, first
         init_weights(model, cfg.train.init)
+    if plan.tp > 1:  # the field's order: split layers, then shard over the data ranks
+        tensor_parallel.apply(model, dist.mesh["tp"], plan.tp_layers)
     wrapped = distributed.wrap(model, plan.distributed, plan.device, plan.precision,
-                               plan.replicas)
+                               distributed.data_mesh(dist))
     kept = batch_count(len(train_data), data.batch_size, shard, drop_last)
     return Run(cfg, plan, dist, model, wrapped, contract, batches, val, options, tuning,
                num_classes, whole is not None,

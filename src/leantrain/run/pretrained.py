@@ -36,6 +36,19 @@ def folder_name(model: nn.Module) -> str | None:
     return None
 
 
+def _user_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2 makes a sharded model an instance of a class of its own
+    (FSDPLlamaForCausalLM, subclassing FSDPModule and the model's), which no one loads."""
+    cls = type(model)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # (a torch without distributed)
+        return cls
+    if isinstance(model, FSDPModule):
+        return next((b for b in cls.__bases__ if b is not FSDPModule), cls)
+    return cls
+
+
 def write_pretrained(model: nn.Module, weights: dict[str, Any], out_dir: Path) -> str | None:
     """The model's `save_pretrained` folder in `out_dir`, from `weights` (the full state_dict,
     as gathered for model.pt), written whole or not at all; returns its name, or None for a
@@ -46,6 +59,6 @@ def write_pretrained(model: nn.Module, weights: dict[str, Any], out_dir: Path) -
     plain = plain_module(model)
     atomic_folder(out_dir / name, lambda tmp: plain.save_pretrained(str(tmp), state_dict=weights))
     how = "PeftModel.from_pretrained(base_model, DIR)" if name == ADAPTER_DIR \
-        else f"{type(plain).__name__}.from_pretrained(DIR)"
+        else f"{_user_class(plain).__name__}.from_pretrained(DIR)"
     log.info("%s: load it with %s", out_dir / name, how)
     return name

@@ -77,7 +77,7 @@ class StopRequest:
         if step % log_every:
             return False
         flag = torch.tensor([float(self.requested)], device=device)
-        return bool(distributed.all_reduce_sum([flag], dist)[0].item())
+        return bool(distributed.all_reduce_sum([flag], dist, everywhere=True)[0].item())
 
     def stop(self, step: int, resume_command: str | None,
              save_checkpoint: Callable[[], None]) -> None:

@@ -99,6 +99,7 @@ RESUMABLE_KEYS = frozenset({
     "data.prefetch_factor", "data.persistent_workers", "data.eval_batch_size", "plan.cache",
     # DDP or FSDP2, hybrid or not: a checkpoint holds tensors by name either way
     "plan.distributed", "plan.parallel.dp_replicate", "plan.parallel.dp_shard",
+    "plan.parallel.tp",
     "train.async_checkpoint",
 })
 _REQUIRED = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": (dict, list),
@@ -121,7 +122,8 @@ def fingerprint(run: Run) -> dict[str, Any]:
     return {"config": _flat(run.cfg.to_dict()),
             "parameters": {name: list(p.shape) for name, p in run.model.state_dict().items()
                            if isinstance(p, torch.Tensor)},
-            "data": run.data_fingerprint, "world_size": run.dist.world_size}
+            "data": run.data_fingerprint, "world_size": run.dist.world_size,
+            "data_world": run.dist.data_world}
 
 
 def check_fingerprint(saved: dict[str, Any], run: Run, path: Path,
@@ -133,7 +135,7 @@ def check_fingerprint(saved: dict[str, Any], run: Run, path: Path,
     before = saved.get("config", {})
     changed = sorted(k for k in set(before) | set(now["config"])
                      if before.get(k) != now["config"].get(k))
-    _check_global_batch(before, saved.get("world_size"), run, path)
+    _check_global_batch(before, saved.get("data_world", saved.get("world_size")), run, path)
     refused = [k for k in changed if k not in RESUMABLE_KEYS and k != "data.batch_size"]
     if refused:
         shown = ", ".join(f"{k} ({before.get(k)!r} -> {now['config'].get(k)!r})"
@@ -155,19 +157,21 @@ def check_fingerprint(saved: dict[str, Any], run: Run, path: Path,
 
 def _check_global_batch(before: dict[str, Any], world: int | None, run: Run,
                         path: Path) -> None:
-    """A resume on another number of processes keeps the global batch (processes x
-    data.batch_size): the schedule, the data position and what a step learns follow it."""
-    world = world or run.dist.world_size
+    """A resume on another number of processes keeps the global batch (data-parallel
+    processes x data.batch_size): the schedule, the data position and what a step learns
+    follow it."""
+    here = run.dist.data_world
+    world = world or here
     had = before.get("data.batch_size")
     if not isinstance(had, int) or not isinstance(world, int):
         return
-    now = run.cfg.data.batch_size * run.dist.world_size
+    now = run.cfg.data.batch_size * here
     if had * world != now:
-        fits = "" if (had * world) % run.dist.world_size else \
-            f"; on {run.dist.world_size} process(es) pass --set data.batch_size=" \
-            f"{had * world // run.dist.world_size}"
+        fits = "" if (had * world) % here else \
+            f"; on {here} data-parallel process(es) pass --set data.batch_size=" \
+            f"{had * world // here}"
         raise LeantrainError(f"resume {path.parent}: the global batch changed: {world} x "
-                             f"{had} = {had * world} at the checkpoint, {run.dist.world_size} x "
+                             f"{had} = {had * world} at the checkpoint, {here} x "
                              f"{run.cfg.data.batch_size} = {now} now{fits}")
 
 
@@ -264,7 +268,8 @@ def _restore_streams(state: TrainState, run: Run, saved: dict[str, Any], path: P
         restore_rng(rng[rank])
         state.epoch_sums = [t.to(device) for t in sums[rank]]
         return
-    seed_everything(run.cfg.train.seed * 1_000_003 + state.progress.step * 101 + rank)
+    seed_everything(run.cfg.train.seed * 1_000_003 + state.progress.step * 101 +
+                    run.dist.data_rank)  # (one stream per tensor-parallel group)
     totals = [sum(part[i] for part in sums) for i in range(len(sums[0]))]
     state.epoch_sums = [(t if rank == 0 else torch.zeros_like(t)).to(device) for t in totals]
     if run.dist.is_main:

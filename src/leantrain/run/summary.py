@@ -136,7 +136,7 @@ def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float
         "compile_seconds": p.compile_seconds if plan.compile else None,
         "samples_per_second": samples_per_second,  # per process
         "world_size": run.dist.world_size,
-        "global_samples_per_second": samples_per_second * run.dist.world_size
+        "global_samples_per_second": samples_per_second * run.dist.data_world
         if samples_per_second else None,
         "step_breakdown": step_breakdown(timer, run),
         **utilization(plan, flops_per_sample, samples_per_second),

@@ -72,10 +72,10 @@ class Trainer:
             self.compiling.close()
 
     def _start_fresh(self) -> None:
-        cfg, plan, rank = self.run.cfg, self.run.plan, self.run.dist.rank
+        cfg, plan, rank = self.run.cfg, self.run.plan, self.run.dist.data_rank
         if plan.distributed != "fsdp":  # FSDP2 models were initialised before sharding
             init_weights(self.run.model, cfg.train.init)
-        torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank
+        torch.manual_seed(cfg.train.seed + rank)  # dropout differs per batch shard
 
     def micro_step(self, batch: step.Batch, micro: int, last: bool) -> tuple[bool, torch.Tensor]:
         """Forward and backward one loader batch (as `progress.micro_split` micro-batches
