@@ -914,6 +914,12 @@ def test_the_tensor_parallel_plan_is_the_models_own_and_checked_for_tp():
     assert plan["lm_head"] == "colwise_gather_output"  # logits gathered for the loss
     assert plan["model.embed_tokens"] == "embedding_rowwise"
     assert len(plan) == 16  # 7 projections in each of 2 blocks, the embedding and the head
+    from leantrain.tensor_parallel import split_share
+
+    model = shapes.llama_gqa()
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    total = sum(p.numel() for p in model.parameters())
+    assert split_share(model, 2) == pytest.approx(1 - norms / total)  # all but the norms
     with pytest.raises(LeantrainError, match="4 attention heads and 2 key/value heads "
                                              r"\(grouped-query\) must divide by tp"):
         layer_plan(shapes.llama_gqa(), 4)

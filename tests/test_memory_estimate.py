@@ -109,6 +109,11 @@ def test_a_launch_is_priced_per_rank_and_fits_is_the_ranks(monkeypatch):
                       layout=Layout(4, "fsdp", replicas=2, async_save=True)).per_rank
     assert hybrid["shards"] == 2 and hybrid["checkpoint_bytes"] == (params + states) // 4
     assert hybrid["at_save_bytes"] == (params + states) // 2  # the async staging copy
+    # 2 data-parallel shards x tp 2, half the weights in split layers: a rank keeps
+    # (1/2 whole + 1/2 split in two) / 2 shards = 3/8 of the weights, gradients and states
+    tensor = Layout(4, "fsdp", tp=2, split=0.5)
+    assert tensor.shards == 2 and tensor.kept == pytest.approx(3 / 8)
+    assert tensor.describe() == "4 processes, FSDP2 over 2 shards, layers split over 2"
     ddp = estimate(_small_mlp, _bundle("mlp"), _cfg(64), layout=Layout(2, "ddp")).per_rank
     assert ddp["training_peak_bytes"] > one.peak_bytes  # DDP's gradient buckets besides
     # a rank too small for one process's step but large enough for its shard: "fits"

@@ -129,6 +129,15 @@ def _check_divisible(module_name: str, module: nn.Module, style: str, tp: int) -
                              "divide by tp")
 
 
+def split_share(model: nn.Module, tp: int) -> float:
+    """The share of the model's parameter bytes in the layers its plan splits (checked for
+    `tp` as a launch would check it)."""
+    modules = dict(model.named_modules())
+    split = {id(p) for name in layer_plan(model, tp) for p in modules[name].parameters()}
+    sizes = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(sizes[i] for i in split if i in sizes) / max(sum(sizes.values()), 1)
+
+
 def apply(model: nn.Module, mesh, plan: dict[str, str]) -> None:
     """Split the planned layers across the `tp` mesh dimension, in place (their parameters
     become DTensors: build the optimizer afterwards)."""

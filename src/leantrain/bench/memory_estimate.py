@@ -99,23 +99,33 @@ class Layout:
     strategy: str  # "ddp" | "fsdp"
     replicas: int = 1
     async_save: bool = False
+    tp: int = 1  # tensor-parallel degree
+    split: float = 0.0  # share of the parameters' bytes in the layers tensor parallel splits
 
     @property
     def shards(self) -> int:
-        return self.processes // self.replicas if self.strategy == "fsdp" else 1
+        return self.processes // self.replicas // self.tp if self.strategy == "fsdp" else 1
+
+    @property
+    def kept(self) -> float:
+        """The share of the weights (and of their gradients and states) a rank holds."""
+        return (1 - self.split + self.split / self.tp) / self.shards
 
     def saved(self, kinds: dict[str, int]) -> float:
         """Bytes a rank holds less than one process: FSDP2 shards the weights, gradients and
-        states; DDP holds more, its gradient buckets (a second copy of the gradients)."""
+        states, tensor parallel splits its layers'; DDP holds more, its gradient buckets (a
+        second copy of the gradients). Activations are counted whole (an upper bound under
+        tensor parallel, where a split layer's are smaller)."""
         if self.strategy == "ddp":
             return -kinds["gradients"]
-        return sum(kinds[k] for k in _SHARDED) * (1 - 1 / self.shards)
+        return sum(kinds[k] for k in _SHARDED) * (1 - self.kept)
 
     def describe(self) -> str:
         if self.strategy == "ddp":
             return f"{self.processes} processes, DDP"
         hybrid = f"{self.replicas} copies x " if self.replicas > 1 else ""
-        return f"{self.processes} processes, FSDP2 over {hybrid}{self.shards} shards"
+        tensor = f", layers split over {self.tp}" if self.tp > 1 else ""
+        return f"{self.processes} processes, FSDP2 over {hybrid}{self.shards} shards{tensor}"
 
 
 def per_rank(est: MemoryEstimate, layout: Layout, limit: float | None, gathered: int = 0
@@ -128,14 +138,15 @@ def per_rank(est: MemoryEstimate, layout: Layout, limit: float | None, gathered:
     gathered on the host for model.pt, the optimizer not)."""
     fwbw = est.forward_backward
     state = fwbw["parameters"] + fwbw["optimizer_states"]
+    split = 1 - layout.split + layout.split / layout.tp  # (of a block's weights, under tp)
     training = est.peak_at(est.micro_batch, layout.saved) + \
-        (gathered if layout.strategy == "fsdp" else 0)
+        (int(gathered * split) if layout.strategy == "fsdp" else 0)
     return {"layout": layout.describe(), "processes": layout.processes,
-            "shards": layout.shards, "replicas": layout.replicas,
+            "shards": layout.shards, "replicas": layout.replicas, "tp": layout.tp,
             "training_peak_bytes": training,
             "fits": None if limit is None else training <= limit,
             "checkpoint_bytes": int(state / layout.processes),
-            "at_save_bytes": int(state / layout.shards) if layout.async_save else 0,
+            "at_save_bytes": int(state * layout.kept) if layout.async_save else 0,
             "at_resume_bytes": 0, "rank0_at_end_bytes": fwbw["parameters"]}
 
 

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, dist) -> int:
     if args.steps < 1:
         raise LeantrainError(f"--steps must be >= 1, got {args.steps}")
     cfg, out, bundle, builder = common.load_inputs(args, "doctor")
-    cfg, layout = launch_layout(cfg, args.ranks)
+    cfg, layout = launch_layout(cfg, args.ranks, builder)
     with LoadWatch() as load:
         report = run_doctor(builder, bundle, cfg, out, steps=args.steps,
                             profile=not args.no_profile, check_compile=not args.no_compile_check,
@@ -56,25 +56,27 @@ def run(args: argparse.Namespace, dist) -> int:
 MAX_RANKS = 1 << 20  # a launch priced per rank may span a cluster, not this machine
 
 
-def launch_layout(cfg, ranks: int | None):
+def launch_layout(cfg, ranks: int | None, build_model):
     """(the config doctor runs in this one process, the launch of `ranks` processes to price
     per rank): the plan's distributed settings describe the launch, so the probe runs
-    without them."""
+    without them. A tensor-parallel layout is checked against the model's plan here."""
     from dataclasses import replace
 
     from ..bench.memory_estimate import Layout
     from ..config import ParallelConfig
     from ..distributed import replica_groups
+    from ..tensor_parallel import split_share
 
     if ranks is None:
         return cfg, None
     if not 2 <= ranks <= MAX_RANKS:
         raise LeantrainError(f"--ranks prices a launch of several processes: 2..{MAX_RANKS}, "
                              f"got {ranks}")
-    strategy = "fsdp" if cfg.plan.distributed == "fsdp" else "ddp"
     parallel = cfg.plan.parallel
-    layout = Layout(ranks, strategy, replica_groups(parallel.dp_replicate, parallel.dp_shard,
-                                                    strategy, ranks),
-                    cfg.train.async_checkpoint)
+    strategy = "fsdp" if cfg.plan.distributed == "fsdp" or parallel.tp > 1 else "ddp"
+    replicas = replica_groups(parallel.dp_replicate, parallel.dp_shard, strategy, ranks,
+                              parallel.tp)
+    split = split_share(build_model(), parallel.tp) if parallel.tp > 1 else 0.0
+    layout = Layout(ranks, strategy, replicas, cfg.train.async_checkpoint, parallel.tp, split)
     plan = replace(cfg.plan, distributed="auto", parallel=ParallelConfig())
     return replace(cfg, plan=plan), layout
