@@ -197,3 +197,23 @@ def test_doctor_and_find_batch_size_print_the_estimate(tmp_path, capsys):
     saved = json.loads((tmp_path / "sizes" / "batch_size.json").read_text())
     assert saved["memory"]["micro_batch"] == 64
     assert 0 <= saved["load"]["others_share"] <= 1
+
+
+def test_a_tensor_parallel_rank_holds_a_split_share_of_the_activations():
+    """The activations between a Llama's split layers (q, k, v, the MLP's channels) are split
+    tp ways; the rest (norms, residual stream, gathered logits) are whole on each rank."""
+    import shapes
+
+    from leantrain.bench.memory_estimate import Layout
+    from leantrain.tensor_parallel import split_share
+
+    bundle = DataBundle(*shapes.lm_data(), num_classes=None, description="counting")
+    cfg = config_from_dict({"data": {"batch_size": 8}, "train": {"epochs": 1},
+                            "optim": {"name": "adamw", "lr": 1e-3},
+                            "plan": {"device": "cpu", "precision": "fp32"}})
+    layout = Layout(2, "fsdp", tp=2, split=split_share(shapes.llama_gqa(), 2))
+    est = estimate(shapes.llama_gqa, bundle, cfg, layout=layout)
+    assert 0.2 < est.per_rank["split_activations"] < 0.9  # measured by forward hooks
+    fsdp = estimate(shapes.llama_gqa, bundle, cfg, layout=Layout(2, "fsdp")).per_rank
+    # the same 2 ranks as 2 FSDP2 shards hold the whole activations of their own batch
+    assert est.per_rank["training_peak_bytes"] < fsdp["training_peak_bytes"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -101,6 +101,7 @@ class Layout:
     async_save: bool = False
     tp: int = 1  # tensor-parallel degree
     split: float = 0.0  # share of the parameters' bytes in the layers tensor parallel splits
+    split_activations: float = 0.0  # share of the activations' bytes it splits (measured)
 
     @property
     def shards(self) -> int:
@@ -113,12 +114,13 @@ class Layout:
 
     def saved(self, kinds: dict[str, int]) -> float:
         """Bytes a rank holds less than one process: FSDP2 shards the weights, gradients and
-        states, tensor parallel splits its layers'; DDP holds more, its gradient buckets (a
-        second copy of the gradients). Activations are counted whole (an upper bound under
-        tensor parallel, where a split layer's are smaller)."""
+        states, tensor parallel splits its layers' and the activations between its split
+        layers; DDP holds more, its gradient buckets (a second copy of the gradients)."""
         if self.strategy == "ddp":
             return -kinds["gradients"]
-        return sum(kinds[k] for k in _SHARDED) * (1 - self.kept)
+        split = self.split_activations * (1 - 1 / self.tp)
+        return sum(kinds[k] for k in _SHARDED) * (1 - self.kept) + \
+            sum(kinds[k] for k in _PER_SAMPLE) * split
 
     def describe(self) -> str:
         if self.strategy == "ddp":
@@ -143,11 +145,58 @@ def per_rank(est: MemoryEstimate, layout: Layout, limit: float | None, gathered:
         (int(gathered * split) if layout.strategy == "fsdp" else 0)
     return {"layout": layout.describe(), "processes": layout.processes,
             "shards": layout.shards, "replicas": layout.replicas, "tp": layout.tp,
+            "split_activations": layout.split_activations,
             "training_peak_bytes": training,
             "fits": None if limit is None else training <= limit,
             "checkpoint_bytes": int(state / layout.processes),
             "at_save_bytes": int(state * layout.kept) if layout.async_save else 0,
             "at_resume_bytes": 0, "rank0_at_end_bytes": fwbw["parameters"]}
+
+
+def activations_split(run: Run, tp: int) -> float:
+    """The share of a forward's activations that tensor parallel splits, from the bytes each
+    layer produces on one batch: the outputs of the column-split layers (q, k, v, the MLP's
+    up and gate channels) and the inputs of the row-split ones (the attention's output, the
+    MLP's hidden channels) are split `tp` ways; every other layer's output (norms, the
+    residual stream, the gathered logits) is whole on each rank."""
+    from ..tensor_parallel import layer_plan
+
+    plan, sizes = layer_plan(run.model, tp), {"split": 0, "whole": 0}
+
+    def nbytes(value) -> int:
+        return sum(t.numel() * t.element_size() for t in _tensors(value))
+
+    def record(name: str):
+        def hook(module, inputs, output) -> None:
+            style = plan.get(name, "")
+            if style == "colwise":
+                sizes["split"] += nbytes(output)
+            elif style == "rowwise":
+                sizes["split"] += nbytes(inputs)
+                sizes["whole"] += nbytes(output)
+            elif not any(True for _ in module.children()):
+                sizes["whole"] += nbytes(output)
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in run.model.named_modules()]
+    try:
+        metrics(run.model, OneBatch(next(iter(run.train_loader.batches()))), run.step)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    total = sizes["split"] + sizes["whole"]
+    return sizes["split"] / total if total else 0.0
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return [t for v in getattr(value, "values", lambda: [])() for t in _tensors(v)] \
+        if hasattr(value, "keys") else []
 
 
 def gathered_bytes(model: nn.Module) -> int:
@@ -301,6 +350,8 @@ def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Trai
         est.fits = est.peak_bytes <= limit
         est.largest_micro_batch = _largest_micro_batch(est, limit)
     if layout is not None:
+        if layout.tp > 1:
+            layout = replace(layout, split_activations=activations_split(run, layout.tp))
         est.per_rank = per_rank(est, layout, limit, gathered_bytes(run.model))
         if limit is not None:
             est.fits = est.per_rank["fits"]
