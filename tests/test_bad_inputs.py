@@ -1553,6 +1553,8 @@ def test_stdout_on_a_full_device_is_one_line(tmp_path, monkeypatch, capsys):
     (["--ranks", "6", "--set", "plan.distributed=fsdp", "--set",
       "plan.parallel.dp_replicate=4"], "dp_replicate (4) x dp_shard (auto) must equal the 6"),
     (["--ranks", "4", "--set", "plan.parallel.dp_replicate=2"], "plan.distributed=fsdp"),
+    (["--ranks", "4", "--set", "plan.distributed=ddp", "--set", "plan.parallel.tp=2"],
+     "this run is ddp"),  # what a launch would refuse: priced as FSDP2 once
 ])
 def test_doctor_per_rank_layouts_that_cannot_launch_are_one_line(tmp_path, capsys, extra,
                                                                  fragment):

@@ -107,3 +107,23 @@ def test_loading_a_checkpoint_keeps_torchaos_import_chatter_off_the_terminal(tmp
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torchao" not in done.stderr and "_pytree" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_checkpoint_older_than_a_config_key_resumes_and_a_save_setting_may_change(tmp_path):
+    """A key added after a checkpoint was written (train.keep_checkpoints, plan.parallel.*),
+    at its default, is no change of config: the old checkpoint resumes (it was refused,
+    "keep_checkpoints (None -> 2)"); and how a run saves may change on resume."""
+    from leantrain.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--no-progress", "--set", "train.max_steps=2", "--out",
+                 str(run)]) == 0
+    saved = load_checkpoint(run / "checkpoint.pt")
+    for key in ("train.keep_checkpoints", "plan.parallel.tp", "plan.parallel.dp_replicate",
+                "plan.parallel.dp_shard"):
+        del saved["fingerprint"]["config"][key]  # as written before the key existed
+    atomic_save(saved, run / "checkpoint.pt")
+    for name in ("summary.json", "model.pt", "model.pt.sha256"):  # as a kill leaves it
+        (run / name).unlink(missing_ok=True)
+    assert main(["train", "--no-progress", "--resume", str(run), "--set",
+                 "train.max_steps=3", "--set", "train.keep_checkpoints=3"]) == 0

@@ -934,6 +934,21 @@ def test_the_tensor_parallel_plan_is_the_models_own_and_checked_for_tp():
     assert "model.embed_tokens" not in layer_plan(tied, 2)
 
 
+def test_tokens_per_step_counts_a_tensor_parallel_group_once():
+    """Both ranks of a tp=2 group see one batch: 512 tokens a step from micro-batches of 128
+    is 4 of them, as on one process (it was 2: half the tokens asked for)."""
+    import shapes
+
+    from leantrain.config import config_from_dict
+    from leantrain.distributed import DistContext
+    from leantrain.run.plan import resolve_plan
+
+    cfg = config_from_dict({"plan": {"tokens_per_step": 512, "device": "cpu",
+                                     "parallel": {"tp": 2}}})
+    plan = resolve_plan(cfg.plan, shapes.llama_gqa(), 128, "adamw", DistContext(0, 0, 2, True))
+    assert plan.grad_accum == 4 and plan.tp == 2 and plan.distributed == "fsdp"
+
+
 def test_tensor_parallel_outside_launch_or_under_ddp_is_one_line(tmp_path, capsys):
     from leantrain.cli import main
 
@@ -956,7 +971,7 @@ def test_tensor_parallel_on_a_stock_llama_with_grouped_query_attention_matches_o
     common = ["--model", "shapes:llama_gqa", "--data", "shapes:lm_data", "--epochs", "1",
               "--no-progress", "--precision", "fp32", "--set", "train.log_every=1", "--set",
               "train.monitor_interval_s=0", "--set", "train.max_steps=20", "--set",
-              "data.batch_size=8"]
+              "data.batch_size=8", "--set", "train.clip_norm=0.05"]  # (clipping every step)
     one, split = tmp_path / "one", tmp_path / "tp"
     _run([*LEANTRAIN, "train", *common, "--out", str(one)], env=env)
     _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",

@@ -353,9 +353,12 @@ def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Trai
         if layout.tp > 1:
             layout = replace(layout, split_activations=activations_split(run, layout.tp))
         est.per_rank = per_rank(est, layout, limit, gathered_bytes(run.model))
-        if limit is not None:
+        if limit is not None:  # (less the whole blocks FSDP2 gathers, which no batch shrinks)
+            gathered = est.per_rank["training_peak_bytes"] - \
+                est.peak_at(est.micro_batch, layout.saved)
             est.fits = est.per_rank["fits"]
-            est.largest_micro_batch = _largest_micro_batch(est, limit, layout.saved)
+            est.largest_micro_batch = _largest_micro_batch(est, limit - gathered,
+                                                           layout.saved)
     est.options = _options(est, run, build_model, bundle, cfg, limit, shards_available)
     if cfg.plan.compile is not False:
         est.notes.append("probed eagerly: compiled kernels usually hold less")

@@ -73,7 +73,9 @@ def launch_layout(cfg, ranks: int | None, build_model):
         raise LeantrainError(f"--ranks prices a launch of several processes: 2..{MAX_RANKS}, "
                              f"got {ranks}")
     parallel = cfg.plan.parallel
-    strategy = "fsdp" if cfg.plan.distributed == "fsdp" or parallel.tp > 1 else "ddp"
+    requested = cfg.plan.distributed  # (as a launch resolves it: auto is FSDP2 under tp)
+    strategy = "fsdp" if requested == "fsdp" or (requested == "auto" and parallel.tp > 1) \
+        else "ddp"
     replicas = replica_groups(parallel.dp_replicate, parallel.dp_shard, strategy, ranks,
                               parallel.tp)
     split = split_share(build_model(), parallel.tp) if parallel.tp > 1 else 0.0

@@ -192,8 +192,9 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
     replicas = distributed.replica_groups(cfg.parallel.dp_replicate, cfg.parallel.dp_shard,
                                           strategy, dist.world_size, tp)
     tp_layers = tensor_parallel.layer_plan(model, tp) if tp > 1 else {}
-    ctx = Context(device, model, optimizer_name, strategy, dist.world_size, tokens_per_batch,
-                  clip_norm)
+    # (the processes that see different batches: a tensor-parallel group's share one)
+    ctx = Context(device, model, optimizer_name, strategy, dist.world_size // tp,
+                  tokens_per_batch, clip_norm)
     values = {}
     for technique in PLANNED:
         values[technique.NAME], outcome = technique.decide(ctx, cfg)

@@ -23,6 +23,7 @@ from ..checkpoint import (
     restore_rng,
     seed_everything,
 )
+from ..config import TrainConfig
 from ..errors import LeantrainError, one_line
 from ..losses import tasks
 from ..techniques import precision
@@ -100,7 +101,7 @@ RESUMABLE_KEYS = frozenset({
     # DDP or FSDP2, hybrid or not: a checkpoint holds tensors by name either way
     "plan.distributed", "plan.parallel.dp_replicate", "plan.parallel.dp_shard",
     "plan.parallel.tp",
-    "train.async_checkpoint",
+    "train.async_checkpoint", "train.keep_checkpoints",
 })
 _REQUIRED = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": (dict, list),
              "progress": dict, "epoch_sums": list}
@@ -133,8 +134,10 @@ def check_fingerprint(saved: dict[str, Any], run: Run, path: Path,
     now = fingerprint(run)
     _check_data(saved.get("data"), now["data"], path, data_changed)
     before = saved.get("config", {})
-    changed = sorted(k for k in set(before) | set(now["config"])
-                     if before.get(k) != now["config"].get(k))
+    defaults = _flat(TrainConfig().to_dict())  # a key newer than the checkpoint is no
+    changed = sorted(k for k in set(before) | set(now["config"])  # change at its default
+                     if before.get(k) != now["config"].get(k)
+                     and not (k not in before and now["config"].get(k) == defaults.get(k)))
     _check_global_batch(before, saved.get("data_world", saved.get("world_size")), run, path)
     refused = [k for k in changed if k not in RESUMABLE_KEYS and k != "data.batch_size"]
     if refused:
@@ -264,14 +267,19 @@ def _restore_streams(state: TrainState, run: Run, saved: dict[str, Any], path: P
     sums = sums if isinstance(sums[0], list) else [sums]
     rank, world = run.dist.rank, run.dist.world_size
     device = run.plan.device
-    if len(rng) == world:
+    written, data = len(rng), (saved.get("fingerprint") or {}).get("data_world", len(rng))
+    if written == world and data == run.dist.data_world:  # the same layout: exactly
         restore_rng(rng[rank])
         state.epoch_sums = [t.to(device) for t in sums[rank]]
         return
     seed_everything(run.cfg.train.seed * 1_000_003 + state.progress.step * 101 +
                     run.dist.data_rank)  # (one stream per tensor-parallel group)
+    copies = max(written // max(data, 1), 1)  # (a tensor-parallel group's sums are alike)
     totals = [sum(part[i] for part in sums) for i in range(len(sums[0]))]
-    state.epoch_sums = [(t if rank == 0 else torch.zeros_like(t)).to(device) for t in totals]
+    totals = [t / copies if copies > 1 else t for t in totals]
+    # carried by one rank of each group the sums are reduced over
+    state.epoch_sums = [(t if run.dist.data_rank == 0 else torch.zeros_like(t)).to(device)
+                        for t in totals]
     if run.dist.is_main:
         log.warning("resume %s: written by %d process(es), resumed on %d: the model and "
                     "optimizer are resharded exactly and the data continues at the same "

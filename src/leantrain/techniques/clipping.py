@@ -26,4 +26,42 @@ def clip_gradients(
     """Clip in place; returns the pre-clip total norm as a device tensor (no host sync)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
-    return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    groups = _by_mesh(parameters)
+    if len(groups) <= 1:
+        return nn.utils.clip_grad_norm_(parameters, max_norm)
+    return _clip_across_meshes(groups, max_norm)
+
+
+def _by_mesh(parameters: list[nn.Parameter]) -> dict[object, list[torch.Tensor]]:
+    """Gradients grouped by the device mesh they are sharded on (None: plain tensors)."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in parameters:
+        groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    return groups
+
+
+def _clip_across_meshes(groups: dict, max_norm: float) -> torch.Tensor:
+    """A tensor-parallel model under FSDP2 holds its split layers on the 2-D (data, tensor)
+    mesh and the rest (norms, a tied embedding) on the data mesh, and torch cannot stack norms
+    of two meshes: each group's norm is reduced over its own mesh (a replicated weight counted
+    once), the groups' norms joined, and every gradient scaled by the one coefficient."""
+    norms = []
+    for grads in groups.values():
+        norm = nn.utils.get_total_norm(grads)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # (as torch's clip_grad_norm_)
+    for mesh, grads in groups.items():
+        factor = coef if mesh is None else _replicated(coef, mesh)
+        for grad in grads:
+            grad.mul_(factor)
+    return total
+
+
+def _replicated(value: torch.Tensor, mesh) -> torch.Tensor:
+    """`value` (the same on every rank) as a DTensor of `mesh`, which its gradients can
+    multiply by."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
