@@ -1020,3 +1020,66 @@ def test_fsdp2_by_tensor_parallel_on_4_processes_matches_one_and_resumes_a_fsdp2
     c, d = _train_losses(sharded), _train_losses(resumed)
     assert len(c) == len(d) == 20 and c[:10] == d[:10]
     assert max(abs(x - y) for x, y in zip(c, d, strict=True)) < 1e-5
+
+
+TP_HOOK = '''
+import torch
+from torch.utils.data import TensorDataset
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from leantrain.recipes.gpt import GPT
+
+def gpt():
+    return GPT(vocab=48, context=15, depth=2, width=32, heads=4)
+
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    ids = (torch.randint(0, 48, (320, 1), generator=g) + torch.arange(16)) % 48
+    x, y = ids[:, :-1], ids[:, 1:]
+    return TensorDataset(x[:256], y[:256]), TensorDataset(x[256:], y[256:])
+
+def split_mlp(model, mesh):  # the recipe fuses q, k and v: only its MLPs are split here
+    for block in model.blocks:
+        parallelize_module(block.mlp, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+'''
+
+
+@pytest.mark.slow
+def test_a_users_own_tensor_parallel_plan_trains_a_model_without_one(tmp_path):
+    """plan.parallel.tp_plan=module:fn on the text-gpt recipe's GPT (no plan of its own):
+    the user's function splits its MLPs, and 10 steps equal one process's."""
+    (tmp_path / "mine.py").write_text(TP_HOOK)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    common = ["--model", "mine:gpt", "--data", "mine:tokens", "--epochs", "1", "--no-progress",
+              "--precision", "fp32", "--set", "train.log_every=1", "--set",
+              "train.monitor_interval_s=0", "--set", "train.max_steps=10", "--set",
+              "data.batch_size=8"]
+    one, split = tmp_path / "one", tmp_path / "tp"
+    _run([*LEANTRAIN, "train", *common, "--out", str(one)], env=env)
+    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",
+          "plan.parallel.tp=2", "--set", "plan.parallel.tp_plan=mine:split_mlp", "--out",
+          str(split)], env=env)
+    a, b = _train_losses(one), _train_losses(split)
+    assert len(a) == len(b) == 10 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    summary = json.loads((split / "summary.json").read_text())
+    assert "split by mine:split_mlp" in summary["plan"]["outcomes"]["distributed"]
+
+
+def test_a_run_folders_tensor_parallel_plan_is_imported_only_when_named_again(tmp_path):
+    import argparse
+
+    from leantrain.commands.common import refuse_folder_code
+    from leantrain.config import config_from_dict
+
+    cfg = config_from_dict({"plan": {"parallel": {"tp": 2, "tp_plan": "evil:split"}}})
+    bare = argparse.Namespace(overrides=[], model=None, data=None)
+    with pytest.raises(LeantrainError, match="names code to import .--set "
+                                             "plan.parallel.tp_plan=evil:split.; leantrain"):
+        refuse_folder_code(cfg, tmp_path, bare)
+    vouched = argparse.Namespace(overrides=["plan.parallel.tp_plan=evil:split"], model=None,
+                                 data=None)
+    refuse_folder_code(cfg, tmp_path, vouched)  # the user named it again: allowed
+    with pytest.raises(LeantrainError, match="set plan.parallel.tp to the ranks"):
+        from leantrain.run.plan import resolve_plan
+
+        resolve_plan(config_from_dict({"plan": {"parallel": {"tp_plan": "m:f"}}}).plan,
+                     torch.nn.Linear(2, 2))

@@ -117,6 +117,9 @@ class TrainLoopConfig:
     dist_timeout_s: float = 60.0  # bound on any collective: a dead peer fails the job, no hang
 
 
+TP_PLAN_FLAG = "--set plan.parallel.tp_plan"  # how a command line names a user's TP plan
+
+
 @dataclass
 class ParallelConfig:
     """How the processes of `leantrain launch` lay out the model under FSDP2."""
@@ -129,6 +132,9 @@ class ParallelConfig:
     # tensor parallel: ranks that split each planned layer (attention heads, MLP channels)
     # and see the same batch; needs FSDP2 (auto picks it) and the model's plan
     tp: int = 1
+    # "module:fn": fn(model, mesh) splits the model's layers over the tp mesh itself (torch's
+    # parallelize_module), in place of the model's own plan
+    tp_plan: str | None = None
 
 
 @dataclass

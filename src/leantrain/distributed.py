@@ -229,10 +229,21 @@ def wrap(model: nn.Module, strategy: str | None, device: torch.device,
     options: dict[str, Any] = {"mp_policy": policy} if policy is not None else {}
     if mesh is not None:
         options["mesh"] = mesh
-    for block in blocks(model):
+    for block in _unshared(blocks(model)):
         fully_shard(block, **options)
     fully_shard(model, **options)
     return model
+
+
+def _unshared(units: list[nn.Module]) -> list[nn.Module]:
+    """The units that share no parameter with another: a tied embedding and head (the
+    text-gpt recipe's) cannot be sharded as two FSDP2 groups (it failed at the first
+    forward), so they stay with the root's group, which holds both."""
+    owners: dict[int, int] = {}
+    for unit in units:
+        for p in unit.parameters():
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [u for u in units if all(owners[id(p)] == 1 for p in u.parameters())]
 
 
 def mixed_precision(precision: str, model: nn.Module):

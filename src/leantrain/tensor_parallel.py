@@ -7,10 +7,12 @@ input features and the partial outputs are summed, one all-reduce per pair), so 
 weights and most of its activations are split `tp` ways. Everything else (norms, positions) is
 replicated, and every rank of a tensor-parallel group sees the same batch.
 
-The plan comes from the model: a Hugging Face model's own `_tp_plan` (Llama, Mistral, Qwen2,
-Gemma and the other families that declare one; grouped-query attention needs the key/value
-heads to divide by `tp`). A model without one is refused in one line naming it. Checked before
-any process trains: each split layer's features, and the attention heads, must divide by `tp`.
+The plan comes from the user's hook (`plan.parallel.tp_plan = "module:fn"`: `fn(model, mesh)`
+splits the model over the `tp` mesh itself, with torch's `parallelize_module`), else from the
+model: a Hugging Face model's own `_tp_plan` (Llama, Mistral, Qwen2, Gemma and the other
+families that declare one; grouped-query attention needs the key/value heads to divide by
+`tp`). A model with neither is refused in one line naming it. Checked before any process
+trains: each split layer's features, and the attention heads, must divide by `tp`.
 """
 
 from __future__ import annotations
@@ -82,8 +84,9 @@ def layer_plan(model: nn.Module, tp: int) -> dict[str, str]:
     if not patterns:
         raise LeantrainError(
             f"plan.parallel.tp={tp}: {name} declares no tensor-parallel plan (a Hugging Face "
-            "model's _tp_plan: Llama, Mistral, Qwen2 and other families have one); train it "
-            "with data parallelism (plan.parallel.tp=1) or FSDP2 (plan.distributed=fsdp)")
+            "model's _tp_plan: Llama, Mistral, Qwen2 and other families have one); give your "
+            "own (plan.parallel.tp_plan=module:fn, fn(model, mesh)), or train it with FSDP2 "
+            "alone (plan.parallel.tp=1, plan.distributed=fsdp)")
     _check_heads(model, tp)
     tied = _tied(model)
     found: dict[str, str] = {}
@@ -138,9 +141,17 @@ def split_share(model: nn.Module, tp: int) -> float:
     return sum(sizes[i] for i in split if i in sizes) / max(sum(sizes.values()), 1)
 
 
-def apply(model: nn.Module, mesh, plan: dict[str, str]) -> None:
+def apply(model: nn.Module, mesh, plan: dict[str, str], hook: str | None = None) -> None:
     """Split the planned layers across the `tp` mesh dimension, in place (their parameters
-    become DTensors: build the optimizer afterwards)."""
+    become DTensors: build the optimizer afterwards); with a `hook` ("module:fn"), the user's
+    function splits them."""
+    if hook is not None:
+        from .imports import import_object, user_code
+
+        split = import_object(hook, "plan.parallel.tp_plan")
+        with user_code(f"plan.parallel.tp_plan {hook}"):
+            split(model, mesh)
+        return
     from torch.distributed.tensor.parallel import parallelize_module
 
     styles = _styles()

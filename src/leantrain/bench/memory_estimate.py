@@ -350,7 +350,7 @@ def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Trai
         est.fits = est.peak_bytes <= limit
         est.largest_micro_batch = _largest_micro_batch(est, limit)
     if layout is not None:
-        if layout.tp > 1:
+        if layout.tp > 1 and layout.split > 0:  # (the model's own plan, known here)
             layout = replace(layout, split_activations=activations_split(run, layout.tp))
         est.per_rank = per_rank(est, layout, limit, gathered_bytes(run.model))
         if limit is not None:  # (less the whole blocks FSDP2 gathers, which no batch shrinks)

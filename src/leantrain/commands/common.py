@@ -14,7 +14,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import CONFIG_NAME, TrainConfig, load_config, merge, read_plan_file, read_yaml
+from ..config import (
+    CONFIG_NAME,
+    TP_PLAN_FLAG,
+    TrainConfig,
+    load_config,
+    merge,
+    read_plan_file,
+    read_yaml,
+)
 from ..errors import LeantrainError, shorten
 from ..recipes import RECIPES, get_recipe
 
@@ -87,21 +95,36 @@ def add_trust_flag(p: argparse.ArgumentParser) -> None:
 
 
 def refuse_folder_code(cfg: TrainConfig, folder: Path, args: argparse.Namespace,
-                       flags: tuple[str, ...] = ("--model", "--data")) -> None:
+                       flags: tuple[str, ...] = ("--model", "--data", TP_PLAN_FLAG)) -> None:
     """A run folder may come from anyone, and its config.yaml names what to import: a model
-    or data function. Like `trust_remote_code`, none is imported unless it is leantrain's own,
-    the user names the same one again (`flags`: --model, --data), or says --trust-run-code."""
+    or data function, a tensor-parallel plan. Like `trust_remote_code`, none is imported
+    unless it is leantrain's own, the user names the same one again (`flags`: --model,
+    --data, --set plan.parallel.tp_plan=...), or says --trust-run-code."""
     from ..data.sources import code_named_by
 
     if vars(args).get("trust_run_code"):
         return
-    named = code_named_by(cfg.model, cfg.data.source)
+    named = code_named_by(cfg.model, cfg.data.source, cfg.plan.parallel.tp_plan)
     for flag, spec in ((f, named[f]) for f in flags if f in named):
-        if vars(args).get(flag.lstrip("-")) != spec:
+        if _named_again(args, flag) != spec:
             raise LeantrainError(
-                f"{folder / CONFIG_NAME} names code to import ({flag} {shorten(spec)}); "
-                f"leantrain runs no code a run folder names: pass {flag} {shorten(spec)} "
+                f"{folder / CONFIG_NAME} names code to import ({_flag(flag, spec)}); "
+                f"leantrain runs no code a run folder names: pass {_flag(flag, spec)} "
                 "again if you trust it, or --trust-run-code")
+
+
+def _named_again(args: argparse.Namespace, flag: str) -> str | None:
+    """What the command line names for `flag` (--model, --data, or a --set key)."""
+    if flag.startswith("--set "):
+        key = flag.split(" ", 1)[1]
+        values = [text.split("=", 1)[1].strip() for text in vars(args).get("overrides") or []
+                  if text.split("=", 1)[0].strip() == key and "=" in text]
+        return values[-1] if values else None
+    return vars(args).get(flag.lstrip("-"))
+
+
+def _flag(flag: str, spec: str) -> str:
+    return f"{flag}={shorten(spec)}" if flag.startswith("--set ") else f"{flag} {shorten(spec)}"
 
 
 def _shortcut_overrides(args: argparse.Namespace) -> dict:
@@ -187,11 +210,9 @@ def _say_config_code(args: argparse.Namespace, cfg: TrainConfig) -> None:
     from ..data.sources import code_named_by
     from ..imports import module_file
 
-    flag = vars(args).get
-    named = code_named_by(cfg.model, cfg.data.source)
-    given = {"--model": flag("model"), "--data": flag("data")}
+    named = code_named_by(cfg.model, cfg.data.source, cfg.plan.parallel.tp_plan)
     for option, spec in named.items():
-        if given[option] != spec:  # (named on the command line: the user's own choice)
+        if _named_again(args, option) != spec:  # (named on the command line: the user's own choice)
             log.info("%s names code to import (%s %s): module %s, file %s", args.config,
                      option, shorten(spec), spec.partition(":")[0], module_file(spec))
 

@@ -78,7 +78,9 @@ def launch_layout(cfg, ranks: int | None, build_model):
         else "ddp"
     replicas = replica_groups(parallel.dp_replicate, parallel.dp_shard, strategy, ranks,
                               parallel.tp)
-    split = split_share(build_model(), parallel.tp) if parallel.tp > 1 else 0.0
+    # (a user's own plan splits layers doctor cannot know: they are priced whole)
+    split = split_share(build_model(), parallel.tp) \
+        if parallel.tp > 1 and parallel.tp_plan is None else 0.0
     layout = Layout(ranks, strategy, replicas, cfg.train.async_checkpoint, parallel.tp, split)
     plan = replace(cfg.plan, distributed="auto", parallel=ParallelConfig())
     return replace(cfg, plan=plan), layout

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from ..config import DataConfig
+from ..config import TP_PLAN_FLAG, DataConfig
 from ..errors import LeantrainError, bounded_repr, one_line, shorten
 from ..imports import call_user, own_builder
 from .text import VOCAB, load_text
@@ -470,11 +470,13 @@ def names_code(source: str) -> bool:
     return ":" in source and not source.startswith((".", "/")) and not Path(source).exists()
 
 
-def code_named_by(model: str | None, source: str) -> dict[str, str]:
+def code_named_by(model: str | None, source: str, tp_plan: str | None = None
+                  ) -> dict[str, str]:
     """The functions a run's config would have leantrain import, by the flag that names them
-    ("--model", "--data"); leantrain's own model builders are left out (`own_builder`: a
-    function defined in leantrain.recipes, never a name under `leantrain.` in general). A run
-    folder's config may come from anyone: what is listed here is imported only when the user
-    vouches for it."""
-    named = {"--model": model, "--data": source if names_code(source) else None}
+    ("--model", "--data", TP_PLAN_FLAG); leantrain's own model builders are left out
+    (`own_builder`: a function defined in leantrain.recipes, never a name under `leantrain.`
+    in general). A run folder's config may come from anyone: what is listed here is imported
+    only when the user vouches for it."""
+    named = {"--model": model, "--data": source if names_code(source) else None,
+             TP_PLAN_FLAG: tp_plan}
     return {flag: spec for flag, spec in named.items() if spec and not own_builder(spec)}

@@ -47,8 +47,9 @@ class Checkpoints:
         """The command that continues this run; it names the model and data functions the
         run imports again, since a folder's config alone never makes leantrain import code."""
         cfg = self.run.cfg
-        vouch = [f"{flag} {spec}" for flag, spec in
-                 code_named_by(cfg.model, cfg.data.source).items()]
+        vouch = [f"{flag}={spec}" if flag.startswith("--set ") else f"{flag} {spec}"
+                 for flag, spec in code_named_by(cfg.model, cfg.data.source,
+                                                 cfg.plan.parallel.tp_plan).items()]
         train = " ".join(["train --resume", str(self.out_dir), *vouch])
         return f"leantrain {launch_prefix(self.run.dist)}{train}"
 

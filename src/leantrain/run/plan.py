@@ -135,6 +135,7 @@ class ResolvedPlan:
     replicas: int = 1  # FSDP2's hybrid-sharding replicas (plan.parallel.dp_replicate)
     tp: int = 1  # tensor-parallel degree (plan.parallel.tp)
     tp_layers: dict[str, str] = field(default_factory=dict)  # module -> split (tp > 1)
+    tp_hook: str | None = None  # plan.parallel.tp_plan: the user's plan instead
     activation_checkpointing: bool = False
     optimizer_states: str = "fp32"
     compile_mode: str = "default"
@@ -191,7 +192,11 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
     strategy = resolve_strategy(cfg.distributed, dist, tp)
     replicas = distributed.replica_groups(cfg.parallel.dp_replicate, cfg.parallel.dp_shard,
                                           strategy, dist.world_size, tp)
-    tp_layers = tensor_parallel.layer_plan(model, tp) if tp > 1 else {}
+    if cfg.parallel.tp_plan and tp == 1:
+        raise LeantrainError(f"plan.parallel.tp_plan ({cfg.parallel.tp_plan}) splits layers for "
+                             "tensor parallel: set plan.parallel.tp to the ranks to split over")
+    hook = cfg.parallel.tp_plan if tp > 1 else None  # (the user's plan: layers unknown here)
+    tp_layers = tensor_parallel.layer_plan(model, tp) if tp > 1 and hook is None else {}
     # (the processes that see different batches: a tensor-parallel group's share one)
     ctx = Context(device, model, optimizer_name, strategy, dist.world_size // tp,
                   tokens_per_batch, clip_norm)
@@ -203,14 +208,14 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
     data = dist.world_size // tp
     hybrid = f" (hybrid: {replicas} replicas x {data // replicas} shards)" \
         if replicas > 1 else ""
-    hybrid += f", tensor parallel over {tp} ranks ({len(tp_layers)} layers split)" \
-        if tp > 1 else ""
+    split = f"split by {hook}" if hook else f"{len(tp_layers)} layers split"
+    hybrid += f", tensor parallel over {tp} ranks ({split})" if tp > 1 else ""
     outcomes.append(Outcome("distributed", strategy is not None,
                             f"{strategy} over {dist.world_size} process(es){hybrid}, rank "
                             f"{dist.rank}" if strategy else
                             "one process (start several with leantrain launch)"))
     return ResolvedPlan(device=device, outcomes=outcomes, distributed=strategy,
-                        replicas=replicas, tp=tp, tp_layers=tp_layers, **values)
+                        replicas=replicas, tp=tp, tp_layers=tp_layers, tp_hook=hook, **values)
 
 
 LossFn = Callable[..., torch.Tensor]
@@ -403,7 +408,7 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     if plan.distributed == "fsdp":  # sharded parameters are initialised whole, first
         init_weights(model, cfg.train.init)
     if plan.tp > 1:  # the field's order: split layers, then shard over the data ranks
-        tensor_parallel.apply(model, dist.mesh["tp"], plan.tp_layers)
+        tensor_parallel.apply(model, dist.mesh["tp"], plan.tp_layers, plan.tp_hook)
     wrapped = distributed.wrap(model, plan.distributed, plan.device, plan.precision,
                                distributed.data_mesh(dist))
     kept = batch_count(len(train_data), data.batch_size, shard, drop_last)
