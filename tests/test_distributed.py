@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -964,7 +965,8 @@ def test_tensor_parallel_outside_launch_or_under_ddp_is_one_line(tmp_path, capsy
 def test_tensor_parallel_on_a_stock_llama_with_grouped_query_attention_matches_one_process(
         tmp_path):
     """tp=2 on 2 processes: both see every batch, each holds half of every split projection
-    (the shards its checkpoint holds), and the losses of 20 steps equal one process's."""
+    (the shards its checkpoint holds), the losses of 20 steps equal one process's (gradient
+    clipping at every step), and its checkpoint resumes on one process."""
     from torch.distributed.checkpoint import FileSystemReader
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
@@ -975,10 +977,19 @@ def test_tensor_parallel_on_a_stock_llama_with_grouped_query_attention_matches_o
     one, split = tmp_path / "one", tmp_path / "tp"
     _run([*LEANTRAIN, "train", *common, "--out", str(one)], env=env)
     _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",
-          "plan.parallel.tp=2", "--out", str(split)], env=env)
+          "plan.parallel.tp=2", "--set", "train.checkpoint_every=10", "--out", str(split)],
+         env=env)
     a, b = _train_losses(one), _train_losses(split)
     assert len(a) == len(b) == 20
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    # its checkpoint at step 10 resumes on one process (tp 2 -> 1: DCP joins the halves)
+    alone = _as_killed_at(split, tmp_path / "alone", "step-00000010")
+    shutil.rmtree(alone / "pretrained")
+    _run([*LEANTRAIN, "train", "--resume", str(alone), "--model", "shapes:llama_gqa", "--data",
+          "shapes:lm_data", "--no-progress", "--set", "plan.parallel.tp=1", "--set",
+          "plan.distributed=auto"], env=env)
+    c = _train_losses(alone)
+    assert len(c) == 20 and max(abs(x - y) for x, y in zip(b, c, strict=True)) < 1e-5
     plan = json.loads((split / "summary.json").read_text())["plan"]
     assert plan["tp"] == 2 and plan["distributed"] == "fsdp"
     latest = split / "checkpoints" / (split / "checkpoints" / "latest").read_text()
