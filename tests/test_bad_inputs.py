@@ -1562,3 +1562,35 @@ def test_doctor_per_rank_layouts_that_cannot_launch_are_one_line(tmp_path, capsy
     code = main(["doctor", "--steps", "1", "--no-profile", "--out", str(out), *extra])
     _one_line_error(capsys, code, fragment)
     assert not out.exists()  # before any work
+
+
+STREAM_MODULE = '''
+import torch
+from torch.utils.data import IterableDataset, TensorDataset
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        for i in range(64):
+            yield torch.randn(8), i % 2
+
+def data():
+    return Stream(), TensorDataset(torch.randn(16, 8), torch.randint(0, 2, (16,)))
+'''
+
+
+def test_a_stream_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """An IterableDataset from a data function or through fit() (issue 41's first finding:
+    "TypeError: object of type 'Stream' has no len()")."""
+    from leantrain import fit
+
+    (tmp_path / "streams.py").write_text(STREAM_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    code = main(["train", "--data", "streams:data", "--no-progress", "--out", str(out)])
+    _one_line_error(capsys, code, "the training set is a stream (Stream, without a length)")
+    assert not out.exists()
+    import streams
+
+    train, val = streams.data()
+    with pytest.raises(LeantrainError, match="the training set is a stream"):
+        fit(torch.nn.Linear(8, 2), train, val)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 from ..config import TP_PLAN_FLAG, DataConfig
 from ..errors import LeantrainError, bounded_repr, one_line, shorten
@@ -427,6 +427,8 @@ def from_function(spec: str) -> DataBundle:
         return result
     datasets = result[:2] if isinstance(result, tuple) else ()
     collate = result[2] if isinstance(result, tuple) and len(result) == 3 else None
+    if len(datasets) == 2:
+        require_sized(*datasets)
     if not (isinstance(result, tuple) and len(result) in (2, 3)
             and all(_is_dataset(d) for d in datasets)
             and (collate is None or callable(collate))):
@@ -440,6 +442,19 @@ def from_function(spec: str) -> DataBundle:
 
 def _is_dataset(obj: Any) -> bool:
     return isinstance(obj, Dataset) or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__"))
+
+
+def require_sized(train: Any, val: Any) -> None:
+    """A stream (a torch IterableDataset, a `datasets.IterableDataset`: no length) is one line
+    here, where it once was a traceback deep in the run ("object of type 'Stream' has no
+    len()"): leantrain's runs are sized by their datasets for now."""
+    for role, data in (("training", train), ("validation", val)):
+        if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
+            raise LeantrainError(
+                f"the {role} set is a stream ({type(data).__name__}, without a length); "
+                "leantrain trains on map-style datasets for now (__getitem__ and __len__: a "
+                "TensorDataset, a datasets.Dataset, your Dataset): take a sized part of the "
+                "stream, e.g. a TensorDataset of its first N samples")
 
 
 def load_data(cfg: DataConfig) -> DataBundle:

@@ -37,6 +37,7 @@ from ..data.loaders import (
     make_loader,
     tensors_of,
 )
+from ..data.sources import require_sized
 from ..data.tuning import LoaderTuning, tune_loader
 from ..distributed import DistContext, rank_device
 from ..errors import LeantrainError
@@ -354,6 +355,7 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     (short trials that measure something else pass it); a run that `evaluates` checks its
     validation set's first batch too (trials never evaluate); `drop_last` drops each epoch's
     short last batch whatever the plan (a resume of a run several processes started)."""
+    require_sized(train_data, val_data)
     dist = DistContext.from_env()
     data = cfg.data
     plan, in_memory = decide(cfg, model, train_data, collate_fn, dist, notes)
