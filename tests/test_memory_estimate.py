@@ -217,3 +217,25 @@ def test_a_tensor_parallel_rank_holds_a_split_share_of_the_activations():
     fsdp = estimate(shapes.llama_gqa, bundle, cfg, layout=Layout(2, "fsdp")).per_rank
     # the same 2 ranks as 2 FSDP2 shards hold the whole activations of their own batch
     assert est.per_rank["training_peak_bytes"] < fsdp["training_peak_bytes"]
+
+
+def test_where_one_device_is_too_small_tensor_parallel_is_priced_with_its_traffic(
+        monkeypatch):
+    """A Llama (its own plan) that does not fit: the estimate prices tensor parallel over
+    the smallest N that fits, and says what each rank all-reduces per micro-batch."""
+    import shapes
+
+    bundle = DataBundle(*shapes.lm_data(), num_classes=None, description="counting")
+    cfg = config_from_dict({"data": {"batch_size": 8}, "train": {"epochs": 1},
+                            "optim": {"name": "adamw", "lr": 1e-3},
+                            "plan": {"device": "cpu", "precision": "fp32"}})
+    one = estimate(shapes.llama_gqa, bundle, cfg)
+    room = int(one.peak_bytes * 0.85 / (1 - memory_estimate.MARGIN))
+    monkeypatch.setattr(memory_estimate, "device_room", lambda device: (room, "a fake GPU"))
+    est = estimate(shapes.llama_gqa, bundle, cfg)
+    assert est.fits is False
+    tensor = next(o for o in est.options if o["advice"].startswith("tensor parallel over"))
+    assert "--set plan.parallel.tp=" in tensor["advice"] and tensor["saves_bytes"] > 0
+    # 2 row-split layers a block (o_proj, down_proj) x 2 blocks, forward and backward, plus
+    # the embedding's sum: activations of 8 x 16 tokens x 32 fp32 values each
+    assert "each rank all-reduces 0.1 MiB of activations per micro-batch" in tensor["advice"]

@@ -154,14 +154,21 @@ def per_rank(est: MemoryEstimate, layout: Layout, limit: float | None, gathered:
 
 
 def activations_split(run: Run, tp: int) -> float:
-    """The share of a forward's activations that tensor parallel splits, from the bytes each
-    layer produces on one batch: the outputs of the column-split layers (q, k, v, the MLP's
-    up and gate channels) and the inputs of the row-split ones (the attention's output, the
-    MLP's hidden channels) are split `tp` ways; every other layer's output (norms, the
-    residual stream, the gathered logits) is whole on each rank."""
+    """The share of a forward's activations that tensor parallel splits (`_tp_activations`)."""
+    return _tp_activations(run, tp)[0]
+
+
+def _tp_activations(run: Run, tp: int) -> tuple[float, int]:
+    """(the share of a forward's activations tensor parallel splits, the bytes its ranks
+    all-reduce per micro-batch), from the bytes each layer produces on one batch: the outputs
+    of the column-split layers (q, k, v, the MLP's up and gate channels) and the inputs of
+    the row-split ones (the attention's output, the MLP's hidden channels) are split `tp`
+    ways; every other layer's output (norms, the residual stream, the gathered logits) is
+    whole on each rank. A row-split layer's output is all-reduced in the forward, and as
+    much again in the backward (the column-split layers' input gradients)."""
     from ..tensor_parallel import layer_plan
 
-    plan, sizes = layer_plan(run.model, tp), {"split": 0, "whole": 0}
+    plan, sizes = layer_plan(run.model, tp), {"split": 0, "whole": 0, "reduced": 0}
 
     def nbytes(value) -> int:
         return sum(t.numel() * t.element_size() for t in _tensors(value))
@@ -174,8 +181,10 @@ def activations_split(run: Run, tp: int) -> float:
             elif style == "rowwise":
                 sizes["split"] += nbytes(inputs)
                 sizes["whole"] += nbytes(output)
+                sizes["reduced"] += 2 * nbytes(output)
             elif not any(True for _ in module.children()):
                 sizes["whole"] += nbytes(output)
+                sizes["reduced"] += nbytes(output) if style == "embedding_rowwise" else 0
         return hook
 
     hooks = [m.register_forward_hook(record(n)) for n, m in run.model.named_modules()]
@@ -185,7 +194,7 @@ def activations_split(run: Run, tp: int) -> float:
         for hook in hooks:
             hook.remove()
     total = sizes["split"] + sizes["whole"]
-    return sizes["split"] / total if total else 0.0
+    return (sizes["split"] / total if total else 0.0), sizes["reduced"]
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -423,6 +432,8 @@ def _options(est: MemoryEstimate, run: Run, build_model, bundle: DataBundle, cfg
                             saved=lambda kinds: kinds["optimizer_states"]))
     if plan.distributed != "fsdp" and (plan.device.type == "cuda" or est.fits is False):
         opts.append(_fsdp_option(est, limit, shards_available))
+        tensor = _tensor_parallel_option(est, run, limit, shards_available)
+        opts += [tensor] if tensor is not None else []
     return opts
 
 
@@ -502,6 +513,41 @@ def _fsdp_option(est: MemoryEstimate, limit: float | None, shards_available: int
     if shards_available is not None and shards > shards_available:
         option["advice"] += f"; this machine has {shards_available}"
     return option
+
+
+def _tensor_parallel_option(est: MemoryEstimate, run: Run, limit: float | None,
+                            available: int | None) -> dict[str, Any] | None:
+    """Tensor parallel over N GPUs of one node, for a model with a plan: the smallest N (2,
+    4, 8, as its heads allow) whose rank fits, and the activations each rank all-reduces per
+    micro-batch, the price of splitting layers (fast links: NVLink)."""
+    from ..errors import LeantrainError
+    from ..tensor_parallel import hf_plan, layer_plan, split_share
+
+    if not hf_plan(run.model):
+        return None
+    chosen = None
+    for n in (2, 4, 8):
+        try:
+            layer_plan(run.model, n)
+        except LeantrainError:
+            break
+        share, reduced = _tp_activations(run, n)
+        layout = Layout(n, "fsdp", tp=n, split=split_share(run.model, n),
+                        split_activations=share)
+        peak = per_rank(est, layout, limit, gathered_bytes(run.model))["training_peak_bytes"]
+        chosen = (n, peak, reduced)
+        if limit is None or peak <= limit:
+            break
+    if chosen is None:
+        return None
+    n, peak, reduced = chosen
+    advice = (f"tensor parallel over {n} GPUs of one node (leantrain launch --nproc {n} -- "
+              f"train --set plan.parallel.tp={n}, the model's plan; each rank all-reduces "
+              f"{reduced / 2**20:,.1f} MiB of activations per micro-batch)")
+    if available is not None and n > available:
+        advice += f"; this machine has {available}"
+    return {"advice": advice, "peak_bytes": peak, "saves_bytes": est.peak_bytes - peak,
+            "fits": None if limit is None else peak <= limit, "measured": False}
 
 
 def format_estimate(est: dict[str, Any]) -> list[str]:
