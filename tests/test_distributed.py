@@ -1033,6 +1033,49 @@ def test_fsdp2_by_tensor_parallel_on_4_processes_matches_one_and_resumes_a_fsdp2
     assert max(abs(x - y) for x, y in zip(c, d, strict=True)) < 1e-5
 
 
+BERT_MODULE = '''
+import torch
+from leantrain.data.loaders import TensorDictDataset
+
+def bert():
+    from transformers import BertConfig, BertForSequenceClassification
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=3, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0))
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 48, (160, 12), generator=g)
+    labels = (ids == 1).sum(1).clamp(max=2)
+    def part(s):
+        return TensorDictDataset(input_ids=ids[s], attention_mask=torch.ones_like(ids[s]),
+                                 labels=labels[s])
+    return part(slice(0, 128)), part(slice(128, 160))
+'''
+
+
+@pytest.mark.slow
+def test_a_bert_style_encoder_is_split_by_a_plan_derived_from_its_structure(tmp_path):
+    """BERT declares no tensor-parallel plan; its structure gives one (q, k, v and the MLP's
+    first layer by columns, the attention's and the MLP's output by rows): tp=2 trains as one
+    process does."""
+    (tmp_path / "enc.py").write_text(BERT_MODULE)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    common = ["--model", "enc:bert", "--data", "enc:data", "--epochs", "1", "--no-progress",
+              "--precision", "fp32", "--set", "train.log_every=1", "--set",
+              "train.monitor_interval_s=0", "--set", "train.max_steps=8", "--set",
+              "data.batch_size=8"]
+    one, split = tmp_path / "one", tmp_path / "tp"
+    _run([*LEANTRAIN, "train", *common, "--out", str(one)], env=env)
+    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",
+          "plan.parallel.tp=2", "--out", str(split)], env=env)
+    a, b = _train_losses(one), _train_losses(split)
+    assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    outcome = json.loads((split / "summary.json").read_text())["plan"]["outcomes"]
+    assert "(12 layers split)" in outcome["distributed"]
+
+
 TP_HOOK = '''
 import torch
 from torch.utils.data import TensorDataset

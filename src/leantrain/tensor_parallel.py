@@ -11,8 +11,9 @@ The plan comes from the user's hook (`plan.parallel.tp_plan = "module:fn"`: `fn(
 splits the model over the `tp` mesh itself, with torch's `parallelize_module`), else from the
 model: a Hugging Face model's own `_tp_plan` (Llama, Mistral, Qwen2, Gemma and the other
 families that declare one; grouped-query attention needs the key/value heads to divide by
-`tp`). A model with neither is refused in one line naming it. Checked before any process
-trains: each split layer's features, and the attention heads, must divide by `tp`.
+`tp`), else one derived from a BERT-style encoder's structure (`BERT_STYLE`). A model with
+none is refused in one line naming it. Checked before any process trains: each split layer's
+features, and the attention heads, must divide by `tp`.
 """
 
 from __future__ import annotations
@@ -46,19 +47,31 @@ STYLE_NAMES = ("colwise", "rowwise", "colwise_gather_output", "colwise_rep",
                "embedding_rowwise", "rowwise_rep")
 
 
+# BERT-style encoders (BERT, RoBERTa, ELECTRA, XLM-R...): Hugging Face declares no plan for
+# them, but their attention reshapes to (..., -1, head size), so each rank's share of the
+# heads computes as the whole does. Derived from the modules' names, first match wins.
+BERT_STYLE = {"*.attention.self.query": "colwise", "*.attention.self.key": "colwise",
+              "*.attention.self.value": "colwise", "*.attention.output.dense": "rowwise",
+              "*.intermediate.dense": "colwise", "*.output.dense": "rowwise"}
+
+
 def hf_plan(model: nn.Module) -> dict[str, str] | None:
-    """The model's own plan: module name pattern -> style (Hugging Face's `_tp_plan`, which
-    the causal-LM classes extend with their head), None when it declares none."""
+    """The model's plan: module name pattern -> style. Hugging Face's `_tp_plan` (which the
+    causal-LM classes extend with their head), else one derived from the structure of a
+    BERT-style encoder; None when there is neither."""
     plan = getattr(model, "_tp_plan", None)
     if plan:
         return dict(plan)
     config = getattr(model, "config", None)
     base = getattr(config, "base_model_tp_plan", None)
-    if not base:
-        return None
-    prefix = getattr(model, "base_model_prefix", "")
-    inner = prefix and getattr(model, prefix, None) is not None
-    return {(f"{prefix}.{k}" if inner else k): v for k, v in base.items()}
+    if base:
+        prefix = getattr(model, "base_model_prefix", "")
+        inner = prefix and getattr(model, prefix, None) is not None
+        return {(f"{prefix}.{k}" if inner else k): v for k, v in base.items()}
+    names = [name for name, _ in model.named_modules()]
+    if any(fnmatch.fnmatchcase(name, "*.attention.self.query") for name in names):
+        return dict(BERT_STYLE)
+    return None
 
 
 def _tied(model: nn.Module) -> set[str]:
