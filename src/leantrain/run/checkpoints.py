@@ -131,11 +131,16 @@ def newest_shards(out: Path) -> Path | None:
 
 
 def written_by_several(out: Path) -> bool:
-    """The checkpoint a resume of `out` continues was written by several processes: their
-    epochs dropped the short last batch, so a resume on one process drops it too (the same
-    steps per epoch, the same schedule, the same samples in each step)."""
+    """The checkpoint a resume of `out` continues was written by several data-parallel
+    processes: their epochs dropped the short last batch, so a resume on one process drops it
+    too (the same steps per epoch, the same schedule, the same samples in each step). A
+    tensor-parallel group reads batches as one process does."""
     shards = newest_shards(out)
-    return shards is not None and sharded.load_state(shards).get("world_size", 1) > 1
+    if shards is None:
+        return False
+    state = sharded.load_state(shards)
+    data = (state.get("fingerprint") or {}).get("data_world", state.get("world_size", 1))
+    return data > 1
 
 
 def launch_prefix(dist: DistContext) -> str:
