@@ -94,9 +94,10 @@ class Checkpoints:
         """Restore the checkpoint into `state` and the run's model. Returns a finished run's
         summary once the artefacts it lacked are written, or None: training continues."""
         run, out = self.run, self.out_dir
-        remove_partial_writes(out)
-        if run.dist.is_main and (out / sharded.FOLDER).is_dir():
-            remove_partial_writes(out / sharded.FOLDER)  # a sharded save killed midway
+        if run.dist.is_main:  # (rank 0 writes the folder's files: another rank clearing or
+            remove_partial_writes(out)  # truncating them raced rank 0's own writes)
+            if (out / sharded.FOLDER).is_dir():
+                remove_partial_writes(out / sharded.FOLDER)  # a sharded save killed midway
         shards = newest_shards(out)
         if shards is not None:
             path = shards / sharded.STATE
@@ -114,7 +115,9 @@ class Checkpoints:
             log.info("the run in %s had finished; wrote what it lacked: %s", out,
                      ", ".join(written))
             return saved["summary"]
-        truncate_after(out, p.step, p.logged)  # what was logged after it is logged again
+        if run.dist.is_main:  # what was logged after it is logged again. Rank 0 alone: a
+            truncate_after(out, p.step, p.logged)  # slower rank replacing the file once
+            # left rank 0 appending to the replaced one, and the resumed records were lost
         log.info("resuming at epoch %d, batch %d (step %d)", p.epoch + 1, p.batch, p.step)
         return None
 
