@@ -1594,3 +1594,18 @@ def test_a_stream_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     train, val = streams.data()
     with pytest.raises(LeantrainError, match="the training set is a stream"):
         fit(torch.nn.Linear(8, 2), train, val)
+
+
+@pytest.mark.parametrize("content", [">", "''", "0", "false", "[]"])
+def test_a_config_file_of_a_falsy_scalar_is_not_an_empty_config(tmp_path, capsys, content):
+    """A lone ">" parses to '' (found by the random-bytes property): not a mapping, so not a
+    config; only an empty file (or comments) is an empty one."""
+    path, out = tmp_path / "given.yaml", tmp_path / "run"
+    path.write_text(content)
+    code = main(["train", "--config", str(path), "--out", str(out), "--no-progress"])
+    _one_line_error(capsys, code, "given.yaml must hold a mapping at the top level")
+    assert not out.exists()
+    path.write_text("# nothing here\n")  # comments only: an empty config, the defaults
+    from leantrain.config import read_yaml
+
+    assert read_yaml(path) == {}

@@ -438,7 +438,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise LeantrainError(f"config file not found: {path}")
     try:
-        values = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeyLoader) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeyLoader)
     except UnicodeDecodeError as exc:
         raise LeantrainError(f"config file {path} is not UTF-8 text (byte {exc.start})") \
             from exc
@@ -450,7 +450,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except RecursionError as exc:  # (PyYAML composes nested collections by recursion)
         raise LeantrainError(f"config file {path} nests collections too deep to read; a "
                              "config is a few levels of sections and keys") from exc
-    if not isinstance(values, dict):
+    if values is None:  # an empty file (or comments only): an empty config
+        return {}
+    if not isinstance(values, dict):  # ('' from a lone ">", 0, false, []: not empty configs)
         raise LeantrainError(f"config file {path} must hold a mapping at the top level")
     return values
 
