@@ -1609,12 +1609,3 @@ def test_a_config_file_of_a_falsy_scalar_is_not_an_empty_config(tmp_path, capsys
     from leantrain.config import read_yaml
 
     assert read_yaml(path) == {}
-
-
-@pytest.mark.parametrize("content, key", [("?\n", "None"), ("a: 1\n", "a")])
-def test_a_config_files_unknown_key_is_named_with_the_file(tmp_path, capsys, content, key):
-    path = tmp_path / "given.yaml"
-    path.write_text(content)
-    code = main(["train", "--config", str(path), "--out", str(tmp_path / "run"),
-                 "--no-progress"])
-    _one_line_error(capsys, code, f"config file {path}: unknown config key '{key}'")
