@@ -1033,6 +1033,24 @@ def test_fsdp2_by_tensor_parallel_on_4_processes_matches_one_and_resumes_a_fsdp2
     assert max(abs(x - y) for x, y in zip(c, d, strict=True)) < 1e-5
 
 
+def _one_process_then_tp2(tmp_path: Path, module: str, text: str, model: str, data: str,
+                          steps: int, *extra: str) -> tuple[Path, list[float], list[float]]:
+    """The user module `text` as `module`, its model trained `steps` steps on one process and
+    on 2 with tp=2 (`extra` settings on the latter): (the tp run's folder, the one
+    process's losses, the tp run's)."""
+    (tmp_path / f"{module}.py").write_text(text)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    common = ["--model", model, "--data", data, "--epochs", "1", "--no-progress",
+              "--precision", "fp32", "--set", "train.log_every=1", "--set",
+              "train.monitor_interval_s=0", "--set", f"train.max_steps={steps}", "--set",
+              "data.batch_size=8"]
+    one, split = tmp_path / "one", tmp_path / "tp"
+    _run([*LEANTRAIN, "train", *common, "--out", str(one)], env=env)
+    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",
+          "plan.parallel.tp=2", *extra, "--out", str(split)], env=env)
+    return split, _train_losses(one), _train_losses(split)
+
+
 BERT_MODULE = '''
 import torch
 from leantrain.data.loaders import TensorDictDataset
@@ -1060,17 +1078,8 @@ def test_a_bert_style_encoder_is_split_by_a_plan_derived_from_its_structure(tmp_
     """BERT declares no tensor-parallel plan; its structure gives one (q, k, v and the MLP's
     first layer by columns, the attention's and the MLP's output by rows): tp=2 trains as one
     process does."""
-    (tmp_path / "enc.py").write_text(BERT_MODULE)
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    common = ["--model", "enc:bert", "--data", "enc:data", "--epochs", "1", "--no-progress",
-              "--precision", "fp32", "--set", "train.log_every=1", "--set",
-              "train.monitor_interval_s=0", "--set", "train.max_steps=8", "--set",
-              "data.batch_size=8"]
-    one, split = tmp_path / "one", tmp_path / "tp"
-    _run([*LEANTRAIN, "train", *common, "--out", str(one)], env=env)
-    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",
-          "plan.parallel.tp=2", "--out", str(split)], env=env)
-    a, b = _train_losses(one), _train_losses(split)
+    split, a, b = _one_process_then_tp2(tmp_path, "enc", BERT_MODULE, "enc:bert", "enc:data",
+                                        8)
     assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
     outcome = json.loads((split / "summary.json").read_text())["plan"]["outcomes"]
     assert "(12 layers split)" in outcome["distributed"]
@@ -1101,18 +1110,8 @@ def split_mlp(model, mesh):  # the recipe fuses q, k and v: only its MLPs are sp
 def test_a_users_own_tensor_parallel_plan_trains_a_model_without_one(tmp_path):
     """plan.parallel.tp_plan=module:fn on the text-gpt recipe's GPT (no plan of its own):
     the user's function splits its MLPs, and 10 steps equal one process's."""
-    (tmp_path / "mine.py").write_text(TP_HOOK)
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    common = ["--model", "mine:gpt", "--data", "mine:tokens", "--epochs", "1", "--no-progress",
-              "--precision", "fp32", "--set", "train.log_every=1", "--set",
-              "train.monitor_interval_s=0", "--set", "train.max_steps=10", "--set",
-              "data.batch_size=8"]
-    one, split = tmp_path / "one", tmp_path / "tp"
-    _run([*LEANTRAIN, "train", *common, "--out", str(one)], env=env)
-    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",
-          "plan.parallel.tp=2", "--set", "plan.parallel.tp_plan=mine:split_mlp", "--out",
-          str(split)], env=env)
-    a, b = _train_losses(one), _train_losses(split)
+    split, a, b = _one_process_then_tp2(tmp_path, "mine", TP_HOOK, "mine:gpt", "mine:tokens",
+                                        10, "--set", "plan.parallel.tp_plan=mine:split_mlp")
     assert len(a) == len(b) == 10 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
     summary = json.loads((split / "summary.json").read_text())
     assert "split by mine:split_mlp" in summary["plan"]["outcomes"]["distributed"]
