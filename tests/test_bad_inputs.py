@@ -1086,6 +1086,29 @@ def test_a_hostile_config_file_is_one_bounded_line_and_exit_2(tmp_path, capsys, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("content, fragment", [
+    (b"?\n", "unknown config key 'None'"),  # {None: None}: found by the random-bytes property
+    (b"a:\n", "unknown config key 'a'"),
+    (b"optim: {lr: fast}\n", "config key 'optim.lr' has value 'fast'"),
+    (b"optim: 3\n", "config section 'optim' must be a mapping"),
+])
+def test_a_config_files_wrong_key_or_value_names_the_file(tmp_path, capsys, content, fragment):
+    path = tmp_path / "mine.yaml"
+    path.write_bytes(content)
+    assert main(["train", "--config", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and err.endswith("(in mine.yaml)") and len(err) < 300, err
+
+
+def test_a_wrong_set_beside_a_config_file_is_not_blamed_on_the_file(tmp_path, capsys):
+    path = tmp_path / "mine.yaml"
+    path.write_text("optim: {lr: 0.1}\n")
+    assert main(["train", "--config", str(path), "--set", "optim.lr=fast",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config key 'optim.lr' has value 'fast'" in err and "mine.yaml" not in err, err
+
+
 def test_an_unreadable_config_file_is_named(tmp_path, capsys):
     if os.geteuid() == 0:
         pytest.skip("root reads any file")

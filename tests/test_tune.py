@@ -72,6 +72,8 @@ def test_a_space_file_narrows_extends_fixes_and_drops_keys(tiny_space):
     ({"optim.lr": {"low": 0.1, "hgh": 1}}, "unknown field"),
     ({"data.source": {"choices": ["digits", "x.csv"]}}, "loaded once per study"),
     ({"schedule.name": {"choices": ["onecycle", "linear"]}}, "schedule.name"),
+    ({"optim.momentun": None}, "optim.momentun: no config has this key"),  # a null typo
+    ({None: None}, "None: no config has this key"),  # a file of one '?' (random-bytes property)
 ])
 def test_a_bad_space_is_one_line_naming_the_key(tmp_path, entry, message):
     path = tmp_path / "space.yaml"
@@ -88,7 +90,7 @@ def test_a_bad_space_exits_2_before_any_trial_and_names_the_key(tmp_path, capsys
                  str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "schedule.warmup" in err
-    assert not (out / "trials").exists()
+    assert not out.exists()  # checked before the LR finder and before the folder is claimed
 
 
 def test_time_to_target_needs_a_target(tmp_path, capsys):

@@ -7,6 +7,7 @@ so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -249,18 +250,28 @@ def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
     raise TypeError(f"config type {tp!r} is not supported by the validator")
 
 
+class ConfigKeyError(LeantrainError):
+    """A wrong key or value at `path` (the keys from the root) holding `value`: the command
+    can then say which of the user's files holds it."""
+
+    def __init__(self, message: str, path: tuple, value: Any):
+        super().__init__(message)
+        self.path, self.value = path, value
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    here = tuple(prefix.rstrip(".").split(".")) if prefix else ()
     if not isinstance(values, dict):
         where = prefix.rstrip(".") or "<root>"
-        raise LeantrainError(f"config section '{where}' must be a mapping, got "
-                             f"{bounded_repr(values)}")
+        raise ConfigKeyError(f"config section '{where}' must be a mapping, got "
+                             f"{bounded_repr(values)}", here, values)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise LeantrainError(f"unknown config key '{prefix}{shorten(key, 80)}'; allowed keys "
-                                 f"here: {', '.join(fields)}")
+            raise ConfigKeyError(f"unknown config key '{prefix}{shorten(key, 80)}'; allowed keys "
+                                 f"here: {', '.join(fields)}", (*here, key), value)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
@@ -268,13 +279,31 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         ok, coerced = _coerce(tp, value)
         shown = bounded_repr(value)  # a file's value may be megabytes
         if not ok:
-            raise LeantrainError(f"config key '{prefix}{key}' has value {shown} "
-                                 f"({type(value).__name__}); allowed: {_describe(tp)}")
+            raise ConfigKeyError(f"config key '{prefix}{key}' has value {shown} "
+                                 f"({type(value).__name__}); allowed: {_describe(tp)}",
+                                 (*here, key), value)
         if isinstance(coerced, float) and not math.isfinite(coerced):  # nan, inf, 1e400
-            raise LeantrainError(f"config key '{prefix}{key}' has value {shown}; allowed: a "
-                                 "finite number")
+            raise ConfigKeyError(f"config key '{prefix}{key}' has value {shown}; allowed: a "
+                                 "finite number", (*here, key), value)
         kwargs[key] = coerced
     return cls(**kwargs)
+
+
+@contextlib.contextmanager
+def naming_the_file(path: str | Path, values: dict[str, Any]):
+    """A wrong key or value that the user's file `path` (read into `values`) holds is named
+    with the file: "unknown config key 'a'" alone leaves a user with three files to search."""
+    try:
+        yield
+    except ConfigKeyError as exc:
+        held = values
+        for key in exc.path:
+            if not isinstance(held, dict) or key not in held:
+                raise
+            held = held[key]
+        if held is not exc.value:  # a --set or a flag gave it, not the file
+            raise
+        raise LeantrainError(f"{exc} (in {shorten(Path(path).name, 60)})") from exc
 
 
 # processes a command may start on one machine (loader workers, launch ranks, tune workers):

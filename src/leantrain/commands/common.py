@@ -20,6 +20,7 @@ from ..config import (
     TrainConfig,
     load_config,
     merge,
+    naming_the_file,
     read_plan_file,
     read_yaml,
 )
@@ -186,9 +187,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if vars(args).get("resume"):
         return _resumed_config(args)
     recipe = get_recipe(args.recipe)
-    user: dict = {}
-    if args.config:
-        user = merge(user, read_yaml(args.config))
+    in_file = read_yaml(args.config) if args.config else {}
+    user = in_file
     if vars(args).get("plan"):
         user = merge(user, read_plan_file(args.plan))
 
@@ -197,9 +197,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                                                       user))
         return load_config(None, (), merge(cfg.to_dict(), _shortcut_overrides(args)))
 
-    cfg = load(recipe.config)
-    if cfg.model is not None:  # the user's model: the recipe's tuned training is not theirs
-        cfg = load(recipe.untuned())
+    with naming_the_file(args.config or "", in_file):
+        cfg = load(recipe.config)
+        if cfg.model is not None:  # the user's model: the recipe's tuned training is not theirs
+            cfg = load(recipe.untuned())
     if args.config:
         _say_config_code(args, cfg)
     return cfg

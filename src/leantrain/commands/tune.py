@@ -154,6 +154,8 @@ def _study(args: argparse.Namespace, stop) -> int:
     _check(args)
     objective = Objective.parse(args.objective, args.target, args.metric, args.budget_s)
     cfg = common.config_from_args(args)
+    # the space file is checked before any work; the LR finder's centre only moves a range
+    load_space(args.space, cfg, default_space(cfg, cfg.optim.resolved().lr))
     out = common.default_out(args, "tune")
     bundle = load_data(cfg.data)
 

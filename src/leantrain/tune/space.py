@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PLAN_FILE_KEYS, TrainConfig, config_from_dict, merge, nest, read_yaml
-from ..errors import LeantrainError
+from ..errors import LeantrainError, shorten
 
 RANGE_KEYS = {"low", "high", "log", "int", "choices"}
 # the data are loaded once for a study: a trial may change how they are batched, not which
@@ -126,6 +126,15 @@ def check_key(key: str, values: list[Any], base: TrainConfig, where: str) -> Non
             raise LeantrainError(f"{where}: {key}: {exc}") from exc
 
 
+def _check_exists(key: str, base: TrainConfig, where: str) -> None:
+    held: Any = base.to_dict()
+    for part in key.split("."):
+        if not isinstance(held, dict) or part not in held:
+            raise LeantrainError(f"{where}: {shorten(key, 80)}: no config has this key (a "
+                                 "null entry stops searching a key of the config)")
+        held = held[part]
+
+
 def read_space(path: str | Path | None) -> dict[str, Any]:
     """The --space file's entries by dotted key ({} without a file)."""
     return _flatten(read_yaml(path)) if path else {}
@@ -138,7 +147,8 @@ def load_space(path: str | Path | None, base: TrainConfig, defaults: dict[str, P
     where = f"--space {path}"
     given = read_space(path)
     for key, entry in given.items():
-        if entry is None:
+        if entry is None:  # `key: null`: not searched (a key no config has is a typo)
+            _check_exists(key, base, where)
             space.pop(key, None)
         elif isinstance(entry, dict):
             space[key] = _param(key, entry, where)
