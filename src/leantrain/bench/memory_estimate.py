@@ -36,6 +36,7 @@ from torch import nn
 from .. import distributed
 from ..config import TrainConfig, config_from_dict, merge
 from ..data import DataBundle
+from ..data.batching import first_batch
 from ..measure.memory import MARGIN, available_ram_bytes, cuda_memory_bytes
 from ..run.plan import Run, build
 from ..run.step import OneBatch, metrics
@@ -189,7 +190,7 @@ def _tp_activations(run: Run, tp: int) -> tuple[float, int]:
 
     hooks = [m.register_forward_hook(record(n)) for n, m in run.model.named_modules()]
     try:
-        metrics(run.model, OneBatch(next(iter(run.train_loader.batches()))), run.step)
+        metrics(run.model, OneBatch(first_batch(run.train_loader)), run.step)
     finally:
         for hook in hooks:
             hook.remove()
@@ -277,7 +278,7 @@ def _evaluation(run: Run, optimizer) -> dict[str, int]:
     """Bytes by kind while the first validation batch is evaluated as `metrics` evaluates it,
     with the optimizer's states alive, as they are at every evaluation. A language model's
     logits over a large vocabulary at data.eval_batch_size can outgrow the training step."""
-    raw = next(iter(run.val_loader.batches()))
+    raw = first_batch(run.val_loader, "validation")
     tracker = _tracker(run.model)
     tracker.track_external(run.model, optimizer)
     with tracker:

@@ -248,10 +248,10 @@ def build_model(cfg: TrainConfig, bundle):
     if text:
         raise LeantrainError("text data (data.context set) needs a language model: "
                              "--recipe text-gpt, or --model MOD:FN")
-    sample = bundle.train[0][0]
     if bundle.num_classes is None:
         raise LeantrainError("with --data MOD:FN, also pass --model MOD:FN (the number of "
                              "classes cannot be known from the datasets alone)")
+    sample = bundle.train[0][0]
     log.info("no --model given: using a default model for samples of shape %s",
              tuple(sample.shape))
     return default_model(torch.as_tensor(sample), bundle.num_classes)

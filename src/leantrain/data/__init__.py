@@ -1,6 +1,7 @@
 """Data sources and loaders."""
 
-from .loaders import DataLoaderBatches, InMemoryBatches, make_loader, tensors_of
+from .batching import make_loader
+from .loaders import DataLoaderBatches, InMemoryBatches, tensors_of
 from .sources import DataBundle, load_data
 
 __all__ = [

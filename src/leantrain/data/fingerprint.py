@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .streams import first_samples, is_stream
+
 SAMPLES = 8
 
 
@@ -35,7 +37,13 @@ def _feed(digest, value: Any) -> None:
 
 
 def fingerprint(dataset: Dataset) -> dict[str, Any]:
-    """{"samples": length, "digest": SHA-256 of SAMPLES evenly spaced samples}."""
+    """{"samples": length, "digest": SHA-256 of SAMPLES evenly spaced samples}; a stream's
+    (length None) digests its first SAMPLES samples."""
+    if is_stream(dataset):
+        digest = hashlib.sha256()
+        for sample in first_samples(dataset, SAMPLES):
+            _feed(digest, sample)
+        return {"samples": None, "digest": digest.hexdigest()[:16]}
     count = len(dataset)
     digest = hashlib.sha256()
     for index in sorted({i * (count - 1) // max(SAMPLES - 1, 1) for i in range(SAMPLES)}

@@ -478,21 +478,3 @@ def data_wait_advice(loader: InMemoryBatches | DataLoaderBatches, device: torch.
     if options.num_workers:
         fixes.append(f"a larger data.prefetch_factor (now {options.prefetch_factor or 2})")
     return "; ".join(fixes)
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
-                device: torch.device | None = None, options: LoaderOptions | None = None,
-                in_memory: bool = True, shard: Shard = (0, 1), drop_last: bool = False,
-                collate_fn: Callable[[list], Any] | None = None
-                ) -> InMemoryBatches | DataLoaderBatches:
-    """Batched indexing for a tensor-backed dataset unless `in_memory` is False or a
-    `collate_fn` is given, else a DataLoader. `drop_last` drops a short last batch (it always
-    drops under several ranks)."""
-    tensors = tensors_of(dataset)
-    if tensors is not None and in_memory and collate_fn is None:
-        named = tensors if isinstance(tensors, dict) else None
-        return InMemoryBatches(*(() if named else tensors), batch_size=batch_size,
-                               shuffle=shuffle, seed=seed, device=device, shard=shard,
-                               drop_last=drop_last, named=named)
-    return DataLoaderBatches(dataset, batch_size, shuffle, seed, options, device, shard,
-                             drop_last, collate_fn)

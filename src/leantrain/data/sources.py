@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, IterableDataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from ..config import TP_PLAN_FLAG, DataConfig
 from ..errors import LeantrainError, bounded_repr, one_line, shorten
 from ..imports import call_user, own_builder
+from .streams import check_stream, is_stream
 from .text import VOCAB, load_text
 
 SPLIT_SEED = 0  # fixed, so every run (and every resume) sees the same split
@@ -428,33 +429,33 @@ def from_function(spec: str) -> DataBundle:
     datasets = result[:2] if isinstance(result, tuple) else ()
     collate = result[2] if isinstance(result, tuple) and len(result) == 3 else None
     if len(datasets) == 2:
-        require_sized(*datasets)
+        check_datasets(*datasets)
     if not (isinstance(result, tuple) and len(result) in (2, 3)
             and all(_is_dataset(d) for d in datasets)
             and (collate is None or callable(collate))):
         raise LeantrainError(
             f"--data {spec!r} must return (train_dataset, val_dataset) or (train_dataset, "
-            f"val_dataset, collate_fn), the datasets map-style (__getitem__ and __len__), "
-            f"got {type(result).__name__}")
-    return DataBundle(datasets[0], datasets[1], None, f"{spec}: {len(datasets[0])} train / "
-                      f"{len(datasets[1])} val", collate)
+            f"val_dataset, collate_fn), the datasets map-style (__getitem__ and __len__) or "
+            f"streams (an IterableDataset), got {type(result).__name__}")
+    return DataBundle(datasets[0], datasets[1], None, f"{spec}: {describe_size(datasets[0])} "
+                      f"train / {describe_size(datasets[1])} val", collate)
 
 
 def _is_dataset(obj: Any) -> bool:
-    return isinstance(obj, Dataset) or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__"))
+    return isinstance(obj, Dataset) or is_stream(obj) or (hasattr(obj, "__getitem__")
+                                                          and hasattr(obj, "__len__"))
 
 
-def require_sized(train: Any, val: Any) -> None:
-    """A stream (a torch IterableDataset, a `datasets.IterableDataset`: no length) is one line
-    here, where it once was a traceback deep in the run ("object of type 'Stream' has no
-    len()"): leantrain's runs are sized by their datasets for now."""
+def check_datasets(train: Any, val: Any) -> None:
+    """Streams (no length) are welcome if they start over when iterated again; a generator
+    is used up after one pass (one line, before any work)."""
     for role, data in (("training", train), ("validation", val)):
-        if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
-            raise LeantrainError(
-                f"the {role} set is a stream ({type(data).__name__}, without a length); "
-                "leantrain trains on map-style datasets for now (__getitem__ and __len__: a "
-                "TensorDataset, a datasets.Dataset, your Dataset): take a sized part of the "
-                "stream, e.g. a TensorDataset of its first N samples")
+        if is_stream(data):
+            check_stream(data, role)
+
+
+def describe_size(data: Any) -> str:
+    return f"a stream ({type(data).__name__})" if is_stream(data) else f"{len(data)}"
 
 
 def load_data(cfg: DataConfig) -> DataBundle:

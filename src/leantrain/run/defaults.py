@@ -39,6 +39,8 @@ from torch.utils.data import Dataset
 from .. import __version__
 from ..checkpoint import atomic_write_text
 from ..config import TrainConfig, config_from_dict, merge
+from ..data.batching import first_sample
+from ..data.streams import is_stream
 from ..distributed import DistContext
 from ..env import cpu_model
 from ..errors import LeantrainError, one_line
@@ -184,8 +186,10 @@ def _to_cache(key: str, record: dict[str, Any]) -> None:
                     getattr(exc, "strerror", None) or exc)
 
 
-def _total_steps(cfg: TrainConfig, samples: int) -> int:
-    per_epoch = math.ceil(math.ceil(samples / cfg.data.batch_size) / cfg.plan.grad_accum)
+def _total_steps(cfg: TrainConfig, train: Dataset) -> int:
+    if is_stream(train):  # (a stream's run is bounded by train.max_steps: `plan.build`)
+        return cfg.train.max_steps or 0
+    per_epoch = math.ceil(math.ceil(len(train) / cfg.data.batch_size) / cfg.plan.grad_accum)
     return min(per_epoch * cfg.train.epochs, cfg.train.max_steps or per_epoch * cfg.train.epochs)
 
 
@@ -243,11 +247,11 @@ def decide(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset, los
     if dist.active:
         return cfg, _rule_notes(undecided, "not measured under launch: ranks could choose "
                                            "apart"), None
-    total = _total_steps(cfg, len(train))
+    total = _total_steps(cfg, train)
     if total < MIN_STEPS:
         return cfg, _rule_notes(undecided, f"not measured: {total} steps is too short a run to "
                                            f"pay for measuring, which needs {MIN_STEPS}"), None
-    key = cache_key(cfg, model, train[0], rule.device, collate_fn)
+    key = cache_key(cfg, model, first_sample(train), rule.device, collate_fn)
     cached = _from_cache(key) if cfg.plan.cache else None
     if cached is not None:
         log.info("plan: the measured choices come from the plan cache (%s)", _cache_file(key))

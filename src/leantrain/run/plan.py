@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from .. import distributed, env, tensor_parallel
 from ..config import PlanConfig, TrainConfig
+from ..data.batching import batches_per_epoch, make_loader
 from ..data.fingerprint import fingerprint
 from ..data.loaders import (
     LoaderOptions,
@@ -34,10 +35,10 @@ from ..data.loaders import (
     compute_threads,
     first_non_finite,
     labels_of,
-    make_loader,
     tensors_of,
 )
-from ..data.sources import require_sized
+from ..data.sources import check_datasets
+from ..data.streams import is_stream
 from ..data.tuning import LoaderTuning, tune_loader
 from ..distributed import DistContext, rank_device
 from ..errors import LeantrainError
@@ -240,8 +241,8 @@ class Run:
     tensor_backed: bool
     # optimizer steps per epoch of a run that keeps every batch: the LR schedule's horizon is
     # the same for a compiled or autotuned run (which drops the short last batch) as for a plain
-    # one, so the bench can compare their first losses step by step
-    steps_per_epoch: int
+    # one, so the bench can compare their first losses step by step; None for a stream
+    steps_per_epoch: int | None
     train_data: Dataset | None = None  # (what a checkpoint fingerprints: `data_fingerprint`)
     val_data: Dataset | None = None
 
@@ -254,7 +255,10 @@ class Run:
 
     @property
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run: the epochs', or train.max_steps if fewer."""
+        """Optimizer steps of the whole run: the epochs', or train.max_steps if fewer (a
+        stream's run is train.max_steps: `build` refuses a stream without it)."""
+        if self.steps_per_epoch is None:
+            return self.cfg.train.max_steps
         steps = self.steps_per_epoch * self.cfg.train.epochs
         return min(steps, self.cfg.train.max_steps or steps)
 
@@ -286,13 +290,16 @@ def prepare_model(model: nn.Module, plan: ResolvedPlan) -> nn.Module:
     return model
 
 
-def _drops_short_batch(plan: ResolvedPlan, model: nn.Module, n: int, batch_size: int,
+def _drops_short_batch(plan: ResolvedPlan, model: nn.Module, n: int | None, batch_size: int,
                        world: int) -> bool:
     """A compiled or cuDNN-autotuned model trains on full batches only (when there is one):
     the epoch's short last batch is a new shape to compile or tune for. On an H100 the
     recompile cost 21 s of a 35 s text-gpt run, and autotuning it put doctor's 20 timed
     digits steps at 938 samples/s against 5,132 over 200. A BatchNorm model drops a last
-    batch of one sample, which it cannot train on (the shuffle still shows every sample)."""
+    batch of one sample, which it cannot train on (the shuffle still shows every sample); over
+    a stream (`n` None: its last batch is not known ahead) it drops any short last batch."""
+    if n is None:
+        return plan.compile or plan.cudnn_benchmark or _has_batchnorm(model)
     if n < batch_size * world:
         return False
     lone = world == 1 and n % batch_size == 1 and _has_batchnorm(model)
@@ -355,7 +362,12 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     (short trials that measure something else pass it); a run that `evaluates` checks its
     validation set's first batch too (trials never evaluate); `drop_last` drops each epoch's
     short last batch whatever the plan (a resume of a run several processes started)."""
-    require_sized(train_data, val_data)
+    check_datasets(train_data, val_data)
+    streamed = is_stream(train_data)
+    if streamed and cfg.train.max_steps is None:
+        raise LeantrainError(f"the training set is a stream ({type(train_data).__name__}, no "
+                             "length): set how long to train with train.max_steps (e.g. --set "
+                             "train.max_steps=1000); epochs apply when the stream ends")
     dist = DistContext.from_env()
     data = cfg.data
     plan, in_memory = decide(cfg, model, train_data, collate_fn, dist, notes)
@@ -363,8 +375,8 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     dist = distributed.with_mesh(dist, plan.device, plan.replicas, plan.tp)
     model = prepare_model(model, plan)
     on_cuda, shard = plan.device.type == "cuda", (dist.data_rank, dist.data_world)
-    drop = drop_last or _drops_short_batch(plan, model, len(train_data), data.batch_size,
-                                           dist.data_world)
+    drop = drop_last or _drops_short_batch(plan, model, None if streamed else len(train_data),
+                                           data.batch_size, dist.data_world)
 
     def train_loader(options: LoaderOptions):
         return make_loader(train_data, data.batch_size, True, cfg.train.seed, plan.device,
@@ -372,11 +384,11 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
 
     options = loader.default_options(data, on_cuda, cfg.train.epochs)
     batches = train_loader(options)
-    if len(batches) == 0:
+    if batches_per_epoch(batches) == 0:
         raise LeantrainError(
             f"{len(train_data)} training samples make no full batch of "
             f"{data.batch_size} x {dist.data_world} processes; lower data.batch_size")
-    if len(val_data) == 0:
+    if not is_stream(val_data) and len(val_data) == 0:
         raise LeantrainError("the validation set is empty; give it samples (or, for a single "
                              "dataset, a data.val_fraction that leaves some)")
     contract = step.step_for(model, plan, cfg.train.task, loss_fn)
@@ -392,7 +404,7 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     tuning = None
     tunable = loader.auto_fields(data)
     # ranks measuring apart could choose apart: under launch, "auto" keeps the defaults
-    if (measure_loader and not dist.active and not in_memory
+    if (measure_loader and not dist.active and not in_memory and not streamed
             and loader.worth_measuring(tunable, options, on_cuda)):
         with untouched(model):
             tuning = tune_loader(train_data, data.batch_size,
@@ -413,7 +425,8 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
         tensor_parallel.apply(model, dist.mesh["tp"], plan.tp_layers, plan.tp_hook)
     wrapped = distributed.wrap(model, plan.distributed, plan.device, plan.precision,
                                distributed.data_mesh(dist))
-    kept = batch_count(len(train_data), data.batch_size, shard, drop_last)
+    kept = None if streamed else batch_count(len(train_data), data.batch_size, shard, drop_last)
     return Run(cfg, plan, dist, model, wrapped, contract, batches, val, options, tuning,
                num_classes, whole is not None,
-               math.ceil(kept / plan.grad_accum), train_data, val_data)
+               None if kept is None else math.ceil(kept / plan.grad_accum), train_data,
+               val_data)

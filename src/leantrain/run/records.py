@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..checkpoint import atomic_write_text
 from ..config import CONFIG_NAME, target_met, target_of
+from ..data.batching import batches_per_epoch
 from ..losses import tasks
 from ..measure.monitor import ResourceMonitor
 from ..measure.timing import DATA_WAIT_WARNING, StepTimer
@@ -78,7 +79,7 @@ class Records:
 
     def bar(self, epoch: int, start: int, shown: bool) -> tqdm:
         """The epoch's progress bar from batch `start` (on rank 0, where `shown`)."""
-        return tqdm(total=len(self.run.train_loader), initial=start,
+        return tqdm(total=batches_per_epoch(self.run.train_loader), initial=start,
                     desc=f"epoch {epoch + 1}/{self.run.cfg.train.epochs}",
                     disable=None if shown and self.run.dist.is_main else True, leave=False,
                     unit="batch")

@@ -99,15 +99,16 @@ def _split_further(p: Progress, window: StepWindow, failure: str, dist: DistCont
 
 
 def replay_split(window: StepWindow, p: Progress, failure: str, dist: DistContext,
-                 n_batches: int, before_replay: Callable[[], None],
+                 ends_epoch: bool, before_replay: Callable[[], None],
                  micro_step: Callable[[Any, int, bool], tuple[bool, Any]]) -> bool:
     """After the step of `window` failed with `failure`: split further, undo the step
-    (`before_replay`) and run its batches again (`micro_step(batch, micro, last)` of an epoch
-    of `n_batches`), until it fits. Returns whether the replay ended at an optimizer step."""
+    (`before_replay`) and run its batches again (`micro_step(batch, micro, last)`; the window's
+    last batch `ends_epoch` or not), until it fits. Returns whether the replay ended at an
+    optimizer step."""
     def replay() -> bool:
-        stepped = False
+        stepped, final = False, window.first + len(window.batches) - 1
         for micro, batch in enumerate(window.batches, start=window.first):
-            stepped, _ = micro_step(batch, micro, micro == n_batches - 1)
+            stepped, _ = micro_step(batch, micro, ends_epoch and micro == final)
         return stepped
 
     while True:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..checkpoint import capture_rng
+from ..data.batching import batches_per_epoch
 from ..errors import LeantrainError, shorten
 from .progress import Progress
 
@@ -36,7 +37,7 @@ def check(saved: dict[str, Any], state: TrainState, run: Run, path: Path,
     `weights`: it holds the model and optimizer (a sharded one's are checked by DCP against
     its metadata, and by the fingerprint's names and shapes)."""
     progress = saved["progress"]
-    _progress(progress, len(run.train_loader), path)
+    _progress(progress, batches_per_epoch(run.train_loader), path)
     if progress.get("finished") and not isinstance(saved.get("summary"), dict):
         raise LeantrainError(f"{path}: marked finished but holds no summary; it was not "
                              "written by a finished run")
@@ -52,7 +53,7 @@ def _bad(path: Path, entry: str, why: str) -> LeantrainError:
                           "applied)")
 
 
-def _progress(progress: dict[str, Any], batches: int, path: Path) -> None:
+def _progress(progress: dict[str, Any], batches: int | None, path: Path) -> None:
     known = {f.name for f in fields(Progress)}
     for key in progress:
         if key not in known:
@@ -74,7 +75,7 @@ def _progress(progress: dict[str, Any], batches: int, path: Path) -> None:
             ok = isinstance(value, bool)
         if not ok:
             raise _bad(path, f"progress.{key}", f"is {shorten(repr(value), 40)}")
-    if progress.get("batch", 0) > batches:
+    if batches is not None and progress.get("batch", 0) > batches:  # (a stream: unknown)
         raise _bad(path, "progress.batch", f"is {progress['batch']:,}, past the epoch's "
                                            f"{batches:,} batches")
 

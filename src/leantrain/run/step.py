@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.batching import first_batch
 from ..data.loaders import LABEL_KEYS, batch_size, labels_of
 from ..errors import LeantrainError, bounded_repr, first_line, one_line, shorten
 from ..losses import tasks
@@ -274,7 +275,7 @@ def check_evaluation(model: nn.Module, loader, step: Step) -> None:
     """Evaluate the loader's first batch as `metrics` will (nothing learnt), before anything
     is written: validation samples of another shape, or that the model cannot take, fail here
     in one line and not at the first evaluation, after the first epoch."""
-    raw = next(iter(loader.batches()))
+    raw = first_batch(loader, "validation")
     _checked_call(model, lambda: metrics(model, OneBatch(raw), step), step.unpack(raw), step,
                   where="the validation set's first batch")
 
@@ -309,7 +310,7 @@ def check_first_batch(model: nn.Module, loader, step: Step,
 
     `all_labels`: every training label, when the dataset holds them as one tensor (their
     range is checked, not only the first batch's)."""
-    raw = next(iter(loader.batches()))
+    raw = first_batch(loader)
     sb = step.unpack(raw)
     # labels are checked before a model computes a loss on them; an encoder-decoder needs
     # them to run at all (its decoder inputs are built from them)

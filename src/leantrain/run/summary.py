@@ -17,6 +17,7 @@ import torch
 from .. import distributed
 from ..checkpoint import atomic_save, atomic_write_text
 from ..config import target_of
+from ..data.batching import first_batch
 from ..data.loaders import batch_size, data_wait_advice, split_batch
 from ..losses import tasks
 from ..measure.flops import count_flops, device_peak, mfu
@@ -47,7 +48,7 @@ def training_flops(run: Run) -> float | None:
     activation checkpointing's recomputation is not counted (MFU, not HFU). It leaves the
     model as it was, so call it before the run seeds its random streams.
     """
-    batch = next(iter(run.train_loader.batches()))
+    batch = first_batch(run.train_loader)
     parts = 1
     while True:
         chunk = batch if parts == 1 else split_batch(batch, parts)[0]

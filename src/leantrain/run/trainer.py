@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .. import distributed
+from ..data.batching import marking_last
 from ..data.loaders import batch_size, split_batch
 from ..losses import tasks
 from ..measure import clock
@@ -131,7 +132,7 @@ class Trainer:
         timer.mark("backward")
         return loss if self.compiling is None else self.compiling.kept(loss)
 
-    def _recover(self, window: recovery.StepWindow, failure: str, n_batches: int) -> bool:
+    def _recover(self, window: recovery.StepWindow, failure: str, ends_epoch: bool) -> bool:
         """The step of `window` ran out of memory: replay it as smaller micro-batches
         (`run.recovery`). Returns whether the replayed step ended at a boundary."""
         def before_replay() -> None:
@@ -141,7 +142,7 @@ class Trainer:
                 self.compiling.shape_changed()
 
         return recovery.replay_split(window, self.state.progress, failure, self.run.dist,
-                                     n_batches, before_replay, self.micro_step)
+                                     ends_epoch, before_replay, self.micro_step)
 
     def _beat(self, phase: str) -> None:  # under launch: for a report that names a stuck rank
         if self.heartbeat is not None:
@@ -169,13 +170,12 @@ class Trainer:
         self._start_fresh()
         self.restart_timer()
         run.model.train()
-        samples, n_batches = 0, len(run.train_loader)
+        samples = 0
         try:
             with run.settings():
                 for epoch in itertools.count():
-                    for micro, batch in enumerate(run.train_loader.batches(epoch)):
-                        stepped, loss = self.micro_step(batch, micro,
-                                                        last=micro == n_batches - 1)
+                    for micro, (batch, last) in enumerate(marking_last(run.train_loader, epoch)):
+                        stepped, loss = self.micro_step(batch, micro, last)
                         samples += batch_size(batch)
                         if stepped:
                             yield samples, loss
@@ -221,16 +221,16 @@ class Trainer:
 
     def _run_epoch(self, epoch: int) -> None:
         run, p = self.run, self.state.progress
-        n_batches = len(run.train_loader)
         bar = self.records.bar(epoch, p.batch, self.progress_bar)
         tick = clock.now()
         self.timer.restart()
         window = recovery.StepWindow()  # what a replay after an out-of-memory error needs
-        for micro, batch in enumerate(run.train_loader.batches(epoch, p.batch), start=p.batch):
+        batches = marking_last(run.train_loader, epoch, p.batch)
+        for micro, (batch, last) in enumerate(batches, start=p.batch):
             window.add(batch, micro, self.state.epoch_sums)
             done, failure = recovery.attempt(
-                functools.partial(self.micro_step, batch, micro, micro == n_batches - 1))
-            stepped = done[0] if failure is None else self._recover(window, failure, n_batches)
+                functools.partial(self.micro_step, batch, micro, last))
+            stepped = done[0] if failure is None else self._recover(window, failure, last)
             if stepped:
                 window.close()
             p.batch, p.samples = micro + 1, p.samples + batch_size(batch)
