@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data import DataBundle
+from ..data.streams import is_stream
 from ..errors import LeantrainError
 from ..measure import clock
 from ..measure.memory import MARGIN, available_ram_bytes, cuda_memory_bytes, current_rss_bytes
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 NEAR = 0.05  # sizes within 5% of the best samples/s are treated as equally fast
 MIN_STEPS_PER_EPOCH = 4  # sizes are capped so that an epoch still has this many steps
+STREAM_CAP = 65_536  # the largest size searched over a stream (--max-size sets another)
 BISECTIONS = 3
 COMPARED = 3  # the largest sizes that fit are timed against the smallest in rounds
 ROUNDS = 5
@@ -121,9 +123,12 @@ def find_batch_size(build_model: Callable[[], nn.Module], bundle: DataBundle, cf
     device_type = overrides.get("plan", {}).get("device") or select_device(cfg.plan.device) \
         .device.type
     limit, kind = (memory_limit, "given limit") if memory_limit else available_memory(device_type)
-    cap = max(len(bundle.train) // MIN_STEPS_PER_EPOCH, 1)
-    cap_reason = f"a quarter of the training set, so an epoch has at least " \
-                 f"{MIN_STEPS_PER_EPOCH} steps"
+    if is_stream(bundle.train):  # no epoch to keep steps in: memory and speed decide
+        cap, cap_reason = STREAM_CAP, "the largest size searched over a stream"
+    else:
+        cap = max(len(bundle.train) // MIN_STEPS_PER_EPOCH, 1)
+        cap_reason = f"a quarter of the training set, so an epoch has at least " \
+                     f"{MIN_STEPS_PER_EPOCH} steps"
     if max_size and max_size < cap:
         cap, cap_reason = max_size, "the largest size asked for"
     results: dict[int, TrialResult] = {}

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import TrainConfig, config_from_dict, merge
 from ..data import DataBundle
-from ..data.loaders import data_wait_advice
+from ..data.batching import data_wait_advice
 from ..env import bf16_supported, compiler_available, machine_facts
 from ..measure.compile_watch import break_even_steps, describe
 from ..measure.load import busy_line

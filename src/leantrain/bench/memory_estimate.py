@@ -37,6 +37,7 @@ from .. import distributed
 from ..config import TrainConfig, config_from_dict, merge
 from ..data import DataBundle
 from ..data.batching import first_batch
+from ..data.streams import is_stream
 from ..measure.memory import MARGIN, available_ram_bytes, cuda_memory_bytes
 from ..run.plan import Run, build
 from ..run.step import OneBatch, metrics
@@ -351,7 +352,8 @@ def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Trai
               "evaluation": evaluation["total"]}
     est = MemoryEstimate(
         device=str(device), micro_batch=micro, forward_backward=fwbw, optimizer_step=in_step,
-        evaluation=evaluation, eval_batch=min(cfg.data.eval_batch_size, len(bundle.val)),
+        evaluation=evaluation, eval_batch=cfg.data.eval_batch_size if is_stream(bundle.val)
+        else min(cfg.data.eval_batch_size, len(bundle.val)),
         peak_bytes=max(phases.values()), peak_phase=max(phases, key=phases.get),
         bytes_per_sample=per_sample, room_bytes=room, room_kind=kind, fits=None,
         largest_micro_batch=None)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import TrainConfig, merge
 from ..data import DataBundle
+from ..data.streams import is_stream
 from ..errors import LeantrainError
 from ..measure import clock, deadline, load
 from ..measure.compile_watch import break_even_steps
@@ -169,8 +170,8 @@ class _Bench:
         self.trials: list[TrialResult] = []
         self.round_seconds: list[float] = []  # wall time of each measured (non-compile) round
         self.compile_seconds: list[float] = []
-        n_train = len(bundle.train)
-        self.run_samples = n_train * cfg.train.epochs
+        self.run_samples = (cfg.train.max_steps * cfg.data.batch_size * cfg.plan.grad_accum
+                            if is_stream(bundle.train) else len(bundle.train) * cfg.train.epochs)
         self.round_s = min(max(budget_s / 120, 0.3), 1.5)  # timed part of one round of a trial
 
     def elapsed(self) -> float:

@@ -360,9 +360,10 @@ def sample_inputs(bundle):
     keyword inputs without its labels (what latency and multiply-adds are measured on)."""
     import torch
 
+    from ..data.batching import first_sample
     from ..data.loaders import LABEL_KEYS
 
-    sample = bundle.val[0]
+    sample = first_sample(bundle.val)
     if isinstance(sample, dict):
         return {k: torch.as_tensor(v) for k, v in sample.items() if k not in LABEL_KEYS}
     return torch.as_tensor(sample[0] if isinstance(sample, (tuple, list)) else sample)

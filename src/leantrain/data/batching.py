@@ -86,3 +86,28 @@ def first_sample(dataset: Any) -> Any:
     if not found:
         raise LeantrainError(f"the stream {type(dataset).__name__} yielded no sample")
     return found[0]
+
+
+def data_wait_advice(loader: Loader, device: torch.device, tensor_backed: bool) -> str:
+    """The concrete fixes for a run that spends too long waiting for data."""
+    if isinstance(loader, InMemoryBatches):
+        if device.type == "cuda" and "resident" not in loader.kind:
+            return ("free GPU memory so the data can stay on the GPU (it is copied every "
+                    "step now), or a larger batch")
+        return ("the in-memory loader is already one indexing per batch: the wait is per-step "
+                "overhead, which a larger data.batch_size amortizes")
+    options = loader.options
+    if isinstance(loader, StreamBatches):  # (not measured for a stream yet: it says so)
+        return (f"more workers (data.num_workers={options.num_workers} now; each reads the "
+                "whole stream and keeps its share, so the stream's reading must be cheap "
+                "beside the model's step)")
+    fixes = []
+    if tensor_backed:
+        fixes.append("data.loader=in-memory (batches by indexing, no per-sample collate)")
+    fixes.append(f"more workers (data.num_workers={options.num_workers} now; data.num_workers="
+                 "auto measures the best count)")
+    if device.type == "cuda" and not options.pin_memory:
+        fixes.append("data.pin_memory=true, so copies to the GPU can overlap compute")
+    if options.num_workers:
+        fixes.append(f"a larger data.prefetch_factor (now {options.prefetch_factor or 2})")
+    return "; ".join(fixes)

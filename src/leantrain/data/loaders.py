@@ -456,25 +456,3 @@ class DevicePrefetcher:
             _map_tensors(ahead, lambda t: t.record_stream(compute))
             current, ahead = ahead, self._copy(next(self.batches, None))
             yield current
-
-
-def data_wait_advice(loader: InMemoryBatches | DataLoaderBatches, device: torch.device,
-                     tensor_backed: bool) -> str:
-    """The concrete fixes for a run that spends too long waiting for data."""
-    if isinstance(loader, InMemoryBatches):
-        if device.type == "cuda" and "resident" not in loader.kind:
-            return ("free GPU memory so the data can stay on the GPU (it is copied every "
-                    "step now), or a larger batch")
-        return ("the in-memory loader is already one indexing per batch: the wait is per-step "
-                "overhead, which a larger data.batch_size amortizes")
-    options = loader.options
-    fixes = []
-    if tensor_backed:
-        fixes.append("data.loader=in-memory (batches by indexing, no per-sample collate)")
-    fixes.append(f"more workers (data.num_workers={options.num_workers} now; data.num_workers="
-                 "auto measures the best count)")
-    if device.type == "cuda" and not options.pin_memory:
-        fixes.append("data.pin_memory=true, so copies to the GPU can overlap compute")
-    if options.num_workers:
-        fixes.append(f"a larger data.prefetch_factor (now {options.prefetch_factor or 2})")
-    return "; ".join(fixes)

@@ -17,8 +17,8 @@ import torch
 from .. import distributed
 from ..checkpoint import atomic_save, atomic_write_text
 from ..config import target_of
-from ..data.batching import first_batch
-from ..data.loaders import batch_size, data_wait_advice, split_batch
+from ..data.batching import data_wait_advice, first_batch
+from ..data.loaders import batch_size, split_batch
 from ..losses import tasks
 from ..measure.flops import count_flops, device_peak, mfu
 from ..measure.memory import peak_bytes
