@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.loaders import CheckedCollate
+from ..data.streams import first_samples, is_stream
+from ..errors import LeantrainError
 from .step import Step, step_for
 
 
@@ -67,12 +69,19 @@ def measuring_step(model: nn.Module, channels_last: bool = False) -> Step:
 
 def measuring_call(model: nn.Module, dataset: Dataset, size: int, collate_fn=None,
                    channels_last: bool = False) -> ModelCall:
-    """`size` samples of `dataset` (from its start, repeated when it holds fewer), collated by
-    the run's `collate_fn` and unpacked as the training step unpacks them."""
+    """`size` samples of `dataset` (from its start, repeated when it holds fewer; a stream's
+    first ones), collated by the run's `collate_fn` and unpacked as the training step unpacks
+    them."""
     if size < 1:
         raise ValueError(f"a measuring batch needs at least one sample, got {size}")
-    count = len(dataset)
-    samples = [dataset[i % count] for i in range(size)]
+    if is_stream(dataset):
+        first = first_samples(dataset, size)
+        samples = [first[i % len(first)] for i in range(size)] if first else []
+        if not samples:
+            raise LeantrainError(f"the stream {type(dataset).__name__} yielded no sample")
+    else:
+        count = len(dataset)
+        samples = [dataset[i % count] for i in range(size)]
     batch = CheckedCollate(collate_fn)(samples)
     sb = measuring_step(model, channels_last).unpack(batch)
     return ModelCall(sb.args, sb.kwargs, size)
