@@ -9,11 +9,21 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+from pathlib import Path
 
 import psutil
 import torch
 
 from .errors import one_line
+
+
+def cache_folder() -> Path:
+    """Where leantrain keeps what it measured or built once (plans, tokenized corpora):
+    $LEANTRAIN_CACHE, else the XDG cache folder."""
+    if os.environ.get("LEANTRAIN_CACHE"):
+        return Path(os.environ["LEANTRAIN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "leantrain"
 
 
 def cuda_free_memory() -> list[int]:

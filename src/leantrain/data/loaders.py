@@ -166,21 +166,24 @@ class _EpochSampler(Sampler[int]):
         self.shard, self.drop_last = shard, drop_last
         self.epoch, self.skip_batches = 0, 0
 
-    def _indices(self) -> list[int]:
-        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
-        spans = batch_spans(self.n, self.batch_size, self.shard, self.skip_batches,
-                            self.drop_last)
-        return [i for span in spans for i in order[span].tolist()]
+    def _spans(self, skip: int = 0) -> Iterator[slice]:
+        return batch_spans(self.n, self.batch_size, self.shard, self.skip_batches + skip,
+                           self.drop_last)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
+        # batch by batch: a list of every index would be 36 bytes a sample (150 MB for the
+        # 4 M windows of a billion-token corpus), the order tensor is 8
+        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
+        for span in self._spans():
+            yield from order[span].tolist()
 
     def batch_indices(self, number: int) -> list[int]:
         """The dataset indices of batch `number` of the current pass."""
-        return self._indices()[number * self.batch_size:(number + 1) * self.batch_size]
+        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
+        return order[next(self._spans(number))].tolist()
 
     def __len__(self) -> int:
-        return len(self._indices())
+        return sum(span.stop - span.start for span in self._spans())
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from ..config import TrainConfig, config_from_dict, merge
 from ..data.batching import first_sample
 from ..data.streams import is_stream
 from ..distributed import DistContext
-from ..env import cpu_model
+from ..env import cache_folder, cpu_model
 from ..errors import LeantrainError, one_line
 from ..measure import clock, deadline
 from ..measure.rounds import MIN_ROUNDS, interleave, interval, paired_ratios
@@ -150,13 +149,6 @@ def cache_key(cfg: TrainConfig, model: nn.Module, sample: Any, device: torch.dev
         "collate_fn": getattr(collate_fn, "__qualname__", type(collate_fn).__name__),
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def cache_folder() -> Path:
-    if os.environ.get("LEANTRAIN_CACHE"):
-        return Path(os.environ["LEANTRAIN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "leantrain"
 
 
 def _cache_file(key: str) -> Path:
