@@ -49,6 +49,10 @@ class DataConfig:
     # read as bytes, cut into samples of `context` bytes that predict the next byte
     context: int | None = None
     max_bytes: int = 4_000_000  # text: at most this much train text (val: a tenth)
+    # text: a local tokenizer.json (or a folder holding one): the corpus is tokenized once into
+    # token shards (cached), read as windows of `context` tokens; max_bytes does not apply
+    tokenizer: str | None = None
+    text_field: str = "text"  # a .jsonl corpus: the key of each line that holds its text
 
 
 # torch.optim's own defaults (tests/test_config.py checks them against torch's signatures):

@@ -232,6 +232,22 @@ def build_from(spec: str, what: str, seed: int):
     return model
 
 
+def check_vocabulary(model, vocab_size: int, tokenizer: str | None) -> None:
+    """A language model whose input embedding has fewer rows than the data has token ids
+    fails at the first batch deep in an embedding lookup: say so before any work."""
+    from torch import nn
+
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else \
+        next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is not None and rows < vocab_size:
+        source = f"the tokenizer {shorten(tokenizer, 80)}" if tokenizer else "the data"
+        raise LeantrainError(f"the model's vocabulary ({rows:,} input embeddings) is smaller "
+                             f"than {source}'s ({vocab_size:,} token ids); build it with a "
+                             f"vocabulary of at least {vocab_size:,}")
+
+
 def build_model(cfg: TrainConfig, bundle):
     """The user's model if named, the recipe's on the recipe's data, else a default for the data."""
     import torch
@@ -239,7 +255,10 @@ def build_model(cfg: TrainConfig, bundle):
     from ..recipes.models import default_model
 
     if cfg.model:
-        return build_from(cfg.model, "--model", cfg.train.seed)
+        model = build_from(cfg.model, "--model", cfg.train.seed)
+        if cfg.data.context is not None and bundle.num_classes is not None:
+            check_vocabulary(model, bundle.num_classes, cfg.data.tokenizer)
+        return model
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every run and resume
     recipe = get_recipe(cfg.recipe)
     text = cfg.data.context is not None

@@ -26,6 +26,8 @@ from ..errors import LeantrainError, bounded_repr, one_line, shorten
 from ..imports import call_user, own_builder
 from .streams import check_stream, is_stream
 from .text import VOCAB, load_text
+from .tokenize import tokenized
+from .tokens import is_token_folder, open_token_folder
 
 SPLIT_SEED = 0  # fixed, so every run (and every resume) sees the same split
 # the most classes a label may imply: the default model's head holds one row per class, so a
@@ -462,9 +464,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
     """Dispatch on `cfg.source`: 'digits', a path, or 'pkg.module:fn'."""
     source = cfg.source
     if cfg.context is not None:
-        train, val, description = load_text(source, cfg.context, cfg.val_fraction,
-                                            cfg.max_bytes)
-        return DataBundle(train, val, VOCAB, description)
+        return _text(cfg)
     if source == "digits":
         return digits(cfg)
     path = Path(source)
@@ -479,6 +479,18 @@ def load_data(cfg: DataConfig) -> DataBundle:
     if names_code(source):
         return from_function(source)
     raise LeantrainError(f"data path not found: {source}")
+
+
+def _text(cfg: DataConfig) -> DataBundle:
+    """Text for a language model: token shards (a token folder, or the corpus tokenized with
+    data.tokenizer), else bytes."""
+    if is_token_folder(Path(cfg.source)) or cfg.tokenizer is not None:
+        folder = open_token_folder(Path(cfg.source)) if cfg.tokenizer is None else \
+            tokenized(cfg.source, cfg.tokenizer, cfg.val_fraction, text_field=cfg.text_field)
+        return DataBundle(folder.windows("train", cfg.context), folder.windows("val", cfg.context),
+                          folder.vocab_size, f"{folder.describe()}, context {cfg.context}")
+    train, val, description = load_text(cfg.source, cfg.context, cfg.val_fraction, cfg.max_bytes)
+    return DataBundle(train, val, VOCAB, description)
 
 
 def names_code(source: str) -> bool:
