@@ -94,9 +94,13 @@ def batch_size(batch: Batch) -> int:
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The epoch's sample order: int32 below 2**31 samples (the same permutation as int64, half
+    the memory: 31 MB for the 7.8 M windows of a billion tokens)."""
+    dtype = torch.int32 if n < 2**31 else torch.int64
     if not shuffle:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        return torch.arange(n, dtype=dtype)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch),
+                          dtype=dtype)
 
 
 Shard = tuple[int, int]  # (rank, world size)
