@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -178,7 +179,9 @@ class StreamBatches:
                  shard: Shard = (0, 1), drop_last: bool = False,
                  collate_fn: Callable[[list], Any] | None = None):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.options, self.device, self.shard = options or LoaderOptions(), device, shard
+        # (a stream's workers start afresh each epoch: they read from that epoch's start)
+        self.options = replace(options or LoaderOptions(), persistent_workers=False)
+        self.device, self.shard = device, shard
         self.keep_partial = shard[1] == 1 and not drop_last
         self.collate = CheckedCollate(collate_fn)
         self.generator = torch.Generator()
