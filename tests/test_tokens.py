@@ -236,3 +236,44 @@ def test_a_run_on_token_shards_resumes_mid_epoch_bit_identical(tmp_path, monkeyp
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     b = torch.load(snapshot / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ids_past_the_vocabulary_are_refused_when_written_and_before_training(tmp_path):
+    with pytest.raises(LeantrainError, match="run from 0 to 70000; a vocabulary of 65,536"):
+        write_token_folder(tmp_path / "w", {"train": [np.array([0, 70_000])],
+                                            "val": [np.array([1])]}, 65_536, None)
+    folder = _folder(tmp_path)  # training ids 0..39: its manifest says max_id 39
+    manifest = json.loads((folder / "tokens.json").read_text())
+    manifest["vocab_size"] = 30
+    (folder / "tokens.json").write_text(json.dumps(manifest))
+    with pytest.raises(LeantrainError, match=r"train-00000\.npy holds ids up to 39, at or above "
+                                             "the vocabulary's 30"):
+        open_token_folder(folder)
+
+
+BAD_DATA_ARGS = ["--recipe", "text-gpt", "--set", "data.context=8", "--no-progress",
+                 "--set", "train.max_steps=3"]
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("truncated", "train-00000.npy is truncated"),
+    ("jsonl", "c.jsonl line 3: not JSON"),
+    ("field", "c.jsonl line 1: no text field 'text'"),
+])
+def test_bad_data_through_the_cli_is_exit_2_one_line_and_nothing_written(
+        tmp_path, tokenizer, capsys, kind, fragment):
+    if kind == "truncated":
+        source = _folder(tmp_path)
+        shard = source / "train-00000.npy"
+        shard.write_bytes(shard.read_bytes()[:-10])
+        more = []
+    else:
+        source = tmp_path / "c.jsonl"
+        source.write_text('{"text": "a = 1"}\n{"text": "b = 2"}\n{"text": \n' if kind == "jsonl"
+                          else '{"body": "a = 1"}\n')
+        more = ["--set", f"data.tokenizer={tokenizer}"]
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(source), "--out", str(out), *BAD_DATA_ARGS, *more]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0] and len(err[0]) < 300, err
+    assert not out.exists()

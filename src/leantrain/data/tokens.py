@@ -7,7 +7,9 @@ consecutive tokens of one shard (inputs, and the same shifted by one as targets)
 side by side, each shard's tail dropped. Windows are read with `os.pread`: nothing is mapped
 into the process, so its memory does not grow with the corpus (a memory map's touched pages
 count in its RSS), and loader workers share the open files safely (pread has no file offset).
-The manifest is written last: a folder without it is not a finished one.
+The manifest is written last: a folder without it is not a finished one. Each shard's entry
+may give its largest id (`max_id`, which leantrain writes): an id past the vocabulary is then
+refused before training; otherwise when its window is read.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def open_token_folder(folder: Path) -> TokenFolder:
         entries = listed.get(split)
         if not isinstance(entries, list) or not entries:
             raise LeantrainError(f"{where}: shards.{split} must list at least one shard")
-        splits[split] = [_shard(folder, entry, dtype, where) for entry in entries]
+        splits[split] = [_shard(folder, entry, dtype, vocab, where) for entry in entries]
     return TokenFolder(folder, vocab, eot, splits)
 
 
@@ -113,9 +115,13 @@ def _field(manifest: Any, key: str, kind: type, where: Path) -> Any:
     return value
 
 
-def _shard(folder: Path, entry: Any, dtype: np.dtype, where: Path) -> Shard:
+def _shard(folder: Path, entry: Any, dtype: np.dtype, vocab: int, where: Path) -> Shard:
     name = entry.get("file") if isinstance(entry, dict) else None
     tokens = entry.get("tokens") if isinstance(entry, dict) else None
+    top = entry.get("max_id") if isinstance(entry, dict) else None
+    if type(top) is int and top >= vocab:  # (written by leantrain: known before training)
+        raise LeantrainError(f"token shard {folder / str(name)} holds ids up to {top}, at or "
+                             f"above the vocabulary's {vocab:,} ({where})")
     if not isinstance(name, str) or "/" in name or name.startswith(".") or type(tokens) is not int:
         raise LeantrainError(f"{where}: a shard entry is {{'file': NAME, 'tokens': COUNT}} with "
                              f"a file name in the folder, got {shorten(repr(entry), 80)}")
@@ -181,7 +187,12 @@ def write_token_folder(folder: Path, splits: dict[str, Iterable[np.ndarray]], vo
         pending: list[np.ndarray] = []
         count = 0
         for ids in arrays:
-            pending.append(np.asarray(ids, dtype=dtype))
+            ids = np.asarray(ids)
+            if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):  # (a cast would wrap)
+                raise LeantrainError(f"token ids for the {split} split run from {ids.min()} to "
+                                     f"{ids.max()}; a vocabulary of {vocab_size:,} takes 0.."
+                                     f"{vocab_size - 1}")
+            pending.append(ids.astype(dtype, copy=False))
             count += len(ids)
             while count >= shard_tokens:
                 whole = np.concatenate(pending)
@@ -202,4 +213,5 @@ def _write_shard(folder: Path, split: str, listed: list[dict[str, Any]],
     with temporary.open("wb") as f:
         np.save(f, ids, allow_pickle=False)
     os.replace(temporary, folder / name)
-    listed.append({"file": name, "tokens": int(len(ids))})
+    listed.append({"file": name, "tokens": int(len(ids)),
+                   "max_id": int(ids.max()) if len(ids) else 0})
