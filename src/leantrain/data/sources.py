@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, TensorDataset
 from ..config import TP_PLAN_FLAG, DataConfig
 from ..errors import LeantrainError, bounded_repr, one_line, shorten
 from ..imports import call_user, own_builder
+from .hf import torch_formatted
 from .streams import check_stream, is_stream
 from .text import VOCAB, load_text
 from .tokenize import tokenized
@@ -431,6 +432,7 @@ def from_function(spec: str) -> DataBundle:
     datasets = result[:2] if isinstance(result, tuple) else ()
     collate = result[2] if isinstance(result, tuple) and len(result) == 3 else None
     if len(datasets) == 2:
+        datasets = tuple(torch_formatted(d, collate) for d in datasets)
         check_datasets(*datasets)
     if not (isinstance(result, tuple) and len(result) in (2, 3)
             and all(_is_dataset(d) for d in datasets)

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import LeantrainError, one_line
+from .hf import whole_stream
 from .loaders import Batch, CheckedCollate, CollateError, DevicePrefetcher, LoaderOptions, Shard
 
 
@@ -98,7 +99,7 @@ class _OwnRandom:
 def first_samples(stream: Any, count: int) -> list[Any]:
     """The stream's first `count` samples as a reader of epoch 0 with seed 0 sees them (its
     random numbers its own): outside the epoch (a fingerprint), the training's stay put."""
-    return list(_OwnRandom(0).around(itertools.islice(stream, count)))
+    return list(_OwnRandom(0).around(itertools.islice(whole_stream(stream), count)))
 
 
 class _Reader(IterableDataset):
@@ -122,7 +123,7 @@ class _Reader(IterableDataset):
         mine = range(rank * self.batch_size, (rank + 1) * self.batch_size)
         if hasattr(self.stream, "set_epoch"):
             self.stream.set_epoch(self.epoch)
-        samples, index, kept = iter(self.stream), 0, []
+        samples, index, kept = whole_stream(self.stream), 0, []
         while True:
             sample = self._next(samples, index)
             if sample is _END:

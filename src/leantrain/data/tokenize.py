@@ -45,7 +45,7 @@ def load_tokenizer(spec: str):
         from tokenizers import Tokenizer
     except ImportError as exc:
         raise LeantrainError("data.tokenizer needs the tokenizers library: pip install "
-                             "tokenizers (or leantrain[hf])") from exc
+                             "tokenizers (or leantrain[data])") from exc
     path = Path(spec)
     if path.is_dir():
         path = path / "tokenizer.json"

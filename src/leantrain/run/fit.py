@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import TrainConfig
+from ..data.hf import torch_formatted
 from ..data.sources import check_datasets
 from ..distributed import DistContext
 from ..errors import LeantrainError
@@ -38,6 +39,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
     `data_changed=True` resumes on data other than the run started with (refused otherwise).
     """
     cfg = cfg or TrainConfig()
+    train_data, val_data = (torch_formatted(d, collate_fn) for d in (train_data, val_data))
     check_datasets(train_data, val_data)
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
