@@ -277,3 +277,21 @@ def test_bad_data_through_the_cli_is_exit_2_one_line_and_nothing_written(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0] and len(err[0]) < 300, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_a_table_corpus_is_tokenized_a_document_a_row(tmp_path, tokenizer, kind):
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_list([{"body": f"x{i} = {i}\n", "n": i} for i in range(40)])
+    if kind == "parquet":
+        path = tmp_path / "c.parquet"
+        table.to_parquet(str(path))
+    else:
+        table.save_to_disk(str(tmp_path / "saved"))
+        path = next((tmp_path / "saved").glob("*.arrow"))
+    with pytest.raises(LeantrainError, match=r"no text column 'text' \(its columns: body, n\)"):
+        tokenized(str(path), str(tokenizer), 0.25)
+    folder = tokenized(str(path), str(tokenizer), 0.25, text_field="body")
+    ends = {s: sum(int((np.load(x.path) == 0).sum()) for x in folder.splits[s])
+            for s in ("train", "val")}
+    assert ends == {"train": 30, "val": 10}  # a document a row, the last quarter of the rows

@@ -2,10 +2,11 @@
 
 `data.tokenizer` names a local `tokenizer.json` (or a folder holding one, as `transformers`
 saves them): the `tokenizers` library reads it as JSON, nothing in it runs as code. The
-corpus is a text file, a folder of them (each file a document), or a JSONL file whose
-`data.text_field` holds each line's document; documents are packed with the end-of-text
-token between them. Validation is held out by file (a single file: its last
-`data.val_fraction` of bytes), as for byte-level text.
+corpus is a text file, a folder of them (each file a document), a JSONL file whose
+`data.text_field` holds each line's document, or a Parquet or Arrow table (as `datasets`
+saves them) whose column `data.text_field` holds a document a row, read batch by batch;
+documents are packed with the end-of-text token between them. Validation is held out by file
+(a single file: its last `data.val_fraction` of bytes, or of rows), as for byte-level text.
 
 Tokenization runs in parallel (the library's threads over batches of documents) and writes
 `data.tokens`-style shards under the cache folder, keyed by the SHA-256 of the tokenizer file
@@ -25,6 +26,7 @@ import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,9 +75,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+TABLES = (".parquet", ".arrow")  # a document a row, its text in the column data.text_field
+OWN_DOCUMENTS = (".jsonl", *TABLES)  # a document a line or row (a text file: the whole file)
+
+
 def _documents(path: Path, text_field: str) -> Iterator[tuple[str, int, bool]]:
-    """(text, byte position, whether a document ends with it): a text file in chunks cut at
-    line ends (its document ends with the file), a .jsonl file one document a line."""
+    """(text, position, whether a document ends with it): a text file in chunks cut at line
+    ends (its document ends with the file), a .jsonl file one document a line (positions in
+    bytes); a .parquet or .arrow table one document a row (positions in rows)."""
+    if path.suffix in TABLES:
+        yield from _rows(path, text_field)
+        return
     jsonl = path.suffix == ".jsonl"
     with path.open("rb") as f:
         position, number = 0, 0
@@ -96,6 +106,64 @@ def _documents(path: Path, text_field: str) -> Iterator[tuple[str, int, bool]]:
                 text = _field_of(text, text_field, path, number)
             yield text, position, jsonl
             position += len(raw)
+
+
+def _table_batches(path: Path, column: str) -> Iterator[Any]:
+    """The column's record batches, read from disk as they come (Parquet row groups; an Arrow
+    file, as `datasets` saves them, memory-mapped)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise LeantrainError(f"{path}: reading {path.suffix} tables needs pyarrow: pip install "
+                             "pyarrow (or leantrain[data])") from exc
+    try:
+        if path.suffix == ".parquet":
+            source = pq.ParquetFile(path)
+            if column not in source.schema_arrow.names:
+                raise _missing_column(path, column, source.schema_arrow.names)
+            yield from source.iter_batches(columns=[column], batch_size=1024)
+            return
+        mapped = pa.memory_map(str(path))
+        try:
+            reader = pa.ipc.open_stream(mapped)
+        except pa.ArrowInvalid:
+            mapped.seek(0)
+            file = pa.ipc.open_file(mapped)
+            reader = (file.get_batch(i) for i in range(file.num_record_batches))
+            names = file.schema.names
+        else:
+            names = reader.schema.names
+        if column not in names:
+            raise _missing_column(path, column, names)
+        for batch in reader:
+            yield batch.select([column])
+    except (OSError, pa.ArrowException) as exc:
+        raise LeantrainError(f"{path}: not a readable {path.suffix[1:]} table: "
+                             f"{one_line(exc)[:120]}") from exc
+
+
+def _missing_column(path: Path, column: str, names: list[str]) -> LeantrainError:
+    return LeantrainError(f"{path}: no text column '{shorten(column, 40)}' (its columns: "
+                          f"{shorten(', '.join(names), 80)}); set data.text_field")
+
+
+def _rows(path: Path, column: str) -> Iterator[tuple[str, int, bool]]:
+    row = 0
+    for batch in _table_batches(path, column):
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str):
+                raise LeantrainError(f"{path} row {row}: '{shorten(column, 40)}' holds "
+                                     f"{type(text).__name__}, not text")
+            yield text, row, True
+            row += 1
+
+
+def _extent(path: Path, column: str) -> int:
+    """How far positions run in the file: bytes, or a table's rows."""
+    if path.suffix not in TABLES:
+        return path.stat().st_size
+    return sum(batch.num_rows for batch in _table_batches(path, column))
 
 
 def _field_of(line: str, field: str, path: Path, number: int) -> str:
@@ -135,8 +203,8 @@ class _Encoder:
 def _split_ids(files: list[Path], val_fraction: float, seed: int, tokenizer, eot: int,
                text_field: str) -> dict[str, Iterator[np.ndarray]]:
     if len(files) == 1:
-        size, path = files[0].stat().st_size, files[0]
-        cut = int(size * (1 - val_fraction))
+        path = files[0]
+        cut = int(_extent(path, text_field) * (1 - val_fraction))
         return {"train": _ids([path], tokenizer, eot, text_field, lambda p: p < cut),
                 "val": _ids([path], tokenizer, eot, text_field, lambda p: p >= cut)}
     order = files[:]
@@ -155,7 +223,7 @@ def _ids(files: list[Path], tokenizer, eot: int, text_field: str,
             if keep(position):
                 kept = True
                 yield from encoder.add(text, ends)
-        if kept and path.suffix != ".jsonl":  # a text file is one document
+        if kept and path.suffix not in OWN_DOCUMENTS:  # a text file is one document
             yield from encoder.add("", True)
     yield from encoder.flush()
 
