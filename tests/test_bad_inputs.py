@@ -1598,23 +1598,30 @@ class Stream(IterableDataset):
 
 def data():
     return Stream(), TensorDataset(torch.randn(16, 8), torch.randint(0, 2, (16,)))
+
+def model():
+    return torch.nn.Linear(8, 2)
 '''
 
 
-def test_a_stream_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+def test_a_stream_without_max_steps_is_one_line_not_a_traceback(tmp_path, capsys,
+                                                                 monkeypatch):
     """An IterableDataset from a data function or through fit() (issue 41's first finding:
-    "TypeError: object of type 'Stream' has no len()")."""
+    "TypeError: object of type 'Stream' has no len()"): it trains, for train.max_steps, and
+    without it the run cannot know its length."""
     from leantrain import fit
 
-    (tmp_path / "streams.py").write_text(STREAM_MODULE)
+    (tmp_path / "user_streams.py").write_text(STREAM_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "run"
-    code = main(["train", "--data", "streams:data", "--no-progress", "--out", str(out)])
-    _one_line_error(capsys, code, "the training set is a stream (Stream, without a length)")
+    code = main(["train", "--data", "user_streams:data", "--model", "user_streams:model",
+                 "--no-progress", "--out", str(out)])
+    _one_line_error(capsys, code, "the training set is a stream (Stream, no length): set how "
+                                  "long to train with train.max_steps")
     assert not out.exists()
-    import streams
+    import user_streams
 
-    train, val = streams.data()
+    train, val = user_streams.data()
     with pytest.raises(LeantrainError, match="the training set is a stream"):
         fit(torch.nn.Linear(8, 2), train, val)
 
