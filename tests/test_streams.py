@@ -270,3 +270,14 @@ def test_a_stream_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     b = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_loader_tuning_measures_a_streams_readers():
+    from leantrain.data.tuning import tune_loader
+
+    tuning = tune_loader(Numbered(4000), 32, lambda batch: None, LoaderOptions(),
+                         {"num_workers"}, on_cuda=False, epochs=1, window_s=0.05, rounds=1)
+    workers = {m.options.num_workers for m in tuning.measured}
+    assert 0 in workers and len(workers) >= 2  # 0 and at least one count of workers
+    assert all(m.median("samples_per_second") > 0 for m in tuning.measured)
+    assert not tuning.choice.persistent_workers

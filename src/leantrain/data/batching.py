@@ -97,10 +97,10 @@ def data_wait_advice(loader: Loader, device: torch.device, tensor_backed: bool) 
         return ("the in-memory loader is already one indexing per batch: the wait is per-step "
                 "overhead, which a larger data.batch_size amortizes")
     options = loader.options
-    if isinstance(loader, StreamBatches):  # (not measured for a stream yet: it says so)
-        return (f"more workers (data.num_workers={options.num_workers} now; each reads the "
-                "whole stream and keeps its share, so the stream's reading must be cheap "
-                "beside the model's step)")
+    if isinstance(loader, StreamBatches):
+        return (f"more workers (data.num_workers={options.num_workers} now; data.num_workers="
+                "auto measures the best count; each reads the whole stream and keeps its "
+                "share, so a stream whose reading is slow gains less)")
     fixes = []
     if tensor_backed:
         fixes.append("data.loader=in-memory (batches by indexing, no per-sample collate)")

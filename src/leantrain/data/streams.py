@@ -190,13 +190,21 @@ class StreamBatches:
         self.kind = f"stream ({self.options.describe()})" + (", device prefetch"
                                                              if self.prefetch else "")
 
-    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+    def _loader(self, epoch: int, start: int) -> DataLoader:
         workers = self.options.num_workers
         reader = _Reader(self.dataset, self.batch_size, self.shard, self.keep_partial,
                          self.collate, epoch, start, self.seed)
         self.generator.manual_seed(self.seed * 100_003 + epoch)  # the workers' seeds
-        loader = DataLoader(reader, batch_size=None, num_workers=workers,
-                            pin_memory=self.options.pin_memory,
-                            prefetch_factor=self.options.prefetch_factor if workers else None,
-                            generator=self.generator)
+        return DataLoader(reader, batch_size=None, num_workers=workers,
+                          pin_memory=self.options.pin_memory,
+                          prefetch_factor=self.options.prefetch_factor if workers else None,
+                          generator=self.generator)
+
+    @property
+    def loader(self) -> DataLoader:
+        """The first epoch's host batches (what the loader tuning times)."""
+        return self._loader(0, 0)
+
+    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+        loader = self._loader(epoch, start)
         yield from DevicePrefetcher(iter(loader), self.device) if self.prefetch else loader

@@ -35,6 +35,7 @@ from ..measure import clock
 from ..measure.rounds import interleave
 from .loaders import Batch, DataLoaderBatches, LoaderOptions, compute_threads
 from .loaders import batch_size as samples_in
+from .streams import StreamBatches, is_stream
 
 log = logging.getLogger(__name__)
 
@@ -206,15 +207,20 @@ def budget_for(source: Source, samples: int, base: LoaderOptions,
 def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], None],
                 base: LoaderOptions, tunable: set[str], on_cuda: bool, epochs: int, seed: int = 0,
                 window_s: float | None = None, rounds: int = ROUNDS,
-                collate_fn: Callable[[list], Batch] | None = None) -> LoaderTuning:
+                collate_fn: Callable[[list], Batch] | None = None,
+                run_samples: int | None = None) -> LoaderTuning:
     """Measure the settings named in `tunable` (LoaderOptions field names); keep `base` for
-    the others.
+    the others. A stream's readers are measured like a DataLoader's workers.
 
-    `window_s` None: sized from the projected run (see `budget_for`).
+    `window_s` None: sized from the projected run (see `budget_for`): `epochs` passes over
+    the dataset, or `run_samples` in all (a stream's run, which has no length to pass over).
     """
     began = clock.now()
+    streamed = is_stream(dataset)
 
-    def source(options: LoaderOptions) -> DataLoaderBatches:
+    def source(options: LoaderOptions) -> DataLoaderBatches | StreamBatches:
+        if streamed:
+            return StreamBatches(dataset, batch_size, seed, options, collate_fn=collate_fn)
         return DataLoaderBatches(dataset, batch_size, shuffle=True, seed=seed, options=options,
                                  collate_fn=collate_fn)
 
@@ -233,7 +239,8 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
     window: float | Budget | None = window_s
     followers = 2 * rounds  # the best and one variant, measured again after stage 1
     if window is None:
-        window, note = budget_for(source, len(dataset), base, consume, epochs,
+        window, note = budget_for(source, run_samples or len(dataset), base, consume,
+                                  1 if run_samples else epochs,
                                   len(stage1) * rounds + followers)
         if window is None:
             return LoaderTuning(base, [], clock.now() - began, 0.0, note)
@@ -248,7 +255,7 @@ def tune_loader(dataset: Dataset, batch_size: int, consume: Callable[[Batch], No
         measured += _rounds(source, [best.options, *variants], consume, window, rounds)[1:]
         best = _pick(measured)
     choice = best.options
-    if "persistent_workers" in tunable:
+    if "persistent_workers" in tunable and not streamed:  # (a stream's workers never persist)
         choice = replace(choice, persistent_workers=choice.num_workers > 0 and epochs > 1)
     used = statistics.median(window.windows) if isinstance(window, Budget) else window
     return LoaderTuning(choice, measured, clock.now() - began, used, note)

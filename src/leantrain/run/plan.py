@@ -323,6 +323,11 @@ def _all_labels(*tensor_sets) -> torch.Tensor | None:
     return torch.cat(found)
 
 
+def _stream_samples(cfg: TrainConfig) -> int:
+    """Samples a run over a stream trains on (its length is train.max_steps)."""
+    return cfg.train.max_steps * cfg.data.batch_size * cfg.plan.grad_accum
+
+
 def check_trainable(model: nn.Module) -> None:
     """A model with nothing to train fails at its first backward, deep in autograd: say so
     before any work (a model with no parameters, or every one frozen)."""
@@ -404,13 +409,14 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     tuning = None
     tunable = loader.auto_fields(data)
     # ranks measuring apart could choose apart: under launch, "auto" keeps the defaults
-    if (measure_loader and not dist.active and not in_memory and not streamed
+    if (measure_loader and not dist.active and not in_memory
             and loader.worth_measuring(tunable, options, on_cuda)):
         with untouched(model):
             tuning = tune_loader(train_data, data.batch_size,
                                  lambda batch: contract.probe(model, batch), options, tunable,
                                  on_cuda, cfg.train.epochs, cfg.train.seed,
-                                 collate_fn=collate_fn)
+                                 collate_fn=collate_fn, run_samples=_stream_samples(cfg)
+                                 if streamed else None)
         log.info("data loader: %s", tuning.describe())
         options = tuning.choice
         batches = train_loader(options)
