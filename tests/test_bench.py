@@ -639,3 +639,26 @@ def test_the_time_kept_to_write_the_results_grows_with_the_load(monkeypatch):
         monkeypatch.setattr(load.os, "getloadavg", lambda a=average: (a, a, a))
         monkeypatch.setattr(load.Path, "read_text", lambda self, r=running: f"1 1 1 {r} 99")
         assert search.write_reserve() == pytest.approx(times * search.WRITE_RESERVE_S)
+
+
+class _StreamOf(torch.utils.data.IterableDataset):
+    """The rows of a TensorDataset as a stream (no length)."""
+
+    def __init__(self, tensors: TensorDataset):
+        self.tensors = tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+
+def test_the_bench_and_the_batch_size_finder_run_over_a_stream(fake_clock):
+    tabular = tabular_bundle(800)
+    bundle = DataBundle(_StreamOf(tabular.train), _StreamOf(tabular.val), 3, "a stream")
+    cfg = small_cfg(train={"epochs": 2, "max_steps": 60})
+    result = run_bench(ticking_mlp(fake_clock), bundle, cfg, budget_s=8.0,
+                       tune_batch_size=False)
+    assert result.trial("baseline").samples_per_second > 0
+    assert result.run_samples == 60 * 16  # a stream's run: train.max_steps batches
+    sizes = find_batch_size(ticking_mlp(fake_clock), bundle, cfg, baseline_overrides(cfg),
+                            seconds_per_size=0.1, max_size=64)
+    assert sizes.recommended <= 64 and sizes.largest_fit <= 64

@@ -72,3 +72,21 @@ def test_machine_facts_compile_check_really_compiles():
     ok, why = machine_facts(check_compile=True)["compile"]
     assert ok, why
     assert "compiled and ran" in why
+
+
+def test_doctor_profiles_a_run_over_a_stream(tmp_path, capsys, monkeypatch):
+    (tmp_path / "numbered_stream.py").write_text(
+        "import torch\nfrom torch.utils.data import IterableDataset\n\n"
+        "class Numbered(IterableDataset):\n    def __init__(self, n):\n        self.n = n\n\n"
+        "    def __iter__(self):\n        g = torch.Generator().manual_seed(self.n)\n"
+        "        for _ in range(self.n):\n            x = torch.randn(8, generator=g)\n"
+        "            yield x, int(x[0] > 0)\n\n"
+        "def data():\n    return Numbered(512), Numbered(64)\n\n"
+        "def model():\n    return torch.nn.Linear(8, 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "doctor"
+    assert main(["doctor", "--steps", "3", "--no-compile-check", "--no-profile", "--data",
+                 "numbered_stream:data", "--model", "numbered_stream:model", "--set",
+                 "train.max_steps=50", "--out", str(out)]) == 0
+    report = json.loads((out / "doctor.json").read_text())
+    assert report["measured"]["samples_per_second"] > 0

@@ -281,3 +281,16 @@ def test_the_loader_tuning_measures_a_streams_readers():
     assert 0 in workers and len(workers) >= 2  # 0 and at least one count of workers
     assert all(m.median("samples_per_second") > 0 for m in tuning.measured)
     assert not tuning.choice.persistent_workers
+
+
+class ShrinkingAfterTheFirstEpoch(Numbered):
+    def set_epoch(self, epoch: int) -> None:
+        self.n = 40 if epoch == 0 else 3
+
+
+def test_an_epoch_of_a_stream_without_a_batch_is_one_line_not_an_endless_loop():
+    loader = make_loader(ShrinkingAfterTheFirstEpoch(40), 4, True, shard=(0, 2))
+    assert len(list(marking_last(loader, epoch=0))) == 5
+    with pytest.raises(LeantrainError, match="yielded no batch of 4 x 2 process\\(es\\) in "
+                                             "epoch 2"):
+        list(marking_last(loader, epoch=1))

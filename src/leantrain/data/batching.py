@@ -60,6 +60,9 @@ def marking_last(loader: Loader, epoch: int = 0, start: int = 0
             yield batch, number == count - 1
         return
     ahead = next(batches, _END)
+    if ahead is _END and start == 0:  # (an endless loop of empty epochs otherwise)
+        raise LeantrainError(f"the training stream yielded no batch of {loader.batch_size} x "
+                             f"{loader.shard[1]} process(es) in epoch {epoch + 1}")
     while ahead is not _END:
         current, ahead = ahead, next(batches, _END)
         yield current, ahead is _END
