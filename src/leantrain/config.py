@@ -35,7 +35,7 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 512
     val_fraction: float = 0.2  # used when the source has no split of its own
-    label_column: str = "label"  # CSV sources
+    label_column: str = "label"  # CSV sources and labelled text tables
     image_size: int | None = None  # image folders: resize to this square size
     # DataLoader path only (the in-memory loader needs none). "auto": chosen by a short
     # measurement of the training step before the run, and reported
@@ -52,7 +52,8 @@ class DataConfig:
     # text: a local tokenizer.json (or a folder holding one): the corpus is tokenized once into
     # token shards (cached), read as windows of `context` tokens; max_bytes does not apply
     tokenizer: str | None = None
-    text_field: str = "text"  # a .jsonl corpus: the key of each line that holds its text
+    text_field: str = "text"  # a .jsonl/.parquet/.arrow corpus or table: the text's key
+    max_tokens: int = 128  # a labelled text table: tokens kept of each row (its label_column)
 
 
 # torch.optim's own defaults (tests/test_config.py checks them against torch's signatures):
@@ -374,6 +375,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
                        1 <= cfg.data.image_size <= MAX_IMAGE_SIZE, f"in 1..{MAX_IMAGE_SIZE}"))
     if cfg.data.context is not None:
         checks.append(("data.context", cfg.data.context, cfg.data.context >= 1, ">= 1"))
+    checks.append(("data.max_tokens", cfg.data.max_tokens, cfg.data.max_tokens >= 1, ">= 1"))
     if cfg.data.prefetch_factor != "auto":
         checks.append(("data.prefetch_factor", cfg.data.prefetch_factor,
                        cfg.data.prefetch_factor >= 1, ">= 1 or auto"))

@@ -26,6 +26,7 @@ from ..errors import LeantrainError, bounded_repr, one_line, shorten
 from ..imports import call_user, own_builder
 from .hf import torch_formatted
 from .streams import check_stream, is_stream
+from .tables import is_table, labelled_table
 from .text import VOCAB, load_text
 from .tokenize import tokenized
 from .tokens import is_token_folder, open_token_folder
@@ -471,6 +472,9 @@ def load_data(cfg: DataConfig) -> DataBundle:
         return digits(cfg)
     path = Path(source)
     if path.exists():
+        if is_table(path):
+            train, val, classes, collate, description = labelled_table(path, cfg)
+            return DataBundle(train, val, classes, description, collate)
         if path.is_dir():
             return image_folder(path, cfg)
         if path.suffix == ".npz":

@@ -67,7 +67,7 @@ def load_tokenizer(spec: str):
     return tokenizer, path, tokenizer.get_vocab_size(with_added_tokens=True), eot
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -233,9 +233,10 @@ def tokenized(source: str, tokenizer_spec: str, val_fraction: float, seed: int =
     """The corpus at `source` as token shards (made now, or found in the cache)."""
     tokenizer, path, vocab, eot = load_tokenizer(tokenizer_spec)
     files = text_files(source)
-    digest = hashlib.sha256(json.dumps([_sha256(path), val_fraction, seed, text_field]).encode())
+    digest = hashlib.sha256(json.dumps([file_sha256(path), val_fraction, seed,
+                                        text_field]).encode())
     for file in files:
-        digest.update(f"{file.name}:{_sha256(file)}".encode())
+        digest.update(f"{file.name}:{file_sha256(file)}".encode())
     folder = cache_folder() / "tokens" / digest.hexdigest()[:32]
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _locked(folder.with_suffix(".lock")):
