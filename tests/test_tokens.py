@@ -295,3 +295,22 @@ def test_a_table_corpus_is_tokenized_a_document_a_row(tmp_path, tokenizer, kind)
     ends = {s: sum(int((np.load(x.path) == 0).sum()) for x in folder.splits[s])
             for s in ("train", "val")}
     assert ends == {"train": 30, "val": 10}  # a document a row, the last quarter of the rows
+
+
+def test_a_stock_gpt2_with_the_tokenizers_vocabulary_trains_on_the_shards(tmp_path, corpus,
+                                                                         tokenizer, capsys,
+                                                                         monkeypatch):
+    pytest.importorskip("transformers")
+    (tmp_path / "gpt2_400.py").write_text(
+        "from transformers import GPT2Config, GPT2LMHeadModel\n\n"
+        "def model():\n    return GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=32, "
+        "n_layer=1, n_head=2, n_positions=16))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(corpus), "--model", "gpt2_400:model", "--set",
+                 f"data.tokenizer={tokenizer}", "--set", "data.context=16", "--set",
+                 "train.max_steps=5", "--set", "optim.name=adamw", "--out", str(out),
+                 "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 5 and summary["num_classes"] == 400
+    assert (out / "pretrained" / "config.json").is_file()  # from_pretrained, as ever
