@@ -1639,3 +1639,14 @@ def test_a_config_file_of_a_falsy_scalar_is_not_an_empty_config(tmp_path, capsys
     from leantrain.config import read_yaml
 
     assert read_yaml(path) == {}
+
+
+def test_a_long_wrong_value_named_with_its_file_stays_one_bounded_line(tmp_path, capsys):
+    """Found by the YAML-structures property: a section given a long list, echoed (bounded)
+    and then named with its file, came to 301 characters."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"optim": [-10**16, "0" * 12 + "\x1f" * 4 + "x" * 40,
+                                              {"k" * 30: None, "j" * 30: None}]}))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and len(err) < 300 and err.endswith("(in config.yaml)")

@@ -294,6 +294,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+FILE_NAMED_LINE = 260  # characters of an error that names the file it found in
+
+
 @contextlib.contextmanager
 def naming_the_file(path: str | Path, values: dict[str, Any]):
     """A wrong key or value that the user's file `path` (read into `values`) holds is named
@@ -308,7 +311,12 @@ def naming_the_file(path: str | Path, values: dict[str, Any]):
             held = held[key]
         if held is not exc.value:  # a --set or a flag gave it, not the file
             raise
-        raise LeantrainError(f"{exc} (in {shorten(Path(path).name, 60)})") from exc
+        where = f" (in {shorten(Path(path).name, 60)})"
+        message = str(exc)  # (the whole line stays within what a terminal line holds)
+        room = FILE_NAMED_LINE - len(where)
+        if len(message) > room:
+            message = message[:room - 3] + "..."
+        raise LeantrainError(message + where) from exc
 
 
 # processes a command may start on one machine (loader workers, launch ranks, tune workers):
