@@ -31,7 +31,7 @@ from ..measure import clock, deadline, load
 from ..measure.compile_watch import break_even_steps
 from ..measure.load import LoadWatch
 from ..measure.rounds import MIN_ROUNDS, interval, paired_ratios, spread
-from ..run.plan import device_setting
+from ..run.plan import device_setting, stream_samples
 from ..techniques import REGISTRY
 from ..techniques.variant import Variant
 from .batch_size import BatchSizeResult, find_batch_size
@@ -170,8 +170,8 @@ class _Bench:
         self.trials: list[TrialResult] = []
         self.round_seconds: list[float] = []  # wall time of each measured (non-compile) round
         self.compile_seconds: list[float] = []
-        self.run_samples = (cfg.train.max_steps * cfg.data.batch_size * cfg.plan.grad_accum
-                            if is_stream(bundle.train) else len(bundle.train) * cfg.train.epochs)
+        self.run_samples = stream_samples(cfg) if is_stream(bundle.train) \
+            else len(bundle.train) * cfg.train.epochs
         self.round_s = min(max(budget_s / 120, 0.3), 1.5)  # timed part of one round of a trial
 
     def elapsed(self) -> float:

@@ -75,20 +75,26 @@ def first_batch(loader: Loader, role: str = "training") -> Batch:
     """The loader's first batch; a stream that ends before one is one line."""
     batch = next(iter(loader.batches()), _END)
     if batch is _END:
-        shard = getattr(loader, "shard", (0, 1))
         raise LeantrainError(f"the {role} stream ended before its first batch of "
-                             f"{loader.batch_size} x {shard[1]} process(es)")
+                             f"{loader.batch_size} x {loader.shard[1]} process(es)")
     return batch
+
+
+def samples_from_start(dataset: Any, count: int) -> list[Any]:
+    """`count` samples from the dataset's start, repeated when it holds fewer (a stream's first
+    ones; one line when it yields none)."""
+    if is_stream(dataset):
+        found = first_samples(dataset, count)
+        if not found:
+            raise LeantrainError(f"the stream {type(dataset).__name__} yielded no sample")
+        return [found[i % len(found)] for i in range(count)]
+    held = len(dataset)
+    return [dataset[i % held] for i in range(count)]
 
 
 def first_sample(dataset: Any) -> Any:
     """Sample 0 of a map-style dataset, the first a stream yields (one line when empty)."""
-    if not is_stream(dataset):
-        return dataset[0]
-    found = first_samples(dataset, 1)
-    if not found:
-        raise LeantrainError(f"the stream {type(dataset).__name__} yielded no sample")
-    return found[0]
+    return dataset[0] if not is_stream(dataset) else samples_from_start(dataset, 1)[0]
 
 
 def data_wait_advice(loader: Loader, device: torch.device, tensor_backed: bool) -> str:

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import sha256_file
 from ..config import DataConfig
 from ..env import cache_folder
 from ..errors import LeantrainError, one_line, shorten
-from .tokenize import file_sha256, load_tokenizer
+from .tokenize import load_tokenizer
 
 TABLE_SUFFIXES = {".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
 SPLIT_SEED = 0
@@ -122,7 +123,7 @@ def labelled_table(path: Path, cfg: DataConfig) -> tuple[Any, Any, int, PadToLon
 
     # the map's cache is keyed by what it depends on (the library cannot hash a tokenizer)
     tokenizer = cfg.tokenizer and load_tokenizer(cfg.tokenizer)[1]
-    key = hashlib.sha256(json.dumps([file_sha256(path), tokenizer and file_sha256(tokenizer),
+    key = hashlib.sha256(json.dumps([sha256_file(path), tokenizer and sha256_file(tokenizer),
                                      cfg.max_tokens, text, label]).encode()).hexdigest()[:32]
     table = table.map(tokenized, batched=True, remove_columns=table.column_names,
                       new_fingerprint=key)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checkpoint import sha256_file
 from ..env import cache_folder
 from ..errors import LeantrainError, one_line, shorten
 from .text import text_files
@@ -65,14 +66,6 @@ def load_tokenizer(spec: str):
                              f"end-of-text tokens {', '.join(EOT_NAMES)}, which separate "
                              "documents in the shards")
     return tokenizer, path, tokenizer.get_vocab_size(with_added_tokens=True), eot
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 TABLES = (".parquet", ".arrow")  # a document a row, its text in the column data.text_field
@@ -233,10 +226,10 @@ def tokenized(source: str, tokenizer_spec: str, val_fraction: float, seed: int =
     """The corpus at `source` as token shards (made now, or found in the cache)."""
     tokenizer, path, vocab, eot = load_tokenizer(tokenizer_spec)
     files = text_files(source)
-    digest = hashlib.sha256(json.dumps([file_sha256(path), val_fraction, seed,
+    digest = hashlib.sha256(json.dumps([sha256_file(path), val_fraction, seed,
                                         text_field]).encode())
     for file in files:
-        digest.update(f"{file.name}:{file_sha256(file)}".encode())
+        digest.update(f"{file.name}:{sha256_file(file)}".encode())
     folder = cache_folder() / "tokens" / digest.hexdigest()[:32]
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _locked(folder.with_suffix(".lock")):

@@ -18,9 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..data.batching import samples_from_start
 from ..data.loaders import CheckedCollate
-from ..data.streams import first_samples, is_stream
-from ..errors import LeantrainError
 from .step import Step, step_for
 
 
@@ -74,15 +73,7 @@ def measuring_call(model: nn.Module, dataset: Dataset, size: int, collate_fn=Non
     them."""
     if size < 1:
         raise ValueError(f"a measuring batch needs at least one sample, got {size}")
-    if is_stream(dataset):
-        first = first_samples(dataset, size)
-        samples = [first[i % len(first)] for i in range(size)] if first else []
-        if not samples:
-            raise LeantrainError(f"the stream {type(dataset).__name__} yielded no sample")
-    else:
-        count = len(dataset)
-        samples = [dataset[i % count] for i in range(size)]
-    batch = CheckedCollate(collate_fn)(samples)
+    batch = CheckedCollate(collate_fn)(samples_from_start(dataset, size))
     sb = measuring_step(model, channels_last).unpack(batch)
     return ModelCall(sb.args, sb.kwargs, size)
 

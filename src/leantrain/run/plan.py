@@ -323,7 +323,7 @@ def _all_labels(*tensor_sets) -> torch.Tensor | None:
     return torch.cat(found)
 
 
-def _stream_samples(cfg: TrainConfig) -> int:
+def stream_samples(cfg: TrainConfig) -> int:
     """Samples a run over a stream trains on (its length is train.max_steps)."""
     return cfg.train.max_steps * cfg.data.batch_size * cfg.plan.grad_accum
 
@@ -415,7 +415,7 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
             tuning = tune_loader(train_data, data.batch_size,
                                  lambda batch: contract.probe(model, batch), options, tunable,
                                  on_cuda, cfg.train.epochs, cfg.train.seed,
-                                 collate_fn=collate_fn, run_samples=_stream_samples(cfg)
+                                 collate_fn=collate_fn, run_samples=stream_samples(cfg)
                                  if streamed else None)
         log.info("data loader: %s", tuning.describe())
         options = tuning.choice
