@@ -1,5 +1,6 @@
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +91,26 @@ def tiny_cnn(classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+
+def kill_mid_run(proc, out: Path, step: int, timeout: float = 300) -> None:
+    """SIGKILL `proc` (a `leantrain train --out OUT` process) once its metrics log a step at or
+    past `step` with a checkpoint written: the folder a run killed mid-training leaves."""
+    import json
+    import signal
+    import time
+
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "checkpoint.pt").exists() and metrics.exists() and any(
+                json.loads(line).get("step", 0) >= step
+                for line in metrics.read_text().splitlines()[:-1]):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.pt").exists(), "the run was meant to be killed before it finished"
 
 
 def snapshot_first_checkpoint(monkeypatch, train, snapshot):

@@ -2,14 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_mid_run
 
 from leantrain.cli import main
 
@@ -120,16 +119,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "leantrain", *args, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill somewhere in the second epoch (23 steps an epoch)
-        if metrics.exists() and any(json.loads(line)["step"] >= 30
-                                    for line in metrics.read_text().splitlines()[:-1]):
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "model.pt").exists(), "the run was meant to be killed before it finished"
+    kill_mid_run(proc, out, 30, timeout=120)  # in the second epoch (23 steps an epoch)
     step = torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["step"]
     assert 0 < step < 69
 

@@ -4,17 +4,15 @@ CLI, and refused in one line when they cannot be used."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import snapshot_first_checkpoint
+from conftest import kill_mid_run, snapshot_first_checkpoint
 from torch.utils.data import IterableDataset
 
 from leantrain.config import load_config
@@ -250,18 +248,7 @@ def test_a_stream_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
     full = cli("--out", str(tmp_path / "full"))
     assert full.wait(timeout=300) == 0, full.stderr.read()[-2000:]
     out = tmp_path / "killed"
-    proc = cli("--out", str(out))
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "checkpoint.pt").exists() and metrics.exists() and any(
-                json.loads(line).get("step", 0) >= 10
-                for line in metrics.read_text().splitlines()[:-1]):
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "model.pt").exists(), "the run was meant to be killed before it finished"
+    kill_mid_run(cli("--out", str(out)), out, 10)  # mid-epoch: 25 steps an epoch
     resumed = subprocess.run([sys.executable, "-m", "leantrain", "train", "--resume", str(out),
                               "--data", "numbered:data", "--model", "numbered:model",
                               "--no-progress"], env=env, capture_output=True, text=True,
