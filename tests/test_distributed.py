@@ -450,7 +450,7 @@ def test_a_hung_rank_is_named_not_the_rank_that_timed_out_waiting(blobs_file, tm
     result = subprocess.run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", "--data",
                              str(blobs_file), "--model", "hang:model", "--epochs", "50",
                              "--no-progress", "--set", "data.batch_size=8",
-                             "--set", "train.dist_timeout_s=10", "--out", str(tmp_path / "run")],
+                             "--set", "train.dist_timeout_s=4", "--out", str(tmp_path / "run")],
                             capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 2
     report = result.stderr[result.stderr.index("the job failed"):]
