@@ -141,6 +141,12 @@ class ParallelConfig:
     # "module:fn": fn(model, mesh) splits the model's layers over the tp mesh itself (torch's
     # parallelize_module), in place of the model's own plan
     tp_plan: str | None = None
+    # pipeline parallel: ranks that each hold a contiguous share of the model's repeated
+    # blocks (the first also the embeddings, the last the head and loss); plan.grad_accum
+    # sets the micro-batches in flight. Alone for now: pp must be the number of processes
+    pp: int = 1
+    # torch.distributed.pipelining's schedule; the interleaved ones hold 2 stages a rank
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble"] = "1f1b"
 
 
 @dataclass
@@ -343,6 +349,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         "plan.grad_accum": cfg.plan.grad_accum,
         "plan.parallel.dp_replicate": cfg.plan.parallel.dp_replicate,
         "plan.parallel.tp": cfg.plan.parallel.tp,
+        "plan.parallel.pp": cfg.plan.parallel.pp,
         "data.max_bytes": cfg.data.max_bytes,
         "optim.lr": cfg.optim.resolved().lr,
         "gpt.depth": cfg.gpt.depth,

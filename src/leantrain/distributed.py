@@ -36,9 +36,10 @@ class DistContext:
     world_size: int = 1
 
     launched: bool = False  # started by torchrun (any world size, 1 included)
-    # tensor parallel: groups of `tp` consecutive ranks share one batch (`with_mesh`)
+    # tensor and pipeline parallel: groups of `pp x tp` consecutive ranks share one batch
     tp: int = 1
-    mesh: Any = None  # the job's DeviceMesh (dp_replicate, dp_shard, tp), when it has one
+    pp: int = 1
+    mesh: Any = None  # the job's DeviceMesh (dp_replicate, dp_shard, pp, tp), when it has one
     data_group: Any = None  # the ranks that see different batches (None: the world)
 
     @property
@@ -48,11 +49,11 @@ class DistContext:
     @property
     def data_rank(self) -> int:
         """This rank's place among the ranks that see different batches."""
-        return self.rank // self.tp
+        return self.rank // (self.tp * self.pp)
 
     @property
     def data_world(self) -> int:
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.pp)
 
     @property
     def is_main(self) -> bool:
@@ -174,26 +175,28 @@ def replica_groups(replicate: int, shard: int | str, strategy: str | None, world
     return replicate
 
 
-def with_mesh(ctx: DistContext, device: torch.device, replicas: int, tp: int) -> DistContext:
-    """The context with the job's DeviceMesh, when the layout needs one (hybrid sharding or
-    tensor parallel): named dimensions dp_replicate (when > 1), dp_shard and tp (when > 1),
-    tp innermost, so a tensor-parallel group is consecutive ranks (one node). Sums of metrics
-    then run over the data-parallel ranks only: a tensor-parallel group's ranks computed one
-    batch's loss together and would count it `tp` times."""
-    if not ctx.active or (replicas == 1 and tp == 1):
+def with_mesh(ctx: DistContext, device: torch.device, replicas: int, tp: int, pp: int = 1
+              ) -> DistContext:
+    """The context with the job's DeviceMesh, when the layout needs one (hybrid sharding,
+    pipeline or tensor parallel): named dimensions dp_replicate (when > 1), dp_shard, pp and
+    tp (when > 1), tp innermost, so a tensor-parallel group is consecutive ranks (one node).
+    Sums of metrics then run over the data-parallel ranks only: a tensor-parallel group's
+    ranks computed one batch's loss together and would count it `tp` times."""
+    if not ctx.active or (replicas == 1 and tp == 1 and pp == 1):
         return ctx
     from dataclasses import replace
 
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape = {"dp_replicate": replicas, "dp_shard": ctx.world_size // replicas // tp, "tp": tp}
+    shape = {"dp_replicate": replicas, "dp_shard": ctx.world_size // replicas // tp // pp,
+             "pp": pp, "tp": tp}
     names = tuple(n for n, size in shape.items() if size > 1 or n == "dp_shard")
     mesh = init_device_mesh(device.type, tuple(shape[n] for n in names), mesh_dim_names=names)
-    group = None
-    if tp > 1:  # every rank creates every group (a collective), keeps its own
-        groups = [dist.new_group(list(range(t, ctx.world_size, tp))) for t in range(tp)]
-        group = groups[ctx.rank % tp]
-    return replace(ctx, tp=tp, mesh=mesh, data_group=group)
+    group, shares = None, tp * pp
+    if shares > 1:  # every rank creates every group (a collective), keeps its own
+        groups = [dist.new_group(list(range(t, ctx.world_size, shares))) for t in range(shares)]
+        group = groups[ctx.rank % shares]
+    return replace(ctx, tp=tp, pp=pp, mesh=mesh, data_group=group)
 
 
 def data_mesh(ctx: DistContext):
@@ -218,7 +221,7 @@ def wrap(model: nn.Module, strategy: str | None, device: torch.device,
     within a group (a node), only the gradient all-reduce crosses them. A tensor-parallel
     model is sharded over the data-parallel dimensions only.
     """
-    if strategy is None:
+    if strategy in (None, "pp"):  # (a pipeline's stages step their own parameters)
         return model
     if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
@@ -310,7 +313,13 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str
 
 def full_model_state(model: nn.Module, strategy: str | None) -> dict[str, Any]:
     """The model's unsharded weights on the CPU, the optimizer left alone (a collective under
-    FSDP2: call it on every rank)."""
+    FSDP2 and pipeline parallel: call it on every rank)."""
+    if strategy == "pp":  # each rank holds its stages' weights: the union, on every rank
+        whole: dict[str, Any] = {}
+        for part in gather_objects({k: v.cpu() for k, v in model.state_dict().items()},
+                                   DistContext.from_env()):
+            whole.update(part)
+        return whole
     if strategy != "fsdp":
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from .. import distributed, env, tensor_parallel
 from ..config import PlanConfig, TrainConfig
-from ..data.batching import batches_per_epoch, make_loader
+from ..data.batching import batches_per_epoch, first_batch, make_loader
 from ..data.fingerprint import fingerprint
 from ..data.loaders import (
     LoaderOptions,
@@ -50,7 +50,7 @@ from ..techniques.fused_cross_entropy import apply_fused_cross_entropy
 from ..techniques.init import init_weights
 from ..techniques.memory_format import apply_channels_last
 from ..techniques.optimizer_states import apply_bf16_weights
-from . import step
+from . import pipelined, step
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +109,33 @@ def device_setting(requested: str) -> str:
     return select_device(requested).device.type if requested == "auto" else requested
 
 
-def resolve_strategy(requested: str, ctx: DistContext, tp: int = 1) -> str | None:
+def resolve_strategy(requested: str, ctx: DistContext, tp: int = 1, pp: int = 1
+                     ) -> str | None:
     """None outside torchrun; "auto" is DDP (FSDP2 is for models that do not fit a device),
-    FSDP2 under tensor parallelism (DDP cannot wrap its split layers)."""
+    FSDP2 under tensor parallelism (DDP cannot wrap its split layers), "pp" under pipeline
+    parallelism (`pipeline_layout`)."""
     if not ctx.active:
-        if requested != "auto":
-            raise LeantrainError(f"plan.distributed {requested!r} needs processes started by "
+        if requested != "auto" or pp > 1:
+            what = f"plan.distributed {requested!r}" if pp == 1 else f"plan.parallel.pp={pp}"
+            raise LeantrainError(f"{what} needs processes started by "
                                  "`leantrain launch --nproc N -- train ...` (torchrun)")
         return None
+    if pp > 1:
+        return pipeline_layout(requested, ctx, tp, pp)
     if requested == "auto":
         return "fsdp" if tp > 1 else "ddp"
     return requested
+
+
+def pipeline_layout(requested: str, ctx: DistContext, tp: int, pp: int) -> str:
+    """Pipeline parallel runs alone for now: one stage (or two, interleaved) per process, every
+    process a stage, so the batch is not split across data-parallel ranks."""
+    if requested != "auto" or tp > 1 or ctx.world_size != pp:
+        raise LeantrainError(f"plan.parallel.pp={pp} runs alone: it needs pp equal to the "
+                             f"{ctx.world_size} processes, plan.parallel.tp=1 and "
+                             "plan.distributed=auto (combining it with data or tensor parallel "
+                             "is not built yet)")
+    return "pp"
 
 
 @dataclass
@@ -138,6 +154,9 @@ class ResolvedPlan:
     tp: int = 1  # tensor-parallel degree (plan.parallel.tp)
     tp_layers: dict[str, str] = field(default_factory=dict)  # module -> split (tp > 1)
     tp_hook: str | None = None  # plan.parallel.tp_plan: the user's plan instead
+    pp: int = 1  # pipeline stages' processes (plan.parallel.pp); grad_accum: micro-batches
+    pp_schedule: str = "1f1b"
+    microbatches: int = 1  # a pipeline step's (plan.grad_accum; grad_accum is then 1)
     activation_checkpointing: bool = False
     optimizer_states: str = "fp32"
     compile_mode: str = "default"
@@ -168,6 +187,8 @@ class ResolvedPlan:
             "distributed": self.distributed,
             "replicas": self.replicas,
             "tp": self.tp,
+            "pp": self.pp,
+            "microbatches": self.microbatches,
             "activation_checkpointing": self.activation_checkpointing,
             "outcomes": {o.name: o.describe() for o in self.outcomes},
         }
@@ -190,34 +211,42 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
     reason = f"one GPU per local rank ({dist.local_rank})" if device != choice.device \
         else choice.reason
     outcomes = [Outcome("device", True, f"{device} ({reason})")]
-    tp = cfg.parallel.tp
-    strategy = resolve_strategy(cfg.distributed, dist, tp)
-    replicas = distributed.replica_groups(cfg.parallel.dp_replicate, cfg.parallel.dp_shard,
-                                          strategy, dist.world_size, tp)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    strategy = resolve_strategy(cfg.distributed, dist, tp, pp)
+    replicas = 1 if pp > 1 else distributed.replica_groups(
+        cfg.parallel.dp_replicate, cfg.parallel.dp_shard, strategy, dist.world_size, tp)
     if cfg.parallel.tp_plan and tp == 1:
         raise LeantrainError(f"plan.parallel.tp_plan ({cfg.parallel.tp_plan}) splits layers for "
                              "tensor parallel: set plan.parallel.tp to the ranks to split over")
     hook = cfg.parallel.tp_plan if tp > 1 else None  # (the user's plan: layers unknown here)
     tp_layers = tensor_parallel.layer_plan(model, tp) if tp > 1 and hook is None else {}
     # (the processes that see different batches: a tensor-parallel group's share one)
-    ctx = Context(device, model, optimizer_name, strategy, dist.world_size // tp,
+    ctx = Context(device, model, optimizer_name, strategy, dist.world_size // tp // pp,
                   tokens_per_batch, clip_norm)
     values = {}
     for technique in PLANNED:
         values[technique.NAME], outcome = technique.decide(ctx, cfg)
         note = (notes or {}).get(technique.NAME)
         outcomes.append(replace(outcome, detail=f"{outcome.detail}; {note}") if note else outcome)
-    data = dist.world_size // tp
+    microbatches = 1
+    if pp > 1:  # (the loop steps at every batch: the schedule runs its micro-batches)
+        pipelined.settle(cfg, values, outcomes, model, pp)
+        microbatches, values["grad_accum"] = values["grad_accum"], 1
+    data = dist.world_size // tp // pp
     hybrid = f" (hybrid: {replicas} replicas x {data // replicas} shards)" \
         if replicas > 1 else ""
     split = f"split by {hook}" if hook else f"{len(tp_layers)} layers split"
     hybrid += f", tensor parallel over {tp} ranks ({split})" if tp > 1 else ""
+    hybrid += (f" ({cfg.parallel.pp_schedule}: {pipelined.describe(model, cfg.parallel)}, "
+               f"{microbatches} micro-batches a step)") if pp > 1 else ""
     outcomes.append(Outcome("distributed", strategy is not None,
                             f"{strategy} over {dist.world_size} process(es){hybrid}, rank "
                             f"{dist.rank}" if strategy else
                             "one process (start several with leantrain launch)"))
     return ResolvedPlan(device=device, outcomes=outcomes, distributed=strategy,
-                        replicas=replicas, tp=tp, tp_layers=tp_layers, tp_hook=hook, **values)
+                        replicas=replicas, tp=tp, tp_layers=tp_layers, tp_hook=hook, pp=pp,
+                        pp_schedule=cfg.parallel.pp_schedule, microbatches=microbatches,
+                        **values)
 
 
 LossFn = Callable[..., torch.Tensor]
@@ -245,6 +274,7 @@ class Run:
     steps_per_epoch: int | None
     train_data: Dataset | None = None  # (what a checkpoint fingerprints: `data_fingerprint`)
     val_data: Dataset | None = None
+    pipeline: Any = None  # this process's pipeline stages (plan.parallel.pp), else None
 
     @functools.cached_property
     def data_fingerprint(self) -> dict[str, Any]:
@@ -377,14 +407,15 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     data = cfg.data
     plan, in_memory = decide(cfg, model, train_data, collate_fn, dist, notes)
     distributed.setup(dist, plan.device, cfg.train.dist_timeout_s)
-    dist = distributed.with_mesh(dist, plan.device, plan.replicas, plan.tp)
+    dist = distributed.with_mesh(dist, plan.device, plan.replicas, plan.tp, plan.pp)
     model = prepare_model(model, plan)
     on_cuda, shard = plan.device.type == "cuda", (dist.data_rank, dist.data_world)
+    size = data.batch_size * plan.microbatches  # (a pipeline's batch: its micro-batches)
     drop = drop_last or _drops_short_batch(plan, model, None if streamed else len(train_data),
-                                           data.batch_size, dist.data_world)
+                                           size, dist.data_world)
 
     def train_loader(options: LoaderOptions):
-        return make_loader(train_data, data.batch_size, True, cfg.train.seed, plan.device,
+        return make_loader(train_data, size, True, cfg.train.seed, plan.device,
                            options, in_memory, shard, drop_last=drop, collate_fn=collate_fn)
 
     options = loader.default_options(data, on_cuda, cfg.train.epochs)
@@ -392,7 +423,7 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     if batches_per_epoch(batches) == 0:
         raise LeantrainError(
             f"{len(train_data)} training samples make no full batch of "
-            f"{data.batch_size} x {dist.data_world} processes; lower data.batch_size")
+            f"{size} x {dist.data_world} processes; lower data.batch_size")
     if not is_stream(val_data) and len(val_data) == 0:
         raise LeantrainError("the validation set is empty; give it samples (or, for a single "
                              "dataset, a data.val_fraction that leaves some)")
@@ -425,14 +456,16 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
                       loader.in_memory(data.loader, val_data, collate_fn), collate_fn=collate_fn)
     if evaluates:
         step.check_evaluation(model, val, contract)
-    if plan.distributed == "fsdp":  # sharded parameters are initialised whole, first
+    if plan.distributed in ("fsdp", "pp"):  # sharded or staged: initialised whole, first
         init_weights(model, cfg.train.init)
+    stages = pipelined.build(model, contract, first_batch(batches), plan, dist) \
+        if plan.pp > 1 else None
     if plan.tp > 1:  # the field's order: split layers, then shard over the data ranks
         tensor_parallel.apply(model, dist.mesh["tp"], plan.tp_layers, plan.tp_hook)
     wrapped = distributed.wrap(model, plan.distributed, plan.device, plan.precision,
                                distributed.data_mesh(dist))
-    kept = None if streamed else batch_count(len(train_data), data.batch_size, shard, drop_last)
+    kept = None if streamed else batch_count(len(train_data), size, shard, drop_last)
     return Run(cfg, plan, dist, model, wrapped, contract, batches, val, options, tuning,
                num_classes, whole is not None,
                None if kept is None else math.ceil(kept / plan.grad_accum), train_data,
-               val_data)
+               val_data, stages)

@@ -21,7 +21,7 @@ from ..data.batching import batches_per_epoch
 from ..losses import tasks
 from ..measure.monitor import ResourceMonitor
 from ..measure.timing import DATA_WAIT_WARNING, StepTimer
-from . import finite, step, summary
+from . import finite, pipelined, step, summary
 from . import state as run_state
 from .logs import NullLog, RunLog, start_monitor
 from .plan import Run
@@ -106,7 +106,8 @@ class Records:
         this evaluation included) when it is first met, and shows the metrics to the
         watcher."""
         run, p = self.run, state.progress
-        found = step.metrics(run.model, run.val_loader, run.step)
+        found = step.metrics(run.model, run.val_loader, run.step) if run.pipeline is None \
+            else pipelined.metrics(run.pipeline, run.val_loader, run.step)
         p.val_accuracy, p.val_loss, p.val_mae = (found[k] for k in
                                                  ("val_accuracy", "val_loss", "val_mae"))
         p.val_task_loss, p.val_aux_loss = found.get("val_task_loss"), found.get("val_aux_loss")

@@ -67,6 +67,15 @@ def new_state(run: Run, lr_at: Callable[[int], float] | None = None) -> TrainSta
                       tasks.zeros(run.step.task, plan.device))
 
 
+def tally(state: TrainState, loss: torch.Tensor, metric, count) -> None:
+    """Adds a micro-batch's loss, metric and counted targets to the epoch's sums (on the
+    device: no sync)."""
+    loss_sum, metric_sum, counted = state.epoch_sums
+    loss_sum += loss.detach().float() * count
+    metric_sum += metric
+    counted += count
+
+
 def epoch_totals(state: TrainState, run: Run) -> tuple[float, float, int]:
     """(loss sum, metric sum, count) of the epoch so far, summed over ranks (a host sync)."""
     loss_sum, metric, count = distributed.all_reduce_sum(state.epoch_sums, run.dist)
@@ -100,7 +109,7 @@ RESUMABLE_KEYS = frozenset({
     "data.prefetch_factor", "data.persistent_workers", "data.eval_batch_size", "plan.cache",
     # DDP or FSDP2, hybrid or not: a checkpoint holds tensors by name either way
     "plan.distributed", "plan.parallel.dp_replicate", "plan.parallel.dp_shard",
-    "plan.parallel.tp", "plan.parallel.tp_plan",
+    "plan.parallel.tp", "plan.parallel.tp_plan", "plan.parallel.pp", "plan.parallel.pp_schedule",
     "train.async_checkpoint", "train.keep_checkpoints",
 })
 _REQUIRED = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": (dict, list),
@@ -120,9 +129,12 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def fingerprint(run: Run) -> dict[str, Any]:
     """What a resume must find unchanged: the config (all but RESUMABLE_KEYS) and the
     model's parameter names and shapes."""
-    return {"config": _flat(run.cfg.to_dict()),
-            "parameters": {name: list(p.shape) for name, p in run.model.state_dict().items()
-                           if isinstance(p, torch.Tensor)},
+    shapes = {name: list(p.shape) for name, p in run.model.state_dict().items()
+              if isinstance(p, torch.Tensor)}
+    if run.pipeline is not None:  # each process holds its stages': the whole model's
+        shapes = {k: v for part in distributed.gather_objects(shapes, run.dist)
+                  for k, v in part.items()}
+    return {"config": _flat(run.cfg.to_dict()), "parameters": shapes,
             "data": run.data_fingerprint, "world_size": run.dist.world_size,
             "data_world": run.dist.data_world}
 

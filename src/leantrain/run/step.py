@@ -239,30 +239,53 @@ def metrics(model: nn.Module, loader, step: Step) -> dict[str, float | None]:
     """
     was_training = model.training
     model.eval()
-    loss_sum, hits, count = tasks.zeros(step.task, step.device)
-    task_sum = torch.zeros((), device=step.device)
-    apart = bool(step.aux_terms) and step.loss_fn is None and step.task in tasks.CLASS_TASKS
+    totals = zero_sums(step)
     with seeded(step.device):
         for number, raw in enumerate(loader.batches()):
             sb = step.unpack(raw)
             with step.autocast():
                 logits, own = read_output(model(*sb.args, **sb.kwargs))
-            metric, n = tasks.tally(step.task, logits, sb.labels, sb.size)
             with naming_label_errors(f"validation batch {number}"):
-                if step.task == "model-loss" or (own is not None and step.loss_fn is None):
-                    loss_sum += own.detach().float() * n
-                    if apart:
-                        task_sum += tasks.loss_sum(step.task, logits, sb.labels)
-                else:
-                    loss_sum += tasks.loss_sum(step.task, logits, sb.labels)
-            hits += metric
-            count += n
+                totals = [t + s for t, s in zip(totals, batch_sums(step, logits, own, sb),
+                                                strict=True)]
     model.train(was_training)
+    return found_metrics(step, *totals)
+
+
+def zero_sums(step: Step) -> list[torch.Tensor]:
+    """[loss sum, metric sum, counted targets, task-loss sum] before any batch: the counts
+    exact integers, as training's (`tasks.zeros`)."""
+    return [*tasks.zeros(step.task, step.device), torch.zeros((), device=step.device)]
+
+
+def _apart(step: Step) -> bool:
+    """Whether the model's own loss holds auxiliary terms to report apart from the task's."""
+    return bool(step.aux_terms) and step.loss_fn is None and step.task in tasks.CLASS_TASKS
+
+
+def batch_sums(step: Step, logits: torch.Tensor | None, own: torch.Tensor | None,
+               sb: StepBatch) -> list[torch.Tensor]:
+    """One validation batch's [loss sum, metric sum, counted targets, task-loss sum] (device
+    tensors: no sync)."""
+    metric, n = tasks.tally(step.task, logits, sb.labels, sb.size)
+    task_sum = torch.zeros((), device=step.device)
+    if step.task == "model-loss" or (own is not None and step.loss_fn is None):
+        loss_sum = own.detach().float() * n
+        if _apart(step):
+            task_sum = tasks.loss_sum(step.task, logits, sb.labels)
+    else:
+        loss_sum = tasks.loss_sum(step.task, logits, sb.labels)
+    return [torch.as_tensor(v, device=step.device) for v in (loss_sum, metric, n, task_sum)]
+
+
+def found_metrics(step: Step, loss_sum: torch.Tensor, hits: torch.Tensor, count: torch.Tensor,
+                  task_sum: torch.Tensor) -> dict[str, float | None]:
+    """The validation metrics from the sums over every batch (one host sync)."""
     n, name = max(count.item(), 1), tasks.METRIC.get(step.task)
     found = {"val_loss": loss_sum.item() / n,
              "val_accuracy": hits.item() / n if name == "accuracy" else None,
              "val_mae": hits.item() / n if name == "mae" else None}
-    if apart:
+    if _apart(step):
         found["val_task_loss"] = task_sum.item() / n
         found["val_aux_loss"] = found["val_loss"] - found["val_task_loss"]
     if step.task in tasks.PER_TOKEN:

@@ -48,6 +48,9 @@ def training_flops(run: Run) -> float | None:
     activation checkpointing's recomputation is not counted (MFU, not HFU). It leaves the
     model as it was, so call it before the run seeds its random streams.
     """
+    if run.pipeline is not None:
+        log.info("FLOPs not counted: the model's stages run on several processes (no MFU)")
+        return None
     batch = first_batch(run.train_loader)
     parts = 1
     while True:

@@ -4,9 +4,8 @@ Metrics are summed on the device and read back only every `log_every` steps and 
 ends, so the hot path never waits on the host. `Trainer.steps()` is the same step without
 evaluation, checkpoints or logs: the one loop the bench, the finders and doctor time. What the
 loop calls has a module each: out-of-memory recovery (`recovery`), signals (`signals`),
-records and validation (`records`), checkpoints and resume (`checkpoints`), and the compile
-hand-over (`compiling`).
-"""
+records and validation (`records`), checkpoints (`checkpoints`), the compile hand-over
+(`compiling`) and pipeline stages (`pipelined`)."""
 
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ from ..measure.memory import reset_peak
 from ..measure.timing import StepTimer
 from ..techniques import accumulation, clipping, precision
 from ..techniques.init import init_weights
-from . import recovery, signals, step, summary
+from . import pipelined, recovery, signals, step, summary
 from . import state as run_state
 from .checkpoints import Checkpoints
 from .compiling import EAGER_STEPS, CompiledStep
@@ -74,7 +73,7 @@ class Trainer:
 
     def _start_fresh(self) -> None:
         cfg, plan, rank = self.run.cfg, self.run.plan, self.run.dist.data_rank
-        if plan.distributed != "fsdp":  # FSDP2 models were initialised before sharding
+        if plan.distributed not in ("fsdp", "pp"):  # (those were initialised whole)
             init_weights(self.run.model, cfg.train.init)
         torch.manual_seed(cfg.train.seed + rank)  # dropout differs per batch shard
 
@@ -109,20 +108,18 @@ class Trainer:
         """Forward, tally and backward one micro-batch holding `share` of its loader batch's
         samples; gradients are synchronised across ranks only when `sync`."""
         run, state, timer = self.run, self.state, self.timer
+        self._beat("forward")
+        if run.pipeline is not None:  # the schedule runs every micro-batch's both passes
+            return pipelined.forward_backward(run, state, timer, batch, share)
         sb = run.step.unpack(batch)
         timer.mark("copy")
-        self._beat("forward")
         if self.compiling is not None:
             self.compiling.before_forward()
         with step.naming_label_errors(f"training batch {micro} of epoch "
                                       f"{state.progress.epoch + 1}"):
             model = run.wrapped if self.compiling is None else self.compiling.model
             logits, loss, _ = run.step.forward(model, sb)
-        metric, count = tasks.tally(run.step.task, logits, sb.labels, sb.size)
-        loss_sum, metric_sum, counted = state.epoch_sums
-        loss_sum += loss.detach().float() * count
-        metric_sum += metric
-        counted += count
+        run_state.tally(state, loss, *tasks.tally(run.step.task, logits, sb.labels, sb.size))
         timer.mark("forward")
         scaled = accumulation.scale_loss(loss if share == 1.0 else loss * share,
                                          run.plan.grad_accum)
@@ -151,7 +148,8 @@ class Trainer:
     def _optimizer_step(self) -> None:
         state, clip_norm = self.state, self.run.cfg.train.clip_norm
         if clip_norm is not None:
-            clipping.clip_gradients(self.run.model, state.optimizer, clip_norm, state.scaler)
+            clipping.clip_gradients(self.run.model, state.optimizer, clip_norm, state.scaler,
+                                    self.run.pipeline)
         precision.optimizer_step(state.optimizer, state.scaler)
         state.scheduler.step()
 

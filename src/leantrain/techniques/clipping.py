@@ -22,15 +22,39 @@ def clip_gradients(
     optimizer: torch.optim.Optimizer,
     max_norm: float,
     scaler: torch.amp.GradScaler | None = None,
+    stages=None,
 ) -> torch.Tensor:
-    """Clip in place; returns the pre-clip total norm as a device tensor (no host sync)."""
+    """Clip in place; returns the pre-clip total norm as a device tensor (no host sync).
+    `stages`: the pipeline (`pipeline.Pipeline`) whose other processes hold the rest of the
+    model."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     parameters = [p for p in model.parameters() if p.grad is not None]
+    if stages is not None:
+        return _clip_across_stages(parameters, max_norm, stages)
     groups = _by_mesh(parameters)
     if len(groups) <= 1:
         return nn.utils.clip_grad_norm_(parameters, max_norm)
     return _clip_across_meshes(groups, max_norm)
+
+
+def _clip_across_stages(parameters: list[nn.Parameter], max_norm: float, stages
+                        ) -> torch.Tensor:
+    """Pipeline stages hold disjoint parameters: their squared norms summed over the stages'
+    processes (a tied embedding and head, held by two stages, counted once), then every
+    gradient scaled by the one coefficient, as one process would."""
+    import torch.distributed as dist
+
+    counted = [p.grad for p in parameters if id(p) not in stages.counted_elsewhere]
+    local = nn.utils.get_total_norm(counted) if counted else \
+        torch.zeros((), device=parameters[0].grad.device if parameters else "cpu")
+    squared = local.float() ** 2
+    dist.all_reduce(squared, group=stages.group)
+    total = squared.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in parameters:
+        p.grad.mul_(coef.to(p.grad.dtype))
+    return total
 
 
 def _by_mesh(parameters: list[nn.Parameter]) -> dict[object, list[torch.Tensor]]:

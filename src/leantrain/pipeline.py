@@ -1,0 +1,397 @@
+"""Pipeline parallelism with torch.distributed.pipelining: the model's repeated blocks split
+into stages, one process (or, interleaved, two stage copies) each, micro-batches flowing
+through them by one of torch's schedules.
+
+Stages are cut from the model the user brought, not rewritten per family. The one list of
+repeated blocks (the units FSDP2 shards, `distributed.blocks`) is split into contiguous,
+balanced ranges. A probe forward and backward finds which other parameters feed the first
+block (embeddings, learned positions: the first stage's) and which feed the loss from the
+last block's output (final norm, head: the last stage's; a head tied to the embedding is
+both). On each process the model keeps only its stages' blocks (under their own names, so a
+checkpoint's keys are the whole model's) and its parameters; the others become zero-stride
+buffers (no memory), since the model's own forward still runs around them. A stage calls
+the model's forward, unchanged, on the micro-batch: on every stage but the first a hook
+swaps the first block's input for the activation received from the stage before, and on
+every stage but the last a hook ends the forward at its last block's output, which is sent
+on. The last stage's forward returns the micro-batch's loss, computed as one process would.
+
+A tied embedding and head live on the first and the last stage as two copies: their
+gradients are summed across the two after each step, so both copies take the same step.
+
+The schedules' micro-batches are the gradient-accumulation steps of one process (one
+concept, one setting): with `plan.grad_accum` M the loader's batch is M micro-batches, and
+the losses equal one process accumulating M batches (tests/test_pipeline.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LeantrainError
+
+_SHAPES_KEPT = 8  # schedules kept for batches of different shapes (padded lengths, eval)
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble")
+INTERLEAVED = ("interleaved-1f1b", "interleaved-zero-bubble")
+
+
+def stages_per_rank(schedule: str) -> int:
+    return 2 if schedule in INTERLEAVED else 1
+
+
+def block_list(model: nn.Module, blocks: list[nn.Module]) -> tuple[nn.Module, str]:
+    """(parent, attribute) of the ModuleList that holds every repeated block: the list a
+    pipeline splits. One line when there is none, or the blocks lie in several lists (an
+    encoder-decoder's encoder and decoder stacks)."""
+    wanted = {id(b) for b in blocks}
+    holders = []
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.ModuleList) and wanted & {id(m) for m in child}:
+                holders.append((parent, attr, child))
+    name = type(model).__name__
+    if len(holders) != 1 or {id(m) for m in holders[0][2]} != wanted:
+        where = ", ".join(f"{type(p).__name__}.{a}" for p, a, _ in holders) or "none"
+        raise LeantrainError(f"plan.parallel.pp: pipeline stages split one list of repeated "
+                             f"blocks; {name}'s blocks are not one list (lists holding them: "
+                             f"{where}): train it with FSDP2 or tensor parallel instead")
+    return holders[0][0], holders[0][1]
+
+
+def stage_ranges(blocks: int, stages: int) -> list[range]:
+    """Contiguous block ranges, balanced: the first `blocks % stages` stages take one more."""
+    size, extra = divmod(blocks, stages)
+    out, start = [], 0
+    for s in range(stages):
+        end = start + size + (s < extra)
+        out.append(range(start, end))
+        start = end
+    return out
+
+
+def check(model: nn.Module, blocks: list[nn.Module], pp: int, schedule: str,
+          microbatches: int) -> None:
+    """Refusals before any process trains: too few blocks for the stages, too few
+    micro-batches for the schedule."""
+    stages = pp * stages_per_rank(schedule)
+    block_list(model, blocks)
+    if len(blocks) < stages:
+        raise LeantrainError(f"plan.parallel.pp={pp} with {schedule} makes {stages} stages, "
+                             f"but {type(model).__name__} has {len(blocks)} blocks: each stage "
+                             "needs one at least")
+    if schedule in INTERLEAVED and microbatches % pp:
+        raise LeantrainError(f"plan.parallel.pp_schedule={schedule} runs micro-batches in "
+                             f"rounds of pp ({pp}): plan.grad_accum ({microbatches}) must be a "
+                             "multiple of it")
+
+
+class _StageExit(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """Ends a stage's forward at its last block, carrying the activation to send on."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> tuple[torch.Tensor, str | int]:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], 0
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"], "hidden_states"
+    raise LeantrainError("plan.parallel.pp: a block's first input is not a tensor (nor a "
+                         "hidden_states tensor): stages can pass tensors only")
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise LeantrainError(f"plan.parallel.pp: a block returns {type(output).__name__}, not a "
+                         "tensor (or a tuple starting with one): stages can pass tensors only")
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which parameters (by name) are used before the first block and after the last."""
+
+    before: frozenset[str]
+    after: frozenset[str]
+
+
+def find_roles(model: nn.Module, blocks: list[nn.Module], call: Callable[[nn.Module], Any]
+               ) -> Roles:
+    """One forward and backward of `call(model) -> loss`, split at the block list: the
+    parameters the first block's input depends on, and those the loss depends on from the
+    last block's output on. Frozen parameters are asked too (a LoRA model's base embedding
+    still has a stage)."""
+    params = dict(model.named_parameters())
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_input(module, args, kwargs):
+        seen["input"] = _hidden_of(args, kwargs)[0]
+
+    def cut_output(module, args, kwargs, output):
+        hidden = _first_tensor(output)
+        cut = hidden.detach().requires_grad_(True)
+        return cut if isinstance(output, torch.Tensor) else (cut, *output[1:])
+
+    frozen = [p for p in params.values() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    hooks = [blocks[0].register_forward_pre_hook(keep_input, with_kwargs=True),
+             blocks[-1].register_forward_hook(cut_output, with_kwargs=True)]
+    try:
+        loss = call(model)
+        names, tensors = list(params), list(params.values())
+        source = seen["input"]
+        before = torch.autograd.grad(source.float().sum(), tensors, allow_unused=True,
+                                     retain_graph=True) if source.requires_grad else \
+            [None] * len(tensors)
+        after = torch.autograd.grad(loss, tensors, allow_unused=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(False)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    shared = [n for n, p, b, a in zip(names, tensors, before, after, strict=True)
+              if id(p) in in_blocks and (b is not None or a is not None)]
+    if shared:
+        raise LeantrainError(f"plan.parallel.pp: the parameter {shared[0]} is used inside the "
+                             "blocks and outside them: stages cannot split it")
+    return Roles(frozenset(n for n, g in zip(names, before, strict=True) if g is not None),
+                 frozenset(n for n, g in zip(names, after, strict=True) if g is not None))
+
+
+class _OwnedBlocks(nn.ModuleList):
+    """The blocks this process holds, under their indices in the whole list (checkpoint keys
+    stay the whole model's), iterating over those of the stage running now only."""
+
+    def __init__(self, owned: dict[int, nn.Module], total: int):
+        super().__init__()
+        for index, block in owned.items():
+            self.add_module(str(index), block)
+        self.total = total
+        self.active: list[int] = []
+
+    def _running(self) -> list[nn.Module]:
+        if not self.active:  # the model called whole, not as a stage: it would be wrong
+            raise LeantrainError("this process holds pipeline stages of the model: it runs "
+                                 "through the pipeline's schedule only")
+        return [self._modules[str(i)] for i in self.active]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._running())
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # (Llama's `layers[: num_hidden_layers]`)
+            keep = set(range(self.total)[index])
+            return [self._modules[str(i)] for i in self.active if i in keep]
+        return self._modules[str(index)]
+
+
+def _drop_parameter(model: nn.Module, name: str) -> None:
+    """The parameter becomes a zero-stride buffer of its shape (no memory, not saved): the
+    model's forward still reads it on the stages that do not own it."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    p = owner._parameters.pop(attr)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+    owner.register_buffer(attr, zero, persistent=False)
+
+
+class StageModule(nn.Module):
+    """One stage: what torch's PipelineStage runs and steps. Its parameters are exactly the
+    stage's (torch scales each stage's gradients once); the model is shared, not a child."""
+
+    def __init__(self, pipeline: Pipeline, index: int, blocks: list[nn.Module],
+                 params: list[nn.Parameter]):
+        super().__init__()
+        self.index, self.blocks = index, nn.ModuleList(blocks)
+        self.extra = nn.ParameterList(params)
+        object.__setattr__(self, "pipeline", pipeline)
+
+    def forward(self, *received: torch.Tensor, **leaves: Any) -> torch.Tensor:
+        if self.index == 0:  # (the first stage is handed the rows' numbers: `_inputs`)
+            received = ()
+        return self.pipeline.run_stage(self, received, leaves)
+
+
+class Pipeline:
+    """This process's stages of the model, and the schedule that runs them."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], roles: Roles, pp: int,
+                 rank: int, schedule: str, microbatches: int, device: torch.device,
+                 call: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]], group=None):
+        self.model, self.pp, self.rank, self.device = model, pp, rank, device
+        self.schedule_name, self.microbatches, self.call, self.group = \
+            schedule, microbatches, call, group
+        self.stages = pp * stages_per_rank(schedule)
+        self.ranges = stage_ranges(len(blocks), self.stages)
+        self.mine = [s for s in range(self.stages) if s % pp == rank]
+        self.last_rank = (self.stages - 1) % pp
+        self.tallies: list[Any] = []
+        self._spec = None  # (the batch's structure, for the stages to rebuild it)
+        parent, attr = block_list(model, blocks)
+        owned = {i: blocks[i] for s in self.mine for i in self.ranges[s]}
+        self.owned_blocks = _OwnedBlocks(owned, len(blocks))
+        setattr(parent, attr, self.owned_blocks)
+        keep = set()
+        if 0 in self.mine:
+            keep |= roles.before
+        if self.stages - 1 in self.mine:
+            keep |= roles.after
+        unique = dict(model.named_parameters())
+        kept = {id(unique[n]) for n in keep} | {id(p) for b in owned.values()
+                                                 for p in b.parameters()}
+        for name, p in list(model.named_parameters(remove_duplicate=False)):
+            if id(p) not in kept:  # (every alias of it: a tied head too)
+                _drop_parameter(model, name)
+        # a tied embedding and head: one tensor per end, on two processes; their gradients
+        # are summed after each step (every process joins in making the group)
+        self.tied = sorted(roles.before & roles.after)
+        self.tied_group = None
+        if self.tied and self.last_rank != 0:
+            import torch.distributed as dist
+
+            self.tied_group = dist.new_group([0, self.last_rank])
+        params = dict(model.named_parameters())
+        # (what a norm over every stage counts on the first stage's process only)
+        self.counted_elsewhere = {id(params[n]) for n in self.tied} \
+            if self.tied_group is not None and 0 not in self.mine else set()
+        self.modules = [StageModule(self, s, [owned[i] for i in self.ranges[s]],
+                                    self._extra(s, params, roles)) for s in self.mine]
+        self._schedules: dict[tuple, Any] = {}
+
+    def _extra(self, stage: int, params: dict[str, nn.Parameter], roles: Roles
+               ) -> list[nn.Parameter]:
+        """The stage's parameters outside the blocks: the first's before them, the last's
+        after them."""
+        names = (roles.before if stage == 0 else frozenset()) | \
+            (roles.after if stage == self.stages - 1 else frozenset())
+        return [params[n] for n in sorted(names)]
+
+    def _schedule(self, inputs: dict[str, Any]):
+        """The schedule for micro-batches of these shapes: torch's stages size their buffers
+        from the first micro-batch they see, so each shape has its own (every process sees
+        the same batches, so all make the same ones; a new shape costs one micro-batch's
+        forward to learn the activations' shapes). The last few are kept."""
+        key = tuple(tuple(t.shape) for t in (*inputs["args"], *inputs["kwargs"].values())
+                    if isinstance(t, torch.Tensor))
+        if key not in self._schedules:
+            if len(self._schedules) >= _SHAPES_KEPT:
+                self._schedules.pop(next(iter(self._schedules)))
+            self._schedules[key] = self._new_schedule()
+        return self._schedules[key]
+
+    def _new_schedule(self):
+        from torch.distributed import pipelining as pl
+
+        stages = [pl.PipelineStage(m, m.index, self.stages, self.device, group=self.group)
+                  for m in self.modules]
+        kind = {"gpipe": pl.ScheduleGPipe, "1f1b": pl.Schedule1F1B,
+                "interleaved-1f1b": pl.ScheduleInterleaved1F1B,
+                "interleaved-zero-bubble": pl.ScheduleInterleavedZeroBubble}[self.schedule_name]
+        first = stages if self.schedule_name in INTERLEAVED else stages[0]
+        return kind(first, n_microbatches=self.microbatches, loss_fn=_the_loss)
+
+    @contextlib.contextmanager
+    def _cut(self, stage: StageModule, received: tuple[torch.Tensor, ...]):
+        """The model's forward over this stage's blocks only: the first block's input
+        replaced by the activation received, the forward ended at the last block."""
+        blocks = list(self.ranges[stage.index])
+        self.owned_blocks.active = blocks
+        hooks = []
+        if received:
+            def swap(module, args, kwargs):
+                _, where = _hidden_of(args, kwargs)
+                if where == 0:
+                    return (received[0], *args[1:]), kwargs
+                return args, {**kwargs, where: received[0]}
+            hooks.append(self.owned_blocks[blocks[0]].register_forward_pre_hook(
+                swap, with_kwargs=True))
+        if stage.index != self.stages - 1:
+            def leave(module, args, output):
+                raise _StageExit(_first_tensor(output))
+            hooks.append(self.owned_blocks[blocks[-1]].register_forward_hook(leave))
+        try:
+            yield
+        finally:
+            self.owned_blocks.active = []
+            for h in hooks:
+                h.remove()
+
+    def run_stage(self, stage: StageModule, received: tuple, leaves: dict[str, Any]
+                  ) -> torch.Tensor:
+        from torch.utils._pytree import tree_unflatten
+
+        batch = tree_unflatten([leaves[f"leaf{i}"] for i in range(len(leaves))], self._spec)
+        with self._cut(stage, received):
+            try:
+                loss, tally = self.call(self.model, batch)
+            except _StageExit as done:
+                return done.hidden
+        self.tallies.append(tally)
+        return loss
+
+    def _inputs(self, batch: Any) -> dict[str, Any]:
+        """The batch as the schedule's keyword arguments, one per tensor (it splits only
+        those into micro-batches; the batch is rebuilt in each stage), the rows' numbers as
+        the positional argument (torch splits keywords only where there is one) and as the
+        loss target (the last stage's output is the loss already)."""
+        from torch.utils._pytree import tree_flatten
+
+        from .data.loaders import batch_size
+
+        leaves, self._spec = tree_flatten(batch)
+        rows = torch.arange(batch_size(batch), device=self.device)
+        return {"args": (rows,), "target": rows,
+                "kwargs": {f"leaf{i}": leaf for i, leaf in enumerate(leaves)}}
+
+    def train_step(self, batch: Any) -> list[Any]:
+        """Forward and backward of one step's batch (`microbatches` micro-batches) through
+        the schedule; the tied parameters' gradients summed. Returns the last stage's
+        per-micro-batch tallies on the process that holds it, else [] (the first step also
+        runs a micro-batch to learn the activations' shapes: its tally is not counted)."""
+        self.tallies = []
+        inputs = self._inputs(batch)
+        self._schedule(inputs).step(*inputs["args"], target=inputs["target"],
+                                    return_outputs=False, **inputs["kwargs"])
+        self.sync_tied()
+        return self.tallies[-self.microbatches:] if self.tallies else []
+
+    def eval_step(self, batch: Any) -> list[Any]:
+        self.tallies = []
+        inputs = self._inputs(batch)
+        self._schedule(inputs).eval(*inputs["args"], target=inputs["target"],
+                                    return_outputs=False, **inputs["kwargs"])
+        return self.tallies[-self.microbatches:] if self.tallies else []
+
+    def sync_tied(self) -> None:
+        """Sum the gradients of a tied parameter's two copies (first and last stage)."""
+        if self.tied_group is None or not (0 in self.mine or self.stages - 1 in self.mine):
+            return
+        import torch.distributed as dist
+
+        params = dict(self.model.named_parameters())
+        for name in self.tied:
+            p = params[name]
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=self.tied_group)
+
+
+def _the_loss(output: torch.Tensor, target: Any) -> torch.Tensor:
+    """The last stage's output is already the micro-batch's loss."""
+    return output

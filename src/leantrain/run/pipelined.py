@@ -1,0 +1,153 @@
+"""A run under pipeline parallelism: the plan's settings a pipeline cannot take yet, its
+stages built from the run's own step (`pipeline.Pipeline`), and evaluation through them.
+
+The stage's call is the run's step: the batch unpacked and the model called as one process
+calls it, the loss the one it trains on (the model's own, the task's or the user's) and the
+tallies the loop and validation sum, so a pipelined run reports what one process reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import pipeline
+from ..config import PlanConfig
+from ..data.loaders import batch_size
+from ..distributed import blocks
+from ..errors import LeantrainError
+from ..losses import tasks
+from ..losses.outputs import read_output
+from ..measure.probe import seeded, untouched
+from ..techniques.base import Outcome
+from . import state as run_state
+from . import step
+
+# plan settings a pipeline stage does not run with yet: the value it takes instead on "auto"
+_OFF = {"compile": False, "activation_checkpointing": False, "optimizer_offload": False}
+_SCALED = ("fp16",)  # (a GradScaler's step would see one stage's gradients only)
+
+
+def settle(cfg: PlanConfig, values: dict[str, Any], outcomes: list[Outcome],
+           model: nn.Module, pp: int) -> None:
+    """Checks the pipeline before any process trains (one line each) and turns off, with the
+    reason in the summary, what "auto" chose that stages do not run with yet."""
+    pipeline.check(model, blocks(model), pp, cfg.parallel.pp_schedule, values["grad_accum"])
+    why = "not with pipeline parallel yet (plan.parallel.pp)"
+    for name, off in _OFF.items():
+        if values.get(name) != off:
+            if getattr(cfg, name) is True:
+                raise LeantrainError(f"plan.{name}=true: {why}")
+            values[name] = off
+            outcomes[:] = [Outcome(name, False, why) if o.name == name else o
+                           for o in outcomes]
+    if values["precision"] in _SCALED or values["precision"].startswith("fp8"):
+        raise LeantrainError(f"plan.precision={values['precision']}: {why}; use bf16 or fp32")
+
+
+def describe(model: nn.Module, parallel) -> str:
+    stages = parallel.pp * pipeline.stages_per_rank(parallel.pp_schedule)
+    sizes = [len(r) for r in pipeline.stage_ranges(len(blocks(model)), stages)]
+    return f"{stages} stages of {'/'.join(map(str, sizes))} blocks"
+
+
+def _train_call(contract: step.Step):
+    def call(model: nn.Module, raw: Any) -> tuple[torch.Tensor, tuple]:
+        sb = contract.unpack(raw)
+        logits, loss, _ = contract.forward(model, sb)
+        metric, count = tasks.tally(contract.task, logits, sb.labels, sb.size)
+        return loss, (loss.detach().float() * count, metric, count)  # (as the loop sums)
+    return call
+
+
+def build(model: nn.Module, contract: step.Step, first: Any, plan, dist) -> pipeline.Pipeline:
+    """This process's stages, cut from `model` (in place) after a probe on the first batch."""
+    units = blocks(model)
+    call = _train_call(contract)
+    with untouched(model):
+        roles = pipeline.find_roles(model, units, lambda m: call(m, first)[0])
+    model.zero_grad(set_to_none=True)
+    group = dist.mesh["pp"].get_group() if dist.mesh is not None else None
+    return pipeline.Pipeline(model, units, roles, plan.pp, dist.rank, plan.pp_schedule,
+                             plan.microbatches, plan.device, call, group)
+
+
+def forward_backward(run, state, timer, raw: Any, share: float) -> torch.Tensor:
+    """The loop's forward and backward of one step's batch, through the schedule: the epoch's
+    sums get the last stage's tallies, shared over the pipeline; returns the batch's mean
+    loss. The step timer counts the schedule's time as forward (it interleaves both)."""
+    if share != 1.0:  # (an out-of-memory replay in parts would scale the gradients twice)
+        raise LeantrainError("out of memory under pipeline parallel: lower data.batch_size "
+                             "(each micro-batch's samples), or raise plan.grad_accum with it")
+    timer.mark("copy")
+    zeros = tasks.zeros(run.step.task, run.plan.device)
+    loss_sum, metric, count = _from_last(run.pipeline, _summed(run.pipeline.train_step(raw),
+                                                               zeros))
+    run_state.tally(state, loss_sum / count.clamp(min=1), metric, count)
+    timer.mark("forward")
+    timer.mark("backward")
+    return loss_sum / count.clamp(min=1)
+
+
+def _summed(tallies: list[tuple], zeros: list[torch.Tensor]) -> list[torch.Tensor]:
+    out = list(zeros)
+    for tally in tallies:
+        out = [o + torch.as_tensor(t, device=o.device) for o, t in zip(out, tally, strict=True)]
+    return out
+
+
+def _from_last(pipe: pipeline.Pipeline, values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The last stage's sums, on every stage of the pipeline."""
+    import torch.distributed as dist
+
+    for v in values:
+        dist.broadcast(v, group_src=pipe.last_rank, group=pipe.group)
+    return values
+
+
+def _eval_call(contract: step.Step):
+    """The last stage's validation sums of a micro-batch, as `step.metrics` counts them."""
+    def call(model: nn.Module, raw: Any) -> tuple[torch.Tensor, tuple]:
+        sb = contract.unpack(raw)
+        with contract.autocast():
+            logits, own = read_output(model(*sb.args, **sb.kwargs))
+        sums = step.batch_sums(contract, logits, own, sb)
+        return sums[0], sums
+    return call
+
+
+@torch.no_grad()
+def metrics(pipe: pipeline.Pipeline, loader, contract: step.Step) -> dict[str, float | None]:
+    """`step.metrics` through the pipeline: each validation batch forward through the
+    stages (a batch smaller than the micro-batch count is padded with its own last sample,
+    whose sums are dropped)."""
+    model = pipe.model
+    was_training, train_call = model.training, pipe.call
+    model.eval()
+    pipe.call = _eval_call(contract)
+    totals = step.zero_sums(contract)
+    try:
+        with seeded(contract.device):
+            for raw in loader.batches():
+                size = batch_size(raw)
+                padded = _padded(raw, pipe.microbatches - size) if size < pipe.microbatches \
+                    else raw
+                tallies = pipe.eval_step(padded)[:size if size < pipe.microbatches else None]
+                totals = _summed(tallies, totals)
+    finally:
+        pipe.call = train_call
+        model.train(was_training)
+    totals = _from_last(pipe, totals)
+    return step.found_metrics(contract, *totals)
+
+
+def _padded(raw: Any, extra: int) -> Any:
+    if isinstance(raw, torch.Tensor):
+        return torch.cat([raw, raw[-1:].expand(extra, *raw.shape[1:])])
+    if isinstance(raw, dict):
+        return {k: _padded(v, extra) for k, v in raw.items()}
+    if isinstance(raw, (tuple, list)):
+        return type(raw)(_padded(v, extra) for v in raw)
+    return raw
