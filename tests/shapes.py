@@ -93,6 +93,16 @@ def _gpt2(width=32):
                                       eos_token_id=2))
 
 
+def gpt2_deep():
+    """A stock GPT-2 of 4 blocks (4 pipeline stages), its head tied to its embedding, without
+    dropout (whose draws differ between one process and pipeline stages)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=4,
+                                      n_head=4, bos_token_id=1, eos_token_id=2, resid_pdrop=0,
+                                      embd_pdrop=0, attn_pdrop=0))
+
+
 def gpt2_lora():
     """GPT-2 with a PEFT LoRA adapter on its fused attention projection (the base frozen)."""
     from peft import LoraConfig, get_peft_model

@@ -44,23 +44,21 @@ def stages_per_rank(schedule: str) -> int:
     return 2 if schedule in INTERLEAVED else 1
 
 
-def block_list(model: nn.Module, blocks: list[nn.Module]) -> tuple[nn.Module, str]:
-    """(parent, attribute) of the ModuleList that holds every repeated block: the list a
-    pipeline splits. One line when there is none, or the blocks lie in several lists (an
+def block_list(model: nn.Module) -> tuple[nn.Module, str, list[nn.Module]]:
+    """(parent, attribute, blocks) of the model's one list of repeated blocks: its outermost
+    ModuleList (a MoE block's experts, a block's sublayers lie inside it; the blocks
+    activation checkpointing wraps). One line when there is none, or several (an
     encoder-decoder's encoder and decoder stacks)."""
-    wanted = {id(b) for b in blocks}
-    holders = []
-    for parent in model.modules():
-        for attr, child in parent.named_children():
-            if isinstance(child, nn.ModuleList) and wanted & {id(m) for m in child}:
-                holders.append((parent, attr, child))
-    name = type(model).__name__
-    if len(holders) != 1 or {id(m) for m in holders[0][2]} != wanted:
-        where = ", ".join(f"{type(p).__name__}.{a}" for p, a, _ in holders) or "none"
+    lists = {name: m for name, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    outer = [n for n in lists if not any(n.startswith(f"{o}.") for o in lists if o != n)]
+    if len(outer) != 1:
+        found = ", ".join(outer) or "none"
         raise LeantrainError(f"plan.parallel.pp: pipeline stages split one list of repeated "
-                             f"blocks; {name}'s blocks are not one list (lists holding them: "
-                             f"{where}): train it with FSDP2 or tensor parallel instead")
-    return holders[0][0], holders[0][1]
+                             f"blocks; {type(model).__name__} has {len(outer)} (lists: "
+                             f"{found}): train it with FSDP2 or tensor parallel instead")
+    name = outer[0]
+    parent_name, _, attr = name.rpartition(".")
+    return model.get_submodule(parent_name), attr, list(lists[name])
 
 
 def stage_ranges(blocks: int, stages: int) -> list[range]:
@@ -74,12 +72,11 @@ def stage_ranges(blocks: int, stages: int) -> list[range]:
     return out
 
 
-def check(model: nn.Module, blocks: list[nn.Module], pp: int, schedule: str,
-          microbatches: int) -> None:
-    """Refusals before any process trains: too few blocks for the stages, too few
-    micro-batches for the schedule."""
+def check(model: nn.Module, pp: int, schedule: str, microbatches: int) -> None:
+    """Refusals before any process trains: no one list of blocks, too few blocks for the
+    stages, too few micro-batches for the schedule."""
     stages = pp * stages_per_rank(schedule)
-    block_list(model, blocks)
+    blocks = block_list(model)[2]
     if len(blocks) < stages:
         raise LeantrainError(f"plan.parallel.pp={pp} with {schedule} makes {stages} stages, "
                              f"but {type(model).__name__} has {len(blocks)} blocks: each stage "
@@ -124,12 +121,12 @@ class Roles:
     after: frozenset[str]
 
 
-def find_roles(model: nn.Module, blocks: list[nn.Module], call: Callable[[nn.Module], Any]
-               ) -> Roles:
+def find_roles(model: nn.Module, call: Callable[[nn.Module], Any]) -> Roles:
     """One forward and backward of `call(model) -> loss`, split at the block list: the
     parameters the first block's input depends on, and those the loss depends on from the
     last block's output on. Frozen parameters are asked too (a LoRA model's base embedding
     still has a stage)."""
+    blocks = block_list(model)[2]
     params = dict(model.named_parameters())
     seen: dict[str, torch.Tensor] = {}
 
@@ -229,19 +226,19 @@ class StageModule(nn.Module):
 class Pipeline:
     """This process's stages of the model, and the schedule that runs them."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], roles: Roles, pp: int,
-                 rank: int, schedule: str, microbatches: int, device: torch.device,
+    def __init__(self, model: nn.Module, roles: Roles, pp: int, rank: int, schedule: str,
+                 microbatches: int, device: torch.device,
                  call: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]], group=None):
         self.model, self.pp, self.rank, self.device = model, pp, rank, device
         self.schedule_name, self.microbatches, self.call, self.group = \
             schedule, microbatches, call, group
+        parent, attr, blocks = block_list(model)
         self.stages = pp * stages_per_rank(schedule)
         self.ranges = stage_ranges(len(blocks), self.stages)
         self.mine = [s for s in range(self.stages) if s % pp == rank]
         self.last_rank = (self.stages - 1) % pp
         self.tallies: list[Any] = []
         self._spec = None  # (the batch's structure, for the stages to rebuild it)
-        parent, attr = block_list(model, blocks)
         owned = {i: blocks[i] for s in self.mine for i in self.ranges[s]}
         self.owned_blocks = _OwnedBlocks(owned, len(blocks))
         setattr(parent, attr, self.owned_blocks)

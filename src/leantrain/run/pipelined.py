@@ -16,7 +16,6 @@ from torch import nn
 from .. import pipeline
 from ..config import PlanConfig
 from ..data.loaders import batch_size
-from ..distributed import blocks
 from ..errors import LeantrainError
 from ..losses import tasks
 from ..losses.outputs import read_output
@@ -34,7 +33,7 @@ def settle(cfg: PlanConfig, values: dict[str, Any], outcomes: list[Outcome],
            model: nn.Module, pp: int) -> None:
     """Checks the pipeline before any process trains (one line each) and turns off, with the
     reason in the summary, what "auto" chose that stages do not run with yet."""
-    pipeline.check(model, blocks(model), pp, cfg.parallel.pp_schedule, values["grad_accum"])
+    pipeline.check(model, pp, cfg.parallel.pp_schedule, values["grad_accum"])
     why = "not with pipeline parallel yet (plan.parallel.pp)"
     for name, off in _OFF.items():
         if values.get(name) != off:
@@ -49,7 +48,7 @@ def settle(cfg: PlanConfig, values: dict[str, Any], outcomes: list[Outcome],
 
 def describe(model: nn.Module, parallel) -> str:
     stages = parallel.pp * pipeline.stages_per_rank(parallel.pp_schedule)
-    sizes = [len(r) for r in pipeline.stage_ranges(len(blocks(model)), stages)]
+    sizes = [len(r) for r in pipeline.stage_ranges(len(pipeline.block_list(model)[2]), stages)]
     return f"{stages} stages of {'/'.join(map(str, sizes))} blocks"
 
 
@@ -64,13 +63,12 @@ def _train_call(contract: step.Step):
 
 def build(model: nn.Module, contract: step.Step, first: Any, plan, dist) -> pipeline.Pipeline:
     """This process's stages, cut from `model` (in place) after a probe on the first batch."""
-    units = blocks(model)
     call = _train_call(contract)
     with untouched(model):
-        roles = pipeline.find_roles(model, units, lambda m: call(m, first)[0])
+        roles = pipeline.find_roles(model, lambda m: call(m, first)[0])
     model.zero_grad(set_to_none=True)
     group = dist.mesh["pp"].get_group() if dist.mesh is not None else None
-    return pipeline.Pipeline(model, units, roles, plan.pp, dist.rank, plan.pp_schedule,
+    return pipeline.Pipeline(model, roles, plan.pp, dist.rank, plan.pp_schedule,
                              plan.microbatches, plan.device, call, group)
 
 
@@ -121,8 +119,7 @@ def _eval_call(contract: step.Step):
 @torch.no_grad()
 def metrics(pipe: pipeline.Pipeline, loader, contract: step.Step) -> dict[str, float | None]:
     """`step.metrics` through the pipeline: each validation batch forward through the
-    stages (a batch smaller than the micro-batch count is padded with its own last sample,
-    whose sums are dropped)."""
+    stages, as micro-batches of one size (`_even_parts`)."""
     model = pipe.model
     was_training, train_call = model.training, pipe.call
     model.eval()
@@ -131,16 +128,35 @@ def metrics(pipe: pipeline.Pipeline, loader, contract: step.Step) -> dict[str, f
     try:
         with seeded(contract.device):
             for raw in loader.batches():
-                size = batch_size(raw)
-                padded = _padded(raw, pipe.microbatches - size) if size < pipe.microbatches \
-                    else raw
-                tallies = pipe.eval_step(padded)[:size if size < pipe.microbatches else None]
-                totals = _summed(tallies, totals)
+                for part, kept in _even_parts(raw, pipe.microbatches):
+                    totals = _summed(pipe.eval_step(part)[:kept], totals)
     finally:
         pipe.call = train_call
         model.train(was_training)
-    totals = _from_last(pipe, totals)
-    return step.found_metrics(contract, *totals)
+    return step.found_metrics(contract, *_from_last(pipe, totals))
+
+
+def _even_parts(raw: Any, micro: int) -> list[tuple[Any, int | None]]:
+    """(part, micro-batches to count) that split into `micro` micro-batches of one size
+    each: the batch's largest multiple of `micro` rows, then the rest padded with its last
+    row to one row a micro-batch, of which the first `rest` count."""
+    size = batch_size(raw)
+    whole, rest = size - size % micro, size % micro
+    parts = [(_rows(raw, 0, whole), None)] if whole else []
+    if rest:
+        tail = _rows(raw, whole, size)
+        parts.append((_padded(tail, micro - rest), rest))
+    return parts
+
+
+def _rows(raw: Any, start: int, end: int) -> Any:
+    if isinstance(raw, torch.Tensor):
+        return raw[start:end]
+    if isinstance(raw, dict):
+        return {k: _rows(v, start, end) for k, v in raw.items()}
+    if isinstance(raw, (tuple, list)):
+        return type(raw)(_rows(v, start, end) for v in raw)
+    return raw
 
 
 def _padded(raw: Any, extra: int) -> Any:

@@ -328,6 +328,8 @@ def _drops_short_batch(plan: ResolvedPlan, model: nn.Module, n: int | None, batc
     digits steps at 938 samples/s against 5,132 over 200. A BatchNorm model drops a last
     batch of one sample, which it cannot train on (the shuffle still shows every sample); over
     a stream (`n` None: its last batch is not known ahead) it drops any short last batch."""
+    if plan.pp > 1:  # a pipeline's micro-batches are all one shape (torch sizes its buffers
+        return True  # from the first): a short batch would split unevenly
     if n is None:
         return plan.compile or plan.cudnn_benchmark or _has_batchnorm(model)
     if n < batch_size * world:

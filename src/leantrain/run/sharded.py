@@ -178,6 +178,7 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> No
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     model_state, optimizer_state = _state_dicts(model, optimizer)
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
         with warnings.catch_warnings():  # one process reading a sharded checkpoint (a resume
             warnings.simplefilter("ignore")  # on 1 of 2) is warned of its missing group
@@ -187,6 +188,11 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> No
         raise LeantrainError(f"{folder} cannot be resumed: {one_line(exc)}") from exc
     set_state_dict(model, optimizer, model_state_dict=model_state,
                    optim_state_dict=optimizer_state)
+    # on one of two pipeline stages (each its own parameter names) the groups came back
+    # without their numbers (lr, betas, eps; torch 2.13): the run's own, as it built them
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        for key, value in own.items():
+            group.setdefault(key, value)
 
 
 def model_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -95,7 +95,8 @@ def small_state(state: TrainState, run: Run) -> dict[str, Any]:
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict() if state.scaler else None,
         "rng": distributed.gather_objects(capture_rng(), run.dist),
-        "progress": state.progress.to_dict(),
+        "progress": {**state.progress.to_dict(),  # (its position in data.batch_size units)
+                     "batch": state.progress.batch * run.plan.microbatches},
         "epoch_sums": distributed.gather_objects([t.cpu() for t in state.epoch_sums], run.dist),
     }
 
@@ -245,6 +246,11 @@ def restore(state: TrainState, run: Run, saved: dict[str, Any], path: Path,
     `shards`: the folder of a sharded checkpoint (`run.sharded`), whose model and optimizer
     are read into this run's layout, whatever the layout that wrote them."""
     _check_structure(saved, path, weights=shards is None)
+    saved = {**saved, "progress": _in_loader_batches(saved["progress"], run, path)}
+    if shards is None and run.pipeline is not None:  # (its optimizer state is by position)
+        raise LeantrainError(f"{path} is one process's checkpoint: pipeline stages resume "
+                             "from sharded checkpoints only (a run under leantrain launch "
+                             "writes them); resume it on one process")
     if "fingerprint" in saved:
         check_fingerprint(saved["fingerprint"], run, path, data_changed)
     else:
@@ -268,6 +274,19 @@ def restore(state: TrainState, run: Run, saved: dict[str, Any], path: Path,
         raise
     except Exception as exc:  # (what the checks above do not foresee: still one line)
         raise LeantrainError(f"{path} cannot be resumed: {one_line(exc)}") from exc
+
+
+def _in_loader_batches(progress: Any, run: Run, path: Path) -> Any:
+    """A checkpoint's place in its epoch counts batches of data.batch_size, whatever the
+    layout; a pipeline's loader batch holds `microbatches` of them (it resumes a run of one
+    process at a step boundary, and one process resumes it)."""
+    unit = run.plan.microbatches
+    if unit == 1 or not isinstance(progress, dict) or type(progress.get("batch")) is not int:
+        return progress  # (a malformed entry is named by the checks that follow)
+    if progress["batch"] % unit:
+        raise LeantrainError(f"resume {path.parent}: its checkpoint is {progress['batch']} "
+                             f"batches into the epoch, not a whole pipeline step of {unit}")
+    return {**progress, "batch": progress["batch"] // unit}
 
 
 def _restore_streams(state: TrainState, run: Run, saved: dict[str, Any], path: Path) -> None:

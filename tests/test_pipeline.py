@@ -1,0 +1,188 @@
+"""Pipeline parallel (plan.parallel.pp): stages cut from the model the user brought, run by
+torch.distributed.pipelining's schedules on 2 gloo processes, checked against one process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from shapes import gpt2_deep, llama_gqa, t5, whisper
+
+from leantrain import pipeline
+from leantrain.distributed import DistContext
+from leantrain.errors import LeantrainError
+from leantrain.recipes.gpt import GPT
+from leantrain.run.plan import resolve_strategy
+
+LEANTRAIN = [sys.executable, "-m", "leantrain"]
+SHAPES_ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+
+
+def test_stages_are_contiguous_balanced_ranges_of_the_blocks():
+    for blocks in range(1, 30):
+        for stages in range(1, blocks + 1):
+            ranges = pipeline.stage_ranges(blocks, stages)
+            assert [i for r in ranges for i in r] == list(range(blocks))
+            sizes = [len(r) for r in ranges]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+@pytest.mark.parametrize("make, lists", [(t5, "encoder.block, decoder.block"),
+                                         (whisper, "model.encoder.layers, model.decoder.layers")])
+def test_an_encoder_decoder_has_two_block_lists_and_is_refused_naming_them(make, lists):
+    with pytest.raises(LeantrainError) as err:
+        pipeline.check(make(), 2, "1f1b", 2)
+    assert lists in str(err.value) and "\n" not in str(err.value)
+
+
+def test_too_few_blocks_or_micro_batches_are_refused_before_training():
+    with pytest.raises(LeantrainError, match="makes 4 stages, but LlamaForCausalLM has 2"):
+        pipeline.check(llama_gqa(), 2, "interleaved-1f1b", 4)
+    with pytest.raises(LeantrainError, match=r"plan.grad_accum \(3\) must be a multiple"):
+        pipeline.check(gpt2_deep(), 2, "interleaved-1f1b", 3)
+    pipeline.check(gpt2_deep(), 2, "interleaved-1f1b", 4)
+
+
+def test_the_probe_finds_what_feeds_the_first_block_and_what_feeds_the_loss():
+    gpt2 = gpt2_deep()
+    ids = torch.randint(0, 40, (2, 8))
+    roles = pipeline.find_roles(gpt2, lambda m: m(input_ids=ids, labels=ids).loss)
+    assert roles.before == {"transformer.wte.weight", "transformer.wpe.weight"}
+    # the head is tied to the embedding: one parameter on both ends
+    assert roles.after == {"transformer.wte.weight", "transformer.ln_f.weight",
+                           "transformer.ln_f.bias"}
+    # the text-gpt recipe adds a learned position parameter of its own, outside any module
+    gpt = GPT(vocab=50, context=8, width=16, depth=4, heads=2)
+    roles = pipeline.find_roles(gpt, lambda m: m(ids % 50).logsumexp(-1).mean())
+    assert "position" in roles.before and "embed.weight" in roles.before
+    assert {"norm.weight", "embed.weight"} <= roles.after  # (its head is the embedding too)
+    assert all(p.grad is None for p in gpt.parameters())  # (the probe leaves no gradient)
+
+
+def test_pipeline_parallel_is_refused_without_its_processes():
+    with pytest.raises(LeantrainError, match="needs processes started by `leantrain launch"):
+        resolve_strategy("auto", DistContext(), pp=2)
+    with pytest.raises(LeantrainError, match="pp equal to the 4 processes"):
+        resolve_strategy("auto", DistContext(0, 0, 4, True), pp=2)
+    with pytest.raises(LeantrainError, match="plan.distributed=auto"):
+        resolve_strategy("fsdp", DistContext(0, 0, 2, True), pp=2)
+    assert resolve_strategy("auto", DistContext(0, 0, 2, True), pp=2) == "pp"
+
+
+def test_a_one_process_train_with_pp_exits_2_in_one_line_before_any_work(tmp_path):
+    done = subprocess.run([*LEANTRAIN, "train", "--model", "shapes:llama_gqa", "--data",
+                           "shapes:lm_data", "--set", "plan.parallel.pp=2", "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True,
+                          env=SHAPES_ENV)
+    assert done.returncode == 2
+    err = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(err) == 1 and "plan.parallel.pp=2 needs processes" in err[0], done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=SHAPES_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _records(run: Path, kind: str) -> list[dict]:
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if r["kind"] == kind]
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in _records(run, "train")]
+
+
+def _pipelined(args: list[str], out: Path, schedule: str, *extra: str) -> None:
+    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *args, "--set",
+          "plan.parallel.pp=2", "--set", f"plan.parallel.pp_schedule={schedule}", *extra,
+          "--out", str(out)])
+
+
+# one process's run and the pipeline's: fp32, the same micro-batches (plan.grad_accum 2)
+COMMON = ["--no-progress", "--precision", "fp32", "--set", "plan.optimizer_impl=fused",
+          "--set", "plan.grad_accum=2", "--set", "train.log_every=1", "--set",
+          "train.monitor_interval_s=0"]
+
+
+@pytest.mark.slow
+def test_a_stock_llama_with_grouped_query_attention_trains_in_2_stages_as_one_process(
+        tmp_path):
+    """pp=2 (1F1B) on a stock Llama with GQA: 20 steps' losses (clipping at every step, its
+    norm reduced across the stages) and every evaluation equal one process's; the final
+    weights load into the plain model; the step-10 checkpoint (DCP, each process its stages)
+    resumes on one process and on 2 stages, both ending with the uninterrupted losses."""
+    args = ["--model", "shapes:llama_gqa", "--data", "shapes:lm_data", *COMMON, "--epochs",
+            "2", "--set", "data.batch_size=8", "--set", "train.max_steps=20", "--set",
+            "train.clip_norm=0.05", "--set", "train.eval_every_steps=5"]
+    one, staged = tmp_path / "one", tmp_path / "pp"
+    _run([*LEANTRAIN, "train", *args, "--out", str(one)])
+    _pipelined(args, staged, "1f1b", "--set", "train.checkpoint_every=10", "--set",
+               "train.keep_checkpoints=3")
+    a, b = _losses(one), _losses(staged)
+    assert len(a) == len(b) == 20 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    evals = [[r[k] for r in _records(run, "eval")] for run in (one, staged)
+             for k in ("val_loss", "val_accuracy")]
+    assert len(evals[0]) == 3 and evals[0] == pytest.approx(evals[2], abs=1e-6)
+    assert evals[1] == pytest.approx(evals[3], abs=1e-6)
+    summary = json.loads((staged / "summary.json").read_text())
+    assert summary["plan"]["pp"] == 2 and summary["plan"]["microbatches"] == 2
+    llama_gqa().load_state_dict(torch.load(staged / "model.pt", weights_only=True))
+    for layout in ("alone", "staged"):
+        again = tmp_path / layout
+        shutil.copytree(staged, again)
+        for later in ("step-00000016", "step-00000020"):  # (the epoch's end, the run's)
+            shutil.rmtree(again / "checkpoints" / later)
+        (again / "checkpoints" / "latest").write_text("step-00000010")
+        for name in ("summary.json", "model.pt", "model.pt.sha256"):
+            (again / name).unlink(missing_ok=True)
+        shutil.rmtree(again / "pretrained")
+        resume = ["train", "--resume", str(again), "--model", "shapes:llama_gqa", "--data",
+                  "shapes:lm_data", "--no-progress"]
+        if layout == "alone":
+            _run([*LEANTRAIN, *resume, "--set", "plan.parallel.pp=1"])
+        else:
+            _run([*LEANTRAIN, "launch", "--nproc", "2", "--", *resume])
+        c = _losses(again)
+        assert len(c) == 20 and max(abs(x - y) for x, y in zip(b, c, strict=True)) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_stock_gpt2_with_a_tied_head_trains_under_each_schedule_as_one_process(tmp_path):
+    """GPipe and interleaved 1F1B (2 stages a process: 4 stages of one block) on a stock
+    GPT-2, whose head is its embedding: the two ends' copies take one summed gradient."""
+    args = ["--model", "shapes:gpt2_deep", "--data", "shapes:lm_data", *COMMON, "--epochs",
+            "1", "--set", "data.batch_size=8", "--set", "optim.name=adamw"]
+    one = tmp_path / "one"
+    _run([*LEANTRAIN, "train", *args, "--out", str(one)])
+    for schedule in ("gpipe", "interleaved-1f1b"):
+        staged = tmp_path / schedule
+        _pipelined(args, staged, schedule)
+        a, b = _losses(one), _losses(staged)
+        assert len(a) == len(b) == 16
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6, schedule
+        weights = torch.load(staged / "model.pt", weights_only=True)
+        assert torch.equal(weights["lm_head.weight"], weights["transformer.wte.weight"])
+
+
+@pytest.mark.slow
+def test_the_text_gpt_recipe_trains_under_interleaved_zero_bubble_as_one_process(tmp_path):
+    """The text-gpt recipe (its position parameter lives on the first stage): losses and an
+    evaluation whose batches (7 rows) do not split evenly into the micro-batches."""
+    args = ["--recipe", "text-gpt", "--data", str(Path(__file__).parents[1] / "examples"),
+            *COMMON, "--epochs", "1", "--set", "data.max_bytes=20000", "--set",
+            "data.context=32", "--set", "gpt.depth=4", "--set", "train.max_steps=5", "--set",
+            "data.eval_batch_size=7"]
+    one, staged = tmp_path / "one", tmp_path / "pp"
+    _run([*LEANTRAIN, "train", *args, "--out", str(one)])
+    _pipelined(args, staged, "interleaved-zero-bubble")
+    a, b = _losses(one), _losses(staged)
+    assert len(a) == len(b) == 5 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
+    ends = [_records(run, "epoch")[-1] for run in (one, staged)]
+    assert ends[0]["val_loss"] == pytest.approx(ends[1]["val_loss"], abs=1e-6)
+    assert ends[0]["val_accuracy"] == ends[1]["val_accuracy"]
