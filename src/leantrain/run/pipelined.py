@@ -63,6 +63,11 @@ def _train_call(contract: step.Step):
 
 def build(model: nn.Module, contract: step.Step, first: Any, plan, dist) -> pipeline.Pipeline:
     """This process's stages, cut from `model` (in place) after a probe on the first batch."""
+    if contract.aux_terms:
+        raise LeantrainError(f"plan.parallel.pp: the model's loss adds "
+                             f"{', '.join(contract.aux_terms)} over every block (a router's "
+                             "balance): the last stage sees its own blocks only; train it "
+                             "with FSDP2 or tensor parallel instead")
     call = _train_call(contract)
     with untouched(model):
         roles = pipeline.find_roles(model, lambda m: call(m, first)[0])
