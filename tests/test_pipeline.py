@@ -186,3 +186,12 @@ def test_the_text_gpt_recipe_trains_under_interleaved_zero_bubble_as_one_process
     ends = [_records(run, "epoch")[-1] for run in (one, staged)]
     assert ends[0]["val_loss"] == pytest.approx(ends[1]["val_loss"], abs=1e-6)
     assert ends[0]["val_accuracy"] == ends[1]["val_accuracy"]
+
+
+def test_doctor_says_it_does_not_price_pipeline_stages_yet():
+    from leantrain.commands.doctor import launch_layout
+    from leantrain.config import config_from_dict
+
+    cfg = config_from_dict({"plan": {"parallel": {"pp": 2}}})
+    with pytest.raises(LeantrainError, match="pipeline stages .* are not priced yet"):
+        launch_layout(cfg, 2, gpt2_deep)
