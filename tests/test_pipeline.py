@@ -66,8 +66,9 @@ def test_the_probe_finds_what_feeds_the_first_block_and_what_feeds_the_loss():
 def test_pipeline_parallel_is_refused_without_its_processes():
     with pytest.raises(LeantrainError, match="needs processes started by `leantrain launch"):
         resolve_strategy("auto", DistContext(), pp=2)
-    with pytest.raises(LeantrainError, match="pp equal to the 4 processes"):
-        resolve_strategy("auto", DistContext(0, 0, 4, True), pp=2)
+    with pytest.raises(LeantrainError, match="the 3 processes a multiple of pp"):
+        resolve_strategy("auto", DistContext(0, 0, 3, True), pp=2)
+    assert resolve_strategy("auto", DistContext(0, 0, 4, True), pp=2) == "pp"
     with pytest.raises(LeantrainError, match="plan.distributed=auto"):
         resolve_strategy("fsdp", DistContext(0, 0, 2, True), pp=2)
     assert resolve_strategy("auto", DistContext(0, 0, 2, True), pp=2) == "pp"
@@ -195,3 +196,34 @@ def test_doctor_says_it_does_not_price_pipeline_stages_yet():
     cfg = config_from_dict({"plan": {"parallel": {"pp": 2}}})
     with pytest.raises(LeantrainError, match="pipeline stages .* are not priced yet"):
         launch_layout(cfg, 2, gpt2_deep)
+
+
+@pytest.mark.slow
+def test_two_pipelines_of_2_stages_on_4_processes_train_as_one_process_and_resume_on_one(
+        tmp_path):
+    """pp=2 x 2 data-parallel ranks (each stage FSDP2-sharded over them) on a tied GPT-2
+    under interleaved 1F1B: the global batch trains as one process does (clipping at every
+    step); its checkpoint (DCP: shards of stages) resumes on one process exactly."""
+    args = ["--model", "shapes:gpt2_deep", "--data", "shapes:lm_data", *COMMON, "--epochs",
+            "1", "--set", "train.max_steps=8", "--set", "train.clip_norm=0.05", "--set",
+            "optim.name=adamw"]
+    one, staged = tmp_path / "one", tmp_path / "pp"
+    _run([*LEANTRAIN, "train", *args, "--set", "data.batch_size=16", "--out", str(one)])
+    _run([*LEANTRAIN, "launch", "--nproc", "4", "--", "train", *args, "--set",
+          "data.batch_size=8", "--set", "plan.parallel.pp=2", "--set",
+          "plan.parallel.pp_schedule=interleaved-1f1b", "--set", "train.checkpoint_every=4",
+          "--set", "train.keep_checkpoints=3", "--out", str(staged)])
+    a, b = _losses(one), _losses(staged)
+    assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    again = tmp_path / "alone"
+    shutil.copytree(staged, again)
+    shutil.rmtree(again / "checkpoints" / "step-00000008")
+    (again / "checkpoints" / "latest").write_text("step-00000004")
+    for name in ("summary.json", "model.pt", "model.pt.sha256"):
+        (again / name).unlink()
+    shutil.rmtree(again / "pretrained")
+    _run([*LEANTRAIN, "train", "--resume", str(again), "--model", "shapes:gpt2_deep", "--data",
+          "shapes:lm_data", "--no-progress", "--set", "plan.parallel.pp=1", "--set",
+          "data.batch_size=16"])
+    c = _losses(again)
+    assert len(c) == 8 and max(abs(x - y) for x, y in zip(b, c, strict=True)) < 1e-5

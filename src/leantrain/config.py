@@ -143,7 +143,7 @@ class ParallelConfig:
     tp_plan: str | None = None
     # pipeline parallel: ranks that each hold a contiguous share of the model's repeated
     # blocks (the first also the embeddings, the last the head and loss); plan.grad_accum
-    # sets the micro-batches in flight. Alone for now: pp must be the number of processes
+    # sets the micro-batches in flight; processes / pp pipelines, each stage FSDP2-sharded
     pp: int = 1
     # torch.distributed.pipelining's schedule; the interleaved ones hold 2 stages a rank
     pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble"] = "1f1b"

@@ -142,7 +142,7 @@ def blocks(model: nn.Module) -> list[nn.Module]:
         if isinstance(child, (nn.ModuleList, nn.Sequential)) or (
                 hasattr(child, "layers") and isinstance(child.layers, nn.ModuleList)):
             inner = child.layers if hasattr(child, "layers") else child
-            blocks += [m for m in inner if any(True for _ in m.parameters())]
+            blocks += [m for m in inner.children() if any(True for _ in m.parameters())]
         elif any(True for _ in child.parameters()):
             blocks.append(child)
     return blocks
@@ -315,8 +315,14 @@ def full_model_state(model: nn.Module, strategy: str | None) -> dict[str, Any]:
     """The model's unsharded weights on the CPU, the optimizer left alone (a collective under
     FSDP2 and pipeline parallel: call it on every rank)."""
     if strategy == "pp":  # each rank holds its stages' weights: the union, on every rank
-        whole: dict[str, Any] = {}
-        for part in gather_objects({k: v.cpu() for k, v in model.state_dict().items()},
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        own = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        whole: dict[str, Any] = {}  # (a stage FSDP2 shards is whole above: gathered)
+        for part in gather_objects({k: v.cpu() for k, v in own.items()},
                                    DistContext.from_env()):
             whole.update(part)
         return whole

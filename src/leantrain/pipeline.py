@@ -207,15 +207,22 @@ def _drop_parameter(model: nn.Module, name: str) -> None:
 
 
 class StageModule(nn.Module):
-    """One stage: what torch's PipelineStage runs and steps. Its parameters are exactly the
-    stage's (torch scales each stage's gradients once); the model is shared, not a child."""
+    """One stage: what torch's PipelineStage runs. Its parameters are exactly the stage's
+    (torch's zero-bubble schedules compute their gradients apart); the model is shared, not
+    a child."""
 
     def __init__(self, pipeline: Pipeline, index: int, blocks: list[nn.Module],
-                 params: list[nn.Parameter]):
+                 extra: list[str]):
         super().__init__()
-        self.index, self.blocks = index, nn.ModuleList(blocks)
-        self.extra = nn.ParameterList(params)
+        self.index, self.blocks, self.extra_names = index, nn.ModuleList(blocks), extra
         object.__setattr__(self, "pipeline", pipeline)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """The stage's parameters outside its blocks, as the model holds them now (FSDP2
+        replaces a model's parameters with sharded ones)."""
+        params = dict(self.pipeline.model.named_parameters())
+        self.extra = nn.ParameterList([params[n] for n in self.extra_names])
 
     def forward(self, *received: torch.Tensor, **leaves: Any) -> torch.Tensor:
         if self.index == 0:  # (the first stage is handed the rows' numbers: `_inputs`)
@@ -228,7 +235,12 @@ class Pipeline:
 
     def __init__(self, model: nn.Module, roles: Roles, pp: int, rank: int, schedule: str,
                  microbatches: int, device: torch.device,
-                 call: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]], group=None):
+                 call: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]], group=None,
+                 world: int | None = None):
+        """`rank`: this process's global rank; the pipeline's processes are the `pp`
+        consecutive ranks holding it (`group`), the job's `world` a whole number of them (one
+        pipeline per data-parallel rank)."""
+        rank, first = rank % pp, rank - rank % pp  # (within the pipeline; its first rank)
         self.model, self.pp, self.rank, self.device = model, pp, rank, device
         self.schedule_name, self.microbatches, self.call, self.group = \
             schedule, microbatches, call, group
@@ -260,22 +272,33 @@ class Pipeline:
         if self.tied and self.last_rank != 0:
             import torch.distributed as dist
 
-            self.tied_group = dist.new_group([0, self.last_rank])
-        params = dict(model.named_parameters())
-        # (what a norm over every stage counts on the first stage's process only)
-        self.counted_elsewhere = {id(params[n]) for n in self.tied} \
-            if self.tied_group is not None and 0 not in self.mine else set()
+            groups = [dist.new_group([start, start + self.last_rank])
+                      for start in range(0, world or pp, pp)]
+            self.tied_group = groups[first // pp]
         self.modules = [StageModule(self, s, [owned[i] for i in self.ranges[s]],
-                                    self._extra(s, params, roles)) for s in self.mine]
+                                    self._extra(s, roles)) for s in self.mine]
         self._schedules: dict[tuple, Any] = {}
 
-    def _extra(self, stage: int, params: dict[str, nn.Parameter], roles: Roles
-               ) -> list[nn.Parameter]:
+    def _extra(self, stage: int, roles: Roles) -> list[str]:
         """The stage's parameters outside the blocks: the first's before them, the last's
         after them."""
         names = (roles.before if stage == 0 else frozenset()) | \
             (roles.after if stage == self.stages - 1 else frozenset())
-        return [params[n] for n in sorted(names)]
+        return sorted(names)
+
+    def refresh(self) -> None:
+        """After the model's parameters were replaced (sharded by FSDP2)."""
+        for module in self.modules:
+            module.refresh()
+
+    @property
+    def counted_elsewhere(self) -> set[int]:
+        """The parameters a norm over every stage counts on the first stage's process only
+        (a tied head's copy on the last)."""
+        if self.tied_group is None or 0 in self.mine:
+            return set()
+        params = dict(self.model.named_parameters())
+        return {id(params[n]) for n in self.tied}
 
     def _schedule(self, inputs: dict[str, Any]):
         """The schedule for micro-batches of these shapes: torch's stages size their buffers
@@ -299,7 +322,8 @@ class Pipeline:
                 "interleaved-1f1b": pl.ScheduleInterleaved1F1B,
                 "interleaved-zero-bubble": pl.ScheduleInterleavedZeroBubble}[self.schedule_name]
         first = stages if self.schedule_name in INTERLEAVED else stages[0]
-        return kind(first, n_microbatches=self.microbatches, loss_fn=_the_loss)
+        return kind(first, n_microbatches=self.microbatches, loss_fn=self._loss,
+                    scale_grads=False)
 
     @contextlib.contextmanager
     def _cut(self, stage: StageModule, received: tuple[torch.Tensor, ...]):
@@ -326,6 +350,11 @@ class Pipeline:
             self.owned_blocks.active = []
             for h in hooks:
                 h.remove()
+
+    def _loss(self, output: torch.Tensor, target: Any) -> torch.Tensor:
+        """The last stage's output is the micro-batch's loss already; scaled as one process
+        scales a micro-batch it accumulates (the schedule's own scaling is off)."""
+        return output / self.microbatches
 
     def run_stage(self, stage: StageModule, received: tuple, leaves: dict[str, Any]
                   ) -> torch.Tensor:
@@ -386,9 +415,8 @@ class Pipeline:
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=self.tied_group)
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # (FSDP2)
+            dist.all_reduce(grad, group=self.tied_group)
 
 
-def _the_loss(output: torch.Tensor, target: Any) -> torch.Tensor:
-    """The last stage's output is already the micro-batch's loss."""
-    return output
+

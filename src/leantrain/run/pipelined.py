@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import pipeline
+from .. import distributed, pipeline
 from ..config import PlanConfig
 from ..data.loaders import batch_size
 from ..errors import LeantrainError
@@ -62,7 +62,9 @@ def _train_call(contract: step.Step):
 
 
 def build(model: nn.Module, contract: step.Step, first: Any, plan, dist) -> pipeline.Pipeline:
-    """This process's stages, cut from `model` (in place) after a probe on the first batch."""
+    """This process's stages, cut from `model` (in place) after a probe on the first batch;
+    with several data-parallel ranks, each pipeline's stages are sharded over them (FSDP2,
+    the blocks and the rest, as `distributed.wrap` shards a whole model)."""
     if contract.aux_terms:
         raise LeantrainError(f"plan.parallel.pp: the model's loss adds "
                              f"{', '.join(contract.aux_terms)} over every block (a router's "
@@ -72,9 +74,13 @@ def build(model: nn.Module, contract: step.Step, first: Any, plan, dist) -> pipe
     with untouched(model):
         roles = pipeline.find_roles(model, lambda m: call(m, first)[0])
     model.zero_grad(set_to_none=True)
-    group = dist.mesh["pp"].get_group() if dist.mesh is not None else None
-    return pipeline.Pipeline(model, roles, plan.pp, dist.rank, plan.pp_schedule,
-                             plan.microbatches, plan.device, call, group)
+    stages = pipeline.Pipeline(model, roles, plan.pp, dist.rank, plan.pp_schedule,
+                               plan.microbatches, plan.device, call,
+                               dist.mesh["pp"].get_group(), dist.world_size)
+    if dist.data_world > 1:  # each stage FSDP2-sharded over the data-parallel ranks
+        distributed.wrap(model, "fsdp", plan.device, plan.precision, distributed.data_mesh(dist))
+        stages.refresh()
+    return stages
 
 
 def forward_backward(run, state, timer, raw: Any, share: float) -> torch.Tensor:

@@ -128,13 +128,13 @@ def resolve_strategy(requested: str, ctx: DistContext, tp: int = 1, pp: int = 1
 
 
 def pipeline_layout(requested: str, ctx: DistContext, tp: int, pp: int) -> str:
-    """Pipeline parallel runs alone for now: one stage (or two, interleaved) per process, every
-    process a stage, so the batch is not split across data-parallel ranks."""
-    if requested != "auto" or tp > 1 or ctx.world_size != pp:
-        raise LeantrainError(f"plan.parallel.pp={pp} runs alone: it needs pp equal to the "
-                             f"{ctx.world_size} processes, plan.parallel.tp=1 and "
-                             "plan.distributed=auto (combining it with data or tensor parallel "
-                             "is not built yet)")
+    """Pipeline stages, one pipeline per data-parallel rank: the world a multiple of pp, each
+    pipeline's stages FSDP2-sharded over the data-parallel ranks when there are several."""
+    if requested != "auto" or tp > 1 or ctx.world_size % pp:
+        raise LeantrainError(f"plan.parallel.pp={pp} needs the {ctx.world_size} processes a "
+                             "multiple of pp (the rest data parallel), plan.parallel.tp=1 and "
+                             "plan.distributed=auto (pipeline with tensor parallel is not "
+                             "built yet)")
     return "pp"
 
 
@@ -213,6 +213,11 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
     outcomes = [Outcome("device", True, f"{device} ({reason})")]
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     strategy = resolve_strategy(cfg.distributed, dist, tp, pp)
+    if pp > 1 and (cfg.parallel.dp_replicate != 1 or cfg.parallel.dp_shard not in (
+            "auto", dist.world_size // pp)):
+        raise LeantrainError(f"plan.parallel.pp={pp}: its data-parallel ranks (the processes "
+                             "/ pp) shard each stage; hybrid sharding (dp_replicate) with "
+                             "pipeline stages is not built yet")
     replicas = 1 if pp > 1 else distributed.replica_groups(
         cfg.parallel.dp_replicate, cfg.parallel.dp_shard, strategy, dist.world_size, tp)
     if cfg.parallel.tp_plan and tp == 1:
@@ -238,7 +243,9 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
     split = f"split by {hook}" if hook else f"{len(tp_layers)} layers split"
     hybrid += f", tensor parallel over {tp} ranks ({split})" if tp > 1 else ""
     hybrid += (f" ({cfg.parallel.pp_schedule}: {pipelined.describe(model, cfg.parallel)}, "
-               f"{microbatches} micro-batches a step)") if pp > 1 else ""
+               f"{microbatches} micro-batches a step"
+               f"{f'; {data} pipelines, each stage FSDP2-sharded over them' if data > 1 else ''}"
+               ")") if pp > 1 else ""
     outcomes.append(Outcome("distributed", strategy is not None,
                             f"{strategy} over {dist.world_size} process(es){hybrid}, rank "
                             f"{dist.rank}" if strategy else

@@ -48,12 +48,14 @@ def _clip_across_stages(parameters: list[nn.Parameter], max_norm: float, stages
     counted = [p.grad for p in parameters if id(p) not in stages.counted_elsewhere]
     local = nn.utils.get_total_norm(counted) if counted else \
         torch.zeros((), device=parameters[0].grad.device if parameters else "cpu")
+    local = local.full_tensor() if hasattr(local, "full_tensor") else local  # (FSDP2 shards)
     squared = local.float() ** 2
     dist.all_reduce(squared, group=stages.group)
     total = squared.sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in parameters:
-        p.grad.mul_(coef.to(p.grad.dtype))
+        mesh = getattr(p.grad, "device_mesh", None)
+        p.grad.mul_(coef if mesh is None else _replicated(coef, mesh))
     return total
 
 
