@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from shapes import gpt2_deep, llama_gqa, t5, whisper
+from test_bench import USER_MODULE
 
 from leantrain import pipeline
 from leantrain.distributed import DistContext
@@ -227,3 +228,25 @@ def test_two_pipelines_of_2_stages_on_4_processes_train_as_one_process_and_resum
           "data.batch_size=16"])
     c = _losses(again)
     assert len(c) == 8 and max(abs(x - y) for x, y in zip(b, c, strict=True)) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_custom_classifier_on_torchs_transformer_encoder_trains_in_stages_as_one_process(
+        tmp_path):
+    """Not Hugging Face: tuple batches, a learned position parameter on the root, and
+    torch's TransformerEncoder, whose forward reads `layers[0]` (a block of the other stage
+    on the second process): the same losses and accuracy as one process."""
+    (tmp_path / "families.py").write_text(USER_MODULE)
+    env = dict(SHAPES_ENV, PYTHONPATH=f"{tmp_path}{os.pathsep}{SHAPES_ENV['PYTHONPATH']}")
+    args = ["--model", "families:transformer", "--data", "families:tokens", *COMMON,
+            "--epochs", "2", "--set", "data.batch_size=40"]
+    one, staged = tmp_path / "one", tmp_path / "pp"
+    for cmd in ([*LEANTRAIN, "train", *args, "--out", str(one)],
+                [*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *args, "--set",
+                 "plan.parallel.pp=2", "--out", str(staged)]):
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _losses(one), _losses(staged)
+    assert len(a) == len(b) == 10 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
+    ends = [_records(run, "epoch")[-1]["val_accuracy"] for run in (one, staged)]
+    assert ends[0] == ends[1]

@@ -193,7 +193,12 @@ class _OwnedBlocks(nn.ModuleList):
         if isinstance(index, slice):  # (Llama's `layers[: num_hidden_layers]`)
             keep = set(range(self.total)[index])
             return [self._modules[str(i)] for i in self.active if i in keep]
-        return self._modules[str(index)]
+        index = range(self.total)[index]
+        if str(index) in self._modules:
+            return self._modules[str(index)]
+        # another process's block: a forward that reads one for its structure (torch's
+        # TransformerEncoder checks `layers[0]`) gets this stage's first, alike (repeated)
+        return self._running()[0]
 
 
 def _drop_parameter(model: nn.Module, name: str) -> None:
