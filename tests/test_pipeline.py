@@ -20,7 +20,8 @@ from leantrain.recipes.gpt import GPT
 from leantrain.run.plan import resolve_strategy
 
 LEANTRAIN = [sys.executable, "-m", "leantrain"]
-SHAPES_ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+SHAPES_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
 
 
 def test_stages_are_contiguous_balanced_ranges_of_the_blocks():
@@ -51,17 +52,78 @@ def test_too_few_blocks_or_micro_batches_are_refused_before_training():
 def test_the_probe_finds_what_feeds_the_first_block_and_what_feeds_the_loss():
     gpt2 = gpt2_deep()
     ids = torch.randint(0, 40, (2, 8))
-    roles = pipeline.find_roles(gpt2, lambda m: m(input_ids=ids, labels=ids).loss)
+    roles = pipeline.find_roles(gpt2, lambda m: m(input_ids=ids, labels=ids).loss, 4)
     assert roles.before == {"transformer.wte.weight", "transformer.wpe.weight"}
     # the head is tied to the embedding: one parameter on both ends
     assert roles.after == {"transformer.wte.weight", "transformer.ln_f.weight",
                            "transformer.ln_f.bias"}
     # the text-gpt recipe adds a learned position parameter of its own, outside any module
     gpt = GPT(vocab=50, context=8, width=16, depth=4, heads=2)
-    roles = pipeline.find_roles(gpt, lambda m: m(ids % 50).logsumexp(-1).mean())
+    roles = pipeline.find_roles(gpt, lambda m: m(ids % 50).logsumexp(-1).mean(), 4)
     assert "position" in roles.before and "embed.weight" in roles.before
     assert {"norm.weight", "embed.weight"} <= roles.after  # (its head is the embedding too)
     assert all(p.grad is None for p in gpt.parameters())  # (the probe leaves no gradient)
+
+
+class _Handed(torch.nn.Module):
+    """A parameter outside the blocks used between them (and after the last)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.rel = torch.nn.Embedding(8, 4), torch.nn.Parameter(torch.full((4,), .5))
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x) * self.rel
+        return x
+
+
+class _Numbered(_Handed):
+    """A forward that numbers its blocks by their place in the loop."""
+
+    def forward(self, ids):
+        x = self.embed(ids) * self.rel
+        for i, block in enumerate(self.blocks):
+            x = block(x) + i
+        return x
+
+
+class _Scaled(torch.nn.Linear):
+    def forward(self, x, scale):
+        return super().forward(x) * scale
+
+
+class _Passed(_Handed):
+    """A parameter outside the blocks passed into each (DeBERTa's relative embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Scaled(4, 4) for _ in range(2))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x, scale=self.rel)
+        return x
+
+
+@pytest.mark.parametrize("model, why", [
+    (_Passed, "rel lives outside the blocks but is handed to them"),
+    (_Handed, "does not run its blocks as a plain list"),
+    (_Numbered, "does not run its blocks as a plain list")])
+def test_a_model_that_cannot_be_cut_at_its_blocks_is_refused_in_one_line(model, why):
+    ids = torch.randint(0, 8, (2, 3))
+    with pytest.raises(LeantrainError, match=why) as err:
+        pipeline.find_roles(model(), lambda m: m(ids).square().mean(), 2)
+    assert "\n" not in str(err.value)
+
+
+def test_1f1b_needs_a_micro_batch_for_every_stage():
+    with pytest.raises(LeantrainError, match=r"plan.grad_accum \(1\) must be at least pp"):
+        pipeline.check(gpt2_deep(), 2, "1f1b", 1)
+    pipeline.check(gpt2_deep(), 2, "gpipe", 1)
 
 
 def test_pipeline_parallel_is_refused_without_its_processes():
@@ -116,12 +178,14 @@ COMMON = ["--no-progress", "--precision", "fp32", "--set", "plan.optimizer_impl=
 def test_a_stock_llama_with_grouped_query_attention_trains_in_2_stages_as_one_process(
         tmp_path):
     """pp=2 (1F1B) on a stock Llama with GQA: 20 steps' losses (clipping at every step, its
-    norm reduced across the stages) and every evaluation equal one process's; the final
-    weights load into the plain model; the step-10 checkpoint (DCP, each process its stages)
-    resumes on one process and on 2 stages, both ending with the uninterrupted losses."""
+    norm reduced across the stages; a warmed-up cosine schedule) and every evaluation equal
+    one process's; the final weights load into the plain model; the step-10 checkpoint (DCP,
+    each process its stages) resumes on one process and on 2 stages, both ending with the
+    uninterrupted losses (the schedule's learning rate restored on every stage)."""
     args = ["--model", "shapes:llama_gqa", "--data", "shapes:lm_data", *COMMON, "--epochs",
             "2", "--set", "data.batch_size=8", "--set", "train.max_steps=20", "--set",
-            "train.clip_norm=0.05", "--set", "train.eval_every_steps=5"]
+            "train.clip_norm=0.05", "--set", "train.eval_every_steps=5", "--set",
+            "schedule.name=cosine", "--set", "schedule.warmup_fraction=0.2"]
     one, staged = tmp_path / "one", tmp_path / "pp"
     _run([*LEANTRAIN, "train", *args, "--out", str(one)])
     _pipelined(args, staged, "1f1b", "--set", "train.checkpoint_every=10", "--set",

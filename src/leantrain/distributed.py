@@ -142,7 +142,10 @@ def blocks(model: nn.Module) -> list[nn.Module]:
         if isinstance(child, (nn.ModuleList, nn.Sequential)) or (
                 hasattr(child, "layers") and isinstance(child.layers, nn.ModuleList)):
             inner = child.layers if hasattr(child, "layers") else child
-            blocks += [m for m in inner.children() if any(True for _ in m.parameters())]
+            # (every entry, a module listed twice too, which `_unshared` keeps with the root;
+            # not iteration: a pipeline's list runs the stage's blocks only)
+            entries = list(inner._modules.values())
+            blocks += [m for m in entries if any(True for _ in m.parameters())]
         elif any(True for _ in child.parameters()):
             blocks.append(child)
     return blocks
@@ -311,27 +314,33 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str
             get_optimizer_state_dict(model, optimizer, options=options))
 
 
-def full_model_state(model: nn.Module, strategy: str | None) -> dict[str, Any]:
+def full_model_state(model: nn.Module, strategy: str | None,
+                     ctx: DistContext | None = None) -> dict[str, Any]:
     """The model's unsharded weights on the CPU, the optimizer left alone (a collective under
-    FSDP2 and pipeline parallel: call it on every rank)."""
-    if strategy == "pp":  # each rank holds its stages' weights: the union, on every rank
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
-        own = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        whole: dict[str, Any] = {}  # (a stage FSDP2 shards is whole above: gathered)
-        for part in gather_objects({k: v.cpu() for k, v in own.items()},
-                                   DistContext.from_env()):
-            whole.update(part)
-        return whole
+    FSDP2 and pipeline parallel, `ctx` the run's: call it on every rank)."""
+    if strategy == "pp":
+        return _stages_state(model, ctx)
     if strategy != "fsdp":
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                  cpu_offload=True))
+
+
+def _stages_state(model: nn.Module, ctx: DistContext) -> dict[str, Any]:
+    """Under pipeline parallel: the union of the first pipeline's stages' weights, on rank 0
+    (others: {}). A stage FSDP2 shards is gathered whole first (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    own = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    sent = {k: v.cpu() for k, v in own.items()} if ctx.data_rank == 0 else {}
+    parts: list[Any] = [None] * ctx.world_size if ctx.rank == 0 else []
+    dist.gather_object(sent, parts if ctx.rank == 0 else None, dst=0)
+    whole: dict[str, Any] = {}
+    for part in parts:
+        whole.update(part)
+    return whole
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str | None,

@@ -85,6 +85,23 @@ def check(model: nn.Module, pp: int, schedule: str, microbatches: int) -> None:
         raise LeantrainError(f"plan.parallel.pp_schedule={schedule} runs micro-batches in "
                              f"rounds of pp ({pp}): plan.grad_accum ({microbatches}) must be a "
                              "multiple of it")
+    if schedule == "1f1b" and microbatches < pp:
+        raise LeantrainError(f"plan.parallel.pp_schedule=1f1b keeps every stage busy with a "
+                             f"micro-batch: plan.grad_accum ({microbatches}) must be at least "
+                             f"pp ({pp}); more shrink the pipeline's idle share")
+
+
+@contextlib.contextmanager
+def _unwrapped_errors():
+    """torch's stage wraps whatever a stage's forward raises in a RuntimeError: the cause is
+    what the run handles (a LeantrainError's one line, an out-of-memory error's recovery)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, (LeantrainError, torch.OutOfMemoryError)):
+            raise cause from None
+        raise
 
 
 class _StageExit(Exception):  # noqa: N818 (a control-flow signal, not an error)
@@ -121,13 +138,16 @@ class Roles:
     after: frozenset[str]
 
 
-def find_roles(model: nn.Module, call: Callable[[nn.Module], Any]) -> Roles:
-    """One forward and backward of `call(model) -> loss`, split at the block list: the
-    parameters the first block's input depends on, and those the loss depends on from the
-    last block's output on. Frozen parameters are asked too (a LoRA model's base embedding
-    still has a stage)."""
-    blocks = block_list(model)[2]
+def find_roles(model: nn.Module, call: Callable[[nn.Module], Any], stages: int) -> Roles:
+    """The parameters the first block's input depends on, and those the loss depends on
+    from the last block's output on, from `call(model) -> loss` run whole and split at the
+    block list; checked that every parameter outside the blocks has a stage and that the
+    model, run stage by stage (`_staged_loss`), gives the loss it gives whole. Frozen
+    parameters are asked too (a LoRA model's base embedding still has a stage). Call it on
+    a batch of a row or two: the whole model runs."""
+    parent, attr, blocks = block_list(model)
     params = dict(model.named_parameters())
+    names, tensors = list(params), list(params.values())
     seen: dict[str, torch.Tensor] = {}
 
     def keep_input(module, args, kwargs):
@@ -138,32 +158,124 @@ def find_roles(model: nn.Module, call: Callable[[nn.Module], Any]) -> Roles:
         cut = hidden.detach().requires_grad_(True)
         return cut if isinstance(output, torch.Tensor) else (cut, *output[1:])
 
-    frozen = [p for p in params.values() if not p.requires_grad]
+    frozen = [p for p in tensors if not p.requires_grad]
     for p in frozen:
         p.requires_grad_(True)
-    hooks = [blocks[0].register_forward_pre_hook(keep_input, with_kwargs=True),
-             blocks[-1].register_forward_hook(cut_output, with_kwargs=True)]
     try:
-        loss = call(model)
-        names, tensors = list(params), list(params.values())
+        used = torch.autograd.grad(call(model), tensors, allow_unused=True)
+        hooks = [blocks[0].register_forward_pre_hook(keep_input, with_kwargs=True),
+                 blocks[-1].register_forward_hook(cut_output, with_kwargs=True)]
+        try:
+            loss = call(model)
+        finally:
+            for h in hooks:
+                h.remove()
         source = seen["input"]
         before = torch.autograd.grad(source.float().sum(), tensors, allow_unused=True,
                                      retain_graph=True) if source.requires_grad else \
             [None] * len(tensors)
         after = torch.autograd.grad(loss, tensors, allow_unused=True)
     finally:
-        for h in hooks:
-            h.remove()
         for p in frozen:
             p.requires_grad_(False)
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
-    shared = [n for n, p, b, a in zip(names, tensors, before, after, strict=True)
-              if id(p) in in_blocks and (b is not None or a is not None)]
-    if shared:
-        raise LeantrainError(f"plan.parallel.pp: the parameter {shared[0]} is used inside the "
-                             "blocks and outside them: stages cannot split it")
-    return Roles(frozenset(n for n, g in zip(names, before, strict=True) if g is not None),
-                 frozenset(n for n, g in zip(names, after, strict=True) if g is not None))
+    for name, p, u, b, a in zip(names, tensors, used, before, after, strict=True):
+        if id(p) in in_blocks and (b is not None or a is not None):
+            raise LeantrainError(f"plan.parallel.pp: the parameter {name} is used inside the "
+                                 "blocks and outside them: stages cannot split it")
+        if id(p) not in in_blocks and u is not None and b is None and a is None:
+            raise LeantrainError(f"plan.parallel.pp: the parameter {name} lives outside the "
+                                 "blocks but is handed to them (not before the first or after "
+                                 "the last): stages cannot place it; train the model with "
+                                 "FSDP2 or tensor parallel instead")
+    roles = Roles(frozenset(n for n, g in zip(names, before, strict=True) if g is not None),
+                  frozenset(n for n, g in zip(names, after, strict=True) if g is not None))
+    outside = {n: p for n, p in params.items() if id(p) not in in_blocks}
+    _check_staged(model, call, parent, attr, blocks, stages, roles, outside)
+    return roles
+
+
+def _check_staged(model: nn.Module, call: Callable[[nn.Module], Any], parent: nn.Module,
+                  attr: str, blocks: list[nn.Module], stages: int, roles: Roles,
+                  outside: dict[str, nn.Parameter]) -> None:
+    """One line when the model, run stage by stage in this process as the pipeline will run
+    it (each stage's parameters outside the blocks zero but its own), gives another loss
+    than whole: a forward that uses a parameter between its blocks, numbers its blocks by
+    their place in the loop (a per-layer setting read by index), or carries a second output
+    from block to block cannot be cut at its blocks. Both in eval mode and on the same seed
+    (dropout)."""
+    whole, original = _seeded(model, call), getattr(parent, attr)
+    listed = _OwnedBlocks(dict(enumerate(blocks)), len(blocks))
+    setattr(parent, attr, listed)
+    hidden = None
+    try:
+        for s, stage in enumerate(stage_ranges(len(blocks), stages)):
+            listed.active = list(stage)
+            hooks = []
+            if hidden is not None:
+                hooks.append(blocks[stage[0]].register_forward_pre_hook(
+                    _swap_in(hidden), with_kwargs=True, prepend=True))
+            if s < stages - 1:
+                hooks.append(blocks[stage[-1]].register_forward_hook(_leave))
+            kept = (roles.before if s == 0 else set()) | \
+                (roles.after if s == stages - 1 else set())
+            try:
+                with _zeroed([p for n, p in outside.items() if n not in kept]):
+                    staged = _seeded(model, call)
+            except _StageExit as done:
+                hidden = done.hidden
+            finally:
+                listed.active = []
+                for h in hooks:
+                    h.remove()
+    finally:
+        setattr(parent, attr, original)
+    if not torch.allclose(staged.float(), whole.float(), rtol=1e-4, atol=1e-6):
+        raise LeantrainError(f"plan.parallel.pp: run stage by stage, the model's loss is "
+                             f"{staged.item():.6g}, not its {whole.item():.6g} run whole: its "
+                             "forward does not run its blocks as a plain list (a parameter "
+                             "used between blocks, a per-block setting read by position, a "
+                             "second output carried between blocks); train it with FSDP2 or "
+                             "tensor parallel instead")
+
+
+@contextlib.contextmanager
+def _zeroed(params: list[nn.Parameter]):
+    """The parameters read as zeros meanwhile, as on a stage that does not hold them."""
+    kept = [p.data for p in params]
+    for p in params:
+        p.data = torch.zeros_like(p)
+    try:
+        yield
+    finally:
+        for p, data in zip(params, kept, strict=True):
+            p.data = data
+
+
+def _seeded(model: nn.Module, call: Callable[[nn.Module], Any]) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return call(model).detach()
+    finally:
+        model.train(was)
+
+
+def _swap_in(hidden: torch.Tensor):
+    """A forward pre-hook giving a block `hidden` as its input (positional or keyword)."""
+    def swap(module, args, kwargs):
+        _, where = _hidden_of(args, kwargs)
+        if where == 0:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, where: hidden}
+    return swap
+
+
+def _leave(module, args, output):
+    """A forward hook ending the model's forward at this block, with its output."""
+    raise _StageExit(_first_tensor(output))
 
 
 class _OwnedBlocks(nn.ModuleList):
@@ -305,13 +417,14 @@ class Pipeline:
         params = dict(self.model.named_parameters())
         return {id(params[n]) for n in self.tied}
 
-    def _schedule(self, inputs: dict[str, Any]):
+    def _schedule(self, inputs: dict[str, Any], training: bool):
         """The schedule for micro-batches of these shapes: torch's stages size their buffers
         from the first micro-batch they see, so each shape has its own (every process sees
         the same batches, so all make the same ones; a new shape costs one micro-batch's
         forward to learn the activations' shapes). The last few are kept."""
-        key = tuple(tuple(t.shape) for t in (*inputs["args"], *inputs["kwargs"].values())
-                    if isinstance(t, torch.Tensor))
+        key = (training, *(tuple(t.shape) for t in (*inputs["args"],
+                                                    *inputs["kwargs"].values())
+                           if isinstance(t, torch.Tensor)))
         if key not in self._schedules:
             if len(self._schedules) >= _SHAPES_KEPT:
                 self._schedules.pop(next(iter(self._schedules)))
@@ -337,18 +450,11 @@ class Pipeline:
         blocks = list(self.ranges[stage.index])
         self.owned_blocks.active = blocks
         hooks = []
-        if received:
-            def swap(module, args, kwargs):
-                _, where = _hidden_of(args, kwargs)
-                if where == 0:
-                    return (received[0], *args[1:]), kwargs
-                return args, {**kwargs, where: received[0]}
+        if received:  # (before FSDP2's pre-hook: it then sees the block's real input)
             hooks.append(self.owned_blocks[blocks[0]].register_forward_pre_hook(
-                swap, with_kwargs=True))
+                _swap_in(received[0]), with_kwargs=True, prepend=True))
         if stage.index != self.stages - 1:
-            def leave(module, args, output):
-                raise _StageExit(_first_tensor(output))
-            hooks.append(self.owned_blocks[blocks[-1]].register_forward_hook(leave))
+            hooks.append(self.owned_blocks[blocks[-1]].register_forward_hook(_leave))
         try:
             yield
         finally:
@@ -395,16 +501,18 @@ class Pipeline:
         runs a micro-batch to learn the activations' shapes: its tally is not counted)."""
         self.tallies = []
         inputs = self._inputs(batch)
-        self._schedule(inputs).step(*inputs["args"], target=inputs["target"],
-                                    return_outputs=False, **inputs["kwargs"])
+        with _unwrapped_errors():
+            self._schedule(inputs, True).step(*inputs["args"], target=inputs["target"],
+                                              return_outputs=False, **inputs["kwargs"])
         self.sync_tied()
         return self.tallies[-self.microbatches:] if self.tallies else []
 
     def eval_step(self, batch: Any) -> list[Any]:
         self.tallies = []
         inputs = self._inputs(batch)
-        self._schedule(inputs).eval(*inputs["args"], target=inputs["target"],
-                                    return_outputs=False, **inputs["kwargs"])
+        with _unwrapped_errors():
+            self._schedule(inputs, False).eval(*inputs["args"], target=inputs["target"],
+                                               return_outputs=False, **inputs["kwargs"])
         return self.tallies[-self.microbatches:] if self.tallies else []
 
     def sync_tied(self) -> None:

@@ -76,7 +76,8 @@ def launch_layout(cfg, ranks: int | None, build_model):
     if parallel.pp > 1:
         raise LeantrainError(f"--ranks prices DDP, FSDP2 and tensor-parallel launches; "
                              f"pipeline stages (plan.parallel.pp={parallel.pp}) are not priced "
-                             "yet: drop --ranks for one process's estimate")
+                             "yet: --set plan.parallel.pp=1 prices the model on one process "
+                             "or the other layouts")
     requested = cfg.plan.distributed  # (as a launch resolves it: auto is FSDP2 under tp)
     strategy = "fsdp" if requested == "fsdp" or (requested == "auto" and parallel.tp > 1) \
         else "ddp"

@@ -30,10 +30,14 @@ _SCALED = ("fp16",)  # (a GradScaler's step would see one stage's gradients only
 
 
 def settle(cfg: PlanConfig, values: dict[str, Any], outcomes: list[Outcome],
-           model: nn.Module, pp: int) -> None:
+           model: nn.Module, pp: int, data_world: int) -> None:
     """Checks the pipeline before any process trains (one line each) and turns off, with the
     reason in the summary, what "auto" chose that stages do not run with yet."""
     pipeline.check(model, pp, cfg.parallel.pp_schedule, values["grad_accum"])
+    if cfg.parallel.pp_schedule == "interleaved-zero-bubble" and data_world > 1:
+        # (FSDP2 would reduce and reshard after the input gradients, before the weights')
+        raise LeantrainError("plan.parallel.pp_schedule=interleaved-zero-bubble with data "
+                             "parallel stages is not built yet: use interleaved-1f1b")
     why = "not with pipeline parallel yet (plan.parallel.pp)"
     for name, off in _OFF.items():
         if values.get(name) != off:
@@ -42,8 +46,15 @@ def settle(cfg: PlanConfig, values: dict[str, Any], outcomes: list[Outcome],
             values[name] = off
             outcomes[:] = [Outcome(name, False, why) if o.name == name else o
                            for o in outcomes]
-    if values["precision"] in _SCALED or values["precision"].startswith("fp8"):
-        raise LeantrainError(f"plan.precision={values['precision']}: {why}; use bf16 or fp32")
+    chosen = values["precision"]
+    if chosen in _SCALED or chosen.startswith("fp8"):
+        if cfg.precision != "auto":
+            raise LeantrainError(f"plan.precision={chosen}: {why}; use bf16 or fp32")
+        # (a GPU that runs fp8 runs bf16; one that auto gave fp16 has no bf16)
+        values["precision"] = "bf16" if chosen.startswith("fp8") else "fp32"
+        kept = Outcome("precision", values["precision"] == "bf16",
+                       f"{values['precision']}: {chosen} {why}")
+        outcomes[:] = [kept if o.name == "precision" else o for o in outcomes]
 
 
 def describe(model: nn.Module, parallel) -> str:
@@ -55,7 +66,8 @@ def describe(model: nn.Module, parallel) -> str:
 def _train_call(contract: step.Step):
     def call(model: nn.Module, raw: Any) -> tuple[torch.Tensor, tuple]:
         sb = contract.unpack(raw)
-        logits, loss, _ = contract.forward(model, sb)
+        with step.naming_label_errors("a training batch"):
+            logits, loss, _ = contract.forward(model, sb)
         metric, count = tasks.tally(contract.task, logits, sb.labels, sb.size)
         return loss, (loss.detach().float() * count, metric, count)  # (as the loop sums)
     return call
@@ -71,8 +83,10 @@ def build(model: nn.Module, contract: step.Step, first: Any, plan, dist) -> pipe
                              "balance): the last stage sees its own blocks only; train it "
                              "with FSDP2 or tensor parallel instead")
     call = _train_call(contract)
+    rows = _rows(first, 0, min(2, batch_size(first)))  # (the whole model runs once here)
     with untouched(model):
-        roles = pipeline.find_roles(model, lambda m: call(m, first)[0])
+        roles = pipeline.find_roles(model, lambda m: call(m, rows)[0],
+                                    plan.pp * pipeline.stages_per_rank(plan.pp_schedule))
     model.zero_grad(set_to_none=True)
     stages = pipeline.Pipeline(model, roles, plan.pp, dist.rank, plan.pp_schedule,
                                plan.microbatches, plan.device, call,
@@ -90,6 +104,7 @@ def forward_backward(run, state, timer, raw: Any, share: float) -> torch.Tensor:
     if share != 1.0:  # (an out-of-memory replay in parts would scale the gradients twice)
         raise LeantrainError("out of memory under pipeline parallel: lower data.batch_size "
                              "(each micro-batch's samples), or raise plan.grad_accum with it")
+    raw = _as_first_stage(run.pipeline, raw)
     timer.mark("copy")
     zeros = tasks.zeros(run.step.task, run.plan.device)
     loss_sum, metric, count = _from_last(run.pipeline, _summed(run.pipeline.train_step(raw),
@@ -100,10 +115,23 @@ def forward_backward(run, state, timer, raw: Any, share: float) -> torch.Tensor:
     return loss_sum / count.clamp(min=1)
 
 
+def _as_first_stage(pipe: pipeline.Pipeline, raw: Any) -> Any:
+    """The first stage's batch on every stage: a collate or dataset that draws random
+    numbers (masking, crops) draws from each process's own stream, which the stages' own
+    draws (dropout in different blocks) take apart; the inputs and the labels must be one
+    batch. A small copy (token ids) per step."""
+    import torch.distributed as dist
+
+    held = [raw]
+    dist.broadcast_object_list(held, group_src=0, group=pipe.group)
+    return held[0]
+
+
 def _summed(tallies: list[tuple], zeros: list[torch.Tensor]) -> list[torch.Tensor]:
     out = list(zeros)
     for tally in tallies:
-        out = [o + torch.as_tensor(t, device=o.device) for o, t in zip(out, tally, strict=True)]
+        out = [o + torch.as_tensor(t, device=o.device).to(o.dtype)
+               for o, t in zip(out, tally, strict=True)]
     return out
 
 

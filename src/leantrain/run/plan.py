@@ -235,7 +235,7 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
         outcomes.append(replace(outcome, detail=f"{outcome.detail}; {note}") if note else outcome)
     microbatches = 1
     if pp > 1:  # (the loop steps at every batch: the schedule runs its micro-batches)
-        pipelined.settle(cfg, values, outcomes, model, pp)
+        pipelined.settle(cfg, values, outcomes, model, pp, dist.world_size // pp)
         microbatches, values["grad_accum"] = values["grad_accum"], 1
     data = dist.world_size // tp // pp
     hybrid = f" (hybrid: {replicas} replicas x {data // replicas} shards)" \

@@ -190,6 +190,7 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> No
                    optim_state_dict=optimizer_state)
     # on one of two pipeline stages (each its own parameter names) the groups came back
     # without their numbers (lr, betas, eps; torch 2.13): the run's own, as it built them
+    # (the lr is then the schedule's: `state.restore`)
     for group, own in zip(optimizer.param_groups, settings, strict=True):
         for key, value in own.items():
             group.setdefault(key, value)

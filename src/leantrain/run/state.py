@@ -266,6 +266,11 @@ def restore(state: TrainState, run: Run, saved: dict[str, Any], path: Path,
         else:
             sharded.load(run.model, state.optimizer, shards)
         state.scheduler.load_state_dict(saved["scheduler"])
+        # the learning rate the schedule last set, whatever the optimizer's groups came back
+        # with (a sharded load can return a group without its numbers: `sharded.load`)
+        for group, lr in zip(state.optimizer.param_groups, state.scheduler.get_last_lr(),
+                             strict=True):
+            group["lr"] = lr
         if state.scaler and saved["scaler"]:
             state.scaler.load_state_dict(saved["scaler"])
         state.progress = Progress(**saved["progress"])

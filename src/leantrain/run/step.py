@@ -246,8 +246,8 @@ def metrics(model: nn.Module, loader, step: Step) -> dict[str, float | None]:
             with step.autocast():
                 logits, own = read_output(model(*sb.args, **sb.kwargs))
             with naming_label_errors(f"validation batch {number}"):
-                totals = [t + s for t, s in zip(totals, batch_sums(step, logits, own, sb),
-                                                strict=True)]
+                totals = [t + s.to(t.dtype) for t, s in  # (the sums keep their dtypes)
+                          zip(totals, batch_sums(step, logits, own, sb), strict=True)]
     model.train(was_training)
     return found_metrics(step, *totals)
 

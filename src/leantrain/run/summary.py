@@ -155,7 +155,7 @@ def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float
         "loader_tuning": run.loader_tuning.to_dict() if run.loader_tuning else None,
         "monitor": monitor_summary,
         "num_classes": run.num_classes,
-        "parameters": sum(t.numel() for t in run.model.parameters()),
+        "parameters": _parameters(run),
         "optimizer": describe_optimizer(state.optimizer),
         "schedule": schedules.describe(cfg.schedule),
         # no lr of the user's: torch's default ran, which fits no model in particular
@@ -181,6 +181,16 @@ def build(run: Run, state: TrainState, timer: StepTimer, flops_per_sample: float
     return summary
 
 
+def _parameters(run: Run) -> int:
+    """The model's parameter count; under pipeline parallel, over every stage (a tied one
+    once, by name)."""
+    if run.pipeline is None:
+        return sum(t.numel() for t in run.model.parameters())
+    held = {name: p.numel() for name, p in run.model.named_parameters()}  # (DTensors': whole)
+    return sum({k: v for part in distributed.gather_objects(held, run.dist)
+                for k, v in part.items()}.values())
+
+
 def write(run: Run, state: TrainState, summary: dict[str, Any], out_dir: Path) -> None:
     """model.pt (a plain, unsharded state_dict) and summary.json; every rank calls it."""
     _write_weights(run, state, out_dir)
@@ -190,7 +200,7 @@ def write(run: Run, state: TrainState, summary: dict[str, Any], out_dir: Path) -
 
 def _write_weights(run: Run, state: TrainState, out_dir: Path) -> None:
     """model.pt, and a Hugging Face model's `save_pretrained` folder (`run.pretrained`)."""
-    weights = distributed.full_model_state(run.model, run.plan.distributed)
+    weights = distributed.full_model_state(run.model, run.plan.distributed, run.dist)
     if run.dist.is_main:
         weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         atomic_save(weights, out_dir / MODEL_NAME)
