@@ -314,3 +314,12 @@ def test_a_custom_classifier_on_torchs_transformer_encoder_trains_in_stages_as_o
     assert len(a) == len(b) == 10 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
     ends = [_records(run, "epoch")[-1]["val_accuracy"] for run in (one, staged)]
     assert ends[0] == ends[1]
+
+
+def test_context_parallel_is_refused_off_cuda_with_the_reason():
+    from leantrain.config import config_from_dict
+    from leantrain.run.plan import resolve_plan
+
+    cfg = config_from_dict({"plan": {"device": "cpu", "parallel": {"cp": 2}}})
+    with pytest.raises(LeantrainError, match="CUDA's attention kernels .* device is cpu"):
+        resolve_plan(cfg.plan, gpt2_deep())

@@ -147,6 +147,8 @@ class ParallelConfig:
     pp: int = 1
     # torch.distributed.pipelining's schedule; the interleaved ones hold 2 stages a rank
     pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble"] = "1f1b"
+    # context parallel (attention split over the sequence): needs CUDA GPUs, not built yet
+    cp: int = 1
 
 
 @dataclass
@@ -350,6 +352,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         "plan.parallel.dp_replicate": cfg.plan.parallel.dp_replicate,
         "plan.parallel.tp": cfg.plan.parallel.tp,
         "plan.parallel.pp": cfg.plan.parallel.pp,
+        "plan.parallel.cp": cfg.plan.parallel.cp,
         "data.max_bytes": cfg.data.max_bytes,
         "optim.lr": cfg.optim.resolved().lr,
         "gpt.depth": cfg.gpt.depth,

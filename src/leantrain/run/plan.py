@@ -212,6 +212,13 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
         else choice.reason
     outcomes = [Outcome("device", True, f"{device} ({reason})")]
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if cfg.parallel.cp > 1:
+        where = "this run's device is " + device.type if device.type != "cuda" else \
+            "leantrain does not build it yet"
+        raise LeantrainError(f"plan.parallel.cp={cfg.parallel.cp}: context parallel splits "
+                             "attention over the sequence with CUDA's attention kernels (the "
+                             f"CPU's have no sharding rule for it); {where}: use "
+                             "plan.parallel.cp=1")
     strategy = resolve_strategy(cfg.distributed, dist, tp, pp)
     if pp > 1 and (cfg.parallel.dp_replicate != 1 or cfg.parallel.dp_shard not in (
             "auto", dist.world_size // pp)):
