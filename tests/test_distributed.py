@@ -458,6 +458,21 @@ def test_a_hung_rank_is_named_not_the_rank_that_timed_out_waiting(blobs_file, tm
     assert "the others failed waiting for it" in report
 
 
+def test_a_launched_train_without_out_gets_one_run_folder_for_every_rank():
+    """Each rank named runs/<its own start time>: two ranks a second apart named two
+    folders and the job failed as "not shared" (found on a busy machine)."""
+    from leantrain.commands.launch import with_run_folder
+
+    named = with_run_folder(["train", "--epochs", "1"], None)
+    assert named[:3] == ["train", "--epochs", "1"] and named[3] == "--out"
+    assert named[4].startswith("runs/") and len(named) == 5
+    for given in (["train", "--out", "x"], ["train", "--out=x"], ["train", "--resume", "x"],
+                  ["bench"]):
+        assert with_run_folder(given, 1) == given
+    with pytest.raises(LeantrainError, match="several nodes needs the train command's --out"):
+        with_run_folder(["train"], 2)
+
+
 def test_a_stopped_launch_names_the_launch_that_continues_it(monkeypatch):
     from leantrain.commands.launch import _resume_command
     from leantrain.distributed import DistContext

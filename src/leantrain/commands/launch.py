@@ -87,6 +87,19 @@ def torchrun_args(nproc: int, nnodes: int | str, node_rank: int, master_addr: st
     return [*args, "-m", "leantrain.cli", *command]
 
 
+def with_run_folder(command: list[str], nnodes: int | str | None) -> list[str]:
+    """`train` without --out or --resume, given the run folder its ranks would each name
+    for themselves (runs/<time>: ranks that start a second apart named two folders, and the
+    job failed as "not shared"): the launcher names it once. Several nodes need --out, one
+    folder every node mounts: each node's launcher would name its own."""
+    if command[:1] != ["train"] or _option(command, "--out") or _option(command, "--resume"):
+        return command
+    if str(nnodes or 1) != "1":
+        raise LeantrainError("a job on several nodes needs the train command's --out DIR: one "
+                             "folder every node mounts (each node would name its own)")
+    return [*command, "--out", str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))]
+
+
 def restartable(command: list[str]) -> list[str]:
     """`train` as a restarted job runs it: `--resume auto` on its --out folder (continue from
     its last checkpoint when there is one, start there otherwise)."""
@@ -291,6 +304,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace, dist) -> int:
     command = args.launched[1:] if args.launched[:1] == ["--"] else args.launched
     _settings(args)
+    command = with_run_folder(command, args.nnodes)
     return launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port,
                   command, args.max_restarts, args.rdzv_endpoint, args.rdzv_id)
 
