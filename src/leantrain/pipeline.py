@@ -234,9 +234,11 @@ def _check_staged(model: nn.Module, call: Callable[[nn.Module], Any], parent: nn
         raise LeantrainError(f"plan.parallel.pp: run stage by stage, the model's loss is "
                              f"{staged.item():.6g}, not its {whole.item():.6g} run whole: its "
                              "forward does not run its blocks as a plain list (a parameter "
-                             "used between blocks, a per-block setting read by position, a "
-                             "second output carried between blocks); train it with FSDP2 or "
-                             "tensor parallel instead")
+                             "used between blocks, a per-block setting read by the loop's "
+                             "position such as config.layer_types' sliding windows, a second "
+                             "output carried between blocks); another pp or schedule may cut "
+                             "where such a pattern repeats, else train it with FSDP2 or "
+                             "tensor parallel")
 
 
 @contextlib.contextmanager

@@ -117,8 +117,10 @@ def resolve_strategy(requested: str, ctx: DistContext, tp: int = 1, pp: int = 1
     if not ctx.active:
         if requested != "auto" or pp > 1:
             what = f"plan.distributed {requested!r}" if pp == 1 else f"plan.parallel.pp={pp}"
+            alone = "; one process trains it with --set plan.parallel.pp=1 (a resume too)" \
+                if pp > 1 else ""
             raise LeantrainError(f"{what} needs processes started by "
-                                 "`leantrain launch --nproc N -- train ...` (torchrun)")
+                                 f"`leantrain launch --nproc N -- train ...` (torchrun){alone}")
         return None
     if pp > 1:
         return pipeline_layout(requested, ctx, tp, pp)
