@@ -422,7 +422,7 @@ def test_sigterm_to_launch_checkpoints_every_rank_and_exits_143(blobs_file, tmp_
 
 
 HANGING_MODULE = """
-import os, time
+import os, signal, time
 from torch import nn
 
 class Hangs(nn.Module):
@@ -435,6 +435,8 @@ class Hangs(nn.Module):
         if self.training:
             self.calls += 1
             if self.calls == 30 and os.environ.get("RANK") == "1":
+                # (it ends at the agent's SIGTERM, not 30 s later at its SIGKILL)
+                signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
                 time.sleep(3600)
         return self.net(x)
 
@@ -469,8 +471,7 @@ def test_a_launched_train_without_out_gets_one_run_folder_for_every_rank():
     for given in (["train", "--out", "x"], ["train", "--out=x"], ["train", "--resume", "x"],
                   ["bench"]):
         assert with_run_folder(given, 1) == given
-    with pytest.raises(LeantrainError, match="several nodes needs the train command's --out"):
-        with_run_folder(["train"], 2)
+    assert with_run_folder(["train"], 2) == ["train"]  # (the shared-folder check asks for --out)
 
 
 def test_a_stopped_launch_names_the_launch_that_continues_it(monkeypatch):

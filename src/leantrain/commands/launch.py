@@ -90,13 +90,11 @@ def torchrun_args(nproc: int, nnodes: int | str, node_rank: int, master_addr: st
 def with_run_folder(command: list[str], nnodes: int | str | None) -> list[str]:
     """`train` without --out or --resume, given the run folder its ranks would each name
     for themselves (runs/<time>: ranks that start a second apart named two folders, and the
-    job failed as "not shared"): the launcher names it once. Several nodes need --out, one
-    folder every node mounts: each node's launcher would name its own."""
-    if command[:1] != ["train"] or _option(command, "--out") or _option(command, "--resume"):
+    job failed as "not shared"): the launcher names it once. On several nodes each node's
+    launcher would name its own: there the ranks' check of a shared folder asks for --out."""
+    if command[:1] != ["train"] or _option(command, "--out") or _option(command, "--resume") \
+            or str(nnodes or 1) != "1":
         return command
-    if str(nnodes or 1) != "1":
-        raise LeantrainError("a job on several nodes needs the train command's --out DIR: one "
-                             "folder every node mounts (each node would name its own)")
     return [*command, "--out", str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))]
 
 
