@@ -426,13 +426,14 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
     return cut(batch)
 
 
-def _map_tensors(batch: Batch, fn: Callable[[torch.Tensor], Any]) -> Batch:
+def map_tensors(batch: Batch, fn: Callable[[torch.Tensor], Any]) -> Batch:
+    """`batch` with `fn` applied to every tensor in it (dicts, tuples, lists nested)."""
     if isinstance(batch, torch.Tensor):
         return fn(batch)
     if isinstance(batch, Mapping):
-        return {k: _map_tensors(v, fn) for k, v in batch.items()}
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_map_tensors(v, fn) for v in batch)
+        return type(batch)(map_tensors(v, fn) for v in batch)
     return batch
 
 
@@ -453,13 +454,13 @@ class DevicePrefetcher:
         if batch is None:
             return None
         with torch.cuda.stream(self.stream):
-            return _map_tensors(batch, lambda t: t.to(self.device, non_blocking=True))
+            return map_tensors(batch, lambda t: t.to(self.device, non_blocking=True))
 
     def __iter__(self) -> Iterator[Batch]:
         compute = torch.cuda.current_stream(self.device)
         ahead = self._copy(next(self.batches, None))
         while ahead is not None:
             compute.wait_stream(self.stream)
-            _map_tensors(ahead, lambda t: t.record_stream(compute))
+            map_tensors(ahead, lambda t: t.record_stream(compute))
             current, ahead = ahead, self._copy(next(self.batches, None))
             yield current

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import distributed, pipeline
 from ..config import PlanConfig
-from ..data.loaders import batch_size
+from ..data.loaders import batch_size, map_tensors
 from ..errors import LeantrainError
 from ..losses import tasks
 from ..losses.outputs import read_output
@@ -109,10 +109,11 @@ def forward_backward(run, state, timer, raw: Any, share: float) -> torch.Tensor:
     zeros = tasks.zeros(run.step.task, run.plan.device)
     loss_sum, metric, count = _from_last(run.pipeline, _summed(run.pipeline.train_step(raw),
                                                                zeros))
-    run_state.tally(state, loss_sum / count.clamp(min=1), metric, count)
+    loss = loss_sum / count.clamp(min=1)
+    run_state.tally(state, loss, metric, count)
     timer.mark("forward")
     timer.mark("backward")
-    return loss_sum / count.clamp(min=1)
+    return loss
 
 
 def _as_first_stage(pipe: pipeline.Pipeline, raw: Any) -> Any:
@@ -130,8 +131,7 @@ def _as_first_stage(pipe: pipeline.Pipeline, raw: Any) -> Any:
 def _summed(tallies: list[tuple], zeros: list[torch.Tensor]) -> list[torch.Tensor]:
     out = list(zeros)
     for tally in tallies:
-        out = [o + torch.as_tensor(t, device=o.device).to(o.dtype)
-               for o, t in zip(out, tally, strict=True)]
+        out = step.add_sums(out, tally)
     return out
 
 
@@ -189,20 +189,9 @@ def _even_parts(raw: Any, micro: int) -> list[tuple[Any, int | None]]:
 
 
 def _rows(raw: Any, start: int, end: int) -> Any:
-    if isinstance(raw, torch.Tensor):
-        return raw[start:end]
-    if isinstance(raw, dict):
-        return {k: _rows(v, start, end) for k, v in raw.items()}
-    if isinstance(raw, (tuple, list)):
-        return type(raw)(_rows(v, start, end) for v in raw)
-    return raw
+    return map_tensors(raw, lambda t: t[start:end])
 
 
 def _padded(raw: Any, extra: int) -> Any:
-    if isinstance(raw, torch.Tensor):
-        return torch.cat([raw, raw[-1:].expand(extra, *raw.shape[1:])])
-    if isinstance(raw, dict):
-        return {k: _padded(v, extra) for k, v in raw.items()}
-    if isinstance(raw, (tuple, list)):
-        return type(raw)(_padded(v, extra) for v in raw)
-    return raw
+    """`raw` with its last row repeated `extra` times."""
+    return map_tensors(raw, lambda t: torch.cat([t, t[-1:].expand(extra, *t.shape[1:])]))

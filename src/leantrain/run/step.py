@@ -246,8 +246,7 @@ def metrics(model: nn.Module, loader, step: Step) -> dict[str, float | None]:
             with step.autocast():
                 logits, own = read_output(model(*sb.args, **sb.kwargs))
             with naming_label_errors(f"validation batch {number}"):
-                totals = [t + s.to(t.dtype) for t, s in  # (the sums keep their dtypes)
-                          zip(totals, batch_sums(step, logits, own, sb), strict=True)]
+                totals = add_sums(totals, batch_sums(step, logits, own, sb))
     model.train(was_training)
     return found_metrics(step, *totals)
 
@@ -256,6 +255,13 @@ def zero_sums(step: Step) -> list[torch.Tensor]:
     """[loss sum, metric sum, counted targets, task-loss sum] before any batch: the counts
     exact integers, as training's (`tasks.zeros`)."""
     return [*tasks.zeros(step.task, step.device), torch.zeros((), device=step.device)]
+
+
+def add_sums(totals: list[torch.Tensor], sums) -> list[torch.Tensor]:
+    """`totals` plus one batch's `sums` (tensors or numbers), each total keeping its dtype
+    (exact integer counts; a float64 regression label does not promote the metric)."""
+    return [t + torch.as_tensor(s, device=t.device).to(t.dtype)
+            for t, s in zip(totals, sums, strict=True)]
 
 
 def _apart(step: Step) -> bool:

@@ -46,16 +46,12 @@ def _clip_across_stages(parameters: list[nn.Parameter], max_norm: float, stages
     import torch.distributed as dist
 
     counted = [p.grad for p in parameters if id(p) not in stages.counted_elsewhere]
-    local = nn.utils.get_total_norm(counted) if counted else \
+    local = _whole(nn.utils.get_total_norm(counted)) if counted else \
         torch.zeros((), device=parameters[0].grad.device if parameters else "cpu")
-    local = local.full_tensor() if hasattr(local, "full_tensor") else local  # (FSDP2 shards)
     squared = local.float() ** 2
     dist.all_reduce(squared, group=stages.group)
     total = squared.sqrt()
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for p in parameters:
-        mesh = getattr(p.grad, "device_mesh", None)
-        p.grad.mul_(coef if mesh is None else _replicated(coef, mesh))
+    _scale(_by_mesh(parameters), total, max_norm)
     return total
 
 
@@ -72,17 +68,25 @@ def _clip_across_meshes(groups: dict, max_norm: float) -> torch.Tensor:
     mesh and the rest (norms, a tied embedding) on the data mesh, and torch cannot stack norms
     of two meshes: each group's norm is reduced over its own mesh (a replicated weight counted
     once), the groups' norms joined, and every gradient scaled by the one coefficient."""
-    norms = []
-    for grads in groups.values():
-        norm = nn.utils.get_total_norm(grads)
-        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norms = [_whole(nn.utils.get_total_norm(grads)) for grads in groups.values()]
     total = torch.linalg.vector_norm(torch.stack(norms))
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # (as torch's clip_grad_norm_)
+    _scale(groups, total, max_norm)
+    return total
+
+
+def _whole(norm: torch.Tensor) -> torch.Tensor:
+    """A norm over gradients sharded on a mesh (a DTensor), reduced over it."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _scale(groups: dict, total: torch.Tensor, max_norm: float) -> None:
+    """Every gradient (grouped by mesh: `_by_mesh`) by torch's clip_grad_norm_ coefficient
+    for the total norm."""
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for mesh, grads in groups.items():
         factor = coef if mesh is None else _replicated(coef, mesh)
         for grad in grads:
             grad.mul_(factor)
-    return total
 
 
 def _replicated(value: torch.Tensor, mesh) -> torch.Tensor:
