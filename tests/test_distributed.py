@@ -1133,6 +1133,121 @@ def test_a_users_own_tensor_parallel_plan_trains_a_model_without_one(tmp_path):
     assert "split by mine:split_mlp" in summary["plan"]["outcomes"]["distributed"]
 
 
+def test_fused_attention_gets_a_plan_from_its_layout():
+    """GPT-2 (Conv1D) and the text-gpt recipe fuse q, k and v: the projection is split in its
+    three parts, the output and the MLP as Megatron does; heads must divide by tp."""
+    import shapes
+
+    from leantrain.recipes.gpt import GPT
+    from leantrain.tensor_parallel import layer_plan
+
+    plan = layer_plan(shapes.gpt2_deep(), 2)
+    assert {k: v for k, v in plan.items() if k.startswith("transformer.h.0.")} == {
+        "transformer.h.0.attn.c_attn": "colwise_fused", "transformer.h.0.attn.c_proj": "rowwise",
+        "transformer.h.0.mlp.c_fc": "colwise", "transformer.h.0.mlp.c_proj": "rowwise"}
+    assert len(plan) == 16  # the tied head and embedding stay whole
+    assert layer_plan(GPT(vocab=48, context=15, depth=2, width=32, heads=4), 2) == {
+        "blocks.0.attention.qkv": "colwise_fused", "blocks.0.attention.proj": "rowwise",
+        "blocks.0.mlp.0": "colwise", "blocks.0.mlp.2": "rowwise",
+        "blocks.1.attention.qkv": "colwise_fused", "blocks.1.attention.proj": "rowwise",
+        "blocks.1.mlp.0": "colwise", "blocks.1.mlp.2": "rowwise"}
+    with pytest.raises(LeantrainError, match="blocks.0.attention's 3 attention heads must "
+                                             "divide by tp"):
+        layer_plan(GPT(vocab=48, context=15, depth=2, width=30, heads=3), 2)
+    from leantrain.config import config_from_dict
+    from leantrain.distributed import DistContext
+    from leantrain.run.plan import resolve_plan
+
+    cfg = config_from_dict({"plan": {"device": "cpu", "parallel": {"tp": 2}}})
+    with pytest.raises(LeantrainError, match="blocks.0.attention.qkv holds q, k and v in one "
+                                             "projection.*over 2 data-parallel ranks"):
+        resolve_plan(cfg.plan, GPT(vocab=48, context=15, depth=2, width=32, heads=4), 15,
+                     "adamw", DistContext(0, 0, 4, True))
+
+
+FUSED_MODULE = TP_HOOK + '''
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2,
+                                      n_head=4, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+
+def lm():
+    from leantrain.data.loaders import TensorDictDataset
+    train, val = tokens()
+    def part(d):
+        ids = torch.cat([d.tensors[0], d.tensors[1][:, -1:]], 1)
+        return TensorDictDataset(input_ids=ids, labels=ids)
+    return part(train), part(val)
+
+def gpt_val_loss(state):
+    model = gpt()
+    model.load_state_dict(state)
+    x, y = tokens()[1].tensors
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+
+def gpt2_val_loss(state):
+    model = gpt2()
+    model.load_state_dict(state, strict=False)  # (the tied head: one tensor saved)
+    ids = lm()[1].tensors["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
+'''
+
+
+def _model_pt_scores_the_runs_val_loss(tmp_path: Path, split: Path, score: str) -> None:
+    """model.pt of a tp run is the whole model in its own order: loaded into the plain model
+    (the user module's `score(state)`), its validation loss is the run's last one."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module("mine")
+        loss = getattr(module, score)(torch.load(split / "model.pt", weights_only=True))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("mine", None)
+    records = [json.loads(r) for r in (split / "metrics.jsonl").read_text().splitlines()]
+    assert abs(loss - [r for r in records if "val_loss" in r][-1]["val_loss"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_the_text_gpt_recipe_splits_its_fused_attention_and_resumes_on_one_process(tmp_path):
+    """tp=2 on the text-gpt recipe's GPT with no plan of the user's: 10 steps equal one
+    process's, each rank holds its third of q, of k and of v, the whole weights come back in
+    the model's order, and the step-5 checkpoint resumes on one process (tp 2 -> 1)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    split, a, b = _one_process_then_tp2(tmp_path, "mine", FUSED_MODULE, "mine:gpt",
+                                        "mine:tokens", 10, "--set", "train.checkpoint_every=5")
+    assert len(a) == len(b) == 10 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    _model_pt_scores_the_runs_val_loss(tmp_path, split, "gpt_val_loss")
+    step5 = split / "checkpoints" / "step-00000005"
+    tensors = FileSystemReader(str(step5)).read_metadata().state_dict_metadata
+    qkv = tensors["model.blocks.0.attention.qkv.weight"]
+    assert sorted(list(c.sizes) for c in qkv.chunks) == [[48, 32], [48, 32]]
+    alone = _as_killed_at(split, tmp_path / "alone", "step-00000005")
+    shutil.rmtree(alone / "pretrained", ignore_errors=True)
+    _run([*LEANTRAIN, "train", "--resume", str(alone), "--model", "mine:gpt", "--data",
+          "mine:tokens", "--no-progress", "--set", "plan.parallel.tp=1", "--set",
+          "plan.distributed=auto"], env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    c = _train_losses(alone)
+    assert len(c) == 10 and max(abs(x - y) for x, y in zip(b, c, strict=True)) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_stock_gpt2_splits_its_conv1d_attention_and_mlp(tmp_path):
+    """GPT-2's fused c_attn and its MLP are Conv1D layers (weights stored (in, out)): tp=2
+    trains as one process does and model.pt holds the whole weights in GPT-2's layout."""
+    split, a, b = _one_process_then_tp2(tmp_path, "mine", FUSED_MODULE, "mine:gpt2", "mine:lm",
+                                        8)
+    assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    _model_pt_scores_the_runs_val_loss(tmp_path, split, "gpt2_val_loss")
+    outcome = json.loads((split / "summary.json").read_text())["plan"]["outcomes"]
+    assert "(8 layers split)" in outcome["distributed"]
+
+
 def test_a_run_folders_tensor_parallel_plan_is_imported_only_when_named_again(tmp_path):
     import argparse
 

@@ -51,7 +51,8 @@ HEAD_WIDTHS = ("head_dim", "attention_head_size")
 class Attention:
     name: str
     module: nn.Module
-    projections: list[nn.Linear]  # the layers whose outputs are heads
+    projections: list[nn.Linear]  # the layers whose outputs are heads (pruning first makes
+    # GPT-2's Conv1D a Linear; tensor parallel splits the Conv1D itself)
     heads_attribute: str | None  # the module's head count (None: transformers 5 keeps none)
     output: nn.Linear | None = None  # a fused layout's output projection
 
@@ -155,7 +156,7 @@ def _unknown_because(module: nn.Module) -> str:
 def _fused_layout(name: str, module: nn.Module) -> Attention | None:
     for projection, output, heads in FUSED_LAYOUTS:
         layers = getattr(module, projection, None), getattr(module, output, None)
-        if all(isinstance(p, nn.Linear) for p in layers) and isinstance(
+        if all(isinstance(p, nn.Linear) or _is_conv1d(p) for p in layers) and isinstance(
                 getattr(module, heads, None), int):
             if getattr(module, "is_cross_attention", False):
                 raise LeantrainError(f"cannot prune the heads of {name}: cross-attention "

@@ -234,6 +234,7 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
                              "tensor parallel: set plan.parallel.tp to the ranks to split over")
     hook = cfg.parallel.tp_plan if tp > 1 else None  # (the user's plan: layers unknown here)
     tp_layers = tensor_parallel.layer_plan(model, tp) if tp > 1 and hook is None else {}
+    tensor_parallel.check_sharding(tp_layers, tp, dist.world_size // tp // pp // replicas)
     # (the processes that see different batches: a tensor-parallel group's share one)
     ctx = Context(device, model, optimizer_name, strategy, dist.world_size // tp // pp,
                   tokens_per_batch, clip_norm)

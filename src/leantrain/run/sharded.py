@@ -63,6 +63,37 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):
     return get_state_dict(model, optimizer)
 
 
+def _contiguous(state: Any) -> Any:
+    """The state with every strided shard made an even split. DCP writes a rank's shard as
+    one block of the whole tensor, and tensor parallel's fused q/k/v projection is held
+    strided (rank r holds its part of each of q, k and v: three blocks); as an even split
+    it is written, and read back, in the model's own order."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if isinstance(state, dict):
+        return {k: _contiguous(v) for k, v in state.items()}
+    if not isinstance(state, DTensor):
+        return state
+    names = state.device_mesh.mesh_dim_names or ()
+    if "tp" in names and isinstance(state.placements[names.index("tp")], _StridedShard):
+        return state.redistribute(placements=[Shard(p.dim) if isinstance(p, _StridedShard)
+                                              else p for p in state.placements])
+    return state
+
+
+def _as_held(loaded: Any, held: Any) -> Any:
+    """`loaded` (read through `_contiguous`) in the placements of `held`, the state as the
+    rank holds it."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(loaded, dict):
+        return {k: _as_held(v, held[k]) for k, v in loaded.items()}
+    if isinstance(loaded, DTensor) and loaded.placements != held.placements:
+        return loaded.redistribute(placements=held.placements)
+    return loaded
+
+
 @dataclass
 class Pending:
     """A save whose shards are still being written in the background (`save(...,
@@ -105,7 +136,7 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, small: dict[str, An
         tmp.mkdir(parents=True)
     torch_dist.barrier()
     model_state, optimizer_state = _state_dicts(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
+    state = _contiguous({"model": model_state, "optimizer": optimizer_state})
     if not asynchronous:
         dcp.save(state, checkpoint_id=str(tmp))
         return _commit(tmp, name, small, dist, step, keep)
@@ -177,17 +208,18 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> No
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_state, optimizer_state = _state_dicts(model, optimizer)
+    held = dict(zip(("model", "optimizer"), _state_dicts(model, optimizer), strict=True))
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    state = _contiguous(held)
     try:
         with warnings.catch_warnings():  # one process reading a sharded checkpoint (a resume
             warnings.simplefilter("ignore")  # on 1 of 2) is warned of its missing group
-            dcp.load({"model": model_state, "optimizer": optimizer_state},
-                     checkpoint_id=str(folder))
+            dcp.load(state, checkpoint_id=str(folder))
     except Exception as exc:  # another model or optimizer than the checkpoint's
         raise LeantrainError(f"{folder} cannot be resumed: {one_line(exc)}") from exc
-    set_state_dict(model, optimizer, model_state_dict=model_state,
-                   optim_state_dict=optimizer_state)
+    state = _as_held(state, held)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
     # on one of two pipeline stages (each its own parameter names) the groups came back
     # without their numbers (lr, betas, eps; torch 2.13): the run's own, as it built them
     # (the lr is then the schedule's: `state.restore`)
