@@ -1248,6 +1248,63 @@ def test_a_stock_gpt2_splits_its_conv1d_attention_and_mlp(tmp_path):
     assert "(8 layers split)" in outcome["distributed"]
 
 
+def test_sequence_parallel_needs_a_plan_that_splits_the_whole_stream():
+    """plan.parallel.sp: refused in one line for a tied head and embedding, for a layer the
+    plan keeps whole (a mixture of experts' router), and without tp or with a user's hook."""
+    import shapes
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from leantrain.config import config_from_dict
+    from leantrain.distributed import DistContext
+    from leantrain.run.plan import resolve_plan
+    from leantrain.tensor_parallel import check_sequence_parallel, layer_plan
+
+    check_sequence_parallel(shapes.llama_gqa(), layer_plan(shapes.llama_gqa(), 2), 2)
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4,
+                                        tie_word_embeddings=True))
+    with pytest.raises(LeantrainError, match="does not split its embedding"):
+        check_sequence_parallel(tied, layer_plan(tied, 2), 2)
+    with pytest.raises(LeantrainError, match=r"model.layers.0.mlp.gate \(.*\) is neither split"):
+        check_sequence_parallel(shapes.mixtral(), layer_plan(shapes.mixtral(), 2), 2)
+    for parallel in ({"sp": True}, {"sp": True, "tp": 2, "tp_plan": "mine:split"}):
+        cfg = config_from_dict({"plan": {"device": "cpu", "parallel": parallel}})
+        with pytest.raises(LeantrainError, match="needs plan.parallel.tp > 1 and the model's "
+                                                 "own plan"):
+            resolve_plan(cfg.plan, shapes.llama_gqa(), 16, "adamw", DistContext(0, 0, 2, True))
+
+
+@pytest.mark.slow
+def test_sequence_parallel_with_loss_parallel_gives_one_process_gradients(tmp_path):
+    """tp=2 with sequence parallel on a stock GQA Llama: norms split over the sequence, the
+    loss over vocabulary-split logits. One SGD step at lr 1 moves each weight by its
+    gradient: the whole weights after it equal one process's within 1e-6, so every
+    parameter's gradient does; the token accuracy, taken from the split logits, is one
+    process's too."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    common = ["--model", "shapes:llama_gqa", "--data", "shapes:lm_data", "--epochs", "1",
+              "--no-progress", "--precision", "fp32", "--set", "train.log_every=1", "--set",
+              "train.monitor_interval_s=0", "--set", "train.max_steps=1", "--set",
+              "data.batch_size=8", "--set", "optim.name=sgd", "--set", "optim.lr=1.0"]
+    one, split = tmp_path / "one", tmp_path / "sp"
+    _run([*LEANTRAIN, "train", *common, "--out", str(one)], env=env)
+    _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",
+          "plan.parallel.tp=2", "--set", "plan.parallel.sp=true", "--out", str(split)],
+         env=env)
+    a = torch.load(one / "model.pt", weights_only=True)
+    b = torch.load(split / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    records = [[json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+               for run in (one, split)]
+    (x,), (y,) = ([r for r in rs if r["kind"] == "train"] for rs in records)
+    assert abs(x["loss"] - y["loss"]) < 1e-6 and x["accuracy"] == y["accuracy"]
+    assert [r["val_accuracy"] for r in records[0] if "val_accuracy" in r] == \
+        [r["val_accuracy"] for r in records[1] if "val_accuracy" in r]
+    outcome = json.loads((split / "summary.json").read_text())["plan"]["outcomes"]
+    assert "sequence parallel: the norms over the sequence" in outcome["distributed"]
+
+
 def test_a_run_folders_tensor_parallel_plan_is_imported_only_when_named_again(tmp_path):
     import argparse
 

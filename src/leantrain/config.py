@@ -141,6 +141,11 @@ class ParallelConfig:
     # "module:fn": fn(model, mesh) splits the model's layers over the tp mesh itself (torch's
     # parallelize_module), in place of the model's own plan
     tp_plan: str | None = None
+    # sequence parallel, with tp: the norms and residual stream between the split layers are
+    # split over the sequence (activations tp-fold smaller), and the head's logits stay split
+    # over the vocabulary into the loss (loss_parallel); needs the model's plan to split its
+    # embedding and head (an untied Hugging Face causal LM: Llama, Mistral, Qwen2...)
+    sp: bool = False
     # pipeline parallel: ranks that each hold a contiguous share of the model's repeated
     # blocks (the first also the embeddings, the last the head and loss); plan.grad_accum
     # sets the micro-batches in flight; processes / pp pipelines, each stage FSDP2-sharded

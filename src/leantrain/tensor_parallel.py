@@ -27,6 +27,7 @@ it back) is split by columns then rows. GPT-2's `Conv1D` (a Linear with its weig
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from typing import Any
 
@@ -35,11 +36,27 @@ from torch import nn
 from .errors import LeantrainError
 
 
-def _styles() -> dict[str, Any]:
-    """Hugging Face's style names (and "colwise_fused") -> torch's parallel styles."""
-    from torch.distributed.tensor import Replicate
+def _styles(sequence: bool = False) -> dict[str, Any]:
+    """Hugging Face's style names (and "colwise_fused") -> torch's parallel styles; with
+    `sequence`, their sequence-parallel forms (below)."""
+    from torch.distributed.tensor import Replicate, Shard
 
     columns, rows = _column_and_row_styles()
+    if sequence:
+        # the residual stream between split layers stays a DTensor split over the sequence:
+        # a column-parallel layer gathers it, a row-parallel one reduce-scatters into it, the
+        # embedding's sum lands in it, and the head's logits stay split over the vocabulary
+        # for loss_parallel
+        stream = {"input_layouts": Shard(1)}
+        into_stream = {"output_layouts": Shard(1), "use_local_output": False}
+        return {
+            "colwise": columns(**stream),
+            "colwise_fused": columns(parts=3, **stream),
+            "rowwise": rows(**into_stream),
+            "embedding_rowwise": rows(input_layouts=Replicate(), **into_stream),
+            "colwise_gather_output": columns(**stream, output_layouts=Shard(-1),
+                                             use_local_output=False),
+        }
     return {
         "colwise": columns(),
         "rowwise": rows(),
@@ -284,6 +301,44 @@ def _check_divisible(module_name: str, module: nn.Module, style: str, tp: int) -
                              "divide by tp")
 
 
+NORM_NAMES = ("Norm", "RMSNorm", "LayerNorm")  # how modules that normalise are named
+
+
+def _stream_norms(model: nn.Module, plan: dict[str, str]) -> list[str]:
+    """The norms on the residual stream: named as norms, and not beside a column-parallel
+    layer (Qwen3's q_norm works on each rank's own heads, inside its attention)."""
+    modules = dict(model.named_modules())
+    columns = {name.rpartition(".")[0] for name, style in plan.items()
+               if style.startswith("colwise")}
+    return [name for name, module in modules.items()
+            if type(module).__name__.endswith(NORM_NAMES) and name.rpartition(".")[0]
+            not in columns]
+
+
+def check_sequence_parallel(model: nn.Module, plan: dict[str, str], tp: int) -> None:
+    """Sequence parallel keeps the residual stream split over the sequence from the
+    embedding to the head: the plan must split both, and every other layer with parameters
+    must be split by it or be a norm (a layer kept whole would meet a split stream)."""
+    styles = set(plan.values())
+    name = type(model).__name__
+    for style, what in (("embedding_rowwise", "its embedding"),
+                        ("colwise_gather_output", "its head")):
+        if style not in styles:
+            raise LeantrainError(
+                f"plan.parallel.sp: sequence parallel runs from the embedding to the head "
+                f"split over the ranks, and {name}'s plan does not split {what} (a tied "
+                "head and embedding stay whole); train it with plan.parallel.sp=false")
+    for module_name, module in model.named_modules():
+        if module_name in plan or type(module).__name__.endswith(NORM_NAMES):
+            continue  # (a norm inside attention, beside q and k, works on the rank's heads)
+        if any(True for _ in module.parameters(recurse=False)):
+            raise LeantrainError(
+                f"plan.parallel.sp: {module_name} ({type(module).__name__}) is neither split "
+                f"by {name}'s plan nor a norm, and sequence parallel would hand it a stream "
+                "split over the sequence (mixture-of-experts routers and experts are kept "
+                "whole); train it with plan.parallel.sp=false")
+
+
 def check_sharding(plan: dict[str, str], tp: int, shards: int) -> None:
     """A fused projection's strided split cannot be sharded again by FSDP2 over `shards` > 1
     data-parallel ranks: torch (2.13) composes FSDP2 with even tensor-parallel splits only,
@@ -306,10 +361,13 @@ def split_share(model: nn.Module, tp: int) -> float:
     return sum(sizes[i] for i in split if i in sizes) / max(sum(sizes.values()), 1)
 
 
-def apply(model: nn.Module, mesh, plan: dict[str, str], hook: str | None = None) -> None:
+def apply(model: nn.Module, mesh, plan: dict[str, str], hook: str | None = None,
+          sequence: bool = False) -> None:
     """Split the planned layers across the `tp` mesh dimension, in place (their parameters
     become DTensors: build the optimizer afterwards); with a `hook` ("module:fn"), the user's
-    function splits them."""
+    function splits them. `sequence`: sequence parallel (checked by
+    `check_sequence_parallel`), the norms on the residual stream split over the sequence and
+    the loss computed on logits split over the vocabulary (run it in `loss_parallel()`)."""
     if hook is not None:
         from .imports import import_object, user_code
 
@@ -319,12 +377,42 @@ def apply(model: nn.Module, mesh, plan: dict[str, str], hook: str | None = None)
         return
     from torch.distributed.tensor.parallel import parallelize_module
 
-    styles = _styles()
-    parallelize_module(model, mesh, {name: styles[style] for name, style in plan.items()})
+    styles = _styles(sequence)
+    layers = {name: styles[style] for name, style in plan.items()}
+    if sequence:
+        from torch.distributed.tensor.parallel import SequenceParallel
+
+        layers.update({name: SequenceParallel() for name in _stream_norms(model, plan)})
+        model.register_forward_hook(_local_loss)
+    parallelize_module(model, mesh, layers)
     modules = dict(model.named_modules())
     for name, style in plan.items():
         if style == "colwise_fused":  # the module reshapes by its head count: now its share
             _share_heads(modules[name.rpartition(".")[0]], mesh.size())
+
+
+def _local_loss(module: nn.Module, args: Any, out: Any) -> Any:
+    """The model's own loss as every rank's plain tensor (loss_parallel leaves it a
+    replicated DTensor), so the run adds it up as any other; its backward still runs
+    through the split logits. The logits stay split over the vocabulary (`tasks.tally` takes
+    each rank's best class, then the best of those)."""
+    loss = out.get("loss") if hasattr(out, "get") else None
+    if loss is not None and hasattr(loss, "to_local"):
+        out["loss"] = loss.to_local()
+    return out
+
+
+@contextlib.contextmanager
+def loss_parallel(enabled: bool):
+    """torch's loss_parallel while a sequence-parallel run trains: cross-entropy on logits
+    split over the vocabulary, forward and backward, without gathering them."""
+    if not enabled:
+        yield
+        return
+    from torch.distributed.tensor.parallel import loss_parallel as torch_loss_parallel
+
+    with torch_loss_parallel():
+        yield
 
 
 def _share_heads(attention: nn.Module, tp: int) -> None:

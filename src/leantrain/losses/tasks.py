@@ -117,6 +117,34 @@ def class_pairs(task: str, logits: torch.Tensor, labels: torch.Tensor):
     return logits.flatten(0, -2), labels.flatten()
 
 
+def best_class(scores: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dimension. Scores split over the classes across ranks (a
+    DTensor: tensor parallel's logits under loss_parallel) are compared where they lie: each
+    rank's best, then the best of those (the lowest class on a tie, as argmax), without
+    gathering the vocabulary."""
+    placements = getattr(scores, "placements", None)
+    if placements is None:
+        return scores.argmax(-1)
+    if len(placements) != 1 or not placements[0].is_shard(scores.dim() - 1) and \
+            not placements[0].is_shard(-1):
+        return scores.full_tensor().argmax(-1)
+    import torch.distributed as dist
+
+    mesh = scores.device_mesh
+    local = scores.to_local()
+    width = -(-scores.shape[-1] // mesh.size())  # (torch.chunk's: the last share may be short)
+    best, where = local.max(-1) if local.shape[-1] else (
+        torch.full(local.shape[:-1], -torch.inf, dtype=local.dtype, device=local.device),
+        torch.zeros(local.shape[:-1], dtype=torch.long, device=local.device))
+    where = where + mesh.get_local_rank() * width
+    bests = [torch.empty_like(best) for _ in range(mesh.size())]
+    wheres = [torch.empty_like(where) for _ in range(mesh.size())]
+    dist.all_gather(bests, best.contiguous(), group=mesh.get_group())
+    dist.all_gather(wheres, where.contiguous(), group=mesh.get_group())
+    rank = torch.stack(bests).argmax(0)  # (the first rank on a tie: the lower classes)
+    return torch.stack(wheres).gather(0, rank.unsqueeze(0)).squeeze(0)
+
+
 def loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The task's mean training loss."""
     if task in CLASS_TASKS:
@@ -138,7 +166,7 @@ def tally(task: str, logits: torch.Tensor | None, labels: torch.Tensor | None,
     if task in CLASS_TASKS:
         flat, target = class_pairs(task, logits, labels)
         kept = target != IGNORE_INDEX
-        return ((flat.argmax(-1) == target) & kept).sum(), kept.sum()
+        return ((best_class(flat) == target) & kept).sum(), kept.sum()
     if task == "regression":
         return (logits.reshape(labels.shape).float() - labels).abs().sum(), labels.numel()
     return ((logits > 0) == (labels > 0.5)).sum(), labels.numel()

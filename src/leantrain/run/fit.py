@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
+from .. import tensor_parallel
 from ..config import TrainConfig
 from ..data.hf import torch_formatted
 from ..data.sources import check_datasets
@@ -60,4 +61,5 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
             folder.check_shared(out, run.dist)
         trainer = Trainer(run, out, progress_bar, watcher)
         trainer.checkpoints.data_changed = data_changed
-        return trainer.fit(resume=resume, plan_measurement=record)
+        with tensor_parallel.loss_parallel(run.plan.sp):
+            return trainer.fit(resume=resume, plan_measurement=record)

@@ -156,6 +156,7 @@ class ResolvedPlan:
     tp: int = 1  # tensor-parallel degree (plan.parallel.tp)
     tp_layers: dict[str, str] = field(default_factory=dict)  # module -> split (tp > 1)
     tp_hook: str | None = None  # plan.parallel.tp_plan: the user's plan instead
+    sp: bool = False  # sequence parallel, the loss over vocabulary-split logits
     pp: int = 1  # pipeline stages' processes (plan.parallel.pp); grad_accum: micro-batches
     pp_schedule: str = "1f1b"
     microbatches: int = 1  # a pipeline step's (plan.grad_accum; grad_accum is then 1)
@@ -234,6 +235,12 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
                              "tensor parallel: set plan.parallel.tp to the ranks to split over")
     hook = cfg.parallel.tp_plan if tp > 1 else None  # (the user's plan: layers unknown here)
     tp_layers = tensor_parallel.layer_plan(model, tp) if tp > 1 and hook is None else {}
+    if cfg.parallel.sp and (tp == 1 or hook is not None):
+        raise LeantrainError("plan.parallel.sp splits the stream between leantrain's "
+                             "tensor-parallel layers: it needs plan.parallel.tp > 1 and the "
+                             "model's own plan (a plan.parallel.tp_plan hook applies its own)")
+    if cfg.parallel.sp:
+        tensor_parallel.check_sequence_parallel(model, tp_layers, tp)
     tensor_parallel.check_sharding(tp_layers, tp, dist.world_size // tp // pp // replicas)
     # (the processes that see different batches: a tensor-parallel group's share one)
     ctx = Context(device, model, optimizer_name, strategy, dist.world_size // tp // pp,
@@ -250,7 +257,9 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
     data = dist.world_size // tp // pp
     hybrid = f" (hybrid: {replicas} replicas x {data // replicas} shards)" \
         if replicas > 1 else ""
-    split = f"split by {hook}" if hook else f"{len(tp_layers)} layers split"
+    split = f"split by {hook}" if hook else f"{len(tp_layers)} layers split" + (
+        "; sequence parallel: the norms over the sequence, the loss over the vocabulary"
+        if cfg.parallel.sp else "")
     hybrid += f", tensor parallel over {tp} ranks ({split})" if tp > 1 else ""
     hybrid += (f" ({cfg.parallel.pp_schedule}: {pipelined.describe(model, cfg.parallel)}, "
                f"{microbatches} micro-batches a step"
@@ -261,7 +270,8 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
                             f"{dist.rank}" if strategy else
                             "one process (start several with leantrain launch)"))
     return ResolvedPlan(device=device, outcomes=outcomes, distributed=strategy,
-                        replicas=replicas, tp=tp, tp_layers=tp_layers, tp_hook=hook, pp=pp,
+                        replicas=replicas, tp=tp, tp_layers=tp_layers, tp_hook=hook,
+                        sp=cfg.parallel.sp, pp=pp,
                         pp_schedule=cfg.parallel.pp_schedule, microbatches=microbatches,
                         **values)
 
@@ -480,7 +490,7 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
     stages = pipelined.build(model, contract, first_batch(batches), plan, dist) \
         if plan.pp > 1 else None
     if plan.tp > 1:  # the field's order: split layers, then shard over the data ranks
-        tensor_parallel.apply(model, dist.mesh["tp"], plan.tp_layers, plan.tp_hook)
+        tensor_parallel.apply(model, dist.mesh["tp"], plan.tp_layers, plan.tp_hook, plan.sp)
     wrapped = distributed.wrap(model, plan.distributed, plan.device, plan.precision,
                                distributed.data_mesh(dist))
     kept = None if streamed else batch_count(len(train_data), size, shard, drop_last)

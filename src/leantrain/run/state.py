@@ -110,7 +110,8 @@ RESUMABLE_KEYS = frozenset({
     "data.prefetch_factor", "data.persistent_workers", "data.eval_batch_size", "plan.cache",
     # DDP or FSDP2, hybrid or not: a checkpoint holds tensors by name either way
     "plan.distributed", "plan.parallel.dp_replicate", "plan.parallel.dp_shard",
-    "plan.parallel.tp", "plan.parallel.tp_plan", "plan.parallel.pp", "plan.parallel.pp_schedule",
+    "plan.parallel.tp", "plan.parallel.tp_plan", "plan.parallel.sp", "plan.parallel.pp",
+    "plan.parallel.pp_schedule",
     "train.async_checkpoint", "train.keep_checkpoints",
 })
 _REQUIRED = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": (dict, list),
