@@ -254,13 +254,83 @@ def test_the_text_gpt_recipe_trains_under_interleaved_zero_bubble_as_one_process
     assert ends[0]["val_accuracy"] == ends[1]["val_accuracy"]
 
 
-def test_doctor_says_it_does_not_price_pipeline_stages_yet():
+def test_a_stage_holds_its_share_of_the_weights_and_of_the_activations():
+    """Shares from one forward: a block's layers are its stage's, the embeddings the first
+    stage's, the final norm and head the last's; a tied embedding and head are held by
+    both (the shares then sum past 1); the activation sent is one micro-batch's hidden
+    states."""
+    from leantrain import pipeline
+
+    def call(model):
+        ids = torch.arange(16).view(2, 8) % 48
+        return model(input_ids=ids, labels=ids).loss
+
+    untied = llama_gqa()
+    shares = pipeline.stage_shares(untied, call, 2)
+    assert sum(shares.params) == pytest.approx(1) and sum(shares.produced) == pytest.approx(1)
+    embed = untied.model.embed_tokens.weight.numel()
+    total = sum(p.numel() for p in untied.parameters())
+    first = (embed + sum(p.numel() for p in untied.model.layers[0].parameters())) / total
+    assert shares.params[0] == pytest.approx(first)
+    assert shares.sent == 2 * 8 * 32 * 4  # (2 rows x 8 tokens x 32 wide, fp32)
+    tied = pipeline.stage_shares(gpt2_deep(), call, 2)
+    assert sum(tied.params) > 1  # the tied weight counted on both ends
+    assert [pipeline.in_flight("1f1b", 4, r, 8) for r in range(4)] == [4, 3, 2, 1]
+    assert pipeline.in_flight("gpipe", 4, 3, 8) == 8
+    assert pipeline.in_flight("interleaved-1f1b", 2, 0, 4) == 5
+
+
+def test_doctor_prices_each_rank_of_a_pipeline(tmp_path, capsys):
+    """doctor --ranks 2 with pp=2: each rank priced by its stage's shares and its
+    micro-batches in flight, below the whole model's peak; a layout a launch would refuse is
+    one line."""
+    from leantrain.cli import main
     from leantrain.commands.doctor import launch_layout
     from leantrain.config import config_from_dict
 
-    cfg = config_from_dict({"plan": {"parallel": {"pp": 2}}})
-    with pytest.raises(LeantrainError, match="pipeline stages .* are not priced yet"):
-        launch_layout(cfg, 2, gpt2_deep)
+    cfg = config_from_dict({"plan": {"parallel": {"pp": 2}, "grad_accum": 4}})
+    _, layout = launch_layout(cfg, 2, gpt2_deep)
+    assert (layout.pp, layout.strategy, layout.microbatches) == (2, "pp", 4)
+    assert launch_layout(cfg, 4, gpt2_deep)[1].strategy == "fsdp"  # 2 pipelines
+    with pytest.raises(LeantrainError, match="must be a multiple of pp"):
+        launch_layout(cfg, 3, gpt2_deep)
+    out = tmp_path / "doctor"
+    code = main(["doctor", "--model", "shapes:llama_gqa", "--data", "shapes:lm_data",
+                 "--epochs", "1", "--steps", "1", "--no-profile", "--no-compile-check",
+                 "--out", str(out), "--ranks", "2", "--set", "plan.parallel.pp=2", "--set",
+                 "plan.grad_accum=4", "--set", "data.batch_size=4"])
+    assert code == 0, capsys.readouterr().err
+    assert "2 pipeline stages (1f1b, 4 micro-batches" in capsys.readouterr().out
+    memory = json.loads((out / "doctor.json").read_text())["memory"]
+    ranks = memory["per_rank"]
+    assert len(ranks["stage_peak_bytes"]) == 2 and ranks["pp"] == 2
+    assert max(ranks["stage_peak_bytes"]) == ranks["training_peak_bytes"] < \
+        memory["peak_bytes"]
+
+
+def test_where_one_device_is_too_small_pipeline_stages_are_priced_with_what_they_send(
+        monkeypatch):
+    """A Llama that does not fit: the estimate prices pipeline stages over the smallest N
+    that fits, and says what each stage sends per micro-batch."""
+    import shapes
+
+    from leantrain.bench import memory_estimate
+    from leantrain.config import config_from_dict
+    from leantrain.data import DataBundle
+
+    bundle = DataBundle(*shapes.lm_data(), num_classes=None, description="counting")
+    cfg = config_from_dict({"data": {"batch_size": 8}, "train": {"epochs": 1},
+                            "optim": {"name": "adamw", "lr": 1e-3},
+                            "plan": {"device": "cpu", "precision": "fp32"}})
+    one = memory_estimate.estimate(shapes.llama_gqa, bundle, cfg)
+    room = int(one.peak_bytes * 0.9 / (1 - memory_estimate.MARGIN))
+    monkeypatch.setattr(memory_estimate, "device_room", lambda device: (room, "a fake GPU"))
+    est = memory_estimate.estimate(shapes.llama_gqa, bundle, cfg)
+    staged = next(o for o in est.options if o["advice"].startswith("pipeline stages over 2"))
+    assert "--set plan.parallel.pp=2 --set plan.grad_accum=2" in staged["advice"]
+    # 8 rows x 16 tokens x 32 wide, fp32
+    assert "each stage sends 0.02 MiB of activations per micro-batch" in staged["advice"]
+    assert staged["saves_bytes"] > 0
 
 
 @pytest.mark.slow

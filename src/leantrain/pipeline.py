@@ -91,6 +91,81 @@ def check(model: nn.Module, pp: int, schedule: str, microbatches: int) -> None:
                              f"pp ({pp}); more shrink the pipeline's idle share")
 
 
+@dataclass
+class StageShares:
+    params: list[float]  # each stage's share of the model's parameter bytes
+    produced: list[float]  # its share of the bytes the model's layers produce in a forward
+    sent: int  # the bytes of the activation one stage sends the next (and its gradient back)
+
+
+def stage_shares(model: nn.Module, call: Callable[[nn.Module], Any], stages: int
+                 ) -> StageShares:
+    """Each stage's share of the model's parameters and of its activations, and the bytes
+    sent between stages, from `call(model)` (one micro-batch) run once without gradients:
+    a block's layers are its stage's, and a layer outside the blocks is the stage that runs
+    it (before the first block: the first stage's; after the last: the last stage's; a tied
+    embedding and head: both hold it, so the shares may sum past 1). What a memory estimate
+    scales one process's probe by, per stage."""
+    _, _, blocks = block_list(model)
+    stage_of = {i: s for s, r in enumerate(stage_ranges(len(blocks), stages)) for i in r}
+    where, produced, used, sent = [0], [0] * stages, {}, [0]
+
+    def entering(index: int):
+        def hook(module, args, kwargs):
+            where[0] = stage_of[index]
+            hidden = _hidden_of(args, kwargs)[0]
+            sent[0] = max(sent[0], hidden.numel() * hidden.element_size())
+        return hook
+
+    def record(module, args, output):
+        produced[where[0]] += sum(t.numel() * t.element_size() for t in _tensors_in(output))
+        for p in module.parameters(recurse=False):
+            used.setdefault(id(p), set()).add(where[0])
+
+    hooks = [b.register_forward_pre_hook(entering(i), with_kwargs=True)
+             for i, b in enumerate(blocks)]
+    hooks += [m.register_forward_hook(record) for m in model.modules()
+              if not any(True for _ in m.children())]
+    try:
+        with torch.no_grad():
+            call(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    held = [0] * stages
+    for i, block in enumerate(blocks):
+        for p in block.parameters():
+            used[id(p)] = {stage_of[i]}
+    for p in model.parameters():  # (a parameter no layer called, a learned position: first)
+        for s in used.get(id(p), {0}):
+            held[s] += p.numel() * p.element_size()
+    total_held, total_produced = max(sum(p.numel() * p.element_size()
+                                         for p in model.parameters()), 1), max(sum(produced), 1)
+    return StageShares([h / total_held for h in held], [a / total_produced for a in produced],
+                       sent[0])
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
+def in_flight(schedule: str, pp: int, rank: int, microbatches: int) -> int:
+    """The micro-batches whose activations a rank holds at once under `schedule` (each on
+    one of its stages): GPipe runs every forward before any backward; 1F1B holds pp - rank
+    (the first stage waits longest for its first backward); the interleaved schedules warm
+    up a round of pp on each of their 2 stages plus 2 for each rank after this one, as
+    torch's schedules do."""
+    if schedule == "gpipe":
+        return microbatches
+    if schedule == "1f1b":
+        return min(microbatches, pp - rank)
+    return min(2 * microbatches, pp + 2 * (pp - 1 - rank) + 1)
+
+
 @contextlib.contextmanager
 def _unwrapped_errors():
     """torch's stage wraps whatever a stage's forward raises in a RuntimeError: the cause is

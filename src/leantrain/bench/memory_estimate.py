@@ -75,6 +75,7 @@ class MemoryEstimate:
     options: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     per_rank: dict[str, Any] | None = None  # for a launch (`Layout`): what each rank holds
+    forward_end_activations: int = 0  # activations when a micro-batch's forward ends
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,44 +92,84 @@ class MemoryEstimate:
         at_eval = self.evaluation["total"] - saved(self.evaluation)
         return int(max(at_fwbw, at_step, at_eval))
 
+    def pipeline_peak(self, layout: Layout) -> int:
+        """A pipeline rank's peak: its share of the weights, states and (once a backward ran
+        before its forwards peak: `gradients_held`) gradients, with the activations of its
+        micro-batches in flight when the last of their forwards ends
+        (one process's at one micro-batch, times its stages' share: `pipeline_ranks`) and
+        its stages' largest temporaries; at the optimizer step and at evaluation, its share
+        of one process's peaks."""
+        fwbw, evaluation = self.forward_backward, self.evaluation
+        held = fwbw["parameters"] + fwbw["optimizer_states"] + fwbw["buffers"] + \
+            (fwbw["gradients"] if layout.gradients_held else 0)
+        at_fwbw = held * layout.kept + \
+            self.forward_end_activations * layout.stage_activations + \
+            (fwbw["temporaries"] + fwbw["other"]) * layout.stage_share
+        at_step = self.optimizer_step["total"] * layout.kept
+        at_eval = (sum(evaluation[k] for k in _SHARDED) + evaluation["buffers"]) * layout.kept \
+            + sum(evaluation[k] for k in _PER_SAMPLE) * layout.stage_share
+        return int(max(at_fwbw, at_step, at_eval))
+
 
 @dataclass(frozen=True)
 class Layout:
     """A launch to price per rank: `processes` ranks in all, DDP or FSDP2 (`replicas` hybrid
-    copies of the model, each sharded over processes / replicas ranks)."""
+    copies of the model, each sharded over processes / replicas ranks), tensor parallel over
+    `tp` of them, or pipeline stages over `pp` ("pp": each stage on one rank; "fsdp": each
+    stage sharded over the processes / pp pipelines). A pipeline's rank is priced by its
+    stage's shares (`pipeline_ranks`)."""
 
     processes: int
-    strategy: str  # "ddp" | "fsdp"
+    strategy: str  # "ddp" | "fsdp" | "pp"
     replicas: int = 1
     async_save: bool = False
     tp: int = 1  # tensor-parallel degree
     split: float = 0.0  # share of the parameters' bytes in the layers tensor parallel splits
     split_activations: float = 0.0  # share of the activations' bytes it splits (measured)
+    pp: int = 1  # pipeline stages (ranks of one pipeline)
+    schedule: str = "1f1b"
+    microbatches: int = 1
+    rank: int = 0  # the pipeline rank priced
+    stage_params: float = 1.0  # its share of the parameter bytes
+    stage_share: float = 1.0  # its largest stage's share of one micro-batch's activations
+    stage_activations: float = 1.0  # micro-batch activations held at once (in flight x share)
+    gradients_held: bool = True  # a backward ran before its forwards peak (not GPipe)
 
     @property
     def shards(self) -> int:
-        return self.processes // self.replicas // self.tp if self.strategy == "fsdp" else 1
+        return self.processes // self.replicas // self.tp // self.pp \
+            if self.strategy == "fsdp" else 1
 
     @property
     def kept(self) -> float:
         """The share of the weights (and of their gradients and states) a rank holds."""
-        return (1 - self.split + self.split / self.tp) / self.shards
+        return (1 - self.split + self.split / self.tp) / self.shards * self.stage_params
 
     def saved(self, kinds: dict[str, int]) -> float:
         """Bytes a rank holds less than one process: FSDP2 shards the weights, gradients and
         states, tensor parallel splits its layers' and the activations between its split
-        layers; DDP holds more, its gradient buckets (a second copy of the gradients)."""
+        layers, a pipeline stage holds its own layers and the activations of the
+        micro-batches in flight on it; DDP holds more, its gradient buckets (a second copy of
+        the gradients)."""
         if self.strategy == "ddp":
             return -kinds["gradients"]
         split = self.split_activations * (1 - 1 / self.tp)
+        staged = kinds["activations"] * (1 - self.stage_activations) + \
+            (kinds["temporaries"] + kinds["other"]) * (1 - self.stage_share)
         return sum(kinds[k] for k in _SHARDED) * (1 - self.kept) + \
-            sum(kinds[k] for k in _PER_SAMPLE) * split
+            sum(kinds[k] for k in _PER_SAMPLE) * split + staged
 
     def describe(self) -> str:
         if self.strategy == "ddp":
             return f"{self.processes} processes, DDP"
         hybrid = f"{self.replicas} copies x " if self.replicas > 1 else ""
         tensor = f", layers split over {self.tp}" if self.tp > 1 else ""
+        if self.pp > 1:
+            sharded = f", each FSDP2-sharded over {self.shards}" if self.strategy == "fsdp" \
+                else ""
+            return (f"{self.processes} processes, {self.pp} pipeline stages{sharded} "
+                    f"({self.schedule}, {self.microbatches} micro-batches; rank {self.rank} "
+                    "holds the most)")
         return f"{self.processes} processes, FSDP2 over {hybrid}{self.shards} shards{tensor}"
 
 
@@ -143,16 +184,44 @@ def per_rank(est: MemoryEstimate, layout: Layout, limit: float | None, gathered:
     fwbw = est.forward_backward
     state = fwbw["parameters"] + fwbw["optimizer_states"]
     split = 1 - layout.split + layout.split / layout.tp  # (of a block's weights, under tp)
-    training = est.peak_at(est.micro_batch, layout.saved) + \
+    training = (est.pipeline_peak(layout) if layout.pp > 1 else
+                est.peak_at(est.micro_batch, layout.saved)) + \
         (int(gathered * split) if layout.strategy == "fsdp" else 0)
     return {"layout": layout.describe(), "processes": layout.processes,
             "shards": layout.shards, "replicas": layout.replicas, "tp": layout.tp,
+            "pp": layout.pp,
             "split_activations": layout.split_activations,
             "training_peak_bytes": training,
             "fits": None if limit is None else training <= limit,
             "checkpoint_bytes": int(state / layout.processes),
             "at_save_bytes": int(state * layout.kept) if layout.async_save else 0,
             "at_resume_bytes": 0, "rank0_at_end_bytes": fwbw["parameters"]}
+
+
+def pipeline_ranks(run: Run, layout: Layout) -> tuple[list[Layout], int]:
+    """(`layout` for each rank of one pipeline, the bytes a stage sends the next per
+    micro-batch): the parameter bytes its stages hold, and the activations it holds at
+    once, as shares of one process's (`pipeline.stage_shares`, on one batch) times the
+    micro-batches in flight on it (`pipeline.in_flight`)."""
+    from .. import pipeline
+
+    pipeline.check(run.model, layout.pp, layout.schedule, layout.microbatches)
+    per = pipeline.stages_per_rank(layout.schedule)
+    stages = layout.pp * per
+    shares = pipeline.stage_shares(
+        run.model, lambda m: metrics(m, OneBatch(first_batch(run.train_loader)), run.step),
+        stages)
+    params, produced = shares.params, shares.produced
+    ranks = []
+    for rank in range(layout.pp):
+        mine = range(rank, stages, layout.pp)
+        flight = pipeline.in_flight(layout.schedule, layout.pp, rank, layout.microbatches)
+        ranks.append(replace(
+            layout, rank=rank, stage_params=sum(params[s] for s in mine),
+            stage_share=max(produced[s] for s in mine),
+            stage_activations=flight * sum(produced[s] for s in mine) / per,
+            gradients_held=flight < layout.microbatches * per))
+    return ranks, shares.sent
 
 
 def activations_split(run: Run, tp: int) -> float:
@@ -287,8 +356,23 @@ def _evaluation(run: Run, optimizer) -> dict[str, int]:
     return _by_kind(tracker.get_tracker_snapshot("peak"), run.plan.device)
 
 
-def _probe(run: Run) -> tuple[dict[str, int], dict[str, int], int, dict[str, int]]:
-    """`probe`'s answer and the evaluation's bytes by kind."""
+def _probe(run: Run) -> tuple[dict[str, int], dict[str, int], int, dict[str, int], int]:
+    """`probe`'s answer, the evaluation's bytes by kind and the activations' bytes when the
+    forward ended (a pipeline's ranks hold several micro-batches' at once). MemTracker
+    follows one forward per step (it refuses a module called again before the step ends,
+    and doctor with plan.grad_accum=4 was a traceback), so the probe steps at every
+    micro-batch; under accumulation the gradients are alive through every micro-batch after
+    the first, and are added to the forward and backward's peak."""
+    fwbw, in_step, micro, evaluation, forward_end = _probe_each_micro_batch(
+        replace(run, plan=replace(run.plan, grad_accum=1)))
+    if run.plan.grad_accum > 1 and in_step["gradients"] > fwbw["gradients"]:
+        fwbw = {**fwbw, "gradients": in_step["gradients"],
+                "total": fwbw["total"] - fwbw["gradients"] + in_step["gradients"]}
+    return fwbw, in_step, micro, evaluation, forward_end
+
+
+def _probe_each_micro_batch(run: Run
+                            ) -> tuple[dict[str, int], dict[str, int], int, dict[str, int], int]:
     trainer = Trainer(run, progress_bar=False)
     steps = trainer.steps()
     try:
@@ -300,7 +384,7 @@ def _probe(run: Run) -> tuple[dict[str, int], dict[str, int], int, dict[str, int
             with tracker:
                 next(steps)
             return (*_tracked(tracker.get_tracker_snapshot("peak"), None, run, trainer),
-                    _evaluation(run, None))
+                    _evaluation(run, None), 0)
         tracker.track_external(run.model, optimizer)
 
         def before_step(*_) -> None:  # forward and backward are over: their peak is known
@@ -312,8 +396,12 @@ def _probe(run: Run) -> tuple[dict[str, int], dict[str, int], int, dict[str, int
             in_step.__exit__(None, None, None)
             seen["step"] = in_step.get_tracker_snapshot("peak")
 
+        def forward_ended(*_) -> None:  # (the activations' most: backward frees them)
+            seen["forward_end"] = tracker.get_tracker_snapshot()
+
         hooks = [optimizer.register_step_pre_hook(before_step),
-                 optimizer.register_step_post_hook(after_step)]
+                 optimizer.register_step_post_hook(after_step),
+                 run.model.register_forward_hook(forward_ended)]
         try:
             with tracker, warnings.catch_warnings():
                 # (the tracker's module hooks cannot see modules a checkpoint recomputes)
@@ -325,8 +413,10 @@ def _probe(run: Run) -> tuple[dict[str, int], dict[str, int], int, dict[str, int
         evaluation = _evaluation(run, optimizer)
     finally:
         steps.close()
+    forward_end = _by_kind(seen["forward_end"], run.plan.device)["activations"] \
+        if "forward_end" in seen else 0
     return (*_tracked(seen.get("fwbw", tracker.get_tracker_snapshot("peak")), seen.get("step"),
-                      run, trainer), evaluation)
+                      run, trainer), evaluation, forward_end)
 
 
 def _tracked(fwbw: dict, in_step: dict | None, run: Run, trainer: Trainer
@@ -344,7 +434,7 @@ def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Trai
     """Probe the plan and price the options; `room` overrides the device's memory (bytes);
     with a `layout`, each of its ranks is priced and "fits" is a rank's."""
     run = _probe_run(build_model, bundle, cfg, {})
-    fwbw, in_step, micro, evaluation = _probe(run)
+    fwbw, in_step, micro, evaluation, forward_end = _probe(run)
     device = run.plan.device
     room, kind = (room, "given limit") if room else device_room(device)
     per_sample = sum(fwbw[k] for k in _PER_SAMPLE) / micro
@@ -356,7 +446,7 @@ def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Trai
         else min(cfg.data.eval_batch_size, len(bundle.val)),
         peak_bytes=max(phases.values()), peak_phase=max(phases, key=phases.get),
         bytes_per_sample=per_sample, room_bytes=room, room_kind=kind, fits=None,
-        largest_micro_batch=None)
+        largest_micro_batch=None, forward_end_activations=forward_end)
     limit = None if room is None else (1 - MARGIN) * room
     if limit is not None:
         est.fits = est.peak_bytes <= limit
@@ -364,7 +454,13 @@ def estimate(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg: Trai
     if layout is not None:
         if layout.tp > 1 and layout.split > 0:  # (the model's own plan, known here)
             layout = replace(layout, split_activations=activations_split(run, layout.tp))
-        est.per_rank = per_rank(est, layout, limit, gathered_bytes(run.model))
+        if layout.pp > 1:  # (the rank that holds the most)
+            rows = [(per_rank(est, r, limit, gathered_bytes(run.model)), r)
+                    for r in pipeline_ranks(run, layout)[0]]
+            (est.per_rank, layout) = max(rows, key=lambda row: row[0]["training_peak_bytes"])
+            est.per_rank["stage_peak_bytes"] = [row["training_peak_bytes"] for row, _ in rows]
+        else:
+            est.per_rank = per_rank(est, layout, limit, gathered_bytes(run.model))
         if limit is not None:  # (less the whole blocks FSDP2 gathers, which no batch shrinks)
             gathered = est.per_rank["training_peak_bytes"] - \
                 est.peak_at(est.micro_batch, layout.saved)
@@ -435,8 +531,9 @@ def _options(est: MemoryEstimate, run: Run, build_model, bundle: DataBundle, cfg
                             saved=lambda kinds: kinds["optimizer_states"]))
     if plan.distributed != "fsdp" and (plan.device.type == "cuda" or est.fits is False):
         opts.append(_fsdp_option(est, limit, shards_available))
-        tensor = _tensor_parallel_option(est, run, limit, shards_available)
-        opts += [tensor] if tensor is not None else []
+        for option in (_tensor_parallel_option(est, run, limit, shards_available),
+                       _pipeline_option(est, run, limit, shards_available, plan.grad_accum)):
+            opts += [option] if option is not None else []
     return opts
 
 
@@ -547,6 +644,40 @@ def _tensor_parallel_option(est: MemoryEstimate, run: Run, limit: float | None,
     advice = (f"tensor parallel over {n} GPUs of one node (leantrain launch --nproc {n} -- "
               f"train --set plan.parallel.tp={n}, the model's plan; each rank all-reduces "
               f"{reduced / 2**20:,.1f} MiB of activations per micro-batch)")
+    if available is not None and n > available:
+        advice += f"; this machine has {available}"
+    return {"advice": advice, "peak_bytes": peak, "saves_bytes": est.peak_bytes - peak,
+            "fits": None if limit is None else peak <= limit, "measured": False}
+
+
+def _pipeline_option(est: MemoryEstimate, run: Run, limit: float | None,
+                     available: int | None, grad_accum: int) -> dict[str, Any] | None:
+    """Pipeline stages over N GPUs, for a model with one list of blocks: the smallest N (2,
+    4, 8, up to its blocks) whose fullest rank fits under 1F1B with max(N, plan.grad_accum)
+    micro-batches, and the activation each stage sends the next per micro-batch (and its
+    gradient back), the price of cutting the model: small enough to cross nodes."""
+    from .. import pipeline
+    from ..errors import LeantrainError
+
+    try:
+        blocks = len(pipeline.block_list(run.model)[2])
+    except LeantrainError:
+        return None
+    chosen = None
+    for n in (2, 4, 8):
+        if n > blocks:
+            break
+        microbatches = max(n, grad_accum)
+        ranks, sent = pipeline_ranks(run, Layout(n, "pp", pp=n, microbatches=microbatches))
+        chosen = (n, microbatches, max(est.pipeline_peak(r) for r in ranks), sent)
+        if limit is None or chosen[2] <= limit:
+            break
+    if chosen is None:
+        return None
+    n, microbatches, peak, sent = chosen
+    advice = (f"pipeline stages over {n} GPUs (leantrain launch --nproc {n} -- train --set "
+              f"plan.parallel.pp={n} --set plan.grad_accum={microbatches}; each stage sends "
+              f"{sent / 2**20:,.2f} MiB of activations per micro-batch, and as much back)")
     if available is not None and n > available:
         advice += f"; this machine has {available}"
     return {"advice": advice, "peak_bytes": peak, "saves_bytes": est.peak_bytes - peak,

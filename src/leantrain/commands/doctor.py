@@ -73,11 +73,9 @@ def launch_layout(cfg, ranks: int | None, build_model):
         raise LeantrainError(f"--ranks prices a launch of several processes: 2..{MAX_RANKS}, "
                              f"got {ranks}")
     parallel = cfg.plan.parallel
+    plan = replace(cfg.plan, distributed="auto", parallel=ParallelConfig())
     if parallel.pp > 1:
-        raise LeantrainError(f"--ranks prices DDP, FSDP2 and tensor-parallel launches; "
-                             f"pipeline stages (plan.parallel.pp={parallel.pp}) are not priced "
-                             "yet: --set plan.parallel.pp=1 prices the model on one process "
-                             "or the other layouts")
+        return replace(cfg, plan=plan), _pipeline_layout(cfg, ranks)
     requested = cfg.plan.distributed  # (as a launch resolves it: auto is FSDP2 under tp)
     strategy = "fsdp" if requested == "fsdp" or (requested == "auto" and parallel.tp > 1) \
         else "ddp"
@@ -87,5 +85,21 @@ def launch_layout(cfg, ranks: int | None, build_model):
     split = split_share(build_model(), parallel.tp) \
         if parallel.tp > 1 and parallel.tp_plan is None else 0.0
     layout = Layout(ranks, strategy, replicas, cfg.train.async_checkpoint, parallel.tp, split)
-    plan = replace(cfg.plan, distributed="auto", parallel=ParallelConfig())
     return replace(cfg, plan=plan), layout
+
+
+def _pipeline_layout(cfg, ranks: int):
+    """Pipeline stages over `ranks` processes: processes / pp pipelines, each stage
+    FSDP2-sharded over them; the micro-batches are plan.grad_accum. The refusals a launch
+    would give come first."""
+    from ..bench.memory_estimate import Layout
+
+    parallel = cfg.plan.parallel
+    if ranks % parallel.pp or parallel.tp > 1 or parallel.dp_replicate > 1:
+        raise LeantrainError(f"--ranks {ranks} with plan.parallel.pp={parallel.pp}: the "
+                             "processes must be a multiple of pp, without tp or dp_replicate "
+                             "(pipeline stages with those are not built yet)")
+    pipelines = ranks // parallel.pp
+    return Layout(ranks, "fsdp" if pipelines > 1 else "pp", async_save=cfg.train.async_checkpoint,
+                  pp=parallel.pp, schedule=parallel.pp_schedule,
+                  microbatches=cfg.plan.grad_accum)
