@@ -1035,8 +1035,8 @@ def test_fsdp2_by_tensor_parallel_on_4_processes_matches_one_and_resumes_a_fsdp2
     _run([*LEANTRAIN, "launch", "--nproc", "4", "--", "train", *common, "--set",
           "data.batch_size=4", "--set", "plan.parallel.tp=2", "--out", str(mesh)], env=env)
     a, b = _train_losses(one), _train_losses(mesh)
-    assert len(a) == len(b) == 20
-    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    assert len(a) == len(b) == 20  # (4.1e-7 at most on a 2-core AMD EPYC)
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
     _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",
           "data.batch_size=4", "--set", "plan.distributed=fsdp", "--set",
           "train.checkpoint_every=10", "--out", str(sharded)], env=env)
@@ -1046,7 +1046,7 @@ def test_fsdp2_by_tensor_parallel_on_4_processes_matches_one_and_resumes_a_fsdp2
           "--set", "plan.parallel.tp=2"], env=env)
     c, d = _train_losses(sharded), _train_losses(resumed)
     assert len(c) == len(d) == 20 and c[:10] == d[:10]
-    assert max(abs(x - y) for x, y in zip(c, d, strict=True)) < 1e-5
+    assert max(abs(x - y) for x, y in zip(c, d, strict=True)) < 1e-6  # (4.1e-7 measured)
 
 
 def _one_process_then_tp2(tmp_path: Path, module: str, text: str, model: str, data: str,
