@@ -24,6 +24,7 @@ usually hold less).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Callable
@@ -339,6 +340,18 @@ def _tracker(model: nn.Module):
     return tracker
 
 
+@contextlib.contextmanager
+def _tracker_quiet():
+    """MemTracker's module hooks warn where they cannot follow the modules (one a checkpoint
+    recomputes: "Module is None"; calls it cannot pair: "hierarchy tracking maybe be messed
+    up", 4 lines on every doctor of a stock Llama): the peaks used here are the tensors',
+    not its per-module figures, so the user is not told."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Module is None", UserWarning)
+        warnings.filterwarnings("ignore", "The module hierarchy tracking", UserWarning)
+        yield
+
+
 def probe(run: Run) -> tuple[dict[str, int], dict[str, int], int]:
     """(bytes by kind at the forward/backward peak, at the optimizer step's peak, micro-batch)."""
     return _probe(run)[:3]
@@ -351,7 +364,7 @@ def _evaluation(run: Run, optimizer) -> dict[str, int]:
     raw = first_batch(run.val_loader, "validation")
     tracker = _tracker(run.model)
     tracker.track_external(run.model, optimizer)
-    with tracker:
+    with tracker, _tracker_quiet():
         metrics(run.model, OneBatch(raw), run.step)
     return _by_kind(tracker.get_tracker_snapshot("peak"), run.plan.device)
 
@@ -381,7 +394,7 @@ def _probe_each_micro_batch(run: Run
         tracker, in_step, seen = _tracker(run.model), _tracker(run.model), {}
         if run.plan.optimizer_offload:  # states and step on the host: the model's side only
             tracker.track_external(run.model)
-            with tracker:
+            with tracker, _tracker_quiet():
                 next(steps)
             return (*_tracked(tracker.get_tracker_snapshot("peak"), None, run, trainer),
                     _evaluation(run, None), 0)
@@ -403,9 +416,7 @@ def _probe_each_micro_batch(run: Run
                  optimizer.register_step_post_hook(after_step),
                  run.model.register_forward_hook(forward_ended)]
         try:
-            with tracker, warnings.catch_warnings():
-                # (the tracker's module hooks cannot see modules a checkpoint recomputes)
-                warnings.filterwarnings("ignore", "Module is None", UserWarning)
+            with tracker, _tracker_quiet():
                 next(steps)
         finally:
             for hook in hooks:

@@ -28,6 +28,15 @@ def add_parser(sub) -> None:
                         f"checked steps (default {LOSSY_TOL})")
     p.add_argument("--keep-batch-size", action="store_true",
                    help="do not run the batch-size finder; keep data.batch_size")
+    p.add_argument("--layouts", type=int, metavar="N",
+                   help="instead of the techniques, time the parallel layouts of a launch of "
+                        "N processes (DDP, FSDP2, tensor and pipeline parallel) that fit, "
+                        "each as real `launch --nproc N` jobs; writes layouts.json")
+    p.add_argument("--rounds", type=int, default=3, metavar="R",
+                   help="with --layouts: interleaved rounds (default 3: the fewest that give "
+                        "an interval)")
+    p.add_argument("--steps", type=int, default=20, metavar="S",
+                   help="with --layouts: training steps each job times (default 20)")
 
 
 def run(args: argparse.Namespace, dist) -> int:
@@ -35,6 +44,8 @@ def run(args: argparse.Namespace, dist) -> int:
     from ..bench.search import check_arguments, run_bench
 
     check_arguments(args.budget_s, args.loss_tol)  # before the data and the model load
+    if args.layouts is not None:
+        return _layouts(args)
     apply_to = common.check_apply(args.apply)
     cfg, out, bundle, builder = common.load_inputs(args, "bench")
     result = run_bench(builder, bundle, cfg, args.budget_s, args.loss_tol,
@@ -45,4 +56,30 @@ def run(args: argparse.Namespace, dist) -> int:
     print(f"\nresults: {out / BENCH_JSON}, {out / BENCH_PNG}\nwinning plan: {out / PLAN_YAML}"
           + (f" and {apply_to}" if apply_to else "")
           + f"\ntrain with it: leantrain train --plan {apply_to or out / PLAN_YAML}")
+    return 0
+
+
+MAX_LAYOUT_PROCESSES = 64  # every job is launched on this machine
+
+
+def _layouts(args: argparse.Namespace) -> int:
+    """bench --layouts N: the parallel layouts of a launch of N processes, timed."""
+    from ..bench.layouts import LAYOUTS_JSON, bench_layouts, format_layouts
+    from ..errors import LeantrainError
+
+    if not 2 <= args.layouts <= MAX_LAYOUT_PROCESSES:
+        raise LeantrainError(f"--layouts times launches of several processes on this machine: "
+                             f"2..{MAX_LAYOUT_PROCESSES}, got {args.layouts}")
+    if args.rounds < 1 or args.steps < 1:
+        raise LeantrainError(f"--rounds and --steps must be >= 1, got {args.rounds} and "
+                             f"{args.steps}")
+    if args.apply:
+        raise LeantrainError("--apply writes a plan of techniques; --layouts names the "
+                             "launch settings of its fastest layout instead")
+    cfg, out, bundle, builder = common.load_inputs(args, "bench")
+    result = bench_layouts(builder, bundle, cfg, args.layouts, out, args.rounds, args.steps,
+                           args.budget_s)
+    common.mark_out(out, args.command)
+    print("\n".join(format_layouts(result)))
+    print(f"\nresults: {out / LAYOUTS_JSON}")
     return 0
