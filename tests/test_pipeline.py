@@ -135,6 +135,9 @@ def test_pipeline_parallel_is_refused_without_its_processes():
     with pytest.raises(LeantrainError, match="plan.distributed=auto"):
         resolve_strategy("fsdp", DistContext(0, 0, 2, True), pp=2)
     assert resolve_strategy("auto", DistContext(0, 0, 2, True), pp=2) == "pp"
+    assert resolve_strategy("auto", DistContext(0, 0, 4, True), tp=2, pp=2) == "pp"
+    with pytest.raises(LeantrainError, match=r"multiple of pp x tp \(4"):
+        resolve_strategy("auto", DistContext(0, 0, 2, True), tp=2, pp=2)
 
 
 def test_a_one_process_train_with_pp_exits_2_in_one_line_before_any_work(tmp_path):
@@ -219,6 +222,47 @@ def test_a_stock_llama_with_grouped_query_attention_trains_in_2_stages_as_one_pr
 
 
 @pytest.mark.slow
+def test_pipeline_stages_split_by_tensor_parallel_on_4_processes_train_as_one_process(
+        tmp_path):
+    """pp=2 x tp=2 (each stage's layers split over 2 ranks, the model's own plan) on a stock
+    GQA Llama: 8 steps with clipping (its norm joined over both meshes and the stages) equal
+    one process's; each rank holds half of its stage's projections; model.pt is the whole
+    model; the step-4 checkpoint resumes on one process."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    args = ["--model", "shapes:llama_gqa", "--data", "shapes:lm_data", *COMMON, "--epochs",
+            "1", "--set", "data.batch_size=8", "--set", "train.max_steps=8", "--set",
+            "train.clip_norm=0.05"]
+    one, staged = tmp_path / "one", tmp_path / "pp-tp"
+    _run([*LEANTRAIN, "train", *args, "--out", str(one)])
+    _run([*LEANTRAIN, "launch", "--nproc", "4", "--", "train", *args, "--set",
+          "plan.parallel.pp=2", "--set", "plan.parallel.tp=2", "--set",
+          "train.checkpoint_every=4", "--out", str(staged)])
+    a, b = _losses(one), _losses(staged)
+    assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    summary = json.loads((staged / "summary.json").read_text())
+    assert "tensor parallel over 2 ranks" in summary["plan"]["outcomes"]["distributed"]
+    step4 = staged / "checkpoints" / "step-00000004"
+    tensors = FileSystemReader(str(step4)).read_metadata().state_dict_metadata
+    for name, local in [("model.model.layers.0.self_attn.q_proj.weight", [16, 32]),
+                        ("model.model.layers.1.mlp.down_proj.weight", [32, 32])]:
+        assert [list(c.sizes) for c in tensors[name].chunks] == [local, local], name
+    llama_gqa().load_state_dict(torch.load(staged / "model.pt", weights_only=True))
+    again = tmp_path / "alone"
+    shutil.copytree(staged, again)
+    shutil.rmtree(again / "checkpoints" / "step-00000008")
+    (again / "checkpoints" / "latest").write_text("step-00000004")
+    for name in ("summary.json", "model.pt", "model.pt.sha256"):
+        (again / name).unlink(missing_ok=True)
+    shutil.rmtree(again / "pretrained")
+    _run([*LEANTRAIN, "train", "--resume", str(again), "--model", "shapes:llama_gqa",
+          "--data", "shapes:lm_data", "--no-progress", "--set", "plan.parallel.pp=1",
+          "--set", "plan.parallel.tp=1", "--set", "plan.distributed=auto"])
+    c = _losses(again)
+    assert len(c) == 8 and max(abs(x - y) for x, y in zip(b, c, strict=True)) < 1e-5
+
+
+@pytest.mark.slow
 def test_a_stock_gpt2_with_a_tied_head_trains_under_gpipe_as_one_process(tmp_path):
     """GPipe on a stock GPT-2, whose head is its embedding: the two ends' copies take one
     summed gradient (interleaved 1F1B on it: the 4-process test)."""
@@ -292,8 +336,11 @@ def test_doctor_prices_each_rank_of_a_pipeline(tmp_path, capsys):
     _, layout = launch_layout(cfg, 2, gpt2_deep)
     assert (layout.pp, layout.strategy, layout.microbatches) == (2, "pp", 4)
     assert launch_layout(cfg, 4, gpt2_deep)[1].strategy == "fsdp"  # 2 pipelines
-    with pytest.raises(LeantrainError, match="must be a multiple of pp"):
+    with pytest.raises(LeantrainError, match="must be a multiple of pp x tp"):
         launch_layout(cfg, 3, gpt2_deep)
+    both = config_from_dict({"plan": {"parallel": {"pp": 2, "tp": 2}, "grad_accum": 4}})
+    _, layout = launch_layout(both, 4, llama_gqa)  # stages split by the model's own plan
+    assert (layout.pp, layout.tp, layout.strategy) == (2, 2, "pp") and 0.5 < layout.split < 1
     out = tmp_path / "doctor"
     code = main(["doctor", "--model", "shapes:llama_gqa", "--data", "shapes:lm_data",
                  "--epochs", "1", "--steps", "1", "--no-profile", "--no-compile-check",

@@ -202,6 +202,14 @@ def with_mesh(ctx: DistContext, device: torch.device, replicas: int, tp: int, pp
     return replace(ctx, tp=tp, pp=pp, mesh=mesh, data_group=group)
 
 
+def pipelines(ctx: DistContext) -> list[list[int]]:
+    """The global ranks of every pipeline of the job (the mesh's pp dimension, stage by
+    stage), in one order on every process."""
+    mesh = ctx.mesh
+    axis = mesh.mesh_dim_names.index("pp")
+    return mesh.mesh.movedim(axis, -1).reshape(-1, mesh.size(axis)).tolist()
+
+
 def data_mesh(ctx: DistContext):
     """The mesh FSDP2 shards over: the data-parallel dimensions of the job's mesh (None: all
     the processes, FSDP2's default)."""

@@ -430,11 +430,11 @@ class Pipeline:
     def __init__(self, model: nn.Module, roles: Roles, pp: int, rank: int, schedule: str,
                  microbatches: int, device: torch.device,
                  call: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]], group=None,
-                 world: int | None = None):
-        """`rank`: this process's global rank; the pipeline's processes are the `pp`
-        consecutive ranks holding it (`group`), the job's `world` a whole number of them (one
-        pipeline per data-parallel rank)."""
-        rank, first = rank % pp, rank - rank % pp  # (within the pipeline; its first rank)
+                 pipelines: list[list[int]] | None = None):
+        """`rank`: this process's place in its pipeline (0 .. pp - 1), whose processes are
+        `group`; `pipelines`: the global ranks of every pipeline of the job, stage by stage,
+        in one order on every process (one pipeline per data-parallel and tensor-parallel
+        coordinate)."""
         self.model, self.pp, self.rank, self.device = model, pp, rank, device
         self.schedule_name, self.microbatches, self.call, self.group = \
             schedule, microbatches, call, group
@@ -466,9 +466,11 @@ class Pipeline:
         if self.tied and self.last_rank != 0:
             import torch.distributed as dist
 
-            groups = [dist.new_group([start, start + self.last_rank])
-                      for start in range(0, world or pp, pp)]
-            self.tied_group = groups[first // pp]
+            pipelines = pipelines or [list(range(pp))]
+            groups = [dist.new_group([ranks[0], ranks[self.last_rank]]) for ranks in pipelines]
+            me = dist.get_rank()
+            self.tied_group = next(g for g, ranks in zip(groups, pipelines, strict=True)
+                                   if me in ranks)
         self.modules = [StageModule(self, s, [owned[i] for i in self.ranges[s]],
                                     self._extra(s, roles)) for s in self.mine]
         self._schedules: dict[tuple, Any] = {}

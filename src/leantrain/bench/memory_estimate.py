@@ -103,9 +103,10 @@ class MemoryEstimate:
         fwbw, evaluation = self.forward_backward, self.evaluation
         held = fwbw["parameters"] + fwbw["optimizer_states"] + fwbw["buffers"] + \
             (fwbw["gradients"] if layout.gradients_held else 0)
-        at_fwbw = held * layout.kept + \
-            self.forward_end_activations * layout.stage_activations + \
-            (fwbw["temporaries"] + fwbw["other"]) * layout.stage_share
+        split = 1 - layout.split_activations * (1 - 1 / layout.tp)  # (tensor parallel's)
+        at_fwbw = held * layout.kept + split * (
+            self.forward_end_activations * layout.stage_activations +
+            (fwbw["temporaries"] + fwbw["other"]) * layout.stage_share)
         at_step = self.optimizer_step["total"] * layout.kept
         at_eval = (sum(evaluation[k] for k in _SHARDED) + evaluation["buffers"]) * layout.kept \
             + sum(evaluation[k] for k in _PER_SAMPLE) * layout.stage_share

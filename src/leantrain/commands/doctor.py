@@ -74,32 +74,34 @@ def launch_layout(cfg, ranks: int | None, build_model):
                              f"got {ranks}")
     parallel = cfg.plan.parallel
     plan = replace(cfg.plan, distributed="auto", parallel=ParallelConfig())
+    # (a user's own plan splits layers doctor cannot know: they are priced whole)
+    split = split_share(build_model(), parallel.tp) \
+        if parallel.tp > 1 and parallel.tp_plan is None else 0.0
     if parallel.pp > 1:
-        return replace(cfg, plan=plan), _pipeline_layout(cfg, ranks)
+        return replace(cfg, plan=plan), _pipeline_layout(cfg, ranks, split)
     requested = cfg.plan.distributed  # (as a launch resolves it: auto is FSDP2 under tp)
     strategy = "fsdp" if requested == "fsdp" or (requested == "auto" and parallel.tp > 1) \
         else "ddp"
     replicas = replica_groups(parallel.dp_replicate, parallel.dp_shard, strategy, ranks,
                               parallel.tp)
-    # (a user's own plan splits layers doctor cannot know: they are priced whole)
-    split = split_share(build_model(), parallel.tp) \
-        if parallel.tp > 1 and parallel.tp_plan is None else 0.0
     layout = Layout(ranks, strategy, replicas, cfg.train.async_checkpoint, parallel.tp, split)
     return replace(cfg, plan=plan), layout
 
 
-def _pipeline_layout(cfg, ranks: int):
-    """Pipeline stages over `ranks` processes: processes / pp pipelines, each stage
-    FSDP2-sharded over them; the micro-batches are plan.grad_accum. The refusals a launch
-    would give come first."""
+def _pipeline_layout(cfg, ranks: int, split: float):
+    """Pipeline stages over `ranks` processes, each stage's layers split over tp of them
+    (the model's plan splits `split` of its weights): processes / (pp x tp) pipelines, each
+    stage FSDP2-sharded over them; the micro-batches are plan.grad_accum. The refusals a
+    launch would give come first."""
     from ..bench.memory_estimate import Layout
 
     parallel = cfg.plan.parallel
-    if ranks % parallel.pp or parallel.tp > 1 or parallel.dp_replicate > 1:
+    if ranks % (parallel.pp * parallel.tp) or parallel.dp_replicate > 1:
         raise LeantrainError(f"--ranks {ranks} with plan.parallel.pp={parallel.pp}: the "
-                             "processes must be a multiple of pp, without tp or dp_replicate "
-                             "(pipeline stages with those are not built yet)")
-    pipelines = ranks // parallel.pp
+                             f"processes must be a multiple of pp x tp "
+                             f"({parallel.pp * parallel.tp}), without dp_replicate (pipeline "
+                             "stages with hybrid sharding are not built yet)")
+    pipelines = ranks // parallel.pp // parallel.tp
     return Layout(ranks, "fsdp" if pipelines > 1 else "pp", async_save=cfg.train.async_checkpoint,
-                  pp=parallel.pp, schedule=parallel.pp_schedule,
+                  tp=parallel.tp, split=split, pp=parallel.pp, schedule=parallel.pp_schedule,
                   microbatches=cfg.plan.grad_accum)

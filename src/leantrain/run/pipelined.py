@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import distributed, pipeline
+from .. import distributed, pipeline, tensor_parallel
 from ..config import PlanConfig
 from ..data.loaders import batch_size, map_tensors
 from ..errors import LeantrainError
@@ -88,10 +88,19 @@ def build(model: nn.Module, contract: step.Step, first: Any, plan, dist) -> pipe
         roles = pipeline.find_roles(model, lambda m: call(m, rows)[0],
                                     plan.pp * pipeline.stages_per_rank(plan.pp_schedule))
     model.zero_grad(set_to_none=True)
-    stages = pipeline.Pipeline(model, roles, plan.pp, dist.rank, plan.pp_schedule,
-                               plan.microbatches, plan.device, call,
-                               dist.mesh["pp"].get_group(), dist.world_size)
-    if dist.data_world > 1:  # each stage FSDP2-sharded over the data-parallel ranks
+    stages = pipeline.Pipeline(model, roles, plan.pp, dist.mesh["pp"].get_local_rank(),
+                               plan.pp_schedule, plan.microbatches, plan.device, call,
+                               dist.mesh["pp"].get_group(), distributed.pipelines(dist))
+    if plan.tp > 1:  # the field's order: split the stage's layers, then shard them
+        held = dict(model.named_modules())
+        layers = {name: style for name, style in plan.tp_layers.items()
+                  if name in held and any(True for _ in held[name].parameters(recurse=False))}
+        tensor_parallel.apply(model, dist.mesh["tp"], layers, plan.tp_hook)
+        stages.refresh()
+    # each stage FSDP2-sharded over the data-parallel ranks; under tensor parallel over one
+    # too (as without stages), so that every parameter is a DTensor the optimizer's one
+    # kernel steps together with the split ones
+    if dist.data_world > 1 or plan.tp > 1:
         distributed.wrap(model, "fsdp", plan.device, plan.precision, distributed.data_mesh(dist))
         stages.refresh()
     return stages

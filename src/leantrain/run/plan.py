@@ -132,11 +132,10 @@ def resolve_strategy(requested: str, ctx: DistContext, tp: int = 1, pp: int = 1
 def pipeline_layout(requested: str, ctx: DistContext, tp: int, pp: int) -> str:
     """Pipeline stages, one pipeline per data-parallel rank: the world a multiple of pp, each
     pipeline's stages FSDP2-sharded over the data-parallel ranks when there are several."""
-    if requested != "auto" or tp > 1 or ctx.world_size % pp:
+    if requested != "auto" or ctx.world_size % (pp * tp):
         raise LeantrainError(f"plan.parallel.pp={pp} needs the {ctx.world_size} processes a "
-                             "multiple of pp (the rest data parallel), plan.parallel.tp=1 and "
-                             "plan.distributed=auto (pipeline with tensor parallel is not "
-                             "built yet)")
+                             f"multiple of pp x tp ({pp * tp}: the rest data parallel) and "
+                             "plan.distributed=auto")
     return "pp"
 
 
@@ -235,6 +234,14 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
                              "tensor parallel: set plan.parallel.tp to the ranks to split over")
     hook = cfg.parallel.tp_plan if tp > 1 else None  # (the user's plan: layers unknown here)
     tp_layers = tensor_parallel.layer_plan(model, tp) if tp > 1 and hook is None else {}
+    if hook is not None and pp > 1:
+        raise LeantrainError(f"plan.parallel.tp_plan ({hook}) with pipeline stages is not "
+                             "built yet (each process holds only its stages' blocks): the "
+                             "model's own plan splits them")
+    if cfg.parallel.sp and pp > 1:
+        raise LeantrainError("plan.parallel.sp with pipeline stages is not built yet (the "
+                             "stages would pass a stream split over the sequence): use "
+                             "plan.parallel.sp=false with pp")
     if cfg.parallel.sp and (tp == 1 or hook is not None):
         raise LeantrainError("plan.parallel.sp splits the stream between leantrain's "
                              "tensor-parallel layers: it needs plan.parallel.tp > 1 and the "
@@ -252,7 +259,7 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
         outcomes.append(replace(outcome, detail=f"{outcome.detail}; {note}") if note else outcome)
     microbatches = 1
     if pp > 1:  # (the loop steps at every batch: the schedule runs its micro-batches)
-        pipelined.settle(cfg, values, outcomes, model, pp, dist.world_size // pp)
+        pipelined.settle(cfg, values, outcomes, model, pp, dist.world_size // pp // tp)
         microbatches, values["grad_accum"] = values["grad_accum"], 1
     data = dist.world_size // tp // pp
     hybrid = f" (hybrid: {replicas} replicas x {data // replicas} shards)" \
@@ -489,7 +496,7 @@ def build(cfg: TrainConfig, model: nn.Module, train_data: Dataset, val_data: Dat
         init_weights(model, cfg.train.init)
     stages = pipelined.build(model, contract, first_batch(batches), plan, dist) \
         if plan.pp > 1 else None
-    if plan.tp > 1:  # the field's order: split layers, then shard over the data ranks
+    if plan.tp > 1 and stages is None:  # split layers, then shard over the data ranks
         tensor_parallel.apply(model, dist.mesh["tp"], plan.tp_layers, plan.tp_hook, plan.sp)
     wrapped = distributed.wrap(model, plan.distributed, plan.device, plan.precision,
                                distributed.data_mesh(dist))

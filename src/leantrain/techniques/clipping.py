@@ -45,8 +45,8 @@ def _clip_across_stages(parameters: list[nn.Parameter], max_norm: float, stages
     gradient scaled by the one coefficient, as one process would."""
     import torch.distributed as dist
 
-    counted = [p.grad for p in parameters if id(p) not in stages.counted_elsewhere]
-    local = _whole(nn.utils.get_total_norm(counted)) if counted else \
+    counted = [p for p in parameters if id(p) not in stages.counted_elsewhere]
+    local = _joined_norm(_by_mesh(counted)) if counted else \
         torch.zeros((), device=parameters[0].grad.device if parameters else "cpu")
     squared = local.float() ** 2
     dist.all_reduce(squared, group=stages.group)
@@ -68,10 +68,16 @@ def _clip_across_meshes(groups: dict, max_norm: float) -> torch.Tensor:
     mesh and the rest (norms, a tied embedding) on the data mesh, and torch cannot stack norms
     of two meshes: each group's norm is reduced over its own mesh (a replicated weight counted
     once), the groups' norms joined, and every gradient scaled by the one coefficient."""
-    norms = [_whole(nn.utils.get_total_norm(grads)) for grads in groups.values()]
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    total = _joined_norm(groups)
     _scale(groups, total, max_norm)
     return total
+
+
+def _joined_norm(groups: dict) -> torch.Tensor:
+    """The norm of gradients grouped by mesh (`_by_mesh`): each group's reduced over its
+    own mesh, then joined (a pipeline stage of a tensor-parallel model holds both kinds)."""
+    norms = [_whole(nn.utils.get_total_norm(grads)) for grads in groups.values()]
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 def _whole(norm: torch.Tensor) -> torch.Tensor:
