@@ -1214,26 +1214,26 @@ def _model_pt_scores_the_runs_val_loss(tmp_path: Path, split: Path, score: str) 
 
 @pytest.mark.slow
 def test_the_text_gpt_recipe_splits_its_fused_attention_and_resumes_on_one_process(tmp_path):
-    """tp=2 on the text-gpt recipe's GPT with no plan of the user's: 10 steps equal one
-    process's, each rank holds its third of q, of k and of v, the whole weights come back in
-    the model's order, and the step-5 checkpoint resumes on one process (tp 2 -> 1)."""
+    """tp=2 on the text-gpt recipe's GPT with no plan of the user's: 20 steps equal one
+    process's, each rank holds half of q, of k and of v, the whole weights come back in the
+    model's order, and the step-10 checkpoint resumes on one process (tp 2 -> 1)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     split, a, b = _one_process_then_tp2(tmp_path, "mine", FUSED_MODULE, "mine:gpt",
-                                        "mine:tokens", 10, "--set", "train.checkpoint_every=5")
-    assert len(a) == len(b) == 10 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+                                        "mine:tokens", 20, "--set", "train.checkpoint_every=10")
+    assert len(a) == len(b) == 20 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
     _model_pt_scores_the_runs_val_loss(tmp_path, split, "gpt_val_loss")
-    step5 = split / "checkpoints" / "step-00000005"
-    tensors = FileSystemReader(str(step5)).read_metadata().state_dict_metadata
+    step10 = split / "checkpoints" / "step-00000010"
+    tensors = FileSystemReader(str(step10)).read_metadata().state_dict_metadata
     qkv = tensors["model.blocks.0.attention.qkv.weight"]
     assert sorted(list(c.sizes) for c in qkv.chunks) == [[48, 32], [48, 32]]
-    alone = _as_killed_at(split, tmp_path / "alone", "step-00000005")
+    alone = _as_killed_at(split, tmp_path / "alone", "step-00000010")
     shutil.rmtree(alone / "pretrained", ignore_errors=True)
     _run([*LEANTRAIN, "train", "--resume", str(alone), "--model", "mine:gpt", "--data",
           "mine:tokens", "--no-progress", "--set", "plan.parallel.tp=1", "--set",
           "plan.distributed=auto"], env=dict(os.environ, PYTHONPATH=str(tmp_path)))
     c = _train_losses(alone)
-    assert len(c) == 10 and max(abs(x - y) for x, y in zip(b, c, strict=True)) < 1e-5
+    assert len(c) == 20 and max(abs(x - y) for x, y in zip(b, c, strict=True)) < 1e-5
 
 
 @pytest.mark.slow

@@ -263,39 +263,46 @@ def test_pipeline_stages_split_by_tensor_parallel_on_4_processes_train_as_one_pr
 
 
 @pytest.mark.slow
-def test_a_stock_gpt2_with_a_tied_head_trains_under_gpipe_as_one_process(tmp_path):
-    """GPipe on a stock GPT-2, whose head is its embedding: the two ends' copies take one
-    summed gradient (interleaved 1F1B on it: the 4-process test)."""
+def test_a_stock_gpt2_with_a_tied_head_trains_under_each_schedule_as_one_process(tmp_path):
+    """GPipe, 1F1B and interleaved 1F1B (2 stages a process) on a stock GPT-2, whose head is
+    its embedding (the two ends' copies take one summed gradient): 8 steps' losses within
+    1e-6 of one process accumulating the same micro-batches."""
     args = ["--model", "shapes:gpt2_deep", "--data", "shapes:lm_data", *COMMON, "--epochs",
-            "1", "--set", "data.batch_size=8", "--set", "optim.name=adamw"]
+            "1", "--set", "data.batch_size=8", "--set", "optim.name=adamw", "--set",
+            "train.max_steps=8"]
     one = tmp_path / "one"
     _run([*LEANTRAIN, "train", *args, "--out", str(one)])
-    for schedule in ("gpipe",):
+    for schedule in ("gpipe", "1f1b", "interleaved-1f1b"):
         staged = tmp_path / schedule
         _pipelined(args, staged, schedule)
         a, b = _losses(one), _losses(staged)
-        assert len(a) == len(b) == 16
+        assert len(a) == len(b) == 8
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6, schedule
         weights = torch.load(staged / "model.pt", weights_only=True)
         assert torch.equal(weights["lm_head.weight"], weights["transformer.wte.weight"])
 
 
 @pytest.mark.slow
-def test_the_text_gpt_recipe_trains_under_interleaved_zero_bubble_as_one_process(tmp_path):
-    """The text-gpt recipe (its position parameter lives on the first stage): losses and an
-    evaluation whose batches (7 rows) do not split evenly into the micro-batches."""
+def test_the_text_gpt_recipe_trains_under_each_schedule_as_one_process(tmp_path):
+    """The text-gpt recipe (its position parameter lives on the first stage, its head tied)
+    under GPipe, 1F1B, interleaved 1F1B and interleaved zero-bubble: losses within 1e-6 of
+    one process, and an evaluation whose batches (7 rows) do not split evenly into the
+    micro-batches."""
     args = ["--recipe", "text-gpt", "--data", str(Path(__file__).parents[1] / "examples"),
             *COMMON, "--epochs", "1", "--set", "data.max_bytes=20000", "--set",
             "data.context=32", "--set", "gpt.depth=4", "--set", "train.max_steps=5", "--set",
             "data.eval_batch_size=7"]
-    one, staged = tmp_path / "one", tmp_path / "pp"
+    one = tmp_path / "one"
     _run([*LEANTRAIN, "train", *args, "--out", str(one)])
-    _pipelined(args, staged, "interleaved-zero-bubble")
-    a, b = _losses(one), _losses(staged)
-    assert len(a) == len(b) == 5 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
-    ends = [_records(run, "epoch")[-1] for run in (one, staged)]
-    assert ends[0]["val_loss"] == pytest.approx(ends[1]["val_loss"], abs=1e-6)
-    assert ends[0]["val_accuracy"] == ends[1]["val_accuracy"]
+    for schedule in ("gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble"):
+        staged = tmp_path / schedule
+        _pipelined(args, staged, schedule)
+        a, b = _losses(one), _losses(staged)
+        assert len(a) == len(b) == 5
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6, schedule
+        ends = [_records(run, "epoch")[-1] for run in (one, staged)]
+        assert ends[0]["val_loss"] == pytest.approx(ends[1]["val_loss"], abs=1e-6), schedule
+        assert ends[0]["val_accuracy"] == ends[1]["val_accuracy"], schedule
 
 
 def test_a_stage_holds_its_share_of_the_weights_and_of_the_activations():
