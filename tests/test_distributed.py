@@ -1248,6 +1248,21 @@ def test_a_stock_gpt2_splits_its_conv1d_attention_and_mlp(tmp_path):
     assert "(8 layers split)" in outcome["distributed"]
 
 
+def test_a_tensor_parallel_group_s_flops_are_shared_by_its_devices():
+    """A tp=2 group's samples are computed by both its devices: each achieves half the
+    FLOP/s (its MFU was reported twice too high), as do the stages of a pipeline."""
+    import types
+
+    from leantrain.run.summary import utilization
+
+    def achieved(tp: int, pp: int) -> float:
+        plan = types.SimpleNamespace(device=torch.device("cpu"), precision="fp32", tf32=False,
+                                     tp=tp, pp=pp)
+        return utilization(plan, 1e6, 100.0)["achieved_flops_per_second"]
+
+    assert achieved(1, 1) == 1e8 and achieved(2, 1) == 5e7 and achieved(2, 2) == 2.5e7
+
+
 def test_sequence_parallel_needs_a_plan_that_splits_the_whole_stream():
     """plan.parallel.sp: refused in one line for a tied head and embedding, for a layer the
     plan keeps whole (a mixture of experts' router), and without tp or with a user's hook."""

@@ -278,6 +278,10 @@ def test_a_stock_gpt2_with_a_tied_head_trains_under_each_schedule_as_one_process
         a, b = _losses(one), _losses(staged)
         assert len(a) == len(b) == 8
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6, schedule
+        # FLOPs counted on the whole model before the cut: one process's, per sample
+        flops = [json.loads((run / "summary.json").read_text())["flops_per_sample"]
+                 for run in (one, staged)]
+        assert flops[0] and flops[1] == pytest.approx(flops[0], rel=1e-6)
         weights = torch.load(staged / "model.pt", weights_only=True)
         assert torch.equal(weights["lm_head.weight"], weights["transformer.wte.weight"])
 

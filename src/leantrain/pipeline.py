@@ -445,6 +445,7 @@ class Pipeline:
         self.last_rank = (self.stages - 1) % pp
         self.tallies: list[Any] = []
         self._spec = None  # (the batch's structure, for the stages to rebuild it)
+        self.flops_per_sample: float | None = None  # the whole model's, counted before the cut
         owned = {i: blocks[i] for s in self.mine for i in self.ranges[s]}
         self.owned_blocks = _OwnedBlocks(owned, len(blocks))
         setattr(parent, attr, self.owned_blocks)

@@ -8,6 +8,7 @@ tallies the loop and validation sum, so a pipelined run reports what one process
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ from ..measure.probe import seeded, untouched
 from ..techniques.base import Outcome
 from . import state as run_state
 from . import step
+
+log = logging.getLogger(__name__)
 
 # plan settings a pipeline stage does not run with yet: the value it takes instead on "auto"
 _OFF = {"compile": False, "activation_checkpointing": False, "optimizer_offload": False}
@@ -87,6 +90,8 @@ def build(model: nn.Module, contract: step.Step, first: Any, plan, dist) -> pipe
     with untouched(model):
         roles = pipeline.find_roles(model, lambda m: call(m, rows)[0],
                                     plan.pp * pipeline.stages_per_rank(plan.pp_schedule))
+        flops = _flops_per_sample(model, lambda: call(model, rows)[0].backward(),
+                                  batch_size(rows))
     model.zero_grad(set_to_none=True)
     stages = pipeline.Pipeline(model, roles, plan.pp, dist.mesh["pp"].get_local_rank(),
                                plan.pp_schedule, plan.microbatches, plan.device, call,
@@ -103,7 +108,20 @@ def build(model: nn.Module, contract: step.Step, first: Any, plan, dist) -> pipe
     if dist.data_world > 1 or plan.tp > 1:
         distributed.wrap(model, "fsdp", plan.device, plan.precision, distributed.data_mesh(dist))
         stages.refresh()
+    stages.flops_per_sample = flops
     return stages
+
+
+def _flops_per_sample(model: nn.Module, forward_backward, rows: int) -> float | None:
+    """The whole model's training FLOPs per sample, counted before it is cut into stages
+    (MFU then divides a pipeline's rate over its processes)."""
+    from ..measure.flops import count_flops
+
+    try:
+        return count_flops(forward_backward) / rows
+    except Exception as exc:  # a model the counter cannot trace still trains
+        log.warning("FLOPs not counted (%s: %s); no MFU for this run", type(exc).__name__, exc)
+        return None
 
 
 def forward_backward(run, state, timer, raw: Any, share: float) -> torch.Tensor:

@@ -48,9 +48,8 @@ def training_flops(run: Run) -> float | None:
     activation checkpointing's recomputation is not counted (MFU, not HFU). It leaves the
     model as it was, so call it before the run seeds its random streams.
     """
-    if run.pipeline is not None:
-        log.info("FLOPs not counted: the model's stages run on several processes (no MFU)")
-        return None
+    if run.pipeline is not None:  # (counted on the whole model before it was cut)
+        return run.pipeline.flops_per_sample
     batch = first_batch(run.train_loader)
     parts = 1
     while True:
@@ -82,17 +81,20 @@ def _count(run: Run, batch) -> int | None:
 
 def utilization(plan: ResolvedPlan, flops_per_sample: float | None,
                 samples_per_second: float | None) -> dict[str, Any]:
-    """Training FLOPs per sample, achieved FLOP/s and MFU against the device's peak."""
+    """Training FLOPs per sample, achieved FLOP/s and MFU against the device's peak, per
+    device: a tensor-parallel group's or a pipeline's samples (`samples_per_second`, this
+    data-parallel rank's) are computed by its tp x pp devices together (their MFU was `tp`
+    times too high)."""
     peak, why_none = device_peak(plan.device, plan.precision, plan.tf32)
     fps = flops_per_sample
-    achieved = fps * samples_per_second if fps and samples_per_second else None
+    rate = samples_per_second / (plan.tp * plan.pp) if samples_per_second else None
+    achieved = fps * rate if fps and rate else None
     return {
         "flops_per_sample": fps,
         "achieved_flops_per_second": achieved,
         "peak_flops_per_second": peak.flops_per_second if peak else None,
         "peak_source": peak.label if peak else why_none,
-        "mfu": mfu(fps, samples_per_second, peak.flops_per_second)
-        if achieved and peak else None,
+        "mfu": mfu(fps, rate, peak.flops_per_second) if achieved and peak else None,
     }
 
 
