@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,37 @@ def test_the_candidates_are_the_layouts_the_model_can_take_each_keeping_the_glob
     # 2 stages on 2 processes: one pipeline, its step twice the micro-batches
     assert found["pp=2"].settings["plan.grad_accum"] == 6
     assert found["pp=2"].layout.strategy == "pp" and found["pp=2"].layout.microbatches == 6
-    # 4 processes: 4 key/value heads... 2 (GQA) refuse tp=4; 2 blocks refuse pp=4
-    assert [c.name for c in candidates(shapes.llama_gqa(), CFG, 4)] == \
-        ["ddp", "fsdp", "tp=2", "pp=2"]
-    assert candidates(shapes.llama_gqa(), CFG, 4)[3].layout.strategy == "fsdp"  # 2 pipelines
+    assert not any(c.failed for c in found.values())
+    # 4 processes: 2 key/value heads (GQA) refuse tp=4, 2 blocks refuse pp=4: said, not run
+    four = {c.name: c for c in candidates(shapes.llama_gqa(), CFG, 4)}
+    assert list(four) == ["ddp", "fsdp", "tp=2", "pp=2", "tp=4", "pp=4"]
+    assert four["pp=2"].layout.strategy == "fsdp"  # 2 pipelines
+    assert "key/value heads (grouped-query) must divide by tp" in four["tp=4"].failed
+    assert "has 2 blocks" in four["pp=4"].failed
+    three = {c.name: c.failed for c in candidates(shapes.llama_gqa(), CFG, 3)}
+    assert three["tp=2"] == "3 processes are not a multiple of 2" and three["ddp"] is None
     plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))  # no plan, no blocks
-    assert [c.name for c in candidates(plain, CFG, 2)] == ["ddp", "fsdp"]
+    assert [c.name for c in candidates(plain, CFG, 2) if c.failed is None] == ["ddp", "fsdp"]
+
+
+def test_the_runs_own_layout_does_not_leak_into_the_jobs_and_the_set_must_fill_a_batch(
+        tmp_path, monkeypatch):
+    """A --set plan.parallel.tp=2 of the user's ran every job with tp=2 (the "fsdp" one
+    became a tensor-parallel baseline); a training set smaller than the global batch was
+    trained as one short batch by some layouts and refused by the others."""
+    seen = []
+    monkeypatch.setattr(layouts, "price", lambda *args: None)
+    monkeypatch.setattr(layouts, "time_layouts",
+                        lambda found, cfg, *args: seen.append(cfg) or found)
+    bundle = types.SimpleNamespace(train=list(range(64)))
+    cfg = config_from_dict({"data": {"batch_size": 8}, "plan": {"parallel": {"tp": 2},
+                                                                "distributed": "fsdp"}})
+    layouts.bench_layouts(shapes.llama_gqa, bundle, cfg, 2, tmp_path, 1, 1, 60)
+    assert seen[0].plan.parallel.tp == 1 and seen[0].plan.distributed == "auto"
+    with pytest.raises(layouts.LeantrainError, match=r"= 128 samples, more than the training "
+                                                     r"set's 64: lower data.batch_size"):
+        layouts.bench_layouts(shapes.llama_gqa, bundle, config_from_dict(
+            {"data": {"batch_size": 64}}), 2, tmp_path, 1, 1, 60)
 
 
 def _timed(tmp_path, rates: dict, fits: dict | None = None, rounds: int = 3,
@@ -88,9 +114,11 @@ def test_within_noise_the_reference_stays_and_a_failed_or_unfitting_layout_is_sa
     assert rows[-1].startswith("use ddp: no other layout is faster beyond noise")
 
 
-def test_with_fewer_than_3_rounds_no_layout_can_win(tmp_path):
+def test_with_fewer_than_3_rounds_no_layout_can_win_and_one_timed_is_no_comparison(tmp_path):
     found = _timed(tmp_path, {"ddp": [100, 100], "fsdp": [300, 300]}, rounds=2)
     assert found[1].interval is None and winner(found).name == "ddp"
+    alone = _timed(tmp_path, {"ddp": [100], "fsdp": [1]}, rounds=1, fail="fsdp")
+    assert winner(alone) is None
 
 
 @pytest.mark.parametrize("extra, fragment", [
@@ -126,9 +154,12 @@ def test_bench_layouts_times_real_jobs_on_two_processes(tmp_path):
         env=dict(os.environ, PYTHONPATH=str(tmp_path)))
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "layouts.json").read_text())
-    assert [row["name"] for row in result["layouts"]] == ["ddp", "fsdp"]
+    timed = [row for row in result["layouts"] if row["global_samples_per_second"]]
+    assert [row["name"] for row in timed] == ["ddp", "fsdp"]
     assert all(len(row["global_samples_per_second"]) == 1 and
-               row["global_samples_per_second"][0] > 0 for row in result["layouts"])
+               row["global_samples_per_second"][0] > 0 for row in timed)
+    assert "no tensor-parallel plan" in next(r["failed"] for r in result["layouts"]
+                                             if r["name"] == "tp=2")
     assert result["winner"] == "ddp"  # one round: no interval, the reference stays
     assert "(no interval: under 3 rounds)" in done.stdout
     assert Path(out / "layouts" / "fsdp-round1" / "summary.json").is_file()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -238,6 +239,25 @@ def test_the_parallel_layout_must_fit_the_processes_and_fsdp():
                             ((2, "auto", None, 1), "plan.parallel.dp_replicate=1")]:
         with pytest.raises(LeantrainError, match=message):
             replica_groups(*layout)
+
+
+@pytest.mark.parametrize("sets, fragment", [
+    (["plan.parallel.tp=3"], r"plan.parallel.tp \(3\) must divide the 2 processes"),
+    (["plan.parallel.pp=2", "plan.parallel.tp=2"], "a multiple of pp x tp \\(4"),
+    (["plan.parallel.sp=true"], "plan.parallel.sp splits the stream"),
+    (["plan.parallel.dp_replicate=3", "plan.distributed=fsdp"], "must equal the 2 processes"),
+])
+def test_launch_checks_the_layout_before_it_starts_a_process(tmp_path, sets, fragment):
+    """A layout the processes cannot take is one line from the launcher itself, exit 2,
+    before any rank starts (each rank said it in a few lines after 10-16 s of start-up)."""
+    out = tmp_path / "run"
+    done = subprocess.run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train",
+                           *[part for s in sets for part in ("--set", s)], "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and re.search(fragment, err[0]), done.stderr
+    assert not out.exists()
 
 
 def _fsdp_args(out: Path) -> list[str]:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import pipeline, tensor_parallel
 from ..checkpoint import atomic_write_text
-from ..config import TrainConfig, config_from_dict, merge
+from ..config import ParallelConfig, TrainConfig, config_from_dict, merge
 from ..data import DataBundle
 from ..errors import LeantrainError, one_line
 from ..measure.rounds import interleave, interval, paired_ratios
@@ -60,31 +60,33 @@ class Candidate:
 
 
 def candidates(model: nn.Module, cfg: TrainConfig, nproc: int) -> list[Candidate]:
-    """The layouts of `nproc` processes this model can take, each keeping the global batch;
-    one the model cannot take (no tensor-parallel plan, too few blocks) is left out."""
+    """The layouts of `nproc` processes, each keeping the global batch; one the model or the
+    processes cannot take (no tensor-parallel plan, too few blocks, N not a multiple of the
+    degree) is listed with the reason and not run."""
     batch, accum = cfg.data.batch_size, cfg.plan.grad_accum
     found = [Candidate("ddp", {"plan.distributed": "ddp"}, Layout(nproc, "ddp")),
              Candidate("fsdp", {"plan.distributed": "fsdp"}, Layout(nproc, "fsdp"))]
     for k in sorted({2, nproc}):
-        if k < 2 or nproc % k:
+        tp = Candidate(f"tp={k}", {"plan.parallel.tp": k, "data.batch_size": batch * k,
+                                   "plan.distributed": "auto"}, Layout(nproc, "fsdp", tp=k))
+        pp = Candidate(f"pp={k}", {"plan.parallel.pp": k, "plan.grad_accum": k * accum,
+                                   "plan.parallel.pp_schedule": "1f1b",
+                                   "plan.distributed": "auto"},
+                       Layout(nproc, "fsdp" if nproc > k else "pp", pp=k,
+                              microbatches=k * accum))
+        if nproc % k:
+            tp.failed = pp.failed = f"{nproc} processes are not a multiple of {k}"
+            found += [tp, pp]
             continue
         try:
-            split = tensor_parallel.split_share(model, k)
-        except LeantrainError:
-            pass
-        else:
-            found.append(Candidate(f"tp={k}", {"plan.parallel.tp": k, "data.batch_size":
-                                               batch * k, "plan.distributed": "auto"},
-                                   Layout(nproc, "fsdp", tp=k, split=split)))
+            tp.layout = replace(tp.layout, split=tensor_parallel.split_share(model, k))
+        except LeantrainError as exc:
+            tp.failed = str(exc)
         try:
             pipeline.check(model, k, "1f1b", k * accum)
-        except LeantrainError:
-            continue
-        found.append(Candidate(f"pp={k}", {"plan.parallel.pp": k, "plan.grad_accum": k * accum,
-                                           "plan.parallel.pp_schedule": "1f1b",
-                                           "plan.distributed": "auto"},
-                               Layout(nproc, "fsdp" if nproc > k else "pp", pp=k,
-                                      microbatches=k * accum)))
+        except LeantrainError as exc:
+            pp.failed = str(exc)
+        found += [tp, pp]
     return found
 
 
@@ -102,6 +104,8 @@ def _settings_tree(settings: dict[str, Any]) -> dict[str, Any]:
 def price(candidate: Candidate, build_model: Callable[[], nn.Module], bundle: DataBundle,
           cfg: TrainConfig) -> None:
     """The candidate's fullest rank, from a one-process probe of its micro-batch."""
+    if candidate.failed is not None:
+        return
     probe = merge(cfg.to_dict(), _settings_tree(candidate.settings))
     probe = merge(probe, {"plan": {"distributed": "auto", "parallel": {"tp": 1, "pp": 1}}})
     est = estimate(build_model, bundle, config_from_dict(probe), layout=candidate.layout)
@@ -170,7 +174,10 @@ def time_layouts(found: list[Candidate], cfg: TrainConfig, nproc: int, out: Path
 
 
 def winner(found: list[Candidate]) -> Candidate | None:
-    """The fastest layout whose interval lies above 1, else the reference."""
+    """The fastest layout whose interval lies above 1, else the reference; None when fewer
+    than two were timed (nothing was compared)."""
+    if sum(1 for c in found if c.rates) < 2:
+        return None
     reference = next((c for c in found if c.rates), None)
     faster = [c for c in found if c.interval is not None and c.interval[0] > 1.0]
     return max(faster, key=lambda c: c.speedup) if faster else reference
@@ -180,7 +187,10 @@ def bench_layouts(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg:
                   nproc: int, out: Path, rounds: int, steps: int,
                   budget_s: float) -> dict[str, Any]:
     """Price, then time, the layouts of a launch of `nproc` processes; written to
-    layouts.json in `out`."""
+    layouts.json in `out`. The run's own plan.distributed and plan.parallel are replaced by
+    each layout's (a tp=2 of the user's would leak into every job)."""
+    cfg = replace(cfg, plan=replace(cfg.plan, distributed="auto", parallel=ParallelConfig()))
+    _check_global_batch(bundle, cfg, nproc)
     found = candidates(build_model(), cfg, nproc)
     for candidate in found:
         price(candidate, build_model, bundle, cfg)
@@ -194,6 +204,26 @@ def bench_layouts(build_model: Callable[[], nn.Module], bundle: DataBundle, cfg:
               "winner_settings": None if best is None else best.settings}
     atomic_write_text(out / LAYOUTS_JSON, json.dumps(result, indent=2))
     return result
+
+
+def _check_global_batch(bundle: DataBundle, cfg: TrainConfig, nproc: int) -> None:
+    """Every layout keeps the run's global batch, which the training set must fill once:
+    a short set trained one partial batch under some layouts and was refused by others, and
+    the one left was named the fastest of one."""
+    size = _length(bundle.train)
+    needed = cfg.data.batch_size * cfg.plan.grad_accum * nproc
+    if size is not None and size < needed:
+        raise LeantrainError(
+            f"--layouts {nproc}: each layout's global batch is data.batch_size x "
+            f"plan.grad_accum x {nproc} processes = {needed} samples, more than the "
+            f"training set's {size}: lower data.batch_size")
+
+
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:  # a stream: its length is not known ahead
+        return None
 
 
 def format_layouts(result: dict[str, Any]) -> list[str]:
@@ -214,7 +244,9 @@ def format_layouts(result: dict[str, Any]) -> list[str]:
         lines.append(f"  {row['name']:<7} {priced:>20}  {rate:,.1f} samples/s  "
                      f"{row['speedup']:.2f}x{spread}")
     if result["winner"] is None:
-        lines.append("no layout was timed")
+        timed = [row["name"] for row in result["layouts"] if row["global_samples_per_second"]]
+        lines.append(f"nothing to compare: {' and '.join(timed) or 'no layout'} ran; no "
+                     "layout is named")
         return lines
     sets = " ".join(f"--set {k}={v}" for k, v in result["winner_settings"].items())
     kept = "" if result["winner"] != result["reference"] else \

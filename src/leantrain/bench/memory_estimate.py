@@ -169,9 +169,11 @@ class Layout:
         if self.pp > 1:
             sharded = f", each FSDP2-sharded over {self.shards}" if self.strategy == "fsdp" \
                 else ""
-            return (f"{self.processes} processes, {self.pp} pipeline stages{sharded} "
+            return (f"{self.processes} processes, {self.pp} pipeline stages{tensor}{sharded} "
                     f"({self.schedule}, {self.microbatches} micro-batches; rank {self.rank} "
                     "holds the most)")
+        if self.shards == 1 and self.replicas == 1 and self.tp > 1:
+            return f"{self.processes} processes, layers split over {self.tp}"
         return f"{self.processes} processes, FSDP2 over {hybrid}{self.shards} shards{tensor}"
 
 

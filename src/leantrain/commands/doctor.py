@@ -75,8 +75,10 @@ def launch_layout(cfg, ranks: int | None, build_model):
     parallel = cfg.plan.parallel
     plan = replace(cfg.plan, distributed="auto", parallel=ParallelConfig())
     # (a user's own plan splits layers doctor cannot know: they are priced whole)
-    split = split_share(build_model(), parallel.tp) \
-        if parallel.tp > 1 and parallel.tp_plan is None else 0.0
+    def split() -> float:
+        return split_share(build_model(), parallel.tp) \
+            if parallel.tp > 1 and parallel.tp_plan is None else 0.0
+
     if parallel.pp > 1:
         return replace(cfg, plan=plan), _pipeline_layout(cfg, ranks, split)
     requested = cfg.plan.distributed  # (as a launch resolves it: auto is FSDP2 under tp)
@@ -84,13 +86,13 @@ def launch_layout(cfg, ranks: int | None, build_model):
         else "ddp"
     replicas = replica_groups(parallel.dp_replicate, parallel.dp_shard, strategy, ranks,
                               parallel.tp)
-    layout = Layout(ranks, strategy, replicas, cfg.train.async_checkpoint, parallel.tp, split)
+    layout = Layout(ranks, strategy, replicas, cfg.train.async_checkpoint, parallel.tp, split())
     return replace(cfg, plan=plan), layout
 
 
-def _pipeline_layout(cfg, ranks: int, split: float):
+def _pipeline_layout(cfg, ranks: int, split):
     """Pipeline stages over `ranks` processes, each stage's layers split over tp of them
-    (the model's plan splits `split` of its weights): processes / (pp x tp) pipelines, each
+    (the model's plan splits `split()` of its weights): processes / (pp x tp) pipelines, each
     stage FSDP2-sharded over them; the micro-batches are plan.grad_accum. The refusals a
     launch would give come first."""
     from ..bench.memory_estimate import Layout
@@ -103,5 +105,5 @@ def _pipeline_layout(cfg, ranks: int, split: float):
                              "stages with hybrid sharding are not built yet)")
     pipelines = ranks // parallel.pp // parallel.tp
     return Layout(ranks, "fsdp" if pipelines > 1 else "pp", async_save=cfg.train.async_checkpoint,
-                  tp=parallel.tp, split=split, pp=parallel.pp, schedule=parallel.pp_schedule,
+                  tp=parallel.tp, split=split(), pp=parallel.pp, schedule=parallel.pp_schedule,
                   microbatches=cfg.plan.grad_accum)

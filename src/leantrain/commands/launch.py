@@ -302,9 +302,37 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace, dist) -> int:
     command = args.launched[1:] if args.launched[:1] == ["--"] else args.launched
     _settings(args)
+    check_layout(command, args.nproc, args.nnodes)
     command = with_run_folder(command, args.nnodes)
     return launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port,
                   command, args.max_restarts, args.rdzv_endpoint, args.rdzv_id)
+
+
+def check_layout(command: list[str], nproc: int, nnodes: int | str) -> None:
+    """A train command's parallel layout checked against the job's processes before any is
+    started (`run.plan.layout`): tp x pp not dividing them, a hybrid layout that does not
+    multiply to them, sequence parallel without tp... one line here, where each rank would
+    have said it in a few lines after starting. A command this cannot read, or an elastic
+    number of nodes, is left to the ranks."""
+    if command[:1] != ["train"] or not str(nnodes).isdigit():
+        return
+    import contextlib
+    import io
+
+    from ..distributed import DistContext
+    from ..run.plan import layout
+    from . import train
+    from .common import config_from_args
+
+    parser = argparse.ArgumentParser()
+    train.add_parser(parser.add_subparsers(dest="command"))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = parser.parse_args(command)
+    except SystemExit:  # (the ranks' own parser says what is wrong with it)
+        return
+    cfg = config_from_args(args)
+    layout(cfg.plan, DistContext(0, 0, nproc * int(nnodes), True))
 
 
 def _option(command: list[str], flag: str) -> str | None:

@@ -139,6 +139,37 @@ def pipeline_layout(requested: str, ctx: DistContext, tp: int, pp: int) -> str:
     return "pp"
 
 
+def layout(cfg: PlanConfig, dist: DistContext) -> tuple[str | None, int]:
+    """(strategy, hybrid replicas) of plan.distributed and plan.parallel on `dist`'s
+    processes, checked: the settings alone decide it, so `launch` checks them too, before it
+    starts a process (each rank would say the same, a few lines each)."""
+    parallel, tp, pp = cfg.parallel, cfg.parallel.tp, cfg.parallel.pp
+    strategy = resolve_strategy(cfg.distributed, dist, tp, pp)
+    if pp > 1 and (parallel.dp_replicate != 1 or parallel.dp_shard not in (
+            "auto", dist.world_size // pp // tp)):
+        raise LeantrainError(f"plan.parallel.pp={pp}: its data-parallel ranks (the processes "
+                             "/ pp / tp) shard each stage; hybrid sharding (dp_replicate) with "
+                             "pipeline stages is not built yet")
+    replicas = 1 if pp > 1 else distributed.replica_groups(
+        parallel.dp_replicate, parallel.dp_shard, strategy, dist.world_size, tp)
+    if parallel.tp_plan and tp == 1:
+        raise LeantrainError(f"plan.parallel.tp_plan ({parallel.tp_plan}) splits layers for "
+                             "tensor parallel: set plan.parallel.tp to the ranks to split over")
+    if parallel.tp_plan and pp > 1:
+        raise LeantrainError(f"plan.parallel.tp_plan ({parallel.tp_plan}) with pipeline stages "
+                             "is not built yet (each process holds only its stages' blocks): "
+                             "the model's own plan splits them")
+    if parallel.sp and pp > 1:
+        raise LeantrainError("plan.parallel.sp with pipeline stages is not built yet (the "
+                             "stages would pass a stream split over the sequence): use "
+                             "plan.parallel.sp=false with pp")
+    if parallel.sp and (tp == 1 or parallel.tp_plan):
+        raise LeantrainError("plan.parallel.sp splits the stream between leantrain's "
+                             "tensor-parallel layers: it needs plan.parallel.tp > 1 and the "
+                             "model's own plan (a plan.parallel.tp_plan hook applies its own)")
+    return strategy, replicas
+
+
 @dataclass
 class ResolvedPlan:
     device: torch.device
@@ -221,31 +252,9 @@ def resolve_plan(cfg: PlanConfig, model: nn.Module, tokens_per_batch: int | None
                              "attention over the sequence with CUDA's attention kernels (the "
                              f"CPU's have no sharding rule for it); {where}: use "
                              "plan.parallel.cp=1")
-    strategy = resolve_strategy(cfg.distributed, dist, tp, pp)
-    if pp > 1 and (cfg.parallel.dp_replicate != 1 or cfg.parallel.dp_shard not in (
-            "auto", dist.world_size // pp)):
-        raise LeantrainError(f"plan.parallel.pp={pp}: its data-parallel ranks (the processes "
-                             "/ pp) shard each stage; hybrid sharding (dp_replicate) with "
-                             "pipeline stages is not built yet")
-    replicas = 1 if pp > 1 else distributed.replica_groups(
-        cfg.parallel.dp_replicate, cfg.parallel.dp_shard, strategy, dist.world_size, tp)
-    if cfg.parallel.tp_plan and tp == 1:
-        raise LeantrainError(f"plan.parallel.tp_plan ({cfg.parallel.tp_plan}) splits layers for "
-                             "tensor parallel: set plan.parallel.tp to the ranks to split over")
+    strategy, replicas = layout(cfg, dist)
     hook = cfg.parallel.tp_plan if tp > 1 else None  # (the user's plan: layers unknown here)
     tp_layers = tensor_parallel.layer_plan(model, tp) if tp > 1 and hook is None else {}
-    if hook is not None and pp > 1:
-        raise LeantrainError(f"plan.parallel.tp_plan ({hook}) with pipeline stages is not "
-                             "built yet (each process holds only its stages' blocks): the "
-                             "model's own plan splits them")
-    if cfg.parallel.sp and pp > 1:
-        raise LeantrainError("plan.parallel.sp with pipeline stages is not built yet (the "
-                             "stages would pass a stream split over the sequence): use "
-                             "plan.parallel.sp=false with pp")
-    if cfg.parallel.sp and (tp == 1 or hook is not None):
-        raise LeantrainError("plan.parallel.sp splits the stream between leantrain's "
-                             "tensor-parallel layers: it needs plan.parallel.tp > 1 and the "
-                             "model's own plan (a plan.parallel.tp_plan hook applies its own)")
     if cfg.parallel.sp:
         tensor_parallel.check_sequence_parallel(model, tp_layers, tp)
     tensor_parallel.check_sharding(tp_layers, tp, dist.world_size // tp // pp // replicas)
