@@ -32,8 +32,10 @@ def _measured_beside_estimate(kind: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", ["mlp", pytest.param("cnn", marks=pytest.mark.slow),
-                                  pytest.param("bert", marks=pytest.mark.slow)])
+# (a stock BERT's estimate is probed by the activation-checkpointing test below; its measured
+# peak, 40 s of CI, gave way to the parallel layouts' tests: a transformer's peak is the
+# LoRA GPT-2's test)
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
 def test_the_estimate_is_within_20_percent_of_the_peak_measured_on_the_cpu(kind):
     result = _measured_beside_estimate(kind)
     assert result["measured"] > 100 * 2**20  # large enough for the RSS to measure it

