@@ -33,6 +33,7 @@ from .. import pipeline, tensor_parallel
 from ..checkpoint import atomic_write_text
 from ..config import ParallelConfig, TrainConfig, config_from_dict, merge
 from ..data import DataBundle
+from ..data.streams import is_stream
 from ..errors import LeantrainError, one_line
 from ..measure.rounds import interleave, interval, paired_ratios
 from .memory_estimate import Layout, estimate
@@ -210,20 +211,13 @@ def _check_global_batch(bundle: DataBundle, cfg: TrainConfig, nproc: int) -> Non
     """Every layout keeps the run's global batch, which the training set must fill once:
     a short set trained one partial batch under some layouts and was refused by others, and
     the one left was named the fastest of one."""
-    size = _length(bundle.train)
+    size = None if is_stream(bundle.train) else len(bundle.train)
     needed = cfg.data.batch_size * cfg.plan.grad_accum * nproc
     if size is not None and size < needed:
         raise LeantrainError(
             f"--layouts {nproc}: each layout's global batch is data.batch_size x "
             f"plan.grad_accum x {nproc} processes = {needed} samples, more than the "
             f"training set's {size}: lower data.batch_size")
-
-
-def _length(dataset: Any) -> int | None:
-    try:
-        return len(dataset)
-    except TypeError:  # a stream: its length is not known ahead
-        return None
 
 
 def format_layouts(result: dict[str, Any]) -> list[str]:

@@ -658,6 +658,12 @@ def _tensor_parallel_option(est: MemoryEstimate, run: Run, limit: float | None,
     advice = (f"tensor parallel over {n} GPUs of one node (leantrain launch --nproc {n} -- "
               f"train --set plan.parallel.tp={n}, the model's plan; each rank all-reduces "
               f"{reduced / 2**20:,.1f} MiB of activations per micro-batch)")
+    return _parallel_option(est, advice, peak, limit, n, available)
+
+
+def _parallel_option(est: MemoryEstimate, advice: str, peak: int, limit: float | None,
+                     n: int, available: int | None) -> dict[str, Any]:
+    """A model-parallel option over `n` GPUs, priced at `peak` per rank (not measured)."""
     if available is not None and n > available:
         advice += f"; this machine has {available}"
     return {"advice": advice, "peak_bytes": peak, "saves_bytes": est.peak_bytes - peak,
@@ -692,10 +698,7 @@ def _pipeline_option(est: MemoryEstimate, run: Run, limit: float | None,
     advice = (f"pipeline stages over {n} GPUs (leantrain launch --nproc {n} -- train --set "
               f"plan.parallel.pp={n} --set plan.grad_accum={microbatches}; each stage sends "
               f"{sent / 2**20:,.2f} MiB of activations per micro-batch, and as much back)")
-    if available is not None and n > available:
-        advice += f"; this machine has {available}"
-    return {"advice": advice, "peak_bytes": peak, "saves_bytes": est.peak_bytes - peak,
-            "fits": None if limit is None else peak <= limit, "measured": False}
+    return _parallel_option(est, advice, peak, limit, n, available)
 
 
 def format_estimate(est: dict[str, Any]) -> list[str]:
