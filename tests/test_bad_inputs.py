@@ -1484,12 +1484,12 @@ def test_a_plan_cache_that_cannot_be_written_costs_a_warning_not_the_run(tmp_pat
     """A read-only $HOME (clusters) failed the run after its measuring."""
     import logging
 
-    from leantrain.run import defaults
+    from leantrain.run import plan_cache
 
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("LEANTRAIN_CACHE", str(tmp_path / "file" / "cache"))  # (not a folder)
     with caplog.at_level(logging.WARNING, logger="leantrain"):
-        defaults._to_cache("k", {"values": {}})
+        plan_cache.write("k", {"values": {}})
     assert "plan cache" in caplog.text and "measures again" in caplog.text
 
 

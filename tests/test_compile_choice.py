@@ -112,7 +112,8 @@ def test_the_next_run_takes_the_cached_measurement_against_its_own_length(probin
     assert short["plan"]["compile"] is False and "compile would pay after ~300 steps" in outcome
     assert "(from the plan cache)" in outcome and short["plan_measurement"]["from_cache"]
     # 50 epochs are 700 steps: the same cache entry now says compile (decided, not trained)
-    cfg, notes, record = defaults.decide(_cfg("train.epochs=50"), tiny_cnn(), *small_images())
+    cfg, notes, record, _ = defaults.decide(_cfg("train.epochs=50"), tiny_cnn(),
+                                            *small_images())
     assert cfg.plan.compile is True and record["from_cache"]
     assert "pays after ~300 steps of this run's 700" in notes["compile"]
 

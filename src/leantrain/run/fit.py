@@ -15,7 +15,7 @@ from ..data.hf import torch_formatted
 from ..data.sources import check_datasets
 from ..distributed import DistContext
 from ..errors import LeantrainError
-from . import defaults, folder
+from . import deciding, defaults, folder
 from .checkpoints import written_by_several
 from .plan import build
 from .trainer import Trainer
@@ -50,16 +50,15 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, cfg: TrainConf
     locked = folder.claim(out, resume, verify) if out is not None and is_main \
         else contextlib.nullcontext()
     with locked:
-        notes: dict[str, str] = {}
-        record = None
+        decided = defaults.Decided(cfg, {}, None)
         if not resume:  # a resumed run continues with the choices its config.yaml holds
-            cfg, notes, record = defaults.decide(cfg, model, train_data, val_data, loss_fn,
-                                                 collate_fn)
-        run = build(cfg, model, train_data, val_data, loss_fn, collate_fn=collate_fn,
-                    notes=notes, drop_last=resume and written_by_several(out))
+            decided = defaults.decide(cfg, model, train_data, val_data, loss_fn, collate_fn)
+        run = build(decided.cfg, model, train_data, val_data, loss_fn, collate_fn=collate_fn,
+                    notes=decided.notes, drop_last=resume and written_by_several(out))
         if out is not None:  # (the process group is up: every rank checks it sees the folder)
             folder.check_shared(out, run.dist)
-        trainer = Trainer(run, out, progress_bar, watcher)
+        trial = deciding.PlanTrial(decided.pending, run, out) if decided.pending else None
+        trainer = Trainer(run, out, progress_bar, watcher, trial)
         trainer.checkpoints.data_changed = data_changed
         with tensor_parallel.loss_parallel(run.plan.sp):
-            return trainer.fit(resume=resume, plan_measurement=record)
+            return trainer.fit(resume=resume, plan_measurement=decided.record)

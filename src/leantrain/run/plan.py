@@ -203,6 +203,11 @@ class ResolvedPlan:
         """The context forward passes (and the loss) run in: built once, for the plan."""
         return self._autocast()
 
+    def use_precision(self, value: str) -> None:
+        """Autocast to `value` from the next forward on (a precision decided mid-run)."""
+        self.precision = value
+        self._autocast = precision.autocast_factory(self.device, value)
+
     def to_dict(self) -> dict:
         return {
             "device": str(self.device),

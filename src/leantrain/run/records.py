@@ -16,7 +16,7 @@ import yaml
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write_text
-from ..config import CONFIG_NAME, target_met, target_of
+from ..config import CONFIG_NAME, TrainConfig, target_met, target_of
 from ..data.batching import batches_per_epoch
 from ..losses import tasks
 from ..measure.monitor import ResourceMonitor
@@ -41,6 +41,12 @@ class Watcher(Protocol):
         written), or None."""
 
 
+def write_config(out_dir: Path, cfg: TrainConfig) -> None:
+    """The run folder's config.yaml: what the run trains with, and what `--resume` continues
+    with (rewritten when the run's first steps decide a choice: `run.deciding`)."""
+    atomic_write_text(out_dir / CONFIG_NAME, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
 class Records:
     """The run's records, written to its log (metrics.jsonl, TensorBoard) when it has one."""
 
@@ -56,8 +62,7 @@ class Records:
         metric log; the resource monitor samples into the log at `step()`."""
         if out_dir is not None and self.run.dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out_dir / CONFIG_NAME,
-                              yaml.safe_dump(self.run.cfg.to_dict(), sort_keys=False))
+            write_config(out_dir, self.run.cfg)
             self.log_file = RunLog(out_dir)
         self.monitor = start_monitor(self.run, lambda sample: self.log_file.log(
             "monitor", step(), **sample))

@@ -5,7 +5,7 @@ ends, so the hot path never waits on the host. `Trainer.steps()` is the same ste
 evaluation, checkpoints or logs: the one loop the bench, the finders and doctor time. What the
 loop calls has a module each: out-of-memory recovery (`recovery`), signals (`signals`),
 records and validation (`records`), checkpoints (`checkpoints`), the compile hand-over
-(`compiling`) and pipeline stages (`pipelined`)."""
+(`compiling`), pipeline stages (`pipelined`), choices decided on the first steps (`deciding`)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from . import pipelined, recovery, signals, step, summary
 from . import state as run_state
 from .checkpoints import Checkpoints
 from .compiling import EAGER_STEPS, CompiledStep
+from .deciding import PlanTrial
 from .heartbeat import Heartbeat
 from .plan import Run
 from .records import Records, Watcher
@@ -41,8 +42,9 @@ class Trainer:
     """One training run over a decided `Run`; `fit()` below is the function most callers want."""
 
     def __init__(self, run: Run, out_dir: Path | None = None, progress_bar: bool = True,
-                 watcher: Watcher | None = None):
+                 watcher: Watcher | None = None, deciding: PlanTrial | None = None):
         self.run, self.out_dir, self.progress_bar = run, out_dir, progress_bar
+        self.deciding = deciding
         self.compiling: CompiledStep | None = None  # made when training starts (`_begin`)
         self.state: TrainState | None = None
         self.timer = StepTimer(run.plan.device)
@@ -51,16 +53,17 @@ class Trainer:
         self.checkpoints = Checkpoints(run, out_dir)
         self.records = Records(run, self.checkpoints.last_good, watcher)
 
-    def restart_timer(self) -> StepTimer:
-        """A fresh step timer from now on (after warm-up steps that should not count)."""
+    def restart_timer(self) -> StepTimer:  # (after warm-up steps that should not count)
         self.timer = StepTimer(self.run.plan.device)
         return self.timer
 
     def _begin(self, lr_at: Callable[[int], float] | None = None, eager_steps: int = 0) -> None:
-        """Fresh training state; the compiled step model is made here, not when the trainer
-        is built, so a trial that never trains pays nothing for torch.compile's import.
-        A compiled run takes its first `eager_steps` steps eagerly (`run.compiling`)."""
+        """Fresh training state; the compiled step is made here (a trial that never trains
+        pays nothing for it), its first `eager_steps` steps eager (`run.compiling`)."""
         self.state = run_state.new_state(self.run, lr_at)
+        self._compile_if_planned(eager_steps)
+
+    def _compile_if_planned(self, eager_steps: int) -> None:
         # evaluation uses the eager module: compiling a second (eval) graph would not pay off
         if self.run.plan.compile and self.compiling is None:
             plan = self.run.plan
@@ -68,8 +71,7 @@ class Trainer:
                                           plan.compile_mode, plan.distributed == "fsdp")
 
     def _close_compiling(self) -> None:
-        if self.compiling is not None:
-            self.compiling.close()
+        self.compiling is not None and self.compiling.close()
 
     def _start_fresh(self) -> None:
         cfg, plan, rank = self.run.cfg, self.run.plan, self.run.dist.data_rank
@@ -79,10 +81,8 @@ class Trainer:
 
     def micro_step(self, batch: step.Batch, micro: int, last: bool) -> tuple[bool, torch.Tensor]:
         """Forward and backward one loader batch (as `progress.micro_split` micro-batches
-        after an out-of-memory recovery); step the optimizer at a boundary.
-
-        Returns (stepped, the batch's loss as a device tensor).
-        """
+        after an out-of-memory recovery), the optimizer stepped at a boundary; returns
+        (stepped, the batch's loss as a device tensor)."""
         run, state, timer = self.run, self.state, self.timer
         boundary = accumulation.is_step_boundary(micro, run.plan.grad_accum, last)
         parts = state.progress.micro_split
@@ -137,7 +137,6 @@ class Trainer:
             self.timer.restart()  # the failed step's partial marks are dropped
             if self.compiling is not None:
                 self.compiling.shape_changed()
-
         return recovery.replay_split(window, self.state.progress, failure, self.run.dist,
                                      ends_epoch, before_replay, self.micro_step)
 
@@ -157,11 +156,10 @@ class Trainer:
               ) -> Iterator[tuple[int, torch.Tensor]]:
         """Train from the initial weights and yield (samples, loss) after every optimizer step.
 
-        This is exactly the step `fit` takes, without evaluation, checkpoints or logs, for as
-        long as the caller iterates (epochs follow one another): short measured trials (bench,
-        the finders, doctor) time it, so they time what training will really run. The loss is a
-        device tensor (no host sync). `lr_at(step)` replaces the schedule by absolute learning
-        rates. Close the generator when done: that restores the backend flags and threads.
+        Exactly `fit`'s step, without evaluation, checkpoints or logs, for as long as the
+        caller iterates: the bench, the finders and doctor time what training will run. The
+        loss is a device tensor (no host sync); `lr_at(step)`: absolute learning rates instead
+        of the schedule. Close the generator: that restores the backend flags and threads.
         """
         run = self.run
         self._begin(lr_at)
@@ -188,6 +186,9 @@ class Trainer:
         """Logs and mid-epoch checkpoints after an optimizer step; returns the step clock."""
         p, train = self.state.progress, self.run.cfg.train
         p.step += 1
+        if self.deciding is not None:  # its first steps may choose compile (`run.deciding`)
+            tick = self.deciding.after_step(self.state, tick)
+            self._compile_if_planned(eager_steps=1)  # (this step: the eager one it times)
         if self.first_step_pending:  # the first step after (re)start carries one-off
             self.first_step_pending = False  # warm-ups: not in the step breakdown
             self.restart_timer().restart()
@@ -265,7 +266,7 @@ class Trainer:
     def fit(self, resume: bool = False, plan_measurement: dict[str, Any] | None = None
             ) -> dict[str, Any]:
         """Train to the end (or the target); returns the summary, also written to the run
-        folder. `plan_measurement`: how the plan's "auto" choices were measured."""
+        folder. `plan_measurement`: how the plan's "auto" choices were measured before it."""
         run, out = self.run, self.out_dir
         flops = summary.training_flops(run)  # before seeding: it draws no numbers after
         self._begin(eager_steps=EAGER_STEPS)
@@ -289,10 +290,11 @@ class Trainer:
             self._close_compiling()
             if self.heartbeat is not None:
                 self.heartbeat.close()
+        measured = self.deciding.close() if self.deciding else plan_measurement  # (the plan)
         result = summary.build(run, self.state, self.timer, flops, monitored)
         if self.compiling is not None:
             result["compile"] = self.compiling.report(self.state.progress)
-        result["plan_measurement"] = plan_measurement
+        result["plan_measurement"] = measured
         result["load"] = load.reading.to_dict()  # samples/s on a busy machine says so
         self.checkpoints.finish(self.state, result)
         return result

@@ -48,3 +48,15 @@ def to_channels_last(batch: torch.Tensor) -> torch.Tensor:
     if batch.dim() == 4:
         return batch.contiguous(memory_format=torch.channels_last)
     return batch
+
+
+def switch_layout(model: nn.Module, optimizer: torch.optim.Optimizer, on: bool) -> None:
+    """Move a model being trained to channels_last (`on`) or back, in place, mid-run: the same
+    parameters (the optimizer keeps them), and their optimizer states follow their layout, or
+    each step's foreach kernels would fall back to a tensor-by-tensor loop."""
+    model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+    for param, state in optimizer.state.items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape \
+                    and value.stride() != param.stride():
+                state[name] = torch.empty_like(param).copy_(value)

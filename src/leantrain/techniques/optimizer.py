@@ -93,3 +93,19 @@ def _torch_optimizer(cfg: OptimConfig) -> tuple[type, dict]:
     if cfg.name == "adam":
         return torch.optim.Adam, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     raise LeantrainError(f"optim.name {cfg.name!r} is not one of sgd, adamw, adam")
+
+
+def switch_kernels(optimizer: torch.optim.Optimizer, impl: str) -> None:
+    """Step an optimizer being trained with other kernels from now on, its state kept: through
+    its own state_dict, so torch places each state (Adam's step count: on the device for fused
+    kernels) as the new kernels need it."""
+    if impl not in IMPLS:
+        raise LeantrainError(f"unknown implementation {impl!r}; allowed: {', '.join(IMPLS)}")
+    flags = {"fused": impl == "fused" or None, "foreach": impl == "foreach" if impl != "fused"
+             else None}
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        group.update(flags)
+    optimizer.load_state_dict(saved)
+    optimizer._step_supports_amp_scaling = impl == "fused"  # (as its constructor sets it)
+
