@@ -142,6 +142,8 @@ def _leantrain(case, train, val, collate, epochs: int, extra: tuple[str, ...] = 
     return summary["val_loss"], {
         **chosen, "outcomes": {k: plan["outcomes"].get(k) for k in chosen},
         "measuring_s": (summary.get("plan_measurement") or {}).get("seconds"),
+        "deciding": {k: (summary.get("plan_measurement") or {}).get(k)
+                     for k in ("steps", "cost_s", "gain_s")},
         "samples_per_second": summary["samples_per_second"],
         "compile_seconds": summary.get("compile_seconds")}
 

@@ -228,3 +228,42 @@ def test_compile_is_lossless_and_keeps_plain_state_dict_keys():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     assert unwrap(compiled) is model
     assert list(unwrap(compiled).state_dict()) == list(mlp().state_dict())
+
+
+def test_kernels_and_layout_switched_mid_run_keep_the_state_and_step_as_before():
+    """The switches `run.deciding` makes between two steps: the same parameters and optimizer
+    state, so the run goes on exactly (to float rounding) as one that never switched."""
+    from leantrain.techniques.memory_format import switch_layout
+    from leantrain.techniques.optimizer import switch_kernels
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3),
+                                    torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 2))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+
+    switched, opt = model_and_optimizer()
+    plain, plain_opt = model_and_optimizer()
+    x = torch.randn(4, 3, 8, 8)
+    for step in range(6):
+        for m, o in ((switched, opt), (plain, plain_opt)):
+            o.zero_grad()
+            m(x.contiguous(memory_format=torch.channels_last) if m is switched and 2 <= step < 4
+              else x).square().mean().backward()
+            o.step()
+        if step == 1:
+            switch_kernels(opt, "foreach")
+            switch_layout(switched, opt, True)
+            weight = switched[1].weight
+            assert opt.param_groups[0]["foreach"] and not opt.param_groups[0]["fused"]
+            assert not weight.is_contiguous() and opt.state[weight]["exp_avg"].stride() == \
+                weight.stride()
+        if step == 3:
+            switch_kernels(opt, "fused")
+            switch_layout(switched, opt, False)
+            assert switched[1].weight.is_contiguous() and opt.param_groups[0]["fused"]
+    for a, b in zip(switched.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert int(opt.state[switched[1].weight]["step"]) == 6
+    with pytest.raises(LeantrainError, match="unknown implementation"):
+        switch_kernels(opt, "fastest")
