@@ -11,6 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 
 from leantrain import fit, load_config
+from leantrain.measure.report import format_summary
 from leantrain.run import deciding, defaults, plan_cache
 
 
@@ -150,6 +151,8 @@ def test_a_faster_candidate_is_taken_mid_run_and_learns_as_the_winner_from_the_s
     taken_at = int(note.split("taken from step ")[1].split()[0].rstrip(";)"))
     assert 20 < taken_at <= 80  # after MIN_ROUNDS rounds, within the quarter of the run
     assert summary["plan_measurement"]["gain_s"] > summary["plan_measurement"]["cost_s"] > 0
+    shown = format_summary(summary)  # what `train` prints: the trial's cost beside its gain
+    assert "plan decided" in shown and "lost ~" in shown and "gains ~" in shown
     winner = fit(_Clocked(clock), *_blobs(), _cfg("train.epochs=40", "plan.compile=false",
                                                   "plan.precision=bf16",
                                                   "plan.optimizer_impl=" +

@@ -138,6 +138,20 @@ def format_summary(summary: dict[str, Any]) -> str:
     busy = busy_line(summary.get("load"))
     if busy:
         rows.append(("machine", busy))
+    rows += _deciding_rows(summary.get("plan_measurement"))
     rows.append(("techniques", ""))
     rows += [(f"  {name}", outcome) for name, outcome in summary["plan"]["outcomes"].items()]
     return table(rows, "leantrain run summary")
+
+
+def _deciding_rows(record: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """What deciding the plan on the run's first steps cost, beside what it projects to gain."""
+    if not record or not record.get("in_run"):
+        return []
+    cost, gain = record.get("cost_s"), record.get("gain_s")
+    said = f"on its first {record['steps']} steps (each candidate's windows real steps)"
+    if cost is not None:
+        said += f"; they lost ~{max(cost, 0.0):.1f} s against the chosen plan"
+    if gain:
+        said += f", which gains ~{gain:.1f} s over the rule's in the rest of the run"
+    return [("plan decided", said)]

@@ -104,6 +104,7 @@ class PlanTrial:
         self.rates: dict[str, list[float]] = {}  # samples/s of windows since the plan changed
         self.timed: dict[tuple, list[tuple[int, float]]] = {}  # values -> (steps, seconds)
         self.compiled: dict[str, Any] = {}  # compile's values, when the probe chose it
+        self.switches: list[float] = []  # seconds of each first step after a switch
         self.limit, self.seen, self.window = int(SHARE * pending.total_steps), 0, 0
         self.now, self.samples, self.tick, self.optimizer = 0.0, 0, 0.0, None
         self.paused: float | None = None  # when a compile probe paused the run
@@ -143,7 +144,9 @@ class PlanTrial:
             for name in names if rounds % 2 == 0 else names[::-1]:
                 values = self._values(name)
                 self._use(values)
-                yield  # the first step after a switch: not timed
+                began = self.now
+                yield  # the first step after a switch: not in the rates (one-off set-up)
+                self.switches.append(self.now - max(began, self.tick))
                 self.rates[name].append((yield from self._timed(values, self.window))[1])
             rounds += 1
             if rounds >= MIN_ROUNDS and self._judge():
@@ -280,9 +283,11 @@ class PlanTrial:
                                          {"plan": {**self.current, **self.compiled}}))
         if self.out_dir is not None and run.dist.is_main:
             write_config(self.out_dir, run.cfg)
+        record = self.record()
         if self.pending.cache_key is not None:
-            plan_cache.write(self.pending.cache_key, self.record())
-        log.info("plan: decided on the run's first %d steps: %s", self.seen,
+            plan_cache.write(self.pending.cache_key, record)
+        log.info("plan: decided on the run's first %d steps (they lost ~%.1f s against the "
+                 "chosen plan): %s", self.seen, max(record["cost_s"] or 0.0, 0.0),
                  "; ".join(f"{k}: {v}" for k, v in self.notes.items()))
 
     def _step_s(self, values: dict[str, Any]) -> float | None:
@@ -292,15 +297,16 @@ class PlanTrial:
 
     def record(self) -> dict[str, Any]:
         """What the summary's plan_measurement and the plan cache keep: each choice's note and
-        result (beside those measured before the run), the steps deciding took, and what the
-        steps before the decision lost against the chosen plan beside the gain it projects
-        over the rule's for the rest of the run."""
+        result (beside those measured before the run), the steps deciding took, and what its
+        windows and switch steps lost against the chosen plan's steps (`cost_s`) beside what
+        the chosen plan gains over the rule's in the rest of the run (`gain_s`)."""
         prior = self.pending.prior
         chosen, rule = self._step_s(self.current), self._step_s(self.pending.rule)
         final = tuple(sorted(self.current.items()))
         cost = None if chosen is None else sum(
             seconds - steps * chosen for values, windows in self.timed.items()
-            if values != final for steps, seconds in windows)
+            if values != final for steps, seconds in windows) + sum(
+            seconds - chosen for seconds in self.switches)
         gain = None if chosen is None or rule is None else \
             (rule - chosen) * max(self.pending.total_steps - self.seen, 0)
         return {**prior, "in_run": True,
