@@ -268,9 +268,9 @@ class PlanTrial:
         plan, self.compiled = self.run.plan, values
         if values.get("compile"):
             plan.compile, plan.compile_mode = True, values.get("compile_mode", "default")
-        ran = f"compiled from step {self.seen + 1}" if plan.compile else "eager"
         for i, outcome in enumerate(plan.outcomes):
             if outcome.name == "compile":
+                ran = f"compiled from step {self.seen + 1}" if plan.compile else outcome.detail
                 plan.outcomes[i] = Outcome("compile", plan.compile, f"{ran}; {note}")
             elif outcome.name == "compile_mode" and plan.compile:
                 plan.outcomes[i] = Outcome("compile_mode", True, f"{plan.compile_mode} "
