@@ -13,6 +13,25 @@ from torch.utils.data import TensorDataset
 os.environ["LEANTRAIN_FIT_THREADS"] = "0"
 
 
+# torch's threads in a process just started (read before any test could change them)
+PROCESS_THREADS = torch.get_num_threads()
+
+
+def train_here(argv: list[str]) -> None:
+    """`leantrain ARGV` (a one-process train or resume) in this process, with the threads a
+    process started for it gets: the same run, without the interpreter, torch and transformers
+    to start (about 3 s each on a 2-core machine). The launches it is compared with still
+    start their own processes; a user module it names must be importable here."""
+    from leantrain.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(PROCESS_THREADS)
+    try:
+        assert main(argv) == 0, argv
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_and_seeded():
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_here
 from shapes import gpt2_deep, llama_gqa, t5, whisper
 from test_bench import USER_MODULE
 
@@ -190,7 +191,7 @@ def test_a_stock_llama_with_grouped_query_attention_trains_in_2_stages_as_one_pr
             "train.clip_norm=0.05", "--set", "train.eval_every_steps=5", "--set",
             "schedule.name=cosine", "--set", "schedule.warmup_fraction=0.2"]
     one, staged = tmp_path / "one", tmp_path / "pp"
-    _run([*LEANTRAIN, "train", *args, "--out", str(one)])
+    train_here(["train", *args, "--out", str(one)])
     _pipelined(args, staged, "1f1b", "--set", "train.checkpoint_every=10", "--set",
                "train.keep_checkpoints=3")
     a, b = _losses(one), _losses(staged)
@@ -214,7 +215,7 @@ def test_a_stock_llama_with_grouped_query_attention_trains_in_2_stages_as_one_pr
         resume = ["train", "--resume", str(again), "--model", "shapes:llama_gqa", "--data",
                   "shapes:lm_data", "--no-progress"]
         if layout == "alone":
-            _run([*LEANTRAIN, *resume, "--set", "plan.parallel.pp=1"])
+            train_here([*resume, "--set", "plan.parallel.pp=1"])
         else:
             _run([*LEANTRAIN, "launch", "--nproc", "2", "--", *resume])
         c = _losses(again)
@@ -234,7 +235,7 @@ def test_pipeline_stages_split_by_tensor_parallel_on_4_processes_train_as_one_pr
             "1", "--set", "data.batch_size=8", "--set", "train.max_steps=6", "--set",
             "train.clip_norm=0.05"]
     one, staged = tmp_path / "one", tmp_path / "pp-tp"
-    _run([*LEANTRAIN, "train", *args, "--out", str(one)])
+    train_here(["train", *args, "--out", str(one)])
     _run([*LEANTRAIN, "launch", "--nproc", "4", "--", "train", *args, "--set",
           "plan.parallel.pp=2", "--set", "plan.parallel.tp=2", "--set",
           "train.checkpoint_every=3", "--out", str(staged)])
@@ -255,9 +256,9 @@ def test_pipeline_stages_split_by_tensor_parallel_on_4_processes_train_as_one_pr
     for name in ("summary.json", "model.pt", "model.pt.sha256"):
         (again / name).unlink(missing_ok=True)
     shutil.rmtree(again / "pretrained")
-    _run([*LEANTRAIN, "train", "--resume", str(again), "--model", "shapes:llama_gqa",
-          "--data", "shapes:lm_data", "--no-progress", "--set", "plan.parallel.pp=1",
-          "--set", "plan.parallel.tp=1", "--set", "plan.distributed=auto"])
+    train_here(["train", "--resume", str(again), "--model", "shapes:llama_gqa",
+                "--data", "shapes:lm_data", "--no-progress", "--set", "plan.parallel.pp=1",
+                "--set", "plan.parallel.tp=1", "--set", "plan.distributed=auto"])
     c = _losses(again)
     assert len(c) == 6 and max(abs(x - y) for x, y in zip(b, c, strict=True)) < 1e-5
 
@@ -271,7 +272,7 @@ def test_a_stock_gpt2_with_a_tied_head_trains_under_each_schedule_as_one_process
             "1", "--set", "data.batch_size=8", "--set", "optim.name=adamw", "--set",
             "train.max_steps=4"]
     one = tmp_path / "one"
-    _run([*LEANTRAIN, "train", *args, "--out", str(one)])
+    train_here(["train", *args, "--out", str(one)])
     for schedule in ("gpipe", "1f1b", "interleaved-1f1b"):
         staged = tmp_path / schedule
         _pipelined(args, staged, schedule)
@@ -297,7 +298,7 @@ def test_the_text_gpt_recipe_trains_under_each_schedule_as_one_process(tmp_path)
             "data.context=32", "--set", "gpt.depth=4", "--set", "train.max_steps=5", "--set",
             "data.eval_batch_size=7"]
     one = tmp_path / "one"
-    _run([*LEANTRAIN, "train", *args, "--out", str(one)])
+    train_here(["train", *args, "--out", str(one)])
     for schedule in ("interleaved-1f1b", "interleaved-zero-bubble"):
         staged = tmp_path / schedule
         _pipelined(args, staged, schedule)
@@ -401,7 +402,7 @@ def test_two_pipelines_of_2_stages_on_4_processes_train_as_one_process_and_resum
             "1", "--set", "train.max_steps=8", "--set", "train.clip_norm=0.05", "--set",
             "optim.name=adamw"]
     one, staged = tmp_path / "one", tmp_path / "pp"
-    _run([*LEANTRAIN, "train", *args, "--set", "data.batch_size=16", "--out", str(one)])
+    train_here(["train", *args, "--set", "data.batch_size=16", "--out", str(one)])
     _run([*LEANTRAIN, "launch", "--nproc", "4", "--", "train", *args, "--set",
           "data.batch_size=8", "--set", "plan.parallel.pp=2", "--set",
           "plan.parallel.pp_schedule=interleaved-1f1b", "--set", "train.checkpoint_every=4",
@@ -415,9 +416,9 @@ def test_two_pipelines_of_2_stages_on_4_processes_train_as_one_process_and_resum
     for name in ("summary.json", "model.pt", "model.pt.sha256"):
         (again / name).unlink()
     shutil.rmtree(again / "pretrained")
-    _run([*LEANTRAIN, "train", "--resume", str(again), "--model", "shapes:gpt2_deep", "--data",
-          "shapes:lm_data", "--no-progress", "--set", "plan.parallel.pp=1", "--set",
-          "data.batch_size=16"])
+    train_here(["train", "--resume", str(again), "--model", "shapes:gpt2_deep", "--data",
+                "shapes:lm_data", "--no-progress", "--set", "plan.parallel.pp=1", "--set",
+                "data.batch_size=16"])
     c = _losses(again)
     assert len(c) == 8 and max(abs(x - y) for x, y in zip(b, c, strict=True)) < 1e-5
 
