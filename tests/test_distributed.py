@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import blobs, tiny_cnn
+from conftest import blobs, tiny_cnn, train_here
 from test_bench import USER_MODULE as BENCH_MODULE
 
 from leantrain.cli import main
@@ -181,7 +181,7 @@ def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(blobs_fil
     common = ["--data", str(blobs_file), "--epochs", "1", "--no-progress", "--precision",
               "fp32", "--set", "train.log_every=1", "--set", "train.monitor_interval_s=0"]
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([*LEANTRAIN, "train", *common, "--set", "data.batch_size=32", "--out", str(one)])
+    train_here(["train", *common, "--set", "data.batch_size=32", "--out", str(one)])
     _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common,
           "--set", f"data.batch_size={batch}", "--set", f"plan.grad_accum={accum}",
           "--out", str(two)])
@@ -199,7 +199,7 @@ def test_hybrid_sharding_on_four_processes_matches_one_process(blobs_file, tmp_p
     common = ["--data", str(blobs_file), "--epochs", "1", "--no-progress", "--precision",
               "fp32", "--set", "train.log_every=1", "--set", "train.monitor_interval_s=0"]
     one, hybrid = tmp_path / "one", tmp_path / "hybrid"
-    _run([*LEANTRAIN, "train", *common, "--set", "data.batch_size=32", "--out", str(one)])
+    train_here(["train", *common, "--set", "data.batch_size=32", "--out", str(one)])
     _run([*LEANTRAIN, "launch", "--nproc", "4", "--", "train", *common, "--set",
           "data.batch_size=8", "--set", "plan.distributed=fsdp", "--set",
           "plan.parallel.dp_replicate=2", "--out", str(hybrid)])
@@ -282,7 +282,8 @@ def _kill_tree(pid: int) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp2_trains_a_transformer_and_resumes_its_checkpoint(user_env, tmp_path):
+def test_fsdp2_trains_a_transformer_and_resumes_its_checkpoint(user_env, tmp_path,
+                                                              monkeypatch):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     _run(_fsdp_args(whole), env=user_env)
     reference = json.loads((whole / "summary.json").read_text())
@@ -321,12 +322,14 @@ def test_fsdp2_trains_a_transformer_and_resumes_its_checkpoint(user_env, tmp_pat
     for nproc in (1, 4):
         again = tmp_path / f"on{nproc}"
         _as_killed_at(killed, again, first.name)
-        launch = [*LEANTRAIN, "launch", "--nproc", str(nproc), "--"] if nproc > 1 else \
-            [*LEANTRAIN]  # (one process runs unsharded: DDP or FSDP2 need several)
-        layout = ["--set", "plan.distributed=auto"] if nproc == 1 else []
-        _run([*launch, "train", "--resume", str(again), "--model", "fam:transformer",
-              "--data", "fam:tokens_large", "--no-progress", "--set",
-              f"data.batch_size={32 // nproc}", *layout], env=user_env)
+        resume = ["train", "--resume", str(again), "--model", "fam:transformer", "--data",
+                  "fam:tokens_large", "--no-progress", "--set", f"data.batch_size={32 // nproc}"]
+        if nproc == 1:  # (one process runs unsharded: DDP or FSDP2 need several)
+            with monkeypatch.context() as here:
+                here.syspath_prepend(str(tmp_path))
+                train_here([*resume, "--set", "plan.distributed=auto"])
+        else:
+            _run([*LEANTRAIN, "launch", "--nproc", str(nproc), "--", *resume], env=user_env)
         ended = json.loads((again / "summary.json").read_text())
         assert abs(ended["val_loss"] - reference["val_loss"]) < 1e-3, nproc
 
@@ -1011,7 +1014,7 @@ def test_tensor_parallel_on_a_stock_llama_with_grouped_query_attention_matches_o
               "train.monitor_interval_s=0", "--set", "train.max_steps=20", "--set",
               "data.batch_size=8", "--set", "train.clip_norm=0.05"]  # (clipping every step)
     one, split = tmp_path / "one", tmp_path / "tp"
-    _run([*LEANTRAIN, "train", *common, "--out", str(one)], env=env)
+    train_here(["train", *common, "--out", str(one)])
     _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",
           "plan.parallel.tp=2", "--set", "train.checkpoint_every=10", "--out", str(split)],
          env=env)
@@ -1021,9 +1024,9 @@ def test_tensor_parallel_on_a_stock_llama_with_grouped_query_attention_matches_o
     # its checkpoint at step 10 resumes on one process (tp 2 -> 1: DCP joins the halves)
     alone = _as_killed_at(split, tmp_path / "alone", "step-00000010")
     shutil.rmtree(alone / "pretrained")
-    _run([*LEANTRAIN, "train", "--resume", str(alone), "--model", "shapes:llama_gqa", "--data",
-          "shapes:lm_data", "--no-progress", "--set", "plan.parallel.tp=1", "--set",
-          "plan.distributed=auto"], env=env)
+    train_here(["train", "--resume", str(alone), "--model", "shapes:llama_gqa", "--data",
+                "shapes:lm_data", "--no-progress", "--set", "plan.parallel.tp=1", "--set",
+                "plan.distributed=auto"])
     c = _train_losses(alone)
     assert len(c) == 20 and max(abs(x - y) for x, y in zip(b, c, strict=True)) < 1e-5
     plan = json.loads((split / "summary.json").read_text())["plan"]
@@ -1050,8 +1053,7 @@ def test_fsdp2_by_tensor_parallel_on_4_processes_matches_one_and_resumes_a_fsdp2
               "--no-progress", "--precision", "fp32", "--set", "train.log_every=1", "--set",
               "train.monitor_interval_s=0", "--set", "train.max_steps=10"]
     one, mesh, sharded = tmp_path / "one", tmp_path / "mesh", tmp_path / "fsdp"
-    _run([*LEANTRAIN, "train", *common, "--set", "data.batch_size=8", "--out", str(one)],
-         env=env)
+    train_here(["train", *common, "--set", "data.batch_size=8", "--out", str(one)])
     _run([*LEANTRAIN, "launch", "--nproc", "4", "--", "train", *common, "--set",
           "data.batch_size=4", "--set", "plan.parallel.tp=2", "--out", str(mesh)], env=env)
     a, b = _train_losses(one), _train_losses(mesh)
@@ -1323,7 +1325,7 @@ def test_sequence_parallel_with_loss_parallel_gives_one_process_gradients(tmp_pa
               "train.monitor_interval_s=0", "--set", "train.max_steps=1", "--set",
               "data.batch_size=8", "--set", "optim.name=sgd", "--set", "optim.lr=1.0"]
     one, split = tmp_path / "one", tmp_path / "sp"
-    _run([*LEANTRAIN, "train", *common, "--out", str(one)], env=env)
+    train_here(["train", *common, "--out", str(one)])
     _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",
           "plan.parallel.tp=2", "--set", "plan.parallel.sp=true", "--out", str(split)],
          env=env)
