@@ -1083,10 +1083,21 @@ def _one_process_then_tp2(tmp_path: Path, module: str, text: str, model: str, da
               "train.monitor_interval_s=0", "--set", f"train.max_steps={steps}", "--set",
               "data.batch_size=8"]
     one, split = tmp_path / "one", tmp_path / "tp"
-    _run([*LEANTRAIN, "train", *common, "--out", str(one)], env=env)
+    _train_here_with(tmp_path, module, ["train", *common, "--out", str(one)])
     _run([*LEANTRAIN, "launch", "--nproc", "2", "--", "train", *common, "--set",
           "plan.parallel.tp=2", *extra, "--out", str(split)], env=env)
     return split, _train_losses(one), _train_losses(split)
+
+
+def _train_here_with(folder: Path, module: str, argv: list[str]) -> None:
+    """train_here with the user module `module` of `folder` (none of that name cached)."""
+    sys.path.insert(0, str(folder))
+    sys.modules.pop(module, None)
+    try:
+        train_here(argv)
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop(module, None)
 
 
 BERT_MODULE = '''
@@ -1252,9 +1263,9 @@ def test_the_text_gpt_recipe_splits_its_fused_attention_and_resumes_on_one_proce
     assert sorted(list(c.sizes) for c in qkv.chunks) == [[48, 32], [48, 32]]
     alone = _as_killed_at(split, tmp_path / "alone", "step-00000010")
     shutil.rmtree(alone / "pretrained", ignore_errors=True)
-    _run([*LEANTRAIN, "train", "--resume", str(alone), "--model", "mine:gpt", "--data",
-          "mine:tokens", "--no-progress", "--set", "plan.parallel.tp=1", "--set",
-          "plan.distributed=auto"], env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    _train_here_with(tmp_path, "mine", [
+        "train", "--resume", str(alone), "--model", "mine:gpt", "--data", "mine:tokens",
+        "--no-progress", "--set", "plan.parallel.tp=1", "--set", "plan.distributed=auto"])
     c = _train_losses(alone)
     assert len(c) == 20 and max(abs(x - y) for x, y in zip(b, c, strict=True)) < 1e-5
 
