@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_mid_run
+from conftest import kill_mid_run, train_here
 
 from leantrain.cli import main
 
@@ -112,8 +112,7 @@ def test_csv_data_gets_a_default_model(tmp_path):
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     args = ["train", "--no-progress", "--set", "train.epochs=3",
             "--set", "train.checkpoint_every=4", "--set", "train.log_every=1"]
-    full = run_cli(*args, "--out", str(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr
+    train_here([*args, "--out", str(tmp_path / "full")])  # (a process's threads: see conftest)
 
     out = tmp_path / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -123,8 +122,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     step = torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["step"]
     assert 0 < step < 69
 
-    resumed = run_cli("train", "--resume", str(out), "--no-progress")
-    assert resumed.returncode == 0, resumed.stderr
+    train_here(["train", "--resume", str(out), "--no-progress"])
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     b = torch.load(out / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
