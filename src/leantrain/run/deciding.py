@@ -20,6 +20,7 @@ resume continues on it) and to the plan cache (`run.plan_cache`): the next run s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
@@ -130,6 +131,16 @@ class PlanTrial:
             return tick
         state.progress.step_seconds += self.paused - tick  # (the steps before the probe)
         return clock.now()
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Validation on the current plan, the candidate's step settings restored after it."""
+        shown = {k: v for k, v in self.live.items() if k != "optimizer_impl"}
+        self._use({k: self.current[k] for k in shown})
+        try:
+            yield
+        finally:
+            self._use(shown)
 
     def _decide(self) -> Iterator[None]:
         yield  # the run's first step carries one-off set-up: not timed

@@ -7,6 +7,7 @@ epoch ends; the finite check of the training loss rides on the same sync.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -50,12 +51,16 @@ def write_config(out_dir: Path, cfg: TrainConfig) -> None:
 class Records:
     """The run's records, written to its log (metrics.jsonl, TensorBoard) when it has one."""
 
-    def __init__(self, run: Run, last_good: Callable[[], str], watcher: Watcher | None = None):
+    def __init__(self, run: Run, last_good: Callable[[], str], watcher: Watcher | None = None,
+                 evaluating: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.run, self.last_good, self.watcher = run, last_good, watcher
         self.log_file: RunLog | NullLog = NullLog()
         self.monitor: ResourceMonitor | None = None
         self.target, self.evaluated_at = target_of(run.cfg), -1
         self.data_wait_warned = False
+        # the plan validation runs on: while the first steps decide it (`run.deciding`), the
+        # current one, never a candidate's (its one-off kernels for the validation's shapes)
+        self.evaluating = evaluating or contextlib.nullcontext
 
     def open(self, out_dir: Path | None, step: Callable[[], int]) -> None:
         """In `out_dir` (rank 0 writes): config.yaml, what the run trains with, and the
@@ -111,8 +116,9 @@ class Records:
         this evaluation included) when it is first met, and shows the metrics to the
         watcher."""
         run, p = self.run, state.progress
-        found = step.metrics(run.model, run.val_loader, run.step) if run.pipeline is None \
-            else pipelined.metrics(run.pipeline, run.val_loader, run.step)
+        with self.evaluating():
+            found = step.metrics(run.model, run.val_loader, run.step) if run.pipeline is None \
+                else pipelined.metrics(run.pipeline, run.val_loader, run.step)
         p.val_accuracy, p.val_loss, p.val_mae = (found[k] for k in
                                                  ("val_accuracy", "val_loss", "val_mae"))
         p.val_task_loss, p.val_aux_loss = found.get("val_task_loss"), found.get("val_aux_loss")

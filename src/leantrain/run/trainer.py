@@ -44,14 +44,15 @@ class Trainer:
     def __init__(self, run: Run, out_dir: Path | None = None, progress_bar: bool = True,
                  watcher: Watcher | None = None, deciding: PlanTrial | None = None):
         self.run, self.out_dir, self.progress_bar = run, out_dir, progress_bar
-        self.deciding = deciding
+        self.deciding = deciding  # its first steps decide "auto" choices (`run.deciding`)
         self.compiling: CompiledStep | None = None  # made when training starts (`_begin`)
         self.state: TrainState | None = None
         self.timer = StepTimer(run.plan.device)
         self.stop, self.first_step_pending, self.loop_start = signals.StopRequest(), True, 0.0
         self.heartbeat = Heartbeat(run.dist.rank) if run.dist.active else None
         self.checkpoints = Checkpoints(run, out_dir)
-        self.records = Records(run, self.checkpoints.last_good, watcher)
+        self.records = Records(run, self.checkpoints.last_good, watcher,
+                               deciding.evaluating if deciding else None)
 
     def restart_timer(self) -> StepTimer:  # (after warm-up steps that should not count)
         self.timer = StepTimer(self.run.plan.device)
@@ -154,13 +155,11 @@ class Trainer:
 
     def steps(self, lr_at: Callable[[int], float] | None = None
               ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Train from the initial weights and yield (samples, loss) after every optimizer step.
-
-        Exactly `fit`'s step, without evaluation, checkpoints or logs, for as long as the
-        caller iterates: the bench, the finders and doctor time what training will run. The
+        """Train from the initial weights and yield (samples, loss) after every optimizer step:
+        exactly `fit`'s step, without evaluation, checkpoints or logs, for as long as the
+        caller iterates (the bench, the finders and doctor time what training will run). The
         loss is a device tensor (no host sync); `lr_at(step)`: absolute learning rates instead
-        of the schedule. Close the generator: that restores the backend flags and threads.
-        """
+        of the schedule. Close the generator: that restores the backend flags and threads."""
         run = self.run
         self._begin(lr_at)
         self._start_fresh()
