@@ -44,23 +44,27 @@ def paired_ratios(measured: list[float], reference: list[float]) -> list[float]:
 
 
 MIN_ROUNDS = 3  # paired rounds below which a ratio gets no interval (and so cannot win)
+RESAMPLES = 2000  # bootstrap resamples of the rounds
 
 
 def interval(ratios: list[float]) -> tuple[float, float] | None:
     """The 95% bootstrap interval (percentile method, fixed seed) of the median ratio; None
     with fewer than MIN_ROUNDS rounds: two pairs that agree give a tight interval that says
     nothing (1.92-1.94x from two pairs, where two whole runs gave 1.99x and 0.88x). With five
-    rounds the interval is coarse but honest: it spans the rounds' disagreement."""
+    rounds the interval is coarse but honest: it spans the rounds' disagreement. numpy's own
+    resampling (scipy.stats' import took 1.1 s of a 9 s digits run that judged its plan)."""
     if len(ratios) < MIN_ROUNDS:
         return None
     if max(ratios) - min(ratios) < 1e-12:
         return ratios[0], ratios[0]
     import numpy as np
-    from scipy.stats import bootstrap
 
-    found = bootstrap((np.asarray(ratios),), np.median, confidence_level=CONFIDENCE,
-                      method="percentile", random_state=0, n_resamples=2000).confidence_interval
-    return float(found.low), float(found.high)
+    values = np.asarray(ratios, dtype=float)
+    picks = np.random.default_rng(0).integers(0, len(values), size=(RESAMPLES, len(values)))
+    medians = np.median(values[picks], axis=1)
+    tail = 100 * (1 - CONFIDENCE) / 2
+    low, high = np.percentile(medians, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def spread(values: list[float]) -> float | None:
