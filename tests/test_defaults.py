@@ -307,7 +307,7 @@ def _gpu_rule(**values):
     from types import SimpleNamespace
     return SimpleNamespace(device=torch.device("cuda"), distributed=None, precision="bf16",
                            channels_last=False, optimizer_impl="fused", optimizer_states="fp32",
-                           optimizer_offload=False, **values)
+                           optimizer_offload=False, fused_cross_entropy=False, **values)
 
 
 def test_on_a_gpu_fp8_and_the_fused_loss_are_candidates_where_they_can_run(monkeypatch):
@@ -325,6 +325,17 @@ def test_on_a_gpu_fp8_and_the_fused_loss_are_candidates_where_they_can_run(monke
     explicit = defaults.alternatives(_cfg("plan.precision=bf16",
                                           "plan.fused_cross_entropy=false"), _gpu_rule(), wide)
     assert explicit == {}
+
+
+def test_on_a_gpu_fp8_is_measured_before_the_run_and_the_switchable_choices_on_it():
+    flips = {"precision": "fp32", "optimizer_impl": "foreach", "fp8": "fp8",
+             "fp8-rowwise": "fp8-rowwise", "fused_cross_entropy": True}
+    in_run, before = defaults.split(flips, _gpu_rule())
+    assert in_run == {"precision": "fp32", "optimizer_impl": "foreach"}
+    assert before == {"fp8": "fp8", "fp8-rowwise": "fp8-rowwise", "fused_cross_entropy": True}
+    fp16 = _gpu_rule()
+    fp16.precision = "fp16"  # (a loss scaler from the first step: never switched mid-run)
+    assert defaults.split({"precision": "fp32"}, fp16) == ({}, {"precision": "fp32"})
 
 
 class _InjectedTrials:

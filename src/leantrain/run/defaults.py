@@ -163,6 +163,14 @@ def _rule_notes(flips: dict[str, Any], why: str) -> dict[str, str]:
     return {plan_key(name): f"rule ({why})" for name in flips}
 
 
+def split(flips: dict[str, Any], rule: ResolvedPlan) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the run's first steps can decide, what only trials before the run can): fp8
+    converts layers, so its labels (`FLIP_KEYS`) are measured on copies before the run."""
+    in_run = {k: v for k, v in flips.items()
+              if deciding.can_switch(plan_key(k), v, getattr(rule, plan_key(k)))}
+    return in_run, {k: v for k, v in flips.items() if k not in in_run}
+
+
 class Decided(NamedTuple):
     cfg: TrainConfig  # the choices measured before the run (or cached) explicit
     notes: dict[str, str]  # per plan key: how it was decided, for the summary
@@ -195,8 +203,7 @@ def decide(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset, los
     # (a record from a run too short to decide the switchable choices does not cover them)
     if cached is not None and {plan_key(k) for k in flips} <= set(cached["notes"]):
         return _from_cache(cfg, key, cached, compiling, total)
-    in_run = {k: v for k, v in flips.items() if deciding.can_switch(k, v, getattr(rule, k))}
-    before = {k: v for k, v in flips.items() if k not in in_run}
+    in_run, before = split(flips, rule)
     notes, values, record = {}, {}, None
     if before:
         notes, values, record = _before_the_run(cfg, model, train, val, loss_fn, collate_fn,
