@@ -217,7 +217,9 @@ def test_launch_two_ranks_with_two_workers_each_read_every_sample_once(tmp_path)
          "numbered:data", "--model", "numbered:model", "--out", str(tmp_path / "run"),
          "--no-progress", "--set", "train.epochs=1", "--set", "train.max_steps=1000",
          "--set", "data.batch_size=10", "--set", "data.num_workers=2",
-         "--set", "train.monitor_interval_s=0"],
+         "--set", "train.monitor_interval_s=0",
+         # 6 processes on 2 cores beside a CPU hog: a collective waited past gloo's 60 s once
+         "--set", "train.dist_timeout_s=240"],
         capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     seen = Counter()
