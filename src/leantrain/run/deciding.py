@@ -258,14 +258,18 @@ class PlanTrial:
         for name in self.open:
             self.notes[name] = note_for_open(name)
         self.open = {}
+        for name, rule in self.pending.rule.items():
+            ran = self.live[name]
+            self._retell(name, _applied(name, ran), None if ran == rule else _show(name, ran),
+                         self.notes[name])
+
+    def _retell(self, name: str, applied: bool, ran: str | None, note: str) -> None:
+        """The plan's outcome `name` says what ran (`ran`; None: its rule's words) and how
+        that was decided (`note`)."""
         outcomes = self.run.plan.outcomes
         for i, outcome in enumerate(outcomes):
-            if outcome.name in self.pending.flips:
-                ran = self.live[outcome.name]
-                detail = outcome.detail if ran == self.pending.rule[outcome.name] \
-                    else _show(outcome.name, ran)
-                outcomes[i] = Outcome(outcome.name, _applied(outcome.name, ran),
-                                      f"{detail}; {self.notes[outcome.name]}")
+            if outcome.name == name:
+                outcomes[i] = Outcome(name, applied, f"{ran or outcome.detail}; {note}")
 
     def _probe_compile(self, step_s: float) -> None:
         """Compile "auto": probed (on copies of the model) once the plan is decided, where the
@@ -279,13 +283,11 @@ class PlanTrial:
         plan, self.compiled = self.run.plan, values
         if values.get("compile"):
             plan.compile, plan.compile_mode = True, values.get("compile_mode", "default")
-        for i, outcome in enumerate(plan.outcomes):
-            if outcome.name == "compile":
-                ran = f"compiled from step {self.seen + 1}" if plan.compile else outcome.detail
-                plan.outcomes[i] = Outcome("compile", plan.compile, f"{ran}; {note}")
-            elif outcome.name == "compile_mode" and plan.compile:
-                plan.outcomes[i] = Outcome("compile_mode", True, f"{plan.compile_mode} "
-                                           "(measured by the compile probe)")
+        self._retell("compile", plan.compile,
+                     f"compiled from step {self.seen + 1}" if plan.compile else None, note)
+        if plan.compile:
+            self._retell("compile_mode", True, plan.compile_mode,
+                         "measured by the compile probe")
 
     def _finish(self) -> None:
         """The plan decided: say so, keep it for a resume and the next run."""

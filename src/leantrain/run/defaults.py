@@ -19,6 +19,7 @@ shapes and dtypes, the device, the torch and leantrain versions and the plan set
 next run of the same model measures nothing (`plan.cache=false` measures again;
 `LEANTRAIN_CACHE` moves it).
 """
+
 from __future__ import annotations
 
 import copy
@@ -221,7 +222,7 @@ def decide(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset, los
     if compiling and total < MIN_STEPS:
         notes.update(_rule_notes({"compile": True}, f"not measured: {total} steps is too "
                                                     f"short a run to pay for a compile"))
-    probe = compile_probe(cfg, model, train, val, loss_fn, collate_fn, rule.device) \
+    probe = compile_probe(cfg, model, train, val, loss_fn, collate_fn, rule.device, total) \
         if compiling and total >= MIN_STEPS else None
     if not in_run and probe is None:
         if record is not None and not record.get("skipped") and cfg.plan.cache:
@@ -234,7 +235,7 @@ def decide(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset, los
 
 
 def compile_probe(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Dataset, loss_fn,
-                  collate_fn, device: torch.device):
+                  collate_fn, device: torch.device, total_steps: int):
     """For the run's first steps (`deciding.Pending.compile`): given the run's projected
     seconds and the plan they decided, probe compile on copies of the model where a compile
     of the usual cost could pay on a run this long (`compile_choice.worth_probing`), within
@@ -244,15 +245,18 @@ def compile_probe(cfg: TrainConfig, model: nn.Module, train: Dataset, val: Datas
         if not probing:
             return {}, f"eager ({why_not})", None
         trials = _Trials(cfg, model, train, val, loss_fn, collate_fn, {})
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), \
-                deadline.until(clock.now() + BUDGET_SHARE * run_s):
-            note, found = _decide_compile(trials, decided, BUDGET_SHARE * run_s,
-                                          _total_steps(cfg, train), run_s, device)
+        with _forked_rng(device), deadline.until(clock.now() + BUDGET_SHARE * run_s):
+            note, found = _decide_compile(trials, decided, BUDGET_SHARE * run_s, total_steps,
+                                          run_s, device)
         if found is None or not found["chosen"]:
             return {}, note, found
         return {"compile": True, **_compile_mode(found, True)}, note, found
     return probe
+
+
+def _forked_rng(device: torch.device):
+    """Trials draw on copies of the model inside this: the run's random streams untouched."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _from_cache(cfg: TrainConfig, key: str, cached: dict[str, Any], compiling: bool,
@@ -275,8 +279,7 @@ def _before_the_run(cfg, model, train, val, loss_fn, collate_fn, flips, rule, to
     if total < MIN_STEPS:
         return _rule_notes(flips, f"not measured: {total} steps is too short a run to pay for "
                                   f"measuring, which needs {MIN_STEPS}"), {}, None
-    devices = [rule.device] if rule.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with _forked_rng(rule.device):
         record = _measure(cfg, model, train, val, loss_fn, collate_fn, flips, rule, total)
     if record.get("skipped"):
         return _rule_notes(flips, record["skipped"]), {}, record
